@@ -1,0 +1,227 @@
+"""Reading and writing fundus photographs and their masks, and estimating a photo's field of view.
+
+Public datasets ship fundus images as tif, gif, jpg, png, ppm (STARE gzips them) or bmp, in RGB, palette or
+grayscale, 8 or 16 bit. This module turns all of them into one in-memory convention so that dataset preparers and
+transforms never look at file formats again:
+
+- images: ``(H, W, 3)`` float32 RGB in ``[0, 1]``;
+- masks: ``(H, W)`` uint8 raw values, to be thresholded by the caller.
+
+Every failure is reported as :class:`FundusImageError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+__all__ = ["FundusImageError", "SUPPORTED_SUFFIXES", "read_image", "read_mask", "write_png", "estimate_fov"]
+
+SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pnm", ".bmp")
+"""File suffixes (case-insensitive) that :func:`read_image` and :func:`read_mask` accept, each optionally + ``.gz``."""
+
+# PIL modes holding one 16-bit sample per pixel; their true maximum is 65535 whatever values the file happens to use.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class FundusImageError(ValueError):
+    """An image or mask file is missing, unreadable, truncated, of an unsupported kind, or cannot be written."""
+
+
+def _image_suffix(path: Path) -> str:
+    """The lower-case image suffix of ``path``, looking through a trailing ``.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_decoded(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` with PIL and decode every pixel now, so that truncated or corrupt files fail here.
+
+    Args:
+        path: image file, optionally gzip-compressed (``.gz``).
+
+    Returns:
+        the fully loaded PIL image, detached from the file.
+
+    Raises:
+        FundusImageError: when the file is missing, of an unsupported suffix, or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FundusImageError(f"image file not found: {path}")
+    suffix = _image_suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise FundusImageError(
+            f"unsupported image format {suffix or '(no suffix)'!r} for {path}; expected one of "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (optionally gzipped)"
+        )
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+        with Image.open(io.BytesIO(raw)) as opened:
+            opened.load()
+            # A multi-frame file (animated gif, tiff stack) is read as its first frame.
+            image = opened.copy()
+    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile) as error:
+        reason = str(error) or type(error).__name__
+        raise FundusImageError(f"cannot read image {path}: {reason}") from None
+    except Image.DecompressionBombError as error:
+        raise FundusImageError(f"cannot read image {path}: {error}") from None
+    if image.width == 0 or image.height == 0:
+        raise FundusImageError(f"image {path} is empty ({image.width}x{image.height} pixels)")
+    return image
+
+
+def _sixteen_bit_to_float(image: Image.Image) -> np.ndarray:
+    """A one-channel 16-bit PIL image as float32 scaled by 65535 into ``[0, 1]``."""
+    return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a fundus photograph as an RGB float array.
+
+    Alpha is dropped, palette images are expanded through their palette, grayscale is replicated to three channels,
+    and 8- or 16-bit samples are scaled by the maximum of their bit depth (not by the image's own maximum, so that
+    intensities stay comparable between images).
+
+    Args:
+        path: image file (tif, tiff, gif, jpg, jpeg, png, ppm, pgm, pnm, bmp; any letter case; optionally ``.gz``).
+
+    Returns:
+        ``(H, W, 3)`` float32 array in ``[0, 1]``.
+
+    Raises:
+        FundusImageError: when the file is missing, truncated, corrupt or of an unsupported kind.
+    """
+    image = _open_decoded(path)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = _sixteen_bit_to_float(image)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    if image.mode == "F":
+        raise FundusImageError(f"unsupported image {path}: floating-point samples (mode F) have no defined range")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(rgb)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a segmentation mask as raw 8-bit values.
+
+    RGB(A) masks give their first channel, palette masks the gray level of their palette colours, 16-bit masks are
+    rescaled to ``0..255``. No thresholding happens here: datasets disagree on their foreground values
+    (255, 1, 128...), so callers decide.
+
+    Args:
+        path: mask file, in any format accepted by :func:`read_image`.
+
+    Returns:
+        ``(H, W)`` uint8 array.
+
+    Raises:
+        FundusImageError: when the file is missing, truncated, corrupt or of an unsupported kind.
+    """
+    image = _open_decoded(path)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return np.round(_sixteen_bit_to_float(image) * 255.0).astype(np.uint8)
+    if image.mode == "F":
+        raise FundusImageError(f"unsupported mask {path}: floating-point samples (mode F) have no defined range")
+    if image.mode in ("L", "1", "P", "PA", "LA"):
+        return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)[..., 0].copy()
+
+
+def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    """Convert a bool, uint8 or float ``[0, 1]`` array to uint8 for PNG writing (bool becomes 0/255)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
+            raise FundusImageError(f"cannot write {path}: float arrays must be finite and within [0, 1]")
+        return np.round(array * 255.0).astype(np.uint8)
+    raise FundusImageError(f"cannot write {path}: unsupported dtype {array.dtype} (use uint8, bool or float in [0, 1])")
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a gray or RGB array as a PNG file, atomically.
+
+    The picture is written to a temporary file in the destination folder and then renamed over ``path``, so readers
+    never see a half-written file and an interrupted run leaves no corrupt output.
+
+    Args:
+        path: destination file; its parent folders are created.
+        array: ``(H, W)`` or ``(H, W, 3)`` array of dtype uint8, bool (written 0/255) or float in ``[0, 1]``.
+
+    Raises:
+        FundusImageError: when the array has an unsupported shape or dtype, or the folder cannot be written.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or 0 in array.shape:
+        raise FundusImageError(f"cannot write {path}: expected an (H, W) or (H, W, 3) array, got shape {array.shape}")
+    pixels = Image.fromarray(np.ascontiguousarray(_to_uint8(array, path)))
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise FundusImageError(f"cannot write into folder {folder}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            pixels.save(stream, format="PNG")
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise FundusImageError(f"cannot write {path} in folder {folder}: {error.strerror or error}") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndarray:
+    """Estimate the field of view of a fundus photograph: the bright disc of retina inside the dark camera border.
+
+    The brightest channel (red in a fundus photo) is lightly smoothed against sensor noise and thresholded at
+    ``relative_threshold`` of the way from the dark border level to the retina level, both taken from percentiles
+    of the image itself so that dim or overexposed photos work alike. The largest connected region is kept and its
+    holes (dark vessels, pathology) are filled. A photo without a dark border gives a mask of the whole image.
+
+    Args:
+        image: ``(H, W, 3)`` or ``(H, W)`` array; float in ``[0, 1]`` or uint8/uint16 (only relative levels matter).
+        relative_threshold: position of the threshold between the border level (0) and the retina level (1).
+
+    Returns:
+        ``(H, W)`` bool array, True inside the field of view.
+
+    Raises:
+        ValueError: when ``image`` is not a 2D gray or RGB array.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        brightness = image[..., :3].astype(np.float32).max(axis=-1)
+    elif image.ndim == 2:
+        brightness = image.astype(np.float32)
+    else:
+        raise ValueError(f"estimate_fov expects an (H, W) or (H, W, 3) image, got shape {image.shape}")
+    brightness = ndimage.uniform_filter(brightness, size=5)
+    border_level = float(np.percentile(brightness, 1))
+    retina_level = float(np.percentile(brightness, 90))
+    if retina_level - border_level <= 0.25 * max(retina_level, np.finfo(np.float32).tiny):
+        # No clearly dark border: the photo is cropped inside the field of view (or blank).
+        return np.ones(brightness.shape, dtype=bool)
+    foreground = brightness > border_level + relative_threshold * (retina_level - border_level)
+    regions, count = ndimage.label(foreground)
+    if count == 0:
+        return np.ones(brightness.shape, dtype=bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    largest = regions == int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(largest)
