@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask, write_png
+
+
+@pytest.fixture
+def rgb8() -> np.ndarray:
+    """A small non-square RGB picture with all channels distinct, so channel or axis mix-ups show."""
+    rng = np.random.default_rng(0)
+    return (rng.random((12, 17, 3)) * 255).astype(np.uint8)
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None, **kwargs) -> Path:
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.tif", "a.TIFF", "a.bmp", "a.ppm", "a.PNG"])
+def test_read_image_lossless_rgb_formats(tmp_path: Path, rgb8: np.ndarray, name: str) -> None:
+    path = _save(tmp_path / name, rgb8, format=Image.registered_extensions()[Path(name).suffix.lower()])
+    image = read_image(path)
+    assert image.shape == (12, 17, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image, rgb8 / 255.0, atol=1e-6)
+
+
+def test_read_image_jpeg_is_close(tmp_path: Path) -> None:
+    smooth = np.zeros((32, 48, 3), np.uint8)
+    smooth[..., 0] = np.linspace(50, 200, 48, dtype=np.uint8)[None, :]
+    smooth[..., 1] = 90
+    smooth[..., 2] = np.linspace(20, 120, 32, dtype=np.uint8)[:, None]
+    image = read_image(_save(tmp_path / "a.JPG", smooth, quality=95))
+    assert image.shape == (32, 48, 3)
+    assert np.abs(image - smooth / 255.0).max() < 0.05
+
+
+def test_read_image_gzipped_ppm(tmp_path: Path, rgb8: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb8).save(buffer, format="PPM")
+    path = tmp_path / "im0001.ppm.gz"
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+    np.testing.assert_allclose(read_image(path), rgb8 / 255.0, atol=1e-6)
+
+
+def test_read_image_rgba_drops_alpha(tmp_path: Path, rgb8: np.ndarray) -> None:
+    alpha = np.zeros(rgb8.shape[:2] + (1,), np.uint8)  # fully transparent: colours must survive anyway
+    path = _save(tmp_path / "a.png", np.concatenate([rgb8, alpha], axis=-1))
+    np.testing.assert_allclose(read_image(path), rgb8 / 255.0, atol=1e-6)
+
+
+def test_read_image_palette_gif_uses_palette_colours(tmp_path: Path) -> None:
+    colours = np.array([[200, 60, 20], [10, 220, 90], [30, 40, 250]], np.uint8)
+    indices = np.arange(12 * 17).reshape(12, 17) % 3
+    path = _save(tmp_path / "a.gif", colours[indices])
+    assert Image.open(path).mode == "P"
+    np.testing.assert_allclose(read_image(path), colours[indices] / 255.0, atol=1e-6)
+
+
+def test_read_image_grayscale_is_replicated(tmp_path: Path, rgb8: np.ndarray) -> None:
+    gray = rgb8[..., 1]
+    image = read_image(_save(tmp_path / "a.pgm", gray))
+    assert image.shape == (12, 17, 3)
+    for channel in range(3):
+        np.testing.assert_allclose(image[..., channel], gray / 255.0, atol=1e-6)
+
+
+def test_read_image_16bit_scaled_by_bit_depth(tmp_path: Path) -> None:
+    # The maximum used is far below 65535: scaling by the image maximum would wrongly give 1.0.
+    values = (np.arange(12 * 17).reshape(12, 17) * 97).astype(np.uint16)
+    for name in ("a.png", "a.tif"):
+        path = _save(tmp_path / name, values)
+        assert Image.open(path).mode.startswith("I;16")
+        image = read_image(path)
+        np.testing.assert_allclose(image[..., 0], values / 65535.0, atol=1e-6)
+        assert image.max() < 0.5
+        np.testing.assert_allclose(read_mask(path), np.round(values / 65535.0 * 255), atol=0.51)
+
+
+def test_read_image_16bit_rgb_tiff(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    values = (np.random.default_rng(1).random((10, 14, 3)) * 65535).astype(np.uint16)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, values, photometric="rgb")
+    # PIL keeps the high byte of each sample: the scale is right, the precision 8 bit.
+    np.testing.assert_allclose(read_image(path), values / 65535.0, atol=1 / 255)
+
+
+def test_read_mask_raw_values(tmp_path: Path) -> None:
+    values = np.array([[0, 1, 128, 255]] * 3, np.uint8)
+    np.testing.assert_array_equal(read_mask(_save(tmp_path / "m.gif", values)), values)
+    np.testing.assert_array_equal(read_mask(_save(tmp_path / "m.bmp", values)), values)
+    rgb = np.stack([values, 255 - values, np.full_like(values, 7)], axis=-1)
+    mask = read_mask(_save(tmp_path / "m.png", rgb))
+    assert mask.shape == (3, 4) and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, values)
+    bilevel = read_mask(_save(tmp_path / "b.png", values > 100, mode="1"))
+    np.testing.assert_array_equal(bilevel, np.where(values > 100, 255, 0))
+
+
+def _assert_clean_error(error: pytest.ExceptionInfo, path: Path, words: str) -> None:
+    message = str(error.value)
+    assert str(path) in message and words in message.lower()
+    # No PIL traceback chained to the user's error.
+    assert error.value.__cause__ is None
+    assert error.value.__context__ is None or error.value.__suppress_context__
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.png"
+    with pytest.raises(FundusImageError) as error:
+        read_image(path)
+    _assert_clean_error(error, path, "not found")
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(FundusImageError) as error:
+        read_mask(path)
+    _assert_clean_error(error, path, "unsupported")
+
+
+@pytest.mark.parametrize("name", ["t.png", "t.gif", "t.tif", "t.jpg", "t.ppm"])
+def test_truncated_file(tmp_path: Path, rgb8: np.ndarray, name: str) -> None:
+    full = _save(tmp_path / ("full" + Path(name).suffix), np.tile(rgb8, (8, 8, 1)))
+    data = full.read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FundusImageError) as error:
+        read_image(path)
+    _assert_clean_error(error, path, "cannot read")
+
+
+def test_garbage_and_bad_gzip(tmp_path: Path) -> None:
+    garbage = tmp_path / "noise.png"
+    garbage.write_bytes(b"this is not a picture" * 10)
+    with pytest.raises(FundusImageError) as error:
+        read_image(garbage)
+    _assert_clean_error(error, garbage, "cannot read")
+    bad_gzip = tmp_path / "im.ppm.gz"
+    bad_gzip.write_bytes(b"P6 not gzip at all")
+    with pytest.raises(FundusImageError) as error:
+        read_image(bad_gzip)
+    _assert_clean_error(error, bad_gzip, "cannot read")
+
+
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.array([[0, 7], [200, 255]], np.uint8), np.array([[0, 7], [200, 255]], np.uint8)),
+        (np.array([[True, False]]), np.array([[255, 0]], np.uint8)),
+        (np.array([[0.0, 0.5, 1.0]], np.float32), np.array([[0, 128, 255]], np.uint8)),
+    ],
+)
+def test_write_png_roundtrip(tmp_path: Path, array: np.ndarray, expected: np.ndarray) -> None:
+    path = tmp_path / "new" / "deeper" / "m.png"
+    write_png(path, array)
+    np.testing.assert_array_equal(read_mask(path), expected)
+    assert os.listdir(path.parent) == ["m.png"]  # the temporary file was renamed, not left behind
+
+
+def test_write_png_rgb_overwrites(tmp_path: Path, rgb8: np.ndarray) -> None:
+    path = tmp_path / "a.png"
+    write_png(path, np.zeros((3, 3), np.uint8))
+    write_png(path, rgb8)
+    np.testing.assert_allclose(read_image(path), rgb8 / 255.0, atol=1e-6)
+
+
+def test_write_png_rejects_bad_arrays(tmp_path: Path) -> None:
+    with pytest.raises(FundusImageError, match="shape"):
+        write_png(tmp_path / "a.png", np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(FundusImageError, match=r"\[0, 1\]"):
+        write_png(tmp_path / "a.png", np.full((4, 4), 2.0))
+    with pytest.raises(FundusImageError, match="dtype"):
+        write_png(tmp_path / "a.png", np.zeros((4, 4), np.int64))
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_png_unwritable_folder(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "sub" / "a.png"
+    with pytest.raises(FundusImageError) as error:
+        write_png(target, np.zeros((2, 2), np.uint8))
+    assert str(blocker / "sub") in str(error.value)
+
+
+def _disc_photo(height: int, width: int, radius: float, level: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.mgrid[:height, :width]
+    disc = (rows - height / 2) ** 2 + (cols - width / 2) ** 2 < radius**2
+    image = np.zeros((height, width, 3), np.float32)
+    image[disc] = (level, level / 2, level / 4)
+    image[disc & (np.abs(cols - width / 2) < 2)] *= 0.3  # a dark "vessel" crossing the disc must not split it
+    noise = np.random.default_rng(0).normal(0, 0.01, image.shape)
+    return np.clip(image + noise, 0, 1).astype(np.float32), disc
+
+
+def test_estimate_fov_disc_with_vessel() -> None:
+    image, disc = _disc_photo(90, 120, 40)
+    fov = estimate_fov(image)
+    assert fov.dtype == np.bool_ and fov.shape == disc.shape
+    assert (fov & disc).sum() / (fov | disc).sum() > 0.97
+
+
+def test_estimate_fov_dim_photo_and_uint8() -> None:
+    image, disc = _disc_photo(90, 120, 40, level=0.15)
+    fov = estimate_fov((image * 255).astype(np.uint8))
+    assert (fov & disc).sum() / (fov | disc).sum() > 0.97
+
+
+def test_estimate_fov_without_border_is_everything() -> None:
+    image = np.random.default_rng(0).uniform(0.4, 0.8, (30, 40, 3)).astype(np.float32)
+    assert estimate_fov(image).all()
+
+
+def test_estimate_fov_matches_drive_masks(drive_dir: Path) -> None:
+    ious = []
+    for split in ("training", "test"):
+        for image_path in sorted((drive_dir / split / "images").glob("*.tif")):
+            reference = read_mask(drive_dir / split / "mask" / f"{image_path.stem}_mask.gif") > 127
+            fov = estimate_fov(read_image(image_path))
+            ious.append((fov & reference).sum() / (fov | reference).sum())
+    assert len(ious) == 40
+    assert min(ious) > 0.98 and float(np.mean(ious)) > 0.99
