@@ -1,0 +1,530 @@
+"""Declarative descriptions of the public fundus segmentation datasets, in the layout each is distributed in.
+
+One :class:`DatasetDescription` per dataset says where its files are (path templates relative to the dataset folder),
+which annotators it has, how its official split is defined and how its annotations are decoded into binary masks.
+:mod:`scripts.prepare` is the one generic loader that turns any description plus a folder into a MONAI datalist;
+adding a dataset means adding a description here, not a loader.
+
+Path templates are ``str.format`` strings filled with the named groups of the description's ``case_pattern``.
+They are matched case-insensitively, may name a gzipped file without its ``.gz``, and a template ending in ``.*``
+matches any image suffix of :data:`scripts.fundus_io.SUPPORTED_SUFFIXES`. A tuple of templates lists alternatives,
+the first that exists wins.
+
+Decoders take the annotation files of one annotator for one image, plus the image's ``(height, width)``, and return
+one bool mask per structure of the task (vessels; or optic disc then cup).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import scipy.io
+from skimage.draw import polygon as fill_polygon
+
+from scripts.fundus_io import SUPPORTED_SUFFIXES, read_mask
+
+__all__ = [
+    "DatasetError",
+    "Template",
+    "AnnotationDecoder",
+    "OfficialSplit",
+    "DatasetDescription",
+    "TASK_STRUCTURES",
+    "ANNOTATORS",
+    "decode_binary_masks",
+    "decode_soft_maps",
+    "decode_refuge_mask",
+    "decode_origa_mat",
+    "decode_contour_files",
+    "decode_labelme_json",
+    "labelme_image_path",
+    "DATASETS",
+    "folder_description",
+    "get_description",
+]
+
+Template = Union[str, tuple[str, ...]]
+"""A path template relative to the dataset folder, or a tuple of alternative templates (first existing wins)."""
+
+AnnotationDecoder = Callable[[Sequence[Path], tuple[int, int]], list[np.ndarray]]
+"""``decoder(annotation_files, (height, width)) -> [bool mask per structure]``."""
+
+TASK_STRUCTURES: dict[str, tuple[str, ...]] = {"vessels": ("vessels",), "disc_cup": ("disc", "cup")}
+"""Label channels of each task, in datalist order."""
+
+ANNOTATORS = ("first", "second", "union")
+"""Annotator choices: the first (reference) annotator, the second one, or the pixelwise union of both."""
+
+# labelme shape labels, compared lower-case and stripped.
+_DISC_LABELS = frozenset({"disc", "od", "optic disc"})
+_CUP_LABELS = frozenset({"cup", "oc", "optic cup"})
+
+
+class DatasetError(ValueError):
+    """A dataset folder, file or annotation does not match what its description expects."""
+
+
+@dataclass(frozen=True)
+class OfficialSplit:
+    """How a dataset's official (or conventional) split is defined.
+
+    Either ``group`` names a group of the case pattern whose value (compared lower-case) is mapped by ``parts`` to
+    ``training``, ``validation`` or ``test``; or ``first_training`` puts the first N cases, in natural order of their
+    ids, into training and the rest into test.
+
+    Args:
+        summary: one line describing the split, recorded in logs.
+        group: case-pattern group naming the distributed part (e.g. ``training``/``test`` folders).
+        parts: lower-case group value to split name.
+        first_training: number of leading cases that form the training pool.
+    """
+
+    summary: str
+    group: str | None = None
+    parts: Mapping[str, str] = field(default_factory=dict)
+    first_training: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """Where one dataset's files are and how to read its annotations.
+
+    Args:
+        name: dataset name as used on the command line and in the datalist.
+        task: ``vessels`` or ``disc_cup`` (see :data:`TASK_STRUCTURES`).
+        layout: the expected distributed layout in words, shown when a folder does not match.
+        case_pattern: regular expression matched case-insensitively against every file's path relative to the
+            dataset folder (``/``-separated, a trailing ``.gz`` removed); each match is one case. The folder may be
+            nested deeper inside ``--src`` (e.g. an archive unpacked with its top folder): templates are resolved
+            relative to the folder where the pattern matched.
+        annotations: annotator (``first``, ``second``) to the templates of its annotation files; one file per
+            structure when ``decoder`` is None, otherwise whatever ``decoder`` takes.
+        image: template of the image; None when the matched file is the image itself.
+        image_hint: reads an annotation file (the matched file) and returns the image path it names, relative to
+            the annotation's folder, tried before ``image``.
+        decoder: turns annotation files into masks; None when they already are binary masks (0 = background)
+            that the datalist can reference as they are.
+        partial_annotators: annotators that only some cases have (e.g. DRIVE's second annotator, test set only).
+        fov: template of the field-of-view mask; None when the dataset has none (it is estimated from the image).
+        fov_required: whether a missing FOV file is an error (False: estimated from the image instead).
+        official_split: the official or conventional split, if the dataset has one.
+        test_fraction: test fraction of the seeded split (SAM2LoRA: 0.27 for CHASE_DB1 and HRF, 0.25 otherwise).
+        case_id: template of the case id, unique within the dataset; names derived files.
+    """
+
+    name: str
+    task: str
+    layout: str
+    case_pattern: str
+    annotations: Mapping[str, tuple[Template, ...]]
+    image: Template | None = None
+    image_hint: Callable[[Path], str | None] | None = None
+    decoder: AnnotationDecoder | None = None
+    partial_annotators: frozenset[str] = frozenset()
+    fov: Template | None = None
+    fov_required: bool = True
+    official_split: OfficialSplit | None = None
+    test_fraction: float = 0.25
+    case_id: str = "{stem}"
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """Names of the label channels, in datalist order."""
+        return TASK_STRUCTURES[self.task]
+
+
+def _check_shape(mask: np.ndarray, shape: tuple[int, int], path: Path) -> None:
+    """Raise when a decoded mask's size differs from its image's."""
+    if mask.shape[:2] != tuple(shape):
+        raise DatasetError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {shape[1]}x{shape[0]}"
+        )
+
+
+def decode_binary_masks(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Read one binary mask file per structure: any value above 0 is the structure.
+
+    Args:
+        files: one mask file per structure.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        one bool ``(H, W)`` mask per file.
+    """
+    masks = []
+    for path in files:
+        mask = read_mask(path)
+        _check_shape(mask, shape, path)
+        masks.append(mask > 0)
+    return masks
+
+
+def decode_soft_maps(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Threshold soft maps (DRISHTI-GS: the fraction of experts marking a pixel) at half their maximum.
+
+    Half of the map's own maximum is the experts' majority whatever gray scale the map was saved with.
+
+    Args:
+        files: one soft map per structure.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        one bool ``(H, W)`` mask per file; empty where a map is all zero.
+    """
+    masks = []
+    for path in files:
+        soft = read_mask(path)
+        _check_shape(soft, shape, path)
+        peak = int(soft.max())
+        masks.append(soft > 0.5 * peak if peak > 0 else np.zeros(shape, dtype=bool))
+    return masks
+
+
+def decode_refuge_mask(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Decode a REFUGE mask, 0 = cup, 128 = rim, 255 = background, into disc (cup or rim) and cup.
+
+    Each pixel is assigned to the nearest of the three values, so that masks that were resampled or saved lossy
+    still decode.
+
+    Args:
+        files: the single REFUGE mask file.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        ``[disc, cup]`` bool masks.
+    """
+    (path,) = files
+    values = read_mask(path)
+    _check_shape(values, shape, path)
+    return [values < 192, values < 64]
+
+
+def decode_origa_mat(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Decode an ORIGA ``.mat`` annotation: variable ``mask`` with 0 background, 1 rim, 2 cup.
+
+    ORIGA's masks can be wider or taller than their image (padded); they are cropped centred to the image.
+
+    Args:
+        files: the single ``.mat`` file.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        ``[disc, cup]`` bool masks (disc = rim or cup).
+
+    Raises:
+        DatasetError: when the file cannot be read, has no 2D ``mask`` variable or is smaller than the image.
+    """
+    (path,) = files
+    try:
+        content = scipy.io.loadmat(str(path))
+    except (OSError, ValueError, TypeError, NotImplementedError) as error:
+        raise DatasetError(f"cannot read ORIGA annotation {path}: {error}") from None
+    mask = content.get("mask")
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        raise DatasetError(f"ORIGA annotation {path} has no 2D variable 'mask' (variables: {sorted(content)})")
+    height, width = shape
+    if mask.shape[0] < height or mask.shape[1] < width:
+        raise DatasetError(
+            f"ORIGA annotation {path} is {mask.shape[1]}x{mask.shape[0]} pixels, smaller than its image {width}x{height}"
+        )
+    top = (mask.shape[0] - height) // 2
+    left = (mask.shape[1] - width) // 2
+    mask = mask[top : top + height, left : left + width]
+    return [mask >= 1, mask == 2]
+
+
+def _rasterise(points: np.ndarray, shape: tuple[int, int], source: Path) -> np.ndarray:
+    """Fill a polygon given as ``(N, 2)`` x, y points into a bool mask of ``shape``."""
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+        raise DatasetError(f"{source}: a polygon needs at least 3 (x, y) points, got an array of shape {points.shape}")
+    mask = np.zeros(shape, dtype=bool)
+    rows, cols = fill_polygon(points[:, 1], points[:, 0], shape=shape)
+    mask[rows, cols] = True
+    return mask
+
+
+def decode_contour_files(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Rasterise contour text files (PAPILA: one ``x y`` point per line), one file per structure.
+
+    Args:
+        files: one contour file per structure (disc, cup).
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        one filled bool mask per file.
+
+    Raises:
+        DatasetError: when a file is not a list of at least three x y points.
+    """
+    masks = []
+    for path in files:
+        try:
+            points = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"cannot read contour {path}: expected one 'x y' point per line ({error})") from None
+        masks.append(_rasterise(points, shape, path))
+    return masks
+
+
+def _load_labelme(path: Path) -> dict:
+    """Load a labelme annotation and check it has a ``shapes`` list."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"cannot read labelme annotation {path}: {error}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
+        raise DatasetError(f"{path} is not a labelme annotation: expected a JSON object with a 'shapes' list")
+    return content
+
+
+def labelme_image_path(path: Path) -> str | None:
+    """The image a labelme annotation names in ``imagePath``, relative to the annotation's folder.
+
+    Args:
+        path: labelme JSON file.
+
+    Returns:
+        the ``imagePath`` with ``/`` separators (Windows paths are common in labelme files), or None if absent.
+    """
+    image_path = _load_labelme(path).get("imagePath")
+    return image_path.replace("\\", "/") if isinstance(image_path, str) and image_path else None
+
+
+def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Rasterise the disc and cup polygons of a labelme annotation (G1020, GRAPE).
+
+    Shapes labelled ``disc``/``od`` or ``cup``/``oc`` (any case) are filled and OR-ed per structure; other labels
+    are ignored. A structure without a shape stays empty (G1020 leaves the cup out where it is not visible).
+
+    Args:
+        files: the single labelme JSON file.
+        shape: ``(height, width)`` of the image.
+
+    Returns:
+        ``[disc, cup]`` bool masks.
+
+    Raises:
+        DatasetError: when the file is not labelme JSON, its recorded image size differs from the image, or a disc or
+            cup shape is not a polygon.
+    """
+    (path,) = files
+    content = _load_labelme(path)
+    recorded = (content.get("imageHeight"), content.get("imageWidth"))
+    if all(isinstance(size, int) for size in recorded) and recorded != tuple(shape):
+        raise DatasetError(
+            f"labelme annotation {path} is for a {recorded[1]}x{recorded[0]} image but its image is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    disc = np.zeros(shape, dtype=bool)
+    cup = np.zeros(shape, dtype=bool)
+    for item in content["shapes"]:
+        label = str(item.get("label", "")).strip().lower()
+        target = disc if label in _DISC_LABELS else cup if label in _CUP_LABELS else None
+        if target is None:
+            continue
+        shape_type = item.get("shape_type") or "polygon"
+        if shape_type != "polygon":
+            raise DatasetError(f"{path}: shape {label!r} is a {shape_type!r}; only polygons are supported")
+        target |= _rasterise(np.asarray(item.get("points", []), dtype=np.float64), shape, path)
+    return [disc, cup]
+
+
+def _split_by_folder(summary: str, **parts: str) -> OfficialSplit:
+    """An official split given by the distributed folder, captured as case-pattern group ``part``."""
+    return OfficialSplit(summary=summary, group="part", parts=parts)
+
+
+_DRIVE = DatasetDescription(
+    name="DRIVE",
+    task="vessels",
+    layout="training|test/images/NN_training.tif|NN_test.tif with 1st_manual/NN_manual1.gif and mask/NN_*_mask.gif",
+    case_pattern=r"(?P<part>training|test)/images/(?P<stem>\d+)_(?:training|test)\.tif",
+    annotations={"first": ("{part}/1st_manual/{stem}_manual1.gif",), "second": ("{part}/2nd_manual/{stem}_manual2.gif",)},
+    partial_annotators=frozenset({"second"}),
+    fov="{part}/mask/{stem}_{part}_mask.gif",
+    official_split=_split_by_folder("training/ (20) is the training pool, test/ (20) the test set", training="training", test="test"),
+)
+
+_CHASE_DB1 = DatasetDescription(
+    name="CHASE_DB1",
+    task="vessels",
+    layout="Image_NNL.jpg / Image_NNR.jpg with Image_NNX_1stHO.png and Image_NNX_2ndHO.png in one folder",
+    case_pattern=r"Image_(?P<stem>\d+[LR])\.jpg",
+    annotations={"first": ("Image_{stem}_1stHO.png",), "second": ("Image_{stem}_2ndHO.png",)},
+    official_split=OfficialSplit(summary="first 20 images training, last 8 test (the field's convention)", first_training=20),
+    test_fraction=0.27,
+    case_id="Image_{stem}",
+)
+
+# Cases are anchored on the first annotator's labels: the STARE image archive holds ~400 images, 20 annotated.
+_STARE = DatasetDescription(
+    name="STARE",
+    task="vessels",
+    layout="labels-ah/imNNNN.ah.ppm[.gz] with stare-images/imNNNN.ppm[.gz] and labels-vk/imNNNN.vk.ppm[.gz]",
+    case_pattern=r"labels-ah/(?P<stem>im\d+)\.ah\.ppm",
+    image="stare-images/{stem}.ppm",
+    annotations={"first": ("labels-ah/{stem}.ah.ppm",), "second": ("labels-vk/{stem}.vk.ppm",)},
+)
+
+_HRF = DatasetDescription(
+    name="HRF",
+    task="vessels",
+    layout="images/NN_h|g|dr.jpg with manual1/NN_x.tif and mask/NN_x_mask.tif",
+    case_pattern=r"images/(?P<stem>\d+_(?:h|g|dr))\.jpe?g",
+    annotations={"first": ("manual1/{stem}.tif",)},
+    fov="mask/{stem}_mask.tif",
+    test_fraction=0.27,
+)
+
+_FIVES = DatasetDescription(
+    name="FIVES",
+    task="vessels",
+    layout="train|test/Original/*.png with train|test/Ground truth/*.png",
+    case_pattern=r"(?P<part>train|test)/Original/(?P<stem>[^/]+)\.png",
+    annotations={"first": ("{part}/Ground truth/{stem}.png",)},
+    official_split=_split_by_folder("train/ is the training pool, test/ the test set", train="training", test="test"),
+    # FIVES numbers train/ and test/ images independently, so stems repeat across the two.
+    case_id="{part}_{stem}",
+)
+
+_DRISHTI_GS = DatasetDescription(
+    name="DRISHTI-GS",
+    task="disc_cup",
+    layout="Training|Test/Images/NAME.png with Training|Test/GT/NAME/SoftMap/NAME_ODsegSoftmap.png and _cupsegSoftmap.png",
+    case_pattern=r"(?P<part>training|test)/Images/(?P<stem>[^/]+)\.png",
+    annotations={
+        "first": (
+            ("{part}/GT/{stem}/SoftMap/{stem}_ODsegSoftmap.png", "{part}/Test_GT/{stem}/SoftMap/{stem}_ODsegSoftmap.png"),
+            ("{part}/GT/{stem}/SoftMap/{stem}_cupsegSoftmap.png", "{part}/Test_GT/{stem}/SoftMap/{stem}_cupsegSoftmap.png"),
+        )
+    },
+    decoder=decode_soft_maps,
+    official_split=_split_by_folder("Training/ is the training pool, Test/ the test set", training="training", test="test"),
+)
+
+
+def _labelme_description(name: str) -> DatasetDescription:
+    """G1020 and GRAPE share a layout: one labelme JSON per image, the image next to it or named by imagePath."""
+    return DatasetDescription(
+        name=name,
+        task="disc_cup",
+        layout="labelme JSON files (shapes labelled disc/OD and cup/OC) next to their images or naming them in imagePath",
+        case_pattern=r"(?P<stem>[^/]+)\.json",
+        image="{stem}.*",
+        image_hint=labelme_image_path,
+        annotations={"first": ("{stem}.json",)},
+        decoder=decode_labelme_json,
+    )
+
+
+_ORIGA = DatasetDescription(
+    name="ORIGA",
+    task="disc_cup",
+    layout="Images/NAME.jpg with Semi-automatic-annotations/NAME.mat (variable 'mask': 0 background, 1 rim, 2 cup)",
+    case_pattern=r"Images/(?P<stem>[^/]+)\.jpg",
+    annotations={"first": ("Semi-automatic-annotations/{stem}.mat",)},
+    decoder=decode_origa_mat,
+)
+
+_PAPILA = DatasetDescription(
+    name="PAPILA",
+    task="disc_cup",
+    layout="FundusImages/NAME.jpg with ExpertsSegmentations/Contours/NAME_disc_exp1.txt, NAME_cup_exp1.txt (and exp2)",
+    case_pattern=r"FundusImages/(?P<stem>[^/]+)\.jpg",
+    annotations={
+        "first": ("ExpertsSegmentations/Contours/{stem}_disc_exp1.txt", "ExpertsSegmentations/Contours/{stem}_cup_exp1.txt"),
+        "second": ("ExpertsSegmentations/Contours/{stem}_disc_exp2.txt", "ExpertsSegmentations/Contours/{stem}_cup_exp2.txt"),
+    },
+    decoder=decode_contour_files,
+)
+
+_REFUGE2 = DatasetDescription(
+    name="REFUGE2",
+    task="disc_cup",
+    layout="train|val|test/images/NAME.jpg with train|val|test/mask/NAME.png|bmp (0 cup, 128 rim, 255 background)",
+    case_pattern=r"(?P<part>train|val|test)/images/(?P<stem>[^/]+)\.jpg",
+    annotations={"first": ("{part}/mask/{stem}.*",)},
+    decoder=decode_refuge_mask,
+    official_split=_split_by_folder(
+        "train/ is training, val/ validation, test/ test", train="training", val="validation", test="test"
+    ),
+)
+
+DATASETS: dict[str, DatasetDescription] = {
+    description.name: description
+    for description in (
+        _DRIVE,
+        _CHASE_DB1,
+        _STARE,
+        _HRF,
+        _FIVES,
+        _DRISHTI_GS,
+        _labelme_description("G1020"),
+        _labelme_description("GRAPE"),
+        _ORIGA,
+        _PAPILA,
+        _REFUGE2,
+    )
+}
+"""The public datasets by name."""
+
+
+def folder_description(task: str = "vessels", name: str = "folder") -> DatasetDescription:
+    """A generic dataset: ``images/NAME.*`` with ``masks/NAME.*`` (vessels) or ``masks/disc|cup/NAME.*``
+    (disc_cup), binary masks, and optional ``fov/NAME.*``.
+
+    Args:
+        task: ``vessels`` or ``disc_cup``.
+        name: dataset name recorded in the datalist.
+
+    Returns:
+        the description.
+    """
+    if task not in TASK_STRUCTURES:
+        raise DatasetError(f"unknown task {task!r}: expected one of {', '.join(TASK_STRUCTURES)}")
+    if task == "vessels":
+        labels: tuple[Template, ...] = ("masks/{stem}.*",)
+        layout = "images/NAME.<image suffix> with masks/NAME.<image suffix>, optional fov/NAME.<image suffix>"
+    else:
+        labels = ("masks/disc/{stem}.*", "masks/cup/{stem}.*")
+        layout = "images/NAME.<image suffix> with masks/disc/NAME.* and masks/cup/NAME.*, optional fov/NAME.*"
+    return DatasetDescription(
+        name=name,
+        task=task,
+        layout=layout,
+        case_pattern=r"images/(?P<stem>[^/]+)(?:" + "|".join(map(re.escape, SUPPORTED_SUFFIXES)) + ")",
+        annotations={"first": labels},
+        fov="fov/{stem}.*",
+        fov_required=False,
+    )
+
+
+def get_description(name: str, task: str | None = None, folder_name: str = "folder") -> DatasetDescription:
+    """Look up a dataset description by name (any letter case); ``folder`` builds the generic one.
+
+    Args:
+        name: one of :data:`DATASETS` or ``folder``.
+        task: the task of a ``folder`` dataset (default ``vessels``); must be None or match for named datasets.
+        folder_name: the name a ``folder`` dataset is recorded under (to pool several folders).
+
+    Returns:
+        the description.
+
+    Raises:
+        DatasetError: for an unknown name, or a task that contradicts the named dataset.
+    """
+    if name.lower() == "folder":
+        return folder_description(task or "vessels", folder_name)
+    by_lower = {known.lower(): description for known, description in DATASETS.items()}
+    description = by_lower.get(name.lower())
+    if description is None:
+        raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)} or folder")
+    if task is not None and task != description.task:
+        raise DatasetError(f"dataset {description.name} is a {description.task} dataset, not {task}")
+    return description
