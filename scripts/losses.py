@@ -1,0 +1,119 @@
+"""The SAM2LoRA training loss: BCE + soft Dice + focal Tversky on mask logits, plus an optional IoU-prediction term."""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceLoss, TverskyLoss
+from torch import nn
+
+__all__ = ["CompositeLoss", "hard_iou"]
+
+
+def hard_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """IoU of the thresholded sigmoid prediction with the target, per image and channel: (B, C).
+
+    An empty prediction of an empty target counts as IoU 1 (nothing to find, nothing found).
+    """
+    prediction = torch.sigmoid(logits) > threshold
+    truth = target > 0.5
+    spatial = tuple(range(2, logits.ndim))
+    intersection = (prediction & truth).sum(spatial).float()
+    union = (prediction | truth).sum(spatial).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+
+
+class CompositeLoss(nn.Module):
+    """``w_bce * BCE + w_dice * soft Dice + w_tversky * focal Tversky (+ w_iou * |predicted IoU - IoU|)``.
+
+    The SAM2LoRA paper's recipe: equal weights, Dice smooth 1, Tversky with 0.7 on false negatives and 0.3 on
+    false positives, focal exponent 0.75, smooth 1, and 0.1 on the IoU-prediction error. Every term works on
+    logits of any number of sigmoid channels; Dice and Tversky are computed per image and channel, then averaged.
+
+    Args:
+        bce_weight: weight of the binary cross-entropy term.
+        dice_weight: weight of the soft Dice term.
+        tversky_weight: weight of the focal Tversky term.
+        dice_smooth: Dice smoothing, added to numerator and denominator.
+        tversky_fn_weight: Tversky weight of false negatives (the paper's alpha).
+        tversky_fp_weight: Tversky weight of false positives (the paper's beta).
+        tversky_gamma: focal exponent: the Tversky term is ``(1 - TI) ** gamma``.
+        tversky_smooth: Tversky smoothing, added to numerator and denominator.
+        iou_weight: weight of the IoU-prediction term; used when ``iou_predictions`` are passed.
+    """
+
+    def __init__(
+        self,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        tversky_weight: float = 1.0,
+        dice_smooth: float = 1.0,
+        tversky_fn_weight: float = 0.7,
+        tversky_fp_weight: float = 0.3,
+        tversky_gamma: float = 0.75,
+        tversky_smooth: float = 1.0,
+        iou_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
+        self.tversky_weight = tversky_weight
+        self.tversky_gamma = tversky_gamma
+        self.iou_weight = iou_weight
+        self.bce = nn.BCEWithLogitsLoss()
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=dice_smooth, smooth_dr=dice_smooth)
+        # MONAI's alpha weighs false positives and beta false negatives: the reverse of the paper's names.
+        self.tversky = TverskyLoss(
+            sigmoid=True,
+            alpha=tversky_fp_weight,
+            beta=tversky_fn_weight,
+            smooth_nr=tversky_smooth,
+            smooth_dr=tversky_smooth,
+            reduction="none",
+        )
+
+    def terms(
+        self, logits: torch.Tensor, target: torch.Tensor, iou_predictions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each unweighted term, for logging: ``bce``, ``dice``, ``focal_tversky`` and maybe ``iou``.
+
+        Args:
+            logits: (B, C, H, W) mask logits.
+            target: (B, C, H, W) binary masks.
+            iou_predictions: (B, C) the network's predicted IoU, or None.
+        """
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape.")
+        target = target.to(logits.dtype)
+        # (1 - TI) is clamped because d/dx x**0.75 is unbounded at 0: a perfect prediction must not give inf grads.
+        tversky_index_loss = self.tversky(logits, target).clamp_min(1e-6)
+        terms = {
+            "bce": self.bce(logits, target),
+            "dice": self.dice(logits, target),
+            "focal_tversky": (tversky_index_loss**self.tversky_gamma).mean(),
+        }
+        if iou_predictions is not None:
+            actual = hard_iou(logits.detach(), target)
+            terms["iou"] = (iou_predictions - actual).abs().mean()
+        return terms
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, iou_predictions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weighted sum of :meth:`terms`.
+
+        Args:
+            logits: (B, C, H, W) mask logits.
+            target: (B, C, H, W) binary masks.
+            iou_predictions: (B, C) the network's predicted IoU; adds the IoU term when given.
+
+        Returns:
+            The scalar loss.
+        """
+        terms = self.terms(logits, target, iou_predictions)
+        weights = {
+            "bce": self.bce_weight,
+            "dice": self.dice_weight,
+            "focal_tversky": self.tversky_weight,
+            "iou": self.iou_weight,
+        }
+        return sum(weights[name] * value for name, value in terms.items())

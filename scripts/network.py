@@ -1,0 +1,290 @@
+"""SAM 2 adapted to fundus segmentation with low-rank adapters (SAM2LoRA, arXiv 2510.10288)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.lora import inject_lora, lora_modules, lora_state_dict, merge_lora, unmerge_lora
+from scripts.sam2_models import CheckpointError, build_sam2_base, load_meta_checkpoint, resolve_hiera_size
+
+__all__ = ["DEFAULT_LORA_TARGETS", "SAM2LoRA", "SegmentationOutput"]
+
+logger = logging.getLogger(__name__)
+
+# The paper's placement: the fused q/k/v projection of every Hiera block, and every linear layer of the
+# attention modules (self-attention, both cross-attentions, final token-to-image attention) of the mask
+# decoder's two-way transformer. Decoder MLPs, hypernetworks, IoU head, upscaling and prompt encoder stay frozen.
+DEFAULT_LORA_TARGETS = (
+    "image_encoder.trunk.blocks.*.attn.qkv",
+    "sam_mask_decoder.transformer.layers.*.*.*_proj",
+    "sam_mask_decoder.transformer.final_attn_token_to_image.*_proj",
+)
+
+ADAPTER_FORMAT = "sam2lora-adapters/1"
+
+
+class SegmentationOutput(NamedTuple):
+    """Mask logits (B, C, H, W) at the input's size and SAM's predicted IoU per channel (B, C)."""
+
+    logits: torch.Tensor
+    iou_predictions: torch.Tensor
+
+
+class SAM2LoRA(nn.Module):
+    """SAM 2 (Hiera image encoder, prompt encoder and mask decoder from the sam2 package) with LoRA adapters.
+
+    Only the adapters train; every SAM 2 weight is frozen. With no prompts the network segments automatically
+    (SAM 2's own prompt-free input: a single padding point); points and boxes may be given per image.
+    Output channel ``i`` is read from SAM's mask token ``i`` (token 0 is SAM's single-mask output), so ``C`` is
+    at most 4: ``C = 1`` for vessels or optic disc, ``C = 2`` for optic disc and cup as two sigmoid channels.
+
+    Args:
+        model_size: Hiera size: ``tiny``, ``small``, ``base_plus`` or ``large``.
+        out_channels: number of sigmoid output channels, 1 to 4.
+        checkpoint: Meta's SAM 2 checkpoint for ``model_size`` (e.g. ``sam2.1_hiera_tiny.pt``).
+        random_init: start SAM 2 from random weights instead of a checkpoint. Must be asked for explicitly
+            and is logged as a warning: without pretrained weights, results are far below the paper's.
+        image_size: side of the square image the encoder sees; inputs of any size are resized to it.
+        sam2_version: ``"2.1"`` or ``"2"``, the config family of the sam2 package.
+        lora_rank: rank of every adapter.
+        lora_alpha: scale numerator of every adapter; default ``2 * lora_rank`` as in the paper.
+        lora_dropout: dropout on the adapters' inputs.
+        lora_targets: ``fnmatch`` patterns on SAM2Base's module names selecting the linear layers to adapt.
+        adapter_checkpoint: an adapter file written by :meth:`save_adapters` to load on top of the base weights.
+
+    Raises:
+        CheckpointError: a checkpoint is missing, unreadable or does not fit.
+        ValueError: contradictory or invalid settings.
+    """
+
+    def __init__(
+        self,
+        model_size: str = "large",
+        out_channels: int = 1,
+        checkpoint: str | Path | None = None,
+        random_init: bool = False,
+        image_size: int = 1024,
+        sam2_version: str = "2.1",
+        lora_rank: int = 32,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.1,
+        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        adapter_checkpoint: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        size = resolve_hiera_size(model_size)
+        if not 1 <= out_channels <= 4:
+            raise ValueError(f"out_channels must be between 1 and 4 (SAM 2 has 4 mask tokens), got {out_channels}.")
+        if checkpoint is not None and random_init:
+            raise ValueError("Give either a SAM 2 checkpoint or random_init=True, not both.")
+        if checkpoint is None and not random_init:
+            raise CheckpointError(
+                f"No SAM 2 base checkpoint given for Hiera-{size.name}. Download Meta's weights "
+                f"({size.checkpoint_url}, or `python -m monai.bundle download_large_files` in the bundle) and pass "
+                "its path as `checkpoint`, or set random_init=True to train from scratch."
+            )
+        self.model_size = size.name
+        self.sam2_version = sam2_version
+        self.image_size = image_size
+        self.out_channels = out_channels
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
+        self.lora_dropout = lora_dropout
+        self.lora_targets = tuple(lora_targets)
+
+        self.sam2 = build_sam2_base(size.name, sam2_version, image_size)
+        if checkpoint is not None:
+            load_meta_checkpoint(self.sam2, checkpoint, size.name)
+        else:
+            logger.warning(
+                "SAM 2 Hiera-%s starts from RANDOM weights (random_init=True): no pretrained checkpoint is loaded.",
+                size.name,
+            )
+        self.sam2.requires_grad_(False)
+        self.adapted_layers = inject_lora(self.sam2, self.lora_targets, lora_rank, self.lora_alpha, lora_dropout)
+        if adapter_checkpoint is not None:
+            self.load_adapters(adapter_checkpoint)
+        trainable, total = self.count_parameters()
+        logger.info(
+            "SAM2LoRA Hiera-%s, %d px, %d adapted layers (rank %d, alpha %g): %d trainable of %d parameters (%.2f%%).",
+            size.name,
+            image_size,
+            len(self.adapted_layers),
+            lora_rank,
+            self.lora_alpha,
+            trainable,
+            total,
+            100.0 * trainable / total,
+        )
+
+    def count_parameters(self) -> tuple[int, int]:
+        """The numbers of trainable and of all parameters."""
+        parameters = list(self.parameters())
+        return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mask logits (B, C, H, W) at the size of ``images``; see :meth:`predict` for the arguments."""
+        return self.predict(images, point_coords, point_labels, boxes).logits
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> SegmentationOutput:
+        """Segment a batch, each image with its own embedding and its own prompts.
+
+        Args:
+            images: (B, 3, H, W) float, normalised as SAM expects (ImageNet mean and std); any H and W.
+            point_coords: (B, N, 2) ``(x, y)`` pixel coordinates in ``images``.
+            point_labels: (B, N) SAM labels: 1 positive, 0 negative, 2 and 3 box corners, -1 padding.
+            boxes: (B, 4) ``(x0, y0, x1, y1)`` pixel boxes in ``images``.
+
+        Returns:
+            Mask logits (B, C, H, W) and SAM's predicted IoU (B, C).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"SAM2LoRA expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+        batch, _, height, width = images.shape
+        side = self.image_size
+        if (height, width) != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+
+        features = self.sam2.forward_image(images)["backbone_fpn"][-self.sam2.num_feature_levels :]
+        # SAM 2 adds the "no memory" embedding to the coarsest level of a frame that has no video memory.
+        image_embedding = features[-1] + self.sam2.no_mem_embed.view(1, -1, 1, 1)
+        high_res_features = features[:-1] if self.sam2.use_high_res_features_in_sam else None
+
+        coords, labels = self._prompt_points(batch, width, height, point_coords, point_labels, boxes, images.device)
+        prompt_encoder = self.sam2.sam_prompt_encoder
+        sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        masks, iou_predictions, _, _ = self.sam2.sam_mask_decoder.predict_masks(
+            image_embeddings=image_embedding,
+            image_pe=prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            repeat_image=False,
+            high_res_features=high_res_features,
+        )
+        logits = masks[:, : self.out_channels]
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return SegmentationOutput(logits, iou_predictions[:, : self.out_channels])
+
+    def _prompt_points(
+        self,
+        batch: int,
+        width: int,
+        height: int,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All prompts as SAM points in the encoder's pixel frame; boxes become corner points labelled 2 and 3."""
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together.")
+        coords: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        if boxes is not None:
+            if boxes.shape != (batch, 4):
+                raise ValueError(f"boxes must have shape ({batch}, 4), got {tuple(boxes.shape)}.")
+            coords.append(boxes.reshape(batch, 2, 2).float())
+            labels.append(torch.tensor([2, 3], device=device).expand(batch, 2))
+        if point_coords is not None:
+            if point_coords.ndim != 3 or point_coords.shape[0] != batch or point_coords.shape[2] != 2:
+                raise ValueError(f"point_coords must have shape ({batch}, N, 2), got {tuple(point_coords.shape)}.")
+            if point_labels.shape != point_coords.shape[:2]:
+                raise ValueError(
+                    f"point_labels must have shape {tuple(point_coords.shape[:2])}, got {tuple(point_labels.shape)}."
+                )
+            coords.append(point_coords.float())
+            labels.append(point_labels)
+        if not coords:
+            # SAM 2's prompt-free input, as in SAM2Base._forward_sam_heads: one padding point.
+            return torch.zeros(batch, 1, 2, device=device), -torch.ones(batch, 1, dtype=torch.int32, device=device)
+        scale = torch.tensor([self.image_size / width, self.image_size / height], device=device)
+        return torch.cat(coords, dim=1).to(device) * scale, torch.cat(labels, dim=1).to(device, torch.int32)
+
+    def merge_adapters(self) -> None:
+        """Fold every adapter into its base weight: inference then costs what SAM 2 costs."""
+        merge_lora(self.sam2)
+
+    def unmerge_adapters(self) -> None:
+        """Undo :meth:`merge_adapters`, e.g. to go on training."""
+        unmerge_lora(self.sam2)
+
+    def adapter_config(self) -> dict:
+        """The settings an adapter file must match to be loaded into this network."""
+        return {
+            "model_size": self.model_size,
+            "sam2_version": self.sam2_version,
+            "out_channels": self.out_channels,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": list(self.lora_targets),
+        }
+
+    def save_adapters(self, path: str | Path) -> Path:
+        """Write the adapters alone (a small file to use on top of Meta's base checkpoint), atomically.
+
+        Args:
+            path: the file to write.
+
+        Returns:
+            The written path.
+        """
+        path = Path(path)
+        if any(layer.merged for _, layer in lora_modules(self.sam2)):
+            raise RuntimeError("Adapters are merged into the base weights; call unmerge_adapters() before saving them.")
+        payload = {"format": ADAPTER_FORMAT, "config": self.adapter_config(), "state_dict": lora_state_dict(self.sam2)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        torch.save(payload, partial)
+        partial.replace(path)
+        return path
+
+    def load_adapters(self, path: str | Path) -> None:
+        """Load an adapter file written by :meth:`save_adapters`.
+
+        Raises:
+            CheckpointError: the file is missing, unreadable, not an adapter file, or made for other settings.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"Adapter checkpoint {path} does not exist.")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # damaged files raise many different errors inside torch.load
+            raise CheckpointError(f"Adapter checkpoint {path} cannot be read ({type(error).__name__}: {error}).") from None
+        if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+            raise CheckpointError(f"{path} is not a SAM2LoRA adapter file (format {ADAPTER_FORMAT}).")
+        ours = self.adapter_config()
+        differences = {key: (value, ours.get(key)) for key, value in payload["config"].items() if ours.get(key) != value}
+        if differences:
+            detail = ", ".join(f"{key}: file {theirs!r} vs network {mine!r}" for key, (theirs, mine) in differences.items())
+            raise CheckpointError(f"Adapter checkpoint {path} was made for other settings ({detail}).")
+        tensors = payload["state_dict"]
+        expected = set(lora_state_dict(self.sam2))
+        if set(tensors) != expected:
+            raise CheckpointError(
+                f"Adapter checkpoint {path} holds {len(tensors)} adapter tensors where the network has {len(expected)}; "
+                f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
+            )
+        self.unmerge_adapters()
+        self.sam2.load_state_dict(tensors, strict=False)
+        logger.info("Loaded %d adapter tensors from %s.", len(payload["state_dict"]), path)
+

@@ -1,0 +1,220 @@
+"""SAM 2 base models: building them from the sam2 package's own configs and loading Meta's released checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra import compose
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+import sam2  # noqa: F401  (importing the package registers its configs with hydra)
+
+__all__ = [
+    "CHECKPOINT_URL",
+    "HIERA_SIZES",
+    "CheckpointError",
+    "HieraSize",
+    "build_sam2_base",
+    "checkpoint_hiera_size",
+    "load_meta_checkpoint",
+    "parameters_on_meta_device",
+    "resolve_hiera_size",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{name}.pt"
+
+# Parameters of the state dict that the prompt-free and prompted single-image path reads; anything else in
+# Meta's checkpoints (memory attention, memory encoder, object pointers) serves video tracking only.
+SEGMENTATION_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+
+
+@dataclass(frozen=True)
+class HieraSize:
+    """One of the four released Hiera image encoders.
+
+    Args:
+        name: the size's name in Meta's checkpoint file names (``sam2.1_hiera_<name>.pt``).
+        config_code: the suffix of the sam2 package's config files (``sam2.1_hiera_<code>.yaml``).
+        embed_dim: channels of the patch embedding, which tells checkpoints of different sizes apart.
+        num_blocks: number of Hiera blocks.
+    """
+
+    name: str
+    config_code: str
+    embed_dim: int
+    num_blocks: int
+
+    def config_name(self, version: str) -> str:
+        if version == "2.1":
+            return f"configs/sam2.1/sam2.1_hiera_{self.config_code}.yaml"
+        if version == "2":
+            return f"configs/sam2/sam2_hiera_{self.config_code}.yaml"
+        raise ValueError(f"sam2_version must be '2' or '2.1', got {version!r}.")
+
+    @property
+    def checkpoint_url(self) -> str:
+        return CHECKPOINT_URL.format(name=self.name)
+
+
+HIERA_SIZES: dict[str, HieraSize] = {
+    size.name: size
+    for size in (
+        HieraSize("tiny", "t", embed_dim=96, num_blocks=12),
+        HieraSize("small", "s", embed_dim=96, num_blocks=16),
+        HieraSize("base_plus", "b+", embed_dim=112, num_blocks=24),
+        HieraSize("large", "l", embed_dim=144, num_blocks=48),
+    )
+}
+_ALIASES = {"t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "b": "base_plus", "l": "large"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the network; the message names the file."""
+
+
+def resolve_hiera_size(model_size: str) -> HieraSize:
+    """Look up a Hiera size by name (``tiny``, ``small``, ``base_plus``, ``large``) or short code (``t``, ``b+``...).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    key = _ALIASES.get(model_size.lower(), model_size.lower())
+    if key not in HIERA_SIZES:
+        raise ValueError(f"Unknown Hiera size {model_size!r}; choose one of {sorted(HIERA_SIZES)}.")
+    return HIERA_SIZES[key]
+
+
+@contextmanager
+def parameters_on_meta_device() -> Iterator[None]:
+    """Create every new module parameter on the meta device: shapes and counts without the memory.
+
+    ``with torch.device("meta")`` cannot build Hiera, whose constructor reads tensor values (``.item()``),
+    so parameters are moved to the meta device as they are registered instead.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_sam2_base(model_size: str = "tiny", sam2_version: str = "2.1", image_size: int = 1024) -> nn.Module:
+    """Build a randomly initialised ``SAM2Base`` from the sam2 package's own model config.
+
+    Inside :func:`parameters_on_meta_device` it builds without allocating parameter memory.
+
+    Args:
+        model_size: Hiera size, see :func:`resolve_hiera_size`.
+        sam2_version: ``"2.1"`` (default) or ``"2"``.
+        image_size: side of the square input. Meta trained at 1024; smaller sizes suit CPU work.
+            Must be a multiple of 32 (Hiera's window positional embedding tiles the stride-4 feature map by 8).
+
+    Returns:
+        The SAM 2 model, in training mode.
+    """
+    size = resolve_hiera_size(model_size)
+    if image_size < 64 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}.")
+    cfg = compose(config_name=size.config_name(sam2_version), overrides=[f"++model.image_size={image_size}"])
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model, _recursive_=True)
+
+
+def checkpoint_hiera_size(state_dict: dict[str, torch.Tensor]) -> HieraSize | None:
+    """Which Hiera size a SAM 2 state dict holds, from its patch-embedding width and block count (None if unknown)."""
+    patch = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    blocks = {key.split(".")[3] for key in state_dict if key.startswith("image_encoder.trunk.blocks.")}
+    for size in HIERA_SIZES.values():
+        if size.embed_dim == patch.shape[0] and size.num_blocks == len(blocks):
+            return size
+    return None
+
+
+def _read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"SAM 2 checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
+            "the file is corrupt or truncated: download it again."
+        ) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} is not in Meta's format {{'model': state_dict}} (found {found})."
+        )
+    return payload["model"]
+
+
+def load_meta_checkpoint(model: nn.Module, path: str | Path, model_size: str) -> tuple[list[str], list[str]]:
+    """Load one of Meta's SAM 2 checkpoints (``{"model": state_dict}``) into ``model`` with ``weights_only=True``.
+
+    Missing and unexpected keys are logged. A key missing from the single-image segmentation path (image
+    encoder, prompt encoder, mask decoder) is an error, since it would leave those weights random.
+
+    Args:
+        model: a SAM2Base built for ``model_size``.
+        path: the checkpoint file, e.g. ``sam2.1_hiera_tiny.pt``.
+        model_size: the Hiera size the model was built with.
+
+    Returns:
+        The missing and unexpected keys.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not in Meta's format, of another Hiera size,
+            or lacks weights the segmentation needs.
+    """
+    path = Path(path)
+    expected = resolve_hiera_size(model_size)
+    state_dict = _read_meta_state_dict(path)
+    found = checkpoint_hiera_size(state_dict)
+    if found is not None and found != expected:
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} holds Hiera-{found.name} weights (patch embedding of {found.embed_dim} "
+            f"channels, {found.num_blocks} blocks), but the network is Hiera-{expected.name} "
+            f"({expected.embed_dim} channels, {expected.num_blocks} blocks): set model_size='{found.name}' "
+            f"or use sam2.1_hiera_{expected.name}.pt."
+        )
+    own = model.state_dict()
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and own[key].shape != value.shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} does not fit the Hiera-{expected.name} network; {len(mismatched)} tensors "
+            f"differ in shape, e.g. {'; '.join(mismatched[:3])}."
+        )
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    needed = [key for key in missing if key.startswith(SEGMENTATION_PREFIXES)]
+    if needed:
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} lacks {len(needed)} weights of the segmentation network, e.g. {needed[:5]}."
+        )
+    if missing:
+        logger.warning("SAM 2 checkpoint %s: %d keys missing (video-only modules): %s", path, len(missing), missing)
+    if unexpected:
+        logger.warning("SAM 2 checkpoint %s: %d unexpected keys ignored: %s", path, len(unexpected), unexpected)
+    logger.info("Loaded SAM 2 Hiera-%s weights from %s.", expected.name, path)
+    return list(missing), list(unexpected)

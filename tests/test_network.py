@@ -1,0 +1,315 @@
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+from torch import nn
+
+from scripts.lora import LoRALinear, lora_modules
+from scripts.network import SAM2LoRA
+from scripts.sam2_models import (
+    HIERA_SIZES,
+    CheckpointError,
+    build_sam2_base,
+    checkpoint_hiera_size,
+    parameters_on_meta_device,
+)
+
+IMAGE_SIZE = 64  # the smallest size Hiera accepts; keeps every test fast on a CPU
+SAM_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+SAM_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def tiny_network(**kwargs) -> SAM2LoRA:
+    torch.manual_seed(0)
+    settings = {"model_size": "tiny", "random_init": True, "image_size": IMAGE_SIZE, **kwargs}
+    return SAM2LoRA(**settings)
+
+
+def randomise_adapters(network: SAM2LoRA, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(network.sam2):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.05)
+
+
+def without_adapters(network: SAM2LoRA) -> SAM2LoRA:
+    """A copy whose LoRA layers are plain nn.Linear layers holding the same base weights."""
+    plain = copy.deepcopy(network)
+    for name, layer in list(lora_modules(plain.sam2)):
+        linear = nn.Linear(layer.in_features, layer.out_features)
+        linear.weight, linear.bias = layer.weight, layer.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(plain.sam2.get_submodule(parent_name), child, linear)
+    assert not list(lora_modules(plain.sam2))
+    return plain
+
+
+@pytest.fixture(scope="module")
+def network() -> SAM2LoRA:
+    return tiny_network().eval()
+
+
+@pytest.fixture(scope="module")
+def meta_checkpoint(tmp_path_factory) -> tuple:
+    """A checkpoint in Meta's release format, written from a randomly initialised SAM 2 Hiera-tiny."""
+    torch.manual_seed(123)
+    base = build_sam2_base("tiny", image_size=IMAGE_SIZE)
+    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": base.state_dict()}, path)
+    return path, base.state_dict()
+
+
+def test_untrained_adapted_model_is_exactly_sam2(network):
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    points = torch.tensor([[[10.0, 20.0]], [[40.0, 30.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int64)
+    plain = without_adapters(network)
+    with torch.no_grad():
+        assert torch.equal(network(images), plain(images))
+        assert torch.equal(network(images, points, labels), plain(images, points, labels))
+
+
+def test_forward_reproduces_sam2_image_predictor(network):
+    """Our decoding path agrees with the sam2 package's own single-image predictor on the same base weights."""
+    plain = without_adapters(network)
+    predictor = SAM2ImagePredictor(plain.sam2)
+    predictor._bb_feat_sizes = [(IMAGE_SIZE // s, IMAGE_SIZE // s) for s in (4, 8, 16)]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    point, label = np.array([[21.0, 37.0]]), np.array([1])
+    predictor.set_image(image)
+    expected, expected_iou, _ = predictor.predict(point, label, multimask_output=False, return_logits=True)
+
+    tensor = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - SAM_MEAN) / SAM_STD
+    with torch.no_grad():
+        ours = network.predict(tensor, torch.tensor(point[None]).float(), torch.tensor(label[None]))
+    np.testing.assert_allclose(ours.logits[0, 0].numpy(), expected[0], atol=1e-4)
+    np.testing.assert_allclose(ours.iou_predictions[0].numpy(), expected_iou, atol=1e-5)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_weights():
+    network = tiny_network().eval()
+    randomise_adapters(network)
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with torch.no_grad():
+        unmerged = network(images)
+        network.merge_adapters()
+        merged = network(images)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    network.unmerge_adapters()
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
+
+
+def test_adapters_change_the_output():
+    network = tiny_network().eval()
+    images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        untrained = network(images)
+        randomise_adapters(network)
+        adapted = network(images)
+    assert (adapted - untrained).abs().max() > 1e-3
+
+
+def test_training_a_merged_network_is_refused():
+    network = tiny_network()
+    network.merge_adapters()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        network.train()(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def test_only_adapters_train_and_a_step_changes_only_them():
+    network = tiny_network().train()
+    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+    assert trainable and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
+    assert len(trainable) == 2 * len(network.adapted_layers)
+
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    optimiser = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=3e-4)
+    target = (torch.rand(2, 1, 80, 72) > 0.8).float()
+    loss = nn.functional.binary_cross_entropy_with_logits(network(torch.randn(2, 3, 80, 72)), target)
+    loss.backward()
+    optimiser.step()
+    changed = {name for name, p in network.named_parameters() if not torch.equal(p, before[name])}
+    assert changed, "the step changed nothing"
+    assert changed <= trainable
+    assert any(name.endswith(".lora_B") for name in changed)
+
+
+def test_batch_independence_with_per_image_prompts(network):
+    torch.manual_seed(5)
+    images = torch.randn(3, 3, 96, 80)
+    points = torch.tensor([[[10.0, 12.0], [50.0, 60.0]], [[70.0, 5.0], [0.0, 0.0]], [[33.0, 44.0], [20.0, 20.0]]])
+    labels = torch.tensor([[1, 0], [1, -1], [1, 1]])
+    randomised = copy.deepcopy(network)
+    randomise_adapters(randomised)
+    with torch.no_grad():
+        for model in (network, randomised):
+            batched = model(images, points, labels)
+            for i in range(3):
+                alone = model(images[i : i + 1], points[i : i + 1], labels[i : i + 1])
+                torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+            prompt_free = model(images)
+            for i in range(3):
+                torch.testing.assert_close(prompt_free[i : i + 1], model(images[i : i + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_each_image_is_decoded_with_its_own_prompts(network):
+    images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE).expand(2, -1, -1, -1)
+    points = torch.tensor([[[5.0, 5.0]], [[60.0, 60.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int64)
+    with torch.no_grad():
+        out = network(images, points, labels)
+    assert (out[0] - out[1]).abs().max() > 1e-4, "different prompts on the same image gave the same mask"
+
+
+def test_box_prompts_are_corner_points(network):
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 60.0, 30.0]])
+    corners = boxes.view(2, 2, 2)
+    corner_labels = torch.tensor([[2, 3], [2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(network(images, boxes=boxes), network(images, corners, corner_labels))
+
+
+def test_output_has_the_input_size_for_non_square_images():
+    network = tiny_network(out_channels=2).eval()
+    with torch.no_grad():
+        output = network.predict(torch.randn(1, 3, 584, 565))
+    assert output.logits.shape == (1, 2, 584, 565)
+    assert output.iou_predictions.shape == (1, 2)
+
+
+def test_bad_inputs_and_settings_are_named():
+    network = tiny_network()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        network(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="together"):
+        network(torch.randn(1, 3, 64, 64), point_coords=torch.zeros(1, 1, 2))
+    with pytest.raises(ValueError, match="out_channels"):
+        tiny_network(out_channels=5)
+    with pytest.raises(ValueError, match="Hiera size"):
+        tiny_network(model_size="huge")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny_network(image_size=100)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        tiny_network(lora_targets=["image_encoder.trunk.blocks.*.attn.qkvv"])
+
+
+def test_random_initialisation_must_be_explicit_and_is_logged(caplog, tmp_path):
+    with pytest.raises(CheckpointError, match=r"sam2\.1_hiera_tiny\.pt.*random_init=True"):
+        SAM2LoRA("tiny", image_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match="not both"):
+        SAM2LoRA("tiny", image_size=IMAGE_SIZE, checkpoint=tmp_path / "x.pt", random_init=True)
+    with caplog.at_level(logging.WARNING, logger="scripts.network"):
+        tiny_network()
+    assert any("RANDOM weights" in record.getMessage() for record in caplog.records)
+
+
+def test_meta_checkpoint_round_trip(meta_checkpoint, caplog):
+    path, state_dict = meta_checkpoint
+    with caplog.at_level(logging.WARNING):
+        network = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE)
+    assert not any("RANDOM" in record.getMessage() for record in caplog.records)
+    loaded = network.sam2.state_dict()
+    for key, value in state_dict.items():
+        assert torch.equal(loaded[key], value), key
+    # the base weights keep Meta's keys, so the adapted network's base writes back in Meta's format
+    extra = set(loaded) - set(state_dict)
+    assert extra and all(key.endswith((".lora_A", ".lora_B", ".lora_merged")) for key in extra)
+
+
+def test_adapter_only_round_trip(meta_checkpoint, tmp_path):
+    path, _ = meta_checkpoint
+    trained = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE).eval()
+    randomise_adapters(trained, seed=7)
+    adapter_file = trained.save_adapters(tmp_path / "adapters.pt")
+    assert adapter_file.stat().st_size < 0.1 * path.stat().st_size
+
+    restored = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, adapter_checkpoint=adapter_file).eval()
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(trained(images), restored(images))
+
+    other_rank = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, lora_rank=8)
+    with pytest.raises(CheckpointError, match=r"adapters\.pt.*lora_rank: file 32 vs network 8"):
+        other_rank.load_adapters(adapter_file)
+    with pytest.raises(CheckpointError, match="not a SAM2LoRA adapter file"):
+        other_rank.load_adapters(path)
+
+
+def test_full_state_dict_round_trip_preserves_merged_state():
+    trained = tiny_network().eval()
+    randomise_adapters(trained)
+    trained.merge_adapters()
+    restored = tiny_network().eval()
+    restored.load_state_dict(trained.state_dict())
+    images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(trained(images), restored(images))
+    restored.unmerge_adapters()
+    trained.unmerge_adapters()
+    torch.testing.assert_close(restored.state_dict(), trained.state_dict())
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "sam2.1_hiera_tiny.pt"
+    with pytest.raises(CheckpointError, match=f"{missing}.*does not exist"):
+        SAM2LoRA("tiny", checkpoint=missing, image_size=IMAGE_SIZE)
+
+
+def test_corrupt_checkpoint_is_named(meta_checkpoint, tmp_path):
+    path, _ = meta_checkpoint
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{truncated}.*corrupt or truncated"):
+        SAM2LoRA("tiny", checkpoint=truncated, image_size=IMAGE_SIZE)
+    not_meta = tmp_path / "plain_state_dict.pt"
+    torch.save({"state_dict": {}}, not_meta)
+    with pytest.raises(CheckpointError, match=f"{not_meta}.*Meta's format"):
+        SAM2LoRA("tiny", checkpoint=not_meta, image_size=IMAGE_SIZE)
+
+
+def test_checkpoint_of_another_hiera_size_is_named(tmp_path):
+    small = tmp_path / "sam2.1_hiera_small.pt"
+    torch.save({"model": build_sam2_base("small", image_size=IMAGE_SIZE).state_dict()}, small)
+    with pytest.raises(CheckpointError, match=f"{small}.*Hiera-small.*network is Hiera-tiny"):
+        SAM2LoRA("tiny", checkpoint=small, image_size=IMAGE_SIZE)
+
+
+def test_checkpoint_lacking_segmentation_weights_is_refused(meta_checkpoint, tmp_path):
+    _, state_dict = meta_checkpoint
+    partial = {k: v for k, v in state_dict.items() if not k.startswith("sam_mask_decoder.")}
+    path = tmp_path / "partial.pt"
+    torch.save({"model": partial}, path)
+    with pytest.raises(CheckpointError, match="lacks .* weights of the segmentation network"):
+        SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("size", sorted(HIERA_SIZES))
+def test_default_rank_trains_under_five_percent(size):
+    with parameters_on_meta_device():
+        network = SAM2LoRA(size, random_init=True)
+        base = build_sam2_base(size)
+    trainable, total = network.count_parameters()
+    assert 0 < trainable < 0.05 * total
+    used = sum(
+        p.numel() for name, p in base.named_parameters() if name.startswith(("image_encoder", "sam_", "no_mem"))
+    )
+    assert trainable < 0.05 * used, "under 5% even of the parameters the segmentation path uses"
+    assert sum(isinstance(m, LoRALinear) for m in network.modules()) == HIERA_SIZES[size].num_blocks + 28
+    assert checkpoint_hiera_size(base.state_dict()) == HIERA_SIZES[size]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_runs_on_cuda():
+    network = tiny_network().cuda().eval()
+    with torch.no_grad():
+        output = network(torch.randn(1, 3, 80, 72, device="cuda"))
+    assert output.device.type == "cuda" and output.shape == (1, 1, 80, 72)
