@@ -1,0 +1,648 @@
+"""Build MONAI datalists from fundus datasets as they are distributed, and pool datalists for cross-dataset training.
+
+One generic loader serves every dataset of :mod:`scripts.datasets`: it finds the cases a description's patterns
+match under the source folder, splits them (official or seeded), decodes and checks every image and annotation once,
+writes the masks it has to derive (decoded annotations, annotator unions, estimated fields of view) as PNG files into
+``<output folder>/<dataset>_derived/``, and writes the datalist atomically.
+
+Command line::
+
+    python -m scripts.prepare --dataset DRIVE --src /data/DRIVE --output datalists/drive.json
+    python -m scripts.prepare --pool datalists/drive.json datalists/chase.json --output datalists/vessels.json
+
+Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov", "dataset",
+"case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
+are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
+``annotator``, ``annotator_note``, ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
+``val_fraction``, ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``. Images are referenced
+as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scripts.datasets import (
+    ANNOTATORS,
+    DATASETS,
+    TASK_STRUCTURES,
+    DatasetDescription,
+    DatasetError,
+    Template,
+    decode_binary_masks,
+    get_description,
+)
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, read_mask, write_png
+
+__all__ = [
+    "SPLIT_METHODS",
+    "SPLITS",
+    "Case",
+    "find_cases",
+    "split_cases",
+    "prepare_dataset",
+    "pool_datalists",
+    "write_json_atomic",
+    "main",
+]
+
+SPLIT_METHODS = ("auto", "official", "seeded")
+"""``auto``: the official (or conventional) split where the dataset has one, seeded otherwise."""
+
+SPLITS = ("training", "validation", "test")
+"""Datalist list keys."""
+
+logger = logging.getLogger(__name__)
+
+# Archive debris (macOS resource forks, hidden files) that must never be taken for images.
+_IGNORED_PARTS = re.compile(r"^(\..*|__MACOSX)$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image of a dataset with the files found for it.
+
+    Args:
+        case_id: unique id within the dataset, names derived files.
+        image: the fundus photograph.
+        annotations: annotator to its annotation files (annotators without files for this image are absent).
+        fov: the distributed field-of-view mask, or None.
+        groups: the case pattern's named groups (e.g. the distributed split folder).
+    """
+
+    case_id: str
+    image: Path
+    annotations: Mapping[str, tuple[Path, ...]]
+    fov: Path | None
+    groups: Mapping[str, str]
+
+
+def _logical_path(relative: str) -> str:
+    """A relative path as patterns see it: a trailing ``.gz`` removed (STARE gzips its files)."""
+    return relative[:-3] if relative.lower().endswith(".gz") else relative
+
+
+class _FileIndex:
+    """The files below a folder, looked up case-insensitively by relative path (``.gz`` transparent)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, Path] = {}
+        self.logical: dict[str, str] = {}
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            if any(_IGNORED_PARTS.match(part) for part in relative.parts) or not path.is_file():
+                continue
+            logical = _logical_path(relative.as_posix())
+            key = logical.lower()
+            # Where both x.ppm and x.ppm.gz exist, the uncompressed file wins.
+            if key not in self.files or self.files[key].name.lower().endswith(".gz"):
+                self.files[key] = path
+                self.logical[key] = logical
+        self.by_stem: dict[str, list[Path]] = {}
+        for key, path in self.files.items():
+            suffix = Path(key).suffix
+            if suffix in SUPPORTED_SUFFIXES:
+                self.by_stem.setdefault(key[: -len(suffix)], []).append(path)
+
+    def resolve(self, template: Template, root: str, groups: Mapping[str, str]) -> Path | None:
+        """The file a template names below ``root`` (a relative folder ending in ``/`` or empty), or None.
+
+        Raises:
+            DatasetError: when a ``.*`` template matches several image files.
+        """
+        for alternative in (template,) if isinstance(template, str) else template:
+            relative = root + alternative.format(**groups)
+            if relative.endswith(".*"):
+                found = self.by_stem.get(relative[:-2].lower(), [])
+                if len(found) > 1:
+                    raise DatasetError(f"ambiguous files for {self.root / relative}: {', '.join(map(str, found))}")
+                if found:
+                    return found[0]
+            elif relative.lower() in self.files:
+                return self.files[relative.lower()]
+        return None
+
+    def expected(self, template: Template, root: str, groups: Mapping[str, str]) -> str:
+        """The absolute path(s) a template names, for error messages."""
+        alternatives = (template,) if isinstance(template, str) else template
+        return " or ".join(str(self.root / (root + alternative.format(**groups))) for alternative in alternatives)
+
+
+def _natural_key(text: str) -> list:
+    """Sort key ordering embedded numbers by value (``im2`` before ``im10``)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _matches(description: DatasetDescription, index: _FileIndex) -> list[tuple[re.Match, Path]]:
+    """The files of ``index`` matching the description's case pattern below any folder."""
+    pattern = re.compile(r"(?P<_root>(?:[^/]+/)*?)" + description.case_pattern, re.IGNORECASE)
+    found = []
+    for key, path in index.files.items():
+        match = pattern.fullmatch(index.logical[key])
+        if match:
+            found.append((match, path))
+    return found
+
+
+def _no_cases_message(description: DatasetDescription, index: _FileIndex) -> str:
+    """Why no case was found, naming the datasets the folder looks like instead."""
+    lookalikes = [other.name for other in DATASETS.values() if other.name != description.name and _matches(other, index)]
+    message = f"no {description.name} images found under {index.root}: expected {description.layout}"
+    if lookalikes:
+        message += f" (the folder looks like {' or '.join(lookalikes)})"
+    return message
+
+
+def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re.Match, anchor: Path) -> Path:
+    """The image of a case: the matched file, the file its annotation names, or the image template's file."""
+    if description.image is None:
+        return anchor
+    groups = _groups(match)
+    if description.image_hint is not None:
+        hint = description.image_hint(anchor)
+        if hint:
+            for candidate in (anchor.parent / hint, anchor.parent / Path(hint).name):
+                if candidate.is_file():
+                    return candidate
+    image = index.resolve(description.image, match["_root"], groups)
+    if image is None:
+        raise DatasetError(
+            f"{description.name}: image of annotation {anchor} not found: expected "
+            f"{index.expected(description.image, match['_root'], groups)}"
+        )
+    return image
+
+
+def _groups(match: re.Match) -> dict[str, str]:
+    """The named groups of a case-pattern match, without the internal root group."""
+    return {name: value for name, value in match.groupdict().items() if name != "_root" and value is not None}
+
+
+def find_cases(description: DatasetDescription, src: str | os.PathLike, annotator: str = "first") -> list[Case]:
+    """Find every case of a dataset below ``src`` with its image, annotation and FOV files.
+
+    Args:
+        description: the dataset's description.
+        src: the folder the dataset was unpacked into (its layout may sit in a subfolder).
+        annotator: ``first``, ``second`` or ``union``: which annotation files must exist.
+
+    Returns:
+        the cases in natural order of their ids.
+
+    Raises:
+        DatasetError: when ``src`` is not a folder, nothing matches the layout, a case id repeats, or a required file
+            is missing.
+    """
+    root = Path(src).expanduser().absolute()
+    if not root.is_dir():
+        raise DatasetError(f"{description.name} folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    index = _FileIndex(root)
+    matches = _matches(description, index)
+    if not matches:
+        raise DatasetError(_no_cases_message(description, index))
+    required = {"first"} | ({"second"} - description.partial_annotators if annotator != "first" else set())
+    cases: dict[str, Case] = {}
+    for match, anchor in matches:
+        groups = _groups(match)
+        case_id = description.case_id.format(**groups)
+        if case_id in cases:
+            raise DatasetError(
+                f"{description.name} image {case_id} found twice: {cases[case_id].image} and {anchor}; "
+                "point --src at one copy of the dataset"
+            )
+        image = _resolve_image(description, index, match, anchor)
+        annotations = {}
+        for name, templates in description.annotations.items():
+            files = [index.resolve(template, match["_root"], groups) for template in templates]
+            if all(files):
+                annotations[name] = tuple(files)
+            elif name in required:
+                missing = next(t for t, f in zip(templates, files) if f is None)
+                raise DatasetError(
+                    f"{description.name}: {name} annotator's annotation of image {image} not found: expected "
+                    f"{index.expected(missing, match['_root'], groups)}"
+                )
+        fov = index.resolve(description.fov, match["_root"], groups) if description.fov else None
+        if description.fov and fov is None and description.fov_required:
+            raise DatasetError(
+                f"{description.name}: FOV mask of image {image} not found: expected "
+                f"{index.expected(description.fov, match['_root'], groups)}"
+            )
+        cases[case_id] = Case(case_id=case_id, image=image, annotations=annotations, fov=fov, groups=groups)
+    return [cases[case_id] for case_id in sorted(cases, key=_natural_key)]
+
+
+def _count(total: int, fraction: float, minimum: int) -> int:
+    """How many of ``total`` items a fraction takes: rounded half up, at least ``minimum``, leaving one behind."""
+    if fraction <= 0 or total < 2:
+        return 0
+    return min(max(int(np.floor(fraction * total + 0.5)), minimum), total - 1)
+
+
+def _seeded_pick(cases: Sequence[Case], count: int, seed_sequence: np.random.SeedSequence) -> set[str]:
+    """Ids of ``count`` cases drawn at random; the cases' natural order makes it independent of file listing order."""
+    order = np.random.default_rng(seed_sequence).permutation(len(cases))
+    return {cases[int(i)].case_id for i in order[:count]}
+
+
+def split_cases(
+    description: DatasetDescription,
+    cases: Sequence[Case],
+    method: str = "auto",
+    seed: int = 0,
+    test_fraction: float | None = None,
+    val_fraction: float = 0.2,
+) -> tuple[dict[str, list[Case]], dict[str, object]]:
+    """Split cases into training, validation and test.
+
+    The test set is the official one (``official``) or a seeded random ``test_fraction`` of all cases (``seeded``);
+    validation is the official one where the dataset has it (REFUGE2), otherwise a seeded random ``val_fraction`` of
+    the training pool, never of the test set. The test draw does not depend on ``val_fraction``.
+
+    Args:
+        description: the dataset's description.
+        cases: the dataset's cases, as returned by :func:`find_cases`.
+        method: ``auto`` (official where the dataset has a split, seeded otherwise), ``official`` or ``seeded``.
+        seed: seed of the random draws.
+        test_fraction: seeded test fraction; None for the dataset's default (SAM2LoRA's: 0.27 or 0.25).
+        val_fraction: fraction of the training pool used for validation, in ``[0, 1)``.
+
+    Returns:
+        the cases per split (natural order), and the split's provenance for the datalist.
+
+    Raises:
+        DatasetError: for an invalid method or fraction, an official split the dataset does not have, or too few
+            cases.
+    """
+    if method not in SPLIT_METHODS:
+        raise DatasetError(f"unknown split method {method!r}: expected one of {', '.join(SPLIT_METHODS)}")
+    rule = description.official_split
+    if method == "auto":
+        method = "official" if rule is not None else "seeded"
+    if not 0 <= val_fraction < 1:
+        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if method == "official" and rule is None:
+        raise DatasetError(f"{description.name} has no official split: use --split seeded")
+    if method == "official" and test_fraction is not None:
+        raise DatasetError(
+            f"--test-fraction applies to seeded splits; {description.name} uses its official split (add --split seeded)"
+        )
+    if test_fraction is None:
+        test_fraction = description.test_fraction if method == "seeded" else None
+    if test_fraction is not None and not 0 < test_fraction < 1:
+        raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    test_seed, validation_seed = np.random.SeedSequence(seed).spawn(2)
+    parts: dict[str, list[Case]] = {name: [] for name in SPLITS}
+    if method == "official":
+        summary = rule.summary
+        if rule.first_training is not None:
+            if len(cases) <= rule.first_training:
+                raise DatasetError(
+                    f"{description.name}'s official split ({summary}) needs more than {rule.first_training} images, "
+                    f"found {len(cases)}; use --split seeded"
+                )
+            parts["training"] = list(cases[: rule.first_training])
+            parts["test"] = list(cases[rule.first_training :])
+        else:
+            for case in cases:
+                parts[rule.parts[case.groups[rule.group].lower()]].append(case)
+    else:
+        summary = f"seeded random split, test fraction {test_fraction}"
+        if len(cases) < 2:
+            raise DatasetError(f"{description.name}: a seeded split needs at least 2 images, found {len(cases)}")
+        test_ids = _seeded_pick(cases, _count(len(cases), test_fraction, minimum=1), test_seed)
+        parts["test"] = [case for case in cases if case.case_id in test_ids]
+        parts["training"] = [case for case in cases if case.case_id not in test_ids]
+    if not parts["training"] or not parts["test"]:
+        empty = "training" if not parts["training"] else "test"
+        raise DatasetError(f"{description.name}: the {empty} set of the {method} split is empty ({summary})")
+    validation_split = "official" if parts["validation"] else "seeded"
+    if validation_split == "seeded":
+        pool = parts["training"]
+        validation_ids = _seeded_pick(pool, _count(len(pool), val_fraction, minimum=1), validation_seed)
+        parts["validation"] = [case for case in pool if case.case_id in validation_ids]
+        parts["training"] = [case for case in pool if case.case_id not in validation_ids]
+    provenance = {
+        "split": method,
+        "split_summary": summary,
+        "validation_split": validation_split,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction if validation_split == "seeded" else None,
+    }
+    return parts, provenance
+
+
+def _used_annotators(case: Case, annotator: str) -> tuple[str, tuple[str, ...]]:
+    """The annotator recorded for a case and the annotators whose masks it uses.
+
+    A case without a second annotation (DRIVE's training images) falls back to the first annotator.
+    """
+    if annotator == "first" or "second" not in case.annotations:
+        return "first", ("first",)
+    if annotator == "second":
+        return "second", ("second",)
+    return "union", ("first", "second")
+
+
+class _CasePreparer:
+    """Decodes and checks one case's files and writes the masks it has to derive."""
+
+    def __init__(self, description: DatasetDescription, annotator: str, derived: Path) -> None:
+        self.description = description
+        self.annotator = annotator
+        self.derived = derived
+
+    def _labels(self, case: Case, used: tuple[str, ...], recorded: str, shape: tuple[int, int]) -> list[Path]:
+        """The label files of a case: the distributed masks where usable as they are, else derived PNGs."""
+        description = self.description
+        if description.decoder is None and len(used) == 1:
+            files = case.annotations[used[0]]
+            # Decoded only to check that they are readable and of the image's size.
+            decode_binary_masks(files, shape)
+            return list(files)
+        decoder = description.decoder or decode_binary_masks
+        per_annotator = [decoder(case.annotations[name], shape) for name in used]
+        paths = []
+        for structure, masks in zip(description.structures, zip(*per_annotator)):
+            for mask in masks:
+                if mask.shape != shape:
+                    raise DatasetError(f"{description.name} {case.case_id}: decoded {structure} mask has shape "
+                                       f"{mask.shape}, its image {case.image} has {shape}")
+            path = self.derived / recorded / structure / f"{case.case_id}.png"
+            write_png(path, np.logical_or.reduce(masks))
+            paths.append(path)
+        return paths
+
+    def _fov(self, case: Case, image: np.ndarray) -> Path:
+        """The distributed FOV mask (checked), or one estimated from the image and written as PNG."""
+        shape = image.shape[:2]
+        if case.fov is not None:
+            fov = read_mask(case.fov)
+            if fov.shape != shape:
+                raise DatasetError(
+                    f"FOV mask {case.fov} is {fov.shape[1]}x{fov.shape[0]} pixels but its image {case.image} is "
+                    f"{shape[1]}x{shape[0]}"
+                )
+            return case.fov
+        path = self.derived / "fov" / f"{case.case_id}.png"
+        write_png(path, estimate_fov(image))
+        return path
+
+    def __call__(self, case: Case) -> dict[str, object]:
+        """The datalist entry of a case."""
+        image = read_image(case.image)
+        recorded, used = _used_annotators(case, self.annotator)
+        labels = [str(path) for path in self._labels(case, used, recorded, image.shape[:2])]
+        return {
+            "image": str(case.image),
+            "label": labels[0] if self.description.task == "vessels" else labels,
+            "fov": str(self._fov(case, image)),
+            "dataset": self.description.name,
+            "case": case.case_id,
+            "annotator": recorded,
+        }
+
+
+def write_json_atomic(path: str | os.PathLike, content: Mapping[str, object]) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``, so that no reader ever sees a
+    half-written file and an existing file survives a failed write.
+
+    Args:
+        path: destination; its folder is created.
+        content: JSON-serialisable mapping.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(content, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def prepare_dataset(
+    name: str,
+    src: str | os.PathLike,
+    output: str | os.PathLike,
+    annotator: str = "first",
+    split: str = "auto",
+    seed: int = 0,
+    test_fraction: float | None = None,
+    val_fraction: float = 0.2,
+    task: str | None = None,
+    folder_name: str = "folder",
+    workers: int | None = None,
+) -> dict[str, object]:
+    """Prepare one dataset: find, split, check and decode its cases, write derived masks and the datalist.
+
+    Derived masks go to ``<output folder>/<dataset>_derived/{fov,<annotator>/<structure>}/<case>.png``; each file
+    is written atomically, so re-running rewrites them safely.
+
+    Args:
+        name: dataset name (:data:`scripts.datasets.DATASETS`, any letter case) or ``folder``.
+        src: the folder the dataset was unpacked into.
+        output: the datalist JSON file to write.
+        annotator: ``first`` (the reference), ``second`` or ``union`` (pixelwise OR of both, as in SAM2LoRA).
+        split: ``auto``, ``official`` or ``seeded`` (see :func:`split_cases`).
+        seed: seed of the random draws.
+        test_fraction: seeded test fraction (None: the dataset's default).
+        val_fraction: validation fraction of the training pool.
+        task: task of a ``folder`` dataset (``vessels`` or ``disc_cup``).
+        folder_name: dataset name recorded for a ``folder`` dataset.
+        workers: threads decoding cases in parallel (None: up to 8, by CPU count).
+
+    Returns:
+        the datalist as written.
+
+    Raises:
+        DatasetError: for a bad argument, folder, layout or annotation (the message names the file or folder).
+        FundusImageError: for an unreadable image or mask.
+    """
+    description = get_description(name, task, folder_name)
+    if annotator not in ANNOTATORS:
+        raise DatasetError(f"unknown annotator {annotator!r}: expected one of {', '.join(ANNOTATORS)}")
+    if annotator != "first" and "second" not in description.annotations:
+        having = ", ".join(known for known, other in DATASETS.items() if "second" in other.annotations)
+        raise DatasetError(
+            f"{description.name} has a single annotator: --annotator {annotator} needs a second one ({having} have it)"
+        )
+    cases = find_cases(description, src, annotator)
+    parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction)
+    note = None
+    if annotator != "first":
+        lacking = [case.case_id for case in cases if "second" not in case.annotations]
+        if len(lacking) == len(cases):
+            raise DatasetError(f"{description.name}: no image under {src} has a second annotation")
+        if lacking:
+            note = (
+                f"{len(lacking)} of {len(cases)} images have no second annotation (e.g. {lacking[0]}) and use the "
+                "first annotator; their entries record annotator 'first'"
+            )
+            logger.warning("%s: %s", description.name, note)
+    output = Path(output).expanduser().absolute()
+    preparer = _CasePreparer(description, annotator, output.parent / f"{description.name}_derived")
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        entries = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
+    datalist: dict[str, object] = {
+        "dataset": description.name,
+        "task": description.task,
+        "structures": list(description.structures),
+        "annotator": annotator,
+        "annotator_note": note,
+        **provenance,
+        "source": str(Path(src).expanduser().absolute()),
+        "numTraining": len(entries["training"]),
+        "numValidation": len(entries["validation"]),
+        "numTest": len(entries["test"]),
+        **entries,
+    }
+    write_json_atomic(output, datalist)
+    return datalist
+
+
+def _read_datalist(path: Path) -> dict[str, object]:
+    """Load a datalist written by :func:`prepare_dataset` or :func:`pool_datalists`, checking its keys."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"datalist {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"cannot read datalist {path}: {error}") from None
+    if not isinstance(content, dict) or content.get("task") not in TASK_STRUCTURES:
+        raise DatasetError(f"{path} is not a prepared datalist: no 'task' key (vessels or disc_cup)")
+    for split_name in SPLITS:
+        entries = content.get(split_name)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "dataset" in e for e in entries):
+            raise DatasetError(f"{path}: '{split_name}' must be a list of entries that each name their 'dataset'")
+    return content
+
+
+def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> dict[str, object]:
+    """Pool prepared datalists of one task into one for cross-dataset training; entries keep their ``dataset``.
+
+    Args:
+        paths: datalists written by :func:`prepare_dataset` (or earlier pools).
+        output: the pooled datalist JSON file to write.
+
+    Returns:
+        the pooled datalist: ``dataset`` ``"pooled"``, ``datasets`` (names), ``task``, ``structures``, ``sources``
+        (each input's provenance and path), the counts and the three lists.
+
+    Raises:
+        DatasetError: when an input is unreadable, tasks differ, or a dataset appears in two inputs.
+    """
+    inputs = [(Path(path).expanduser().absolute(), _read_datalist(Path(path).expanduser())) for path in paths]
+    tasks = {content["task"] for _, content in inputs}
+    if len(tasks) > 1:
+        listing = ", ".join(f"{path} ({content['task']})" for path, content in inputs)
+        raise DatasetError(f"cannot pool datalists of different tasks: {listing}")
+    sources: list[dict[str, object]] = []
+    for path, content in inputs:
+        if "sources" in content:
+            sources.extend(content["sources"])
+        else:
+            provenance = {key: value for key, value in content.items() if key not in SPLITS and not key.startswith("num")}
+            sources.append({**provenance, "datalist": str(path)})
+    names = [str(source["dataset"]) for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"dataset {', '.join(repeated)} appears in more than one of the pooled datalists")
+    (task,) = tasks
+    pooled: dict[str, object] = {
+        "dataset": "pooled",
+        "datasets": names,
+        "task": task,
+        "structures": list(TASK_STRUCTURES[task]),
+        "sources": sources,
+    }
+    lists = {split_name: [entry for _, content in inputs for entry in content[split_name]] for split_name in SPLITS}
+    pooled.update({f"num{split_name.capitalize()}": len(lists[split_name]) for split_name in SPLITS})
+    pooled.update(lists)
+    write_json_atomic(output, pooled)
+    return pooled
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.prepare",
+        description="Write a MONAI datalist (training/validation/test) for a fundus dataset as distributed, "
+        "or pool several datalists.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or folder (images/, masks/, optional fov/)")
+    source.add_argument("--pool", nargs="+", type=Path, metavar="DATALIST", help="datalists to pool (same task)")
+    parser.add_argument("--src", type=Path, help="folder the dataset was unpacked into")
+    parser.add_argument("--output", type=Path, required=True, help="datalist JSON to write")
+    parser.add_argument("--annotator", default="first", help="first (default, the reference), second, or union")
+    parser.add_argument(
+        "--split", default="auto", help="auto (default: official where the dataset has one, else seeded), official, seeded"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
+    parser.add_argument("--test-fraction", type=float, help="test fraction of a seeded split (default: 0.27 or 0.25)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training pool")
+    parser.add_argument("--task", help="folder datasets only: vessels (default) or disc_cup")
+    parser.add_argument("--name", default="folder", help="folder datasets only: the dataset name to record")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; errors are printed as one line, without a traceback.
+
+    Args:
+        argv: arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        the exit status: 0 on success, 1 on a data or argument error.
+    """
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if arguments.pool:
+            datalist = pool_datalists(arguments.pool, arguments.output)
+        else:
+            if arguments.src is None:
+                raise DatasetError("--src is required with --dataset")
+            datalist = prepare_dataset(
+                arguments.dataset,
+                arguments.src,
+                arguments.output,
+                annotator=arguments.annotator,
+                split=arguments.split,
+                seed=arguments.seed,
+                test_fraction=arguments.test_fraction,
+                val_fraction=arguments.val_fraction,
+                task=arguments.task,
+                folder_name=arguments.name,
+            )
+    except (DatasetError, FundusImageError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {arguments.output}: {datalist['dataset']} ({datalist['task']}), {datalist['numTraining']} training, "
+        f"{datalist['numValidation']} validation, {datalist['numTest']} test"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
