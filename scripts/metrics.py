@@ -1,0 +1,655 @@
+"""Evaluation of fundus segmentations: per-image metrics, per-dataset summaries, reports and an ignite handler.
+
+Every metric is computed per image, per channel (``"vessels"``, or ``"disc"`` and ``"cup"``), in two regions:
+
+- ``"fov"``: only the pixels inside the field-of-view mask, the field's convention for DRIVE, CHASE_DB1, STARE...;
+- ``"image"``: every pixel of the image, the convention of the SAM2LoRA paper (no FOV mask).
+
+Mixing the two is the main inconsistency across published vessel results (the dark border outside the FOV is a
+large, easy true negative that inflates accuracy and specificity), so both are always reported side by side.
+
+Predictions are probabilities binarised with ``prob >= threshold`` (as MONAI's ``AsDiscrete(threshold=...)``). The
+metrics, their MONAI implementation and their conventions for degenerate cases (an empty label and/or an empty
+prediction inside the region):
+
+============  =========================================================  ==========================================
+key           computed by                                                degenerate cases
+============  =========================================================  ==========================================
+dice          ``compute_confusion_matrix_metric("f1 score")``            1 when label and prediction are both empty
+iou           ``compute_confusion_matrix_metric("threat score")``        1 when label and prediction are both empty
+auc           rank statistic equal to MONAI's ``compute_roc_auc``     NaN when the label has one class only
+sensitivity   ``compute_confusion_matrix_metric("sensitivity")``         NaN when the label is empty
+specificity   ``compute_confusion_matrix_metric("specificity")``         NaN when the label fills the region
+accuracy      ``compute_confusion_matrix_metric("accuracy")``            always defined
+precision     ``compute_confusion_matrix_metric("precision")``           NaN when the prediction is empty
+mcc           ``compute_confusion_matrix_metric("mcc")``                 NaN when any row or column of the
+                                                                         confusion matrix is empty
+hd95          ``compute_hausdorff_distance(percentile=95)``, pixels      0 when both are empty; NaN when exactly
+                                                                         one is empty (no distance to nothing)
+cldice        here (Shit et al., CVPR 2021), only with ``topology``      1 when both are empty; 0 when one is
+============  =========================================================  ==========================================
+
+The confusion matrix is counted over the region's pixels only (MONAI's ``get_confusion_matrix`` counts every pixel).
+For the FOV region, HD95 compares the prediction and the label cut to the FOV, and clDice intersects the skeletons of
+the whole-image masks with the FOV (skeletonising the cut masks would invent skeleton branches at the FOV border).
+
+Summaries average over images (each image weighs the same) and ignore undefined (NaN) values, reporting how many
+there were: a mean HD95 over the images where it is defined says nothing about images where a structure was missed
+entirely, so read it together with its NaN count.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import decollate_batch
+from monai.metrics import compute_hausdorff_distance
+from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
+from scipy.stats import rankdata
+from skimage.morphology import skeletonize
+
+__all__ = [
+    "REGIONS",
+    "METRICS",
+    "ReportWriteError",
+    "evaluate_case",
+    "summarise",
+    "format_summary_table",
+    "write_reports",
+    "FundusMetricsWriter",
+]
+
+REGIONS = ("fov", "image")
+"""Region names, in report order: inside the field of view, and the whole image."""
+
+METRICS = ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy", "precision", "mcc", "hd95", "cldice")
+"""Metric names, in report order. ``cldice`` is only computed with ``topology=True``."""
+
+IDENTITY_COLUMNS = ("filename", "dataset")
+"""Record fields that identify an image rather than measure it; every other ``a/b/c`` field is a metric."""
+
+UNKNOWN_DATASET = "unknown"
+
+# Our metric names mapped to MONAI's confusion-matrix metric names.
+_CONFUSION_MATRIX_METRICS = {
+    "dice": "f1 score",
+    "iou": "threat score",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "accuracy": "accuracy",
+    "precision": "precision",
+    "mcc": "matthews correlation coefficient",
+}
+
+logger = logging.getLogger(__name__)
+
+
+class ReportWriteError(OSError):
+    """The evaluation reports cannot be written into the requested output folder."""
+
+
+def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view of an array or a (possibly CUDA, possibly MetaTensor) tensor."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _channel_first(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` as ``(C, H, W)``; a single ``(H, W)`` plane becomes one channel."""
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be (C, H, W) or (H, W), got shape {array.shape}")
+    return array
+
+
+def _as_binary(array: np.ndarray, name: str) -> np.ndarray:
+    """A 0/1 (or bool) mask as bool; any other value is an error rather than silently thresholded."""
+    if array.dtype == np.bool_:
+        return array
+    if not np.all((array == 0) | (array == 1)):
+        found = np.unique(array)[:6].tolist()
+        raise ValueError(f"{name} must hold only 0 and 1 (or bool), found values {found}")
+    return array.astype(bool)
+
+
+def _confusion_matrix(pred: np.ndarray, label: np.ndarray, region: np.ndarray | None) -> torch.Tensor:
+    """Per-channel ``[tp, fp, tn, fn]`` counted over the region's pixels, as MONAI's ``(C, 4)`` float64 layout.
+
+    Args:
+        pred: ``(C, H, W)`` bool prediction.
+        label: ``(C, H, W)`` bool label.
+        region: ``(H, W)`` bool region, or None for every pixel.
+
+    Returns:
+        ``(C, 4)`` float64 tensor of pixel counts.
+    """
+    if region is not None:
+        pred = pred[:, region]
+        label = label[:, region]
+    pixels = pred.reshape(pred.shape[0], -1).shape[1]
+    axes = tuple(range(1, pred.ndim))
+    tp = np.count_nonzero(pred & label, axis=axes)
+    fp = np.count_nonzero(pred, axis=axes) - tp
+    fn = np.count_nonzero(label, axis=axes) - tp
+    tn = pixels - tp - fp - fn
+    return torch.from_numpy(np.stack([tp, fp, tn, fn], axis=-1).astype(np.float64))
+
+
+def _roc_auc(prob: np.ndarray, label: np.ndarray) -> float:
+    """Exact ROC AUC of one channel's probabilities against its label; NaN when the label has a single class.
+
+    The value is the Mann-Whitney statistic (ties count one half), exactly what MONAI's ``compute_roc_auc`` returns,
+    but computed from one vectorised ranking: MONAI's implementation walks the sorted pixels in a Python loop, about
+    0.25 s per DRIVE image and region and 13 times that for a 2048 x 2048 FIVES image, which would dominate every
+    validation run. ``tests/test_metrics.py`` checks both agree.
+    """
+    positives = int(np.count_nonzero(label))
+    negatives = label.size - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    ranks = rankdata(prob)  # average ranks of tied values, as the tie rule requires
+    positive_rank_sum = float(ranks[label].sum(dtype=np.float64))
+    return (positive_rank_sum - positives * (positives + 1) / 2.0) / (float(positives) * float(negatives))
+
+
+def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in pixels between two ``(H, W)`` bool masks."""
+    pred_empty, label_empty = not pred.any(), not label.any()
+    if pred_empty and label_empty:
+        return 0.0
+    if pred_empty or label_empty:
+        return math.nan
+    with warnings.catch_warnings():
+        # MONAI 1.6 passes a deprecated argument to itself internally; nothing for a caller to fix.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            torch.from_numpy(pred[None, None]),
+            torch.from_numpy(label[None, None]),
+            include_background=True,
+            percentile=95,
+        )
+    return float(distance.item())
+
+
+def _cldice(
+    pred: np.ndarray,
+    label: np.ndarray,
+    pred_skeleton: np.ndarray,
+    label_skeleton: np.ndarray,
+    region: np.ndarray | None,
+) -> float:
+    """Centerline Dice (Shit et al., CVPR 2021) of one channel, restricted to a region.
+
+    Topology precision is the fraction of the prediction's skeleton lying on the label, topology sensitivity the
+    fraction of the label's skeleton covered by the prediction; clDice is their harmonic mean.
+
+    Args:
+        pred: ``(H, W)`` bool prediction.
+        label: ``(H, W)`` bool label.
+        pred_skeleton: skeleton of the whole-image ``pred``.
+        label_skeleton: skeleton of the whole-image ``label``.
+        region: ``(H, W)`` bool region, or None for every pixel.
+
+    Returns:
+        clDice in ``[0, 1]``: 1 when neither skeleton reaches into the region, 0 when only one does.
+    """
+    if region is not None:
+        pred_skeleton = pred_skeleton & region
+        label_skeleton = label_skeleton & region
+    pred_length = np.count_nonzero(pred_skeleton)
+    label_length = np.count_nonzero(label_skeleton)
+    if pred_length == 0 and label_length == 0:
+        return 1.0
+    if pred_length == 0 or label_length == 0:
+        return 0.0
+    topology_precision = np.count_nonzero(pred_skeleton & label) / pred_length
+    topology_sensitivity = np.count_nonzero(label_skeleton & pred) / label_length
+    if topology_precision + topology_sensitivity == 0:
+        return 0.0
+    return float(2.0 * topology_precision * topology_sensitivity / (topology_precision + topology_sensitivity))
+
+
+def evaluate_case(
+    prob: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
+    fov: np.ndarray | torch.Tensor | None = None,
+    channel_names: Sequence[str] = ("vessels",),
+    threshold: float = 0.5,
+    topology: bool = True,
+) -> dict[str, float]:
+    """Compute every metric of one image, per channel, inside the FOV and over the whole image.
+
+    Args:
+        prob: ``(C, H, W)`` (or ``(H, W)``) foreground probabilities in ``[0, 1]``, e.g. after a sigmoid.
+        label: ``(C, H, W)`` (or ``(H, W)``) reference masks holding 0 and 1 (or bool).
+        fov: ``(1, H, W)`` or ``(H, W)`` field-of-view mask holding 0 and 1 (or bool); None when the dataset has
+            none, in which case only the whole-image region is reported.
+        channel_names: one name per channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``; they prefix the keys.
+        threshold: probabilities ``>= threshold`` are foreground.
+        topology: also compute clDice (meant for vessels; it costs a skeletonisation per channel).
+
+    Returns:
+        flat record ``{"<channel>/<region>/<metric>": value}`` of Python floats, regions and metrics in the order of
+        :data:`REGIONS` and :data:`METRICS`; undefined values are NaN (see the module docstring).
+
+    Raises:
+        ValueError: on mismatched shapes, probabilities outside ``[0, 1]`` or non-finite, non-binary masks, an
+            empty FOV, or channel names that are not one unique, ``/``-free name per channel.
+    """
+    prob_array = _channel_first(_to_numpy(prob), "prob").astype(np.float64, copy=False)
+    label_mask = _as_binary(_channel_first(_to_numpy(label), "label"), "label")
+    if prob_array.shape != label_mask.shape:
+        raise ValueError(f"prob and label shapes differ: {prob_array.shape} and {label_mask.shape}")
+    if not np.all(np.isfinite(prob_array)):
+        raise ValueError("prob must hold probabilities in [0, 1], found NaN or infinite values")
+    if prob_array.min() < 0.0 or prob_array.max() > 1.0:
+        raise ValueError(
+            "prob must hold probabilities in [0, 1] (apply the sigmoid first), "
+            f"found range [{prob_array.min()}, {prob_array.max()}]"
+        )
+    names = list(channel_names)
+    if len(names) != prob_array.shape[0] or len(set(names)) != len(names) or any("/" in n or not n for n in names):
+        raise ValueError(
+            f"channel_names must give one unique, non-empty name without '/' per channel "
+            f"({prob_array.shape[0]} channels), got {names}"
+        )
+
+    regions: dict[str, np.ndarray | None] = {}
+    if fov is not None:
+        fov_array = _to_numpy(fov)
+        if fov_array.ndim == 3 and fov_array.shape[0] == 1:
+            fov_array = fov_array[0]
+        fov_mask = _as_binary(fov_array, "fov")
+        if fov_mask.shape != prob_array.shape[1:]:
+            raise ValueError(f"fov shape {fov_mask.shape} does not match the image size {prob_array.shape[1:]}")
+        if not fov_mask.any():
+            raise ValueError("fov mask is empty: no pixel to evaluate inside the field of view")
+        regions["fov"] = fov_mask
+    regions["image"] = None
+
+    pred_mask = prob_array >= threshold
+    if topology:
+        pred_skeletons = [skeletonize(channel) for channel in pred_mask]
+        label_skeletons = [skeletonize(channel) for channel in label_mask]
+
+    record: dict[str, float] = {}
+    for region_name, region in regions.items():
+        counts = _confusion_matrix(pred_mask, label_mask, region)
+        from_counts = {
+            metric: compute_confusion_matrix_metric(monai_name, counts)
+            for metric, monai_name in _CONFUSION_MATRIX_METRICS.items()
+        }
+        for channel, name in enumerate(names):
+            pred_c, label_c = pred_mask[channel], label_mask[channel]
+            values = {metric: float(per_channel[channel]) for metric, per_channel in from_counts.items()}
+            tp, fp, _, fn = counts[channel].tolist()
+            if tp + fp + fn == 0:
+                # Nothing to find and nothing found: perfect overlap, where MONAI's ratio would be 0/0.
+                values["dice"] = values["iou"] = 1.0
+            if region is None:
+                values["auc"] = _roc_auc(prob_array[channel].ravel(), label_c.ravel())
+                values["hd95"] = _hd95(pred_c, label_c)
+            else:
+                values["auc"] = _roc_auc(prob_array[channel][region], label_c[region])
+                values["hd95"] = _hd95(pred_c & region, label_c & region)
+            if topology:
+                values["cldice"] = _cldice(pred_c, label_c, pred_skeletons[channel], label_skeletons[channel], region)
+            for metric in METRICS:
+                if metric in values:
+                    record[f"{name}/{region_name}/{metric}"] = values[metric]
+    return _ordered(record, names, list(regions))
+
+
+def _ordered(
+    record: Mapping[str, float], channel_names: Sequence[str], region_names: Sequence[str]
+) -> dict[str, float]:
+    """The record's keys ordered by channel, then region (as :data:`REGIONS`), then metric (as :data:`METRICS`)."""
+    ordered_regions = [r for r in REGIONS if r in region_names]
+    keys = [f"{c}/{r}/{m}" for c in channel_names for r in ordered_regions for m in METRICS]
+    return {key: record[key] for key in keys if key in record}
+
+
+def _metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Metric keys (``channel/region/metric``) of all records, in first-seen order."""
+    keys: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            if key not in IDENTITY_COLUMNS and key.count("/") == 2:
+                keys.setdefault(key)
+    return list(keys)
+
+
+def _describe(values: list[float]) -> dict[str, float | int]:
+    """Mean and population standard deviation of the finite values, with counts of used and undefined values."""
+    array = np.asarray(values, dtype=np.float64)
+    finite = array[np.isfinite(array)]
+    return {
+        "mean": float(finite.mean()) if finite.size else math.nan,
+        "std": float(finite.std()) if finite.size else math.nan,
+        "n": int(finite.size),
+        "nan": int(array.size - finite.size),
+    }
+
+
+def _summarise_group(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    metrics = {}
+    for key in keys:
+        values = [float(record[key]) for record in records if key in record]
+        if values:
+            metrics[key] = _describe(values)
+    return {"images": len(records), "metrics": metrics}
+
+
+def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Average per-image records per dataset and over all images.
+
+    Args:
+        records: records from :func:`evaluate_case`, each optionally with ``"dataset"`` (missing: ``"unknown"``) and
+            ``"filename"``.
+
+    Returns:
+        ``{"all": group, "datasets": {name: group}}`` where each group is ``{"images": count, "metrics": {key:
+        {"mean", "std", "n", "nan"}}}``: mean and population standard deviation over the images where the value is
+        defined (``n`` of them), ``nan`` counting the images where it is not. ``"all"`` pools the images of every
+        dataset (each image weighs the same, so larger datasets weigh more). A metric missing from a record (e.g.
+        FOV metrics for a dataset without FOV masks) is not counted at all.
+    """
+    keys = _metric_keys(records)
+    by_dataset: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_dataset.setdefault(str(record.get("dataset", UNKNOWN_DATASET)), []).append(record)
+    return {
+        "all": _summarise_group(records, keys),
+        "datasets": {name: _summarise_group(group, keys) for name, group in sorted(by_dataset.items())},
+    }
+
+
+def _format_statistic(statistic: Mapping[str, float | int] | None) -> str:
+    if statistic is None or not statistic["n"]:
+        return "-"
+    return f"{statistic['mean']:.4f}±{statistic['std']:.4f}"
+
+
+def format_summary_table(summary: Mapping[str, Any]) -> str:
+    """A fixed-width text table of a summary, for logs: one row per dataset, channel and region, mean±std per metric.
+
+    Undefined values that were left out of a mean are listed below the table.
+
+    Args:
+        summary: output of :func:`summarise`.
+
+    Returns:
+        the table as one multi-line string.
+    """
+    groups = [(name, group) for name, group in summary["datasets"].items()]
+    if len(groups) != 1:
+        groups.append(("all", summary["all"]))
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for group_name, group in groups:
+        metrics = group["metrics"]
+        prefixes = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in metrics))
+        for prefix in prefixes:
+            channel, region = prefix.split("/")
+            cells = [_format_statistic(metrics.get(f"{prefix}/{metric}")) for metric in METRICS]
+            rows.append((group_name, channel, region, str(group["images"]), *cells))
+        for key, statistic in metrics.items():
+            if statistic["nan"]:
+                notes.append(f"{group_name} {key}: {statistic['nan']} of {statistic['n'] + statistic['nan']} undefined")
+    header = ("dataset", "channel", "region", "images", *METRICS)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    if notes:
+        lines.append("undefined values (left out of the means): " + "; ".join(notes))
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None (strict JSON has no NaN), and paths and numpy scalars as plain types."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for row in rows:
+        writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in row])
+    return buffer.getvalue()
+
+
+def write_reports(
+    records: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    prefix: str = "metrics",
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the per-image CSV, the summary JSON and the summary CSV, each atomically.
+
+    Args:
+        records: per-image records (metrics plus ``"filename"`` and ``"dataset"``), one CSV row each.
+        summary: output of :func:`summarise`.
+        output_dir: destination folder, created when missing.
+        prefix: file name prefix.
+        metadata: extra JSON-serialisable information (e.g. the parameters that produced the predictions), stored
+            under ``"metadata"`` in the summary JSON.
+
+    Returns:
+        ``{"per_image_csv": path, "summary_json": path, "summary_csv": path}``.
+
+    Raises:
+        ReportWriteError: when ``output_dir`` cannot be created or written; the message names the folder.
+    """
+    folder = Path(output_dir)
+    keys = _metric_keys(records)
+    per_image = [list(IDENTITY_COLUMNS) + keys]
+    for record in records:
+        per_image.append([record.get(c, "") for c in IDENTITY_COLUMNS] + [record.get(k, "") for k in keys])
+    summary_rows: list[list[Any]] = [["dataset", "channel", "region", "metric", "mean", "std", "n", "nan"]]
+    for group_name, group in [*summary["datasets"].items(), ("all", summary["all"])]:
+        for key, statistic in group["metrics"].items():
+            summary_rows.append([group_name, *key.split("/"), *(statistic[s] for s in ("mean", "std", "n", "nan"))])
+    document = {"summary": summary, "metadata": dict(metadata or {})}
+    paths = {
+        "per_image_csv": folder / f"{prefix}_per_image.csv",
+        "summary_json": folder / f"{prefix}_summary.json",
+        "summary_csv": folder / f"{prefix}_summary.csv",
+    }
+    texts = {
+        "per_image_csv": _csv_text(per_image),
+        "summary_json": json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n",
+        "summary_csv": _csv_text(summary_rows),
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, path in paths.items():
+            _write_atomic(path, texts[name])
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ReportWriteError(f"cannot write evaluation reports into folder {folder}: {reason}") from error
+    return paths
+
+
+class FundusMetricsWriter:
+    """Ignite handler evaluating every image of an evaluation run and writing the reports at the end of the epoch.
+
+    At ``ITERATION_COMPLETED`` it reads ``engine.state.output``: a MONAI evaluator decollates it into a list of
+    per-image dicts (a single batched dict is decollated here) holding the probabilities under ``pred_key``, already
+    inverted to the original image size, and the label under ``label_key``. The FOV mask and the dataset name are
+    looked up in the output item first, then in the matching ``engine.state.batch`` item (MONAI keeps the input
+    keys there); without a FOV only whole-image metrics are computed, without a dataset it is ``"unknown"``. The file
+    name comes from the ``filename_or_obj`` meta data of the prediction, of the image, or of
+    ``"<image_key>_meta_dict"``, else a running ``case_NNNN`` name.
+
+    At ``EPOCH_COMPLETED`` it summarises, writes the reports into ``output_dir`` (overwriting the previous epoch's,
+    atomically), logs the summary table, and publishes every overall mean in ``engine.state.metrics`` under
+    ``metric_name_format`` (default ``"{channel}_{region}_{metric}"``, e.g. ``vessels_fov_dice``) so that handlers
+    attached after this one (checkpoint saver, MLflow) can use them. Undefined means are published as NaN.
+
+    Each process only sees its own images: in distributed evaluation attach it to a single-process evaluator.
+
+    Args:
+        output_dir: folder for the reports.
+        channel_names: one name per prediction channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
+        threshold: probabilities ``>= threshold`` are foreground.
+        topology: also compute clDice.
+        pred_key: output key of the probabilities.
+        label_key: output key of the label.
+        fov_key: key of the FOV mask.
+        dataset_key: key of the dataset name.
+        image_key: key of the input image, whose meta data names the file.
+        metric_name_format: ``str.format`` pattern with ``{channel}``, ``{region}`` and ``{metric}`` fields for the
+            ``engine.state.metrics`` keys; it must keep them distinct (``"{region}_{metric}"`` suits one channel).
+        prefix: report file name prefix.
+        metadata: extra information stored in the summary JSON.
+
+    Attributes:
+        records: the current epoch's per-image records.
+        summary: the last summary (None before the first epoch ends).
+        paths: the last written report files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str],
+        threshold: float = 0.5,
+        topology: bool = True,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        fov_key: str = "fov",
+        dataset_key: str = "dataset",
+        image_key: str = "image",
+        metric_name_format: str = "{channel}_{region}_{metric}",
+        prefix: str = "metrics",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.channel_names = list(channel_names)
+        self.threshold = threshold
+        self.topology = topology
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.fov_key = fov_key
+        self.dataset_key = dataset_key
+        self.image_key = image_key
+        self.metric_name_format = metric_name_format
+        self.prefix = prefix
+        self.metadata = dict(metadata or {})
+        names = [
+            metric_name_format.format(channel=c, region=r, metric=m)
+            for c in self.channel_names
+            for r in REGIONS
+            for m in METRICS
+        ]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric_name_format {metric_name_format!r} gives the same name to different metrics")
+        self.records: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+        self.paths: dict[str, Path] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Register the handler's callbacks on ``engine``.
+
+        Args:
+            engine: the evaluator.
+        """
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
+
+    def _reset(self, engine: Engine) -> None:
+        self.records = []
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output
+        if isinstance(outputs, Mapping):
+            outputs = decollate_batch(outputs)
+        batch = engine.state.batch
+        inputs = batch if isinstance(batch, list) and len(batch) == len(outputs) else [None] * len(outputs)
+        for output, item in zip(outputs, inputs):
+            self.records.append(self._evaluate(output, item if isinstance(item, Mapping) else {}))
+
+    def _lookup(self, output: Mapping[str, Any], item: Mapping[str, Any], key: str) -> Any:
+        """``key`` from the output item, else from the input item, else None."""
+        if key in output:
+            return output[key]
+        return item.get(key)
+
+    def _filename(self, output: Mapping[str, Any], item: Mapping[str, Any]) -> str:
+        for key in (self.pred_key, self.image_key):
+            meta = getattr(self._lookup(output, item, key), "meta", None)
+            if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
+                return str(meta["filename_or_obj"])
+        meta_dict = self._lookup(output, item, f"{self.image_key}_meta_dict")
+        if isinstance(meta_dict, Mapping) and meta_dict.get("filename_or_obj"):
+            return str(meta_dict["filename_or_obj"])
+        return f"case_{len(self.records):04d}"
+
+    def _evaluate(self, output: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
+        for key in (self.pred_key, self.label_key):
+            if key not in output:
+                raise KeyError(f"FundusMetricsWriter: engine output has no {key!r} (keys: {sorted(output)})")
+        dataset = self._lookup(output, item, self.dataset_key)
+        if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
+            dataset = dataset[0]
+        metrics = evaluate_case(
+            output[self.pred_key],
+            output[self.label_key],
+            fov=self._lookup(output, item, self.fov_key),
+            channel_names=self.channel_names,
+            threshold=self.threshold,
+            topology=self.topology,
+        )
+        return {
+            "filename": self._filename(output, item),
+            "dataset": str(dataset) if dataset is not None else UNKNOWN_DATASET,
+            **metrics,
+        }
+
+    def _finish(self, engine: Engine) -> None:
+        self.summary = summarise(self.records)
+        self.paths = write_reports(self.records, self.summary, self.output_dir, self.prefix, self.metadata)
+        logger.info("evaluation of %d images:\n%s", len(self.records), format_summary_table(self.summary))
+        for key, statistic in self.summary["all"]["metrics"].items():
+            channel, region, metric = key.split("/")
+            name = self.metric_name_format.format(channel=channel, region=region, metric=metric)
+            engine.state.metrics[name] = statistic["mean"]
