@@ -39,6 +39,9 @@ class CompositeLoss(nn.Module):
         tversky_gamma: focal exponent: the Tversky term is ``(1 - TI) ** gamma``.
         tversky_smooth: Tversky smoothing, added to numerator and denominator.
         iou_weight: weight of the IoU-prediction term; used when ``iou_predictions`` are passed.
+        iou_source: a network with a ``latest_iou_predictions`` attribute (:class:`scripts.network.SAM2LoRA`)
+            to take the IoU predictions from when the caller passes none, as ignite trainers call
+            ``loss(prediction, target)`` with the logits alone.
     """
 
     def __init__(
@@ -52,8 +55,11 @@ class CompositeLoss(nn.Module):
         tversky_gamma: float = 0.75,
         tversky_smooth: float = 1.0,
         iou_weight: float = 0.1,
+        iou_source: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        # Kept out of the module tree: the network's parameters must not become the loss's.
+        self._iou_source = [iou_source] if iou_source is not None else []
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.tversky_weight = tversky_weight
@@ -104,11 +110,16 @@ class CompositeLoss(nn.Module):
         Args:
             logits: (B, C, H, W) mask logits.
             target: (B, C, H, W) binary masks.
-            iou_predictions: (B, C) the network's predicted IoU; adds the IoU term when given.
+            iou_predictions: (B, C) the network's predicted IoU; adds the IoU term when given. Defaults to
+                the ``iou_source`` network's predictions for these logits.
 
         Returns:
             The scalar loss.
         """
+        if iou_predictions is None and self._iou_source and self.iou_weight:
+            iou_predictions = self._iou_source[0].latest_iou_predictions
+            if iou_predictions is None or iou_predictions.shape != logits.shape[:2]:
+                raise RuntimeError("iou_source holds no IoU predictions for these logits: run the network first.")
         terms = self.terms(logits, target, iou_predictions)
         weights = {
             "bce": self.bce_weight,

@@ -40,7 +40,9 @@ class SegmentationOutput(NamedTuple):
 class SAM2LoRA(nn.Module):
     """SAM 2 (Hiera image encoder, prompt encoder and mask decoder from the sam2 package) with LoRA adapters.
 
-    Only the adapters train; every SAM 2 weight is frozen. With no prompts the network segments automatically
+    Only the adapters train; every SAM 2 weight is frozen. ``forward`` returns a plain logits tensor, as MONAI
+    inferers and ignite engines expect; the IoU predictions of the last forward pass stay available as
+    :attr:`latest_iou_predictions` for the loss's IoU term (see :class:`scripts.losses.CompositeLoss`). With no prompts the network segments automatically
     (SAM 2's own prompt-free input: a single padding point); points and boxes may be given per image.
     Output channel ``i`` is read from SAM's mask token ``i`` (token 0 is SAM's single-mask output), so ``C`` is
     at most 4: ``C = 1`` for vessels or optic disc, ``C = 2`` for optic disc and cup as two sigmoid channels.
@@ -108,6 +110,7 @@ class SAM2LoRA(nn.Module):
                 size.name,
             )
         self.sam2.requires_grad_(False)
+        self.latest_iou_predictions: torch.Tensor | None = None
         self.adapted_layers = inject_lora(self.sam2, self.lora_targets, lora_rank, self.lora_alpha, lora_dropout)
         if adapter_checkpoint is not None:
             self.load_adapters(adapter_checkpoint)
@@ -137,7 +140,9 @@ class SAM2LoRA(nn.Module):
         boxes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mask logits (B, C, H, W) at the size of ``images``; see :meth:`predict` for the arguments."""
-        return self.predict(images, point_coords, point_labels, boxes).logits
+        output = self.predict(images, point_coords, point_labels, boxes)
+        self.latest_iou_predictions = output.iou_predictions
+        return output.logits
 
     def predict(
         self,

@@ -103,3 +103,19 @@ def test_iou_term():
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match=r"logits \(1, 1, 4, 4\) and target \(1, 2, 4, 4\)"):
         CompositeLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))
+
+
+def test_iou_predictions_come_from_the_network_for_ignite_style_calls():
+    from scripts.network import SAM2LoRA
+
+    torch.manual_seed(0)
+    network = SAM2LoRA("tiny", random_init=True, image_size=64).train()
+    target = (torch.rand(2, 1, 64, 64) > 0.7).float()
+    logits = network(torch.randn(2, 3, 64, 64))
+    explicit = CompositeLoss()(logits, target, iou_predictions=network.latest_iou_predictions)
+    implicit = CompositeLoss(iou_source=network)(logits, target)
+    assert implicit.item() == pytest.approx(explicit.item())
+    assert implicit.item() > CompositeLoss()(logits, target).item()
+    implicit.backward()  # the IoU head's input depends on the decoder adapters: gradients reach them
+    assert any(p.grad is not None for n, p in network.named_parameters() if "sam_mask_decoder" in n)
+    assert not list(CompositeLoss(iou_source=network).parameters())
