@@ -176,7 +176,7 @@ def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re
         if hint:
             for candidate in (anchor.parent / hint, anchor.parent / Path(hint).name):
                 if candidate.is_file():
-                    return candidate
+                    return Path(os.path.normpath(candidate))
     image = index.resolve(description.image, match["_root"], groups)
     if image is None:
         raise DatasetError(
@@ -253,7 +253,7 @@ def _count(total: int, fraction: float, minimum: int) -> int:
 
 
 def _seeded_pick(cases: Sequence[Case], count: int, seed_sequence: np.random.SeedSequence) -> set[str]:
-    """Ids of ``count`` cases drawn at random; the cases' natural order makes it independent of file listing order."""
+    """Ids of ``count`` cases drawn at random from ``cases`` (in natural order)."""
     order = np.random.default_rng(seed_sequence).permutation(len(cases))
     return {cases[int(i)].case_id for i in order[:count]}
 
@@ -304,6 +304,8 @@ def split_cases(
         test_fraction = description.test_fraction if method == "seeded" else None
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    # Natural order of ids, so that the draws depend on the seed only, not on how the files were listed.
+    cases = sorted(cases, key=lambda case: _natural_key(case.case_id))
     test_seed, validation_seed = np.random.SeedSequence(seed).spawn(2)
     parts: dict[str, list[Case]] = {name: [] for name in SPLITS}
     if method == "official":

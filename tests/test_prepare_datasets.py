@@ -1,0 +1,520 @@
+"""Preparers of every dataset on miniature trees in their distributed layouts, with bad inputs, splits and pooling."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from monai.data import load_decathlon_datalist
+from PIL import Image
+
+from scripts.datasets import DatasetError, get_description
+from scripts.fundus_io import FundusImageError, read_mask
+from scripts.prepare import find_cases, pool_datalists, prepare_dataset, split_cases
+
+# Non-square so that a width/height mix-up shows.
+HEIGHT, WIDTH = 48, 64
+
+
+def _photo(seed: int) -> np.ndarray:
+    """A fundus-like photo: a bright elliptic retina with noise inside a black border."""
+    rows, cols = np.mgrid[0:HEIGHT, 0:WIDTH]
+    inside = ((cols - WIDTH / 2 + 0.5) / (0.46 * WIDTH)) ** 2 + ((rows - HEIGHT / 2 + 0.5) / (0.46 * HEIGHT)) ** 2 <= 1
+    noise = np.random.default_rng(seed).integers(0, 30, (HEIGHT, WIDTH, 3))
+    photo = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    photo[inside] = (np.array([190, 80, 30]) + noise[inside]).astype(np.uint8)
+    return photo
+
+
+def _random_mask(seed: int, shape: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """A random binary mask, different per seed."""
+    return np.random.default_rng(seed).random(shape) < 0.2
+
+
+def _save(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Save an array (bool saved 0/255) with PIL, in the format of the file's suffix, optionally gzipped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
+    if gz:
+        buffer = io.BytesIO()
+        image.save(buffer, format=Image.registered_extensions()[Path(path.name[:-3]).suffix.lower()])
+        path.write_bytes(gzip.compress(buffer.getvalue()))
+    else:
+        image.save(path, format=Image.registered_extensions()[path.suffix.lower()])
+    return path
+
+
+def _rectangle(left: float, top: float, right: float, bottom: float) -> list[list[float]]:
+    """Polygon points (x, y) of an axis-aligned rectangle."""
+    return [[left, top], [right, top], [right, bottom], [left, bottom]]
+
+
+def _box_mask(left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    """The pixels whose centres lie inside a rectangle, edges included."""
+    mask = np.zeros((HEIGHT, WIDTH), bool)
+    mask[top : bottom + 1, left : right + 1] = True
+    return mask
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _entries(datalist: dict) -> list[dict]:
+    return datalist["training"] + datalist["validation"] + datalist["test"]
+
+
+# --------------------------------------------------------------------------------------------- miniature trees
+
+
+def _make_drive(root: Path, train_ids=(21, 22, 23, 24, 25), test_ids=(1, 2, 3)) -> Path:
+    for part, ids in (("training", train_ids), ("test", test_ids)):
+        for number in ids:
+            _save(root / part / "images" / f"{number:02d}_{part}.tif", _photo(number))
+            _save(root / part / "1st_manual" / f"{number:02d}_manual1.gif", _random_mask(number))
+            _save(root / part / "mask" / f"{number:02d}_{part}_mask.gif", np.ones((HEIGHT, WIDTH), bool))
+            if part == "test":
+                _save(root / part / "2nd_manual" / f"{number:02d}_manual2.gif", _random_mask(100 + number))
+    return root
+
+
+def _make_chase(root: Path, count: int = 28) -> Path:
+    for index in range(count):
+        stem = f"{index // 2 + 1:02d}{'LR'[index % 2]}"
+        _save(root / f"Image_{stem}.jpg", _photo(index))
+        _save(root / f"Image_{stem}_1stHO.png", _random_mask(index))
+        _save(root / f"Image_{stem}_2ndHO.png", _random_mask(1000 + index))
+    return root
+
+
+@pytest.fixture
+def drive_tree(tmp_path: Path) -> Path:
+    return _make_drive(tmp_path / "src")
+
+
+@pytest.fixture
+def chase_tree(tmp_path: Path) -> Path:
+    return _make_chase(tmp_path / "chase")
+
+
+# --------------------------------------------------------------------------------------------- vessel datasets
+
+
+def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> None:
+    _make_drive(tmp_path / "src" / "DRIVE")
+    datalist = prepare_dataset("drive", tmp_path / "src", tmp_path / "out" / "drive.json")
+    assert datalist["dataset"] == "DRIVE" and datalist["split"] == "official"
+    assert [e["case"] for e in datalist["test"]] == ["01", "02", "03"]
+    assert sorted(e["case"] for e in datalist["training"] + datalist["validation"]) == ["21", "22", "23", "24", "25"]
+    assert datalist["numValidation"] == 1  # round(0.2 * 5)
+    for entry in _entries(datalist):
+        assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif")
+        assert entry["label"].endswith("_manual1.gif") and Path(entry["label"]).is_file()
+    assert not (tmp_path / "out" / "DRIVE_derived").exists()  # everything distributed is used as it is
+
+
+def test_drive_union_falls_back_to_first_on_training(drive_tree: Path, tmp_path: Path) -> None:
+    datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "out" / "drive.json", annotator="union")
+    assert "3 of 8" not in (datalist["annotator_note"] or "") and "5 of 8" in datalist["annotator_note"]
+    for entry in datalist["training"] + datalist["validation"]:
+        assert entry["annotator"] == "first" and entry["label"].endswith("_manual1.gif")
+    for entry in datalist["test"]:
+        number = int(entry["case"])
+        assert entry["annotator"] == "union"
+        assert Path(entry["label"]) == tmp_path / "out" / "DRIVE_derived" / "union" / "vessels" / f"{entry['case']}.png"
+        np.testing.assert_array_equal(read_mask(entry["label"]) > 0, _random_mask(number) | _random_mask(100 + number))
+
+
+def test_drive_second_annotator(drive_tree: Path, tmp_path: Path) -> None:
+    datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "drive.json", annotator="second")
+    assert {e["annotator"] for e in datalist["test"]} == {"second"}
+    assert all(e["label"].endswith("_manual2.gif") for e in datalist["test"])
+
+
+def test_chase_official_is_first_20_and_second_annotator(chase_tree: Path, tmp_path: Path) -> None:
+    datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "chase.json", annotator="second", val_fraction=0)
+    assert datalist["split"] == "official" and datalist["numValidation"] == 0
+    assert [e["case"] for e in datalist["test"]] == [f"Image_{n}{s}" for n in range(11, 15) for s in "LR"]
+    assert len(datalist["training"]) == 20 and all(e["label"].endswith("_2ndHO.png") for e in datalist["training"])
+    fov = read_mask(datalist["test"][0]["fov"]) > 0  # estimated: CHASE_DB1 has no FOV masks
+    assert fov.shape == (HEIGHT, WIDTH) and fov[HEIGHT // 2, WIDTH // 2] and not fov[0, 0]
+
+
+def test_chase_seeded_split_uses_paper_fraction(chase_tree: Path, tmp_path: Path) -> None:
+    datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "chase.json", split="seeded", seed=3)
+    assert datalist["split"] == "seeded" and datalist["test_fraction"] == 0.27
+    assert datalist["numTest"] == round(0.27 * 28)
+    assert datalist["numValidation"] == round(0.2 * (28 - datalist["numTest"]))
+
+
+def test_stare_gzipped_anchored_on_labels(tmp_path: Path) -> None:
+    src = tmp_path / "stare"
+    for number in range(1, 9):
+        _save(src / "stare-images" / f"im{number:04d}.ppm.gz", _photo(number), gz=True)
+    for number in range(1, 5):  # only some images of the archive are annotated
+        _save(src / "labels-ah" / f"im{number:04d}.ah.ppm.gz", _random_mask(number), gz=True)
+        _save(src / "labels-vk" / f"im{number:04d}.vk.ppm.gz", _random_mask(50 + number), gz=True)
+    datalist = prepare_dataset("STARE", src, tmp_path / "out" / "stare.json", annotator="union", val_fraction=0)
+    assert datalist["split"] == "seeded" and datalist["numTest"] == 1 and datalist["numTraining"] == 3
+    for entry in _entries(datalist):
+        number = int(entry["case"][2:])
+        assert entry["image"].endswith(f"im{number:04d}.ppm.gz")
+        np.testing.assert_array_equal(read_mask(entry["label"]) > 0, _random_mask(number) | _random_mask(50 + number))
+
+
+def test_hrf_upper_case_extensions(tmp_path: Path) -> None:
+    src = tmp_path / "hrf"
+    for number, kind in ((1, "h"), (1, "g"), (2, "dr"), (3, "dr")):
+        stem = f"{number:02d}_{kind}"
+        _save(src / "images" / f"{stem}.JPG" if kind == "dr" else src / "images" / f"{stem}.jpg", _photo(number))
+        _save(src / "manual1" / f"{stem}.tif", _random_mask(number))
+        _save(src / "mask" / f"{stem}_mask.tif", np.ones((HEIGHT, WIDTH), bool))
+    datalist = prepare_dataset("HRF", src, tmp_path / "hrf.json")
+    assert sorted(e["case"] for e in _entries(datalist)) == ["01_g", "01_h", "02_dr", "03_dr"]
+    assert datalist["test_fraction"] == 0.27 and datalist["numTest"] == 1
+    assert all(e["fov"].endswith("_mask.tif") for e in _entries(datalist))
+
+
+def test_fives_repeated_stems_across_parts(tmp_path: Path) -> None:
+    src = tmp_path / "FIVES"
+    for part, count in (("train", 3), ("test", 2)):
+        for number in range(1, count + 1):
+            _save(src / part / "Original" / f"{number}_A.png", _photo(number))
+            _save(src / part / "Ground truth" / f"{number}_A.png", _random_mask(number))
+    datalist = prepare_dataset("FIVES", src, tmp_path / "fives.json")
+    assert [e["case"] for e in datalist["test"]] == ["test_1_A", "test_2_A"]
+    assert all("/test/" in e["image"] and "/test/Ground truth/" in e["label"] for e in datalist["test"])
+    assert datalist["numTraining"] + datalist["numValidation"] == 3
+
+
+# --------------------------------------------------------------------------------------------- disc/cup datasets
+
+
+def test_drishti_soft_maps_thresholded(tmp_path: Path) -> None:
+    src = tmp_path / "Drishti-GS1_files"
+    disc_core, cup_core = _box_mask(20, 10, 45, 35), _box_mask(28, 18, 38, 28)
+    for part, gt_folder, stem in (("Training", "GT", "drishtiGS_002"), ("Test", "Test_GT", "drishtiGS_001")):
+        _save(src / part / "Images" / f"{stem}.png", _photo(1))
+        softmaps = src / part / gt_folder / stem / "SoftMap"
+        # A faint halo (one expert of four) around each core must be thresholded away.
+        _save(softmaps / f"{stem}_ODsegSoftmap.png", np.where(disc_core, 255, np.where(_box_mask(15, 5, 50, 40), 64, 0)).astype(np.uint8))
+        _save(softmaps / f"{stem}_cupsegSoftmap.png", np.where(cup_core, 191, 0).astype(np.uint8))
+    datalist = prepare_dataset("DRISHTI-GS", src, tmp_path / "drishti.json", val_fraction=0)
+    assert [e["case"] for e in datalist["test"]] == ["drishtiGS_001"]
+    for entry in _entries(datalist):
+        disc, cup = (read_mask(path) > 0 for path in entry["label"])
+        np.testing.assert_array_equal(disc, disc_core)
+        np.testing.assert_array_equal(cup, cup_core)
+
+
+@pytest.mark.parametrize("name, disc_label, cup_label", [("G1020", "disc", "cup"), ("GRAPE", "OD", "oc")])
+def test_labelme_polygons(tmp_path: Path, name: str, disc_label: str, cup_label: str) -> None:
+    src = tmp_path / name
+    for number in range(4):
+        image = _save(src / "Images" / f"image_{number}.jpg", _photo(number))
+        shapes = [
+            {"label": disc_label, "points": _rectangle(10, 8, 40, 30), "shape_type": "polygon"},
+            {"label": "vessel", "points": _rectangle(0, 0, 5, 5), "shape_type": "polygon"},
+        ]
+        if number != 1:  # G1020 leaves the cup out where it is not visible
+            shapes.append({"label": cup_label, "points": _rectangle(20, 12, 30, 22)})
+        annotation = {"shapes": shapes, "imagePath": f"image_{number}.jpg", "imageHeight": HEIGHT, "imageWidth": WIDTH}
+        if number == 3:  # annotation kept elsewhere, naming its image with a Windows-style relative path
+            annotation["imagePath"] = "..\\Images\\image_3.jpg"
+            json_path = src / "json" / "image_3.json"
+        else:
+            json_path = image.with_suffix(".json")
+        json_path.parent.mkdir(exist_ok=True)
+        json_path.write_text(json.dumps(annotation))
+    datalist = prepare_dataset(name, src, tmp_path / "out.json")
+    entries = {e["case"]: e for e in _entries(datalist)}
+    assert sorted(entries) == [f"image_{n}" for n in range(4)]
+    assert entries["image_3"]["image"] == str(src / "Images" / "image_3.jpg")
+    for case, entry in entries.items():
+        disc, cup = (read_mask(path) > 0 for path in entry["label"])
+        assert _iou(disc, _box_mask(10, 8, 40, 30)) > 0.9 and not disc[:5, :5].any()
+        if case == "image_1":
+            assert not cup.any()
+        else:
+            assert _iou(cup, _box_mask(20, 12, 30, 22)) > 0.8
+            # Shoelace area of the 10 x 10 rectangle, within a one-pixel border.
+            assert abs(int(cup.sum()) - 100) <= 2 * (10 + 10) + 1
+
+
+def test_origa_mat_cropped_centred(tmp_path: Path) -> None:
+    src = tmp_path / "ORIGA"
+    pad = 8
+    padded = np.zeros((HEIGHT, WIDTH + 2 * pad), np.uint8)
+    padded[10:40, pad + 15 : pad + 45] = 1
+    padded[18:30, pad + 25 : pad + 35] = 2
+    (src / "Semi-automatic-annotations").mkdir(parents=True)
+    for number in range(1, 5):
+        _save(src / "Images" / f"{number:03d}.jpg", _photo(number))
+        scipy.io.savemat(src / "Semi-automatic-annotations" / f"{number:03d}.mat", {"mask": padded})
+    datalist = prepare_dataset("ORIGA", src, tmp_path / "origa.json")
+    disc, cup = (read_mask(path) > 0 for path in datalist["test"][0]["label"])
+    expected_disc = np.zeros((HEIGHT, WIDTH), bool)
+    expected_disc[10:40, 15:45] = True
+    expected_cup = np.zeros((HEIGHT, WIDTH), bool)
+    expected_cup[18:30, 25:35] = True
+    np.testing.assert_array_equal(disc, expected_disc)
+    np.testing.assert_array_equal(cup, expected_cup)
+
+
+def test_papila_contours_two_experts(tmp_path: Path) -> None:
+    src = tmp_path / "PAPILA"
+    contours = src / "ExpertsSegmentations" / "Contours"
+    contours.mkdir(parents=True)
+    boxes = {"exp1": ((10, 8, 40, 30), (20, 12, 30, 22)), "exp2": ((12, 8, 44, 32), (22, 14, 34, 24))}
+    for stem in ("RET002OD", "RET002OS", "RET004OD", "RET008OS"):
+        _save(src / "FundusImages" / f"{stem}.jpg", _photo(len(stem)))
+        for expert, (disc_box, cup_box) in boxes.items():
+            for structure, box in (("disc", disc_box), ("cup", cup_box)):
+                np.savetxt(contours / f"{stem}_{structure}_{expert}.txt", np.asarray(_rectangle(*box)), fmt="%.4e")
+    union = prepare_dataset("PAPILA", src, tmp_path / "union.json", annotator="union")
+    second = prepare_dataset("PAPILA", src, tmp_path / "second.json", annotator="second")
+    entry = union["test"][0]
+    disc, cup = (read_mask(path) > 0 for path in entry["label"])
+    np.testing.assert_array_equal(disc, _box_mask(10, 8, 40, 30) | _box_mask(12, 8, 44, 32))
+    assert "PAPILA_derived/union/disc" in entry["label"][0] and "PAPILA_derived/union/cup" in entry["label"][1]
+    disc2 = read_mask(second["test"][0]["label"][0]) > 0
+    assert _iou(disc2, _box_mask(12, 8, 44, 32)) > 0.95 and disc.sum() > disc2.sum()
+
+
+def test_refuge2_values_and_official_validation(tmp_path: Path) -> None:
+    src = tmp_path / "REFUGE2"
+    values = np.full((HEIGHT, WIDTH), 255, np.uint8)
+    values[10:40, 15:45] = 128
+    values[20:30, 25:35] = 0
+    for part, stems, suffix in (("train", ("g0001", "n0001", "n0002"), ".bmp"), ("val", ("V0001",), ".png"), ("test", ("T0001", "T0002"), ".png")):
+        for stem in stems:
+            _save(src / part / "images" / f"{stem}.jpg", _photo(len(stem)))
+            _save(src / part / "mask" / f"{stem}{suffix}", values)
+    datalist = prepare_dataset("REFUGE2", src, tmp_path / "refuge.json")
+    assert datalist["validation_split"] == "official" and datalist["val_fraction"] is None
+    assert [e["case"] for e in datalist["validation"]] == ["V0001"]
+    assert [e["case"] for e in datalist["test"]] == ["T0001", "T0002"] and datalist["numTraining"] == 3
+    for entry in _entries(datalist):
+        disc, cup = (read_mask(path) for path in entry["label"])
+        assert set(np.unique(disc)) <= {0, 255}
+        assert (disc > 0).sum() == 30 * 30 and (cup > 0).sum() == 10 * 10
+        assert not (cup > 0)[~(disc > 0)].any()
+
+
+def test_folder_with_partial_fov(tmp_path: Path) -> None:
+    src = tmp_path / "mine"
+    for number in range(5):
+        _save(src / "images" / f"case{number}.png", _photo(number))
+        _save(src / "masks" / f"case{number}.png", _random_mask(number))
+    _save(src / "fov" / "case0.png", np.ones((HEIGHT, WIDTH), bool))
+    datalist = prepare_dataset("folder", src, tmp_path / "out" / "mine.json", folder_name="mine")
+    fovs = {e["case"]: e["fov"] for e in _entries(datalist)}
+    assert fovs["case0"] == str(src / "fov" / "case0.png")
+    assert fovs["case1"] == str(tmp_path / "out" / "mine_derived" / "fov" / "case1.png")
+    assert all(e["dataset"] == "mine" for e in _entries(datalist))
+
+
+# --------------------------------------------------------------------------------------------- datalist format
+
+
+def test_datalist_readable_by_monai(chase_tree: Path, tmp_path: Path) -> None:
+    output = tmp_path / "chase.json"
+    prepare_dataset("CHASE_DB1", chase_tree, output)
+    for key in ("training", "validation", "test"):
+        entries = load_decathlon_datalist(output, data_list_key=key)
+        assert entries and all(Path(e["image"]).is_file() and Path(e["label"]).is_file() for e in entries)
+    recorded = json.loads(output.read_text())
+    for key in ("dataset", "task", "annotator", "split", "seed", "test_fraction", "val_fraction"):
+        assert key in recorded
+    assert list(tmp_path.glob("*.tmp")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_rerun_rewrites_derived_files(tmp_path: Path) -> None:
+    src = _make_chase(tmp_path / "chase", count=4)
+    first = prepare_dataset("CHASE_DB1", src, tmp_path / "out" / "a.json", annotator="union", split="seeded")
+    _save(src / "Image_01L_2ndHO.png", np.ones((HEIGHT, WIDTH), bool))
+    second = prepare_dataset("CHASE_DB1", src, tmp_path / "out" / "a.json", annotator="union", split="seeded")
+    entry = next(e for e in _entries(second) if e["case"] == "Image_01L")
+    assert entry["label"] in [e["label"] for e in _entries(first)]
+    assert (read_mask(entry["label"]) > 0).all()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def _cases(tree: Path, name: str = "CHASE_DB1") -> tuple:
+    description = get_description(name)
+    return description, find_cases(description, tree)
+
+
+def test_seeded_split_deterministic_disjoint_and_by_fraction(chase_tree: Path) -> None:
+    description, cases = _cases(chase_tree)
+    ids = lambda parts: {k: [c.case_id for c in v] for k, v in parts.items()}  # noqa: E731
+    first, provenance = split_cases(description, cases, "seeded", seed=7, test_fraction=0.25, val_fraction=0.3)
+    again, _ = split_cases(description, list(reversed(cases)), "seeded", seed=7, test_fraction=0.25, val_fraction=0.3)
+    other, _ = split_cases(description, cases, "seeded", seed=8, test_fraction=0.25, val_fraction=0.3)
+    assert ids(first) == ids(again) and ids(first)["test"] != ids(other)["test"]
+    assert len(first["test"]) == 7 and len(first["validation"]) == round(0.3 * 21)
+    all_ids = [c for part in ids(first).values() for c in part]
+    assert sorted(all_ids) == sorted(c.case_id for c in cases)
+    assert provenance == {
+        "split": "seeded",
+        "split_summary": provenance["split_summary"],
+        "validation_split": "seeded",
+        "seed": 7,
+        "test_fraction": 0.25,
+        "val_fraction": 0.3,
+    }
+
+
+def test_test_set_independent_of_validation_fraction(chase_tree: Path) -> None:
+    description, cases = _cases(chase_tree)
+    a, _ = split_cases(description, cases, "seeded", seed=1, val_fraction=0.1)
+    b, _ = split_cases(description, cases, "seeded", seed=1, val_fraction=0.5)
+    assert a["test"] == b["test"] and len(b["validation"]) > len(a["validation"])
+
+
+def test_official_validation_comes_from_training_pool(drive_tree: Path) -> None:
+    description, cases = _cases(drive_tree, "DRIVE")
+    parts, _ = split_cases(description, cases, "official", seed=0, val_fraction=0.4)
+    assert {c.groups["part"] for c in parts["validation"] + parts["training"]} == {"training"}
+    assert len(parts["validation"]) == 2 and len(parts["test"]) == 3
+
+
+def test_split_argument_errors(drive_tree: Path, chase_tree: Path) -> None:
+    description, cases = _cases(drive_tree, "DRIVE")
+    with pytest.raises(DatasetError, match="--test-fraction applies to seeded splits; DRIVE uses its official"):
+        split_cases(description, cases, "auto", test_fraction=0.3)
+    with pytest.raises(DatasetError, match=r"--val-fraction must be in \[0, 1\), got 1.5"):
+        split_cases(description, cases, val_fraction=1.5)
+    stare = get_description("STARE")
+    with pytest.raises(DatasetError, match="STARE has no official split"):
+        split_cases(stare, cases, "official")
+    description, cases = _cases(_make_chase(chase_tree.parent / "few", count=6))
+    with pytest.raises(DatasetError, match="needs more than 20 images, found 6; use --split seeded"):
+        split_cases(description, cases, "official")
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_src(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"DRIVE folder {tmp_path / 'nowhere'} does not exist"):
+        prepare_dataset("DRIVE", tmp_path / "nowhere", tmp_path / "x.json")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no HRF images found under .*empty: expected images/NN_h"):
+        prepare_dataset("HRF", tmp_path / "empty", tmp_path / "x.json")
+
+
+def test_wrong_layout_names_lookalike(chase_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"no DRIVE images found .* \(the folder looks like CHASE_DB1\)"):
+        prepare_dataset("DRIVE", chase_tree, tmp_path / "x.json")
+
+
+def test_unknown_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="unknown dataset 'MESSIDOR': expected one of DRIVE, CHASE_DB1"):
+        prepare_dataset("MESSIDOR", tmp_path, tmp_path / "x.json")
+
+
+def test_missing_manual(drive_tree: Path, tmp_path: Path) -> None:
+    (drive_tree / "training" / "1st_manual" / "23_manual1.gif").unlink()
+    expected = drive_tree / "training" / "1st_manual" / "23_manual1.gif"
+    with pytest.raises(DatasetError, match=f"23_training.tif not found: expected {expected}"):
+        prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+
+
+def test_second_annotator_missing_is_an_error_where_not_partial(chase_tree: Path, tmp_path: Path) -> None:
+    (chase_tree / "Image_03L_2ndHO.png").unlink()
+    assert prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "first.json")["numTest"] == 8
+    with pytest.raises(DatasetError, match="second annotator's annotation of image .*Image_03L.jpg not found"):
+        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json", annotator="second")
+
+
+def test_second_annotator_on_single_annotator_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="HRF has a single annotator: --annotator union needs a second one"):
+        prepare_dataset("HRF", tmp_path, tmp_path / "x.json", annotator="union")
+
+
+def test_truncated_image_keeps_existing_output(drive_tree: Path, tmp_path: Path) -> None:
+    output = tmp_path / "drive.json"
+    output.write_text("previous")
+    image = drive_tree / "test" / "images" / "02_test.tif"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(FundusImageError, match="02_test.tif"):
+        prepare_dataset("DRIVE", drive_tree, output)
+    assert output.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["drive.json", "src"]
+
+
+def test_mask_size_differs(chase_tree: Path, tmp_path: Path) -> None:
+    _save(chase_tree / "Image_05R_1stHO.png", _random_mask(0, (HEIGHT, WIDTH - 1)))
+    with pytest.raises(DatasetError, match=r"Image_05R_1stHO.png is 63x48 pixels but its image is 64x48"):
+        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json")
+
+
+def test_fov_size_differs(drive_tree: Path, tmp_path: Path) -> None:
+    _save(drive_tree / "test" / "mask" / "01_test_mask.gif", np.ones((HEIGHT + 2, WIDTH), bool))
+    with pytest.raises(DatasetError, match=r"FOV mask .*01_test_mask.gif is 64x50 pixels but its image"):
+        prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+
+
+def test_bad_annotations(tmp_path: Path) -> None:
+    src = tmp_path / "ORIGA"
+    (src / "Semi-automatic-annotations").mkdir(parents=True)
+    for number in range(3):
+        _save(src / "Images" / f"{number}.jpg", _photo(number))
+        scipy.io.savemat(src / "Semi-automatic-annotations" / f"{number}.mat", {"mask": np.zeros((HEIGHT, WIDTH + 4))})
+    scipy.io.savemat(src / "Semi-automatic-annotations" / "1.mat", {"other": np.zeros((HEIGHT, WIDTH))})
+    with pytest.raises(DatasetError, match=r"ORIGA annotation .*1.mat has no 2D variable 'mask'"):
+        prepare_dataset("ORIGA", src, tmp_path / "x.json")
+    scipy.io.savemat(src / "Semi-automatic-annotations" / "1.mat", {"mask": np.zeros((HEIGHT, WIDTH - 4))})
+    with pytest.raises(DatasetError, match=r"1.mat is 60x48 pixels, smaller than its image 64x48"):
+        prepare_dataset("ORIGA", src, tmp_path / "x.json")
+
+
+def test_labelme_size_and_format_errors(tmp_path: Path) -> None:
+    src = tmp_path / "G1020"
+    for number in range(2):
+        _save(src / f"image_{number}.jpg", _photo(number))
+        (src / f"image_{number}.json").write_text(json.dumps({"shapes": [], "imageHeight": HEIGHT, "imageWidth": WIDTH}))
+    (src / "image_1.json").write_text(json.dumps({"shapes": [], "imageHeight": 100, "imageWidth": WIDTH}))
+    with pytest.raises(DatasetError, match=r"image_1.json is for a 64x100 image but its image is 64x48"):
+        prepare_dataset("G1020", src, tmp_path / "x.json")
+    (src / "image_1.json").write_text(json.dumps({"version": "5"}))
+    with pytest.raises(DatasetError, match=r"image_1.json is not a labelme annotation"):
+        prepare_dataset("G1020", src, tmp_path / "x.json")
+
+
+def test_duplicate_copies(drive_tree: Path, tmp_path: Path) -> None:
+    _make_drive(drive_tree / "copy", train_ids=(21,), test_ids=())
+    with pytest.raises(DatasetError, match="DRIVE image 21 found twice"):
+        prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+
+def test_pool_keeps_dataset_names_and_rejects_mixed_tasks(drive_tree: Path, chase_tree: Path, tmp_path: Path) -> None:
+    drive = prepare_dataset("DRIVE", drive_tree, tmp_path / "drive.json")
+    chase = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "chase.json", split="seeded")
+    pooled = pool_datalists([tmp_path / "drive.json", tmp_path / "chase.json"], tmp_path / "pooled.json")
+    assert pooled["datasets"] == ["DRIVE", "CHASE_DB1"] and pooled["task"] == "vessels"
+    for key in ("training", "validation", "test"):
+        assert pooled[key] == drive[key] + chase[key]
+    assert [s["split"] for s in pooled["sources"]] == ["official", "seeded"]
+    assert len(load_decathlon_datalist(tmp_path / "pooled.json", data_list_key="training")) == pooled["numTraining"]
+    with pytest.raises(DatasetError, match="dataset DRIVE appears in more than one"):
+        pool_datalists([tmp_path / "pooled.json", tmp_path / "drive.json"], tmp_path / "again.json")
+    refuge = tmp_path / "refuge.json"
+    refuge.write_text(json.dumps({"task": "disc_cup", "dataset": "REFUGE2", "training": [], "validation": [], "test": []}))
+    with pytest.raises(DatasetError, match=r"cannot pool datalists of different tasks: .*drive.json \(vessels\), .*refuge.json \(disc_cup\)"):
+        pool_datalists([tmp_path / "drive.json", refuge], tmp_path / "mixed.json")
+    assert not (tmp_path / "mixed.json").exists()
