@@ -150,7 +150,7 @@ def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
     raise FundusImageError(f"cannot write {path}: unsupported dtype {array.dtype} (use uint8, bool or float in [0, 1])")
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 6) -> None:
     """Write a gray or RGB array as a PNG file, atomically.
 
     The picture is written to a temporary file in the destination folder and then renamed over ``path``, so readers
@@ -159,6 +159,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     Args:
         path: destination file; its parent folders are created.
         array: ``(H, W)`` or ``(H, W, 3)`` array of dtype uint8, bool (written 0/255) or float in ``[0, 1]``.
+        compress_level: zlib level, 0 (none, fastest) to 9 (smallest); lossless at every level.
 
     Raises:
         FundusImageError: when the array has an unsupported shape or dtype, or the folder cannot be written.
@@ -176,7 +177,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         raise FundusImageError(f"cannot write into folder {folder}: {error.strerror or error}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
-            pixels.save(stream, format="PNG")
+            pixels.save(stream, format="PNG", compress_level=compress_level)
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
