@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+from scipy import ndimage
+
+from scripts.fundus_io import read_image, read_mask
+from scripts.synthetic import MASK_FOLDERS, main, render_fundus, split_indices, write_dataset
+
+SPLITS = ("training", "validation", "test")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("synthetic") / "data"
+    write_dataset(output, count=5, seed=3, size=256)
+    return output
+
+
+@pytest.fixture(scope="module")
+def samples() -> list:
+    return [render_fundus(size=512, seed=11, index=index) for index in range(3)]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_same_seed_same_bytes_and_images_independent_of_count(tmp_path: Path, dataset: Path) -> None:
+    write_dataset(tmp_path / "again", count=5, seed=3, size=256)
+    assert _files(tmp_path / "again") == _files(dataset)
+    write_dataset(tmp_path / "fewer", count=3, seed=3, size=256)
+    fewer = _files(tmp_path / "fewer")
+    for name, content in fewer.items():
+        if not name.startswith("datalist"):
+            assert _files(dataset)[name] == content, name
+
+
+def test_seed_changes_pictures() -> None:
+    first, second = render_fundus(size=128, seed=0, index=0), render_fundus(size=128, seed=1, index=0)
+    assert not np.array_equal(first.image, second.image)
+    assert not np.array_equal(render_fundus(size=128, seed=0, index=1).vessels, first.vessels)
+
+
+def test_layout_and_mask_values(dataset: Path) -> None:
+    stems = sorted(path.stem for path in (dataset / "images").glob("*.png"))
+    assert len(stems) == 5
+    for folder in MASK_FOLDERS:
+        assert sorted(path.stem for path in (dataset / folder).glob("*.png")) == stems
+    image = read_image(dataset / "images" / f"{stems[0]}.png")
+    assert image.shape == (256, 256, 3)
+    for folder in MASK_FOLDERS:
+        mask = read_mask(dataset / folder / f"{stems[0]}.png")
+        assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255}
+    assert not [path for path in dataset.rglob("*") if path.name.startswith(".")]  # no temporary files left
+
+
+def test_masks_are_anatomically_consistent(samples: list) -> None:
+    for sample in samples:
+        assert not (sample.vessels & ~sample.fov).any()
+        assert not (sample.cup & ~sample.disc).any() and sample.cup.sum() > 0.05 * sample.disc.sum()
+        assert not (sample.disc & ~sample.fov).any()
+        fraction = sample.vessels[sample.fov].mean()
+        assert 0.08 <= fraction <= 0.15, fraction  # DRIVE's manual annotations: 8.7% to 16.8% of the FOV
+        fov_fraction = sample.fov.mean()
+        assert 0.55 < fov_fraction < 0.75  # a circle nearly touching the frame
+
+
+def test_vessels_range_from_thick_to_one_pixel(samples: list) -> None:
+    for sample in samples:
+        depth = ndimage.distance_transform_edt(sample.vessels)
+        skeleton_depths = depth[sample.vessels & (depth >= ndimage.maximum_filter(depth, size=3))]
+        assert np.quantile(skeleton_depths, 0.25) <= 1.0  # many vessels about one or two pixels wide
+        assert skeleton_depths.max() >= 3.0  # trunks at least five pixels wide
+
+
+def test_looks_like_a_fundus_photo(samples: list) -> None:
+    for sample in samples:
+        image = sample.image.astype(np.float32) / 255.0
+        retina = image[sample.fov & ~sample.vessels & ~sample.disc]
+        red, green, blue = retina.mean(axis=0)
+        assert red > green > blue and red > 0.45 and blue < 0.35  # orange-red
+        assert image[~sample.fov].max(axis=-1).mean() < 0.06  # black surround
+        disc_green = image[..., 1][sample.disc & ~sample.vessels].mean()
+        assert disc_green > green + 0.15  # pale yellow disc
+        # Vessels are darker than the retina right beside them, in every picture.
+        beside = ndimage.binary_dilation(sample.vessels, iterations=3) & ~sample.vessels & sample.fov & ~sample.disc
+        assert image[..., 1][sample.vessels & ~sample.disc].mean() < image[..., 1][beside].mean() - 0.02
+
+
+def test_global_threshold_fails(samples: list) -> None:
+    """The best single threshold of the green channel (chosen knowing the answer) segments vessels poorly."""
+    for sample in samples:
+        green = sample.image[..., 1][sample.fov].astype(np.float32)
+        truth = sample.vessels[sample.fov]
+        dice = [
+            2 * (truth & (green < threshold)).sum() / (truth.sum() + (green < threshold).sum())
+            for threshold in np.quantile(green, np.linspace(0.01, 0.5, 50))
+        ]
+        assert max(dice) < 0.5
+
+
+def test_datalists_load_with_monai_and_survive_moving(dataset: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    seen = []
+    for split in SPLITS:
+        vessels = load_decathlon_datalist(moved / "datalist.json", data_list_key=split)
+        disc_cup = load_decathlon_datalist(moved / "datalist_disc_cup.json", data_list_key=split)
+        assert len(vessels) >= 1 and len(vessels) == len(disc_cup)
+        for vessel_item, disc_cup_item in zip(vessels, disc_cup):
+            assert Path(vessel_item["image"]).is_file() and str(moved) in vessel_item["image"]
+            assert Path(vessel_item["label"]).parent.name == "vessels" and Path(vessel_item["label"]).is_file()
+            assert Path(vessel_item["fov"]).is_file() and vessel_item["dataset"] == "synthetic"
+            disc, cup = disc_cup_item["label"]
+            assert Path(disc).parent.name == "disc" and Path(cup).parent.name == "cup"
+            assert Path(disc).stem == Path(cup).stem == Path(vessel_item["image"]).stem
+            seen.append(Path(vessel_item["image"]).stem)
+    assert sorted(seen) == sorted(path.stem for path in (moved / "images").glob("*.png"))  # disjoint and complete
+    content = json.loads((moved / "datalist.json").read_text())
+    assert content["split"]["seed"] == 3 and "permutation" in content["split"]["method"]
+
+
+@pytest.mark.parametrize("count", [3, 4, 5, 10, 37])
+def test_split_sizes(count: int) -> None:
+    splits = split_indices(count, seed=0)
+    assert all(len(splits[name]) >= 1 for name in SPLITS)
+    assert sorted(sum(splits.values(), [])) == list(range(count))
+    if count >= 10:
+        assert abs(len(splits["training"]) - 0.6 * count) <= 1
+    assert split_indices(count, seed=0) == splits
+    if count >= 10:
+        assert split_indices(count, seed=1) != splits
+
+
+def test_bad_requests(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        write_dataset(tmp_path / "small", count=2)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_dataset(blocker, count=3)
+    with pytest.raises(ValueError, match="cannot create"):
+        write_dataset(blocker / "below", count=3)
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--output", str(tmp_path / "cli"), "--count", "3", "--seed", "5", "--size", "128"]) == 0
+    assert len(list((tmp_path / "cli" / "images").glob("*.png"))) == 3
+    assert read_image(tmp_path / "cli" / "images" / "synthetic_0000.png").shape == (128, 128, 3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output", str(tmp_path / "cli2"), "--count", "1"])
+    assert exit_info.value.code == 2
+    assert "at least 3" in capsys.readouterr().err
