@@ -37,6 +37,8 @@ __all__ = [
     "DatasetDescription",
     "TASK_STRUCTURES",
     "ANNOTATORS",
+    "binarise",
+    "read_binary_mask",
     "decode_binary_masks",
     "decode_soft_maps",
     "decode_refuge_mask",
@@ -108,8 +110,8 @@ class DatasetDescription:
         image: template of the image; None when the matched file is the image itself.
         image_hint: reads an annotation file (the matched file) and returns the image path it names, relative to
             the annotation's folder, tried before ``image``.
-        decoder: turns annotation files into masks; None when they already are binary masks (0 = background)
-            that the datalist can reference as they are.
+        decoder: turns annotation files into masks; None when they are binary mask files (referenced as they are
+            where their background is 0, see :func:`read_binary_mask`).
         partial_annotators: annotators that only some cases have (e.g. DRIVE's second annotator, test set only).
         fov: template of the field-of-view mask; None when the dataset has none (it is estimated from the image).
         fov_required: whether a missing FOV file is an error (False: estimated from the image instead).
@@ -147,8 +149,45 @@ def _check_shape(mask: np.ndarray, shape: tuple[int, int], path: Path) -> None:
         )
 
 
+def binarise(values: np.ndarray) -> np.ndarray:
+    """Split a two-level mask at the middle between its lowest and highest value.
+
+    Distributed masks do not all keep background at 0: DRIVE's 2nd_manual GIFs use 3 and 253, others 0 and 1 or
+    0 and 255. A mask with a single level is empty below 128 and full from 128 on.
+
+    Args:
+        values: ``(H, W)`` uint8 raw mask values.
+
+    Returns:
+        bool mask, True on the structure.
+    """
+    low, high = int(values.min()), int(values.max())
+    if low == high:
+        return np.full(values.shape, low >= 128)
+    return values > (low + high) / 2
+
+
+def read_binary_mask(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """Read a binary mask file and check its size.
+
+    Args:
+        path: mask file.
+        shape: ``(height, width)`` of its image.
+
+    Returns:
+        the bool mask, and whether the file already is 0 = background, > 0 = structure (usable as it is).
+
+    Raises:
+        DatasetError: when the mask's size differs from the image's.
+    """
+    values = read_mask(path)
+    _check_shape(values, shape, path)
+    mask = binarise(values)
+    return mask, bool(np.array_equal(mask, values > 0))
+
+
 def decode_binary_masks(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
-    """Read one binary mask file per structure: any value above 0 is the structure.
+    """Read one binary mask file per structure (see :func:`binarise` for the foreground level).
 
     Args:
         files: one mask file per structure.
@@ -157,12 +196,7 @@ def decode_binary_masks(files: Sequence[Path], shape: tuple[int, int]) -> list[n
     Returns:
         one bool ``(H, W)`` mask per file.
     """
-    masks = []
-    for path in files:
-        mask = read_mask(path)
-        _check_shape(mask, shape, path)
-        masks.append(mask > 0)
-    return masks
+    return [read_binary_mask(path, shape)[0] for path in files]
 
 
 def decode_soft_maps(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:

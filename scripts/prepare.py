@@ -43,8 +43,9 @@ from scripts.datasets import (
     Template,
     decode_binary_masks,
     get_description,
+    read_binary_mask,
 )
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, read_mask, write_png
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
 
 __all__ = [
     "SPLIT_METHODS",
@@ -368,41 +369,41 @@ class _CasePreparer:
         self.annotator = annotator
         self.derived = derived
 
+    def _write(self, mask: np.ndarray, *parts: str) -> Path:
+        """Write a derived mask as ``<derived folder>/<parts...>.png``."""
+        path = self.derived.joinpath(*parts[:-1], f"{parts[-1]}.png")
+        write_png(path, mask)
+        return path
+
     def _labels(self, case: Case, used: tuple[str, ...], recorded: str, shape: tuple[int, int]) -> list[Path]:
         """The label files of a case: the distributed masks where usable as they are, else derived PNGs."""
         description = self.description
         if description.decoder is None and len(used) == 1:
             files = case.annotations[used[0]]
-            # Decoded only to check that they are readable and of the image's size.
-            decode_binary_masks(files, shape)
-            return list(files)
-        decoder = description.decoder or decode_binary_masks
-        per_annotator = [decoder(case.annotations[name], shape) for name in used]
+            masks, usable = zip(*(read_binary_mask(path, shape) for path in files))
+            if all(usable):
+                return list(files)
+            per_annotator = [list(masks)]
+        else:
+            decoder = description.decoder or decode_binary_masks
+            per_annotator = [decoder(case.annotations[name], shape) for name in used]
         paths = []
         for structure, masks in zip(description.structures, zip(*per_annotator)):
             for mask in masks:
                 if mask.shape != shape:
-                    raise DatasetError(f"{description.name} {case.case_id}: decoded {structure} mask has shape "
-                                       f"{mask.shape}, its image {case.image} has {shape}")
-            path = self.derived / recorded / structure / f"{case.case_id}.png"
-            write_png(path, np.logical_or.reduce(masks))
-            paths.append(path)
+                    raise DatasetError(
+                        f"{description.name} {case.case_id}: decoded {structure} mask has shape {mask.shape}, its "
+                        f"image {case.image} has {shape}"
+                    )
+            paths.append(self._write(np.logical_or.reduce(masks), recorded, structure, case.case_id))
         return paths
 
     def _fov(self, case: Case, image: np.ndarray) -> Path:
-        """The distributed FOV mask (checked), or one estimated from the image and written as PNG."""
-        shape = image.shape[:2]
-        if case.fov is not None:
-            fov = read_mask(case.fov)
-            if fov.shape != shape:
-                raise DatasetError(
-                    f"FOV mask {case.fov} is {fov.shape[1]}x{fov.shape[0]} pixels but its image {case.image} is "
-                    f"{shape[1]}x{shape[0]}"
-                )
-            return case.fov
-        path = self.derived / "fov" / f"{case.case_id}.png"
-        write_png(path, estimate_fov(image))
-        return path
+        """The distributed FOV mask where usable as it is, else a derived PNG (rewritten or estimated)."""
+        if case.fov is None:
+            return self._write(estimate_fov(image), "fov", case.case_id)
+        mask, usable = read_binary_mask(case.fov, image.shape[:2])
+        return case.fov if usable else self._write(mask, "fov", case.case_id)
 
     def __call__(self, case: Case) -> dict[str, object]:
         """The datalist entry of a case."""

@@ -136,6 +136,22 @@ def test_drive_second_annotator(drive_tree: Path, tmp_path: Path) -> None:
     assert all(e["label"].endswith("_manual2.gif") for e in datalist["test"])
 
 
+def test_masks_without_zero_background_are_rewritten(drive_tree: Path, tmp_path: Path) -> None:
+    # Like DRIVE's real 2nd_manual GIFs (levels 3 and 253); a 0/1 FOV is fine as it is, a 10/240 one is not.
+    levels = np.where(_random_mask(102), 253, 3).astype(np.uint8)
+    _save(drive_tree / "test" / "2nd_manual" / "02_manual2.gif", levels)
+    _save(drive_tree / "test" / "mask" / "01_test_mask.gif", _box_mask(5, 5, 50, 40).astype(np.uint8))
+    _save(drive_tree / "test" / "mask" / "02_test_mask.gif", np.where(_box_mask(5, 5, 50, 40), 240, 10).astype(np.uint8))
+    datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "out" / "drive.json", annotator="second")
+    entries = {e["case"]: e for e in datalist["test"]}
+    derived = tmp_path / "out" / "DRIVE_derived"
+    assert entries["01"]["label"].endswith("01_manual2.gif") and entries["01"]["fov"].endswith("01_test_mask.gif")
+    assert entries["02"]["label"] == str(derived / "second" / "vessels" / "02.png")
+    assert entries["02"]["fov"] == str(derived / "fov" / "02.png")
+    np.testing.assert_array_equal(read_mask(entries["02"]["label"]) > 0, _random_mask(102))
+    np.testing.assert_array_equal(read_mask(entries["02"]["fov"]) > 0, _box_mask(5, 5, 50, 40))
+
+
 def test_chase_official_is_first_20_and_second_annotator(chase_tree: Path, tmp_path: Path) -> None:
     datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "chase.json", annotator="second", val_fraction=0)
     assert datalist["split"] == "official" and datalist["numValidation"] == 0
@@ -462,7 +478,7 @@ def test_mask_size_differs(chase_tree: Path, tmp_path: Path) -> None:
 
 def test_fov_size_differs(drive_tree: Path, tmp_path: Path) -> None:
     _save(drive_tree / "test" / "mask" / "01_test_mask.gif", np.ones((HEIGHT + 2, WIDTH), bool))
-    with pytest.raises(DatasetError, match=r"FOV mask .*01_test_mask.gif is 64x50 pixels but its image"):
+    with pytest.raises(DatasetError, match=r"mask .*01_test_mask.gif is 64x50 pixels but its image is 64x48"):
         prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
 
 

@@ -1,0 +1,122 @@
+"""The DRIVE preparer on the real dataset (``$FUNDUS_DRIVE_DIR``), and the command line end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+from PIL import Image
+
+from scripts.fundus_io import read_mask, write_png
+from scripts.prepare import prepare_dataset
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _size(path: str) -> tuple[int, int]:
+    """Width and height from the file header only (no pixel decoding)."""
+    with Image.open(path) as image:
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def drive_datalists(drive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """DRIVE prepared once with the first annotator and once with the union of both."""
+    output = tmp_path_factory.mktemp("datalists")
+    first = prepare_dataset("DRIVE", drive_dir, output / "first" / "drive.json")
+    union = prepare_dataset("DRIVE", drive_dir, output / "union" / "drive.json", annotator="union", seed=1)
+    return output, first, union
+
+
+def test_drive_official_split(drive_datalists: tuple[Path, dict, dict]) -> None:
+    _, datalist, _ = drive_datalists
+    assert (datalist["dataset"], datalist["task"], datalist["split"], datalist["annotator"]) == ("DRIVE", "vessels", "official", "first")
+    assert [e["case"] for e in datalist["test"]] == [f"{n:02d}" for n in range(1, 21)]
+    pool = datalist["training"] + datalist["validation"]
+    assert sorted(int(e["case"]) for e in pool) == list(range(21, 41))
+    assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == (16, 4, 20)
+    assert datalist["validation_split"] == "seeded" and datalist["seed"] == 0 and datalist["val_fraction"] == 0.2
+
+
+def test_drive_entries_point_at_distributed_files(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:
+    output, datalist, _ = drive_datalists
+    for split, folder, suffix in (("training", "training", "training"), ("validation", "training", "training"), ("test", "test", "test")):
+        for entry in datalist[split]:
+            case = entry["case"]
+            assert entry["image"] == str(drive_dir.absolute() / folder / "images" / f"{case}_{suffix}.tif")
+            assert entry["label"] == str(drive_dir.absolute() / folder / "1st_manual" / f"{case}_manual1.gif")
+            assert entry["fov"] == str(drive_dir.absolute() / folder / "mask" / f"{case}_{suffix}_mask.gif")
+            assert entry["dataset"] == "DRIVE" and entry["annotator"] == "first"
+            assert _size(entry["image"]) == _size(entry["label"]) == _size(entry["fov"]) == (565, 584)
+    assert not (output / "first" / "DRIVE_derived").exists()
+
+
+def test_drive_loads_with_monai(drive_datalists: tuple[Path, dict, dict]) -> None:
+    output, datalist, _ = drive_datalists
+    for key in ("training", "validation", "test"):
+        entries = load_decathlon_datalist(output / "first" / "drive.json", data_list_key=key)
+        assert [e["image"] for e in entries] == [e["image"] for e in datalist[key]]
+
+
+def test_drive_union_uses_both_annotators_on_test_only(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:
+    output, first, union = drive_datalists
+    assert union["annotator"] == "union" and "20 of 40 images have no second annotation" in union["annotator_note"]
+    assert union["test"] == [
+        {**entry, "label": str(output / "union" / "DRIVE_derived" / "union" / "vessels" / f"{entry['case']}.png"), "annotator": "union"}
+        for entry in first["test"]
+    ]
+    assert {e["annotator"] for e in union["training"] + union["validation"]} == {"first"}
+    # Another seed draws another validation set from the same training pool.
+    assert {e["case"] for e in union["validation"]} != {e["case"] for e in first["validation"]}
+    sample = union["test"][4]
+    manual1 = read_mask(drive_dir / "test" / "1st_manual" / f"{sample['case']}_manual1.gif")
+    manual2 = read_mask(drive_dir / "test" / "2nd_manual" / f"{sample['case']}_manual2.gif")
+    # DRIVE's 2nd_manual GIFs are not 0/255: their two levels are 3 and 253.
+    assert set(np.unique(manual1)) == {0, 255} and set(np.unique(manual2)) == {3, 253}
+    merged = read_mask(sample["label"])
+    assert set(np.unique(merged)) == {0, 255}
+    np.testing.assert_array_equal(merged > 0, (manual1 > 128) | (manual2 > 128))
+    assert (merged > 0).sum() > (manual1 > 128).sum() and (merged > 0).sum() > (manual2 > 128).sum()
+
+
+def test_drive_second_annotator_rewritten_with_zero_background(drive_dir: Path, tmp_path: Path) -> None:
+    datalist = prepare_dataset("DRIVE", drive_dir, tmp_path / "drive.json", annotator="second")
+    assert {e["annotator"] for e in datalist["test"]} == {"second"}
+    assert {e["annotator"] for e in datalist["training"] + datalist["validation"]} == {"first"}
+    sample = datalist["test"][0]
+    assert sample["label"] == str(tmp_path / "DRIVE_derived" / "second" / "vessels" / "01.png")
+    manual2 = read_mask(drive_dir / "test" / "2nd_manual" / "01_manual2.gif")
+    np.testing.assert_array_equal(read_mask(sample["label"]) > 0, manual2 > 128)
+
+
+def _run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.prepare", *arguments], cwd=REPOSITORY, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_end_to_end(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    rows, cols = np.mgrid[0:30, 0:40]
+    for number in range(6):
+        write_png(src / "images" / f"{number}.png", np.dstack([(rows + cols + number) / 80.0] * 3))
+        write_png(src / "masks" / f"{number}.png", (rows + number) % 7 == 0)
+    output = tmp_path / "out" / "mine.json"
+    done = _run_cli("--dataset", "folder", "--name", "mine", "--src", str(src), "--output", str(output), "--seed", "5", "--test-fraction", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert str(output) in done.stdout
+    datalist = json.loads(output.read_text())
+    assert (datalist["dataset"], datalist["split"], datalist["seed"], datalist["numTest"]) == ("mine", "seeded", 5, 3)
+
+    output.write_text("kept")
+    failed = _run_cli("--dataset", "DRIVE", "--src", str(src), "--output", str(output))
+    assert failed.returncode != 0
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in failed.stderr
+    assert lines[0].startswith("error: no DRIVE images found under") and str(src) in lines[0]
+    assert output.read_text() == "kept"
