@@ -1,0 +1,370 @@
+"""A classical, training-free vessel segmentation baseline for the model card: a thresholded green-channel top-hat.
+
+Vessels are thin structures darker than the retina around them, best contrasted in the green channel. A
+morphological black top-hat (closing minus image) with a disk wider than the widest vessel keeps exactly such thin
+dark structures and flattens the slowly varying background (illumination, optic disc, macula). The response is
+divided by its standard deviation inside the field of view, so that one threshold suits images of different contrast,
+and thresholded.
+
+The footprint radius, the Gaussian pre-smoothing and the threshold are chosen on the datalist's ``training`` split
+only: the combination maximising the mean per-image Dice inside the FOV. The evaluated split (``test`` by default)
+is never looked at until the parameters are fixed; the JSON report records the parameters, their training Dice and
+the training images they were fitted on.
+
+Radius and smoothing are given at DRIVE's scale (a field of view about 540 pixels wide) and scaled with each image's
+FOV width, so that one setting can serve higher-resolution datasets.
+
+The dataset's FOV mask (or, where an entry has none, :func:`scripts.fundus_io.estimate_fov`) is part of the input:
+the dark camera border is replaced by the nearest retina before filtering (otherwise the border's edge reads as a
+vessel) and the prediction outside the FOV is background. Predictions are written as probabilities
+``sigmoid(normalised response - threshold)``, a strictly increasing map (AUC unchanged) that puts the threshold at
+0.5, and evaluated by :mod:`scripts.metrics` exactly as the model: inside the FOV and over the whole image.
+
+Command line::
+
+    python -m scripts.baseline --datalist datalists/drive.json --output eval/baseline_drive [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import load_decathlon_datalist
+from scipy import ndimage
+from scipy.special import expit
+from skimage.morphology import black_tophat, disk
+
+from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask
+from scripts.metrics import evaluate_case, format_summary_table, summarise, write_reports
+
+__all__ = [
+    "REFERENCE_FOV_WIDTH",
+    "DEFAULT_RADII",
+    "DEFAULT_SIGMAS",
+    "DEFAULT_THRESHOLDS",
+    "VesselCase",
+    "TopHatParameters",
+    "load_cases",
+    "vessel_response",
+    "fit_parameters",
+    "predict_probability",
+    "evaluate_cases",
+    "run_baseline",
+    "main",
+]
+
+REFERENCE_FOV_WIDTH = 540.0
+"""FOV width in pixels at which radii and smoothing are expressed (DRIVE's is about 540)."""
+
+DEFAULT_RADII = (3, 5, 7, 9, 11)
+"""Candidate disk radii at DRIVE scale: DRIVE's widest vessels are about 8-10 pixels across."""
+
+DEFAULT_SIGMAS = (0.0, 1.0, 2.0)
+"""Candidate Gaussian pre-smoothing at DRIVE scale (0: none)."""
+
+DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.5, 6.0 + 1e-9, 0.05), 2).tolist())
+"""Candidate thresholds on the response normalised by its standard deviation inside the FOV."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VesselCase:
+    """One image of a vessel datalist, loaded.
+
+    Args:
+        filename: the image path, identifying the case in reports.
+        dataset: the dataset name.
+        image: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
+        label: ``(H, W)`` bool vessel mask.
+        fov: ``(H, W)`` bool field of view.
+    """
+
+    filename: str
+    dataset: str
+    image: np.ndarray
+    label: np.ndarray
+    fov: np.ndarray
+
+
+@dataclass(frozen=True)
+class TopHatParameters:
+    """The baseline's parameters.
+
+    Args:
+        radius: disk footprint radius in pixels at DRIVE scale.
+        sigma: Gaussian pre-smoothing in pixels at DRIVE scale (0: none).
+        threshold: threshold on the normalised top-hat response.
+    """
+
+    radius: int
+    sigma: float
+    threshold: float
+
+
+def load_cases(datalist: str | os.PathLike, split: str) -> list[VesselCase]:
+    """Load the images, vessel labels and FOV masks of one split of a MONAI datalist.
+
+    Masks follow the datalist convention 0 = background, > 0 = structure. An entry without ``"fov"`` gets an
+    estimated field of view.
+
+    Args:
+        datalist: datalist JSON; relative paths are resolved against its folder.
+        split: list key, e.g. ``"training"`` or ``"test"``.
+
+    Returns:
+        the split's cases, in datalist order.
+
+    Raises:
+        ValueError: when the split is missing or empty, an entry's label is not a single vessel mask (disc/cup
+            datalists list two), or image and masks differ in size.
+        FundusImageError: when a file cannot be read.
+    """
+    datalist = Path(datalist)
+    entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=datalist.parent)
+    if not entries:
+        raise ValueError(f"datalist {datalist} has no {split!r} entries")
+    # MONAI turns any value naming an existing file beside the datalist into a path, so a dataset called "DRIVE"
+    # next to a DRIVE/ folder would come back as ".../DRIVE": take the names from the file as written.
+    with open(datalist, encoding="utf-8") as stream:
+        dataset_names = [str(raw.get("dataset", "unknown")) for raw in json.load(stream)[split]]
+    cases = []
+    for entry, dataset_name in zip(entries, dataset_names):
+        if not isinstance(entry.get("label"), (str, os.PathLike)):
+            raise ValueError(
+                f"the baseline segments vessels: entry {entry.get('image')} of {datalist} has label "
+                f"{entry.get('label')!r}, not one vessel mask"
+            )
+        image = read_image(entry["image"])
+        label = read_mask(entry["label"]) > 0
+        fov = read_mask(entry["fov"]) > 0 if entry.get("fov") else estimate_fov(image)
+        if label.shape != image.shape[:2] or fov.shape != image.shape[:2]:
+            raise ValueError(
+                f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
+            )
+        cases.append(VesselCase(str(entry["image"]), dataset_name, image, label, fov))
+    return cases
+
+
+def _fov_scale(fov: np.ndarray) -> float:
+    """The FOV width relative to :data:`REFERENCE_FOV_WIDTH`."""
+    columns = np.flatnonzero(fov.any(axis=0))
+    return (columns[-1] - columns[0] + 1) / REFERENCE_FOV_WIDTH
+
+
+def _green_inside_fov(image: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """The green channel with every pixel outside the FOV replaced by its nearest pixel inside."""
+    green = image[..., 1].astype(np.float64)
+    nearest = ndimage.distance_transform_edt(~fov, return_distances=False, return_indices=True)
+    return green[tuple(nearest)]
+
+
+def vessel_response(image: np.ndarray, fov: np.ndarray, radius: float, sigma: float) -> np.ndarray:
+    """Normalised black top-hat response of the green channel: large on thin dark structures.
+
+    Args:
+        image: ``(H, W, 3)`` RGB in ``[0, 1]``.
+        fov: ``(H, W)`` bool field of view (non-empty).
+        radius: disk radius in pixels at DRIVE scale.
+        sigma: Gaussian pre-smoothing in pixels at DRIVE scale (0: none).
+
+    Returns:
+        ``(H, W)`` float64 response divided by its standard deviation inside the FOV; 0 outside the FOV.
+    """
+    scale = _fov_scale(fov)
+    green = _green_inside_fov(image, fov)
+    if sigma > 0:
+        green = ndimage.gaussian_filter(green, sigma * scale)
+    # The "crosses" decomposition is the exact disk for these radii and several times faster than the full disk.
+    footprint = disk(max(1, round(radius * scale)), decomposition="crosses")
+    response = black_tophat(green, footprint)
+    spread = response[fov].std()
+    response = response / spread if spread > 0 else response
+    response[~fov] = 0.0
+    return response
+
+
+def _mean_dice_per_threshold(
+    responses: Iterable[np.ndarray], cases: Sequence[VesselCase], thresholds: np.ndarray
+) -> np.ndarray:
+    """Mean over cases of the Dice inside the FOV of ``response >= threshold``, for every threshold at once."""
+    dice_sum = np.zeros(len(thresholds), dtype=np.float64)
+    for response, case in zip(responses, cases):
+        inside = response[case.fov]
+        positive = np.sort(inside[case.label[case.fov]])
+        everything = np.sort(inside)
+        predicted = everything.size - np.searchsorted(everything, thresholds, side="left")
+        true_positive = positive.size - np.searchsorted(positive, thresholds, side="left")
+        denominator = predicted + positive.size
+        dice_sum += np.where(denominator > 0, 2.0 * true_positive / np.maximum(denominator, 1), 1.0)
+    return dice_sum / len(cases)
+
+
+def fit_parameters(
+    training_cases: Sequence[VesselCase],
+    radii: Sequence[int] = DEFAULT_RADII,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> tuple[TopHatParameters, float]:
+    """Choose radius, smoothing and threshold maximising the mean training Dice inside the FOV (grid search).
+
+    Args:
+        training_cases: the training split only.
+        radii: candidate radii at DRIVE scale.
+        sigmas: candidate smoothing at DRIVE scale.
+        thresholds: candidate thresholds on the normalised response.
+
+    Returns:
+        the best parameters and their mean training Dice (ties: the first in grid order).
+
+    Raises:
+        ValueError: when there are no training cases or an empty candidate list.
+    """
+    if not training_cases or not radii or not sigmas or not len(thresholds):
+        raise ValueError("fit_parameters needs training cases and non-empty radius, sigma and threshold candidates")
+    threshold_grid = np.asarray(thresholds, dtype=np.float64)
+    best: tuple[TopHatParameters, float] | None = None
+    for sigma in sigmas:
+        for radius in radii:
+            responses = (vessel_response(c.image, c.fov, radius, sigma) for c in training_cases)
+            mean_dice = _mean_dice_per_threshold(responses, training_cases, threshold_grid)
+            index = int(np.argmax(mean_dice))
+            logger.debug("radius %s sigma %s: best training Dice %.4f", radius, sigma, mean_dice[index])
+            if best is None or mean_dice[index] > best[1]:
+                parameters = TopHatParameters(int(radius), float(sigma), float(threshold_grid[index]))
+                best = parameters, float(mean_dice[index])
+    assert best is not None
+    return best
+
+
+def predict_probability(response: np.ndarray, fov: np.ndarray, threshold: float) -> np.ndarray:
+    """Map a normalised response to probabilities with the threshold at 0.5; background outside the FOV.
+
+    Args:
+        response: output of :func:`vessel_response`.
+        fov: ``(H, W)`` bool field of view.
+        threshold: the fitted threshold.
+
+    Returns:
+        ``(H, W)`` float64 probabilities in ``[0, 1]``.
+    """
+    probability = expit(response - threshold)
+    probability[~fov] = 0.0
+    return probability
+
+
+def evaluate_cases(cases: Sequence[VesselCase], parameters: TopHatParameters) -> list[dict[str, Any]]:
+    """Segment and evaluate every case with fixed parameters.
+
+    Args:
+        cases: the cases to evaluate.
+        parameters: fitted parameters.
+
+    Returns:
+        one :func:`scripts.metrics.evaluate_case` record per case, with ``filename`` and ``dataset``.
+    """
+    records = []
+    for case in cases:
+        response = vessel_response(case.image, case.fov, parameters.radius, parameters.sigma)
+        probability = predict_probability(response, case.fov, parameters.threshold)
+        metrics = evaluate_case(probability[None], case.label[None], case.fov, channel_names=["vessels"])
+        records.append({"filename": case.filename, "dataset": case.dataset, **metrics})
+    return records
+
+
+def run_baseline(
+    datalist: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    split: str = "test",
+    radii: Sequence[int] = DEFAULT_RADII,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict[str, Any]:
+    """Fit the baseline on the datalist's training split, evaluate it on ``split`` and write the reports.
+
+    Args:
+        datalist: vessel datalist JSON with a ``training`` split and ``split``.
+        output_dir: folder for the reports (``baseline_per_image.csv``, ``baseline_summary.json`` and ``.csv``).
+        split: the evaluated split; must not be ``"training"`` (the parameters are fitted there).
+        radii: candidate radii at DRIVE scale.
+        sigmas: candidate smoothing at DRIVE scale.
+        thresholds: candidate thresholds on the normalised response.
+
+    Returns:
+        ``{"summary": ..., "metadata": ..., "paths": ...}`` as written.
+
+    Raises:
+        ValueError: when ``split`` is the training split, or on datalist problems (see :func:`load_cases`).
+    """
+    if split == "training":
+        raise ValueError("the baseline is fitted on the training split; evaluate it on another split")
+    started = time.monotonic()
+    training_cases = load_cases(datalist, "training")
+    parameters, training_dice = fit_parameters(training_cases, radii, sigmas, thresholds)
+    fitted_on = [case.filename for case in training_cases]
+    logger.info("fitted on %d training images: %s, training FOV Dice %.4f", len(fitted_on), parameters, training_dice)
+    del training_cases  # the evaluated images are loaded only once the parameters are fixed
+    records = evaluate_cases(load_cases(datalist, split), parameters)
+    summary = summarise(records)
+    metadata = {
+        "method": "green-channel black top-hat, normalised by its FOV standard deviation, thresholded",
+        "parameters": asdict(parameters),
+        "parameter_units": "radius and sigma in pixels at a 540-pixel-wide FOV, scaled per image with its FOV width",
+        "selection": "grid search maximising the mean per-image Dice inside the FOV on the training split",
+        "training_fov_dice": training_dice,
+        "fitted_on": fitted_on,
+        "candidates": {"radius": list(radii), "sigma": list(sigmas), "threshold": list(thresholds)},
+        "datalist": str(Path(datalist).absolute()),
+        "evaluated_split": split,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    paths = write_reports(records, summary, output_dir, prefix="baseline", metadata=metadata)
+    logger.info("baseline on %s split:\n%s", split, format_summary_table(summary))
+    return {"summary": summary, "metadata": metadata, "paths": paths}
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.baseline",
+        description="Fit a green-channel top-hat vessel baseline on the training split and evaluate it.",
+    )
+    parser.add_argument("--datalist", required=True, help="vessel datalist JSON (MONAI format)")
+    parser.add_argument("--output", required=True, help="folder for the reports")
+    parser.add_argument("--split", default="test", help="evaluated split (default: test)")
+    parser.add_argument("--radii", type=int, nargs="+", default=list(DEFAULT_RADII), help="candidate disk radii")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="candidate smoothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        0 on success, 1 when the datalist, images or output folder are unusable (the error is logged).
+    """
+    arguments = _parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_baseline(arguments.datalist, arguments.output, arguments.split, arguments.radii, arguments.sigmas)
+    except (ValueError, OSError, FundusImageError) as error:
+        logger.error("%s", error)
+        return 1
+    logger.info("reports: %s", ", ".join(str(path) for path in result["paths"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.baseline import fit_parameters, load_cases, main, predict_probability, run_baseline, vessel_response
+from scripts.fundus_io import write_png
+
+TRAINING_IDS = (21, 22, 23, 24)
+TEST_IDS = (1, 2, 3)
+
+
+def _synthetic_fundus(folder: Path, name: str, seed: int) -> dict[str, str]:
+    """A bright disc of retina crossed by dark 3-pixel vessels, with label and FOV, written as PNG files.
+
+    The FOV is 271 pixels wide, half DRIVE's, so that the radii given at DRIVE scale shrink to half.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:300, :300]
+    fov = (rows - 150) ** 2 + (cols - 150) ** 2 <= 135**2
+    label = np.zeros((300, 300), dtype=bool)
+    for offset in rng.choice(np.arange(40, 260, 8), size=4, replace=False):
+        label[offset - 1 : offset + 2, 30:270] = True
+    label &= fov
+    green = 0.6 + 0.2 * cols / 300 - 0.25 * label + rng.normal(0.0, 0.02, label.shape)
+    image = np.stack([np.full_like(green, 0.8), green, np.full_like(green, 0.3)], axis=-1)
+    image[~fov] = 0.02
+    paths = {"image": folder / f"{name}.png", "label": folder / f"{name}_label.png", "fov": folder / f"{name}_fov.png"}
+    write_png(paths["image"], np.clip(image, 0.0, 1.0))
+    write_png(paths["label"], label)
+    write_png(paths["fov"], fov)
+    # Relative paths: the datalist's folder resolves them.
+    return {key: os.path.relpath(path, folder) for key, path in paths.items()}
+
+
+@pytest.fixture
+def synthetic_datalist(tmp_path: Path) -> Path:
+    training = [{**_synthetic_fundus(tmp_path, f"train{i}", i), "dataset": "DRIVE"} for i in range(3)]
+    test = [{**_synthetic_fundus(tmp_path, f"test{i}", 10 + i), "dataset": "DRIVE"} for i in range(2)]
+    # A folder named like the dataset beside the datalist must not turn the dataset name into a path.
+    (tmp_path / "DRIVE").mkdir()
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": training, "validation": [], "test": test}))
+    return path
+
+
+def test_response_is_high_on_vessels_and_zero_outside_fov(synthetic_datalist):
+    case = load_cases(synthetic_datalist, "training")[0]
+    response = vessel_response(case.image, case.fov, radius=5, sigma=1.0)
+    assert response[case.label].mean() > 3 * response[case.fov & ~case.label].mean()
+    assert np.all(response[~case.fov] == 0)
+    probability = predict_probability(response, case.fov, threshold=1.0)
+    assert probability.min() >= 0 and probability.max() <= 1
+    assert np.array_equal(probability >= 0.5, (response >= 1.0) & case.fov)
+
+
+def test_fit_parameters_finds_synthetic_vessels(synthetic_datalist):
+    cases = load_cases(synthetic_datalist, "training")
+    parameters, dice = fit_parameters(cases, radii=(3, 5), sigmas=(0.0, 1.0))
+    assert parameters.radius in (3, 5) and parameters.sigma in (0.0, 1.0)
+    assert dice > 0.85
+
+
+def test_run_baseline_on_synthetic_data(synthetic_datalist, tmp_path):
+    result = run_baseline(synthetic_datalist, tmp_path / "out", radii=(5,), sigmas=(1.0,))
+    assert result["metadata"]["fitted_on"] == [str(tmp_path / f"train{i}.png") for i in range(3)]
+    assert result["metadata"]["evaluated_split"] == "test"
+    assert set(result["summary"]["datasets"]) == {"DRIVE"}
+    assert result["summary"]["all"]["images"] == 2
+    assert result["summary"]["all"]["metrics"]["vessels/fov/dice"]["mean"] > 0.85
+    document = json.loads(result["paths"]["summary_json"].read_text())
+    assert document["metadata"]["parameters"]["radius"] == 5
+
+
+def test_refuses_to_evaluate_on_training_split(synthetic_datalist, tmp_path):
+    with pytest.raises(ValueError, match="training split"):
+        run_baseline(synthetic_datalist, tmp_path / "out", split="training")
+
+
+def test_refuses_disc_cup_datalists(synthetic_datalist):
+    datalist = json.loads(synthetic_datalist.read_text())
+    datalist["training"][0]["label"] = [datalist["training"][0]["label"]] * 2
+    synthetic_datalist.write_text(json.dumps(datalist))
+    with pytest.raises(ValueError, match="not one vessel mask"):
+        load_cases(synthetic_datalist, "training")
+
+
+def test_command_line(synthetic_datalist, tmp_path):
+    output = tmp_path / "cli"
+    assert main(["--datalist", str(synthetic_datalist), "--output", str(output), "--radii", "5", "--sigmas", "1"]) == 0
+    assert (output / "baseline_per_image.csv").is_file() and (output / "baseline_summary.json").is_file()
+    assert main(["--datalist", str(tmp_path / "missing.json"), "--output", str(output)]) == 1
+
+
+def _drive_entries(drive_dir: Path, folder: Path, split: str, ids: tuple[int, ...]) -> list[dict[str, str]]:
+    tag = "training" if split == "training" else "test"
+    root = Path(os.path.relpath(drive_dir / split, folder))
+    return [
+        {
+            "image": str(root / "images" / f"{i:02d}_{tag}.tif"),
+            "label": str(root / "1st_manual" / f"{i:02d}_manual1.gif"),
+            "fov": str(root / "mask" / f"{i:02d}_{tag}_mask.gif"),
+            "dataset": "DRIVE",
+        }
+        for i in ids
+    ]
+
+
+def test_baseline_on_real_drive(drive_dir, tmp_path):
+    # A few images keep this fast; radius and smoothing are fixed at the values a full training-split search picks
+    # (python -m scripts.baseline), the threshold is still fitted here, on the training images only.
+    datalist = tmp_path / "drive.json"
+    entries = {
+        "training": _drive_entries(drive_dir, tmp_path, "training", TRAINING_IDS),
+        "test": _drive_entries(drive_dir, tmp_path, "test", TEST_IDS),
+    }
+    datalist.write_text(json.dumps(entries))
+    result = run_baseline(datalist, tmp_path / "out", radii=(5,), sigmas=(1.0,))
+    assert all("/training/" in path for path in result["metadata"]["fitted_on"])
+    metrics = result["summary"]["datasets"]["DRIVE"]["metrics"]
+    assert result["summary"]["all"]["images"] == len(TEST_IDS)
+    # Clearly better than chance, far from the state of the art (FOV Dice ~0.83, AUC ~0.98).
+    assert metrics["vessels/fov/dice"]["mean"] > 0.65
+    assert metrics["vessels/fov/auc"]["mean"] > 0.85
+    assert metrics["vessels/fov/accuracy"]["mean"] > 0.9
+    # Outside the FOV the dark border is easy background: whole-image accuracy is higher.
+    assert metrics["vessels/image/accuracy"]["mean"] > metrics["vessels/fov/accuracy"]["mean"]
