@@ -10,12 +10,26 @@ Command line::
     python -m scripts.prepare --dataset DRIVE --src /data/DRIVE --output datalists/drive.json
     python -m scripts.prepare --pool datalists/drive.json datalists/chase.json --output datalists/vessels.json
 
+Defaults and choices:
+
+- ``--annotator first`` (default) is the field's reference annotator; ``second`` and ``union`` (pixelwise OR, the
+  SAM2LoRA protocol) need a dataset with a second annotator (DRIVE, CHASE_DB1, STARE, PAPILA). DRIVE's training
+  images have no second annotation: they keep the first one, their entries record ``"annotator": "first"`` and the
+  datalist's ``annotator_note`` says how many images fell back.
+- ``--split auto`` (default) takes the official split where a dataset has one (DRIVE, FIVES, DRISHTI-GS, REFUGE2)
+  and, for CHASE_DB1, the field's convention (first 20 images training, last 8 test); other datasets get a seeded
+  random split with SAM2LoRA's test fractions (0.27 CHASE_DB1 and HRF, 0.25 otherwise; ``--test-fraction``
+  overrides). ``--split seeded`` forces the random split (SAM2LoRA's protocol for CHASE_DB1).
+- validation is REFUGE2's official val/ set, otherwise a seeded ``--val-fraction`` (default 0.2) of the training
+  pool, drawn independently of the test draw.
+
 Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov", "dataset",
 "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
 are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
 ``annotator``, ``annotator_note``, ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
-``val_fraction``, ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``. Images are referenced
-as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
+``val_fraction``, ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``. Distributed files are
+referenced where they already follow that convention, otherwise rewritten into the derived folder. Images are
+referenced as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
 """
 
 from __future__ import annotations
@@ -96,15 +110,20 @@ def _logical_path(relative: str) -> str:
 
 
 class _FileIndex:
-    """The files below a folder, looked up case-insensitively by relative path (``.gz`` transparent)."""
+    """The files below a folder, looked up case-insensitively by relative path (``.gz`` transparent).
 
-    def __init__(self, root: Path) -> None:
+    ``ignore`` lists files and folders to leave out: this preparer's own outputs when they lie inside the dataset.
+    """
+
+    def __init__(self, root: Path, ignore: Sequence[Path] = ()) -> None:
         self.root = root
         self.files: dict[str, Path] = {}
         self.logical: dict[str, str] = {}
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root)
             if any(_IGNORED_PARTS.match(part) for part in relative.parts) or not path.is_file():
+                continue
+            if any(path == skipped or skipped in path.parents for skipped in ignore):
                 continue
             logical = _logical_path(relative.as_posix())
             key = logical.lower()
@@ -192,13 +211,16 @@ def _groups(match: re.Match) -> dict[str, str]:
     return {name: value for name, value in match.groupdict().items() if name != "_root" and value is not None}
 
 
-def find_cases(description: DatasetDescription, src: str | os.PathLike, annotator: str = "first") -> list[Case]:
+def find_cases(
+    description: DatasetDescription, src: str | os.PathLike, annotator: str = "first", ignore: Sequence[Path] = ()
+) -> list[Case]:
     """Find every case of a dataset below ``src`` with its image, annotation and FOV files.
 
     Args:
         description: the dataset's description.
         src: the folder the dataset was unpacked into (its layout may sit in a subfolder).
         annotator: ``first``, ``second`` or ``union``: which annotation files must exist.
+        ignore: absolute files and folders below ``src`` that are not part of the dataset (earlier outputs).
 
     Returns:
         the cases in natural order of their ids.
@@ -210,7 +232,7 @@ def find_cases(description: DatasetDescription, src: str | os.PathLike, annotato
     root = Path(src).expanduser().absolute()
     if not root.is_dir():
         raise DatasetError(f"{description.name} folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    index = _FileIndex(root)
+    index = _FileIndex(root, ignore)
     matches = _matches(description, index)
     if not matches:
         raise DatasetError(_no_cases_message(description, index))
@@ -451,7 +473,7 @@ def prepare_dataset(
     test_fraction: float | None = None,
     val_fraction: float = 0.2,
     task: str | None = None,
-    folder_name: str = "folder",
+    folder_name: str | None = None,
     workers: int | None = None,
 ) -> dict[str, object]:
     """Prepare one dataset: find, split, check and decode its cases, write derived masks and the datalist.
@@ -469,7 +491,7 @@ def prepare_dataset(
         test_fraction: seeded test fraction (None: the dataset's default).
         val_fraction: validation fraction of the training pool.
         task: task of a ``folder`` dataset (``vessels`` or ``disc_cup``).
-        folder_name: dataset name recorded for a ``folder`` dataset.
+        folder_name: dataset name recorded for a ``folder`` dataset (default ``folder``).
         workers: threads decoding cases in parallel (None: up to 8, by CPU count).
 
     Returns:
@@ -479,7 +501,9 @@ def prepare_dataset(
         DatasetError: for a bad argument, folder, layout or annotation (the message names the file or folder).
         FundusImageError: for an unreadable image or mask.
     """
-    description = get_description(name, task, folder_name)
+    if folder_name is not None and name.lower() != "folder":
+        raise DatasetError(f"a dataset name (--name {folder_name}) applies to folder datasets only, not {name}")
+    description = get_description(name, task, folder_name or "folder")
     if annotator not in ANNOTATORS:
         raise DatasetError(f"unknown annotator {annotator!r}: expected one of {', '.join(ANNOTATORS)}")
     if annotator != "first" and "second" not in description.annotations:
@@ -487,7 +511,9 @@ def prepare_dataset(
         raise DatasetError(
             f"{description.name} has a single annotator: --annotator {annotator} needs a second one ({having} have it)"
         )
-    cases = find_cases(description, src, annotator)
+    output = Path(output).expanduser().absolute()
+    derived = output.parent / f"{description.name}_derived"
+    cases = find_cases(description, src, annotator, ignore=(output, derived))
     parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction)
     note = None
     if annotator != "first":
@@ -500,11 +526,14 @@ def prepare_dataset(
                 "first annotator; their entries record annotator 'first'"
             )
             logger.warning("%s: %s", description.name, note)
-    output = Path(output).expanduser().absolute()
-    preparer = _CasePreparer(description, annotator, output.parent / f"{description.name}_derived")
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        entries = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
+    preparer = _CasePreparer(description, annotator, derived)
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        try:
+            entries = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
+        except BaseException:
+            # Report the first bad file now rather than after decoding the rest of the dataset.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     datalist: dict[str, object] = {
         "dataset": description.name,
         "task": description.task,
@@ -604,7 +633,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, help="test fraction of a seeded split (default: 0.27 or 0.25)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training pool")
     parser.add_argument("--task", help="folder datasets only: vessels (default) or disc_cup")
-    parser.add_argument("--name", default="folder", help="folder datasets only: the dataset name to record")
+    parser.add_argument("--name", help="folder datasets only: the dataset name to record (default folder)")
     return parser
 
 

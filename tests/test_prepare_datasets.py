@@ -107,6 +107,10 @@ def chase_tree(tmp_path: Path) -> Path:
 
 def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> None:
     _make_drive(tmp_path / "src" / "DRIVE")
+    # Archive debris that looks like an image by name but is not one.
+    (tmp_path / "src" / "__MACOSX" / "DRIVE" / "test" / "images").mkdir(parents=True)
+    (tmp_path / "src" / "__MACOSX" / "DRIVE" / "test" / "images" / "04_test.tif").write_bytes(b"resource fork")
+    (tmp_path / "src" / "DRIVE" / "test" / "images" / "._05_test.tif").write_bytes(b"resource fork")
     datalist = prepare_dataset("drive", tmp_path / "src", tmp_path / "out" / "drive.json")
     assert datalist["dataset"] == "DRIVE" and datalist["split"] == "official"
     assert [e["case"] for e in datalist["test"]] == ["01", "02", "03"]
@@ -320,6 +324,32 @@ def test_refuge2_values_and_official_validation(tmp_path: Path) -> None:
         assert set(np.unique(disc)) <= {0, 255}
         assert (disc > 0).sum() == 30 * 30 and (cup > 0).sum() == 10 * 10
         assert not (cup > 0)[~(disc > 0)].any()
+
+
+def test_output_inside_dataset_is_not_taken_for_data(tmp_path: Path) -> None:
+    src = tmp_path / "GRAPE"
+    for number in range(3):
+        _save(src / f"{number}.jpg", _photo(number))
+        (src / f"{number}.json").write_text(json.dumps({"shapes": [{"label": "OD", "points": _rectangle(10, 8, 40, 30)}]}))
+    first = prepare_dataset("GRAPE", src, src / "grape.json")
+    again = prepare_dataset("GRAPE", src, src / "grape.json")
+    assert first == again and sorted(e["case"] for e in _entries(again)) == ["0", "1", "2"]
+
+
+def test_folder_disc_cup(tmp_path: Path) -> None:
+    src = tmp_path / "mine"
+    for number in range(4):
+        _save(src / "images" / f"{number}.jpg", _photo(number))
+        _save(src / "masks" / "disc" / f"{number}.png", _box_mask(10, 8, 40, 30))
+        _save(src / "masks" / "cup" / f"{number}.png", _box_mask(20, 12, 30, 22))
+    datalist = prepare_dataset("folder", src, tmp_path / "mine.json", task="disc_cup")
+    assert datalist["task"] == "disc_cup" and datalist["structures"] == ["disc", "cup"]
+    entry = datalist["test"][0]
+    assert entry["label"] == [str(src / "masks" / part / f"{entry['case']}.png") for part in ("disc", "cup")]
+    with pytest.raises(DatasetError, match="--name other.* applies to folder datasets only, not DRIVE"):
+        prepare_dataset("DRIVE", src, tmp_path / "x.json", folder_name="other")
+    with pytest.raises(DatasetError, match="dataset REFUGE2 is a disc_cup dataset, not vessels"):
+        prepare_dataset("REFUGE2", src, tmp_path / "x.json", task="vessels")
 
 
 def test_folder_with_partial_fov(tmp_path: Path) -> None:
