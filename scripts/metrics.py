@@ -102,9 +102,11 @@ class ReportWriteError(OSError):
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A numpy view of an array or a (possibly CUDA, possibly MetaTensor) tensor."""
+    """A numpy array from an array or a (possibly CUDA, possibly MetaTensor) tensor."""
     if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
+        tensor = array.detach().cpu()
+        # numpy has no bfloat16 (mixed-precision outputs); float64 is what the metrics use anyway.
+        return (tensor.double() if tensor.is_floating_point() else tensor).numpy()
     return np.asarray(array)
 
 
@@ -141,7 +143,7 @@ def _confusion_matrix(pred: np.ndarray, label: np.ndarray, region: np.ndarray | 
     if region is not None:
         pred = pred[:, region]
         label = label[:, region]
-    pixels = pred.reshape(pred.shape[0], -1).shape[1]
+    pixels = pred[0].size
     axes = tuple(range(1, pred.ndim))
     tp = np.count_nonzero(pred & label, axis=axes)
     fp = np.count_nonzero(pred, axis=axes) - tp
@@ -287,14 +289,15 @@ def evaluate_case(
         pred_skeletons = [skeletonize(channel) for channel in pred_mask]
         label_skeletons = [skeletonize(channel) for channel in label_mask]
 
-    record: dict[str, float] = {}
+    per_region: dict[str, list[dict[str, float]]] = {}
     for region_name, region in regions.items():
         counts = _confusion_matrix(pred_mask, label_mask, region)
         from_counts = {
             metric: compute_confusion_matrix_metric(monai_name, counts)
             for metric, monai_name in _CONFUSION_MATRIX_METRICS.items()
         }
-        for channel, name in enumerate(names):
+        per_region[region_name] = []
+        for channel in range(len(names)):
             pred_c, label_c = pred_mask[channel], label_mask[channel]
             values = {metric: float(per_channel[channel]) for metric, per_channel in from_counts.items()}
             tp, fp, _, fn = counts[channel].tolist()
@@ -309,19 +312,16 @@ def evaluate_case(
                 values["hd95"] = _hd95(pred_c & region, label_c & region)
             if topology:
                 values["cldice"] = _cldice(pred_c, label_c, pred_skeletons[channel], label_skeletons[channel], region)
-            for metric in METRICS:
-                if metric in values:
-                    record[f"{name}/{region_name}/{metric}"] = values[metric]
-    return _ordered(record, names, list(regions))
+            per_region[region_name].append(values)
 
-
-def _ordered(
-    record: Mapping[str, float], channel_names: Sequence[str], region_names: Sequence[str]
-) -> dict[str, float]:
-    """The record's keys ordered by channel, then region (as :data:`REGIONS`), then metric (as :data:`METRICS`)."""
-    ordered_regions = [r for r in REGIONS if r in region_names]
-    keys = [f"{c}/{r}/{m}" for c in channel_names for r in ordered_regions for m in METRICS]
-    return {key: record[key] for key in keys if key in record}
+    return {
+        f"{name}/{region_name}/{metric}": per_region[region_name][channel][metric]
+        for channel, name in enumerate(names)
+        for region_name in REGIONS
+        if region_name in per_region
+        for metric in METRICS
+        if metric in per_region[region_name][channel]
+    }
 
 
 def _metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
