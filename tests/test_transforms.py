@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor, list_data_collate
+from monai.transforms import Compose, Invertd, Resized
+from PIL import Image
+from scipy import ndimage
+from torch.utils.data import default_collate
+
+from scripts.fundus_io import FundusImageError
+from scripts.transforms import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    LoadFundusd,
+    RandHueShiftd,
+    SamNormalized,
+    SamplePromptsd,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    training_augmentations,
+)
+
+KEYS = ["image", "label", "fov"]
+
+
+def _dice(first: torch.Tensor, second: torch.Tensor) -> float:
+    first, second = first > 0.5, second > 0.5
+    return float(2 * (first & second).sum() / (first.sum() + second.sum()))
+
+
+def _drive_item(drive_dir: Path, number: int = 21) -> dict:
+    training = drive_dir / "training"
+    return {
+        "image": str(training / "images" / f"{number}_training.tif"),
+        "label": str(training / "1st_manual" / f"{number}_manual1.gif"),
+        "fov": str(training / "mask" / f"{number}_training_mask.gif"),
+    }
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict:
+    """A 5-row, 9-column picture with one marked pixel (row 1, column 6) and masks in assorted formats."""
+    image = np.full((5, 9, 3), 40, np.uint8)
+    image[1, 6] = (250, 10, 120)
+    Image.fromarray(image).save(tmp_path / "image.tif")
+    disc = np.zeros((5, 9), np.uint8)
+    disc[1:4, 4:8] = 255
+    cup = np.zeros((5, 9), np.uint8)
+    cup[1, 6] = 1  # a 0/1 mask
+    Image.fromarray(disc).save(tmp_path / "disc.gif")
+    Image.fromarray(cup).save(tmp_path / "cup.png")
+    Image.fromarray(np.full((5, 9), 255, np.uint8)).save(tmp_path / "fov.bmp")
+    return {
+        "image": str(tmp_path / "image.tif"),
+        "label": [str(tmp_path / "disc.gif"), str(tmp_path / "cup.png")],
+        "fov": str(tmp_path / "fov.bmp"),
+        "dataset": "tiny",
+    }
+
+
+def test_load_shapes_orientation_and_metadata(tiny: dict) -> None:
+    item = LoadFundusd()(tiny)
+    image, label, fov = item["image"], item["label"], item["fov"]
+    assert isinstance(image, MetaTensor) and image.shape == (3, 5, 9) and image.dtype == torch.float32
+    torch.testing.assert_close(image[:, 1, 6], torch.tensor([250, 10, 120]) / 255.0)
+    assert float(image[0, 0, 0]) == pytest.approx(40 / 255) and float(image[0, 1, 5]) == pytest.approx(40 / 255)
+    assert label.shape == (2, 5, 9) and set(torch.unique(label).tolist()) == {0.0, 1.0}
+    assert label[0].sum() == 12 and label[0, 2, 5] == 1  # disc, channel 0
+    assert label[1].sum() == 1 and label[1, 1, 6] == 1  # cup, channel 1, read from a 0/1 mask
+    assert fov.shape == (1, 5, 9) and bool(fov.all())
+    assert image.meta["filename_or_obj"] == tiny["image"]
+    assert tuple(image.meta["spatial_shape"]) == (5, 9)
+    assert label.meta["filename_or_obj"] == tiny["label"][0]
+    assert item["dataset"] == "tiny"
+
+
+def test_load_assorted_formats(tmp_path: Path) -> None:
+    rgba = np.zeros((6, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((6, 4), 30000, np.uint16)).save(tmp_path / "gray16.png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((6, 4, 3), 90, np.uint8)).save(buffer, format="PPM")
+    (tmp_path / "im.ppm.gz").write_bytes(gzip.compress(buffer.getvalue()))
+    mask16 = np.zeros((6, 4), np.uint16)
+    mask16[2:4] = 65535
+    Image.fromarray(mask16).save(tmp_path / "mask16.png")
+    expected = {"rgba.png": (200 / 255, 0.0, 0.0), "gray16.png": (30000 / 65535,) * 3, "im.ppm.gz": (90 / 255,) * 3}
+    for name, colour in expected.items():
+        item = LoadFundusd()({"image": str(tmp_path / name), "label": str(tmp_path / "mask16.png")})
+        assert item["image"].shape == (3, 6, 4)
+        torch.testing.assert_close(item["image"][:, 0, 0], torch.tensor(colour, dtype=torch.float32))
+        assert item["label"].shape == (1, 6, 4) and item["label"].sum() == 8
+
+
+def test_missing_fov_is_estimated_and_label_optional(tmp_path: Path) -> None:
+    rows, cols = np.mgrid[:40, :50]
+    disc = (rows - 20) ** 2 + (cols - 25) ** 2 < 18**2
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[disc] = (200, 100, 50)
+    Image.fromarray(image).save(tmp_path / "photo.jpg", quality=95)
+    item = LoadFundusd()({"image": str(tmp_path / "photo.jpg")})
+    assert "label" not in item
+    fov = item["fov"]
+    assert fov.shape == (1, 40, 50) and fov.meta["fov_estimated"] is True
+    assert _dice(fov[0], torch.from_numpy(disc)) > 0.95
+    assert "fov" not in LoadFundusd(estimate_missing_fov=False)({"image": str(tmp_path / "photo.jpg")})
+
+
+def test_mask_size_mismatch_names_both_files(tiny: dict, tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((9, 5), np.uint8)).save(tmp_path / "transposed.gif")
+    with pytest.raises(FundusImageError) as error:
+        LoadFundusd()({**tiny, "label": str(tmp_path / "transposed.gif")})
+    message = str(error.value)
+    assert "transposed.gif" in message and tiny["image"] in message and "5x9" in message and "9x5" in message
+    with pytest.raises(FundusImageError, match="not found"):
+        LoadFundusd()({**tiny, "fov": str(tmp_path / "absent.png")})
+
+
+def test_drive_orientation_vessels_on_label(drive_dir: Path) -> None:
+    item = LoadFundusd()(_drive_item(drive_dir))
+    image, label, fov = item["image"], item["label"], item["fov"]
+    assert image.shape == (3, 584, 565) and label.shape == (1, 584, 565) and fov.shape == (1, 584, 565)
+    green, vessel, inside = image[1].numpy(), label[0].numpy() > 0.5, fov[0].numpy() > 0.5
+
+    def vessel_contrast(vessel: np.ndarray) -> float:
+        """Green just beside the labelled vessels minus green on them (vessels are dark in green)."""
+        beside = ndimage.binary_dilation(vessel, iterations=3) & ~vessel & inside
+        return float(green[beside].mean() - green[vessel & inside].mean())
+
+    contrast = vessel_contrast(vessel)
+    assert contrast > 0.03
+    # The same measure on a mirrored label finds no vessels: the check above can fail on misalignment.
+    assert vessel_contrast(vessel[:, ::-1]) < contrast / 2
+    assert vessel_contrast(vessel[::-1]) < contrast / 2
+
+
+def test_resize_and_invert_restore_original_grid(drive_dir: Path) -> None:
+    preprocess = Compose([LoadFundusd(), Resized(KEYS, (256, 256), mode=("bilinear", "nearest", "nearest"))])
+    item = preprocess(_drive_item(drive_dir))
+    assert item["image"].shape == (3, 256, 256) and item["label"].shape == (1, 256, 256)
+    original = LoadFundusd()(_drive_item(drive_dir))
+    # A "prediction" at 256 x 256: the resized label and field of view, inverted to the file's grid.
+    # Invertd takes the inverse from the "image" entry; the prediction just has to be a MetaTensor.
+    item["pred"] = MetaTensor(torch.cat([item["label"], item["fov"]]).as_tensor())
+    restored = Invertd("pred", transform=preprocess, orig_keys="image", nearest_interp=False)(item)["pred"]
+    assert restored.shape == (2, 584, 565)
+    assert _dice(restored[1], original["fov"][0]) > 0.98
+    vessel_dice = _dice(restored[0], original["label"][0])
+    assert vessel_dice > 0.6  # thin vessels cannot survive 256 px, but the rest must land where it was
+    assert vessel_dice > 3 * _dice(torch.flip(restored[0], dims=[0]), original["label"][0])
+    # At the network's full size nothing is lost on the way there and back.
+    preprocess = Compose([LoadFundusd(), Resized(KEYS, (1024, 1024), mode=("bilinear", "nearest", "nearest"))])
+    item = preprocess(_drive_item(drive_dir))
+    item["pred"] = MetaTensor(item["label"].as_tensor())
+    restored = Invertd("pred", transform=preprocess, orig_keys="image", nearest_interp=False)(item)["pred"]
+    assert restored.shape == (1, 584, 565) and _dice(restored[0], original["label"][0]) > 0.95
+
+
+def test_sam_normalisation(tiny: dict) -> None:
+    item = LoadFundusd()(tiny)
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    expected = (item["image"].as_tensor() - mean) / std
+    normalised = SamNormalized()(item)["image"]
+    torch.testing.assert_close(normalised.as_tensor(), expected)
+    assert isinstance(normalised, MetaTensor) and normalised.meta["filename_or_obj"] == tiny["image"]
+
+
+def test_hsv_roundtrip_and_hue_shift() -> None:
+    rgb = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rgb[:, 0, :4] = torch.tensor([0.5, 0.5, 0.5]).view(3, 1)  # grays have no hue
+    hsv = rgb_to_hsv(rgb)
+    assert hsv.min() >= 0 and hsv.max() <= 1
+    torch.testing.assert_close(hsv_to_rgb(hsv), rgb, atol=1e-5, rtol=0)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(red) + torch.tensor([1 / 3, 0, 0]).view(3, 1, 1)).flatten(),
+                               torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_rand_hue_shift_transform() -> None:
+    image = MetaTensor(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)), meta={"filename_or_obj": "x"})
+    image[:, 0, 0] = 0.3  # a gray pixel
+    shift = RandHueShiftd("image", max_shift=0.02)
+    shift.set_random_state(7)
+    shifted = shift({"image": image})["image"]
+    assert isinstance(shifted, MetaTensor) and shifted.meta["filename_or_obj"] == "x"
+    before, after = rgb_to_hsv(image.as_tensor()), rgb_to_hsv(shifted.as_tensor())
+    torch.testing.assert_close(after[1:], before[1:], atol=1e-5, rtol=0)  # saturation and value untouched
+    delta = (after[0] - before[0] + 0.5) % 1.0 - 0.5
+    coloured = before[1] > 0.05
+    assert 0 < abs(float(delta[coloured].mean())) <= 0.02 and float(delta[coloured].std()) < 1e-4
+    torch.testing.assert_close(shifted[:, 0, 0], image[:, 0, 0])
+    again = RandHueShiftd("image", max_shift=0.02)
+    again.set_random_state(7)
+    torch.testing.assert_close(again({"image": image})["image"], shifted)
+    assert torch.equal(RandHueShiftd("image", prob=0.0)({"image": image})["image"], image)
+    with pytest.raises(ValueError, match="max_shift"):
+        RandHueShiftd("image", max_shift=0.7)
+
+
+def _checkerboard_item(size: int = 64) -> dict:
+    """Image whose red channel is exactly the label, in large blocks, so that misaligned warps show."""
+    rows, cols = np.mgrid[:size, :size]
+    label = (((rows // 16) + (cols // 8)) % 2).astype(np.float32)
+    label[:16, :] = 0  # break the symmetry so flips change something
+    image = np.stack([label, np.full_like(label, 0.4), np.full_like(label, 0.2)])
+    return {
+        "image": MetaTensor(torch.from_numpy(image)),
+        "label": MetaTensor(torch.from_numpy(label[None].copy())),
+        "fov": MetaTensor(torch.ones(1, size, size)),
+    }
+
+
+def test_training_augmentations_move_image_and_masks_together() -> None:
+    augment = training_augmentations(64)
+    augment.set_random_state(0)
+    changed = 0
+    for _ in range(30):
+        source = _checkerboard_item()
+        out = augment(source)
+        assert out["image"].shape == (3, 64, 64) and out["label"].shape == (1, 64, 64) and out["fov"].shape == (1, 64, 64)
+        assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+        assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
+        # Where the image is clearly inside a block (not at a blurred edge), the label must say the same.
+        red, label = out["image"][0], out["label"][0]
+        clear = (red > 0.8) | ((red < 0.2) & (out["fov"][0] > 0.5))
+        agreement = float(((red[clear] > 0.5) == (label[clear] > 0.5)).float().mean())
+        assert agreement > 0.97
+        changed += not torch.equal(out["label"], _checkerboard_item()["label"])
+    assert changed >= 10  # flips and warps do happen
+
+
+def test_training_augmentations_are_reproducible() -> None:
+    first, second = training_augmentations(64), training_augmentations(64)
+    first.set_random_state(3)
+    second.set_random_state(3)
+    for _ in range(5):
+        a, b = first(_checkerboard_item()), second(_checkerboard_item())
+        torch.testing.assert_close(a["image"], b["image"])
+        torch.testing.assert_close(a["label"], b["label"])
+
+
+def _blob_item(size: int = 64) -> dict:
+    label = torch.zeros(2, size, size)
+    label[0, 10:20, 40:50] = 1  # rows 10-19, columns 40-49
+    label[1, 30:34, 5:9] = 1
+    fov = torch.zeros(1, size, size)
+    fov[:, :, : size - 8] = 1
+    return {"label": label, "fov": fov}
+
+
+def test_prompts_positive_negative_box() -> None:
+    sampler = SamplePromptsd(num_positive=5, num_negative=4, use_box=True, box_noise=0.0, erosion_radius=2)
+    sampler.set_random_state(0)
+    out = sampler(_blob_item())
+    coords, labels = out["point_coords"], out["point_labels"]
+    assert coords.shape == (11, 2) and coords.dtype == torch.float32 and labels.dtype == torch.int64
+    assert labels.tolist() == [1] * 5 + [0] * 4 + [2, 3]
+    x, y = coords[:5, 0], coords[:5, 1]
+    assert bool(((x >= 42) & (x <= 47) & (y >= 12) & (y <= 17)).all())  # inside the eroded blob, (x, y) order
+    negatives = coords[5:9]
+    item = _blob_item()
+    for col, row in negatives.long().tolist():
+        assert item["label"][0, row, col] == 0 and item["fov"][0, row, col] == 1
+    torch.testing.assert_close(coords[9:], torch.tensor([[40.0, 10.0], [49.0, 19.0]]))
+
+
+def test_prompts_channel_noise_and_fallback() -> None:
+    sampler = SamplePromptsd(channel=1, num_positive=3, use_box=True, box_noise=0.5, box_noise_bound=1.0)
+    sampler.set_random_state(1)
+    out = sampler(_blob_item())
+    assert bool(((out["point_coords"][:3, 0] >= 5) & (out["point_coords"][:3, 0] <= 8)).all())
+    box = out["point_coords"][3:]
+    assert float((box - torch.tensor([[5.0, 30.0], [8.0, 33.0]])).abs().max()) <= 1.0  # bounded jitter
+    thin = {"label": torch.zeros(1, 32, 32)}
+    thin["label"][0, 16, 3:30] = 1  # erosion removes a 1-pixel line: fall back to the line itself
+    out = SamplePromptsd(num_positive=4, erosion_radius=3)(thin)
+    assert out["point_labels"].tolist() == [1] * 4 and bool((out["point_coords"][:, 1] == 16).all())
+    with pytest.raises(ValueError, match="channel"):
+        SamplePromptsd(channel=2)(_blob_item())
+
+
+def test_prompts_empty_label_and_no_prompt() -> None:
+    empty = {"label": torch.zeros(1, 16, 16), "fov": torch.ones(1, 16, 16)}
+    out = SamplePromptsd(num_positive=2, num_negative=1, use_box=True)(empty)
+    assert out["point_labels"].tolist() == [-1, -1, 0, -1, -1]
+    assert float(out["point_coords"][[0, 1, 3, 4]].abs().sum()) == 0
+    silent = SamplePromptsd(num_positive=2, use_box=True, no_prompt_prob=1.0)(_blob_item())
+    assert silent["point_labels"].tolist() == [-1] * 4 and float(silent["point_coords"].abs().sum()) == 0
+    with pytest.raises(ValueError, match="slot"):
+        SamplePromptsd(num_positive=0, num_negative=0, use_box=False)
+
+
+def test_prompts_reproducible_and_collatable() -> None:
+    def draw(seed: int) -> list[dict]:
+        sampler = SamplePromptsd(num_positive=3, num_negative=2, use_box=True, no_prompt_prob=0.3)
+        sampler.set_random_state(seed)
+        return [sampler(_blob_item()) for _ in range(6)]
+
+    first, second, other = draw(5), draw(5), draw(6)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a["point_coords"], b["point_coords"])
+    assert any(not torch.equal(a["point_coords"], c["point_coords"]) for a, c in zip(first, other))
+    batch = default_collate([{key: item[key] for key in ("point_coords", "point_labels")} for item in first])
+    assert batch["point_coords"].shape == (6, 7, 2) and batch["point_labels"].shape == (6, 7)
+    assert list_data_collate(first)["point_labels"].shape == (6, 7)
+
+
+def test_full_pipeline_on_drive(drive_dir: Path) -> None:
+    pipeline = Compose(
+        [
+            LoadFundusd(),
+            Resized(KEYS, (128, 128), mode=("bilinear", "nearest", "nearest")),
+            training_augmentations(128),
+            SamplePromptsd(num_positive=2, num_negative=2, use_box=True),
+            SamNormalized(),
+        ]
+    )
+    pipeline.set_random_state(0)
+    out = pipeline(_drive_item(drive_dir))
+    assert out["image"].shape == (3, 128, 128) and out["label"].shape == (1, 128, 128)
+    assert float(out["image"].mean()) < 0.5  # normalised, no longer in [0, 1]
+    coords, labels = out["point_coords"], out["point_labels"]
+    for (col, row), kind in zip(coords.long().tolist(), labels.tolist()):
+        if kind == 1:
+            assert out["label"][0, row, col] == 1
+        if kind == 0:
+            assert out["label"][0, row, col] == 0 and out["fov"][0, row, col] == 1
