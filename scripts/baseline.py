@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,8 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "VesselCase",
     "TopHatParameters",
-    "load_cases",
+    "BaselineFit",
+    "iter_cases",
     "vessel_response",
     "fit_parameters",
     "predict_probability",
@@ -112,9 +113,10 @@ class TopHatParameters:
     threshold: float
 
 
-def load_cases(datalist: str | os.PathLike, split: str) -> list[VesselCase]:
-    """Load the images, vessel labels and FOV masks of one split of a MONAI datalist.
+def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
+    """Load the images, vessel labels and FOV masks of one split of a MONAI datalist, one at a time.
 
+    Streaming keeps one image in memory however large the split (FIVES and HRF images are 2048 and 3504 pixels wide).
     Masks follow the datalist convention 0 = background, > 0 = structure. An entry without ``"fov"`` gets an
     estimated field of view.
 
@@ -122,12 +124,12 @@ def load_cases(datalist: str | os.PathLike, split: str) -> list[VesselCase]:
         datalist: datalist JSON; relative paths are resolved against its folder.
         split: list key, e.g. ``"training"`` or ``"test"``.
 
-    Returns:
+    Yields:
         the split's cases, in datalist order.
 
     Raises:
         ValueError: when the split is missing or empty, an entry's label is not a single vessel mask (disc/cup
-            datalists list two), or image and masks differ in size.
+            datalists list two), image and masks differ in size, or the FOV is empty.
         FundusImageError: when a file cannot be read.
     """
     datalist = Path(datalist)
@@ -138,7 +140,6 @@ def load_cases(datalist: str | os.PathLike, split: str) -> list[VesselCase]:
     # next to a DRIVE/ folder would come back as ".../DRIVE": take the names from the file as written.
     with open(datalist, encoding="utf-8") as stream:
         dataset_names = [str(raw.get("dataset", "unknown")) for raw in json.load(stream)[split]]
-    cases = []
     for entry, dataset_name in zip(entries, dataset_names):
         if not isinstance(entry.get("label"), (str, os.PathLike)):
             raise ValueError(
@@ -152,21 +153,15 @@ def load_cases(datalist: str | os.PathLike, split: str) -> list[VesselCase]:
             raise ValueError(
                 f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
             )
-        cases.append(VesselCase(str(entry["image"]), dataset_name, image, label, fov))
-    return cases
+        if not fov.any():
+            raise ValueError(f"{entry['image']}: the field-of-view mask is empty")
+        yield VesselCase(str(entry["image"]), dataset_name, image, label, fov)
 
 
 def _fov_scale(fov: np.ndarray) -> float:
     """The FOV width relative to :data:`REFERENCE_FOV_WIDTH`."""
     columns = np.flatnonzero(fov.any(axis=0))
     return (columns[-1] - columns[0] + 1) / REFERENCE_FOV_WIDTH
-
-
-def _green_inside_fov(image: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """The green channel with every pixel outside the FOV replaced by its nearest pixel inside."""
-    green = image[..., 1].astype(np.float64)
-    nearest = ndimage.distance_transform_edt(~fov, return_distances=False, return_indices=True)
-    return green[tuple(nearest)]
 
 
 def vessel_response(image: np.ndarray, fov: np.ndarray, radius: float, sigma: float) -> np.ndarray:
@@ -181,12 +176,23 @@ def vessel_response(image: np.ndarray, fov: np.ndarray, radius: float, sigma: fl
     Returns:
         ``(H, W)`` float64 response divided by its standard deviation inside the FOV; 0 outside the FOV.
     """
-    scale = _fov_scale(fov)
-    green = _green_inside_fov(image, fov)
+    return _top_hat(_smoothed_green(image, fov, sigma), fov, radius)
+
+
+def _smoothed_green(image: np.ndarray, fov: np.ndarray, sigma: float) -> np.ndarray:
+    """The green channel, filled outside the FOV with the nearest retina, smoothed by ``sigma`` at DRIVE scale."""
+    green = image[..., 1].astype(np.float64)
+    nearest = ndimage.distance_transform_edt(~fov, return_distances=False, return_indices=True)
+    green = green[tuple(nearest)]
     if sigma > 0:
-        green = ndimage.gaussian_filter(green, sigma * scale)
+        green = ndimage.gaussian_filter(green, sigma * _fov_scale(fov))
+    return green
+
+
+def _top_hat(green: np.ndarray, fov: np.ndarray, radius: float) -> np.ndarray:
+    """Black top-hat of ``green`` with a disk of ``radius`` at DRIVE scale, normalised inside the FOV."""
     # The "crosses" decomposition is the exact disk for these radii and several times faster than the full disk.
-    footprint = disk(max(1, round(radius * scale)), decomposition="crosses")
+    footprint = disk(max(1, round(radius * _fov_scale(fov))), decomposition="crosses")
     response = black_tophat(green, footprint)
     spread = response[fov].std()
     response = response / spread if spread > 0 else response
@@ -194,29 +200,41 @@ def vessel_response(image: np.ndarray, fov: np.ndarray, radius: float, sigma: fl
     return response
 
 
-def _mean_dice_per_threshold(
-    responses: Iterable[np.ndarray], cases: Sequence[VesselCase], thresholds: np.ndarray
-) -> np.ndarray:
-    """Mean over cases of the Dice inside the FOV of ``response >= threshold``, for every threshold at once."""
-    dice_sum = np.zeros(len(thresholds), dtype=np.float64)
-    for response, case in zip(responses, cases):
-        inside = response[case.fov]
-        positive = np.sort(inside[case.label[case.fov]])
-        everything = np.sort(inside)
-        predicted = everything.size - np.searchsorted(everything, thresholds, side="left")
-        true_positive = positive.size - np.searchsorted(positive, thresholds, side="left")
-        denominator = predicted + positive.size
-        dice_sum += np.where(denominator > 0, 2.0 * true_positive / np.maximum(denominator, 1), 1.0)
-    return dice_sum / len(cases)
+def _dice_per_threshold(response: np.ndarray, case: VesselCase, thresholds: np.ndarray) -> np.ndarray:
+    """Dice inside the FOV of ``response >= threshold`` for every threshold at once (from sorted responses)."""
+    inside = response[case.fov]
+    vessel = np.sort(inside[case.label[case.fov]])
+    everything = np.sort(inside)
+    predicted = everything.size - np.searchsorted(everything, thresholds, side="left")
+    true_positive = vessel.size - np.searchsorted(vessel, thresholds, side="left")
+    denominator = predicted + vessel.size
+    return np.where(denominator > 0, 2.0 * true_positive / np.maximum(denominator, 1), 1.0)
+
+
+@dataclass(frozen=True)
+class BaselineFit:
+    """Outcome of :func:`fit_parameters`.
+
+    Args:
+        parameters: the chosen parameters.
+        training_fov_dice: their mean per-image Dice inside the FOV on the training images.
+        fitted_on: the training images' file names.
+    """
+
+    parameters: TopHatParameters
+    training_fov_dice: float
+    fitted_on: list[str]
 
 
 def fit_parameters(
-    training_cases: Sequence[VesselCase],
+    training_cases: Iterable[VesselCase],
     radii: Sequence[int] = DEFAULT_RADII,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-) -> tuple[TopHatParameters, float]:
+) -> BaselineFit:
     """Choose radius, smoothing and threshold maximising the mean training Dice inside the FOV (grid search).
+
+    Every combination is scored on each image as it streams by, so one image is in memory at a time.
 
     Args:
         training_cases: the training split only.
@@ -225,26 +243,28 @@ def fit_parameters(
         thresholds: candidate thresholds on the normalised response.
 
     Returns:
-        the best parameters and their mean training Dice (ties: the first in grid order).
+        the best combination (ties: the first in sigma, radius, threshold order) and its mean training Dice.
 
     Raises:
-        ValueError: when there are no training cases or an empty candidate list.
+        ValueError: when there are no training cases or a candidate list is empty.
     """
-    if not training_cases or not radii or not sigmas or not len(thresholds):
-        raise ValueError("fit_parameters needs training cases and non-empty radius, sigma and threshold candidates")
+    if not radii or not sigmas or not len(thresholds):
+        raise ValueError("fit_parameters needs non-empty radius, sigma and threshold candidates")
     threshold_grid = np.asarray(thresholds, dtype=np.float64)
-    best: tuple[TopHatParameters, float] | None = None
-    for sigma in sigmas:
-        for radius in radii:
-            responses = (vessel_response(c.image, c.fov, radius, sigma) for c in training_cases)
-            mean_dice = _mean_dice_per_threshold(responses, training_cases, threshold_grid)
-            index = int(np.argmax(mean_dice))
-            logger.debug("radius %s sigma %s: best training Dice %.4f", radius, sigma, mean_dice[index])
-            if best is None or mean_dice[index] > best[1]:
-                parameters = TopHatParameters(int(radius), float(sigma), float(threshold_grid[index]))
-                best = parameters, float(mean_dice[index])
-    assert best is not None
-    return best
+    dice_sum = np.zeros((len(sigmas), len(radii), len(threshold_grid)), dtype=np.float64)
+    fitted_on = []
+    for case in training_cases:
+        fitted_on.append(case.filename)
+        for i, sigma in enumerate(sigmas):
+            green = _smoothed_green(case.image, case.fov, sigma)
+            for j, radius in enumerate(radii):
+                dice_sum[i, j] += _dice_per_threshold(_top_hat(green, case.fov, radius), case, threshold_grid)
+    if not fitted_on:
+        raise ValueError("fit_parameters needs at least one training case")
+    mean_dice = dice_sum / len(fitted_on)
+    i, j, k = np.unravel_index(int(np.argmax(mean_dice)), mean_dice.shape)
+    parameters = TopHatParameters(int(radii[j]), float(sigmas[i]), float(threshold_grid[k]))
+    return BaselineFit(parameters, float(mean_dice[i, j, k]), fitted_on)
 
 
 def predict_probability(response: np.ndarray, fov: np.ndarray, threshold: float) -> np.ndarray:
@@ -263,7 +283,7 @@ def predict_probability(response: np.ndarray, fov: np.ndarray, threshold: float)
     return probability
 
 
-def evaluate_cases(cases: Sequence[VesselCase], parameters: TopHatParameters) -> list[dict[str, Any]]:
+def evaluate_cases(cases: Iterable[VesselCase], parameters: TopHatParameters) -> list[dict[str, Any]]:
     """Segment and evaluate every case with fixed parameters.
 
     Args:
@@ -309,20 +329,19 @@ def run_baseline(
     if split == "training":
         raise ValueError("the baseline is fitted on the training split; evaluate it on another split")
     started = time.monotonic()
-    training_cases = load_cases(datalist, "training")
-    parameters, training_dice = fit_parameters(training_cases, radii, sigmas, thresholds)
-    fitted_on = [case.filename for case in training_cases]
-    logger.info("fitted on %d training images: %s, training FOV Dice %.4f", len(fitted_on), parameters, training_dice)
-    del training_cases  # the evaluated images are loaded only once the parameters are fixed
-    records = evaluate_cases(load_cases(datalist, split), parameters)
+    fit = fit_parameters(iter_cases(datalist, "training"), radii, sigmas, thresholds)
+    logger.info("fitted on %d training images: %s", len(fit.fitted_on), fit.parameters)
+    logger.info("training FOV Dice %.4f", fit.training_fov_dice)
+    # The evaluated split is read only now that the parameters are fixed.
+    records = evaluate_cases(iter_cases(datalist, split), fit.parameters)
     summary = summarise(records)
     metadata = {
         "method": "green-channel black top-hat, normalised by its FOV standard deviation, thresholded",
-        "parameters": asdict(parameters),
+        "parameters": asdict(fit.parameters),
         "parameter_units": "radius and sigma in pixels at a 540-pixel-wide FOV, scaled per image with its FOV width",
         "selection": "grid search maximising the mean per-image Dice inside the FOV on the training split",
-        "training_fov_dice": training_dice,
-        "fitted_on": fitted_on,
+        "training_fov_dice": fit.training_fov_dice,
+        "fitted_on": fit.fitted_on,
         "candidates": {"radius": list(radii), "sigma": list(sigmas), "threshold": list(thresholds)},
         "datalist": str(Path(datalist).absolute()),
         "evaluated_split": split,

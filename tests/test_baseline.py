@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.baseline import fit_parameters, load_cases, main, predict_probability, run_baseline, vessel_response
+from scripts.baseline import fit_parameters, iter_cases, main, predict_probability, run_baseline, vessel_response
 from scripts.fundus_io import write_png
 
 TRAINING_IDS = (21, 22, 23, 24)
@@ -49,7 +49,7 @@ def synthetic_datalist(tmp_path: Path) -> Path:
 
 
 def test_response_is_high_on_vessels_and_zero_outside_fov(synthetic_datalist):
-    case = load_cases(synthetic_datalist, "training")[0]
+    case = next(iter_cases(synthetic_datalist, "training"))
     response = vessel_response(case.image, case.fov, radius=5, sigma=1.0)
     assert response[case.label].mean() > 3 * response[case.fov & ~case.label].mean()
     assert np.all(response[~case.fov] == 0)
@@ -59,10 +59,10 @@ def test_response_is_high_on_vessels_and_zero_outside_fov(synthetic_datalist):
 
 
 def test_fit_parameters_finds_synthetic_vessels(synthetic_datalist):
-    cases = load_cases(synthetic_datalist, "training")
-    parameters, dice = fit_parameters(cases, radii=(3, 5), sigmas=(0.0, 1.0))
-    assert parameters.radius in (3, 5) and parameters.sigma in (0.0, 1.0)
-    assert dice > 0.85
+    fit = fit_parameters(iter_cases(synthetic_datalist, "training"), radii=(3, 5), sigmas=(0.0, 1.0))
+    assert fit.parameters.radius in (3, 5) and fit.parameters.sigma in (0.0, 1.0)
+    assert fit.training_fov_dice > 0.85
+    assert len(fit.fitted_on) == 3
 
 
 def test_run_baseline_on_synthetic_data(synthetic_datalist, tmp_path):
@@ -86,7 +86,7 @@ def test_refuses_disc_cup_datalists(synthetic_datalist):
     datalist["training"][0]["label"] = [datalist["training"][0]["label"]] * 2
     synthetic_datalist.write_text(json.dumps(datalist))
     with pytest.raises(ValueError, match="not one vessel mask"):
-        load_cases(synthetic_datalist, "training")
+        next(iter_cases(synthetic_datalist, "training"))
 
 
 def test_command_line(synthetic_datalist, tmp_path):
