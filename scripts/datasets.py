@@ -265,7 +265,8 @@ def decode_origa_mat(files: Sequence[Path], shape: tuple[int, int]) -> list[np.n
     height, width = shape
     if mask.shape[0] < height or mask.shape[1] < width:
         raise DatasetError(
-            f"ORIGA annotation {path} is {mask.shape[1]}x{mask.shape[0]} pixels, smaller than its image {width}x{height}"
+            f"ORIGA annotation {path} is {mask.shape[1]}x{mask.shape[0]} pixels, "
+            f"smaller than its image {width}x{height}"
         )
     top = (mask.shape[0] - height) // 2
     left = (mask.shape[1] - width) // 2
@@ -379,10 +380,15 @@ _DRIVE = DatasetDescription(
     task="vessels",
     layout="training|test/images/NN_training.tif|NN_test.tif with 1st_manual/NN_manual1.gif and mask/NN_*_mask.gif",
     case_pattern=r"(?P<part>training|test)/images/(?P<stem>\d+)_(?:training|test)\.tif",
-    annotations={"first": ("{part}/1st_manual/{stem}_manual1.gif",), "second": ("{part}/2nd_manual/{stem}_manual2.gif",)},
+    annotations={
+        "first": ("{part}/1st_manual/{stem}_manual1.gif",),
+        "second": ("{part}/2nd_manual/{stem}_manual2.gif",),
+    },
     partial_annotators=frozenset({"second"}),
     fov="{part}/mask/{stem}_{part}_mask.gif",
-    official_split=_split_by_folder("training/ (20) is the training pool, test/ (20) the test set", training="training", test="test"),
+    official_split=_split_by_folder(
+        "training/ (20) is the training pool, test/ (20) the test set", training="training", test="test"
+    ),
 )
 
 _CHASE_DB1 = DatasetDescription(
@@ -391,7 +397,9 @@ _CHASE_DB1 = DatasetDescription(
     layout="Image_NNL.jpg / Image_NNR.jpg with Image_NNX_1stHO.png and Image_NNX_2ndHO.png in one folder",
     case_pattern=r"Image_(?P<stem>\d+[LR])\.jpg",
     annotations={"first": ("Image_{stem}_1stHO.png",), "second": ("Image_{stem}_2ndHO.png",)},
-    official_split=OfficialSplit(summary="first 20 images training, last 8 test (the field's convention)", first_training=20),
+    official_split=OfficialSplit(
+        summary="first 20 images training, last 8 test (the field's convention)", first_training=20
+    ),
     test_fraction=0.27,
     case_id="Image_{stem}",
 )
@@ -427,19 +435,25 @@ _FIVES = DatasetDescription(
     case_id="{part}_{stem}",
 )
 
+
+def _drishti_soft_map(kind: str) -> tuple[str, ...]:
+    """Templates of a DRISHTI-GS soft map: the test set's ground truth is distributed in Test_GT/, not GT/."""
+    return tuple(f"{{part}}/{folder}/{{stem}}/SoftMap/{{stem}}_{kind}Softmap.png" for folder in ("GT", "Test_GT"))
+
+
 _DRISHTI_GS = DatasetDescription(
     name="DRISHTI-GS",
     task="disc_cup",
-    layout="Training|Test/Images/NAME.png with Training|Test/GT/NAME/SoftMap/NAME_ODsegSoftmap.png and _cupsegSoftmap.png",
+    layout=(
+        "Training|Test/Images/NAME.png with Training|Test/GT/NAME/SoftMap/NAME_ODsegSoftmap.png "
+        "and NAME_cupsegSoftmap.png"
+    ),
     case_pattern=r"(?P<part>training|test)/Images/(?P<stem>[^/]+)\.png",
-    annotations={
-        "first": (
-            ("{part}/GT/{stem}/SoftMap/{stem}_ODsegSoftmap.png", "{part}/Test_GT/{stem}/SoftMap/{stem}_ODsegSoftmap.png"),
-            ("{part}/GT/{stem}/SoftMap/{stem}_cupsegSoftmap.png", "{part}/Test_GT/{stem}/SoftMap/{stem}_cupsegSoftmap.png"),
-        )
-    },
+    annotations={"first": (_drishti_soft_map("ODseg"), _drishti_soft_map("cupseg"))},
     decoder=decode_soft_maps,
-    official_split=_split_by_folder("Training/ is the training pool, Test/ the test set", training="training", test="test"),
+    official_split=_split_by_folder(
+        "Training/ is the training pool, Test/ the test set", training="training", test="test"
+    ),
 )
 
 
@@ -448,7 +462,9 @@ def _labelme_description(name: str) -> DatasetDescription:
     return DatasetDescription(
         name=name,
         task="disc_cup",
-        layout="labelme JSON files (shapes labelled disc/OD and cup/OC) next to their images or naming them in imagePath",
+        layout=(
+            "labelme JSON files (shapes labelled disc/OD and cup/OC) next to their images or naming them in imagePath"
+        ),
         case_pattern=r"(?P<stem>[^/]+)\.json",
         image="{stem}.*",
         image_hint=labelme_image_path,
@@ -472,8 +488,10 @@ _PAPILA = DatasetDescription(
     layout="FundusImages/NAME.jpg with ExpertsSegmentations/Contours/NAME_disc_exp1.txt, NAME_cup_exp1.txt (and exp2)",
     case_pattern=r"FundusImages/(?P<stem>[^/]+)\.jpg",
     annotations={
-        "first": ("ExpertsSegmentations/Contours/{stem}_disc_exp1.txt", "ExpertsSegmentations/Contours/{stem}_cup_exp1.txt"),
-        "second": ("ExpertsSegmentations/Contours/{stem}_disc_exp2.txt", "ExpertsSegmentations/Contours/{stem}_cup_exp2.txt"),
+        annotator: tuple(
+            f"ExpertsSegmentations/Contours/{{stem}}_{structure}_{expert}.txt" for structure in ("disc", "cup")
+        )
+        for annotator, expert in (("first", "exp1"), ("second", "exp2"))
     },
     decoder=decode_contour_files,
 )

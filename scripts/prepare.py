@@ -79,6 +79,8 @@ SPLIT_METHODS = ("auto", "official", "seeded")
 SPLITS = ("training", "validation", "test")
 """Datalist list keys."""
 
+_COUNT_KEYS = {"training": "numTraining", "validation": "numValidation", "test": "numTest"}
+
 logger = logging.getLogger(__name__)
 
 # Archive debris (macOS resource forks, hidden files) that must never be taken for images.
@@ -166,6 +168,11 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
+def _groups(match: re.Match) -> dict[str, str]:
+    """The named groups of a case-pattern match, without the internal root group."""
+    return {name: value for name, value in match.groupdict().items() if name != "_root" and value is not None}
+
+
 def _matches(description: DatasetDescription, index: _FileIndex) -> list[tuple[re.Match, Path]]:
     """The files of ``index`` matching the description's case pattern below any folder."""
     pattern = re.compile(r"(?P<_root>(?:[^/]+/)*?)" + description.case_pattern, re.IGNORECASE)
@@ -179,7 +186,9 @@ def _matches(description: DatasetDescription, index: _FileIndex) -> list[tuple[r
 
 def _no_cases_message(description: DatasetDescription, index: _FileIndex) -> str:
     """Why no case was found, naming the datasets the folder looks like instead."""
-    lookalikes = [other.name for other in DATASETS.values() if other.name != description.name and _matches(other, index)]
+    lookalikes = [
+        other.name for other in DATASETS.values() if other.name != description.name and _matches(other, index)
+    ]
     message = f"no {description.name} images found under {index.root}: expected {description.layout}"
     if lookalikes:
         message += f" (the folder looks like {' or '.join(lookalikes)})"
@@ -206,11 +215,6 @@ def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re
     return image
 
 
-def _groups(match: re.Match) -> dict[str, str]:
-    """The named groups of a case-pattern match, without the internal root group."""
-    return {name: value for name, value in match.groupdict().items() if name != "_root" and value is not None}
-
-
 def find_cases(
     description: DatasetDescription, src: str | os.PathLike, annotator: str = "first", ignore: Sequence[Path] = ()
 ) -> list[Case]:
@@ -231,12 +235,15 @@ def find_cases(
     """
     root = Path(src).expanduser().absolute()
     if not root.is_dir():
-        raise DatasetError(f"{description.name} folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"{description.name} folder {root} {problem}")
     index = _FileIndex(root, ignore)
     matches = _matches(description, index)
     if not matches:
         raise DatasetError(_no_cases_message(description, index))
-    required = {"first"} | ({"second"} - description.partial_annotators if annotator != "first" else set())
+    required = {"first"}
+    if annotator != "first" and "second" not in description.partial_annotators:
+        required.add("second")
     cases: dict[str, Case] = {}
     for match, anchor in matches:
         groups = _groups(match)
@@ -279,6 +286,24 @@ def _seeded_pick(cases: Sequence[Case], count: int, seed_sequence: np.random.See
     """Ids of ``count`` cases drawn at random from ``cases`` (in natural order)."""
     order = np.random.default_rng(seed_sequence).permutation(len(cases))
     return {cases[int(i)].case_id for i in order[:count]}
+
+
+def _official_parts(description: DatasetDescription, cases: Sequence[Case]) -> dict[str, list[Case]]:
+    """The cases per split of the dataset's official split (cases in natural order)."""
+    rule = description.official_split
+    parts: dict[str, list[Case]] = {name: [] for name in SPLITS}
+    if rule.first_training is not None:
+        if len(cases) <= rule.first_training:
+            raise DatasetError(
+                f"{description.name}'s official split ({rule.summary}) needs more than {rule.first_training} "
+                f"images, found {len(cases)}; use --split seeded"
+            )
+        parts["training"] = list(cases[: rule.first_training])
+        parts["test"] = list(cases[rule.first_training :])
+    else:
+        for case in cases:
+            parts[rule.parts[case.groups[rule.group].lower()]].append(case)
+    return parts
 
 
 def split_cases(
@@ -330,27 +355,19 @@ def split_cases(
     # Natural order of ids, so that the draws depend on the seed only, not on how the files were listed.
     cases = sorted(cases, key=lambda case: _natural_key(case.case_id))
     test_seed, validation_seed = np.random.SeedSequence(seed).spawn(2)
-    parts: dict[str, list[Case]] = {name: [] for name in SPLITS}
     if method == "official":
         summary = rule.summary
-        if rule.first_training is not None:
-            if len(cases) <= rule.first_training:
-                raise DatasetError(
-                    f"{description.name}'s official split ({summary}) needs more than {rule.first_training} images, "
-                    f"found {len(cases)}; use --split seeded"
-                )
-            parts["training"] = list(cases[: rule.first_training])
-            parts["test"] = list(cases[rule.first_training :])
-        else:
-            for case in cases:
-                parts[rule.parts[case.groups[rule.group].lower()]].append(case)
+        parts = _official_parts(description, cases)
     else:
         summary = f"seeded random split, test fraction {test_fraction}"
         if len(cases) < 2:
             raise DatasetError(f"{description.name}: a seeded split needs at least 2 images, found {len(cases)}")
         test_ids = _seeded_pick(cases, _count(len(cases), test_fraction, minimum=1), test_seed)
-        parts["test"] = [case for case in cases if case.case_id in test_ids]
-        parts["training"] = [case for case in cases if case.case_id not in test_ids]
+        parts = {
+            "training": [case for case in cases if case.case_id not in test_ids],
+            "validation": [],
+            "test": [case for case in cases if case.case_id in test_ids],
+        }
     if not parts["training"] or not parts["test"]:
         empty = "training" if not parts["training"] else "test"
         raise DatasetError(f"{description.name}: the {empty} set of the {method} split is empty ({summary})")
@@ -402,23 +419,24 @@ class _CasePreparer:
         description = self.description
         if description.decoder is None and len(used) == 1:
             files = case.annotations[used[0]]
-            masks, usable = zip(*(read_binary_mask(path, shape) for path in files))
+            decoded, usable = zip(*(read_binary_mask(path, shape) for path in files))
             if all(usable):
                 return list(files)
-            per_annotator = [list(masks)]
+            per_annotator = [list(decoded)]
         else:
             decoder = description.decoder or decode_binary_masks
             per_annotator = [decoder(case.annotations[name], shape) for name in used]
-        paths = []
-        for structure, masks in zip(description.structures, zip(*per_annotator)):
-            for mask in masks:
-                if mask.shape != shape:
-                    raise DatasetError(
-                        f"{description.name} {case.case_id}: decoded {structure} mask has shape {mask.shape}, its "
-                        f"image {case.image} has {shape}"
-                    )
-            paths.append(self._write(np.logical_or.reduce(masks), recorded, structure, case.case_id))
-        return paths
+        # Guards the contract of the decoders, which a new dataset description may bring.
+        for masks in per_annotator:
+            if len(masks) != len(description.structures) or any(mask.shape != shape for mask in masks):
+                raise DatasetError(
+                    f"{description.name} {case.case_id}: the decoder gave masks of shapes "
+                    f"{[mask.shape for mask in masks]}, expected {len(description.structures)} of {shape}"
+                )
+        return [
+            self._write(np.logical_or.reduce(masks), recorded, structure, case.case_id)
+            for structure, masks in zip(description.structures, zip(*per_annotator))
+        ]
 
     def _fov(self, case: Case, image: np.ndarray) -> Path:
         """The distributed FOV mask where usable as it is, else a derived PNG (rewritten or estimated)."""
@@ -542,9 +560,7 @@ def prepare_dataset(
         "annotator_note": note,
         **provenance,
         "source": str(Path(src).expanduser().absolute()),
-        "numTraining": len(entries["training"]),
-        "numValidation": len(entries["validation"]),
-        "numTest": len(entries["test"]),
+        **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
         **entries,
     }
     write_json_atomic(output, datalist)
@@ -592,7 +608,9 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
         if "sources" in content:
             sources.extend(content["sources"])
         else:
-            provenance = {key: value for key, value in content.items() if key not in SPLITS and not key.startswith("num")}
+            provenance = {key: value for key, value in content.items() if key not in SPLITS}
+            for count_key in _COUNT_KEYS.values():
+                provenance.pop(count_key, None)
             sources.append({**provenance, "datalist": str(path)})
     names = [str(source["dataset"]) for source in sources]
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -607,7 +625,7 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
         "sources": sources,
     }
     lists = {split_name: [entry for _, content in inputs for entry in content[split_name]] for split_name in SPLITS}
-    pooled.update({f"num{split_name.capitalize()}": len(lists[split_name]) for split_name in SPLITS})
+    pooled.update({_COUNT_KEYS[split_name]: len(lists[split_name]) for split_name in SPLITS})
     pooled.update(lists)
     write_json_atomic(output, pooled)
     return pooled
@@ -627,7 +645,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True, help="datalist JSON to write")
     parser.add_argument("--annotator", default="first", help="first (default, the reference), second, or union")
     parser.add_argument(
-        "--split", default="auto", help="auto (default: official where the dataset has one, else seeded), official, seeded"
+        "--split", default="auto", help="auto (default: official/conventional where the dataset has one, else seeded), "
+        "official, or seeded",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
     parser.add_argument("--test-fraction", type=float, help="test fraction of a seeded split (default: 0.27 or 0.25)")
