@@ -27,7 +27,8 @@ __all__ = ["FundusImageError", "SUPPORTED_SUFFIXES", "read_image", "read_mask", 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pnm", ".bmp")
 """File suffixes (case-insensitive) that :func:`read_image` and :func:`read_mask` accept, each optionally + ``.gz``."""
 
-# PIL modes holding one 16-bit sample per pixel; their true maximum is 65535 whatever values the file happens to use.
+# PIL modes holding one 16-bit sample per pixel ("I" is how some Pillow versions open 16-bit grayscale PNGs); their
+# true maximum is 65535 whatever values the file happens to use.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 

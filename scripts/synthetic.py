@@ -383,7 +383,8 @@ def render_fundus(size: int = 512, seed: int = 0, index: int = 0) -> SyntheticFu
     base = np.array([rng.uniform(0.8, 0.92), rng.uniform(0.4, 0.5), rng.uniform(0.2, 0.32)], np.float32)
     gradient_angle = rng.uniform(0, 2 * np.pi)
     gradient = ((cols - size / 2) * np.cos(gradient_angle) + (rows - size / 2) * np.sin(gradient_angle)) / size
-    illumination = 1.0 + rng.uniform(0.2, 0.5) * gradient + rng.uniform(0.05, 0.1) * _smooth_noise(rng, shape, 60 * scale)
+    unevenness = _smooth_noise(rng, shape, 60 * scale)
+    illumination = 1.0 + rng.uniform(0.2, 0.5) * gradient + rng.uniform(0.05, 0.1) * unevenness
     vignetting = 1.0 - rng.uniform(0.3, 0.5) * np.clip(from_center, 0, 1) ** rng.uniform(2.5, 4.0)
     light = (brightness * illumination * vignetting)[..., None]
     choroid = _smooth_noise(rng, shape, 2.0 * scale) * rng.uniform(0.02, 0.04)
@@ -409,7 +410,9 @@ def render_fundus(size: int = 512, seed: int = 0, index: int = 0) -> SyntheticFu
     # Vessels absorb light multiplicatively, then the optics blur and the sensor adds noise.
     samples = _grow_vessels(rng, anatomy, size)
     absorption, vessels = _render_vessels(samples, shape)
-    optical_depth = absorption[_ARTERY, ..., None] * _ARTERY_ABSORPTION + absorption[_VEIN, ..., None] * _VEIN_ABSORPTION
+    optical_depth = (
+        absorption[_ARTERY, ..., None] * _ARTERY_ABSORPTION + absorption[_VEIN, ..., None] * _VEIN_ABSORPTION
+    )
     picture = retina * np.exp(-optical_depth * rng.uniform(0.7, 1.0))
     picture = ndimage.gaussian_filter(picture, sigma=(0.7 * scale, 0.7 * scale, 0))
     picture += rng.normal(0.0, rng.uniform(0.008, 0.02), picture.shape).astype(np.float32)
@@ -445,7 +448,9 @@ def split_indices(count: int, seed: int, fractions: Sequence[float] = SPLIT_FRAC
         ValueError: when ``count`` is below 3 or ``fractions`` is not three non-negative numbers.
     """
     if count < MIN_COUNT:
-        raise ValueError(f"count must be at least {MIN_COUNT} (one image each for training, validation, test), got {count}")
+        raise ValueError(
+            f"count must be at least {MIN_COUNT} (one image each for training, validation, test), got {count}"
+        )
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     total = float(sum(fractions))

@@ -75,7 +75,8 @@ def _as_metatensor(array: np.ndarray, path: str, original_channel_dim: int | flo
         "original_channel_dim": original_channel_dim,
         **extra,
     }
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.eye(4, dtype=torch.float64), meta=meta)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return MetaTensor(tensor, affine=torch.eye(4, dtype=torch.float64), meta=meta)
 
 
 def _binary_mask(path: str) -> np.ndarray:
@@ -226,7 +227,11 @@ class RandHueShiftd(RandomizableTransform, MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "image", max_shift: float = 0.02, prob: float = 1.0, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection = "image",
+        max_shift: float = 0.02,
+        prob: float = 1.0,
+        allow_missing_keys: bool = False,
     ) -> None:
         if not 0.0 <= max_shift <= 0.5:
             raise ValueError(f"max_shift must be in [0, 0.5] turns, got {max_shift}")
@@ -452,8 +457,10 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
         if self._do_transform:
             slot = 0
             if self.num_positive and foreground.any():
-                core = ndimage.binary_erosion(foreground, iterations=self.erosion_radius) if self.erosion_radius else foreground
-                core = core if core.any() else foreground
+                core = foreground
+                if self.erosion_radius:
+                    eroded = ndimage.binary_erosion(foreground, iterations=self.erosion_radius)
+                    core = eroded if eroded.any() else foreground
                 coords[: self.num_positive] = self._points(np.argwhere(core), self.num_positive)
                 labels[: self.num_positive] = POINT_POSITIVE
             slot += self.num_positive

@@ -179,9 +179,10 @@ def test_hsv_roundtrip_and_hue_shift() -> None:
     hsv = rgb_to_hsv(rgb)
     assert hsv.min() >= 0 and hsv.max() <= 1
     torch.testing.assert_close(hsv_to_rgb(hsv), rgb, atol=1e-5, rtol=0)
-    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
-    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(red) + torch.tensor([1 / 3, 0, 0]).view(3, 1, 1)).flatten(),
-                               torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+    # A third of a turn takes pure red to pure green.
+    red_hsv = rgb_to_hsv(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1))
+    green = hsv_to_rgb(red_hsv + torch.tensor([1 / 3, 0.0, 0.0]).view(3, 1, 1))
+    torch.testing.assert_close(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
 
 
 def test_rand_hue_shift_transform() -> None:
@@ -225,7 +226,8 @@ def test_training_augmentations_move_image_and_masks_together() -> None:
     for _ in range(30):
         source = _checkerboard_item()
         out = augment(source)
-        assert out["image"].shape == (3, 64, 64) and out["label"].shape == (1, 64, 64) and out["fov"].shape == (1, 64, 64)
+        assert out["image"].shape == (3, 64, 64)
+        assert out["label"].shape == (1, 64, 64) and out["fov"].shape == (1, 64, 64)
         assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
         assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
         # Where the image is clearly inside a block (not at a blurred edge), the label must say the same.
