@@ -324,7 +324,7 @@ def run_baseline(
         ``{"summary": ..., "metadata": ..., "paths": ...}`` as written.
 
     Raises:
-        ValueError: when ``split`` is the training split, or on datalist problems (see :func:`load_cases`).
+        ValueError: when ``split`` is the training split, or on datalist problems (see :func:`iter_cases`).
     """
     if split == "training":
         raise ValueError("the baseline is fitted on the training split; evaluate it on another split")

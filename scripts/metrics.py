@@ -347,6 +347,7 @@ def _describe(values: list[float]) -> dict[str, float | int]:
 
 
 def _summarise_group(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """The image count and per-metric statistics of one group of records."""
     metrics = {}
     for key in keys:
         values = [float(record[key]) for record in records if key in record]
@@ -380,6 +381,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _format_statistic(statistic: Mapping[str, float | int] | None) -> str:
+    """``mean±std`` with four decimals, ``-`` where no value is defined."""
     if statistic is None or not statistic["n"]:
         return "-"
     return f"{statistic['mean']:.4f}±{statistic['std']:.4f}"
@@ -396,7 +398,7 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     Returns:
         the table as one multi-line string.
     """
-    groups = [(name, group) for name, group in summary["datasets"].items()]
+    groups = list(summary["datasets"].items())
     if len(groups) != 1:
         groups.append(("all", summary["all"]))
     rows: list[tuple[str, ...]] = []
@@ -448,6 +450,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as CSV text, NaN written as ``nan``."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     for row in rows:
