@@ -13,7 +13,7 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from scripts.fundus_io import read_mask, write_png
-from scripts.prepare import prepare_dataset
+from scripts.prepare import main, prepare_dataset
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ def drive_datalists(drive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_drive_official_split(drive_datalists: tuple[Path, dict, dict]) -> None:
     _, datalist, _ = drive_datalists
-    assert (datalist["dataset"], datalist["task"], datalist["split"], datalist["annotator"]) == ("DRIVE", "vessels", "official", "first")
+    provenance = (datalist["dataset"], datalist["task"], datalist["split"], datalist["annotator"])
+    assert provenance == ("DRIVE", "vessels", "official", "first")
     assert [e["case"] for e in datalist["test"]] == [f"{n:02d}" for n in range(1, 21)]
     pool = datalist["training"] + datalist["validation"]
     assert sorted(int(e["case"]) for e in pool) == list(range(21, 41))
@@ -45,7 +46,8 @@ def test_drive_official_split(drive_datalists: tuple[Path, dict, dict]) -> None:
 
 def test_drive_entries_point_at_distributed_files(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:
     output, datalist, _ = drive_datalists
-    for split, folder, suffix in (("training", "training", "training"), ("validation", "training", "training"), ("test", "test", "test")):
+    for split in ("training", "validation", "test"):
+        folder = suffix = "test" if split == "test" else "training"
         for entry in datalist[split]:
             case = entry["case"]
             assert entry["image"] == str(drive_dir.absolute() / folder / "images" / f"{case}_{suffix}.tif")
@@ -63,11 +65,14 @@ def test_drive_loads_with_monai(drive_datalists: tuple[Path, dict, dict]) -> Non
         assert [e["image"] for e in entries] == [e["image"] for e in datalist[key]]
 
 
-def test_drive_union_uses_both_annotators_on_test_only(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:
+def test_drive_union_uses_both_annotators_on_test_only(
+    drive_datalists: tuple[Path, dict, dict], drive_dir: Path
+) -> None:
     output, first, union = drive_datalists
+    derived = output / "union" / "DRIVE_derived" / "union" / "vessels"
     assert union["annotator"] == "union" and "20 of 40 images have no second annotation" in union["annotator_note"]
     assert union["test"] == [
-        {**entry, "label": str(output / "union" / "DRIVE_derived" / "union" / "vessels" / f"{entry['case']}.png"), "annotator": "union"}
+        {**entry, "label": str(derived / f"{entry['case']}.png"), "annotator": "union"}
         for entry in first["test"]
     ]
     assert {e["annotator"] for e in union["training"] + union["validation"]} == {"first"}
@@ -94,27 +99,28 @@ def test_drive_second_annotator_rewritten_with_zero_background(drive_dir: Path, 
     np.testing.assert_array_equal(read_mask(sample["label"]) > 0, manual2 > 128)
 
 
-def _run_cli(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.prepare", *arguments], cwd=REPOSITORY, capture_output=True, text=True, timeout=120
-    )
-
-
-def test_cli_end_to_end(tmp_path: Path) -> None:
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     rows, cols = np.mgrid[0:30, 0:40]
     for number in range(6):
         write_png(src / "images" / f"{number}.png", np.dstack([(rows + cols + number) / 80.0] * 3))
         write_png(src / "masks" / f"{number}.png", (rows + number) % 7 == 0)
     output = tmp_path / "out" / "mine.json"
-    done = _run_cli("--dataset", "folder", "--name", "mine", "--src", str(src), "--output", str(output), "--seed", "5", "--test-fraction", "0.5")
-    assert done.returncode == 0, done.stderr
-    assert str(output) in done.stdout
+    arguments = ["--dataset", "folder", "--name", "mine", "--src", str(src), "--output", str(output)]
+    assert main([*arguments, "--seed", "5", "--test-fraction", "0.5"]) == 0
+    assert str(output) in capsys.readouterr().out
     datalist = json.loads(output.read_text())
     assert (datalist["dataset"], datalist["split"], datalist["seed"], datalist["numTest"]) == ("mine", "seeded", 5, 3)
 
+    # A real process, to see the exit status and that no traceback reaches the user.
     output.write_text("kept")
-    failed = _run_cli("--dataset", "DRIVE", "--src", str(src), "--output", str(output))
+    failed = subprocess.run(
+        [sys.executable, "-m", "scripts.prepare", "--dataset", "DRIVE", "--src", str(src), "--output", str(output)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert failed.returncode != 0
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in failed.stderr

@@ -145,7 +145,8 @@ def test_masks_without_zero_background_are_rewritten(drive_tree: Path, tmp_path:
     levels = np.where(_random_mask(102), 253, 3).astype(np.uint8)
     _save(drive_tree / "test" / "2nd_manual" / "02_manual2.gif", levels)
     _save(drive_tree / "test" / "mask" / "01_test_mask.gif", _box_mask(5, 5, 50, 40).astype(np.uint8))
-    _save(drive_tree / "test" / "mask" / "02_test_mask.gif", np.where(_box_mask(5, 5, 50, 40), 240, 10).astype(np.uint8))
+    fov_levels = np.where(_box_mask(5, 5, 50, 40), 240, 10).astype(np.uint8)
+    _save(drive_tree / "test" / "mask" / "02_test_mask.gif", fov_levels)
     datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "out" / "drive.json", annotator="second")
     entries = {e["case"]: e for e in datalist["test"]}
     derived = tmp_path / "out" / "DRIVE_derived"
@@ -222,7 +223,8 @@ def test_drishti_soft_maps_thresholded(tmp_path: Path) -> None:
         _save(src / part / "Images" / f"{stem}.png", _photo(1))
         softmaps = src / part / gt_folder / stem / "SoftMap"
         # A faint halo (one expert of four) around each core must be thresholded away.
-        _save(softmaps / f"{stem}_ODsegSoftmap.png", np.where(disc_core, 255, np.where(_box_mask(15, 5, 50, 40), 64, 0)).astype(np.uint8))
+        halo = np.where(_box_mask(15, 5, 50, 40), 64, 0)
+        _save(softmaps / f"{stem}_ODsegSoftmap.png", np.where(disc_core, 255, halo).astype(np.uint8))
         _save(softmaps / f"{stem}_cupsegSoftmap.png", np.where(cup_core, 191, 0).astype(np.uint8))
     datalist = prepare_dataset("DRISHTI-GS", src, tmp_path / "drishti.json", val_fraction=0)
     assert [e["case"] for e in datalist["test"]] == ["drishtiGS_001"]
@@ -311,7 +313,12 @@ def test_refuge2_values_and_official_validation(tmp_path: Path) -> None:
     values = np.full((HEIGHT, WIDTH), 255, np.uint8)
     values[10:40, 15:45] = 128
     values[20:30, 25:35] = 0
-    for part, stems, suffix in (("train", ("g0001", "n0001", "n0002"), ".bmp"), ("val", ("V0001",), ".png"), ("test", ("T0001", "T0002"), ".png")):
+    layout = (
+        ("train", ("g0001", "n0001", "n0002"), ".bmp"),
+        ("val", ("V0001",), ".png"),
+        ("test", ("T0001", "T0002"), ".png"),
+    )
+    for part, stems, suffix in layout:
         for stem in stems:
             _save(src / part / "images" / f"{stem}.jpg", _photo(len(stem)))
             _save(src / part / "mask" / f"{stem}{suffix}", values)
@@ -330,7 +337,8 @@ def test_output_inside_dataset_is_not_taken_for_data(tmp_path: Path) -> None:
     src = tmp_path / "GRAPE"
     for number in range(3):
         _save(src / f"{number}.jpg", _photo(number))
-        (src / f"{number}.json").write_text(json.dumps({"shapes": [{"label": "OD", "points": _rectangle(10, 8, 40, 30)}]}))
+        disc = {"label": "OD", "points": _rectangle(10, 8, 40, 30)}
+        (src / f"{number}.json").write_text(json.dumps({"shapes": [disc]}))
     first = prepare_dataset("GRAPE", src, src / "grape.json")
     again = prepare_dataset("GRAPE", src, src / "grape.json")
     assert first == again and sorted(e["case"] for e in _entries(again)) == ["0", "1", "2"]
@@ -530,7 +538,8 @@ def test_labelme_size_and_format_errors(tmp_path: Path) -> None:
     src = tmp_path / "G1020"
     for number in range(2):
         _save(src / f"image_{number}.jpg", _photo(number))
-        (src / f"image_{number}.json").write_text(json.dumps({"shapes": [], "imageHeight": HEIGHT, "imageWidth": WIDTH}))
+        annotation = {"shapes": [], "imageHeight": HEIGHT, "imageWidth": WIDTH}
+        (src / f"image_{number}.json").write_text(json.dumps(annotation))
     (src / "image_1.json").write_text(json.dumps({"shapes": [], "imageHeight": 100, "imageWidth": WIDTH}))
     with pytest.raises(DatasetError, match=r"image_1.json is for a 64x100 image but its image is 64x48"):
         prepare_dataset("G1020", src, tmp_path / "x.json")
@@ -560,7 +569,9 @@ def test_pool_keeps_dataset_names_and_rejects_mixed_tasks(drive_tree: Path, chas
     with pytest.raises(DatasetError, match="dataset DRIVE appears in more than one"):
         pool_datalists([tmp_path / "pooled.json", tmp_path / "drive.json"], tmp_path / "again.json")
     refuge = tmp_path / "refuge.json"
-    refuge.write_text(json.dumps({"task": "disc_cup", "dataset": "REFUGE2", "training": [], "validation": [], "test": []}))
-    with pytest.raises(DatasetError, match=r"cannot pool datalists of different tasks: .*drive.json \(vessels\), .*refuge.json \(disc_cup\)"):
+    empty_lists = {key: [] for key in ("training", "validation", "test")}
+    refuge.write_text(json.dumps({"task": "disc_cup", "dataset": "REFUGE2", **empty_lists}))
+    mixed = r"cannot pool datalists of different tasks: .*drive.json \(vessels\), .*refuge.json \(disc_cup\)"
+    with pytest.raises(DatasetError, match=mixed):
         pool_datalists([tmp_path / "drive.json", refuge], tmp_path / "mixed.json")
     assert not (tmp_path / "mixed.json").exists()
