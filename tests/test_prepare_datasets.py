@@ -461,6 +461,17 @@ def test_split_argument_errors(drive_tree: Path, chase_tree: Path) -> None:
 def test_missing_src(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"DRIVE folder {tmp_path / 'nowhere'} does not exist"):
         prepare_dataset("DRIVE", tmp_path / "nowhere", tmp_path / "x.json")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DatasetError, match=f"STARE folder {tmp_path / 'file'} is not a folder"):
+        prepare_dataset("STARE", tmp_path / "file", tmp_path / "x.json")
+
+
+def test_unknown_choices(chase_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="unknown annotator 'third': expected one of first, second, union"):
+        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json", annotator="third")
+    with pytest.raises(DatasetError, match="unknown split method 'random': expected one of auto, official, seeded"):
+        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json", split="random")
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_empty_folder(tmp_path: Path) -> None:
