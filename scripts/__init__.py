@@ -1,1 +1,19 @@
 """Custom components of the SAM2-LoRA fundus bundle, referenced from the bundle configs as ``scripts.<module>.<Name>``."""
+
+import importlib
+from types import ModuleType
+
+from scripts.errors import install_error_hook
+
+install_error_hook()
+
+
+def __getattr__(name: str) -> ModuleType:
+    # MONAI's "$from scripts import inputs" looks submodules up as attributes of the package; importing them
+    # lazily here keeps `python -m scripts.<module>` free of runpy's double-import warning.
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -37,6 +37,7 @@ __all__ = [
     "render_fundus",
     "split_indices",
     "write_dataset",
+    "ensure_dataset",
     "main",
 ]
 
@@ -549,6 +550,37 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
     _write_json(paths["vessels"], vessel_list)
     _write_json(paths["disc_cup"], disc_cup_list)
     return paths
+
+
+def ensure_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: int = 512) -> dict[str, str]:
+    """The datalists of a synthetic dataset in ``output``, rendering it only if it is not there yet.
+
+    A dataset already in ``output`` is reused when its datalists record the same seed, size and number of pictures;
+    otherwise it is rendered again (every file is rewritten atomically).
+
+    Args:
+        output: dataset folder.
+        count: number of pictures.
+        seed: dataset seed.
+        size: side of the square pictures in pixels.
+
+    Returns:
+        paths of the two datalists, as strings: ``{"vessels": ..., "disc_cup": ...}``.
+    """
+    output = Path(output)
+    paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
+    if not all(path.is_file() for path in paths.values()) or not _matches(paths["vessels"], count, seed, size):
+        paths = write_dataset(output, count, seed=seed, size=size)
+    return {task: str(path) for task, path in paths.items()}
+
+
+def _matches(datalist: Path, count: int, seed: int, size: int) -> bool:
+    try:
+        content = json.loads(datalist.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    listed = sum(len(content.get(split, [])) for split in ("training", "validation", "test"))
+    return content.get("seed") == seed and content.get("size") == size and listed == count
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,130 @@
+"""Writing segmentation results a person and a pipeline can use: masks, probability maps, overlays, NIfTI."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from scripts.fundus_io import FundusImageError, estimate_fov, read_image, write_png
+
+__all__ = ["SaveFundusPredictiond", "label_map"]
+
+# One colour per output channel for the overlay: vessels / disc in green, cup in magenta.
+CHANNEL_COLOURS = np.array([(0, 255, 64), (255, 0, 255), (0, 160, 255), (255, 200, 0)], dtype=np.float32) / 255
+
+
+def label_map(masks: np.ndarray) -> np.ndarray:
+    """Nested binary channels (C, H, W) as one label image: 0 background, ``c + 1`` where channel ``c`` is the
+    highest one present (optic disc 1, cup 2: the cup lies inside the disc)."""
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for channel, mask in enumerate(masks):
+        labels[mask] = channel + 1
+    return labels
+
+
+class SaveFundusPredictiond(MapTransform):
+    """Write each prediction next to its image's name, at the image's own size.
+
+    For an image ``<stem>.<ext>`` it writes into ``output_dir``:
+
+    - ``<stem>_mask.png``: the binary mask; with several channels, a label image with values
+      ``round(255 * label / C)`` (disc/cup: 0 background, 128 disc rim, 255 cup);
+    - ``<stem>_prob.png`` (one channel) or ``<stem>_prob_<channel>.png``: probabilities scaled to 0-255;
+    - ``<stem>_overlay.png``: the photograph with the mask painted over it, to look at;
+    - ``<stem>_mask.nii.gz`` when ``nifti`` is set: the label image as NIfTI (x = column, y = row), uint8.
+
+    Args:
+        keys: the probability map key, (C, H, W) in [0, 1], already brought back to the image's size.
+        output_dir: destination folder, created if needed.
+        channel_names: one name per channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
+        threshold: probability above which a pixel belongs to the structure.
+        restrict_to_fov: clear the prediction outside the field of view, estimated from the photograph
+            (the dark border of a fundus camera picture holds no retina).
+        nifti: also write the label image as NIfTI.
+        overlay_opacity: opacity of the mask colour on the overlay.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str] = ("vessels",),
+        threshold: float = 0.5,
+        restrict_to_fov: bool = False,
+        nifti: bool = False,
+        overlay_opacity: float = 0.6,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.channel_names = list(channel_names)
+        self.threshold = threshold
+        self.restrict_to_fov = restrict_to_fov
+        self.nifti = nifti
+        self.overlay_opacity = overlay_opacity
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            probabilities = d[key]
+            source = Path(str(probabilities.meta["filename_or_obj"]))
+            self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
+        return d
+
+    def write(self, probabilities: np.ndarray, source: Path) -> None:
+        """Write every output for one image.
+
+        Args:
+            probabilities: (C, H, W) probabilities at the size of ``source``.
+            source: the image they were predicted from.
+        """
+        if probabilities.shape[0] != len(self.channel_names):
+            raise ValueError(
+                f"{source}: prediction has {probabilities.shape[0]} channels but {len(self.channel_names)} channel "
+                f"names were given ({self.channel_names})."
+            )
+        stem = source.name.split(".")[0]
+        image = read_image(source)
+        if image.shape[:2] != probabilities.shape[1:]:
+            raise FundusImageError(
+                f"{source} is {image.shape[1]}x{image.shape[0]} but its prediction is {probabilities.shape[2]}x"
+                f"{probabilities.shape[1]}: the prediction was not brought back to the image's size."
+            )
+        if self.restrict_to_fov:
+            probabilities = probabilities * estimate_fov(image)
+        masks = probabilities > self.threshold
+        labels = label_map(masks)
+        channels = len(self.channel_names)
+        write_png(self.output_dir / f"{stem}_mask.png", np.round(labels * (255 / channels)).astype(np.uint8))
+        for name, channel in zip(self.channel_names, probabilities):
+            suffix = "prob" if channels == 1 else f"prob_{name}"
+            write_png(self.output_dir / f"{stem}_{suffix}.png", np.clip(channel, 0, 1))
+        write_png(self.output_dir / f"{stem}_overlay.png", self._overlay(image, masks))
+        if self.nifti:
+            self._write_nifti(self.output_dir / f"{stem}_mask.nii.gz", labels)
+
+    def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        image = image.copy()
+        for mask, colour in zip(masks, CHANNEL_COLOURS):
+            image[mask] = (1 - self.overlay_opacity) * image[mask] + self.overlay_opacity * colour
+        return image
+
+    @staticmethod
+    def _write_nifti(path: Path, labels: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+        os.close(handle)
+        try:
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine=np.eye(4)), temporary)
+            os.replace(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
