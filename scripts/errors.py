@@ -32,7 +32,7 @@ def _report(kind: type[BaseException], error: BaseException, trace: TracebackTyp
     if own is None:
         traceback.print_exception(kind, error, trace)
         return
-    print(f"ERROR: {own}", file=sys.stderr)
+    print(f"error: {own}", file=sys.stderr)
 
 
 def install_error_hook() -> None:

@@ -148,9 +148,13 @@ def checkpoint_hiera_size(state_dict: dict[str, torch.Tensor]) -> HieraSize | No
     return None
 
 
-def _read_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"SAM 2 checkpoint {path} does not exist.")
+        raise CheckpointError(
+            f"SAM 2 checkpoint {path} does not exist. Download Meta's weights from {size.checkpoint_url} "
+            "(in the bundle: `python -m monai.bundle download_large_files --bundle_path bundle`), "
+            "or train from scratch with random_init=True."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
@@ -186,7 +190,7 @@ def load_meta_checkpoint(model: nn.Module, path: str | Path, model_size: str) ->
     """
     path = Path(path)
     expected = resolve_hiera_size(model_size)
-    state_dict = _read_meta_state_dict(path)
+    state_dict = _read_meta_state_dict(path, expected)
     found = checkpoint_hiera_size(state_dict)
     if found is not None and found != expected:
         raise CheckpointError(

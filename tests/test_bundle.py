@@ -1,0 +1,313 @@
+"""The MONAI bundle end to end: train, infer and evaluate on synthetic data and on real DRIVE, plus MONAI's checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.bundle import run as run_bundle
+from PIL import Image
+
+from scripts.errors import user_error
+from scripts.prepare import prepare_dataset
+from scripts.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+TRAIN = str(CONFIGS / "train.json")
+INFER = str(CONFIGS / "inference.json")
+EVALUATE = str(CONFIGS / "evaluate.json")
+QUICKSTART = str(CONFIGS / "quickstart.json")
+FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
+
+
+def bundle_cli(run_id: str, configs: list[str], cwd: Path, **overrides) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run <run_id> ...`` in a fresh process, as a user runs it."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(BUNDLE)]
+    command += ["--meta_file", META, "--config_file", str(configs), "--logging_file", LOGGING]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def fail_message(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> dict[str, Path]:
+    """The quick start (synthetic data generated on the fly, random init, Hiera tiny) at a test-sized scale."""
+    root = tmp_path_factory.mktemp("quickstart")
+    paths = {"data": root / "synthetic", "models": root / "models", "eval": root / "eval"}
+    result = bundle_cli(
+        "training",
+        [TRAIN, QUICKSTART],
+        cwd=root,
+        dataset_dir=paths["data"],
+        synthetic_images=6,
+        synthetic_image_size=128,
+        ckpt_dir=paths["models"],
+        output_dir=paths["eval"],
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    paths["log"] = result.stdout + result.stderr
+    return paths
+
+
+def test_quickstart_trains_and_writes_the_model(quickstart_run):
+    assert (quickstart_run["data"] / "datalist.json").is_file(), "the synthetic dataset was generated"
+    for name in ("model.pt", "model_best.pt"):
+        assert (quickstart_run["models"] / name).is_file(), name
+    assert list(quickstart_run["models"].glob("latest*.pt")), "the latest training checkpoint is kept"
+    assert "RANDOM weights" in quickstart_run["log"], "random initialisation is logged"
+    assert "train_loss" in quickstart_run["log"] and "val_fov_dice" in quickstart_run["log"]
+    state = torch.load(quickstart_run["models"] / "model.pt", map_location="cpu", weights_only=True)
+    assert any(key.endswith("lora_B") for key in state)
+
+
+def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    source = next((quickstart_run["data"] / "images").glob("*.png"))
+    shutil.copy(source, images / "square.png")
+    Image.open(source).resize((100, 72)).save(images / "wide.jpg")
+    output = tmp_path / "out"
+    result = bundle_cli(
+        "inference",
+        [INFER, QUICKSTART],
+        cwd=tmp_path,
+        dataset_dir=images,
+        ckpt_path=quickstart_run["models"] / "model.pt",
+        output_dir=output,
+        write_nifti=True,
+        restrict_to_fov=True,
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    for stem, size in (("square", Image.open(source).size), ("wide", (100, 72))):
+        mask = Image.open(output / f"{stem}_mask.png")
+        assert mask.size == size
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert Image.open(output / f"{stem}_prob.png").size == size
+        assert Image.open(output / f"{stem}_overlay.png").mode == "RGB"
+        assert (output / f"{stem}_mask.nii.gz").is_file()
+
+
+def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_path):
+    output = tmp_path / "metrics"
+    result = bundle_cli(
+        "evaluating",
+        [TRAIN, EVALUATE, QUICKSTART],
+        cwd=tmp_path,
+        dataset_dir=quickstart_run["data"],
+        synthetic_images=6,
+        synthetic_image_size=128,
+        ckpt_path=quickstart_run["models"] / "model.pt",
+        output_dir=output,
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    summary = json.loads((output / "metrics_summary.json").read_text())
+    overall = summary["summary"]["all"]["metrics"]
+    for region in ("fov", "image"):
+        for metric in ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy", "mcc", "hd95", "cldice"):
+            assert f"vessels/{region}/{metric}" in overall, (region, metric)
+    rows = (output / "metrics_per_image.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 1, "one test image in a 6-image synthetic dataset"
+    assert "vessels" in result.stdout + result.stderr, "the summary table is logged"
+
+
+@pytest.fixture(scope="module")
+def drive_run(drive_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("drive")
+    datalist = root / "datalist.json"
+    prepare_dataset("DRIVE", drive_dir, datalist)
+    paths = {"datalist": datalist, "models": root / "models", "eval": root / "eval", "root": root}
+    result = bundle_cli(
+        "training",
+        [TRAIN, QUICKSTART],
+        cwd=root,
+        datalist=datalist,
+        ckpt_dir=paths["models"],
+        output_dir=paths["eval"],
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    return paths
+
+
+def test_drive_end_to_end_keeps_orientation(drive_run, drive_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in ("01", "02"):
+        shutil.copy(drive_dir / "test" / "images" / f"{case}_test.tif", images)
+    output = tmp_path / "masks"
+    result = bundle_cli(
+        "inference",
+        [INFER, QUICKSTART],
+        cwd=tmp_path,
+        dataset_dir=images,
+        ckpt_path=drive_run["models"] / "model.pt",
+        output_dir=output,
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    for case in ("01", "02"):
+        truth = np.asarray(Image.open(drive_dir / "test" / "1st_manual" / f"{case}_manual1.gif"))
+        mask = np.asarray(Image.open(output / f"{case}_test_mask.png"))
+        assert truth.shape == (584, 565)
+        assert mask.shape == truth.shape, "the mask of a 565 x 584 image must be 584 rows by 565 columns"
+
+
+def test_drive_evaluation_inside_the_fov(drive_run, tmp_path):
+    output = tmp_path / "metrics"
+    result = bundle_cli(
+        "evaluating",
+        [TRAIN, EVALUATE, QUICKSTART],
+        cwd=tmp_path,
+        datalist=drive_run["datalist"],
+        ckpt_path=drive_run["models"] / "model.pt",
+        output_dir=output,
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    rows = (output / "metrics_per_image.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 20, "all 20 DRIVE test images are evaluated"
+    summary = json.loads((output / "metrics_summary.json").read_text())
+    assert "DRIVE" in json.dumps(summary)
+
+
+def test_verify_metadata_against_the_model_zoo_schema(tmp_path):
+    schema = tmp_path / "schema.json"
+    shutil.copy(REPO / "tests" / "fixtures" / "meta_schema_20240725.json", schema)  # no download offline
+    verify_metadata(meta_file=META, filepath=str(schema))
+    metadata = json.loads(Path(META).read_text())
+    assert metadata["version"] in metadata["changelog"]
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+
+
+def test_verify_net_in_out():
+    verify_net_in_out(
+        net_id="network_def", meta_file=META, config_file=[INFER, QUICKSTART], device="cpu", any=64, image_size=64
+    )
+
+
+@pytest.mark.parametrize("workflow_type, configs", [("train", [TRAIN, QUICKSTART]), ("infer", [INFER, QUICKSTART])])
+def test_config_workflow_properties(workflow_type, configs, tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")  # initialize() only checks that the trained model exists
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    workflow = ConfigWorkflow(
+        config_file=configs,
+        meta_file=META,
+        logging_file=LOGGING,
+        workflow_type=workflow_type,
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"),
+        ckpt_path=str(tmp_path / "model.pt"),
+        datalist=str(datalist),
+        dataset_dir=str(tmp_path / "data" / "images"),
+        **FAST,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_inference_network_settings_match_training():
+    """inference.json repeats the network definition (bundles must run alone); it must never drift from train.json."""
+    train, infer = (json.loads(Path(path).read_text()) for path in (TRAIN, INFER))
+    for key in ("channel_names", "model_size", "image_size", "random_init", "base_checkpoint", "lora_rank"):
+        assert train[key] == infer[key], key
+    for key in ("lora_alpha", "lora_dropout", "network_def", "network", "sam_normalisation"):
+        if key in infer:
+            assert train[key] == infer[key], key
+
+
+def run_in_process(run_id: str, configs: list[str], **overrides) -> Exception:
+    with pytest.raises(Exception) as caught:
+        run_bundle(run_id, meta_file=META, config_file=configs, bundle_root=str(BUNDLE), **overrides)
+    own = user_error(caught.value)
+    assert own is not None, f"not one of our clear errors: {caught.value!r}"
+    return own
+
+
+def test_datalist_naming_missing_files(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    entry = {"image": "nowhere/a.png", "label": "nowhere/a_label.png", "fov": "nowhere/a_fov.png"}
+    datalist.write_text(json.dumps({"training": [entry], "validation": [entry], "test": []}))
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    assert str(datalist) in str(error) and "a.png" in str(error) and "missing" in str(error)
+
+
+def test_empty_datalist(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": []}))
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    assert "'training' list is empty" in str(error)
+
+
+def test_missing_base_checkpoint_says_how_to_get_it(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    error = run_in_process("training", [TRAIN], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    message = str(error)
+    assert "sam2.1_hiera_large.pt" in message and "download_large_files" in message
+
+
+def test_missing_model_file(tmp_path):
+    (tmp_path / "images").mkdir()
+    error = run_in_process(
+        "inference",
+        [INFER, QUICKSTART],
+        dataset_dir=str(tmp_path / "images"),
+        ckpt_path=str(tmp_path / "model.pt"),
+        output_dir=str(tmp_path / "out"),
+    )
+    assert f"Trained model {tmp_path / 'model.pt'} does not exist" in str(error)
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    (tmp_path / "model.pt").write_bytes(b"")
+    error = run_in_process(
+        "inference",
+        [INFER, QUICKSTART],
+        dataset_dir=str(tmp_path),
+        ckpt_path=str(tmp_path / "model.pt"),
+        output_dir=str(blocker / "out"),
+    )
+    assert f"Output folder {blocker / 'out'} cannot be written" in str(error)
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    result = bundle_cli(
+        "inference", [INFER, QUICKSTART], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt"
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"error: Trained model {tmp_path / 'none.pt'} does not exist" in result.stderr
+
+
+def test_large_files_name_metas_checkpoints():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "large_files.yml"))
+    files = {Path(item["path"]).name: item["url"] for item in parser.get()["large_files"]}
+    for size in ("tiny", "small", "base_plus", "large"):
+        name = f"sam2.1_hiera_{size}.pt"
+        assert files[name].endswith(f"/092824/{name}")
+    train = json.loads(Path(TRAIN).read_text())
+    assert "sam2.1_hiera_" in train["base_checkpoint"], "train.json looks for the base weights where they land"
+    assert os.path.basename("models/sam2.1_hiera_large.pt") in files
