@@ -15,12 +15,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
+
+from scripts.atomic import atomic_path
 
 __all__ = ["FundusImageError", "SUPPORTED_SUFFIXES", "read_image", "read_mask", "write_png", "estimate_fov"]
 
@@ -170,22 +171,11 @@ def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or 0 in array.shape:
         raise FundusImageError(f"cannot write {path}: expected an (H, W) or (H, W, 3) array, got shape {array.shape}")
     pixels = Image.fromarray(np.ascontiguousarray(_to_uint8(array, path)))
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with atomic_path(path) as temporary:
+            pixels.save(temporary, format="PNG", compress_level=compress_level)
     except OSError as error:
-        raise FundusImageError(f"cannot write into folder {folder}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            pixels.save(stream, format="PNG", compress_level=compress_level)
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise FundusImageError(f"cannot write {path} in folder {folder}: {error.strerror or error}") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        raise FundusImageError(f"cannot write {path} in folder {path.parent}: {error.strerror or error}") from None
 
 
 def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndarray:

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +59,8 @@ from monai.metrics import compute_hausdorff_distance
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from scipy.stats import rankdata
 from skimage.morphology import skeletonize
+
+from scripts.atomic import write_text_atomic
 
 __all__ = [
     "REGIONS",
@@ -437,18 +438,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
     """Rows as CSV text, NaN written as ``nan``."""
     buffer = io.StringIO()
@@ -504,7 +493,7 @@ def write_reports(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, path in paths.items():
-            _write_atomic(path, texts[name])
+            write_text_atomic(path, texts[name])
     except OSError as error:
         reason = error.strerror or str(error)
         raise ReportWriteError(f"cannot write evaluation reports into folder {folder}: {reason}") from error

@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.atomic import write_json_atomic
 from scripts.datasets import (
     ANNOTATORS,
     DATASETS,
@@ -69,7 +69,6 @@ __all__ = [
     "split_cases",
     "prepare_dataset",
     "pool_datalists",
-    "write_json_atomic",
     "main",
 ]
 
@@ -458,27 +457,6 @@ class _CasePreparer:
             "case": case.case_id,
             "annotator": recorded,
         }
-
-
-def write_json_atomic(path: str | os.PathLike, content: Mapping[str, object]) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``, so that no reader ever sees a
-    half-written file and an existing file survives a failed write.
-
-    Args:
-        path: destination; its folder is created.
-        content: JSON-serialisable mapping.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def prepare_dataset(

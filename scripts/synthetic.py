@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, signal
 
+from scripts.atomic import write_json_atomic
 from scripts.fundus_io import FundusImageError, write_png
 
 __all__ = [
@@ -469,19 +469,6 @@ def split_indices(count: int, seed: int, fractions: Sequence[float] = SPLIT_FRAC
     }
 
 
-def _write_json(path: Path, content: dict) -> None:
-    """Write ``content`` as JSON atomically (temporary file in the same folder, then rename)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=2)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: int = 512) -> dict[str, Path]:
     """Render ``count`` synthetic pictures into ``output`` with their masks and MONAI datalists.
 
@@ -547,8 +534,8 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
         },
     }
     paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
-    _write_json(paths["vessels"], vessel_list)
-    _write_json(paths["disc_cup"], disc_cup_list)
+    write_json_atomic(paths["vessels"], vessel_list)
+    write_json_atomic(paths["disc_cup"], disc_cup_list)
     return paths
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from scripts.atomic import atomic_path
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, write_png
 
 __all__ = ["SaveFundusPredictiond", "label_map"]
@@ -120,11 +120,5 @@ class SaveFundusPredictiond(MapTransform):
 
     @staticmethod
     def _write_nifti(path: Path, labels: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-        os.close(handle)
-        try:
+        with atomic_path(path) as temporary:
             nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine=np.eye(4)), temporary)
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
