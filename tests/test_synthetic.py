@@ -157,3 +157,16 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         main(["--output", str(tmp_path / "cli2"), "--count", "1"])
     assert exit_info.value.code == 2
     assert "at least 3" in capsys.readouterr().err
+
+
+def test_ensure_dataset_renders_once_and_reuses(tmp_path):
+    from scripts.synthetic import ensure_dataset
+
+    first = ensure_dataset(tmp_path / "data", count=3, seed=4, size=64)
+    image = tmp_path / "data" / "images" / "synthetic_0000.png"
+    stamp = image.stat().st_mtime_ns
+    assert ensure_dataset(tmp_path / "data", count=3, seed=4, size=64) == first
+    assert image.stat().st_mtime_ns == stamp, "an existing dataset with the same settings is reused"
+    ensure_dataset(tmp_path / "data", count=4, seed=4, size=64)
+    listed = json.loads(Path(first["vessels"]).read_text())
+    assert sum(len(listed[split]) for split in ("training", "validation", "test")) == 4

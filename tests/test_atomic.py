@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts.atomic import atomic_path, write_json_atomic, write_text_atomic
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "report.json"
+    write_json_atomic(target, {"dice": 0.8})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text('{"dice": 0.')
+            raise RuntimeError("killed half way")
+    assert json.loads(target.read_text()) == {"dice": 0.8}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left behind"
+
+
+def test_temporary_names_keep_the_suffixes(tmp_path):
+    with atomic_path(tmp_path / "sub" / "mask.nii.gz") as temporary:
+        assert temporary.name.endswith(".nii.gz") and temporary.parent == tmp_path / "sub"
+    write_text_atomic(tmp_path / "a.csv", "x\r\ny\n")
+    assert (tmp_path / "a.csv").read_bytes() == b"x\r\ny\n"

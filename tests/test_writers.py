@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from PIL import Image
+
+from scripts.fundus_io import FundusImageError, write_png
+from scripts.writers import SaveFundusPredictiond, label_map
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 30 x 20 (width x height) RGB photograph with a dark border, as a fundus camera takes it."""
+    image = np.zeros((20, 30, 3), dtype=np.float32)
+    rows, cols = np.mgrid[:20, :30]
+    image[(rows - 10) ** 2 + (cols - 15) ** 2 < 81] = (0.8, 0.4, 0.2)
+    path = tmp_path / "eye.tif.png"
+    write_png(path, image)
+    return path
+
+
+def prediction(array: np.ndarray, source) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(array), meta={"filename_or_obj": str(source)})
+
+
+def test_writes_mask_probability_overlay_and_nifti(photo, tmp_path):
+    probabilities = np.zeros((1, 20, 30), dtype=np.float32)
+    probabilities[0, 5:8, 10:20] = 0.9
+    probabilities[0, 0, 0] = 0.7  # outside the field of view
+    out = tmp_path / "out"
+    writer = SaveFundusPredictiond("pred", out, ["vessels"], nifti=True)
+    writer({"pred": prediction(probabilities, photo)})
+    mask = np.asarray(Image.open(out / "eye_mask.png"))
+    assert mask.shape == (20, 30)
+    assert np.array_equal(mask == 255, probabilities[0] > 0.5)
+    assert np.asarray(Image.open(out / "eye_prob.png"))[6, 12] == round(0.9 * 255)
+    overlay = np.asarray(Image.open(out / "eye_overlay.png")).astype(int)
+    assert overlay[6, 12, 1] > overlay[6, 12, 0], "vessel pixels are painted green"
+    assert np.array_equal(overlay[15, 15], [204, 102, 51]), "others keep the photograph's colour"
+    volume = np.asarray(nib.load(out / "eye_mask.nii.gz").dataobj)
+    assert volume.shape == (30, 20) and np.array_equal(volume.T, (probabilities[0] > 0.5).astype(np.uint8))
+
+    SaveFundusPredictiond("pred", tmp_path / "fov", ["vessels"], restrict_to_fov=True)(
+        {"pred": prediction(probabilities, photo)}
+    )
+    restricted = np.asarray(Image.open(tmp_path / "fov" / "eye_mask.png"))
+    assert restricted[0, 0] == 0 and restricted[6, 12] == 255
+
+
+def test_disc_and_cup_become_one_label_image(photo, tmp_path):
+    probabilities = np.zeros((2, 20, 30), dtype=np.float32)
+    probabilities[0, 4:16, 8:22] = 0.8  # disc
+    probabilities[1, 8:12, 12:18] = 0.8  # cup, inside the disc
+    SaveFundusPredictiond("pred", tmp_path, ["disc", "cup"])({"pred": prediction(probabilities, photo)})
+    mask = np.asarray(Image.open(tmp_path / "eye_mask.png"))
+    assert mask[0, 0] == 0 and mask[5, 9] == 128 and mask[10, 15] == 255
+    assert (tmp_path / "eye_prob_disc.png").is_file() and (tmp_path / "eye_prob_cup.png").is_file()
+    assert label_map(probabilities > 0.5)[10, 15] == 2
+
+
+def test_mismatches_are_named(photo, tmp_path):
+    writer = SaveFundusPredictiond("pred", tmp_path, ["vessels"])
+    with pytest.raises(FundusImageError, match=r"30x20 but its prediction is 20x30"):
+        writer({"pred": prediction(np.zeros((1, 30, 20), np.float32), photo)})
+    with pytest.raises(ValueError, match="2 channels but 1 channel names"):
+        writer({"pred": prediction(np.zeros((2, 20, 30), np.float32), photo)})
