@@ -66,6 +66,9 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         # Persistent, so that a state dict saved while merged restores a merged layer rather than adding B A twice.
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=device))
+        # The same state as a Python bool for forward(): reading the buffer there would synchronise a CUDA
+        # device on every call and break torch.compile graphs on a data-dependent branch.
+        self._merged = False
         self.reset_lora_parameters()
 
     @classmethod
@@ -105,7 +108,15 @@ class LoRALinear(nn.Linear):
 
     @property
     def merged(self) -> bool:
-        return bool(self.lora_merged)
+        return self._merged
+
+    def _set_merged(self, merged: bool) -> None:
+        self.lora_merged.fill_(merged)
+        self._merged = merged
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._merged = bool(self.lora_merged)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``(alpha / rank) * B A`` of shape (out_features, in_features)."""
@@ -117,7 +128,7 @@ class LoRALinear(nn.Linear):
             return
         with torch.no_grad():
             self.weight += self.delta_weight().to(self.weight.dtype)
-        self.lora_merged.fill_(True)
+        self._set_merged(True)
 
     def unmerge(self) -> None:
         """Take the adapter out of ``weight`` again, e.g. to resume training."""
@@ -125,7 +136,7 @@ class LoRALinear(nn.Linear):
             return
         with torch.no_grad():
             self.weight -= self.delta_weight().to(self.weight.dtype)
-        self.lora_merged.fill_(False)
+        self._set_merged(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -134,9 +145,10 @@ class LoRALinear(nn.Linear):
                     "LoRA adapters are merged into the base weights: call unmerge_adapters() before training."
                 )
             return F.linear(x, self.weight, self.bias)
-        base = F.linear(x, self.weight, self.bias)
+        output = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return base + update * self.scaling
+        # In place: linear's backward does not need its output, and this spares one (tokens x out_features) tensor.
+        return output.add_(update, alpha=self.scaling)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scripts.lora import inject_lora, lora_modules, lora_state_dict, merge_lora, unmerge_lora
 from scripts.sam2_models import CheckpointError, build_sam2_base, load_meta_checkpoint, resolve_hiera_size
 
-__all__ = ["DEFAULT_LORA_TARGETS", "SAM2LoRA", "SegmentationOutput"]
+__all__ = ["DEFAULT_LORA_TARGETS", "ImageEmbeddings", "SAM2LoRA", "SegmentationOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,20 @@ class SegmentationOutput(NamedTuple):
 
     logits: torch.Tensor
     iou_predictions: torch.Tensor
+
+
+class ImageEmbeddings(NamedTuple):
+    """What the image encoder computes for a batch, decodable with any number of prompt sets.
+
+    ``image_embedding`` (B, 256, S/16, S/16) already holds SAM 2's "no memory" embedding; ``high_res_features``
+    are the stride-4 and stride-8 maps the mask decoder upsamples with (None for SAM 2 configs without them);
+    ``input_size`` is the (H, W) of the images before resizing to the encoder's side S, the frame of the prompts
+    and of the returned logits.
+    """
+
+    image_embedding: torch.Tensor
+    high_res_features: tuple[torch.Tensor, ...] | None
+    input_size: tuple[int, int]
 
 
 class SAM2LoRA(nn.Module):
@@ -60,6 +76,11 @@ class SAM2LoRA(nn.Module):
         lora_dropout: dropout on the adapters' inputs.
         lora_targets: ``fnmatch`` patterns on SAM2Base's module names selecting the linear layers to adapt.
         adapter_checkpoint: an adapter file written by :meth:`save_adapters` to load on top of the base weights.
+        channels_last: keep convolution weights and encoder inputs in the channels-last memory format, which
+            tensor-core convolutions (CUDA, bf16/fp16) run without layout conversions. Outputs are unchanged.
+        activation_checkpointing: recompute each Hiera block's activations in the backward pass instead of
+            storing them: less training memory for about one more encoder forward pass per step. Only acts
+            while gradients are recorded; inference is unaffected.
 
     Raises:
         CheckpointError: a checkpoint is missing, unreadable or does not fit.
@@ -79,6 +100,8 @@ class SAM2LoRA(nn.Module):
         lora_dropout: float = 0.1,
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
         adapter_checkpoint: str | Path | None = None,
+        channels_last: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         size = resolve_hiera_size(model_size)
@@ -100,6 +123,8 @@ class SAM2LoRA(nn.Module):
         self.lora_alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
         self.lora_dropout = lora_dropout
         self.lora_targets = tuple(lora_targets)
+        self.channels_last = channels_last
+        self.activation_checkpointing = activation_checkpointing
 
         self.sam2 = build_sam2_base(size.name, sam2_version, image_size)
         if checkpoint is not None:
@@ -114,6 +139,13 @@ class SAM2LoRA(nn.Module):
         self.adapted_layers = inject_lora(self.sam2, self.lora_targets, lora_rank, self.lora_alpha, lora_dropout)
         if adapter_checkpoint is not None:
             self.load_adapters(adapter_checkpoint)
+        if channels_last:
+            # Loading a state dict later copies into these tensors and keeps their layout.
+            self.sam2.to(memory_format=torch.channels_last)
+        if activation_checkpointing:
+            for block in self.sam2.image_encoder.trunk.blocks:
+                # An instance attribute, so the state dict keys stay Meta's (a wrapper module would rename them).
+                block.forward = partial(_recompute_in_backward, block.forward)
         trainable, total = self.count_parameters()
         logger.info(
             "SAM2LoRA Hiera-%s, %d px, %d adapted layers (rank %d, alpha %g): %d trainable of %d parameters (%.2f%%).",
@@ -162,19 +194,67 @@ class SAM2LoRA(nn.Module):
         Returns:
             Mask logits (B, C, H, W) and SAM's predicted IoU (B, C).
         """
+        return self.decode(self.encode_images(images), point_coords, point_labels, boxes)
+
+    def encode_images(self, images: torch.Tensor) -> ImageEmbeddings:
+        """Run the image encoder once; :meth:`decode` then reads its output for as many prompt sets as wanted.
+
+        Args:
+            images: (B, 3, H, W) float, normalised as SAM expects (ImageNet mean and std); any H and W.
+
+        Returns:
+            The embeddings of the batch, see :class:`ImageEmbeddings`.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SAM2LoRA expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
-        batch, _, height, width = images.shape
+        height, width = images.shape[-2:]
         side = self.image_size
         if (height, width) != (side, side):
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.sam2.forward_image(images)["backbone_fpn"][-self.sam2.num_feature_levels :]
         # SAM 2 adds the "no memory" embedding to the coarsest level of a frame that has no video memory.
         image_embedding = features[-1] + self.sam2.no_mem_embed.view(1, -1, 1, 1)
-        high_res_features = features[:-1] if self.sam2.use_high_res_features_in_sam else None
+        high_res_features = tuple(features[:-1]) if self.sam2.use_high_res_features_in_sam else None
+        return ImageEmbeddings(image_embedding, high_res_features, (int(height), int(width)))
 
-        coords, labels = self._prompt_points(batch, width, height, point_coords, point_labels, boxes, images.device)
+    def decode(
+        self,
+        embeddings: ImageEmbeddings,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        prompts_per_image: int = 1,
+    ) -> SegmentationOutput:
+        """Decode encoded images with ``K = prompts_per_image`` prompt sets per image in one call.
+
+        With ``B`` encoded images the prompts hold ``P = B * K`` prompt sets, image-major: sets ``i * K`` to
+        ``i * K + K - 1`` belong to image ``i``. Each image's embedding is shared by its ``K`` sets, so the
+        image encoder's cost is paid once however many prompts are tried (e.g. several evaluation prompt modes).
+
+        Args:
+            embeddings: output of :meth:`encode_images` for ``B`` images.
+            point_coords: (P, N, 2) ``(x, y)`` pixel coordinates in the images given to :meth:`encode_images`.
+            point_labels: (P, N) SAM labels: 1 positive, 0 negative, 2 and 3 box corners, -1 padding.
+            boxes: (P, 4) ``(x0, y0, x1, y1)`` pixel boxes in those images.
+            prompts_per_image: ``K``; without prompts every set is SAM 2's prompt-free input.
+
+        Returns:
+            Mask logits (P, C, H, W) at the images' input size and SAM's predicted IoU (P, C).
+        """
+        if prompts_per_image < 1:
+            raise ValueError(f"prompts_per_image must be a positive integer, got {prompts_per_image}.")
+        image_embedding, high_res_features, (height, width) = embeddings
+        prompt_sets = image_embedding.shape[0] * prompts_per_image
+        if prompts_per_image > 1:
+            image_embedding = image_embedding.repeat_interleave(prompts_per_image, dim=0)
+            if high_res_features is not None:
+                high_res_features = tuple(level.repeat_interleave(prompts_per_image, 0) for level in high_res_features)
+
+        coords, labels = self._prompt_points(
+            prompt_sets, width, height, point_coords, point_labels, boxes, image_embedding.device
+        )
         prompt_encoder = self.sam2.sam_prompt_encoder
         sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         masks, iou_predictions, _, _ = self.sam2.sam_mask_decoder.predict_masks(
@@ -293,3 +373,9 @@ class SAM2LoRA(nn.Module):
         self.sam2.load_state_dict(tensors, strict=False)
         logger.info("Loaded %d adapter tensors from %s.", len(payload["state_dict"]), path)
 
+
+def _recompute_in_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Call ``forward`` keeping only its input for the backward pass, which runs it again (activation checkpointing)."""
+    if not torch.is_grad_enabled():
+        return forward(x)
+    return checkpoint(forward, x, use_reentrant=False)

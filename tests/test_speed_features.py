@@ -1,0 +1,180 @@
+"""Functional tests of the speed and memory features: what they compute must not change, what they save must be saved.
+
+Timings are the benchmark's job (``python -m scripts.benchmark``); nothing here measures time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from monai.engines import SupervisedEvaluator
+from torch import nn
+
+from scripts.acceleration import MergeAdapters, set_tf32
+from scripts.lora import LoRALinear, lora_modules
+from scripts.network import SAM2LoRA
+
+IMAGE_SIZE = 64
+
+
+def adapted_network(seed: int = 0, **kwargs) -> SAM2LoRA:
+    """A Hiera-tiny network with non-zero adapters, as after training."""
+    torch.manual_seed(seed)
+    network = SAM2LoRA("tiny", random_init=True, image_size=IMAGE_SIZE, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in lora_modules(network.sam2):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.05)
+    return network
+
+
+@pytest.fixture(scope="module")
+def network() -> SAM2LoRA:
+    return adapted_network().eval()
+
+
+def count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_image_encoder_runs_once_for_several_prompt_sets_per_image():
+    network = adapted_network().eval()
+    encoder_calls = count_calls(network.sam2.image_encoder)
+    images = torch.randn(2, 3, 80, 72)
+    # three prompt sets per image, image-major: one point, two points (one negative), a box given as corners
+    coords = torch.tensor([[[10.0, 12.0], [0.0, 0.0]], [[30.0, 40.0], [5.0, 60.0]], [[4.0, 6.0], [50.0, 70.0]]])
+    labels = torch.tensor([[1, -1], [1, 0], [2, 3]])
+    coords, labels = torch.cat([coords, coords + 3]), torch.cat([labels, labels])
+    with torch.no_grad():
+        embeddings = network.encode_images(images)
+        decoded = network.decode(embeddings, coords, labels, prompts_per_image=3)
+    assert encoder_calls[0] == 1
+    assert decoded.logits.shape == (6, 1, 80, 72) and decoded.iou_predictions.shape == (6, 1)
+
+    with torch.no_grad():
+        for index in range(6):
+            image = images[index // 3 : index // 3 + 1]
+            alone = network.predict(image, coords[index : index + 1], labels[index : index + 1])
+            torch.testing.assert_close(decoded.logits[index : index + 1], alone.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(decoded.iou_predictions[index], alone.iou_predictions[0], atol=1e-5, rtol=0)
+    assert encoder_calls[0] == 7
+
+
+def test_decode_checks_the_number_of_prompt_sets(network):
+    with torch.no_grad():
+        embeddings = network.encode_images(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+        with pytest.raises(ValueError, match=r"point_coords must have shape \(6, N, 2\)"):
+            network.decode(embeddings, torch.zeros(4, 1, 2), torch.ones(4, 1), prompts_per_image=3)
+        with pytest.raises(ValueError, match="positive integer"):
+            network.decode(embeddings, prompts_per_image=0)
+        assert network.decode(embeddings, prompts_per_image=2).logits.shape == (4, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_merged_layer_is_a_plain_linear_product_that_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 24, rank=4, alpha=8).eval()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+    unmerged = layer(x)
+    # fullgraph=True fails on any graph break, e.g. a Python branch on a tensor such as the merged buffer
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), unmerged)
+    layer.merge()
+    torch.testing.assert_close(compiled(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+
+
+def test_merged_state_follows_a_loaded_state_dict():
+    torch.manual_seed(0)
+    merged = LoRALinear(8, 8, rank=2, alpha=4)
+    nn.init.normal_(merged.lora_B)
+    merged.merge()
+    fresh = LoRALinear(8, 8, rank=2, alpha=4)
+    fresh.load_state_dict(merged.state_dict())
+    assert fresh.merged
+    fresh.unmerge()
+    assert not fresh.merged and not bool(fresh.lora_merged)
+
+
+def test_channels_last_switch_keeps_the_outputs(network):
+    switched = adapted_network(channels_last=True).eval()
+    assert switched.sam2.image_encoder.trunk.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    points, labels = torch.tensor([[[20.0, 30.0]], [[40.0, 8.0]]]), torch.ones(2, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(switched(images, points, labels), network(images, points, labels), atol=1e-4, rtol=0)
+
+
+def saved_tensor_bytes(network: SAM2LoRA, images: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes that autograd keeps for the backward pass of one forward pass (parameters excluded), and the loss."""
+    parameters = {p.data_ptr() for p in network.parameters()}
+    stored = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in parameters:
+            stored[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = network(images).square().mean()
+    return stored[0], loss
+
+
+def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    plain = adapted_network(lora_dropout=0.0).train()
+    checkpointed = adapted_network(lora_dropout=0.0, activation_checkpointing=True).train()
+    plain_bytes, plain_loss = saved_tensor_bytes(plain, images)
+    checkpointed_bytes, checkpointed_loss = saved_tensor_bytes(checkpointed, images)
+    assert checkpointed_bytes < 0.7 * plain_bytes
+    plain_loss.backward()
+    checkpointed_loss.backward()
+    plain_grads = {name: p.grad for name, p in plain.named_parameters() if p.requires_grad}
+    checkpointed_grads = {name: p.grad for name, p in checkpointed.named_parameters() if p.requires_grad}
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    assert any(grad.abs().sum() > 0 for name, grad in plain_grads.items() if "image_encoder" in name)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert set(checkpointed.state_dict()) == set(plain.state_dict()), "checkpointing must not rename weights"
+
+
+def test_merge_adapters_handler_merges_for_the_run_only(network):
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = network(images)
+    unmerged_weights = copy.deepcopy(network.state_dict())
+    seen_merged: list[bool] = []
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        seen_merged.append(all(layer.merged for _, layer in lora_modules(network.sam2)))
+        return network(batch)
+
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=[{"image": images, "label": torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)}],
+        network=network,
+        inferer=lambda batch, _: forward(batch),
+        val_handlers=[MergeAdapters(network)],
+        decollate=False,
+    )
+    evaluator.run()
+    assert seen_merged == [True]
+    torch.testing.assert_close(evaluator.state.output["pred"], expected, atol=1e-4, rtol=1e-4)
+    assert not any(layer.merged for _, layer in lora_modules(network.sam2))
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, unmerged_weights[key], atol=1e-6, rtol=0)
+
+
+def test_tf32_switch_sets_and_clears_cuda_precision():
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        set_tf32(True)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        set_tf32(False)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
