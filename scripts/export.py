@@ -256,10 +256,10 @@ def _write_weights(
         reason = ""
     if mode == "merged":
         trained.merge_adapters()
-    state = trained.state_dict()
+    # Saved before unmerging: state_dict() shares its tensors with the network.
+    torch.save(trained.state_dict(), models / FULL_FILE)
     if mode == "merged":
         trained.unmerge_adapters()
-    torch.save(state, models / FULL_FILE)
     return mode, reason
 
 
@@ -335,7 +335,8 @@ def _zip_folder(folder: Path, archive: Path) -> None:
                 continue
             name = path.relative_to(folder.parent).as_posix()
             info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            # Weights barely compress and deflating hundreds of MB takes long: they are stored as they are.
+            info.compress_type = zipfile.ZIP_STORED if path.suffix == ".pt" else zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             with open(path, "rb") as source, bundle_zip.open(info, "w") as target:
                 shutil.copyfileobj(source, target, 1 << 20)
@@ -471,15 +472,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configs = _override_value(args.config_file) if args.config_file else None
-    result = export_bundle(
-        output=args.output,
-        ckpt_path=args.ckpt_path,
-        config_file=[configs] if isinstance(configs, str) else configs,
-        weights=args.weights,
-        base_checkpoint=args.base_checkpoint,
-        bundle_dir=args.bundle_dir,
-        overrides=parse_overrides(extra),
-    )
+    try:
+        result = export_bundle(
+            output=args.output,
+            ckpt_path=args.ckpt_path,
+            config_file=[configs] if isinstance(configs, str) else configs,
+            weights=args.weights,
+            base_checkpoint=args.base_checkpoint,
+            bundle_dir=args.bundle_dir,
+            overrides=parse_overrides(extra),
+        )
+    except (ExportError, CheckpointError) as error:
+        # Run as __main__, these classes are not the package's own, which the error hook reports in one line.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(result.archive)
     return 0
 

@@ -1,0 +1,300 @@
+"""The bundle archive: packaged, served over HTTP, downloaded with monai.bundle and run away from this repository."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from scripts.export import BUNDLE_NAME, ExportError, export_bundle, main
+from scripts.network import SAM2LoRA
+from scripts.sam2_models import build_sam2_base
+from scripts.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+INFER = str(CONFIGS / "inference.json")
+QUICKSTART = str(CONFIGS / "quickstart.json")
+VERSION = json.loads((CONFIGS / "metadata.json").read_text())["version"]
+IMAGE_SIZE = 64
+
+
+def trained_model(path: Path, base: Path | None, seed: int) -> Path:
+    """A SAM2LoRA with non-zero adapters, saved as the training workflow saves model.pt."""
+    torch.manual_seed(seed)
+    weights = {"checkpoint": base} if base is not None else {"random_init": True}
+    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, **weights)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0.0, 0.05)  # as after training: the adapters change the output
+    torch.save(network.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A Meta-format base checkpoint (seeded random weights: Meta's cannot be fetched offline), a model trained
+    on it, and a model trained from random initialisation."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    base = root / "base" / "sam2.1_hiera_tiny.pt"
+    base.parent.mkdir()
+    torch.save({"model": build_sam2_base("tiny", image_size=IMAGE_SIZE).state_dict()}, base)
+    return {
+        "base": base,
+        "on_base": trained_model(root / "on_base.pt", base, seed=1),
+        "random_init": trained_model(root / "random_init.pt", None, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    write_dataset(folder / "synthetic", count=3, size=96, seed=3)
+    target = folder / "in"
+    target.mkdir()
+    sources = sorted((folder / "synthetic" / "images").glob("*.png"))
+    shutil.copy(sources[0], target / "square.png")
+    Image.open(sources[1]).resize((110, 80)).save(target / "wide.jpg")  # another format, another size
+    return target
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+def serve_and_download(archive: Path, bundle_dir: Path) -> Path:
+    """Serve ``archive`` from 127.0.0.1 and fetch it with ``python -m monai.bundle download --url``."""
+    handler = functools.partial(QuietHandler, directory=str(archive.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        command = ["-m", "monai.bundle", "download", "--name", BUNDLE_NAME, "--url", url, "--bundle_dir", bundle_dir]
+        result = isolated_python(command, cwd=bundle_dir.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    return bundle_dir / BUNDLE_NAME
+
+
+def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
+    """Python with the venv's packages but nothing of this repository: ``-S`` skips the site .pth files, among
+    them the editable install's import hook for ``scripts``; PYTHONPATH names site-packages alone."""
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cwd),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+    }
+    command = [sys.executable, "-S", *map(str, arguments)]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def repository_inference(images: Path, output: Path, ckpt: Path, **overrides) -> None:
+    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", BUNDLE]
+    command += ["--meta_file", CONFIGS / "metadata.json", "--config_file", str([INFER, QUICKSTART])]
+    command += ["--logging_file", CONFIGS / "logging.conf", "--dataset_dir", images, "--output_dir", output]
+    command += ["--ckpt_path", ckpt, "--image_size", IMAGE_SIZE]
+    for key, value in overrides.items():
+        command += [f"--{key}", value]
+    result = subprocess.run(list(map(str, command)), cwd=output.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def downloaded_inference(bundle: Path, images: Path, output: Path) -> str:
+    """Inference as a user runs it from the downloaded bundle's folder (MONAI's convention for `scripts`)."""
+    command = ["-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json"]
+    command += ["--config_file", "configs/inference.json", "--logging_file", "configs/logging.conf"]
+    command += ["--dataset_dir", images, "--output_dir", output]
+    result = isolated_python(command, cwd=bundle)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def assert_same_masks(first: Path, second: Path, images: Path) -> None:
+    stems = sorted(path.stem for path in images.iterdir())
+    for stem in stems:
+        for kind in ("mask", "prob"):
+            a = np.asarray(Image.open(first / f"{stem}_{kind}.png"))
+            b = np.asarray(Image.open(second / f"{stem}_{kind}.png"))
+            np.testing.assert_array_equal(a, b, err_msg=f"{stem}_{kind}")
+        probability = np.asarray(Image.open(first / f"{stem}_prob.png"))
+        assert probability.min() < probability.max(), "a constant map would make the comparison vacuous"
+
+
+def test_repository_scripts_are_not_importable_in_the_isolated_process(tmp_path):
+    result = isolated_python(["-c", "import scripts"], cwd=tmp_path)
+    assert result.returncode != 0 and "No module named 'scripts'" in result.stderr
+
+
+def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models, images, tmp_path):
+    result = export_bundle(
+        tmp_path / "dist",
+        models["on_base"],
+        config_file=[INFER, QUICKSTART],
+        base_checkpoint=models["base"],
+        overrides={"image_size": IMAGE_SIZE, "random_init": False},
+    )
+    assert result.weights == "adapters" and result.reason == ""
+    assert result.archive.name == f"{BUNDLE_NAME}_{VERSION}.zip"
+    with zipfile.ZipFile(result.archive) as archive:
+        names = archive.namelist()
+    assert {name.split("/")[0] for name in names} == {BUNDLE_NAME}, "one top-level bundle folder"
+    for required in ("configs/inference.json", "configs/metadata.json", "scripts/network.py", "LICENSE",
+                     "large_files.yml", "docs/data_license.txt", "docs/weights.md", "models/adapters.pt"):
+        assert f"{BUNDLE_NAME}/{required}" in names, required
+    assert f"{BUNDLE_NAME}/models/model.pt" not in names
+    assert result.archive.stat().st_size < models["on_base"].stat().st_size / 10, "adapters are a small fraction"
+
+    bundle = serve_and_download(result.archive, tmp_path / "downloaded")
+    large_files = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert [Path(entry["path"]).name for entry in large_files] == ["sam2.1_hiera_tiny.pt"]
+    assert large_files[0]["hash_val"] == hashlib.sha256(models["base"].read_bytes()).hexdigest()
+    # What download_large_files does with Meta's file (no internet here): put the base where the config expects it.
+    shutil.copy(models["base"], bundle / "models" / "sam2.1_hiera_tiny.pt")
+
+    from_download = tmp_path / "from_download"
+    log = downloaded_inference(bundle, images, from_download)
+    assert "Loaded 80 adapter tensors from models/adapters.pt" in log
+    from_repository = tmp_path / "from_repository"
+    from_repository.mkdir()
+    repository_inference(
+        images, from_repository, models["on_base"], random_init=False, ckpt_dir=models["base"].parent
+    )
+    assert_same_masks(from_repository, from_download, images)
+
+
+def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="scripts.export"):
+        result = export_bundle(
+            tmp_path / "dist", models["random_init"], config_file=[INFER, QUICKSTART], overrides={"image_size": 64}
+        )
+    assert result.weights == "full" and "random initialisation" in result.reason
+    assert "random initialisation" in caplog.text
+    with zipfile.ZipFile(result.archive) as archive:
+        assert f"{BUNDLE_NAME}/models/adapters.pt" not in archive.namelist()
+        assert "random initialisation" in archive.read(f"{BUNDLE_NAME}/docs/weights.md").decode()
+        inference = json.loads(archive.read(f"{BUNDLE_NAME}/configs/inference.json"))
+        state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
+    trained = torch.load(models["random_init"], weights_only=True)
+    assert state.keys() == trained.keys() and all(torch.equal(state[key], trained[key]) for key in trained)
+    assert inference["random_init"] is True and inference["ckpt_path"].endswith("/model.pt'")
+    assert inference["image_size"] == IMAGE_SIZE and inference["model_size"] == "tiny"
+
+
+def test_adapters_trained_on_another_base_fall_back_to_full_weights(models, tmp_path):
+    other_base = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.manual_seed(5)
+    torch.save({"model": build_sam2_base("tiny", image_size=IMAGE_SIZE).state_dict()}, other_base)
+    result = export_bundle(
+        tmp_path / "dist",
+        models["on_base"],
+        config_file=[INFER, QUICKSTART],
+        base_checkpoint=other_base,
+        overrides={"image_size": IMAGE_SIZE, "random_init": False},
+    )
+    assert result.weights == "full"
+    assert str(other_base) in result.reason and "differ" in result.reason
+    with zipfile.ZipFile(result.archive) as archive:
+        state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
+    trained = torch.load(models["on_base"], weights_only=True)
+    assert all(torch.equal(state[key], trained[key]) for key in trained)
+
+
+def test_merged_weights_compute_what_the_adapters_compute(models, tmp_path):
+    result = export_bundle(
+        tmp_path / "dist",
+        models["on_base"],
+        config_file=[INFER, QUICKSTART],
+        weights="merged",
+        overrides={"image_size": IMAGE_SIZE, "random_init": False},
+    )
+    assert result.weights == "merged"
+    with zipfile.ZipFile(result.archive) as archive:
+        merged_state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
+        inference = json.loads(archive.read(f"{BUNDLE_NAME}/configs/inference.json"))
+    assert inference["image_size"] == IMAGE_SIZE and inference["model_size"] == "tiny"
+    merged = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True).eval()
+    merged.load_state_dict(merged_state)
+    assert all(layer.merged for layer in merged.sam2.modules() if hasattr(layer, "lora_merged"))
+    unmerged = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True).eval()
+    unmerged.load_state_dict(torch.load(models["on_base"], weights_only=True))
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(images), unmerged(images), atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_without_the_base_checkpoint_say_how_to_get_it(models, tmp_path):
+    missing = tmp_path / "nowhere" / "sam2.1_hiera_tiny.pt"
+    with pytest.raises(ExportError, match="download_large_files") as caught:
+        export_bundle(
+            tmp_path / "dist",
+            models["on_base"],
+            config_file=[INFER, QUICKSTART],
+            base_checkpoint=missing,
+            overrides={"image_size": IMAGE_SIZE, "random_init": False},
+        )
+    assert str(missing) in str(caught.value)
+    assert not list((tmp_path / "dist").glob("*.zip")), "nothing half-written is left"
+
+
+def test_version_must_have_a_changelog_entry(models, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata["version"] = "9.9.9"
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ExportError, match="9.9.9 has no entry in 'changelog'"):
+        export_bundle(tmp_path / "dist", models["random_init"], bundle_dir=bundle, overrides={"image_size": 64})
+
+
+def test_model_that_does_not_fit_the_settings(models, tmp_path):
+    with pytest.raises(ExportError, match="does not fit the network settings"):
+        export_bundle(
+            tmp_path / "dist", models["random_init"], config_file=[INFER, QUICKSTART], overrides={"lora_rank": 8}
+        )
+
+
+def test_cli_reports_a_missing_model_in_one_line(tmp_path):
+    missing = tmp_path / "model.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.export", "--output", str(tmp_path), "--ckpt_path", str(missing),
+         "--config_file", str([INFER, QUICKSTART])],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: Trained model {missing} does not exist." in result.stderr
+
+
+def test_cli_writes_the_archive(models, tmp_path, capsys):
+    status = main([
+        "--output", str(tmp_path), "--ckpt_path", str(models["random_init"]),
+        "--config_file", str([INFER, QUICKSTART]), "--image_size", "64", "--weights", "full",
+    ])
+    assert status == 0
+    archive = tmp_path / f"{BUNDLE_NAME}_{VERSION}.zip"
+    assert capsys.readouterr().out.strip() == str(archive)
+    with zipfile.ZipFile(archive) as content:
+        assert f"{BUNDLE_NAME}/models/model.pt" in content.namelist()
