@@ -53,8 +53,10 @@ __all__ = [
     "WEIGHT_MODES",
     "ExportError",
     "ExportResult",
+    "config_files",
     "export_bundle",
     "main",
+    "parse_overrides",
 ]
 
 logger = logging.getLogger(__name__)
@@ -427,6 +429,12 @@ def _override_value(text: str) -> Any:
         return text
 
 
+def config_files(text: str) -> list[str]:
+    """``--config_file`` as ``monai.bundle run`` takes it: one path, or a Python list of paths."""
+    value = _override_value(text)
+    return [value] if isinstance(value, str) else [str(item) for item in value]
+
+
 def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     """``["--image_size", "64", "--random_init", "True"]`` as ``{"image_size": 64, "random_init": True}``.
 
@@ -471,12 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundle_dir", default=None, help="the bundle folder to package (default: bundle/)")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    configs = _override_value(args.config_file) if args.config_file else None
+    configs = config_files(args.config_file) if args.config_file else None
     try:
         result = export_bundle(
             output=args.output,
             ckpt_path=args.ckpt_path,
-            config_file=[configs] if isinstance(configs, str) else configs,
+            config_file=configs,
             weights=args.weights,
             base_checkpoint=args.base_checkpoint,
             bundle_dir=args.bundle_dir,

@@ -1,0 +1,223 @@
+"""Deployable exports of the prompt-free network, adapters merged: ONNX, TorchScript and torch.export programs.
+
+``python -m scripts.deploy --format onnx --ckpt_path model.pt --output model.onnx [--config_file ...] [--key value]``
+
+Every export takes images already resized to the network's ``image_size`` and SAM-normalised (the bundle's
+preprocessing), has a dynamic batch dimension, and returns mask logits (B, C, image_size, image_size). What works
+and what does not, measured with torch 2.15:
+
+- ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript): works, dynamic batch; checked
+  against PyTorch with onnxruntime after writing. Height and width are fixed: SAM 2's code branches in Python
+  on the input size (resize to ``image_size``, padding to Hiera's windows), so torch.export specialises them.
+- TorchScript by tracing (MONAI's ``ckpt_export --use_trace True``): works at the traced image size.
+  ``torch.jit.script`` (``ckpt_export``'s default) does not: SAM 2's modules use Python constructs TorchScript
+  cannot type (dictionaries keyed by tuples as caches, dataclass-like outputs, ``**kwargs``).
+- torch.export (``.pt2``): works, dynamic batch, fixed height and width, as for ONNX; exported under
+  ``torch.no_grad()`` so that the saved program loads again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.export import ExportError, config_files, load_trained, network_settings, parse_overrides
+from scripts.network import SAM2LoRA
+from scripts.sam2_models import CheckpointError
+
+__all__ = [
+    "FORMATS",
+    "DeployError",
+    "PromptFreeSegmenter",
+    "check_onnx",
+    "export_onnx",
+    "export_program",
+    "export_torchscript",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "exported_program")
+# The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
+# would not fit any accelerator anyway.
+MAX_BATCH = 1024
+
+
+class DeployError(RuntimeError):
+    """An export failed or its outputs do not match PyTorch's; the message names the file."""
+
+
+class PromptFreeSegmenter(nn.Module):
+    """The network with its adapters merged, as one function of the image batch alone.
+
+    Args:
+        network: a trained SAM2LoRA; its adapters are merged into the base weights (in place).
+    """
+
+    def __init__(self, network: SAM2LoRA) -> None:
+        super().__init__()
+        network.merge_adapters()
+        self.network = network.eval()
+        self.image_size = network.image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.predict(images).logits
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        """A random input of the exported shape."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
+
+
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = 18) -> Path:
+    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically.
+
+    Raises:
+        DeployError: the export failed.
+    """
+    path = Path(path)
+    partial = _atomic_target(path)
+    try:
+        torch.onnx.export(
+            model,
+            (model.example(),),
+            str(partial),
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: _batch_dim()}},
+        )
+    except Exception as error:  # the exporter raises many kinds of errors
+        partial.unlink(missing_ok=True)
+        raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
+    partial.replace(path)
+    return path
+
+
+def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``images``; return the largest difference.
+
+    Raises:
+        DeployError: onnxruntime cannot run the file.
+    """
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (onnx_logits,) = session.run(["logits"], {"image": images.numpy().astype(np.float32)})
+    except Exception as error:  # onnxruntime raises its own exception types per failure
+        raise DeployError(f"onnxruntime cannot run {path} ({type(error).__name__}: {error}).") from error
+    with torch.no_grad():
+        torch_logits = model(images).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())
+
+
+def export_torchscript(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
+    """Write ``model`` as TorchScript by tracing (scripting fails on SAM 2's code), atomically.
+
+    Raises:
+        DeployError: tracing failed.
+    """
+    path = Path(path)
+    partial = _atomic_target(path)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, model.example(), check_trace=False)
+        torch.jit.save(traced, str(partial))
+    except Exception as error:  # tracing raises many kinds of errors
+        partial.unlink(missing_ok=True)
+        raise DeployError(f"TorchScript export to {path} failed ({type(error).__name__}: {error}).") from error
+    partial.replace(path)
+    return path
+
+
+def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
+    """Write ``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch, atomically.
+
+    Raises:
+        DeployError: the export failed.
+    """
+    path = Path(path)
+    partial = _atomic_target(path)
+    try:
+        # Under no_grad: SAM 2's positional encoding is a @torch.no_grad() function, and a grad-mode switch inside
+        # the graph becomes a node that torch.export.save writes but torch.export.load then rejects.
+        with torch.no_grad():
+            program = torch.export.export(model, (model.example(),), dynamic_shapes={"images": {0: _batch_dim()}})
+        torch.export.save(program, str(partial))
+    except Exception as error:  # torch.export raises many kinds of errors
+        partial.unlink(missing_ok=True)
+        raise DeployError(f"torch.export to {path} failed ({type(error).__name__}: {error}).") from error
+    partial.replace(path)
+    return path
+
+
+def load_segmenter(
+    ckpt_path: str | os.PathLike, config_file: Sequence[str | os.PathLike], overrides: Mapping[str, Any]
+) -> PromptFreeSegmenter:
+    """The trained network of ``ckpt_path`` (full state dict), built with the bundle configs' settings."""
+    return PromptFreeSegmenter(load_trained(Path(ckpt_path), network_settings(config_file, overrides)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m scripts.deploy --format FORMAT --ckpt_path model.pt --output FILE [...]``.
+
+    Returns:
+        The process exit status (0 on success).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.deploy",
+        description=__doc__.splitlines()[0],
+        epilog="Any further --key value pairs override config entries, as with `python -m monai.bundle run`.",
+    )
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
+    parser.add_argument("--output", required=True, help="the file to write (.onnx, .ts or .pt2)")
+    parser.add_argument(
+        "--config_file",
+        default="bundle/configs/inference.json",
+        help="the configs the model was trained with, one path or a Python list",
+    )
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model = load_segmenter(args.ckpt_path, config_files(args.config_file), parse_overrides(extra))
+        if args.format == "onnx":
+            path = export_onnx(model, args.output)
+            difference = check_onnx(path, model, model.example(batch=3))
+            logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
+        elif args.format == "torchscript":
+            path = export_torchscript(model, args.output)
+        else:
+            path = export_program(model, args.output)
+    except (ExportError, CheckpointError, DeployError) as error:
+        # Run as __main__, these classes are not the package's own, which the error hook reports in one line.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Deployable exports checked against PyTorch: ONNX with onnxruntime on real DRIVE images, TorchScript through
+MONAI's ckpt_export, torch.export programs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export
+
+from scripts.deploy import PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
+from scripts.network import SAM2LoRA
+
+pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+CONFIG_FILES = [str(CONFIGS / "inference.json"), str(CONFIGS / "quickstart.json")]
+IMAGE_SIZE = 64
+OVERRIDES = {"image_size": IMAGE_SIZE}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A model.pt with non-zero adapters, as training leaves it."""
+    torch.manual_seed(0)
+    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained) -> PromptFreeSegmenter:
+    return load_segmenter(trained, CONFIG_FILES, OVERRIDES)
+
+
+def drive_batch(drive_dir: Path, cases: list[str]) -> torch.Tensor:
+    """DRIVE test images through the bundle's own inference preprocessing."""
+    parser = ConfigParser()
+    parser.read_config(CONFIG_FILES)
+    parser.update(OVERRIDES)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    images = [preprocessing({"image": str(drive_dir / "test" / "images" / f"{case}_test.tif")})["image"] for case in cases]
+    return torch.stack([torch.as_tensor(image) for image in images]).float()
+
+
+def test_onnx_matches_pytorch_on_drive_images_with_a_dynamic_batch(segmenter, drive_dir, tmp_path):
+    path = export_onnx(segmenter, tmp_path / "model.onnx")
+    assert not list(tmp_path.glob(".*partial*")), "the partial file was renamed into place"
+    import onnxruntime
+
+    for cases in (["01", "02", "03"], ["04"]):  # exported with a batch of 2: both other sizes must work
+        images = drive_batch(drive_dir, cases)
+        assert images.shape == (len(cases), 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert check_onnx(path, segmenter, images) < 1e-4
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"image": images.numpy()})
+        with torch.no_grad():
+            reference = segmenter(images).numpy()
+        decided = np.abs(reference) > 1e-3  # away from the threshold, the masks must be the same
+        assert decided.mean() > 0.99
+        np.testing.assert_array_equal((logits > 0)[decided], (reference > 0)[decided])
+
+
+def test_torchscript_through_monai_ckpt_export(trained, segmenter, tmp_path):
+    path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(path),
+        ckpt_file=str(trained),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=CONFIG_FILES,
+        use_trace=True,
+        input_shape=[1, 3, IMAGE_SIZE, IMAGE_SIZE],
+        **OVERRIDES,
+    )
+    scripted = torch.jit.load(str(path))
+    for batch in (1, 3):
+        images = segmenter.example(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(images), segmenter(images), atol=1e-4, rtol=1e-4)
+
+
+def test_exported_program_with_a_dynamic_batch(segmenter, tmp_path):
+    path = export_program(segmenter, tmp_path / "model.pt2")
+    program = torch.export.load(str(path)).module()
+    for batch in (1, 3):
+        images = segmenter.example(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(program(images), segmenter(images), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_reports_a_missing_model(tmp_path, capsys):
+    status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx"),
+                   "--config_file", str(CONFIG_FILES)])
+    assert status == 1
+    assert f"error: Trained model {tmp_path / 'none.pt'} does not exist." in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
