@@ -1,0 +1,328 @@
+"""Resumable training: one atomic checkpoint of everything a run needs to go on after a kill, and its loader.
+
+The checkpoint (``latest_checkpoint.pt`` in the checkpoint folder) holds:
+
+- the network's trainable state (LoRA adapters and any other parameter with ``requires_grad``) and a fingerprint of
+  the frozen weights, which are not saved again: they come from the base checkpoint (or the seeded random init) and
+  the fingerprint proves the resumed run rebuilt the same ones;
+- the optimiser, the learning-rate scheduler, the AMP gradient scaler;
+- the trainer's position (epoch, iteration, epoch length) and the best validation metric so far, so that
+  ``model_best.pt`` is only replaced by a better model after a resume;
+- the run's settings, so that a resume with different hyper-parameters or data is refused instead of silently
+  mixing two experiments; and any extra state registered by other components (the MLflow run id).
+
+It is written every ``interval`` iterations (on iterations that close a gradient-accumulation window, so no
+half-accumulated gradient is lost), at the end of every epoch and when training completes, always to a temporary file
+renamed over the previous checkpoint: a kill during a write leaves the previous checkpoint intact.
+
+Resuming mid-epoch follows ignite: the trainer restarts at the saved iteration and runs the epoch's remaining
+iterations on a freshly shuffled pass of the training data, so iteration counts, the learning-rate schedule and the
+epoch boundaries (validation, epoch checkpoints) are those of an uninterrupted run; the batches of the interrupted
+epoch are not replayed exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
+from torch import nn
+
+from scripts.atomic import atomic_path
+
+__all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "save_atomic"]
+
+CHECKPOINT_FORMAT = "sam2lora-training/1"
+
+RESUME_CHOICES = ("false", "true", "auto")
+
+# Settings a resumed run may change: training longer than first planned is a normal reason to resume.
+CHANGEABLE_ON_RESUME = frozenset({"max_epochs"})
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked; the message names the checkpoint or the setting and what is wrong."""
+
+
+def save_atomic(content: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+
+    Args:
+        content: what to save.
+        path: the destination; the previous file stays whole until the new one is complete.
+    """
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            torch.save(dict(content), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; a checkpoint should be as readable as torch.save would have made it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel / DataParallel wrapper (the wrapper adds ``module.`` keys)."""
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
+def frozen_fingerprint(network: nn.Module) -> str:
+    """A digest of the names, shapes and values of the network's frozen parameters.
+
+    Args:
+        network: the network (unwrapped or wrapped by DistributedDataParallel).
+
+    Returns:
+        A hex digest; equal for two networks whose frozen weights are equal.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in _unwrap(network).named_parameters():
+        if parameter.requires_grad:
+            continue
+        values = parameter.detach().to("cpu", torch.float64)
+        # Sums weighted by position catch permutations and sign flips that a plain sum would miss.
+        weights = torch.arange(1, values.numel() + 1, dtype=torch.float64).reshape(values.shape) if values.numel() else values
+        digest.update(f"{name}{tuple(values.shape)}{float(values.sum()):.10e}{float((values * weights).sum()):.10e}".encode())
+    return digest.hexdigest()
+
+
+def _parse_resume(resume: bool | str) -> str:
+    text = str(resume).strip().lower()
+    if text not in RESUME_CHOICES:
+        raise ResumeError(f"Setting 'resume' must be one of {', '.join(RESUME_CHOICES)}; got {resume!r}.")
+    return text
+
+
+class TrainingCheckpoint:
+    """Ignite handler that keeps a resumable checkpoint of a training run and resumes from it when asked.
+
+    Attach it to the trainer (list it in ``train#handlers``): the trainer adds itself to the checkpoint, which is why
+    this handler, unlike MONAI's ``CheckpointSaver``, needs no reference to the trainer in the config.
+
+    Args:
+        checkpoint_dir: the folder of the checkpoint (the bundle's ``ckpt_dir``).
+        network: the trained network (wrapped by DistributedDataParallel or not).
+        optimizer: its optimiser.
+        lr_scheduler: the learning-rate scheduler, stepped by the trainer's handlers.
+        settings: the run's hyper-parameters and data description (plain values); a resume requires equal ones,
+            except ``max_epochs``.
+        resume: ``false`` starts afresh (an existing checkpoint is replaced at the first save, with a warning),
+            ``true`` resumes from the checkpoint and fails if there is none, ``auto`` resumes when there is one.
+        interval: save every this many iterations (rounded to the next iteration that closes an accumulation
+            window); 0 saves at epoch ends only.
+        validator: the validation engine, whose best metric is kept across a resume.
+        validate_handlers: the validator's handlers: the record of the best score of the ``CheckpointSaver`` among
+            them that saves on the key metric (``model_best.pt``) is kept.
+        filename: the checkpoint's file name.
+        save: whether this process writes the checkpoint (false on all ranks but 0 in distributed training).
+
+    Raises:
+        ResumeError: a bad ``resume`` value; at attach: ``resume=true`` without a checkpoint, an unreadable
+            checkpoint, or one written with other settings or another base network.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any | None = None,
+        settings: Mapping[str, Any] | None = None,
+        resume: bool | str = False,
+        interval: int = 0,
+        validator: Engine | None = None,
+        validate_handlers: Sequence[Any] | None = None,
+        filename: str = "latest_checkpoint.pt",
+        save: bool = True,
+    ) -> None:
+        if interval < 0:
+            raise ResumeError(f"Setting 'checkpoint_interval' must be 0 (epoch ends only) or positive; got {interval}.")
+        self.path = Path(checkpoint_dir) / filename
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.settings = _plain(dict(settings or {}))
+        self.resume = _parse_resume(resume)
+        self.interval = interval
+        self.validator = validator
+        # MONAI's CheckpointSaver offers load_state_dict for this record but no state_dict: its Checkpoint has both.
+        self.best_model_savers = [
+            handler._key_metric_checkpoint
+            for handler in validate_handlers or []
+            if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None
+        ]
+        self.save_enabled = save
+        self.extra_state: dict[str, Callable[[], Mapping[str, Any]]] = {}
+        self.resumed: dict[str, Any] | None = None
+        self._fingerprint = frozen_fingerprint(network)
+        self._last_saved_iteration = -1
+        self._start_iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Save on ``engine``'s iterations and epochs; load the checkpoint now (to fail early) and apply it at start."""
+        self.resumed = self._read_resumable()
+        if self.save_enabled:
+            # Temporary files of writes cut short by a SIGKILL (the checkpoint itself is whole).
+            for leftover in self.path.parent.glob(f".{self.path.name}.*"):
+                leftover.unlink(missing_ok=True)
+        engine.add_event_handler(Events.STARTED, self._apply_resume)
+        if self.save_enabled:
+            if self.interval:
+                engine.add_event_handler(Events.ITERATION_COMPLETED, self._save_on_interval)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+            engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def register_state(self, name: str, provider: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any] | None:
+        """Save ``provider()`` under ``name`` in every checkpoint.
+
+        Returns:
+            What the resumed checkpoint holds under ``name`` (None when starting afresh).
+        """
+        self.extra_state[name] = provider
+        return None if self.resumed is None else self.resumed.get("extra", {}).get(name)
+
+    def state_dict(self, engine: Engine) -> dict[str, Any]:
+        """Everything the checkpoint holds, for ``engine`` at its current iteration."""
+        network = _unwrap(self.network)
+        trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+        content: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "settings": self.settings,
+            "frozen_fingerprint": self._fingerprint,
+            "network_trainable": {k: v.detach().cpu() for k, v in network.state_dict().items() if k in trainable},
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": engine.state_dict(),
+            "extra": {name: dict(provider()) for name, provider in self.extra_state.items()},
+        }
+        if self.lr_scheduler is not None:
+            content["lr_scheduler"] = self.lr_scheduler.state_dict()
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            content["scaler"] = scaler.state_dict()
+        if self.validator is not None:
+            content["validator"] = {
+                "best_metric": getattr(self.validator.state, "best_metric", None),
+                "best_metric_epoch": getattr(self.validator.state, "best_metric_epoch", None),
+            }
+        content["best_model_savers"] = [saver.state_dict() for saver in self.best_model_savers]
+        return content
+
+    def save(self, engine: Engine) -> None:
+        """Write the checkpoint for ``engine``'s current iteration (once per iteration), atomically."""
+        if engine.state.iteration == self._last_saved_iteration:
+            return
+        save_atomic(self.state_dict(engine), self.path)
+        self._last_saved_iteration = engine.state.iteration
+        logger.info(f"Saved resumable checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration}).")
+
+    def _save_on_interval(self, engine: Engine) -> None:
+        iteration = engine.state.iteration
+        if iteration - max(self._last_saved_iteration, self._start_iteration) >= self.interval and _closes_window(engine):
+            self.save(engine)
+
+    def _read_resumable(self) -> dict[str, Any] | None:
+        exists = self.path.is_file()
+        if self.resume == "false":
+            if exists:
+                logger.warning(
+                    f"{self.path} holds the checkpoint of an earlier run; this run starts afresh and replaces it at its "
+                    "first save (pass --resume true to continue that run instead)."
+                )
+            return None
+        if not exists:
+            if self.resume == "true":
+                raise ResumeError(
+                    f"Cannot resume: {self.path} does not exist (the checkpoint folder holds no resumable run; "
+                    "pass --resume auto to start afresh when there is none)."
+                )
+            logger.info(f"No checkpoint {self.path} to resume from: starting afresh.")
+            return None
+        try:
+            content = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many kinds (pickle, zip, EOF...) for a damaged file
+            raise ResumeError(f"Cannot resume: checkpoint {self.path} cannot be read ({error}).") from None
+        self._check_compatible(content)
+        return content
+
+    def _check_compatible(self, content: Any) -> None:
+        if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+            raise ResumeError(f"Cannot resume: {self.path} is not a training checkpoint of format {CHECKPOINT_FORMAT}.")
+        saved = content.get("settings", {})
+        differences = [
+            f"{key}: checkpoint {saved.get(key)!r}, now {self.settings.get(key)!r}"
+            for key in sorted(set(saved) | set(self.settings))
+            if key not in CHANGEABLE_ON_RESUME and saved.get(key) != self.settings.get(key)
+        ]
+        if differences:
+            raise ResumeError(
+                f"Cannot resume from {self.path}: it belongs to a run with other settings ({'; '.join(differences)}). "
+                "Use the same settings, or start a new run in another --ckpt_dir (or with --resume false)."
+            )
+        if content.get("frozen_fingerprint") != self._fingerprint:
+            raise ResumeError(
+                f"Cannot resume from {self.path}: the frozen base weights differ from those the run was trained on "
+                "(another base checkpoint, or another seed with random_init)."
+            )
+
+    def _apply_resume(self, engine: Engine) -> None:
+        if self.resumed is None:
+            return
+        content = self.resumed
+        network = _unwrap(self.network)
+        missing = set(content["network_trainable"]) ^ {n for n, p in network.named_parameters() if p.requires_grad}
+        if missing:
+            raise ResumeError(f"Cannot resume from {self.path}: trainable parameters differ ({sorted(missing)[:3]}...).")
+        network.load_state_dict(content["network_trainable"], strict=False)
+        self.optimizer.load_state_dict(content["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in content:
+            self.lr_scheduler.load_state_dict(content["lr_scheduler"])
+        scaler = getattr(engine, "scaler", None)
+        if "scaler" in content and scaler is not None:
+            scaler.load_state_dict(content["scaler"])
+        # This run's max_epochs wins over the checkpoint's: resuming is how a run is extended (or shortened).
+        trainer_state = {**content["trainer"], "max_epochs": engine.state.max_epochs}
+        if trainer_state["iteration"] > engine.state.max_epochs * trainer_state["epoch_length"]:
+            raise ResumeError(
+                f"Cannot resume from {self.path}: it is at iteration {trainer_state['iteration']}, beyond "
+                f"max_epochs {engine.state.max_epochs}; raise --max_epochs to train on."
+            )
+        engine.load_state_dict(trainer_state)
+        if self.validator is not None and "validator" in content:
+            self.validator.state.best_metric = content["validator"]["best_metric"]
+            self.validator.state.best_metric_epoch = content["validator"]["best_metric_epoch"]
+        for saver, state in zip(self.best_model_savers, content.get("best_model_savers", [])):
+            saver.load_state_dict(state)
+        self._start_iteration = self._last_saved_iteration = engine.state.iteration
+        logger.info(
+            f"Resumed from {self.path}: epoch {engine.state.epoch + 1} goes on after iteration {engine.state.iteration} "
+            f"of {engine.state.max_epochs * engine.state.epoch_length}."
+        )
+
+
+def _closes_window(engine: Engine) -> bool:
+    """Whether the optimiser stepped at this iteration under MONAI's accumulation rule (no gradient is pending)."""
+    steps = getattr(engine, "accumulation_steps", 1)
+    epoch_length = engine.state.epoch_length
+    position = (engine.state.iteration - 1) % epoch_length + 1 if epoch_length else engine.state.iteration
+    return steps <= 1 or position % steps == 0 or position == epoch_length
+
+
+def _plain(value: Any) -> Any:
+    """Settings as plain JSON-like values (tuples as lists, paths as strings), comparable after a torch round trip."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,446 @@
+"""MLflow experiment tracking for the training workflow, on top of MONAI's ``--tracking mlflow``.
+
+``--tracking mlflow`` makes MONAI add its ``MLFlowHandler`` to the trainer (loss and learning rate per iteration,
+the executed config) and to the validator (metrics per epoch). ``MLflowRecorder`` completes the record and makes it
+dependable:
+
+- one MLflow run per training run: a fresh run always gets a new MLflow run (MONAI alone would append to any
+  unfinished run of the experiment, e.g. one that was killed), and a resumed run goes on in its own MLflow run;
+- every hyper-parameter that shapes the result, the datasets, the trainable and total parameter counts;
+- per-dataset validation Dice per epoch, the pictures of ``scripts.plots.TrainingPictures`` (curves, per-dataset
+  chart, overlays) and, at the end, the best model;
+- records are sent by a background thread: a slow or vanished tracking server never stops training. What cannot be
+  delivered is logged as a warning when it happens, and summarised (which metrics, which steps, which files) at the
+  end of the run; delivery is retried every ``retry_interval`` seconds and resumes when the server is back.
+
+Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists and the recorder does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from torch import nn
+
+from scripts.checkpointing import TrainingCheckpoint
+from scripts.plots import TrainingPictures
+
+__all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used at the start of a run; the message names it and why."""
+
+
+def describe_training_data(datalist: str | os.PathLike, split: str = "training") -> dict[str, Any]:
+    """What a run trains on, as recordable values: datasets, annotators, image count and a digest of the list.
+
+    Args:
+        datalist: the JSON datalist (``scripts.prepare`` / ``scripts.synthetic``); its entries may name their
+            ``dataset`` and ``annotator``.
+        split: the list to describe.
+
+    Returns:
+        ``{"datasets", "annotators", "images", "digest"}``; the digest covers the entries' file names as written
+        in the datalist (relative), so it survives moving the data folder but not changing the list.
+    """
+    path = Path(datalist)
+    entries = json.loads(path.read_text(encoding="utf-8")).get(split, [])
+    datasets = Counter(str(entry.get("dataset", path.parent.name)) for entry in entries)
+    annotators = sorted({str(entry["annotator"]) for entry in entries if "annotator" in entry})
+    names = sorted(json.dumps([entry.get("image"), entry.get("label")]) for entry in entries)
+    return {
+        "datasets": ", ".join(f"{name} ({count})" for name, count in sorted(datasets.items())),
+        "annotators": ", ".join(annotators) or "n/a",
+        "images": len(entries),
+        "digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
+    }
+
+
+def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow parameters: ``{"loss_weights": {"bce": 1}}`` becomes ``{"loss_weights.bce": "1"}``."""
+    flat: dict[str, str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_settings(value, prefix=f"{name}."))
+        else:
+            flat[name] = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class _Delivery:
+    """A background thread sending MLflow writes in order; failures are logged and summarised, never raised."""
+
+    def __init__(self, where: str, retry_interval: float, queue_size: int) -> None:
+        self.where = where
+        self.retry_interval = retry_interval
+        self.queue: queue.Queue[tuple[str, dict[str, tuple[int, int, int]], Callable[[], Any]] | None] = queue.Queue(
+            maxsize=queue_size
+        )
+        self.lost: dict[str, list[int]] = {}  # what -> [records, first step, last step]
+        self.offline_until = 0.0
+        self.in_flight: dict[str, tuple[int, int, int]] | None = None
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._work, name="mlflow-delivery", daemon=True)
+        self.thread.start()
+
+    def submit(self, what: str, steps: dict[str, tuple[int, int, int]], call: Callable[[], Any]) -> None:
+        """Queue ``call``; ``steps`` describes its records as ``{name: (count, first step, last step)}``."""
+        try:
+            self.queue.put_nowait((what, steps, call))
+        except queue.Full:
+            self._lose(steps, "the delivery queue is full")
+
+    def _lose(self, steps: dict[str, tuple[int, int, int]], reason: str | None = None) -> None:
+        with self.lock:
+            for name, (count, first, last) in steps.items():
+                record = self.lost.setdefault(name, [0, first, last])
+                record[0] += count
+                record[1], record[2] = min(record[1], first), max(record[2], last)
+        if reason:
+            logger.warning(f"MLflow: not recorded ({reason}): {', '.join(steps)}.")
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                what, steps, call = item
+                if time.monotonic() < self.offline_until:
+                    self._lose(steps)
+                    continue
+                self.in_flight = steps
+                try:
+                    call()
+                except Exception as error:  # any failure of the store (HTTP, database, artifact upload) is survivable
+                    self.offline_until = time.monotonic() + self.retry_interval
+                    self._lose(steps)
+                    logger.warning(
+                        f"MLflow tracking at {self.where} failed ({type(error).__name__}: {_first_line(error)}); "
+                        f"not recorded: {what}. Training goes on; records are dropped until a retry in "
+                        f"{self.retry_interval:.0f} s succeeds."
+                    )
+                finally:
+                    self.in_flight = None
+            finally:
+                self.queue.task_done()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for queued records to be sent; whether everything was."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.queue.unfinished_tasks
+
+    def abandon(self) -> int:
+        """Count what is still queued or being sent as not recorded (the run ends without it); how many deliveries."""
+        abandoned = 0
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            self.queue.task_done()
+            if item is not None:
+                self._lose(item[1])
+                abandoned += 1
+        in_flight = self.in_flight
+        if in_flight is not None:
+            self._lose(in_flight)
+            abandoned += 1
+        return abandoned
+
+    def report(self) -> None:
+        """Log what was not recorded during the run (nothing: no message)."""
+        with self.lock:
+            lost = dict(self.lost)
+        if not lost:
+            return
+        details = "; ".join(
+            f"{name} x{count}" + (f" (steps {first}-{last})" if last >= 0 else "")
+            for name, (count, first, last) in sorted(lost.items())
+        )
+        logger.warning(f"MLflow: this run's record at {self.where} is incomplete. Not recorded: {details}.")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _steps(metrics: Sequence[Any] = (), params: Sequence[Any] = ()) -> dict[str, tuple[int, int, int]]:
+    steps: dict[str, tuple[int, int, int]] = {}
+    for metric in metrics:
+        count, first, last = steps.get(f"metric {metric.key}", (0, metric.step, metric.step))
+        steps[f"metric {metric.key}"] = (count + 1, min(first, metric.step), max(last, metric.step))
+    for param in params:
+        steps[f"param {param.key}"] = (1, -1, -1)
+    return steps
+
+
+class _DeliveringClient:
+    """What MONAI's ``MLFlowHandler`` gets as its ``client``: writes go through the delivery thread.
+
+    Other reads pass through to the real ``MlflowClient``; ``get_run`` of the recorded run returns it as opened,
+    without a request (MONAI's validator calls it at every validation). Parameters are sent once per key: MLflow
+    parameters cannot change, and MONAI's validator would otherwise log its own ``max_epochs`` over the trainer's.
+    """
+
+    def __init__(self, client: mlflow.MlflowClient, delivery: _Delivery, run: Any, logged_params: dict[str, str]):
+        self._client = client
+        self._delivery = delivery
+        self._run = run
+        self._logged_params = logged_params
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_run(self, run_id: str) -> Any:
+        if run_id != self._run.info.run_id:
+            return self._client.get_run(run_id)
+        # The run as opened: MONAI only reads it for the parameters already logged, which log_batch tracks itself,
+        # and a synchronous request to a vanished server would block training while MLflow retries for minutes.
+        return self._run
+
+    def log_batch(self, run_id: str, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags=(), **_: Any):
+        new_params = [p for p in params if p.key not in self._logged_params]
+        self._logged_params.update({p.key: p.value for p in new_params})
+        if not (metrics or new_params or tags):
+            return
+        steps = _steps(metrics, new_params)
+        what = ", ".join(steps) or "tags"
+        call = lambda: self._client.log_batch(run_id, metrics=list(metrics), params=new_params, tags=list(tags))  # noqa: E731
+        self._delivery.submit(what, steps, call)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        name = f"artifact {artifact_path + '/' if artifact_path else ''}{Path(local_path).name}"
+        self._delivery.submit(
+            name, {name: (1, -1, -1)}, lambda: self._client.log_artifact(run_id, local_path, artifact_path)
+        )
+
+    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        self._delivery.submit(
+            f"run status {status}", {f"run status {status}": (1, -1, -1)},
+            lambda: self._client.set_terminated(run_id, status, end_time),
+        )
+
+
+class MLflowRecorder:
+    """Completes and safeguards the MLflow record of a training run made with ``--tracking mlflow``.
+
+    Call :meth:`start` before running the trainer (``train.json`` does it in its ``training`` list): the recorder
+    needs the trainer's handler list, so it cannot be one of those handlers.
+
+    Args:
+        trainer: the training engine.
+        train_handlers: the trainer's handlers (``@train#handlers``), where MONAI adds its ``MLFlowHandler``; the
+            ``TrainingCheckpoint`` and ``TrainingPictures`` among them are used too.
+        validate_handlers: the validator's handlers (``@validate#handlers``).
+        settings: the run's hyper-parameters and data description, logged as parameters.
+        network: the trained network, for its parameter counts.
+        best_model: path of the best model file, logged as an artifact when training completes (None: not logged).
+        output_dir: the workflow's output folder, where MONAI writes the executed config.
+        retry_interval: seconds to wait after a failed delivery before trying again.
+        flush_timeout: seconds to wait at the end of the run for queued records to be delivered.
+        queue_size: records waiting for delivery beyond which new ones are dropped (and reported).
+    """
+
+    def __init__(
+        self,
+        trainer: Engine,
+        train_handlers: Sequence[Any],
+        validate_handlers: Sequence[Any] | None,
+        settings: Mapping[str, Any],
+        network: nn.Module,
+        best_model: str | os.PathLike | None = None,
+        output_dir: str | os.PathLike | None = None,
+        retry_interval: float = 60.0,
+        flush_timeout: float = 60.0,
+        queue_size: int = 100_000,
+    ) -> None:
+        self.trainer = trainer
+        self.handlers = [h for h in [*train_handlers, *(validate_handlers or [])] if isinstance(h, MLFlowHandler)]
+        self.trainer_handlers = [h for h in train_handlers if isinstance(h, MLFlowHandler)]
+        self.settings = dict(settings)
+        self.network = network
+        # The trainer's TrainingCheckpoint keeps the MLflow run id (a resumed run goes on in its MLflow run) and
+        # its TrainingPictures draws what is logged after every validation.
+        self.checkpoint = next((h for h in train_handlers if isinstance(h, TrainingCheckpoint)), None)
+        self.pictures = next((h for h in train_handlers if isinstance(h, TrainingPictures)), None)
+        self.best_model = Path(best_model) if best_model else None
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.retry_interval = retry_interval
+        self.flush_timeout = flush_timeout
+        self.queue_size = queue_size
+        self.run: Any = None
+        self.client: _DeliveringClient | None = None
+        self.delivery: _Delivery | None = None
+        self._pictures_logged: list[Path] = []
+
+    @property
+    def enabled(self) -> bool:
+        """Whether MLflow tracking was asked for (MONAI added its handlers)."""
+        return bool(self.handlers)
+
+    def start(self) -> None:
+        """Open (or reopen) the run, log the settings, and hook the pictures and the end of training."""
+        if not self.enabled:
+            return
+        trainer = self.trainer
+        handler = self.trainer_handlers[0] if self.trainer_handlers else self.handlers[0]
+        where = handler.client.tracking_uri
+        resumed = self.checkpoint.register_state("mlflow", self._state) if self.checkpoint is not None else None
+        experiment = self._experiment(handler, where)
+        self.run = self._open_run(handler, experiment, resumed, where)
+        logged_params = dict(self.run.data.params)
+        self.delivery = _Delivery(where, self.retry_interval, self.queue_size)
+        for each in self.handlers:
+            each.experiment = experiment
+            each.cur_run = self.run
+            each.client = _DeliveringClient(each.client, self.delivery, self.run, logged_params)
+        self.client = self.handlers[0].client
+        for each in self.trainer_handlers:
+            # Closing the run is moved after this recorder's own end-of-training records.
+            if trainer.has_event_handler(each.close, Events.COMPLETED):
+                trainer.remove_event_handler(each.close, Events.COMPLETED)
+        self._log_settings(resumed is not None)
+        self._log_executed_config()
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        trainer.add_event_handler(Events.COMPLETED, self._complete)
+        logger.info(
+            f"MLflow: recording run {self.run.info.run_name} ({self.run.info.run_id}) of experiment "
+            f"'{experiment.name}' at {where}."
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {"run_id": self.run.info.run_id if self.run else None}
+
+    @staticmethod
+    def _experiment(handler: MLFlowHandler, where: str) -> Any:
+        client = handler.client
+        try:
+            experiment = client.get_experiment_by_name(handler.experiment_name)
+            if experiment is None:
+                experiment_id = client.create_experiment(
+                    handler.experiment_name, artifact_location=handler.artifact_location
+                )
+                experiment = client.get_experiment(experiment_id)
+        except Exception as error:  # connection refused, bad URI, unwritable database...
+            raise TrackingError(
+                f"MLflow tracking at {where} cannot be used ({type(error).__name__}: {_first_line(error)}). "
+                "Check --tracking_uri (or start the server), or train without --tracking."
+            ) from None
+        if experiment.lifecycle_stage != "active":
+            raise TrackingError(
+                f"MLflow experiment '{handler.experiment_name}' at {where} is deleted; restore it in the MLflow UI "
+                "or choose another --experiment_name."
+            )
+        return experiment
+
+    def _open_run(self, handler: MLFlowHandler, experiment: Any, resumed: Mapping[str, Any] | None, where: str):
+        client = handler.client
+        run_id = (resumed or {}).get("run_id")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.experiment_id == experiment.experiment_id:
+                    client.update_run(run_id, status="RUNNING")
+                    return client.get_run(run_id)
+            except Exception as error:  # a run of another tracking store
+                logger.debug(f"MLflow run {run_id} not found at {where}: {error}")
+            logger.warning(
+                f"MLflow: the resumed training's run {run_id} is not in experiment '{experiment.name}' at {where}; "
+                "recording the rest of the training in a new run."
+            )
+        run_name = handler.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        return client.create_run(experiment.experiment_id, run_name=run_name, tags={"resumed_from": run_id or ""})
+
+    def _log_settings(self, resumed: bool) -> None:
+        trainable, total = _count_parameters(self.network)
+        params = flatten_settings(self.settings)
+        params.update(
+            trainable_parameters=str(trainable),
+            total_parameters=str(total),
+            trainable_fraction=f"{trainable / max(total, 1):.6f}",
+            world_size=str(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1),
+            torch_version=torch.__version__,
+        )
+        entities = [mlflow.entities.Param(key, value[:6000]) for key, value in params.items()]
+        tags = [mlflow.entities.RunTag("resumed", str(resumed).lower())] if resumed else []
+        self.client.log_batch(self.run.info.run_id, params=entities, tags=tags)
+
+    def _log_executed_config(self) -> None:
+        """The config as this run executes it (MONAI writes ``config_<time>.json`` into the output folder).
+
+        Logged at the start so that a run killed before its end still has it. MONAI's own record of the file at the
+        end of training misses it when ``--output_dir`` is given on the command line (it builds the path as the
+        plain text "<dir> + '/config_<time>.json'"), hence the search for the newest file.
+        """
+        if self.output_dir is None:
+            return
+        written = sorted(self.output_dir.glob("config_*.json"), key=lambda path: path.stat().st_mtime)
+        if written:
+            self.client.log_artifact(self.run.info.run_id, str(written[-1]))
+
+    def _log_epoch(self, engine: Engine) -> None:
+        if self.pictures is None or not self.pictures.records:
+            return
+        latest = self.pictures.records[-1]
+        if latest.get("kind") != "validation" or latest.get("epoch") != engine.state.epoch:
+            return
+        metrics = [
+            mlflow.entities.Metric(f"val_dice_{dataset}_{channel}", value, int(time.time() * 1000), engine.state.epoch)
+            for dataset, summary in latest["by_dataset"].items()
+            for channel, value in summary["dice"].items()
+        ]
+        self.client.log_batch(self.run.info.run_id, metrics=metrics)
+        for path in self.pictures.latest_files:
+            folder = "pictures" if path.parent == self.pictures.output_dir else f"overlays/{path.parent.name}"
+            self.client.log_artifact(self.run.info.run_id, str(path), folder)
+
+    def _complete(self, engine: Engine) -> None:
+        if self.best_model is not None and self.best_model.is_file():
+            self.client.log_artifact(self.run.info.run_id, str(self.best_model), "model")
+        self.delivery.flush(self.flush_timeout)  # MONAI's close also releases the SQLite store: deliver first
+        for each in self.trainer_handlers:
+            each.close()
+        self.finish()
+
+    def finish(self) -> None:
+        """Wait (at most ``flush_timeout`` s) for queued records, then report what was not recorded."""
+        if self.delivery is None:
+            return
+        if self.delivery.flush(self.flush_timeout):
+            logger.info(f"MLflow: run {self.run.info.run_id} delivered to {self.delivery.where}.")
+        else:
+            abandoned = self.delivery.abandon()
+            logger.warning(
+                f"MLflow: {abandoned} deliveries to {self.delivery.where} were still waiting after "
+                f"{self.flush_timeout:.0f} s at the end of the run; they are abandoned."
+            )
+        self.delivery.report()
+
+
+def _count_parameters(network: nn.Module) -> tuple[int, int]:
+    module = getattr(network, "module", network)  # DistributedDataParallel
+    if hasattr(module, "count_parameters"):
+        return module.count_parameters()
+    parameters = list(module.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
