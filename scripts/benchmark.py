@@ -1,0 +1,762 @@
+"""Speed and memory benchmark of SAM2LoRA, written as a JSON file and a Markdown table.
+
+For each Hiera size and image size asked for, it measures:
+
+- inference latency (batch of 1) and throughput (``--batch-size``) of SAM 2 without adapters, of the adapted
+  network with its adapters unmerged, and with them merged into the base weights;
+- the training step time (forward, loss, backward, gradient clipping, AdamW step) and the peak memory of LoRA
+  fine-tuning and of full fine-tuning (every SAM 2 weight trainable, no adapters) at the same batch and size,
+  with the trainable parameter counts;
+- the bundle's own training data pipeline (``train.json`` + ``quickstart.json``: CacheDataset, augmentation in
+  DataLoader workers) run by its SupervisedTrainer: time waiting for a batch against the time of the step,
+  after the first epoch;
+- the speed switches (channels-last, activation checkpointing, and on CUDA bf16 autocast, TF32 and
+  ``torch.compile``), each against the same configuration without it.
+
+Every figure is the median over ``--repeats`` runs after ``--warmup`` runs. Each training configuration runs in a
+fresh process, because a process's resident-memory high-water mark never goes down: peak memory is that process's
+maximum resident set size on CPU and ``torch.cuda.max_memory_allocated`` on CUDA. Networks start from random
+weights (speed and memory do not depend on the values), with non-zero adapters as after training.
+
+Usage::
+
+    python -m scripts.benchmark --quick                      # Hiera tiny at 256 px, a few minutes on a CPU
+    python -m scripts.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "BenchmarkSettings",
+    "QUICK_SETTINGS",
+    "main",
+    "measure_data_loading",
+    "measure_inference",
+    "measure_training",
+    "render_markdown",
+    "run_benchmark",
+]
+
+BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
+CUDA_ONLY_SWITCHES = ("bf16", "tf32", "compile")
+SWITCHES = ("channels_last", "activation_checkpointing", *CUDA_ONLY_SWITCHES)
+
+# Targets of the issue "Speed and memory": (name, measured ratio's key, limit); None: shown, no limit.
+TARGETS = (
+    ("merged inference latency / SAM 2 latency", "merged_latency_ratio", 1.02),
+    ("LoRA training peak memory / full fine-tuning peak memory", "lora_memory_ratio", 0.7),
+    ("LoRA / full fine-tuning memory growth during the steps (peak - before)", "lora_step_memory_ratio", None),
+    ("LoRA training step time / full fine-tuning step time", "lora_step_time_ratio", 1.0),
+)
+DATA_TARGET = ("data-loading time / training step time (after the first epoch)", 0.1)
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to measure and how often.
+
+    Args:
+        model_sizes: Hiera sizes (``tiny``, ``small``, ``base_plus``, ``large``).
+        image_sizes: sides of the square encoder input.
+        batch_size: batch of the training steps, of the throughput measurement and of the data pipeline.
+        repeats: timed runs per figure; the median is reported.
+        warmup: untimed runs before them.
+        device: ``cuda``, ``cpu`` or ``auto`` (CUDA when available).
+        lora_rank: rank of the adapters (alpha = 2 x rank as in the paper).
+        switches: speed switches to measure; CUDA-only ones are skipped on a CPU.
+        data_images: synthetic pictures rendered for the data-pipeline measurement (about 60% train).
+        data_epochs: epochs of the data-pipeline measurement; the first is not counted.
+        num_workers: DataLoader workers of the data pipeline.
+    """
+
+    model_sizes: tuple[str, ...] = ("tiny", "large")
+    image_sizes: tuple[int, ...] = (1024,)
+    batch_size: int = 2
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "auto"
+    lora_rank: int = 32
+    switches: tuple[str, ...] = SWITCHES
+    data_images: int = 20
+    data_epochs: int = 3
+    num_workers: int = 2
+
+
+QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=3, data_images=10)
+
+
+# --------------------------------------------------------------------------------------------- measuring helpers
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
+    return device
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function: Callable[..., Any], device: torch.device, *args: Any) -> float:
+    """Seconds one call ``function(*args)`` takes, with the GPU's queued work included."""
+    _synchronise(device)
+    start = time.perf_counter()
+    function(*args)
+    _synchronise(device)
+    return time.perf_counter() - start
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """CUDA: most memory allocated by tensors since the last reset; CPU: this process's resident high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.WARNING, force=True)
+    # The benchmark builds from random weights on purpose; the network's warning about it would repeat per case.
+    logging.getLogger("scripts.network").setLevel(logging.ERROR)
+
+
+def _network(model_size: str, image_size: int, lora_rank: int, adapters: bool = True, **switches: bool):
+    """A randomly initialised SAM2LoRA with non-zero adapters (as after training), or SAM 2 without adapters."""
+    from scripts.lora import lora_modules
+    from scripts.network import SAM2LoRA
+
+    torch.manual_seed(0)
+    targets = {} if adapters else {"lora_targets": ()}
+    network = SAM2LoRA(model_size, random_init=True, image_size=image_size, lora_rank=lora_rank, **targets, **switches)
+    with torch.no_grad():
+        for _, layer in lora_modules(network.sam2):
+            layer.lora_B.normal_(std=0.02)
+    return network
+
+
+def _tf32(enabled: bool) -> None:
+    if torch.cuda.is_available():
+        from scripts.acceleration import set_tf32
+
+        set_tf32(enabled)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------- inference
+
+
+def measure_inference(
+    model_size: str,
+    image_size: int,
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    lora_rank: int,
+    switches: Sequence[str],
+) -> list[dict]:
+    """Latency and throughput of SAM 2, of the adapted network unmerged and merged, and of the switches on merged.
+
+    The variants run in turns (one timed run of each, then the next round), so a load change on a shared
+    machine affects them alike.
+
+    Args:
+        model_size: Hiera size.
+        image_size: encoder input side; the inputs are already that size.
+        batch_size: batch of the throughput measurement.
+        repeats: timed rounds.
+        warmup: untimed rounds first.
+        device: ``cuda`` or ``cpu``.
+        lora_rank: adapter rank.
+        switches: switches to measure on the merged network (``channels_last``, ``bf16``, ``tf32``, ``compile``).
+
+    Returns:
+        One row per variant: ``latency_ms`` (median, batch 1), ``throughput`` (images per second at
+        ``batch_size``), ``relative_latency`` (to SAM 2 without adapters, or to merged for a switch).
+    """
+    _quiet_logs()
+    target = torch.device(device)
+    _tf32(False)
+    adapted = _network(model_size, image_size, lora_rank).to(target).eval()
+    plain = _network(model_size, image_size, lora_rank, adapters=False).to(target).eval()
+    plain.load_state_dict(adapted.state_dict(), strict=False)
+    merged = copy.deepcopy(adapted)
+    merged.merge_adapters()
+
+    def call(network: torch.nn.Module, bf16: bool = False, tf32: bool = False) -> Callable[[torch.Tensor], Any]:
+        def run(images: torch.Tensor) -> Any:
+            _tf32(tf32)
+            with torch.inference_mode(), _autocast(target, bf16):
+                return network(images)
+
+        return run
+
+    variants: dict[str, Callable[[torch.Tensor], Any]] = {
+        "SAM 2 (no adapters)": call(plain),
+        "adapters unmerged": call(adapted),
+        "adapters merged": call(merged),
+    }
+    if "channels_last" in switches:
+        switched = _network(model_size, image_size, lora_rank, channels_last=True).to(target).eval()
+        switched.load_state_dict(adapted.state_dict())
+        switched.merge_adapters()
+        variants["merged + channels_last"] = call(switched)
+    if target.type == "cuda":
+        if "bf16" in switches:
+            variants["merged + bf16 autocast"] = call(merged, bf16=True)
+        if "tf32" in switches:
+            variants["merged + tf32"] = call(merged, tf32=True)
+        if "compile" in switches:
+            variants["merged + compile"] = call(torch.compile(merged))
+
+    single = torch.randn(1, 3, image_size, image_size, device=target)
+    batch = torch.randn(batch_size, 3, image_size, image_size, device=target)
+    latencies: dict[str, list[float]] = {name: [] for name in variants}
+    batch_times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, run in variants.items():
+            one, many = _timed(run, target, single), _timed(run, target, batch)
+            if round_index >= warmup:
+                latencies[name].append(one)
+                batch_times[name].append(many)
+
+    rows = []
+    for name in variants:
+        latency = statistics.median(latencies[name])
+        reference = "adapters merged" if name.startswith("merged +") else "SAM 2 (no adapters)"
+        rows.append(
+            {
+                "model_size": model_size,
+                "image_size": image_size,
+                "variant": name,
+                "latency_ms": 1000 * latency,
+                "throughput": batch_size / statistics.median(batch_times[name]),
+                "relative_latency": latency / statistics.median(latencies[reference]),
+                "relative_to": reference,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def measure_training(
+    model_size: str,
+    image_size: int,
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    lora_rank: int,
+    full: bool,
+    switches: Sequence[str] = (),
+) -> dict:
+    """Step time and peak memory of one training configuration; call it in a fresh process for the peak.
+
+    The step is the bundle's: SAM2LoRA forward with five positive points per image, the paper's composite loss
+    (BCE + Dice + focal Tversky + IoU term), backward, gradient clipping at 1.0, AdamW.
+
+    Args:
+        model_size: Hiera size.
+        image_size: encoder input side.
+        batch_size: images per step.
+        repeats: timed steps.
+        warmup: untimed steps first (they also allocate AdamW's state).
+        device: ``cuda`` or ``cpu``.
+        lora_rank: adapter rank (LoRA only).
+        full: full fine-tuning (every SAM 2 weight trainable, no adapters) instead of LoRA.
+        switches: ``channels_last``, ``activation_checkpointing``, ``bf16``, ``tf32``, ``compile``.
+
+    Returns:
+        ``step_time_s`` (median), ``peak_memory_mib``, ``memory_before_steps_mib`` (same measure, after the
+        network and the batch were built), ``trainable_parameters`` and ``total_parameters``.
+    """
+    from scripts.losses import CompositeLoss
+
+    _quiet_logs()
+    target = torch.device(device)
+    _tf32("tf32" in switches)
+    network_switches = {name: True for name in ("channels_last", "activation_checkpointing") if name in switches}
+    network = _network(model_size, image_size, lora_rank, adapters=not full, **network_switches)
+    if full:
+        network.requires_grad_(True)
+    network = network.to(target).train()
+    trainable, total = network.count_parameters()
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=3e-4)
+    loss_function = CompositeLoss(iou_source=network)
+    forward = torch.compile(network) if "compile" in switches else network
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(target)
+    labels = (torch.rand(batch_size, 1, image_size, image_size, generator=generator) > 0.85).float().to(target)
+    points = (torch.rand(batch_size, 5, 2, generator=generator) * image_size).to(target)
+    point_labels = torch.ones(batch_size, 5, dtype=torch.int64, device=target)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(target, "bf16" in switches):
+            loss = loss_function(forward(images, points, point_labels), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    before = _peak_memory_mib(target)
+    times = [_timed(step, target) for _ in range(warmup + repeats)][warmup:]
+    return {
+        "model_size": model_size,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "mode": "full fine-tuning" if full else "LoRA",
+        "switches": list(switches),
+        "step_time_s": statistics.median(times),
+        "peak_memory_mib": _peak_memory_mib(target),
+        "memory_before_steps_mib": before,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ data pipeline
+
+
+def measure_data_loading(
+    model_size: str,
+    image_size: int,
+    batch_size: int,
+    device: str,
+    num_workers: int,
+    data_images: int,
+    epochs: int,
+) -> dict:
+    """Run the bundle's training workflow and time the wait for each batch against the step that uses it.
+
+    ``train.json`` + ``quickstart.json`` (synthetic pictures rendered into a temporary folder) are parsed with
+    MONAI's ConfigParser and their ``train#trainer`` is run as configured, without its handlers (validation,
+    checkpoints and logging are not the data pipeline). Iterations of the first epoch are not counted: caching
+    happens when the CacheDataset is built, and the first batches pay the workers' start-up.
+
+    Args:
+        model_size: Hiera size of the trained network.
+        image_size: encoder input side (the cached, resized image size).
+        batch_size: images per step.
+        device: ``cuda`` or ``cpu``.
+        num_workers: DataLoader workers.
+        data_images: synthetic pictures to render (about 60% of them train).
+        epochs: epochs to run, at least 2.
+
+    Returns:
+        Medians of ``data_time_ms`` and ``step_time_ms`` per iteration, their ratio ``data_fraction``, the
+        number of measured ``iterations`` and ``cache_time_s`` (building the CacheDataset).
+    """
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    _quiet_logs()
+    with tempfile.TemporaryDirectory(prefix="sam2lora-benchmark-") as folder:
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "quickstart.json")])
+        parser.update(
+            {
+                "bundle_root": folder,
+                "ckpt_dir": folder,
+                "dataset_dir": folder,
+                "device": f"$torch.device('{device}')",
+                "model_size": model_size,
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "max_epochs": epochs,
+                "synthetic_images": data_images,
+                "synthetic_image_size": max(image_size, 256),
+                "train#handlers": [],
+            }
+        )
+        parser.get_parsed_content("datalist")  # render the pictures before the clock starts
+        start = time.perf_counter()
+        dataset = parser.get_parsed_content("train#dataset")
+        cache_time = time.perf_counter() - start
+        trainer = parser.get_parsed_content("train#trainer")
+        target = torch.device(device)
+        marks: dict[str, float] = {}
+        data_times: list[float] = []
+        step_times: list[float] = []
+
+        def mark(name: str) -> Callable[[Any], None]:
+            def record(engine: Any) -> None:
+                if name.endswith("completed"):
+                    _synchronise(target)
+                marks[name] = time.perf_counter()
+                if name == "iteration_completed" and engine.state.epoch > 1:
+                    data_times.append(marks["batch_completed"] - marks["batch_started"])
+                    step_times.append(marks["iteration_completed"] - marks["iteration_started"])
+
+            return record
+
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, mark("batch_started"))
+        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, mark("batch_completed"))
+        trainer.add_event_handler(Events.ITERATION_STARTED, mark("iteration_started"))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, mark("iteration_completed"))
+        trainer.run()
+    data_time, step_time = statistics.median(data_times), statistics.median(step_times)
+    return {
+        "model_size": model_size,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "training_images": len(dataset),
+        "iterations": len(data_times),
+        "cache_time_s": cache_time,
+        "data_time_ms": 1000 * data_time,
+        "step_time_ms": 1000 * step_time,
+        "data_fraction": data_time / step_time,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+def _in_fresh_process(function: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``function`` in a new (spawned) Python process, so that its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, **kwargs).result()
+
+
+def _machine(device: torch.device) -> dict:
+    import monai
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    machine = {
+        "device": device.type,
+        "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)",
+        "cpu": cpu,
+        "cpu_cores": multiprocessing.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return machine
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_benchmark(settings: BenchmarkSettings) -> dict:
+    """Measure everything ``settings`` asks for; every training and data configuration in its own process.
+
+    Returns:
+        The report: ``machine``, ``settings``, ``inference``, ``training``, ``data_loading``, ``targets`` rows.
+    """
+    device = _resolve_device(settings.device)
+    measured_switches = tuple(s for s in settings.switches if device.type == "cuda" or s not in CUDA_ONLY_SWITCHES)
+    common = {"batch_size": settings.batch_size, "device": str(device)}
+    timing = {"repeats": settings.repeats, "warmup": settings.warmup, "lora_rank": settings.lora_rank}
+    report: dict[str, Any] = {
+        "machine": _machine(device),
+        "settings": {**asdict(settings), "measured_switches": list(measured_switches)},
+        "inference": [],
+        "training": [],
+        "data_loading": [],
+    }
+    for model_size in settings.model_sizes:
+        for image_size in settings.image_sizes:
+            case = {"model_size": model_size, "image_size": image_size, **common}
+            _log(f"inference: Hiera-{model_size}, {image_size} px")
+            report["inference"] += _in_fresh_process(measure_inference, **case, **timing, switches=measured_switches)
+            configurations: list[tuple[bool, tuple[str, ...]]] = [(False, ()), (True, ())]
+            if "activation_checkpointing" in measured_switches:
+                configurations += [(False, ("activation_checkpointing",)), (True, ("activation_checkpointing",))]
+            configurations += [(False, (s,)) for s in measured_switches if s != "activation_checkpointing"]
+            for full, switches in configurations:
+                name = ("full fine-tuning" if full else "LoRA") + "".join(f" + {s}" for s in switches)
+                _log(f"training: Hiera-{model_size}, {image_size} px, {name}")
+                report["training"].append(
+                    _in_fresh_process(measure_training, **case, **timing, full=full, switches=switches)
+                )
+    for image_size in settings.image_sizes:
+        model_size = settings.model_sizes[0]
+        _log(f"data pipeline: Hiera-{model_size}, {image_size} px, {settings.num_workers} workers")
+        report["data_loading"].append(
+            _in_fresh_process(
+                measure_data_loading,
+                model_size=model_size,
+                image_size=image_size,
+                num_workers=settings.num_workers,
+                data_images=settings.data_images,
+                epochs=settings.data_epochs,
+                **common,
+            )
+        )
+    report["targets"] = _targets(report)
+    return report
+
+
+def _targets(report: dict) -> list[dict]:
+    """The issue's targets for every size measured: ratio, limit and whether it is met."""
+    rows = []
+    for model_size in report["settings"]["model_sizes"]:
+        for image_size in report["settings"]["image_sizes"]:
+            inference = {r["variant"]: r for r in _select(report["inference"], model_size, image_size)}
+            training = {r["mode"]: r for r in _select(report["training"], model_size, image_size) if not r["switches"]}
+            lora, full = training["LoRA"], training["full fine-tuning"]
+            ratios = {
+                "merged_latency_ratio": inference["adapters merged"]["relative_latency"],
+                "lora_memory_ratio": lora["peak_memory_mib"] / full["peak_memory_mib"],
+                "lora_step_memory_ratio": _memory_growth(lora) / max(_memory_growth(full), 1e-9),
+                "lora_step_time_ratio": lora["step_time_s"] / full["step_time_s"],
+            }
+            for name, key, limit in TARGETS:
+                rows.append(
+                    _target_row(name, model_size, image_size, ratios[key], limit, strict=key.endswith("time_ratio"))
+                )
+    name, limit = DATA_TARGET
+    for row in report["data_loading"]:
+        rows.append(_target_row(name, row["model_size"], row["image_size"], row["data_fraction"], limit))
+    return rows
+
+
+def _memory_growth(row: dict) -> float:
+    return row["peak_memory_mib"] - row["memory_before_steps_mib"]
+
+
+def _target_row(
+    name: str, model_size: str, image_size: int, value: float, limit: float | None, strict: bool = False
+) -> dict:
+    met = None if limit is None else (value < limit if strict else value <= limit)
+    return {
+        "target": name,
+        "model_size": model_size,
+        "image_size": image_size,
+        "value": value,
+        "limit": limit,
+        "met": met,
+    }
+
+
+def _select(rows: list[dict], model_size: str, image_size: int) -> Iterator[dict]:
+    return (r for r in rows if r["model_size"] == model_size and r["image_size"] == image_size)
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown: the machine, then one table per measurement and the targets."""
+    machine, settings = report["machine"], report["settings"]
+    memory = "max allocated CUDA memory" if machine["device"] == "cuda" else "process peak RSS"
+    parts = [
+        "## Benchmark",
+        f"Machine: {machine['accelerator']}; CPU {machine['cpu']} ({machine['cpu_cores']} cores, "
+        f"{machine['torch_threads']} torch threads); Python {machine['python']}, torch {machine['torch']}, "
+        f"MONAI {machine['monai']}; {machine['date']}.",
+        f"Medians of {settings['repeats']} runs after {settings['warmup']} warm-up; batch {settings['batch_size']}; "
+        f"LoRA rank {settings['lora_rank']}; random weights. Switches measured: "
+        f"{', '.join(settings['measured_switches']) or 'none'}.",
+        "### Inference",
+        _table(
+            [
+                "Hiera",
+                "px",
+                "variant",
+                "latency (ms, batch 1)",
+                f"throughput (img/s, batch {settings['batch_size']})",
+                "latency ratio",
+            ],
+            [
+                [
+                    r["model_size"],
+                    r["image_size"],
+                    r["variant"],
+                    f"{r['latency_ms']:.1f}",
+                    f"{r['throughput']:.2f}",
+                    f"{r['relative_latency']:.3f} (vs {r['relative_to']})",
+                ]
+                for r in report["inference"]
+            ],
+        ),
+        "### Training step",
+        _table(
+            [
+                "Hiera",
+                "px",
+                "configuration",
+                "step (s)",
+                f"peak memory (MiB, {memory})",
+                "before steps (MiB)",
+                "trainable / total parameters",
+            ],
+            [
+                [
+                    r["model_size"],
+                    r["image_size"],
+                    r["mode"] + "".join(f" + {s}" for s in r["switches"]),
+                    f"{r['step_time_s']:.3f}",
+                    f"{r['peak_memory_mib']:.0f}",
+                    f"{r['memory_before_steps_mib']:.0f}",
+                    f"{r['trainable_parameters']:,} / {r['total_parameters']:,}",
+                ]
+                for r in report["training"]
+            ],
+        ),
+        "### Data pipeline (bundle train.json, after the first epoch)",
+        _table(
+            [
+                "Hiera",
+                "px",
+                "workers",
+                "training images",
+                "iterations",
+                "CacheDataset build (s)",
+                "data wait (ms/iteration)",
+                "step (ms/iteration)",
+                "data / step",
+            ],
+            [
+                [
+                    r["model_size"],
+                    r["image_size"],
+                    r["num_workers"],
+                    r["training_images"],
+                    r["iterations"],
+                    f"{r['cache_time_s']:.1f}",
+                    f"{r['data_time_ms']:.1f}",
+                    f"{r['step_time_ms']:.0f}",
+                    f"{r['data_fraction']:.3f}",
+                ]
+                for r in report["data_loading"]
+            ],
+        ),
+        "### Targets",
+        _table(
+            ["target", "Hiera", "px", "measured", "limit", "met"],
+            [
+                [
+                    r["target"],
+                    r["model_size"],
+                    r["image_size"],
+                    f"{r['value']:.3f}",
+                    "-" if r["limit"] is None else r["limit"],
+                    {None: "-", True: "yes", False: "**no**"}[r["met"]],
+                ]
+                for r in report["targets"]
+            ],
+        ),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``benchmark.json`` and ``benchmark.md`` into ``output_dir``.
+
+    Returns:
+        The two paths.
+    """
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = folder / "benchmark.json", folder / "benchmark.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    markdown_path.write_text(render_markdown(report), encoding="utf-8")
+    return json_path, markdown_path
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Path]:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Hiera tiny at 256 px, 3 repeats: minutes on a CPU")
+    parser.add_argument("--model-sizes", nargs="+", help="Hiera sizes (default: tiny large)")
+    parser.add_argument("--image-sizes", nargs="+", type=int, help="encoder input sides (default: 1024)")
+    parser.add_argument("--batch-size", type=int, help="training and throughput batch (default: 2)")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure (default: 5, quick: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default: 1)")
+    parser.add_argument("--device", help="cuda, cpu or auto (default)")
+    parser.add_argument("--lora-rank", type=int, help="adapter rank (default: 32)")
+    parser.add_argument(
+        "--switches", nargs="*", choices=SWITCHES, help=f"switches to measure (default: all: {SWITCHES})"
+    )
+    parser.add_argument("--data-images", type=int, help="synthetic pictures for the data pipeline (default: 20)")
+    parser.add_argument("--data-epochs", type=int, help="epochs of the data pipeline, first not counted (default: 3)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader workers of the data pipeline (default: 2)")
+    parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
+    arguments = parser.parse_args(argv)
+    settings = QUICK_SETTINGS if arguments.quick else BenchmarkSettings()
+    chosen = {
+        "model_sizes": tuple(arguments.model_sizes) if arguments.model_sizes else None,
+        "image_sizes": tuple(arguments.image_sizes) if arguments.image_sizes else None,
+        "switches": tuple(arguments.switches) if arguments.switches is not None else None,
+        **{
+            name: getattr(arguments, name)
+            for name in (
+                "batch_size",
+                "repeats",
+                "warmup",
+                "device",
+                "lora_rank",
+                "data_images",
+                "data_epochs",
+                "num_workers",
+            )
+        },
+    }
+    settings = replace(settings, **{name: value for name, value in chosen.items() if value is not None})
+    if settings.repeats < 1 or settings.warmup < 0 or settings.batch_size < 1 or settings.data_epochs < 2:
+        parser.error("--repeats and --batch-size must be at least 1, --warmup at least 0, --data-epochs at least 2.")
+    return settings, Path(arguments.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: run the benchmark, print the Markdown table and write it as JSON and Markdown."""
+    settings, output_dir = _parse_arguments(argv)
+    report = run_benchmark(settings)
+    json_path, markdown_path = write_report(report, output_dir)
+    print(render_markdown(report))
+    _log(f"written {json_path} and {markdown_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

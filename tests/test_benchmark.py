@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark script: it runs and writes a well-formed report. It times nothing itself."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from scripts import benchmark
+
+RUN_IN_FRESH_PROCESS = benchmark._in_fresh_process  # kept before the report fixture replaces it
+
+SMALLEST = [
+    "--model-sizes", "tiny",
+    "--image-sizes", "64",
+    "--batch-size", "1",
+    "--repeats", "1",
+    "--warmup", "0",
+    "--switches",
+    "--data-images", "3",
+    "--data-epochs", "2",
+    "--num-workers", "0",
+    "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, monkeypatch_module) -> tuple[dict, str]:
+    """The smallest complete run, in this process (spawning one process per case would triple the time)."""
+    monkeypatch_module.setattr(benchmark, "_in_fresh_process", lambda function, **kwargs: function(**kwargs))
+    output = tmp_path_factory.mktemp("benchmark")
+    assert benchmark.main([*SMALLEST, "--output-dir", str(output)]) == 0
+    return json.loads((output / "benchmark.json").read_text()), (output / "benchmark.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_report_has_every_row_asked_for(report):
+    content, _ = report
+    assert content["machine"]["device"] == "cpu"
+    assert [row["variant"] for row in content["inference"]] == [
+        "SAM 2 (no adapters)",
+        "adapters unmerged",
+        "adapters merged",
+    ]
+    configurations = [(row["mode"], row["switches"]) for row in content["training"]]
+    assert configurations == [("LoRA", []), ("full fine-tuning", [])]
+    lora, full = content["training"][:2]
+    assert 0 < lora["trainable_parameters"] < 0.05 * lora["total_parameters"]
+    assert full["trainable_parameters"] == full["total_parameters"]
+    for row in content["training"]:
+        assert row["step_time_s"] > 0 and row["peak_memory_mib"] >= row["memory_before_steps_mib"] > 0
+    for row in content["inference"]:
+        assert row["latency_ms"] > 0 and row["throughput"] > 0
+    (pipeline,) = content["data_loading"]
+    assert pipeline["iterations"] == pipeline["training_images"] > 0  # batch 1, the second epoch counted
+    assert 0 < pipeline["data_fraction"] == pytest.approx(pipeline["data_time_ms"] / pipeline["step_time_ms"])
+
+
+def test_targets_are_computed_from_the_rows(report):
+    content, _ = report
+    targets = {row["target"]: row for row in content["targets"]}
+    assert len(targets) == 5
+    merged = targets["merged inference latency / SAM 2 latency"]
+    rows = {row["variant"]: row for row in content["inference"]}
+    assert merged["value"] == pytest.approx(
+        rows["adapters merged"]["latency_ms"] / rows["SAM 2 (no adapters)"]["latency_ms"]
+    )
+    assert merged["met"] == (merged["value"] <= 1.02)
+    memory = targets["LoRA training peak memory / full fine-tuning peak memory"]
+    lora, full = content["training"][:2]
+    assert memory["value"] == pytest.approx(lora["peak_memory_mib"] / full["peak_memory_mib"])
+
+
+def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
+    content, markdown = report
+    assert content["machine"]["cpu"] in markdown
+    for heading in ("### Inference", "### Training step", "### Data pipeline", "### Targets"):
+        assert heading in markdown
+    assert markdown.count("| tiny | 64 |") == 3 + 2 + 1 + 5
+    assert "Switches measured: none" in markdown
+    assert "process peak RSS" in markdown
+
+
+def test_cases_run_in_a_process_of_their_own():
+    assert RUN_IN_FRESH_PROCESS(os.getpid) != os.getpid()
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--repeats", "0"])
+    assert "--repeats" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--switches", "warp_drive"])
