@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
@@ -124,7 +125,7 @@ class TrainingCheckpoint:
         validate_handlers: the validator's handlers: the record of the best score of the ``CheckpointSaver`` among
             them that saves on the key metric (``model_best.pt``) is kept.
         filename: the checkpoint's file name.
-        save: whether this process writes the checkpoint (false on all ranks but 0 in distributed training).
+        save: whether this process writes the checkpoint; by default only rank 0 of a distributed run does.
 
     Raises:
         ResumeError: a bad ``resume`` value; at attach: ``resume=true`` without a checkpoint, an unreadable
@@ -143,7 +144,7 @@ class TrainingCheckpoint:
         validator: Engine | None = None,
         validate_handlers: Sequence[Any] | None = None,
         filename: str = "latest_checkpoint.pt",
-        save: bool = True,
+        save: bool | None = None,
     ) -> None:
         if interval < 0:
             raise ResumeError(f"Setting 'checkpoint_interval' must be 0 (epoch ends only) or positive; got {interval}.")
@@ -161,7 +162,7 @@ class TrainingCheckpoint:
             for handler in validate_handlers or []
             if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None
         ]
-        self.save_enabled = save
+        self.save_enabled = idist.get_rank() == 0 if save is None else save
         self.extra_state: dict[str, Callable[[], Mapping[str, Any]]] = {}
         self.resumed: dict[str, Any] | None = None
         self._fingerprint = frozen_fingerprint(network)

@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines; must precede pyplot's import
 
+import ignite.distributed as idist  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -208,9 +209,9 @@ def _gather(value: Any) -> list[Any]:
 class TrainingPictures:
     """Ignite handler recording a training run and drawing its curves, per-dataset chart and overlays.
 
-    Attach it to the trainer after MONAI's ``ValidationHandler`` (so each epoch's validation is done when the
-    pictures are drawn). In distributed training attach it on every rank: per-dataset Dice values are gathered from
-    all ranks; only the writing rank writes.
+    Attach it to the trainer after the ``TrainingCheckpoint``: a resumed run's log then goes on from the iteration
+    the checkpoint restored. In distributed training attach it on every rank: per-dataset Dice values are gathered
+    from all ranks; only the writing rank writes.
 
     Args:
         output_dir: the folder of the pictures and ``training_log.jsonl``.
@@ -218,7 +219,7 @@ class TrainingPictures:
             ``image``, ``dataset``).
         channel_names: names of the label channels, for the per-dataset chart.
         overlay_count: how many validation images to draw overlays of at each validation.
-        write: whether this process writes (false on all ranks but 0 in distributed training).
+        write: whether this process writes; by default only rank 0 of a distributed run does.
     """
 
     LOG_NAME = "training_log.jsonl"
@@ -231,13 +232,13 @@ class TrainingPictures:
         validator: Engine | None = None,
         channel_names: Sequence[str] = ("vessels",),
         overlay_count: int = 4,
-        write: bool = True,
+        write: bool | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.validator = validator
         self.channel_names = list(channel_names)
         self.overlay_count = overlay_count
-        self.write = write
+        self.write = idist.get_rank() == 0 if write is None else write
         self.log_path = self.output_dir / self.LOG_NAME
         self.records: list[dict[str, Any]] = []
         self.latest_files: list[Path] = []

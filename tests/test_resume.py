@@ -1,0 +1,213 @@
+"""Resumable training: exact state round trip, atomic writes under SIGKILL, and a real run killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import LrScheduleHandler
+from torch import nn
+
+from scripts.checkpointing import CHECKPOINT_FORMAT, ResumeError, TrainingCheckpoint, save_atomic
+from scripts.plots import read_training_log
+from scripts.synthetic import write_dataset
+from tests.test_bundle import BUNDLE, FAST, LOGGING, META, QUICKSTART, TRAIN, fail_message, run_in_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Frozen(nn.Module):
+    """A frozen layer and a trainable one: the shape of a LoRA-adapted network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.base.requires_grad_(False)
+        self.adapter = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(torch.relu(self.base(x)))
+
+
+def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, **kwargs) -> tuple:
+    torch.manual_seed(seed)
+    network = _Frozen()
+    if seed != 0:  # the same frozen base as the first run, as a rebuilt SAM 2 base would be
+        torch.manual_seed(0)
+        network.base.load_state_dict(_Frozen().base.state_dict())
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
+    data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(5)]
+    checkpoint = TrainingCheckpoint(
+        checkpoint_dir, network, optimizer, scheduler, settings={"lr": 0.1, "max_epochs": max_epochs},
+        resume=resume, **kwargs,
+    )
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=data, network=network,
+        optimizer=optimizer, loss_function=nn.MSELoss(),
+        train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False), checkpoint],
+    )
+    return trainer, network, optimizer, scheduler, checkpoint
+
+
+def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tmp_path):
+    trainer, network, optimizer, scheduler, _ = _trainer(tmp_path, "false", seed=0, interval=2)
+
+    def crash(engine):
+        if engine.state.iteration == 8:
+            raise RuntimeError("crash in iteration 8")
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, crash)
+    with pytest.raises(RuntimeError, match="crash in iteration 8"):
+        trainer.run()
+    saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)
+    assert saved["format"] == CHECKPOINT_FORMAT
+    # Saved at 2, 4, the end of epoch 1 (5), then 2 iterations later: 7, in the middle of epoch 2.
+    assert saved["trainer"]["iteration"] == 7
+    assert set(saved["network_trainable"]) == {"adapter.weight", "adapter.bias"}, "frozen weights are not re-saved"
+
+    resumed, network2, optimizer2, scheduler2, _ = _trainer(tmp_path, "true", seed=123, interval=2)
+    seen = {}
+    resumed.add_event_handler(Events.ITERATION_STARTED, lambda engine: seen.setdefault("first", engine.state.iteration))
+
+    def capture(engine):
+        seen["adapter"] = network2.adapter.weight.detach().clone()
+        seen["lr"] = optimizer2.param_groups[0]["lr"]
+        seen["step"] = optimizer2.state_dict()["state"][0]["step"].item()
+        seen["epoch"] = engine.state.epoch
+
+    resumed.add_event_handler(Events.STARTED, capture)
+    resumed.run()
+    assert torch.equal(seen["adapter"], saved["network_trainable"]["adapter.weight"])
+    assert seen["step"] == 7 and seen["lr"] == pytest.approx(saved["lr_scheduler"]["_last_lr"][0])
+    assert seen["epoch"] == 1 and seen["first"] == 8, "goes on with iteration 8, the third of epoch 2"
+    assert resumed.state.iteration == 15 and resumed.state.epoch == 3
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1)
+    trainer.run()
+    torch.manual_seed(0)
+    other = _Frozen()
+    optimizer = torch.optim.AdamW(other.adapter.parameters())
+    checkpoint = TrainingCheckpoint(tmp_path, other, optimizer, settings={"lr": 0.5, "max_epochs": 1}, resume="true")
+    with pytest.raises(ResumeError, match=r"lr: checkpoint 0.1, now 0.5"):
+        checkpoint.attach(trainer)
+    longer = TrainingCheckpoint(tmp_path, other, optimizer, settings={"lr": 0.1, "max_epochs": 9}, resume="true")
+    longer.attach(trainer)  # training longer is what resuming is for
+    torch.manual_seed(5)
+    changed_base = _Frozen()
+    checkpoint = TrainingCheckpoint(tmp_path, changed_base, optimizer, settings={"lr": 0.1, "max_epochs": 1}, resume=True)
+    with pytest.raises(ResumeError, match="frozen base weights differ"):
+        checkpoint.attach(trainer)
+    with pytest.raises(ResumeError, match="does not exist"):
+        TrainingCheckpoint(tmp_path / "empty", other, optimizer, resume="true").attach(trainer)
+    with pytest.raises(ResumeError, match="must be one of"):
+        TrainingCheckpoint(tmp_path, other, optimizer, resume="yes")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from scripts.checkpointing import save_atomic
+    big = torch.zeros(4 * 1024 * 1024)
+    step = 0
+    while True:
+        step += 1
+        save_atomic({"step": step, "big": big + step}, sys.argv[1])
+        print(step, flush=True)
+    """
+)
+
+
+def test_sigkill_during_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
+    target = tmp_path / "latest_checkpoint.pt"
+    for delay in (0.02, 0.11):
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "1" or target.exists()
+        time.sleep(delay)  # lands somewhere inside a 16 MB write
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        content = torch.load(target, weights_only=True)
+        assert torch.all(content["big"] == content["step"]), "a whole checkpoint, never a mix or a torn file"
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600), "readable like any torch.save output"
+
+
+def _bundle_command(root: Path, datalist: Path, **overrides) -> list[str]:
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
+    command += ["--meta_file", META, "--config_file", str([TRAIN, QUICKSTART]), "--logging_file", LOGGING]
+    settings = {**FAST, "datalist": datalist, "ckpt_dir": root / "models", "output_dir": root / "eval", **overrides}
+    for key, value in settings.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
+    settings = {"max_epochs": 2, "batch_size": 1, "checkpoint_interval": 1, "tracking": "mlflow"}
+    process = subprocess.Popen(
+        _bundle_command(tmp_path, datalist, **settings), cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("(epoch 1, iteration 2)" in line for line in lines):
+        assert process.poll() is None, "".join(lines)[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s:\n" + "".join(lines)[-4000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # in the middle of epoch 1 (4 iterations), maybe inside a write
+    process.wait(timeout=30)
+    reader.join(timeout=10)
+    checkpoint = torch.load(tmp_path / "models" / "latest_checkpoint.pt", weights_only=True)
+    killed_at = checkpoint["trainer"]["iteration"]
+    assert 2 <= killed_at < 4 and checkpoint["trainer"]["epoch_length"] == 4, "killed mid-epoch"
+    assert not (tmp_path / "models" / "model.pt").exists(), "the first run never finished"
+
+    result = subprocess.run(
+        _bundle_command(tmp_path, datalist, **settings, resume="true"), cwd=tmp_path, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert result.returncode == 0, fail_message(result)
+    log = result.stdout + result.stderr
+    assert f"goes on after iteration {killed_at} of 8" in log
+    final = torch.load(tmp_path / "models" / "latest_checkpoint.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 8
+    assert (tmp_path / "models" / "model.pt").is_file()
+    iterations = [r["iteration"] for r in read_training_log(tmp_path / "eval" / "training_log.jsonl") if r["kind"] == "train"]
+    assert iterations == list(range(1, 9)), "the curves hold each iteration once across the kill"
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sam2lora_fundus").experiment_id])
+    assert len(runs) == 1, "the resumed training goes on in the MLflow run of the killed one"
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")})
+    assert steps == list(range(1, 9))
+
+
+def test_resume_with_other_settings_is_a_clear_error(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    models = tmp_path / "models"
+    torch.manual_seed(0)
+    models.mkdir()
+    save_atomic({"format": CHECKPOINT_FORMAT, "settings": {"lora_rank": 8}}, models / "latest_checkpoint.pt")
+    error = run_in_process(
+        "training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(models),
+        output_dir=str(tmp_path / "eval"), resume="true", **FAST,
+    )
+    assert "lora_rank: checkpoint 8, now 32" in str(error) and str(models / "latest_checkpoint.pt") in str(error)

@@ -1,0 +1,205 @@
+"""MLflow tracking: the embedded SQLite store, a real tracking server, and a server that goes away mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from scripts.network import SAM2LoRA
+from scripts.synthetic import write_dataset
+from scripts.tracking import TrackingError, _Delivery, describe_training_data, flatten_settings
+from tests.test_bundle import BUNDLE, FAST, LOGGING, META, QUICKSTART, TRAIN, bundle_cli, fail_message, run_in_process
+
+EXPERIMENT = "sam2lora_fundus"
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def _only_run(client: mlflow.MlflowClient):
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 1, [run.info.run_name for run in runs]
+    return runs[0]
+
+
+def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_store(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
+    output = tmp_path / "eval"
+    result = bundle_cli(
+        "training", [TRAIN, QUICKSTART], cwd=tmp_path, datalist=datalist, ckpt_dir=tmp_path / "models",
+        output_dir=output, tracking="mlflow", **{**FAST, "max_epochs": 2},
+    )
+    assert result.returncode == 0, fail_message(result)
+    database = output / "mlruns.db"
+    assert database.is_file(), "MONAI's default: a SQLite store in the output folder"
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    expected = {
+        "model_size": "tiny", "image_size": "64", "lora_rank": "32", "lora_alpha": "64", "lora_dropout": "0.1",
+        "loss_weights.bce": "1.0", "loss_weights.focal_tversky": "1.0", "loss_weights.iou": "0.1",
+        "learning_rate": "0.001", "lr_schedule": "CosineAnnealingWarmRestarts", "lr_restart_iterations": "1000",
+        "batch_size": "2", "accumulation_steps": "1", "seed": "0", "training_data.datasets": "synthetic (4)",
+        "training_data.annotators": "n/a", "world_size": "1", "max_epochs": "2",
+    }
+    assert {key: params.get(key) for key in expected} == expected
+    assert "attn.qkv" in params["lora_targets"]
+    trainable, total = int(params["trainable_parameters"]), int(params["total_parameters"])
+    assert 0 < trainable < total / 10, "LoRA trains a small fraction of SAM 2"
+    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=64)
+    assert total == sum(p.numel() for p in network.parameters()), "every parameter, frozen ones included"
+    assert trainable == sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == [1, 2, 3, 4], "the loss of every iteration (2 epochs of 2)"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_fov_dice")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice_synthetic_vessels")) == [1, 2]
+    artifacts = _artifacts(client, run.info.run_id)
+    assert "model/model_best.pt" in artifacts
+    assert {"pictures/training_curves.png", "pictures/validation_by_dataset.png"} <= set(artifacts)
+    assert any(path.startswith("overlays/epoch_0002/") for path in artifacts)
+    executed = [path for path in artifacts if path.startswith("config_") and path.endswith(".json")]
+    assert executed, artifacts
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, executed[0], str(tmp_path))).read_text())
+    assert config["image_size"] == 64 and config["max_epochs"] == 2, "the config as executed, overrides included"
+    for name in ("training_curves.png", "validation_by_dataset.png"):
+        assert Image.open(output / name).size[0] > 300, name
+
+
+def test_delivery_reports_what_was_not_recorded(caplog):
+    delivery = _Delivery("http://nowhere", retry_interval=60, queue_size=10)
+
+    def refuse() -> None:
+        raise ConnectionError("connection refused")
+
+    delivery.submit("metric train_loss", {"metric train_loss": (2, 7, 8)}, refuse)
+    delivery.submit("metric train_loss", {"metric train_loss": (1, 9, 9)}, lambda: None)  # offline: dropped
+    assert delivery.flush(timeout=10)
+    with caplog.at_level("WARNING"):
+        delivery.report()
+    assert "connection refused" in caplog.text
+    assert "Not recorded: metric train_loss x3 (steps 7-9)" in caplog.text
+
+
+def test_describe_training_data_and_flatten_settings(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    entry = {"image": "a.png", "label": "a_label.png", "dataset": "DRIVE", "annotator": "first"}
+    datalist.write_text(json.dumps({"training": [entry, {**entry, "image": "b.png", "dataset": "STARE"}]}))
+    described = describe_training_data(datalist)
+    assert described["datasets"] == "DRIVE (1), STARE (1)" and described["annotators"] == "first"
+    assert described["images"] == 2 and len(described["digest"]) == 16
+    assert flatten_settings({"loss": {"bce": 1.0}, "targets": ["a", "b"]}) == {"loss.bce": "1.0", "targets": "a, b"}
+
+
+def test_an_unreachable_tracking_uri_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of retrying for minutes
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free, and nothing listens once the probe is closed
+    datalist = write_dataset(tmp_path / "data", count=6, size=64)["vessels"]
+    error = run_in_process(
+        "training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), tracking="mlflow", tracking_uri=f"http://127.0.0.1:{port}", **FAST,
+    )
+    assert isinstance(error, TrackingError)
+    assert f"MLflow tracking at http://127.0.0.1:{port} cannot be used" in str(error)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1, started and stopped here; yields its URI and its process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+    ]
+    log = open(tmp_path / "server.log", "w")
+    # Its own session: the server's worker processes are stopped with it.
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "mlflow server did not answer within 90 s"
+        time.sleep(0.3)
+    try:
+        yield uri, server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=20)
+        log.close()
+
+
+def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tmp_path):
+    uri, server = tracking_server
+    datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
+    command += ["--meta_file", META, "--config_file", str([TRAIN, QUICKSTART]), "--logging_file", LOGGING]
+    overrides = {
+        **FAST, "max_epochs": 3, "datalist": datalist, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval",
+        "tracking": "mlflow", "tracking_uri": uri, "tracking_flush_timeout": 5, "tracking_retry_interval": 1,
+    }
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    training = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(training.stdout.readline, "")), daemon=True)
+    reader.start()
+    client = mlflow.MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 300
+        # The first validation is recorded on the server; then the server goes away for good.
+        while not any("Epoch[1] Metrics -- val_fov_dice" in line for line in lines):
+            assert training.poll() is None, "".join(lines)[-4000:]
+            assert time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # the delivery thread sends what epoch 1 queued
+        run = _only_run(client)
+        assert run.data.params["model_size"] == "tiny" and "train_loss" in run.data.metrics
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
+        training.wait(timeout=600)
+        reader.join(timeout=10)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait(timeout=30)
+    log = "".join(lines)
+    assert training.returncode == 0, log[-4000:]
+    assert (tmp_path / "models" / "model.pt").is_file(), "training completed without the server"
+    assert "Epoch[3] Metrics -- val_fov_dice" in log
+    assert f"MLflow: this run's record at {uri} is incomplete. Not recorded:" in log
+    summary = next(line for line in log.splitlines() if "is incomplete" in line)
+    assert "metric train_loss" in summary and "metric val_fov_dice" in summary and "model_best.pt" in summary
