@@ -9,6 +9,8 @@ goes on from its checkpoint's iteration) and, after each validation, writes:
 - ``overlays/epoch_NNNN/<image>.png``: the first validation images with the prediction compared to the label
   (green: both, red: predicted only, blue: missed).
 
+``EvaluationChart`` draws ``metrics_by_dataset.png`` from the evaluation workflow's ``metrics_summary.json``.
+
 Charts use matplotlib's headless ``Agg`` backend.
 """
 
@@ -38,6 +40,7 @@ from scripts.fundus_io import write_png  # noqa: E402
 from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD  # noqa: E402
 
 __all__ = [
+    "EvaluationChart",
     "TrainingPictures",
     "overlay_errors",
     "plot_dataset_metrics",
@@ -343,3 +346,45 @@ class TrainingPictures:
             files.append(path)
         self.latest_files = files
         logger.info(f"Wrote the training curves and {len(self._overlays)} overlays into {self.output_dir}.")
+
+
+class EvaluationChart:
+    """Ignite handler drawing the mean of chosen metrics per dataset from an evaluation's summary JSON.
+
+    Attach it to the evaluator after ``scripts.metrics.FundusMetricsWriter``, which writes the summary when the
+    evaluation epoch completes.
+
+    Args:
+        summary_file: the ``metrics_summary.json`` written by ``FundusMetricsWriter``.
+        output_file: the PNG to write.
+        metrics: metric names to draw (``scripts.metrics.METRICS``), for every channel.
+        region: ``"fov"`` or ``"image"``.
+    """
+
+    def __init__(
+        self,
+        summary_file: str | os.PathLike,
+        output_file: str | os.PathLike,
+        metrics: Sequence[str] = ("dice", "iou", "sensitivity", "specificity", "auc"),
+        region: str = "fov",
+    ) -> None:
+        self.summary_file = Path(summary_file)
+        self.output_file = Path(output_file)
+        self.metrics = list(metrics)
+        self.region = region
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, _: Engine) -> None:
+        summary = json.loads(self.summary_file.read_text(encoding="utf-8"))["summary"]
+        values, counts = {}, {}
+        for dataset, group in summary["datasets"].items():
+            counts[dataset] = group["images"]
+            values[dataset] = {
+                f"{key.split('/')[0]} {key.split('/')[2]}": statistic["mean"]
+                for key, statistic in group["metrics"].items()
+                if key.split("/")[1] == self.region and key.split("/")[2] in self.metrics
+            }
+        plot_dataset_metrics(values, self.output_file, f"mean per image per dataset ({self.region})", counts)
+        logger.info(f"Wrote {self.output_file}.")

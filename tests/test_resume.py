@@ -198,6 +198,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")})
     assert steps == list(range(1, 9))
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_fov_dice")) == [1, 2]
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path):
