@@ -92,8 +92,12 @@ def frozen_fingerprint(network: nn.Module) -> str:
             continue
         values = parameter.detach().to("cpu", torch.float64)
         # Sums weighted by position catch permutations and sign flips that a plain sum would miss.
-        weights = torch.arange(1, values.numel() + 1, dtype=torch.float64).reshape(values.shape) if values.numel() else values
-        digest.update(f"{name}{tuple(values.shape)}{float(values.sum()):.10e}{float((values * weights).sum()):.10e}".encode())
+        weights = (
+            torch.arange(1, values.numel() + 1, dtype=torch.float64).reshape(values.shape) if values.numel() else values
+        )
+        digest.update(
+            f"{name}{tuple(values.shape)}{float(values.sum()):.10e}{float((values * weights).sum()):.10e}".encode()
+        )
     return digest.hexdigest()
 
 
@@ -160,7 +164,7 @@ class TrainingCheckpoint:
         self.best_model_savers = [
             handler._key_metric_checkpoint
             for handler in validate_handlers or []
-            if isinstance(handler, CheckpointSaver) and handler._key_metric_checkpoint is not None
+            if isinstance(handler, CheckpointSaver) and getattr(handler, "_key_metric_checkpoint", None) is not None
         ]
         self.save_enabled = idist.get_rank() == 0 if save is None else save
         self.extra_state: dict[str, Callable[[], Mapping[str, Any]]] = {}
@@ -224,11 +228,15 @@ class TrainingCheckpoint:
             return
         save_atomic(self.state_dict(engine), self.path)
         self._last_saved_iteration = engine.state.iteration
-        logger.info(f"Saved resumable checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration}).")
+        logger.info(
+            f"Saved resumable checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})."
+        )
 
     def _save_on_interval(self, engine: Engine) -> None:
         iteration = engine.state.iteration
-        if iteration - max(self._last_saved_iteration, self._start_iteration) >= self.interval and _closes_window(engine):
+        if iteration - max(self._last_saved_iteration, self._start_iteration) >= self.interval and _closes_window(
+            engine
+        ):
             self.save(engine)
 
     def _read_resumable(self) -> dict[str, Any] | None:
@@ -282,7 +290,9 @@ class TrainingCheckpoint:
         network = _unwrap(self.network)
         missing = set(content["network_trainable"]) ^ {n for n, p in network.named_parameters() if p.requires_grad}
         if missing:
-            raise ResumeError(f"Cannot resume from {self.path}: trainable parameters differ ({sorted(missing)[:3]}...).")
+            raise ResumeError(
+                f"Cannot resume from {self.path}: trainable parameters differ ({sorted(missing)[:3]}...)."
+            )
         network.load_state_dict(content["network_trainable"], strict=False)
         self.optimizer.load_state_dict(content["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in content:

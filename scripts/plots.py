@@ -29,15 +29,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines; must precede pyplot's import
 
-import ignite.distributed as idist  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from ignite.engine import Engine, Events  # noqa: E402
+import ignite.distributed as idist
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
 
-from scripts.atomic import atomic_path, write_text_atomic  # noqa: E402
-from scripts.fundus_io import write_png  # noqa: E402
-from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD  # noqa: E402
+from scripts.atomic import atomic_path, write_text_atomic
+from scripts.fundus_io import write_png
+from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 __all__ = [
     "EvaluationChart",
@@ -108,7 +108,10 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | os.Pa
 
 
 def plot_dataset_metrics(
-    values: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str, counts: Mapping[str, int] | None = None
+    values: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    title: str,
+    counts: Mapping[str, int] | None = None,
 ) -> Path:
     """A grouped bar chart: one group per dataset, one bar per metric (or channel).
 
@@ -212,9 +215,10 @@ def _gather(value: Any) -> list[Any]:
 class TrainingPictures:
     """Ignite handler recording a training run and drawing its curves, per-dataset chart and overlays.
 
-    Attach it to the trainer after the ``TrainingCheckpoint``: a resumed run's log then goes on from the iteration
-    the checkpoint restored. In distributed training attach it on every rank: per-dataset Dice values are gathered
-    from all ranks; only the writing rank writes.
+    Attach it to the trainer before the ``TrainingCheckpoint``: an iteration is logged before a checkpoint can
+    include it, so a kill between the two never loses it from the log (a resumed run drops the logged iterations
+    after its checkpoint, which it trains again). In distributed training attach it on every rank: per-dataset Dice
+    values are gathered from all ranks; only the writing rank writes.
 
     Args:
         output_dir: the folder of the pictures and ``training_log.jsonl``.
@@ -248,22 +252,28 @@ class TrainingPictures:
         self._trainer: Engine | None = None
         self._dice_by_dataset: dict[str, list[list[float]]] = defaultdict(list)
         self._overlays: list[tuple[str, np.ndarray]] = []
+        self._log_ready = False
 
     def attach(self, engine: Engine) -> None:
         self._trainer = engine
-        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.STARTED, self._reset_run)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)
         if self.validator is not None:
             self.validator.add_event_handler(Events.EPOCH_STARTED, self._reset_validation)
             self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._collect_validation)
             self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._finish_validation)
 
+    def _reset_run(self, _: Engine) -> None:
+        self._log_ready = False
+
     def _start(self, engine: Engine) -> None:
-        if not self.write:
+        # At the first epoch start, when every STARTED handler (the checkpoint's resume included) is done.
+        if not self.write or self._log_ready:
             return
+        self._log_ready = True
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh run starts a fresh log; a resumed one (iteration > 0 after the checkpoint loaded) keeps the
-        # records up to the checkpoint and drops those of the iterations it will run again.
+        # A fresh run starts a fresh log; a resumed one (iteration > 0) keeps the records up to its checkpoint.
         self.records = read_training_log(self.log_path, engine.state.iteration) if engine.state.iteration else []
         write_text_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in self.records))
 

@@ -18,6 +18,7 @@ Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -226,7 +227,9 @@ class _DeliveringClient:
             return
         steps = _steps(metrics, new_params)
         what = ", ".join(steps) or "tags"
-        call = lambda: self._client.log_batch(run_id, metrics=list(metrics), params=new_params, tags=list(tags))  # noqa: E731
+        call = functools.partial(
+            self._client.log_batch, run_id, metrics=list(metrics), params=new_params, tags=list(tags)
+        )
         self._delivery.submit(what, steps, call)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
@@ -237,7 +240,8 @@ class _DeliveringClient:
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
         self._delivery.submit(
-            f"run status {status}", {f"run status {status}": (1, -1, -1)},
+            f"run status {status}",
+            {f"run status {status}": (1, -1, -1)},
             lambda: self._client.set_terminated(run_id, status, end_time),
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -51,19 +50,28 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(5)]
     checkpoint = TrainingCheckpoint(
-        checkpoint_dir, network, optimizer, scheduler, settings={"lr": 0.1, "max_epochs": max_epochs},
-        resume=resume, **kwargs,
+        checkpoint_dir,
+        network,
+        optimizer,
+        scheduler,
+        settings={"lr": 0.1, "max_epochs": max_epochs},
+        resume=resume,
+        **kwargs,
     )
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=data, network=network,
-        optimizer=optimizer, loss_function=nn.MSELoss(),
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=data,
+        network=network,
+        optimizer=optimizer,
+        loss_function=nn.MSELoss(),
         train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False), checkpoint],
     )
     return trainer, network, optimizer, scheduler, checkpoint
 
 
 def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tmp_path):
-    trainer, network, optimizer, scheduler, _ = _trainer(tmp_path, "false", seed=0, interval=2)
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, interval=2)
 
     def crash(engine):
         if engine.state.iteration == 8:
@@ -78,7 +86,7 @@ def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tm
     assert saved["trainer"]["iteration"] == 7
     assert set(saved["network_trainable"]) == {"adapter.weight", "adapter.bias"}, "frozen weights are not re-saved"
 
-    resumed, network2, optimizer2, scheduler2, _ = _trainer(tmp_path, "true", seed=123, interval=2)
+    resumed, network2, optimizer2, _, _ = _trainer(tmp_path, "true", seed=123, interval=2)
     seen = {}
     resumed.add_event_handler(Events.ITERATION_STARTED, lambda engine: seen.setdefault("first", engine.state.iteration))
 
@@ -109,7 +117,9 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
     longer.attach(trainer)  # training longer is what resuming is for
     torch.manual_seed(5)
     changed_base = _Frozen()
-    checkpoint = TrainingCheckpoint(tmp_path, changed_base, optimizer, settings={"lr": 0.1, "max_epochs": 1}, resume=True)
+    checkpoint = TrainingCheckpoint(
+        tmp_path, changed_base, optimizer, settings={"lr": 0.1, "max_epochs": 1}, resume=True
+    )
     with pytest.raises(ResumeError, match="frozen base weights differ"):
         checkpoint.attach(trainer)
     with pytest.raises(ResumeError, match="does not exist"):
@@ -160,8 +170,11 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
     settings = {"max_epochs": 2, "batch_size": 1, "checkpoint_interval": 1, "tracking": "mlflow"}
     process = subprocess.Popen(
-        _bundle_command(tmp_path, datalist, **settings), cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        _bundle_command(tmp_path, datalist, **settings),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
@@ -180,8 +193,12 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert not (tmp_path / "models" / "model.pt").exists(), "the first run never finished"
 
     result = subprocess.run(
-        _bundle_command(tmp_path, datalist, **settings, resume="true"), cwd=tmp_path, capture_output=True,
-        text=True, timeout=600,
+        _bundle_command(tmp_path, datalist, **settings, resume="true"),
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, fail_message(result)
     log = result.stdout + result.stderr
@@ -189,7 +206,9 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     final = torch.load(tmp_path / "models" / "latest_checkpoint.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 8
     assert (tmp_path / "models" / "model.pt").is_file()
-    iterations = [r["iteration"] for r in read_training_log(tmp_path / "eval" / "training_log.jsonl") if r["kind"] == "train"]
+    iterations = [
+        r["iteration"] for r in read_training_log(tmp_path / "eval" / "training_log.jsonl") if r["kind"] == "train"
+    ]
     assert iterations == list(range(1, 9)), "the curves hold each iteration once across the kill"
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
@@ -208,7 +227,12 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
     models.mkdir()
     save_atomic({"format": CHECKPOINT_FORMAT, "settings": {"lora_rank": 8}}, models / "latest_checkpoint.pt")
     error = run_in_process(
-        "training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(models),
-        output_dir=str(tmp_path / "eval"), resume="true", **FAST,
+        "training",
+        [TRAIN, QUICKSTART],
+        datalist=str(datalist),
+        ckpt_dir=str(models),
+        output_dir=str(tmp_path / "eval"),
+        resume="true",
+        **FAST,
     )
     assert "lora_rank: checkpoint 8, now 32" in str(error) and str(models / "latest_checkpoint.pt") in str(error)

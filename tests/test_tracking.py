@@ -54,8 +54,14 @@ def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_sto
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
     output = tmp_path / "eval"
     result = bundle_cli(
-        "training", [TRAIN, QUICKSTART], cwd=tmp_path, datalist=datalist, ckpt_dir=tmp_path / "models",
-        output_dir=output, tracking="mlflow", **FAST,
+        "training",
+        [TRAIN, QUICKSTART],
+        cwd=tmp_path,
+        datalist=datalist,
+        ckpt_dir=tmp_path / "models",
+        output_dir=output,
+        tracking="mlflow",
+        **FAST,
     )
     assert result.returncode == 0, fail_message(result)
     database = output / "mlruns.db"
@@ -65,11 +71,24 @@ def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_sto
     assert run.info.status == "FINISHED"
     params = run.data.params
     expected = {
-        "model_size": "tiny", "image_size": "64", "lora_rank": "32", "lora_alpha": "64", "lora_dropout": "0.1",
-        "loss_weights.bce": "1.0", "loss_weights.focal_tversky": "1.0", "loss_weights.iou": "0.1",
-        "learning_rate": "0.001", "lr_schedule": "CosineAnnealingWarmRestarts", "lr_restart_iterations": "1000",
-        "batch_size": "2", "accumulation_steps": "1", "seed": "0", "training_data.datasets": "synthetic (4)",
-        "training_data.annotators": "n/a", "world_size": "1", "max_epochs": "1",
+        "model_size": "tiny",
+        "image_size": "64",
+        "lora_rank": "32",
+        "lora_alpha": "64",
+        "lora_dropout": "0.1",
+        "loss_weights.bce": "1.0",
+        "loss_weights.focal_tversky": "1.0",
+        "loss_weights.iou": "0.1",
+        "learning_rate": "0.001",
+        "lr_schedule": "CosineAnnealingWarmRestarts",
+        "lr_restart_iterations": "1000",
+        "batch_size": "2",
+        "accumulation_steps": "1",
+        "seed": "0",
+        "training_data.datasets": "synthetic (4)",
+        "training_data.annotators": "n/a",
+        "world_size": "1",
+        "max_epochs": "1",
     }
     assert {key: params.get(key) for key in expected} == expected
     assert "attn.qkv" in params["lora_targets"]
@@ -127,8 +146,14 @@ def test_an_unreachable_tracking_uri_is_a_clear_error(tmp_path, monkeypatch):
         port = probe.getsockname()[1]  # free, and nothing listens once the probe is closed
     datalist = write_dataset(tmp_path / "data", count=6, size=64)["vessels"]
     error = run_in_process(
-        "training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), tracking="mlflow", tracking_uri=f"http://127.0.0.1:{port}", **FAST,
+        "training",
+        [TRAIN, QUICKSTART],
+        datalist=str(datalist),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        tracking="mlflow",
+        tracking_uri=f"http://127.0.0.1:{port}",
+        **FAST,
     )
     assert isinstance(error, TrackingError)
     assert f"MLflow tracking at http://127.0.0.1:{port} cannot be used" in str(error)
@@ -143,25 +168,37 @@ def tracking_server(tmp_path):
     store = tmp_path / "server"
     store.mkdir()
     command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
     ]
-    log = open(tmp_path / "server.log", "w")
-    # Its own session: the server's worker processes are stopped with it.
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "server.log", "w") as log:
+        # Its own session: the server's worker processes are stopped with it.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "mlflow server did not answer within 90 s"
-        time.sleep(0.3)
     try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer within 90 s"
+            time.sleep(0.3)
         yield uri, server
     finally:
         if server.poll() is None:
@@ -171,7 +208,6 @@ def tracking_server(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=20)
-        log.close()
 
 
 def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tmp_path):
@@ -180,8 +216,15 @@ def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tm
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
     command += ["--meta_file", META, "--config_file", str([TRAIN, QUICKSTART]), "--logging_file", LOGGING]
     overrides = {
-        **FAST, "max_epochs": 2, "datalist": datalist, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval",
-        "tracking": "mlflow", "tracking_uri": uri, "tracking_flush_timeout": 5, "tracking_retry_interval": 1,
+        **FAST,
+        "max_epochs": 2,
+        "datalist": datalist,
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "eval",
+        "tracking": "mlflow",
+        "tracking_uri": uri,
+        "tracking_flush_timeout": 5,
+        "tracking_retry_interval": 1,
     }
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
@@ -223,8 +266,13 @@ def test_evaluation_draws_its_metrics_per_dataset(tmp_path):
     torch.save(network.state_dict(), tmp_path / "model.pt")
     output = tmp_path / "metrics"
     result = bundle_cli(
-        "evaluating", [TRAIN, EVALUATE, QUICKSTART], cwd=tmp_path, datalist=datalist, ckpt_path=tmp_path / "model.pt",
-        output_dir=output, **FAST,
+        "evaluating",
+        [TRAIN, EVALUATE, QUICKSTART],
+        cwd=tmp_path,
+        datalist=datalist,
+        ckpt_path=tmp_path / "model.pt",
+        output_dir=output,
+        **FAST,
     )
     assert result.returncode == 0, fail_message(result)
     chart = Image.open(output / "metrics_by_dataset.png")
