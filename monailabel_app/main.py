@@ -1,0 +1,297 @@
+"""MONAI Label app serving the SAM2-LoRA fundus bundle: automatic segmentation of a 2D fundus photograph and
+training on the labels that graders save to the datastore.
+
+Why not MONAI Label's stock ``monaibundle`` sample app (measured with MONAI Label 0.8.5, see docs/monailabel.md):
+
+- the bundle's inference postprocessing ends in a float probability map and the bundle's own file writer; MONAI
+  Label's ITK writer refuses floats for PNG, and its ``Restored`` step and writer assume MONAI's ``(W, H)`` array
+  layout for 2D images, whereas the bundle keeps the file's ``(H, W)``: labels would come back transposed;
+- the label names come from ``metadata.json``'s ``channel_def`` with the channel index as label value, so the
+  vessel label would have value 0, the background's;
+- its train task runs the run id ``run`` (ours is ``training``), passes the device as a string where the bundle
+  expects a ``torch.device``, replaces the datasets but not the datalist that the bundle's run record reads, and
+  trains with the archive's default network settings (Hiera large at 1024 pixels) rather than those the served
+  model was trained with;
+- it downloads bundles it does not find locally from the model zoo, and Meta's SAM 2 checkpoint for its own
+  interactive model.
+
+This app reuses MONAI Label's bundle tasks and changes only those points. Bundles are read from
+``<app>/model/<name>`` (default name ``sam2lora_fundus``, ``--conf models a,b`` for several): an extracted archive
+of ``python -m scripts.export --weights full`` (or ``merged``), which carries its own ``scripts`` package.
+
+Results: ``POST /infer/<model>?image=<id>`` returns a PNG label of the image's width and height, values
+0 = background and ``c + 1`` for channel ``c`` (vessels: 1; disc/cup: 1 = disc rim, 2 = cup), whatever the
+image's format (a JPEG label would be lossy). ``POST /train/<model>`` fine-tunes ``models/model.pt`` on the images
+that have a ``final`` label in the datastore and replaces it (``model_best.pt`` keeps the best validation Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import monailabel
+import numpy as np
+import torch
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sam2lora_fundus"
+# The network settings a served model was trained with; the archive's inference.json holds their trained values
+# (scripts.export writes them there), the archive's train.json only the bundle's defaults.
+NETWORK_SETTINGS = ("channel_names", "model_size", "image_size", "lora_rank", "lora_alpha", "lora_dropout")
+# Transforms of the bundle's postprocessing that write files of their own (the bundle's prediction writer, by
+# class name because its class lives in the bundle's `scripts` package, which MONAI Label reloads per bundle).
+FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
+# Train request settings passed to the bundle's train.json as they are, with the bundle's defaults.
+TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
+# Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict; a clear one-line error when it cannot be read."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"{path} cannot be read ({error}).") from None
+    if not isinstance(content, dict):
+        raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"{path} does not hold a JSON object.")
+    return content
+
+
+def served_network_settings(bundle: Path) -> dict[str, Any]:
+    """The network settings in a served bundle's ``configs/inference.json`` (the trained model's).
+
+    Raises:
+        MONAILabelException: the config lacks one of them (not a bundle written by ``scripts.export``).
+    """
+    config = read_json(bundle / "configs" / "inference.json")
+    missing = [key for key in NETWORK_SETTINGS if key not in config]
+    if missing:
+        raise MONAILabelException(
+            MONAILabelError.APP_INIT_ERROR,
+            f"{bundle}/configs/inference.json does not set {missing}; serve an archive of `python -m scripts.export`.",
+        )
+    return {key: config[key] for key in NETWORK_SETTINGS}
+
+
+class FundusLabeld:
+    """Probability maps ``(C, H, W)`` to one uint8 label image laid out as MONAI Label's writer expects.
+
+    Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel above ``threshold`` (nested
+    structures: optic disc 1, cup 2), as the bundle's own prediction writer computes its masks. The result is
+    transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's ITK-reader layout and its writer transposes
+    back when writing, whereas the bundle's loader keeps the file's ``(H, W)``.
+
+    Args:
+        key: the probability map, already brought back to the image's size (the bundle's ``Invertd``).
+        threshold: probability above which a pixel belongs to a structure (the bundle's ``threshold``).
+    """
+
+    def __init__(self, key: str, threshold: float) -> None:
+        self.key = key
+        self.threshold = float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        probabilities = d[self.key]
+        probabilities = probabilities.detach().cpu().numpy() if torch.is_tensor(probabilities) else probabilities
+        probabilities = np.asarray(probabilities, dtype=np.float32)
+        if probabilities.ndim != 3:
+            raise ValueError(f"Expected a (C, H, W) probability map, got shape {probabilities.shape}.")
+        labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+        for channel, probability in enumerate(probabilities):
+            labels[probability > self.threshold] = channel + 1
+        d[self.key] = np.ascontiguousarray(labels.T)
+        return d
+
+
+class FundusInferTask(BundleInferTask):
+    """Automatic segmentation with a served bundle: its own preprocessing, network and inversion, then a label.
+
+    Args:
+        path: the bundle folder.
+        conf: the app's ``--conf`` settings.
+    """
+
+    def __init__(self, path: str, conf: dict[str, str]) -> None:
+        # add_post_restore=False: MONAI Label's Restored assumes a channel axis and the (W, H) layout; the bundle's
+        # Invertd already brings the prediction back to the image's size.
+        super().__init__(path, conf, type=InferType.SEGMENTATION, add_post_restore=False, load_strict=True)
+        if not self.valid:
+            return
+        self.channel_names = list(self.bundle_config.get("channel_names", ["vessels"]))
+        # Label value c + 1 for channel c, the values FundusLabeld writes (channel_def's index would give 0).
+        self.labels = {name: index + 1 for index, name in enumerate(self.channel_names)}
+        self.threshold = float(self.bundle_config.get("threshold", 0.5))
+        if self.bundle_config.get("restrict_to_fov", False):
+            logger.warning(f"{path}: restrict_to_fov is not applied to MONAI Label results (labels cover the image).")
+        # A label is always a lossless PNG of uint8 values, whatever the image's format.
+        self._config.update({"result_extension": ".png", "result_dtype": "uint8"})
+
+    def post_transforms(self, data: Any = None) -> Sequence[Callable]:
+        post = [t for t in super().post_transforms(data) if type(t).__name__ not in FILE_WRITERS]
+        return [*post, FundusLabeld(self.output_label_key, self.threshold)]
+
+    def _get_network(self, device: Any, data: Any) -> Any:
+        network = super()._get_network(device, data)
+        # As the bundle's inference does (MergeAdapters): fold the adapters into the base weights, which is what
+        # makes REST results equal to `monai.bundle run inference`. Merging twice is a no-op.
+        if hasattr(network, "merge_adapters"):
+            network.merge_adapters()
+        return network
+
+
+class FundusTrainTask(BundleTrainTask):
+    """The bundle's ``train.json`` workflow on the datastore's labelled images, fine-tuning the served model.
+
+    Args:
+        path: the bundle folder.
+        conf: the app's ``--conf`` settings.
+    """
+
+    def __init__(self, path: str, conf: dict[str, str]) -> None:
+        super().__init__(path, conf, load_strict=True)
+        if not self.valid:
+            return
+        self.network_settings = served_network_settings(Path(path))
+        self._request: dict[str, Any] = {}
+
+    def config(self) -> dict[str, Any]:
+        options = super().config()
+        options["multi_gpu"] = False  # the bundle's multi_gpu_train.json is not wired for MONAI Label's torchrun
+        options["max_epochs"] = 10
+        options["val_split"] = 0.2
+        options["run_id"] = "training"
+        options["tracking"] = ["None", "mlflow"]
+        for key in TRAIN_SETTINGS:
+            options[key] = self.bundle_config.get(key)
+        return options
+
+    def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
+        datalist = super()._fetch_datalist(request, datastore)
+        if not datalist:
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT,
+                "No image in the datastore has a final label: save corrected labels first "
+                "(PUT /datastore/label?image=<id>&tag=final, or Submit Label in the viewer).",
+            )
+        # The bundle reads 2D masks (PNG, TIFF...); a volume label (3D Slicer's default .nii.gz) would fail deep in
+        # the data loader, so it is named here.
+        unreadable = [entry["label"] for entry in datalist if not entry["label"].lower().endswith(LABEL_SUFFIXES)]
+        if unreadable:
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT,
+                f"{len(unreadable)} final labels are not 2D mask images ({', '.join(LABEL_SUFFIXES)}), e.g. "
+                f"{unreadable[0]}; save labels as PNG (0 background, 1 vessel).",
+            )
+        return datalist
+
+    def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple:
+        train, validation = super()._partition_datalist(datalist, request, shuffle=shuffle)
+        if not validation:
+            # The bundle validates after every `val_interval` epochs and keeps the best model; with too few
+            # labelled images for a split it validates on the training images (no estimate of generalisation).
+            logger.warning("Too few labelled images for a validation split: validating on the training images.")
+            validation = list(train)
+        return train, validation
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        request = dict(request)
+        if not request.get("run_id"):
+            request["run_id"] = "training"
+        self._request = request
+        return super().__call__(request, datastore)
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        train = overrides.pop(self.const.key_train_dataset_data())
+        validation = overrides.pop(self.const.key_validate_dataset_data(), None) or train
+        # The bundle reads its splits (and describes them in the run record) from a datalist file.
+        datalist = Path(self.bundle_path) / "eval" / "monailabel_datalist.json"
+        datalist.parent.mkdir(parents=True, exist_ok=True)
+        datalist.write_text(json.dumps({"training": train, "validation": validation}, indent=2) + "\n")
+        overrides["datalist"] = str(datalist)
+        # The served model's architecture; its weights come from models/model.pt (CheckpointLoader below), so no
+        # base checkpoint is needed (random_init only skips reading Meta's file).
+        overrides.update(self.network_settings)
+        overrides["random_init"] = True
+        overrides["device"] = f"$torch.device('{overrides[self.const.key_device()]}')"
+        overrides["max_epochs"] = overrides[self.const.key_train_trainer_max_epochs()]
+        for key in TRAIN_SETTINGS:
+            if self._request.get(key) not in (None, ""):
+                overrides[key] = self._request[key]
+        for handler in overrides[self.const.key_train_handlers()]:
+            if handler.get("_target_") == "CheckpointLoader":
+                handler.setdefault("map_location", "@device")  # a model saved on a GPU loads on a CPU server
+        return overrides
+
+
+class FundusApp(MONAILabelApp):
+    """MONAI Label app for colour fundus photographs served by SAM2-LoRA bundles.
+
+    ``--conf models <name>[,<name>...]``: bundle folders under ``<app>/model`` (default ``sam2lora_fundus``).
+    ``--conf skip_trainers true``: inference only.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.model_dir = Path(app_dir) / "model"
+        names = [name.strip() for name in conf.get("models", DEFAULT_MODEL).split(",") if name.strip()]
+        self.bundles = {name: self.model_dir / name for name in names}
+        for name, folder in self.bundles.items():
+            # No zoo download: a clinician's workstation serves only the archive it was given.
+            if not (folder / "configs" / "inference.json").is_file():
+                raise MONAILabelException(
+                    MONAILabelError.APP_INIT_ERROR,
+                    f"Bundle '{name}' not found: {folder} holds no configs/inference.json. Extract an archive of "
+                    "`python -m scripts.export --weights full` there (monailabel_app/serve.sh --bundle does it).",
+                )
+            if not (folder / "models" / "model.pt").is_file():
+                raise MONAILabelException(
+                    MONAILabelError.APP_INIT_ERROR,
+                    f"Bundle '{name}' has no models/model.pt (an adapters-only archive?). MONAI Label loads full "
+                    "weights: export with `python -m scripts.export --weights full` (or merged).",
+                )
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"SAM2-LoRA fundus (MONAI Label {monailabel.__version__})",
+            description="Retinal vessel / optic disc and cup segmentation of colour fundus photographs",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for name, folder in self.bundles.items():
+            task = FundusInferTask(str(folder), self.conf)
+            if task.is_valid():
+                infers[name] = task
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        if self.conf.get("skip_trainers", "false").lower() in ("true", "1", "yes"):
+            return {}
+        trainers: dict[str, TrainTask] = {}
+        for name, folder in self.bundles.items():
+            task = FundusTrainTask(str(folder), self.conf)
+            if task.is_valid():
+                trainers[name] = task
+        return trainers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        # Which image to label next: the first unlabelled one, or a random one.
+        return {"first": First(), "random": Random()}

@@ -1,0 +1,316 @@
+"""MONAI Label end to end: the real server (monailabel_app/serve.sh) on 127.0.0.1 serving an exported archive,
+inference on PNG and JPG fundus images through the REST API, labels saved through it, and training through it.
+
+Needs ``.venv-monailabel`` (``bash monailabel_app/install.sh``); skipped without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scripts.export import BUNDLE_NAME, export_bundle
+from scripts.network import SAM2LoRA
+from scripts.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SERVER_PYTHON = REPO / ".venv-monailabel" / "bin" / "python"
+SERVE = REPO / "monailabel_app" / "serve.sh"
+IMAGE_SIZE = 64
+WIDTH, HEIGHT = 120, 100  # non-square, so that a transposed label cannot pass
+START_TIMEOUT = 180
+TRAIN_TIMEOUT = 240
+
+pytestmark = pytest.mark.skipif(
+    not SERVER_PYTHON.is_file(),
+    reason=f"{SERVER_PYTHON} is missing: create the MONAI Label venv with `bash monailabel_app/install.sh`",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 300) -> tuple[int, bytes, dict]:
+    """An HTTP request with the standard library; returns status, body and headers (errors included)."""
+    call = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(call, timeout=timeout) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+def multipart(field: str, path: Path) -> tuple[bytes, dict]:
+    """One file as a multipart/form-data body, as MONAI Label's clients upload labels."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{path.name}\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def served_model(path: Path) -> Path:
+    """A Hiera-tiny SAM2LoRA with non-zero adapters (as after training), saved as training saves model.pt.
+
+    Seeded so that its prediction on the test images has both vessel and background pixels (checked below):
+    a constant label would make the comparison with the bundle's own inference vacuous.
+    """
+    torch.manual_seed(2)
+    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0.0, 0.05)
+    torch.save(network.state_dict(), path)
+    return path
+
+
+class Server:
+    """The MONAI Label server started by serve.sh as a process group of its own."""
+
+    def __init__(self, root: Path, archive: Path, studies: Path) -> None:
+        self.app = root / "app"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        # Nothing of this repository on the path: the served bundle must import its own `scripts`.
+        environment = {key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "TMPDIR") if key in os.environ}
+        environment["HOME"] = str(root)
+        command = ["bash", str(SERVE), "--studies", str(studies), "--bundle", str(archive), "--app", str(self.app),
+                   "--port", str(self.port)]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def log_tail(self, characters: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-characters:]
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                status, body, _ = request(f"{self.url}/info/", timeout=5)
+                if status == 200:
+                    return json.loads(body)
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"the server did not answer /info/ within {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        # The whole group: serve.sh exec's the server, which starts training tasks as child processes.
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("monailabel")
+    write_dataset(root / "synthetic", count=3, size=128, seed=5)
+    studies = root / "studies"
+    studies.mkdir()
+    corrected = root / "corrected"
+    corrected.mkdir()
+    sources = sorted((root / "synthetic" / "images").glob("*.png"))
+    vessels = sorted((root / "synthetic" / "vessels").glob("*.png"))
+    for name, image, mask in (("wide.png", sources[0], vessels[0]), ("photo.jpg", sources[1], vessels[1])):
+        picture = Image.open(image).convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR)
+        picture.save(studies / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+        # A grader's corrected label as MONAI Label's clients send it: PNG, 0 background, 1 vessel.
+        label = (np.asarray(Image.open(mask).resize((WIDTH, HEIGHT), Image.NEAREST)) > 127).astype(np.uint8)
+        Image.fromarray(label).save(corrected / f"{name.split('.')[0]}.png")
+    model = served_model(root / "model.pt")
+    result = export_bundle(root / "dist", model, config_file=[CONFIGS / "inference.json", CONFIGS / "quickstart.json"],
+                           weights="full", overrides={"image_size": IMAGE_SIZE})
+    assert result.weights == "full", result.reason
+    server = Server(root, result.archive, studies)
+    try:
+        info = server.wait_ready(START_TIMEOUT)
+        yield {"root": root, "studies": studies, "corrected": corrected, "server": server, "info": info,
+               "bundle": server.app / "model" / BUNDLE_NAME}
+    finally:
+        server.stop()
+
+
+def bundle_inference(bundle: Path, images: Path, output: Path) -> None:
+    """``python -m monai.bundle run inference`` from the served bundle's folder, away from this repository."""
+    command = [sys.executable, "-S", "-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json",
+               "--config_file", "configs/inference.json", "--logging_file", "configs/logging.conf",
+               "--dataset_dir", str(images), "--output_dir", str(output), "--num_workers", "0"]
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(output.parent),
+                   "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    result = subprocess.run(
+        command, check=False, cwd=bundle, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def infer(server: Server, image_id: str) -> np.ndarray:
+    """``POST /infer/<model>?image=<id>&output=image``: the label image as an array."""
+    status, body, _ = request(f"{server.url}/infer/{BUNDLE_NAME}?image={image_id}&output=image", method="POST")
+    assert status == 200, f"{status}: {body[:500]!r}\n{server.log_tail()}"
+    path = server.app.parent / f"rest_{image_id}.png"
+    path.write_bytes(body)
+    assert body[:8] == b"\x89PNG\r\n\x1a\n", "a PNG label, whatever the image's format"
+    return np.asarray(Image.open(path))
+
+
+def train(server: Server, settings: dict) -> dict:
+    """``POST /train/<model>``, then poll ``GET /train/`` until that task has ended (bounded)."""
+    status, answer, _ = request(f"{server.url}/train/{BUNDLE_NAME}", "POST", json.dumps(settings).encode(),
+                                {"Content-Type": "application/json"})
+    assert status == 200, answer[:500]
+    task_id = json.loads(answer)["id"]
+    deadline = time.monotonic() + TRAIN_TIMEOUT
+    task: dict = {}
+    while time.monotonic() < deadline:
+        _, answer, _ = request(f"{server.url}/train/?check_if_running=false", timeout=30)
+        task = json.loads(answer)
+        if task.get("id") == task_id and task.get("status") not in ("SUBMITTED", "RUNNING"):
+            return task
+        time.sleep(2)
+    pytest.fail(f"training did not finish within {TRAIN_TIMEOUT} s: {task}\n{server.log_tail()}")
+
+
+def test_server_lists_the_bundle_with_its_label_and_trainer(setup):
+    info = setup["info"]
+    model = info["models"][BUNDLE_NAME]
+    assert model["type"] == "segmentation" and model["dimension"] == 2
+    assert model["labels"] == {"vessels": 1}, "label value 1 for vessels (0 is the background)"
+    assert BUNDLE_NAME in info["trainers"]
+    assert (setup["bundle"] / "scripts" / "network.py").is_file(), "the archive was extracted into the app"
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_server_listens_on_loopback_only(setup):
+    server = setup["server"]
+    assert f"Uvicorn running on http://127.0.0.1:{server.port}" in server.log.read_text(errors="replace")
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to try")
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex((address, server.port)) != 0, f"the server answers on {address}"
+
+
+def test_repository_scripts_are_not_importable_by_the_server_python(tmp_path):
+    command = [str(SERVER_PYTHON), "-c", "import scripts"]
+    environment = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, check=False, cwd=tmp_path, env=environment, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "No module named 'scripts'" in result.stderr
+
+
+def test_infer_png_and_jpg_returns_aligned_labels_equal_to_bundle_inference(setup, tmp_path):
+    server = setup["server"]
+    bundle_output = tmp_path / "bundle_inference"
+    bundle_inference(setup["bundle"], setup["studies"], bundle_output)
+    for image_id in ("wide", "photo"):
+        label = infer(server, image_id)
+        assert label.shape == (HEIGHT, WIDTH), f"{image_id}: the image's height x width, not transposed"
+        assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+        reference = np.asarray(Image.open(bundle_output / f"{image_id}_mask.png"))  # 0/255, same threshold
+        assert 0.02 < (reference > 0).mean() < 0.98, "a constant reference would make the comparison vacuous"
+        np.testing.assert_array_equal(label.astype(np.int32) * 255, reference, err_msg=image_id)
+
+
+def test_train_on_labels_saved_through_the_api(setup):
+    server = setup["server"]
+    model = setup["bundle"] / "models" / "model.pt"
+    before = sha256(model)
+    # Training before any label is saved fails with a message that says what to do.
+    task = train(server, {"max_epochs": 1, "num_workers": 0})
+    assert task["status"] == "ERROR"
+    assert "No image in the datastore has a final label" in "\n".join(task.get("details", [])), task
+    assert sha256(model) == before
+
+    for image_id in ("wide", "photo"):
+        body, headers = multipart("label", setup["corrected"] / f"{image_id}.png")
+        status, answer, _ = request(f"{server.url}/datastore/label?image={image_id}&tag=final", "PUT", body, headers)
+        assert status == 200, answer[:500]
+        assert json.loads(answer) == {"image": image_id, "label": image_id}
+    saved = Image.open(setup["studies"] / "labels" / "final" / "wide.png")
+    assert saved.size == (WIDTH, HEIGHT)
+
+    settings = {"max_epochs": 1, "num_workers": 0, "batch_size": 1, "accumulation_steps": 1, "val_split": 0.5}
+    task = train(server, settings)
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "DONE", f"{task['status']}\n{details}\n{server.log_tail()}"
+    assert "Restored all variables from" in details and str(model) in details, "fine-tuned the served model"
+    assert "Train completed" in details
+
+    assert sha256(model) != before, "training replaced models/model.pt"
+    datalist = json.loads((setup["bundle"] / "eval" / "monailabel_datalist.json").read_text())
+    entries = datalist["training"] + datalist["validation"]
+    assert sorted(Path(entry["image"]).name for entry in entries) == ["photo.jpg", "wide.png"]
+    assert all(Path(entry["label"]).parent.name == "final" for entry in entries), "the datastore's final labels"
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    assert any(key.endswith("lora_B") for key in state) and not any(
+        bool(value) for key, value in state.items() if key.endswith("lora_merged")
+    ), "saved with the adapters apart, as the bundle saves it"
+
+    # The server picks the new weights up (MONAI Label reloads a model whose file changed).
+    label = infer(server, "wide")
+    assert label.shape == (HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ([], "--studies FOLDER is required"),
+        (["--studies", "{tmp}/absent"], "does not exist"),
+        (["--studies", "{tmp}", "--bundle", "{tmp}/not_a_zip.zip"], "cannot be extracted"),
+        (["--studies", "{tmp}", "--port", "http"], "--port must be a number"),
+    ],
+)
+def test_serve_script_refuses_bad_arguments_in_one_line(tmp_path, arguments, message):
+    (tmp_path / "not_a_zip.zip").write_text("no archive")
+    command = ["bash", str(SERVE), *(argument.format(tmp=tmp_path) for argument in arguments), "--app",
+               str(tmp_path / "app")]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
