@@ -131,7 +131,8 @@ class SAM2LoRA(nn.Module):
             load_meta_checkpoint(self.sam2, checkpoint, size.name)
         else:
             logger.warning(
-                "SAM 2 Hiera-%s starts from RANDOM weights (random_init=True): no pretrained checkpoint is loaded.",
+                "SAM 2 Hiera-%s starts from RANDOM weights (random_init=True): no pretrained checkpoint is loaded. Trained "
+                "from here, results stay far below the paper's; for inference, a trained model.pt must be loaded next.",
                 size.name,
             )
         self.sam2.requires_grad_(False)
