@@ -38,7 +38,7 @@ from monai.handlers import MLFlowHandler
 from torch import nn
 
 from scripts.checkpointing import TrainingCheckpoint
-from scripts.plots import TrainingPictures
+from scripts.plots import TrainingPictures, read_training_log
 
 __all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings"]
 
@@ -296,7 +296,7 @@ class MLflowRecorder:
         self.run: Any = None
         self.client: _DeliveringClient | None = None
         self.delivery: _Delivery | None = None
-        self._pictures_logged: list[Path] = []
+        self._store: mlflow.MlflowClient | None = None
 
     @property
     def enabled(self) -> bool:
@@ -309,10 +309,16 @@ class MLflowRecorder:
             return
         trainer = self.trainer
         handler = self.trainer_handlers[0] if self.trainer_handlers else self.handlers[0]
+        self._store = handler.client
         where = handler.client.tracking_uri
         resumed = self.checkpoint.register_state("mlflow", self._state) if self.checkpoint is not None else None
         experiment = self._experiment(handler, where)
-        self.run = self._open_run(handler, experiment, resumed, where)
+        try:
+            self.run = self._open_run(handler, experiment, resumed, where)
+        except Exception as error:  # the store answered for the experiment but fails to create the run
+            raise TrackingError(
+                f"MLflow tracking at {where} cannot open a run ({type(error).__name__}: {_first_line(error)})."
+            ) from None
         logged_params = dict(self.run.data.params)
         self.delivery = _Delivery(where, self.retry_interval, self.queue_size)
         for each in self.handlers:
@@ -325,6 +331,8 @@ class MLflowRecorder:
             if trainer.has_event_handler(each.close, Events.COMPLETED):
                 trainer.remove_event_handler(each.close, Events.COMPLETED)
         self._log_settings(resumed is not None)
+        if resumed is not None:
+            self._backfill(self.checkpoint.resumed["trainer"]["iteration"])
         self._log_executed_config()
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
@@ -389,6 +397,41 @@ class MLflowRecorder:
         entities = [mlflow.entities.Param(key, value[:6000]) for key, value in params.items()]
         tags = [mlflow.entities.RunTag("resumed", str(resumed).lower())] if resumed else []
         self.client.log_batch(self.run.info.run_id, params=entities, tags=tags)
+
+    def _backfill(self, iteration: int) -> None:
+        """Send what the killed run logged locally but had not delivered before the kill, up to the checkpoint.
+
+        Deliveries are asynchronous, so a SIGKILL loses those still queued; the iterations up to the checkpoint are
+        not trained again, and ``training_log.jsonl`` (written before every checkpoint) still has them.
+        """
+        if self.pictures is None:
+            return
+        history: dict[str, set[int]] = {}
+
+        def missing(key: str, step: int) -> bool:
+            if key not in history:
+                history[key] = {m.step for m in self._store.get_metric_history(self.run.info.run_id, key)}
+            return step not in history[key]
+
+        now = int(time.time() * 1000)
+        metrics = []
+        try:
+            for record in read_training_log(self.pictures.log_path, iteration):
+                if record["kind"] == "train" and missing("train_loss", record["iteration"]):
+                    metrics.append(mlflow.entities.Metric("train_loss", record["loss"], now, record["iteration"]))
+                    metrics.append(mlflow.entities.Metric("lr_group_0", record["lr"], now, record["iteration"]))
+                elif record["kind"] == "validation":
+                    metrics += [
+                        mlflow.entities.Metric(key, value, now, record["epoch"])
+                        for key, value in record["metrics"].items()
+                        if missing(key, record["epoch"])
+                    ]
+        except Exception as error:  # the backfill is a courtesy: the run goes on without it
+            logger.warning(f"MLflow: cannot read the resumed run's history ({_first_line(error)}); no backfill.")
+            return
+        if metrics:
+            logger.info(f"MLflow: sending {len(metrics)} values the killed run logged but had not delivered.")
+            self.client.log_batch(self.run.info.run_id, metrics=metrics)
 
     def _log_executed_config(self) -> None:
         """The config as this run executes it (MONAI writes ``config_<time>.json`` into the output folder).
