@@ -103,7 +103,7 @@ class BenchmarkSettings:
     num_workers: int = 2
 
 
-QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=3, data_images=10)
+QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=9, data_images=10)
 
 
 # --------------------------------------------------------------------------------------------- measuring helpers
@@ -707,11 +707,11 @@ def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
 
 def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Path]:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Hiera tiny at 256 px, 3 repeats: minutes on a CPU")
+    parser.add_argument("--quick", action="store_true", help="Hiera tiny at 256 px, 9 repeats: minutes on a CPU")
     parser.add_argument("--model-sizes", nargs="+", help="Hiera sizes (default: tiny large)")
     parser.add_argument("--image-sizes", nargs="+", type=int, help="encoder input sides (default: 1024)")
     parser.add_argument("--batch-size", type=int, help="training and throughput batch (default: 2)")
-    parser.add_argument("--repeats", type=int, help="timed runs per figure (default: 5, quick: 3)")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure (default: 5, quick: 9)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default: 1)")
     parser.add_argument("--device", help="cuda, cpu or auto (default)")
     parser.add_argument("--lora-rank", type=int, help="adapter rank (default: 32)")
