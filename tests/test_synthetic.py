@@ -170,3 +170,24 @@ def test_ensure_dataset_renders_once_and_reuses(tmp_path):
     ensure_dataset(tmp_path / "data", count=4, seed=4, size=64)
     listed = json.loads(Path(first["vessels"]).read_text())
     assert sum(len(listed[split]) for split in ("training", "validation", "test")) == 4
+
+
+def test_an_untrained_network_fails_on_it(tmp_path):
+    """The embedded default must be a task to learn: SAM2-LoRA before training finds no vessels in it."""
+    import torch
+
+    from scripts.network import SAM2LoRA
+    from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+    torch.manual_seed(0)
+    network = SAM2LoRA("tiny", random_init=True, image_size=128).eval()
+    mean, std = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1), torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    for index in range(3):
+        sample = render_fundus(size=128, seed=3, index=index)
+        image = (torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255 - mean) / std
+        with torch.no_grad():
+            predicted = (network(image[None])[0, 0] > 0).numpy()
+        truth = sample.vessels > 0
+        dice = 2 * (predicted & truth).sum() / max(predicted.sum() + truth.sum(), 1)
+        calling_everything_vessel = 2 * truth.mean() / (1 + truth.mean())
+        assert dice < calling_everything_vessel + 0.02, "the untrained network does better than chance"
