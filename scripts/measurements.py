@@ -1,0 +1,537 @@
+"""Clinical measurements from binary fundus masks: cup-to-disc ratios, and vessel density, shape and calibre.
+
+A segmentation mask is not what a glaucoma or cardiovascular study records. These pure functions turn ``(H, W)``
+binary masks (bool, or numbers holding only 0 and 1) into the measurements such studies do record: the optic disc
+and cup measures REFUGE scores (Orlando et al., "REFUGE Challenge: a unified framework for evaluating automated
+methods for glaucoma assessment from fundus photographs", MedIA 59:101570, 2020), and the vessel measures of
+AutoMorph (Zhou et al., "AutoMorph: automated retinal vascular morphology quantification via a deep learning
+pipeline", TVST 11(7):12, 2022). They need no network and no GPU.
+
+Conventions shared by every function:
+
+- lengths and areas are in pixels; the ``*_mm`` and ``*_mm2`` variants are added when the caller gives
+  ``pixel_size_mm`` (the side of one square pixel in millimetres), and :data:`MEASURE_UNITS` names every unit;
+- the content of a mask is never an error: an empty disc, a cup outside its disc, an empty vessel map or FOV give
+  NaN for what they leave undefined, and the record's ``notes`` says why (``""`` when nothing needs saying);
+- :class:`MeasurementError` is raised only for a caller's programming error: an array that is not ``(H, W)``,
+  values other than 0 and 1, masks of different shapes, or a pixel size that is not a positive number.
+
+Skeleton graphs (:func:`vessel_segments`) count neighbours with m-adjacency (Gonzalez and Woods, *Digital Image
+Processing*, "mixed adjacency"): the eight neighbours, except a diagonal one that is also reached through a shared
+4-neighbour. With plain 8-adjacency every corner of a staircase and both pixels beside a T junction would have
+three neighbours and count as junctions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import label
+from skimage.morphology import skeletonize
+
+__all__ = [
+    "MEASURE_UNITS",
+    "MeasurementError",
+    "disc_cup_measurements",
+    "fractal_dimension",
+    "mean_calibre",
+    "tortuosity",
+    "vessel_measurements",
+    "vessel_segments",
+]
+
+MEASURE_UNITS: dict[str, str] = {
+    "vertical_cdr": "ratio",
+    "horizontal_cdr": "ratio",
+    "area_cdr": "ratio",
+    "disc_area_px": "px²",
+    "cup_area_px": "px²",
+    "rim_area_px": "px²",
+    "disc_area_mm2": "mm²",
+    "cup_area_mm2": "mm²",
+    "rim_area_mm2": "mm²",
+    "cup_offset_x": "disc width",
+    "cup_offset_y": "disc height",
+    "vessel_density": "ratio",
+    "skeleton_density": "ratio",
+    "fractal_dimension": "1",
+    "tortuosity_mean": "ratio",
+    "tortuosity_median": "ratio",
+    "calibre_mean_px": "px",
+    "calibre_mean_mm": "mm",
+    "segments": "count",
+    "branch_points": "count",
+    "end_points": "count",
+    "notes": "",
+}
+"""Unit of every key :func:`disc_cup_measurements` and :func:`vessel_measurements` can return, for CSV headers such
+as ``disc_area_px [px²]``. ``cup_offset_x`` and ``cup_offset_y`` are fractions of the disc's width and height."""
+
+# Neighbour offsets (row, col), 4-neighbours first so that a walk along a staircase takes its 4-steps (see
+# _m_adjacency). Bit b of a pixel's neighbour code stands for _OFFSETS[b].
+_OFFSETS = ((-1, 0), (0, 1), (1, 0), (0, -1), (-1, 1), (1, 1), (1, -1), (-1, -1))
+_CODE_BITS = tuple(tuple(bit for bit in range(len(_OFFSETS)) if code >> bit & 1) for code in range(256))
+_CODE_DEGREE = np.array([len(bits) for bits in _CODE_BITS], dtype=np.int8)
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+# Pixels between the vertices of the polyline that measures a segment's arc length (see tortuosity): on lines drawn
+# at every angle the error stays under 0.5%, and on semicircles of radius 10 to 100 px under 0.4%.
+_SAMPLE_STEP = 5
+
+
+class MeasurementError(ValueError):
+    """A measurement was called with arrays or settings it cannot take; the message names the argument."""
+
+
+def _as_mask(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` as an ``(H, W)`` bool mask; anything but a 2-D array of 0 and 1 (or bool) is a caller's error."""
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise MeasurementError(f"{name} must be a 2-D (H, W) mask, got an array of shape {array.shape}")
+    if array.dtype == np.bool_:
+        return array
+    # Thresholding silently (a probability map, a 0/255 PNG) would measure something the caller did not mean.
+    if not np.all((array == 0) | (array == 1)):
+        found = np.unique(array)[:6].tolist()
+        raise MeasurementError(f"{name} must hold only 0 and 1 (or bool), found values {found}")
+    return array.astype(bool)
+
+
+def _same_shape(first: np.ndarray, first_name: str, second: np.ndarray, second_name: str) -> None:
+    """Raise a :class:`MeasurementError` naming both shapes when two masks differ in shape."""
+    if first.shape != second.shape:
+        raise MeasurementError(
+            f"{first_name} and {second_name} must have the same shape, got {first.shape} and {second.shape}"
+        )
+
+
+def _check_pixel_size(pixel_size_mm: float | None) -> float | None:
+    """``pixel_size_mm`` as a float, or None; anything but a finite positive number is a caller's error."""
+    if pixel_size_mm is None:
+        return None
+    number = isinstance(pixel_size_mm, numbers.Real) and not isinstance(pixel_size_mm, bool)
+    if not (number and math.isfinite(pixel_size_mm) and pixel_size_mm > 0):
+        raise MeasurementError(f"pixel_size_mm must be a positive number of millimetres, got {pixel_size_mm!r}")
+    return float(pixel_size_mm)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of ``mask`` (the first of equal ones); an empty mask stays empty."""
+    labels = label(mask, connectivity=2)
+    if labels.max() == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _extent(mask: np.ndarray, axis: int) -> int:
+    """Rows (``axis=0``) or columns (``axis=1``) spanned by a non-empty mask, ends included."""
+    occupied = np.flatnonzero(mask.any(axis=1 - axis))
+    return int(occupied[-1] - occupied[0] + 1)
+
+
+def disc_cup_measurements(
+    disc: np.ndarray, cup: np.ndarray, pixel_size_mm: float | None = None
+) -> dict[str, float | str]:
+    """Cup-to-disc ratios, disc, cup and rim areas, and the cup's offset in its disc.
+
+    Each mask is reduced to its largest 8-connected component first: a stray speck away from the disc would
+    otherwise stretch the extents the ratios divide.
+
+    - ``vertical_cdr``: rows spanned by the cup (``max_row - min_row + 1``) over rows spanned by the disc, the
+      vertical cup-to-disc ratio REFUGE scores (Orlando et al., MedIA 2020);
+    - ``horizontal_cdr``: the same with columns;
+    - ``area_cdr``: area of the cup inside the disc over the disc's area;
+    - ``disc_area_px``, ``cup_area_px``: the components' pixel counts (the cup as segmented, even where it leaves
+      the disc); ``rim_area_px``: the disc's area less that of the cup inside it (the neuroretinal rim);
+    - ``cup_offset_x``, ``cup_offset_y``: the centroid of the cup inside the disc less the disc's centroid, as
+      fractions of the disc's width and height; x grows to the right, y downwards.
+
+    Degenerate content gives defined values and a reason in ``notes``:
+
+    - an empty disc: every ratio and offset is NaN;
+    - an empty cup in a non-empty disc: the ratios are 0 (a disc without a visible cup) and the offsets NaN;
+    - a cup partly outside the disc: measured clipped to the disc;
+    - a cup wholly outside the disc: every ratio and offset is NaN.
+
+    Args:
+        disc: ``(H, W)`` optic disc mask.
+        cup: ``(H, W)`` optic cup mask.
+        pixel_size_mm: side of a pixel in millimetres; when given the areas are also reported in mm².
+
+    Returns:
+        ``{key: value}`` with the keys above, ``disc_area_mm2``, ``cup_area_mm2`` and ``rim_area_mm2`` when
+        ``pixel_size_mm`` is given, and ``notes``: ``""``, or the reasons joined by ``"; "``. Units are in
+        :data:`MEASURE_UNITS`.
+
+    Raises:
+        MeasurementError: a mask is not 2-D or not binary, the masks differ in shape, or ``pixel_size_mm`` is not a
+            positive number.
+    """
+    disc_mask = _as_mask(disc, "disc")
+    cup_mask = _as_mask(cup, "cup")
+    _same_shape(disc_mask, "disc", cup_mask, "cup")
+    pixel_size = _check_pixel_size(pixel_size_mm)
+
+    disc_region = _largest_component(disc_mask)
+    cup_region = _largest_component(cup_mask)
+    inside = cup_region & disc_region
+    disc_area = int(np.count_nonzero(disc_region))
+    cup_area = int(np.count_nonzero(cup_region))
+    inside_area = int(np.count_nonzero(inside))
+
+    record: dict[str, float | str] = {
+        "vertical_cdr": math.nan,
+        "horizontal_cdr": math.nan,
+        "area_cdr": math.nan,
+        "disc_area_px": float(disc_area),
+        "cup_area_px": float(cup_area),
+        "rim_area_px": float(disc_area - inside_area),
+    }
+    if pixel_size is not None:
+        for key in ("disc", "cup", "rim"):
+            record[f"{key}_area_mm2"] = float(record[f"{key}_area_px"]) * pixel_size**2
+    record["cup_offset_x"] = math.nan
+    record["cup_offset_y"] = math.nan
+
+    notes = []
+    if disc_area == 0:
+        notes.append("disc mask is empty" + (" (the cup mask is not)" if cup_area else ""))
+    elif cup_area == 0:
+        notes.append("cup mask is empty: ratios are 0 (a disc without a visible cup), the cup offset is undefined")
+        record.update(vertical_cdr=0.0, horizontal_cdr=0.0, area_cdr=0.0)
+    elif inside_area == 0:
+        notes.append("cup lies wholly outside the disc")
+    else:
+        if inside_area < cup_area:
+            outside = 100.0 * (cup_area - inside_area) / cup_area
+            notes.append(f"cup extends outside the disc ({outside:.1f}% of its pixels); measured inside the disc")
+        disc_height, disc_width = _extent(disc_region, 0), _extent(disc_region, 1)
+        disc_row, disc_col = ndimage.center_of_mass(disc_region)
+        cup_row, cup_col = ndimage.center_of_mass(inside)
+        record.update(
+            vertical_cdr=_extent(inside, 0) / disc_height,
+            horizontal_cdr=_extent(inside, 1) / disc_width,
+            area_cdr=inside_area / disc_area,
+            cup_offset_x=float(cup_col - disc_col) / disc_width,
+            cup_offset_y=float(cup_row - disc_row) / disc_height,
+        )
+    record["notes"] = "; ".join(notes)
+    return record
+
+
+def fractal_dimension(mask: np.ndarray, box_sizes: list[int] | tuple[int, ...] | None = None) -> float:
+    """Box-counting (Minkowski-Bouligand) dimension of a binary mask, as AutoMorph measures vessel maps.
+
+    For each box side ``s`` the mask is padded with background to a multiple of ``s`` and tiled with ``s x s``
+    boxes; ``N(s)`` counts the boxes holding at least one foreground pixel. The dimension is the least-squares
+    slope of ``log N(s)`` against ``log(1 / s)``.
+
+    The fit covers a finite range of scales, so a shape only a few of the largest boxes across measures less than
+    its dimension (a 200 px square in a 256 px mask measures 1.83 with the default sides, a 210 px segment of a
+    line 0.93): compare values measured with the same box sides on masks of similar size, as a study does.
+
+    Args:
+        mask: ``(H, W)`` binary mask.
+        box_sizes: box sides in pixels, at least two distinct positive integers. The default is the powers of two
+            from 2 to a quarter of the mask's smaller side (2 and 4 for a mask smaller than 16 pixels), so that
+            the largest boxes still number at least 16. A self-similar set is measured exactly with its own scale
+            factor, e.g. powers of 3 for the Sierpinski carpet.
+
+    Returns:
+        the dimension (about 1 for a line, 2 for a filled region), or NaN for an empty mask.
+
+    Raises:
+        MeasurementError: ``mask`` is not a 2-D binary array, or ``box_sizes`` has fewer than two distinct
+            positive sides.
+    """
+    binary = _as_mask(mask, "mask")
+    if box_sizes is None:
+        largest = max(4, min(binary.shape) // 4)
+        sizes = [2**power for power in range(1, int(math.log2(largest)) + 1)]
+    else:
+        sizes = sorted({int(size) for size in box_sizes})
+        if len(sizes) < 2 or sizes[0] < 1:
+            raise MeasurementError(f"box_sizes must hold at least two distinct positive sides, got {box_sizes!r}")
+    if not binary.any():
+        return math.nan
+    counts = []
+    for size in sizes:
+        rows, cols = (-extent % size for extent in binary.shape)
+        padded = np.pad(binary, ((0, rows), (0, cols)))
+        boxes = padded.reshape(padded.shape[0] // size, size, padded.shape[1] // size, size).any(axis=(1, 3))
+        counts.append(np.count_nonzero(boxes))
+    slope, _ = np.polyfit(-np.log(sizes), np.log(counts), 1)
+    return float(slope)
+
+
+def _m_adjacency(skeleton: np.ndarray) -> np.ndarray:
+    """Per pixel, a bit code of its m-adjacent skeleton neighbours (bit ``b`` for ``_OFFSETS[b]``); 0 off it.
+
+    A diagonal neighbour counts only when neither 4-neighbour the two pixels share is on the skeleton: otherwise
+    it is also reached through that pixel, and counting it as well would make staircase corners and the pixels
+    beside a T junction look like junctions.
+    """
+    height, width = skeleton.shape
+    padded = np.pad(skeleton, 1)
+
+    def shifted(row: int, col: int) -> np.ndarray:
+        return padded[1 + row : 1 + row + height, 1 + col : 1 + col + width]
+
+    codes = np.zeros(skeleton.shape, dtype=np.uint8)
+    for bit, (row, col) in enumerate(_OFFSETS):
+        present = shifted(row, col)
+        if row and col:
+            present = present & ~shifted(row, 0) & ~shifted(0, col)
+        codes |= present.astype(np.uint8) << bit
+    codes[~skeleton] = 0
+    return codes
+
+
+def _skeleton_graph(skeleton: np.ndarray) -> tuple[list[np.ndarray], int, int]:
+    """Segments, branch points and end points of a one-pixel-wide skeleton; see :func:`vessel_segments`.
+
+    Returns:
+        the segments as ordered ``(N, 2)`` (row, col) arrays, the number of branch points (8-connected clusters
+        of junction pixels, i.e. pixels with more than two m-adjacent neighbours) and of end points (pixels with
+        one).
+    """
+    width = skeleton.shape[1]
+    codes = _m_adjacency(skeleton).ravel()
+    degree = _CODE_DEGREE[codes]
+    on_skeleton = skeleton.ravel()
+    node = on_skeleton & (degree != 2)
+    # A junction is often a cluster of adjacent pixels (a crossing's 2 x 2 block): one branch point.
+    clusters, branch_points = ndimage.label(skeleton & (degree >= 3).reshape(skeleton.shape), _EIGHT_CONNECTED)
+    cluster = clusters.ravel()
+    end_points = int(np.count_nonzero(on_skeleton & (degree == 1)))
+    steps = [row * width + col for row, col in _OFFSETS]
+    visited = np.zeros(on_skeleton.shape, dtype=bool)
+
+    def neighbours(pixel: int) -> list[int]:
+        return [pixel + steps[bit] for bit in _CODE_BITS[codes[pixel]]]
+
+    def walk(start: int, first: int) -> list[int]:
+        """Pixels from ``start`` through ``first`` along degree-2 pixels to the next node, or back to ``start``."""
+        path = [start]
+        previous, current = start, first
+        while not node[current] and current != start:
+            visited[current] = True
+            path.append(current)
+            one, other = neighbours(current)
+            previous, current = current, other if one == previous else one
+        path.append(current)
+        return path
+
+    paths: list[list[int]] = []
+    for start in np.flatnonzero(node):
+        start = int(start)
+        if degree[start] == 0:
+            paths.append([start])  # an isolated pixel: a segment of length 0
+            continue
+        for first in neighbours(start):
+            if node[first]:
+                # Two adjacent nodes make a segment without interior pixels, unless both belong to one branch point.
+                if start < first and not (cluster[start] and cluster[start] == cluster[first]):
+                    paths.append([start, first])
+            elif not visited[first]:
+                path = walk(start, first)
+                # One pixel leading back into the branch point it left is part of that branch point, not a loop.
+                if not (len(path) == 3 and cluster[start] and cluster[start] == cluster[path[-1]]):
+                    paths.append(path)
+    # What no walk from a node reached are closed loops without junctions or ends.
+    for start in np.flatnonzero(on_skeleton & ~node & ~visited):
+        start = int(start)
+        if not visited[start]:
+            visited[start] = True
+            paths.append(walk(start, neighbours(start)[0]))
+    segments = [np.column_stack(np.divmod(np.asarray(path, dtype=np.int64), width)) for path in paths]
+    return segments, int(branch_points), end_points
+
+
+def vessel_segments(skeleton: np.ndarray) -> list[np.ndarray]:
+    """Split a one-pixel-wide skeleton into vessel segments between junctions and end points.
+
+    Neighbours are m-adjacent skeleton pixels (see the module docstring). Junctions have more than two neighbours,
+    end points one; adjacent junction pixels form one branch point. A segment runs from a junction or end point
+    along pixels with two neighbours to the next junction or end point, both included, so segments meeting at a
+    branch point share its pixels. A closed loop without junction or end point is one segment that starts at an
+    arbitrary pixel and repeats it at its end; an isolated pixel is a one-pixel segment.
+
+    Args:
+        skeleton: ``(H, W)`` one-pixel-wide skeleton, e.g. from :func:`skimage.morphology.skeletonize`. A thicker
+            mask is not an error, but its interior pixels become junctions.
+
+    Returns:
+        segments as ordered ``(N, 2)`` int64 arrays of (row, col) pixel coordinates, consecutive pixels adjacent:
+        the sum of their steps (1 or sqrt 2) is the pixel path's length (:func:`tortuosity` measures a polyline
+        through every few pixels instead).
+
+    Raises:
+        MeasurementError: ``skeleton`` is not a 2-D binary array.
+    """
+    return _skeleton_graph(_as_mask(skeleton, "skeleton"))[0]
+
+
+def _arc_length(segment: np.ndarray, sample_step: int) -> float:
+    """Length of the polyline through every ``sample_step``-th pixel of ``segment`` and its last one."""
+    samples = np.unique(np.append(np.arange(0, len(segment), sample_step), len(segment) - 1))
+    return float(np.linalg.norm(np.diff(segment[samples].astype(np.float64), axis=0), axis=1).sum())
+
+
+def tortuosity(segment: np.ndarray, sample_step: int = _SAMPLE_STEP) -> float:
+    """Distance tortuosity of a vessel segment: its arc length over its chord length.
+
+    The distance metric of AutoMorph and of Grisan et al. ("A novel method for the automatic grading of retinal
+    vessel tortuosity", IEEE TMI 27(3), 2008): 1 for a straight segment, pi / 2 for a semicircle. The chord joins
+    the first and last pixels. The arc is the polyline through every ``sample_step``-th pixel: summing the
+    pixel-to-pixel steps (1 or sqrt 2) instead overestimates a line's length by up to 8% depending on its
+    direction (by 8.2% at 22.5 degrees, 5.5% on average), which would make straight vessels look tortuous.
+
+    Args:
+        segment: ordered ``(N, 2)`` pixel coordinates of a segment, as :func:`vessel_segments` returns.
+        sample_step: pixels between the polyline's vertices; 1 sums the pixel steps.
+
+    Returns:
+        the tortuosity, at least 1; NaN when the chord is 0 (a closed loop, a single pixel).
+
+    Raises:
+        MeasurementError: ``segment`` is not an ``(N, 2)`` array, or ``sample_step`` is not a positive integer.
+    """
+    points = np.asarray(segment)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise MeasurementError(f"segment must be an (N, 2) array of (row, col) points, got shape {points.shape}")
+    if int(sample_step) != sample_step or sample_step < 1:
+        raise MeasurementError(f"sample_step must be a positive integer, got {sample_step!r}")
+    if len(points) < 2:
+        return math.nan
+    chord = float(np.linalg.norm(points[-1].astype(np.float64) - points[0]))
+    if chord == 0.0:
+        return math.nan
+    return _arc_length(points, int(sample_step)) / chord
+
+
+def mean_calibre(vessels: np.ndarray, skeleton: np.ndarray) -> float:
+    """Mean vessel width in pixels, from the distance transform sampled along the skeleton.
+
+    At a skeleton pixel, :func:`scipy.ndimage.distance_transform_edt` of the vessel mask is the distance to the
+    nearest background pixel centre: ``(w + 1) / 2`` at the centre of a bar ``w`` pixels wide (``w`` odd), so the
+    width there is ``2 * EDT - 1``, not the ``2 * EDT`` of a continuous medial-axis radius. An even width ``w``
+    measures ``w - 1``, since its skeleton lies half a pixel off the centre line the grid cannot represent.
+
+    Args:
+        vessels: ``(H, W)`` vessel mask; give the whole image's so that an FOV border does not narrow vessels.
+        skeleton: ``(H, W)`` skeleton of the vessels (possibly restricted to a region); pixels off the vessels
+            are ignored.
+
+    Returns:
+        the mean width over the skeleton's pixels, or NaN when no skeleton pixel lies on the vessels.
+
+    Raises:
+        MeasurementError: a mask is not 2-D or not binary, or the two differ in shape.
+    """
+    vessel_mask = _as_mask(vessels, "vessels")
+    skeleton_mask = _as_mask(skeleton, "skeleton")
+    _same_shape(vessel_mask, "vessels", skeleton_mask, "skeleton")
+    samples = skeleton_mask & vessel_mask
+    if not samples.any():
+        return math.nan
+    distance = ndimage.distance_transform_edt(vessel_mask)
+    return float(np.mean(2.0 * distance[samples] - 1.0))
+
+
+def vessel_measurements(
+    vessels: np.ndarray,
+    fov: np.ndarray | None = None,
+    pixel_size_mm: float | None = None,
+    min_length_px: float = 10.0,
+) -> dict[str, float | str]:
+    """AutoMorph's vessel measures of a vessel mask, inside the field of view.
+
+    The vessel mask is cut to the FOV (the whole image when ``fov`` is None). The skeleton is that of the whole
+    mask, kept inside the FOV, and widths come from the whole mask's distance transform: skeletonising the cut
+    mask would add spurious branches where the FOV border cuts a vessel, and the border would narrow it.
+
+    - ``vessel_density``: vessel pixels over FOV pixels, AutoMorph's vessel area density;
+    - ``skeleton_density``: skeleton pixels over FOV pixels;
+    - ``fractal_dimension``: :func:`fractal_dimension` of the cut vessel mask;
+    - ``tortuosity_mean``: :func:`tortuosity` averaged over the segments, each weighted by its arc length;
+      ``tortuosity_median``: their plain median. Segments shorter than ``min_length_px`` are left out: a few
+      pixels' chord is too coarse for a ratio;
+    - ``calibre_mean_px``: :func:`mean_calibre` along the skeleton, and ``calibre_mean_mm`` with ``pixel_size_mm``;
+    - ``segments``, ``branch_points``, ``end_points``: counts of :func:`vessel_segments`' graph (as floats, so
+      that an undefined count can be NaN).
+
+    An empty vessel mask in the FOV gives densities and counts of 0 and NaN for the rest; an empty FOV gives NaN
+    for everything; ``notes`` says so.
+
+    Args:
+        vessels: ``(H, W)`` vessel mask.
+        fov: ``(H, W)`` field-of-view mask, or None for the whole image.
+        pixel_size_mm: side of a pixel in millimetres; when given the calibre is also reported in mm.
+        min_length_px: shortest arc length, in pixels, of a segment that counts towards the tortuosity.
+
+    Returns:
+        ``{key: value}`` with the keys above and ``notes``: ``""``, or the reasons joined by ``"; "``. Units are in
+        :data:`MEASURE_UNITS`.
+
+    Raises:
+        MeasurementError: a mask is not 2-D or not binary, ``fov`` and ``vessels`` differ in shape, or
+            ``pixel_size_mm`` is not a positive number.
+    """
+    vessel_mask = _as_mask(vessels, "vessels")
+    if fov is None:
+        region = np.ones(vessel_mask.shape, dtype=bool)
+    else:
+        region = _as_mask(fov, "fov")
+        _same_shape(vessel_mask, "vessels", region, "fov")
+    pixel_size = _check_pixel_size(pixel_size_mm)
+
+    keys = ["vessel_density", "skeleton_density", "fractal_dimension", "tortuosity_mean", "tortuosity_median"]
+    keys += ["calibre_mean_px"] + (["calibre_mean_mm"] if pixel_size is not None else [])
+    keys += ["segments", "branch_points", "end_points"]
+    record: dict[str, float | str] = dict.fromkeys(keys, math.nan)
+    region_area = int(np.count_nonzero(region))
+    if region_area == 0:
+        record["notes"] = "FOV mask is empty"
+        return record
+
+    cut = vessel_mask & region
+    skeleton = skeletonize(vessel_mask) & region
+    record["vessel_density"] = float(np.count_nonzero(cut)) / region_area
+    record["skeleton_density"] = float(np.count_nonzero(skeleton)) / region_area
+    notes = []
+    if not cut.any():
+        notes.append("vessel mask is empty inside the FOV")
+        record.update(segments=0.0, branch_points=0.0, end_points=0.0)
+        record["notes"] = "; ".join(notes)
+        return record
+
+    record["fractal_dimension"] = fractal_dimension(cut)
+    segments, branch_points, end_points = _skeleton_graph(skeleton)
+    record.update(segments=float(len(segments)), branch_points=float(branch_points), end_points=float(end_points))
+    lengths, values = [], []
+    for segment in segments:
+        length = _arc_length(segment, _SAMPLE_STEP) if len(segment) > 1 else 0.0
+        value = tortuosity(segment)
+        if length >= min_length_px and math.isfinite(value):
+            lengths.append(length)
+            values.append(value)
+    if values:
+        record["tortuosity_mean"] = float(np.average(values, weights=lengths))
+        record["tortuosity_median"] = float(np.median(values))
+    else:
+        notes.append(f"no open vessel segment is at least {min_length_px:g} px long: tortuosity is undefined")
+    calibre = mean_calibre(vessel_mask, skeleton)
+    if math.isnan(calibre):
+        notes.append("the vessel skeleton lies outside the FOV: calibre is undefined")
+    record["calibre_mean_px"] = calibre
+    if pixel_size is not None:
+        record["calibre_mean_mm"] = calibre * pixel_size
+    record["notes"] = "; ".join(notes)
+    return record

@@ -1,0 +1,449 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.draw import circle_perimeter, disk, ellipse, line
+from skimage.measure import regionprops
+from skimage.morphology import skeletonize
+
+from scripts.measurements import (
+    MEASURE_UNITS,
+    MeasurementError,
+    disc_cup_measurements,
+    fractal_dimension,
+    mean_calibre,
+    tortuosity,
+    vessel_measurements,
+    vessel_segments,
+)
+
+SIERPINSKI = math.log(8) / math.log(3)
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[disk(centre, radius, shape=shape)] = True
+    return mask
+
+
+def _polyline(shape: tuple[int, int], *points: tuple[int, int]) -> np.ndarray:
+    """One-pixel-wide lines from ``points[0]`` to each of the other points."""
+    mask = np.zeros(shape, dtype=bool)
+    for end in points[1:]:
+        mask[line(*points[0], *end)] = True
+    return mask
+
+
+def _semicircle(radius: int) -> np.ndarray:
+    """The upper half of a Bresenham circle: an 8-connected arc of ``radius`` pixels around (radius + 2, radius + 2)."""
+    size = 2 * radius + 5
+    rows, cols = circle_perimeter(radius + 2, radius + 2, radius, shape=(size, size))
+    mask = np.zeros((size, size), dtype=bool)
+    upper = rows <= radius + 2
+    mask[rows[upper], cols[upper]] = True
+    return mask
+
+
+def _carpet(level: int) -> np.ndarray:
+    """Sierpinski carpet of side ``3**level``: each step keeps 8 of the 9 sub-squares."""
+    carpet = np.ones((1, 1), dtype=bool)
+    for _ in range(level):
+        hole = np.zeros_like(carpet)
+        carpet = np.block([[carpet, carpet, carpet], [carpet, hole, carpet], [carpet, carpet, carpet]])
+    return carpet
+
+
+def _only_segment(mask: np.ndarray) -> np.ndarray:
+    segments = vessel_segments(mask)
+    assert len(segments) == 1
+    return segments[0]
+
+
+def _extent(mask: np.ndarray, axis: int) -> int:
+    """Rows (0) or columns (1) spanned, computed from the pixel coordinates rather than as the module does."""
+    coordinates = np.nonzero(mask)[axis]
+    return int(coordinates.max() - coordinates.min() + 1)
+
+
+# --- tortuosity ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", [(5, 150), (150, 5), (150, 150)], ids=["horizontal", "vertical", "diagonal"])
+def test_straight_axis_aligned_and_diagonal_lines_have_tortuosity_exactly_1(end: tuple[int, int]) -> None:
+    segment = _only_segment(_polyline((160, 160), (5, 5), end))
+    assert len(segment) == 146
+    assert tortuosity(segment) == pytest.approx(1.0, abs=1e-9)
+    # Reversing the walk changes nothing.
+    assert tortuosity(segment[::-1]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_line_at_22_5_degrees_is_straight_unlike_its_pixel_step_length() -> None:
+    # 22.5 degrees is where a sum of 1 and sqrt 2 steps is longest: (cos + (sqrt 2 - 1) sin) = 1.082 times the line.
+    end = (10 + round(200 * math.sin(math.pi / 8)), 10 + round(200 * math.cos(math.pi / 8)))
+    segment = _only_segment(_polyline((100, 230), (10, 10), end))
+    assert tortuosity(segment) == pytest.approx(1.0, abs=0.01)  # measured 1.0010
+    assert tortuosity(segment, sample_step=1) > 1.07  # measured 1.082
+
+
+def test_semicircle_has_tortuosity_pi_over_2() -> None:
+    # Measured 1.5740 (+0.2%). The polyline's vertices are pixel centres, each up to half a pixel off the true
+    # circle; over 5-pixel pieces that changes the length by well under 1%, while the sum of 1 and sqrt 2 steps this
+    # guards against is 5% long (1.654 measured with sample_step=1).
+    segment = _only_segment(_semicircle(100))
+    assert np.array_equal(segment[0] - segment[-1], [0, 200]) or np.array_equal(segment[-1] - segment[0], [0, 200])
+    assert tortuosity(segment) == pytest.approx(math.pi / 2, rel=0.01)
+    assert tortuosity(segment, sample_step=1) > math.pi / 2 * 1.04
+
+
+def test_tortuosity_is_nan_without_a_chord_and_rejects_a_bad_segment() -> None:
+    assert math.isnan(tortuosity(np.array([[3, 4]])))
+    assert math.isnan(tortuosity(np.array([[3, 4], [3, 5], [4, 5], [4, 4], [3, 4]])))  # a closed loop
+    with pytest.raises(MeasurementError, match=r"segment .*\(3,\)"):
+        tortuosity(np.array([1, 2, 3]))
+
+
+# --- fractal dimension --------------------------------------------------------------------------------------------
+
+
+def test_fractal_dimension_of_a_filled_square_is_2() -> None:
+    assert fractal_dimension(np.ones((256, 256), dtype=bool)) == pytest.approx(2.0, abs=1e-9)
+    # A side that is no power of two is padded so that boxes tile it: ceil(300 / s)**2 boxes, whose slope is 1.957.
+    sizes = np.array([2, 4, 8, 16, 32, 64])
+    expected = np.polyfit(np.log(1 / sizes), np.log(np.ceil(300 / sizes) ** 2), 1)[0]
+    assert fractal_dimension(np.ones((300, 300), dtype=np.uint8)) == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(2.0, abs=0.05)
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["horizontal", "diagonal"])
+def test_fractal_dimension_of_a_line_is_1(diagonal: bool) -> None:
+    mask = np.eye(256, dtype=bool) if diagonal else np.zeros((256, 256), dtype=bool)
+    mask[100, :] |= not diagonal
+    assert fractal_dimension(mask) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_fractal_dimension_of_the_sierpinski_carpet() -> None:
+    carpet = _carpet(6)  # 729 x 729
+    # With boxes of its own scale factor the carpet's counts are exactly 8**k: the slope is log 8 / log 3.
+    assert fractal_dimension(carpet, box_sizes=[3, 9, 27, 81]) == pytest.approx(SIERPINSKI, abs=1e-9)
+    # With the default powers of two the boxes straddle the holes: measured 1.869.
+    assert fractal_dimension(carpet) == pytest.approx(SIERPINSKI, abs=0.05)
+
+
+def test_fractal_dimension_of_an_empty_mask_is_nan() -> None:
+    assert math.isnan(fractal_dimension(np.zeros((64, 64), dtype=bool)))
+    with pytest.raises(MeasurementError, match="box_sizes"):
+        fractal_dimension(np.ones((64, 64), dtype=bool), box_sizes=[4])
+
+
+# --- skeleton graph -----------------------------------------------------------------------------------------------
+
+
+def _graph(skeleton: np.ndarray) -> tuple[float, float, float]:
+    record = vessel_measurements(skeleton)
+    return record["segments"], record["branch_points"], record["end_points"]
+
+
+def _covers(segments: list[np.ndarray], skeleton: np.ndarray) -> bool:
+    """Every skeleton pixel is in some segment, no segment pixel is off the skeleton, steps are 8-adjacent."""
+    covered = np.zeros_like(skeleton)
+    for segment in segments:
+        covered[segment[:, 0], segment[:, 1]] = True
+        if len(segment) > 1 and np.abs(np.diff(segment, axis=0)).max() > 1:
+            return False
+    return bool(np.array_equal(covered, skeleton))
+
+
+@pytest.mark.parametrize(
+    "arms",
+    [((20, 50), (80, 20), (80, 80)), ((20, 50), (80, 10), (70, 95)), ((50, 10), (50, 90), (90, 50))],
+    ids=["symmetric-Y", "skewed-Y", "T"],
+)
+def test_a_y_shaped_skeleton_has_one_branch_point_three_end_points_three_segments(
+    arms: tuple[tuple[int, int], ...],
+) -> None:
+    skeleton = _polyline((100, 100), (50, 50), *arms)
+    segments = vessel_segments(skeleton)
+    assert len(segments) == 3
+    assert _covers(segments, skeleton)
+    # All three start or end at the junction pixel (50, 50), and every arm ends at its drawn end.
+    assert all((50, 50) in {tuple(segment[0]), tuple(segment[-1])} for segment in segments)
+    assert {tuple(segment[0]) for segment in segments} | {tuple(segment[-1]) for segment in segments} == {
+        (50, 50),
+        *arms,
+    }
+    assert _graph(skeleton) == (3, 1, 3)
+
+
+def test_skeleton_of_a_thick_y_has_one_branch_point() -> None:
+    vessels = ndimage.binary_dilation(_polyline((200, 200), (100, 100), (20, 100), (180, 30), (180, 170)), iterations=4)
+    assert _graph(vessels) == (3, 1, 3)  # vessel_measurements skeletonises the mask itself
+
+
+def test_a_staircase_is_one_segment_without_junctions() -> None:
+    # A 4-connected staircase: with plain 8-adjacency each pixel would have 3 neighbours and count as a junction.
+    skeleton = np.zeros((50, 50), dtype=bool)
+    for step in range(40):
+        skeleton[step, step : step + 2] = True
+    segments = vessel_segments(skeleton)
+    assert len(segments) == 1 and len(segments[0]) == 80
+    assert _covers(segments, skeleton)
+
+
+@pytest.mark.parametrize("ring", ["bresenham", "skeletonised"])
+def test_a_closed_ring_is_one_segment_without_branch_or_end_points(ring: str) -> None:
+    if ring == "bresenham":
+        skeleton = np.zeros((100, 100), dtype=bool)
+        skeleton[circle_perimeter(50, 50, 30)] = True
+    else:
+        skeleton = skeletonize(_disc((100, 100), (50, 50), 35) & ~_disc((100, 100), (50, 50), 25))
+    segments = vessel_segments(skeleton)
+    assert len(segments) == 1
+    assert np.array_equal(segments[0][0], segments[0][-1])  # the loop closes on its start
+    assert len(segments[0]) == np.count_nonzero(skeleton) + 1
+    assert _covers(segments, skeleton)
+    assert _graph(skeleton) == (1, 0, 0)
+
+
+def test_a_crossing_is_one_branch_point_with_four_segments() -> None:
+    skeleton = _polyline((100, 100), (50, 50), (50, 10), (50, 90), (10, 50), (90, 50))
+    assert len(vessel_segments(skeleton)) == 4
+    assert _graph(skeleton) == (4, 1, 4)
+
+
+# --- calibre ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [5, 9])
+def test_a_bar_of_odd_width_has_that_calibre(width: int) -> None:
+    vessels = np.zeros((40, 120), dtype=bool)
+    vessels[20 - width // 2 : 20 + width // 2 + 1, :] = True
+    centre_line = np.zeros_like(vessels)
+    centre_line[20, :] = True
+    # The EDT is (w + 1) / 2 on the centre line: 2 * EDT alone would measure w + 1.
+    assert ndimage.distance_transform_edt(vessels)[20, 60] == (width + 1) / 2
+    assert mean_calibre(vessels, centre_line) == width
+    assert mean_calibre(vessels.T, centre_line.T) == width
+
+
+@pytest.mark.parametrize("width", [5, 9])
+def test_vessel_measurements_of_a_bar(width: int) -> None:
+    vessels = np.zeros((40, 120), dtype=bool)
+    vessels[20 - width // 2 : 20 + width // 2 + 1, :] = True
+    record = vessel_measurements(vessels, pixel_size_mm=0.02)
+    # skeletonize ends a bar with two pixels one row off its centre line, where the bar is narrower: measured
+    # 4.966 and 8.965 for widths 5 and 9, so the skeleton's mean width is within 0.05 of the bar's.
+    assert record["calibre_mean_px"] == pytest.approx(width, abs=0.05)
+    assert record["calibre_mean_mm"] == pytest.approx(record["calibre_mean_px"] * 0.02, rel=1e-12)
+    assert record["tortuosity_mean"] == pytest.approx(1.0, abs=0.01)
+    assert (record["segments"], record["branch_points"], record["end_points"]) == (1, 0, 2)
+
+
+def test_a_bar_of_even_width_measures_one_pixel_less() -> None:
+    vessels = np.zeros((40, 120), dtype=bool)
+    vessels[18:24, :] = True  # 6 px: the centre line falls between rows 20 and 21
+    centre_line = np.zeros_like(vessels)
+    centre_line[20, :] = True
+    assert mean_calibre(vessels, centre_line) == 5.0
+
+
+def test_calibre_without_skeleton_on_the_vessels_is_nan() -> None:
+    vessels = np.zeros((20, 20), dtype=bool)
+    assert math.isnan(mean_calibre(vessels, vessels))
+
+
+# --- vessel measurements ------------------------------------------------------------------------------------------
+
+
+def test_vessel_density_is_the_area_ratio_inside_the_fov() -> None:
+    fov = np.zeros((128, 128), dtype=bool)
+    fov[10:110, 20:120] = True  # 100 x 100
+    vessels = np.zeros_like(fov)
+    vessels[30:50, 40:90] = True  # 20 x 50, inside the FOV
+    vessels[0:10, :] = True  # outside the FOV: not counted
+    record = vessel_measurements(vessels, fov)
+    assert record["vessel_density"] == pytest.approx(1000 / 10000, abs=1e-12)
+    inside_skeleton = skeletonize(vessels) & fov
+    assert record["skeleton_density"] == pytest.approx(np.count_nonzero(inside_skeleton) / 10000, abs=1e-12)
+    assert record["notes"] == ""
+    assert "calibre_mean_mm" not in record
+
+
+def test_vessel_measurements_of_a_semicircle() -> None:
+    vessels = _semicircle(100)
+    record = vessel_measurements(vessels)
+    assert record["tortuosity_mean"] == pytest.approx(math.pi / 2, rel=0.01)
+    assert record["tortuosity_median"] == pytest.approx(record["tortuosity_mean"], abs=1e-12)  # a single segment
+    assert record["vessel_density"] == pytest.approx(np.count_nonzero(vessels) / vessels.size, abs=1e-12)
+
+
+def test_short_segments_do_not_count_towards_tortuosity() -> None:
+    vessels = _polyline((60, 60), (30, 5), (30, 55))
+    vessels[5, 5:10] = True  # a straight 5 px piece
+    vessels[10, 20:25] = True
+    vessels[11:14, 24] = True  # and an L-shaped 8 px piece that would raise the mean
+    record = vessel_measurements(vessels, min_length_px=10)
+    assert record["segments"] == 3
+    assert record["tortuosity_mean"] == pytest.approx(1.0, abs=1e-9)
+    assert vessel_measurements(vessels, min_length_px=1)["tortuosity_mean"] > 1.0
+    assert math.isnan(vessel_measurements(vessels, min_length_px=100)["tortuosity_mean"])
+
+
+def test_empty_vessels_give_zero_densities_and_nan_shape_measures() -> None:
+    fov = _disc((64, 64), (32, 32), 30)
+    vessels = np.zeros((64, 64), dtype=bool)
+    vessels[0:3, 0:3] = True  # only outside the FOV
+    for mask in (np.zeros((64, 64), dtype=bool), vessels):
+        record = vessel_measurements(mask, fov, pixel_size_mm=0.01)
+        assert record["vessel_density"] == 0.0 and record["skeleton_density"] == 0.0
+        assert (record["segments"], record["branch_points"], record["end_points"]) == (0, 0, 0)
+        for key in ("fractal_dimension", "tortuosity_mean", "tortuosity_median", "calibre_mean_px", "calibre_mean_mm"):
+            assert math.isnan(record[key]), key
+        assert "vessel mask is empty" in record["notes"]
+
+
+def test_an_empty_fov_gives_nan_everywhere() -> None:
+    vessels = np.zeros((32, 32), dtype=bool)
+    vessels[10, :] = True
+    record = vessel_measurements(vessels, np.zeros((32, 32), dtype=bool))
+    assert all(math.isnan(value) for key, value in record.items() if key != "notes")
+    assert "FOV" in record["notes"]
+
+
+# --- disc and cup -------------------------------------------------------------------------------------------------
+
+SHAPE = (200, 220)
+CENTRE = (100, 110)
+DISC_RADIUS = 60
+
+
+def test_centred_cup_of_half_the_radius_has_cdr_one_half() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    record = disc_cup_measurements(disc, cup, pixel_size_mm=0.01)
+    # A digital disc of radius r spans 2r +- 1 pixels: one pixel of the 120-pixel disc diameter is 0.0083.
+    assert record["vertical_cdr"] == pytest.approx(0.5, abs=0.01)
+    assert record["horizontal_cdr"] == pytest.approx(0.5, abs=0.01)
+    assert record["vertical_cdr"] == _extent(cup, 0) / _extent(disc, 0)
+    # Digitising pi r^2 errs by about the perimeter's pixels: under 1% of the disc here, so 0.25 +- 0.01.
+    assert record["area_cdr"] == pytest.approx(0.25, abs=0.01)
+    (disc_props,), (cup_props,) = regionprops(disc.astype(np.uint8)), regionprops(cup.astype(np.uint8))
+    assert record["disc_area_px"] == disc_props.area
+    assert record["cup_area_px"] == cup_props.area
+    assert record["disc_area_px"] == pytest.approx(math.pi * DISC_RADIUS**2, rel=0.01)
+    assert record["rim_area_px"] == disc_props.area - cup_props.area
+    for key in ("disc", "cup", "rim"):
+        assert record[f"{key}_area_mm2"] == pytest.approx(record[f"{key}_area_px"] * 0.01**2, rel=1e-12)
+    assert record["cup_offset_x"] == pytest.approx(0.0, abs=1e-12)
+    assert record["cup_offset_y"] == pytest.approx(0.0, abs=1e-12)
+    assert record["notes"] == ""
+
+
+def test_vertical_and_horizontal_ratios_use_rows_and_columns() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = np.zeros(SHAPE, dtype=bool)
+    cup[ellipse(*CENTRE, 40, 20, shape=SHAPE)] = True  # tall and narrow
+    record = disc_cup_measurements(disc, cup)
+    assert record["vertical_cdr"] == _extent(cup, 0) / _extent(disc, 0)
+    assert record["horizontal_cdr"] == _extent(cup, 1) / _extent(disc, 1)
+    assert record["vertical_cdr"] > 1.8 * record["horizontal_cdr"]
+
+
+def test_cup_offset_is_right_and_down_in_fractions_of_the_disc() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, (CENTRE[0] + 12, CENTRE[1] - 20), 20)
+    record = disc_cup_measurements(disc, cup)
+    assert record["cup_offset_x"] == pytest.approx(-20 / _extent(disc, 1), abs=1e-12)
+    assert record["cup_offset_y"] == pytest.approx(12 / _extent(disc, 0), abs=1e-12)
+
+
+def test_only_the_largest_component_of_each_mask_is_measured() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    clean = disc_cup_measurements(disc, cup)
+    disc[5, 5] = cup[195, 215] = cup[100, 60] = True  # specks, one of them inside the disc
+    assert disc_cup_measurements(disc, cup) == clean
+
+
+def test_empty_disc_gives_nan_ratios_with_a_reason() -> None:
+    empty = np.zeros(SHAPE, dtype=bool)
+    cup = _disc(SHAPE, CENTRE, 20)
+    for cup_mask in (empty, cup):  # an empty pair, and a cup without a disc
+        record = disc_cup_measurements(empty, cup_mask)
+        for key in ("vertical_cdr", "horizontal_cdr", "area_cdr", "cup_offset_x", "cup_offset_y"):
+            assert math.isnan(record[key]), key
+        assert record["disc_area_px"] == 0
+        assert "disc mask is empty" in record["notes"]
+
+
+def test_empty_cup_in_a_disc_gives_zero_ratios_with_a_reason() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    record = disc_cup_measurements(disc, np.zeros(SHAPE, dtype=bool))
+    assert (record["vertical_cdr"], record["horizontal_cdr"], record["area_cdr"]) == (0.0, 0.0, 0.0)
+    assert record["rim_area_px"] == np.count_nonzero(disc)
+    assert math.isnan(record["cup_offset_x"])
+    assert "cup mask is empty" in record["notes"]
+
+
+def test_cup_partly_outside_the_disc_is_clipped_with_a_reason() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, (CENTRE[0], CENTRE[1] + DISC_RADIUS), 20)  # centred on the disc's right edge
+    inside = cup & disc
+    record = disc_cup_measurements(disc, cup)
+    assert record["horizontal_cdr"] == _extent(inside, 1) / _extent(disc, 1)
+    assert record["vertical_cdr"] == _extent(inside, 0) / _extent(disc, 0)
+    assert record["area_cdr"] == np.count_nonzero(inside) / np.count_nonzero(disc)
+    assert record["rim_area_px"] == np.count_nonzero(disc) - np.count_nonzero(inside)
+    outside = 100 * (1 - np.count_nonzero(inside) / np.count_nonzero(cup))
+    assert f"cup extends outside the disc ({outside:.1f}% of its pixels)" in record["notes"]
+
+
+def test_cup_wholly_outside_the_disc_gives_nan_ratios_with_a_reason() -> None:
+    disc = _disc(SHAPE, (100, 60), 40)
+    cup = _disc(SHAPE, (100, 170), 20)
+    record = disc_cup_measurements(disc, cup)
+    for key in ("vertical_cdr", "horizontal_cdr", "area_cdr", "cup_offset_x", "cup_offset_y"):
+        assert math.isnan(record[key]), key
+    assert "outside the disc" in record["notes"]
+
+
+# --- units and errors ---------------------------------------------------------------------------------------------
+
+
+def test_measure_units_name_every_returned_key() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    keys = set(disc_cup_measurements(disc, disc, pixel_size_mm=0.01)) | set(vessel_measurements(disc, None, 0.01))
+    assert keys == set(MEASURE_UNITS)
+    assert MEASURE_UNITS["notes"] == ""
+    assert MEASURE_UNITS["disc_area_px"] == "px²" and MEASURE_UNITS["calibre_mean_mm"] == "mm"
+
+
+def test_masks_of_different_shapes_raise_naming_both_shapes() -> None:
+    with pytest.raises(MeasurementError, match=r"disc and cup .*\(10, 10\) and \(10, 12\)"):
+        disc_cup_measurements(np.zeros((10, 10)), np.zeros((10, 12)))
+    with pytest.raises(MeasurementError, match=r"vessels and fov .*\(10, 10\) and \(12, 10\)"):
+        vessel_measurements(np.zeros((10, 10)), np.zeros((12, 10)))
+    with pytest.raises(MeasurementError, match=r"vessels and skeleton .*\(10, 10\) and \(5, 5\)"):
+        mean_calibre(np.zeros((10, 10)), np.zeros((5, 5)))
+
+
+def test_arrays_that_are_not_binary_2d_masks_raise() -> None:
+    with pytest.raises(MeasurementError, match=r"disc must be a 2-D \(H, W\) mask, .*\(1, 10, 10\)"):
+        disc_cup_measurements(np.zeros((1, 10, 10)), np.zeros((10, 10)))
+    with pytest.raises(MeasurementError, match=r"vessels must be a 2-D .*\(3, 8, 8\)"):
+        vessel_measurements(np.zeros((3, 8, 8)))
+    with pytest.raises(MeasurementError, match=r"skeleton must be a 2-D"):
+        vessel_segments(np.zeros(10))
+    with pytest.raises(MeasurementError, match=r"fov must hold only 0 and 1 .*255"):
+        vessel_measurements(np.zeros((8, 8)), np.full((8, 8), 255))
+
+
+@pytest.mark.parametrize("pixel_size_mm", [0.0, -0.01, math.nan, math.inf, "0.01"])
+def test_a_pixel_size_that_is_not_positive_raises(pixel_size_mm: object) -> None:
+    disc = _disc((32, 32), (16, 16), 10)
+    with pytest.raises(MeasurementError, match="pixel_size_mm must be a positive number"):
+        disc_cup_measurements(disc, disc, pixel_size_mm=pixel_size_mm)  # type: ignore[arg-type]
+    with pytest.raises(MeasurementError, match="pixel_size_mm"):
+        vessel_measurements(disc, pixel_size_mm=pixel_size_mm)  # type: ignore[arg-type]
