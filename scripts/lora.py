@@ -21,6 +21,7 @@ __all__ = [
     "lora_modules",
     "lora_state_dict",
     "merge_lora",
+    "remove_lora",
     "unmerge_lora",
 ]
 
@@ -213,3 +214,18 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take every adapter of ``model`` out of its base weight."""
     for _, layer in lora_modules(model):
         layer.unmerge()
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Replace every LoRA layer of ``model`` by a plain ``nn.Linear`` sharing its base weight and bias.
+
+    The adapters are dropped (a merged adapter is taken out of the weight first), so the model computes its base
+    function again; :func:`inject_lora` can then add new adapters, e.g. of another rank.
+    """
+    for name, layer in list(lora_modules(model)):
+        layer.unmerge()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight, linear.bias = layer.weight, layer.bias
+        linear.train(layer.training)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, linear)

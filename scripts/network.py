@@ -1,24 +1,39 @@
-"""SAM 2 adapted to fundus segmentation with low-rank adapters (SAM2LoRA, arXiv 2510.10288)."""
+"""SAM 2 adapted to fundus segmentation with low-rank adapters (SAM2LoRA, arXiv 2510.10288), and the choice of head.
+
+:func:`build_network` is what the bundle configs build: ``architecture="sam"`` is :class:`SAM2LoRA` (SAM 2's own
+prompt encoder and mask decoder, the paper's), ``"unet"`` is :class:`scripts.unet.SAM2UNet` (MONAI's U-Net decoder
+on the same adapted Hiera encoder, prompt-free, full resolution).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from scripts.lora import inject_lora, lora_modules, lora_state_dict, merge_lora, unmerge_lora
-from scripts.sam2_models import CheckpointError, build_sam2_base, load_meta_checkpoint, resolve_hiera_size
+from scripts.adapters import AdaptedNetwork, check_finetune
+from scripts.errors import ConfigError
+from scripts.lora import inject_lora
+from scripts.sam2_models import (
+    build_sam2_base,
+    check_initial_weights,
+    load_meta_checkpoint,
+    recompute_in_backward,
+    resolve_hiera_size,
+)
+from scripts.unet import SAM2UNet
 
-__all__ = ["DEFAULT_LORA_TARGETS", "ImageEmbeddings", "SAM2LoRA", "SegmentationOutput"]
+__all__ = ["ARCHITECTURES", "DEFAULT_LORA_TARGETS", "ImageEmbeddings", "SAM2LoRA", "SegmentationOutput", "build_network"]
 
 logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("sam", "unet")
 
 # The paper's placement: the fused q/k/v projection of every Hiera block, and every linear layer of the
 # attention modules (self-attention, both cross-attentions, final token-to-image attention) of the mask
@@ -28,9 +43,6 @@ DEFAULT_LORA_TARGETS = (
     "sam_mask_decoder.transformer.layers.*.*.*_proj",
     "sam_mask_decoder.transformer.final_attn_token_to_image.*_proj",
 )
-
-ADAPTER_FORMAT = "sam2lora-adapters/1"
-
 
 class SegmentationOutput(NamedTuple):
     """Mask logits (B, C, H, W) at the input's size and SAM's predicted IoU per channel (B, C)."""
@@ -53,117 +65,109 @@ class ImageEmbeddings(NamedTuple):
     input_size: tuple[int, int]
 
 
-class SAM2LoRA(nn.Module):
+class SAM2LoRA(AdaptedNetwork, nn.Module):
     """SAM 2 (Hiera image encoder, prompt encoder and mask decoder from the sam2 package) with LoRA adapters.
 
-    Only the adapters train; every SAM 2 weight is frozen. ``forward`` returns a plain logits tensor, as MONAI
-    inferers and ignite engines expect; the IoU predictions of the last forward pass stay available as
-    :attr:`latest_iou_predictions` for the loss's IoU term (see :class:`scripts.losses.CompositeLoss`). With no prompts the network segments automatically
-    (SAM 2's own prompt-free input: a single padding point); points and boxes may be given per image.
-    Output channel ``i`` is read from SAM's mask token ``i`` (token 0 is SAM's single-mask output), so ``C`` is
-    at most 4: ``C = 1`` for vessels or optic disc, ``C = 2`` for optic disc and cup as two sigmoid channels.
+    With ``finetune="lora"`` (the paper's) only the adapters train and every SAM 2 weight is frozen;
+    ``"lora+decoder"`` trains the whole mask decoder too, ``"full"`` every weight (without adapters). ``forward``
+    returns a plain logits tensor, as MONAI inferers and ignite engines expect; the IoU predictions of the last
+    forward pass stay available as :attr:`latest_iou_predictions` for the loss's IoU term (see
+    :class:`scripts.losses.CompositeLoss`). With no prompts the network segments automatically (SAM 2's own
+    prompt-free input: a single padding point); points and boxes may be given per image. Output channel ``i`` is read
+    from SAM's mask token ``i`` (token 0 is SAM's single-mask output), so there are at most 4 channels: one for vessels
+    or optic disc, two for optic disc and cup as two sigmoid channels.
 
     Args:
         model_size: Hiera size: ``tiny``, ``small``, ``base_plus`` or ``large``.
-        out_channels: number of sigmoid output channels, 1 to 4.
+        out_channels: number of sigmoid output channels, 1 to 4 (``len(channel_names)`` when names are given).
         checkpoint: Meta's SAM 2 checkpoint for ``model_size`` (e.g. ``sam2.1_hiera_tiny.pt``).
         random_init: start SAM 2 from random weights instead of a checkpoint. Must be asked for explicitly
             and is logged as a warning: without pretrained weights, results are far below the paper's.
+        weights_follow: a trained model's full state dict is loaded right after building (inference, export): no
+            base checkpoint is read and the random placeholders are not warned about.
         image_size: side of the square image the encoder sees; inputs of any size are resized to it.
         sam2_version: ``"2.1"`` or ``"2"``, the config family of the sam2 package.
         lora_rank: rank of every adapter.
         lora_alpha: scale numerator of every adapter; default ``2 * lora_rank`` as in the paper.
         lora_dropout: dropout on the adapters' inputs.
         lora_targets: ``fnmatch`` patterns on SAM2Base's module names selecting the linear layers to adapt.
-        adapter_checkpoint: an adapter file written by :meth:`save_adapters` to load on top of the base weights.
+        finetune: ``"lora"``, ``"lora+decoder"`` or ``"full"``.
+        channel_names: one name per output channel, recorded with the weights (default ``channel_0``...).
+        adapter_checkpoint: a file written by :meth:`save_adapters` to load on top of the base weights.
         channels_last: keep convolution weights and encoder inputs in the channels-last memory format, which
             tensor-core convolutions (CUDA, bf16/fp16) run without layout conversions. Outputs are unchanged.
         activation_checkpointing: recompute each Hiera block's activations in the backward pass instead of
             storing them: less training memory for about one more encoder forward pass per step. Only acts
             while gradients are recorded; inference is unaffected.
+        recorded: workflow settings saved with the weights and required to match on loading (e.g. the input mode).
 
     Raises:
         CheckpointError: a checkpoint is missing, unreadable or does not fit.
-        ValueError: contradictory or invalid settings.
+        ConfigError: contradictory or invalid settings.
     """
 
     def __init__(
         self,
         model_size: str = "large",
-        out_channels: int = 1,
+        out_channels: int | None = None,
         checkpoint: str | Path | None = None,
         random_init: bool = False,
+        weights_follow: bool = False,
         image_size: int = 1024,
         sam2_version: str = "2.1",
         lora_rank: int = 32,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.1,
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        finetune: str = "lora",
+        channel_names: Sequence[str] | None = None,
         adapter_checkpoint: str | Path | None = None,
         channels_last: bool = False,
         activation_checkpointing: bool = False,
+        recorded: dict | None = None,
     ) -> None:
         super().__init__()
         size = resolve_hiera_size(model_size)
-        if not 1 <= out_channels <= 4:
-            raise ValueError(f"out_channels must be between 1 and 4 (SAM 2 has 4 mask tokens), got {out_channels}.")
-        if checkpoint is not None and random_init:
-            raise ValueError("Give either a SAM 2 checkpoint or random_init=True, not both.")
-        if checkpoint is None and not random_init:
-            raise CheckpointError(
-                f"No SAM 2 base checkpoint given for Hiera-{size.name}. Download Meta's weights "
-                f"({size.checkpoint_url}, or `python -m monai.bundle download_large_files` in the bundle) and pass "
-                "its path as `checkpoint`, or set random_init=True to train from scratch."
+        check_finetune(finetune)
+        names = _channel_names(out_channels, channel_names)
+        if not 1 <= len(names) <= 4:
+            raise ConfigError(
+                f"out_channels must be between 1 and 4 (SAM 2 has 4 mask tokens), got {len(names)} ({names})."
             )
-        self.model_size = size.name
-        self.sam2_version = sam2_version
+        check_initial_weights(size.name, checkpoint, random_init, weights_follow)
         self.image_size = image_size
-        self.out_channels = out_channels
-        self.lora_rank = lora_rank
-        self.lora_alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
-        self.lora_dropout = lora_dropout
-        self.lora_targets = tuple(lora_targets)
+        self.out_channels = len(names)
         self.channels_last = channels_last
-        self.activation_checkpointing = activation_checkpointing
+        targets = () if finetune == "full" else tuple(lora_targets)
+        alpha = float(2 * lora_rank if lora_alpha is None else lora_alpha)
 
         self.sam2 = build_sam2_base(size.name, sam2_version, image_size)
         if checkpoint is not None:
             load_meta_checkpoint(self.sam2, checkpoint, size.name)
-        else:
-            logger.warning(
-                "SAM 2 Hiera-%s starts from RANDOM weights (random_init=True): no pretrained checkpoint is loaded. Trained "
-                "from here, results stay far below the paper's; for inference, a trained model.pt must be loaded next.",
-                size.name,
-            )
-        self.sam2.requires_grad_(False)
         self.latest_iou_predictions: torch.Tensor | None = None
-        self.adapted_layers = inject_lora(self.sam2, self.lora_targets, lora_rank, self.lora_alpha, lora_dropout)
-        if adapter_checkpoint is not None:
-            self.load_adapters(adapter_checkpoint)
+        self.adapted_layers = inject_lora(self.sam2, targets, lora_rank, alpha, lora_dropout) if targets else []
         if channels_last:
             # Loading a state dict later copies into these tensors and keeps their layout.
             self.sam2.to(memory_format=torch.channels_last)
         if activation_checkpointing:
             for block in self.sam2.image_encoder.trunk.blocks:
-                # An instance attribute, so the state dict keys stay Meta's (a wrapper module would rename them).
-                block.forward = partial(_recompute_in_backward, block.forward)
-        trainable, total = self.count_parameters()
-        logger.info(
-            "SAM2LoRA Hiera-%s, %d px, %d adapted layers (rank %d, alpha %g): %d trainable of %d parameters (%.2f%%).",
-            size.name,
-            image_size,
-            len(self.adapted_layers),
-            lora_rank,
-            self.lora_alpha,
-            trainable,
-            total,
-            100.0 * trainable / total,
-        )
-
-    def count_parameters(self) -> tuple[int, int]:
-        """The numbers of trainable and of all parameters."""
-        parameters = list(self.parameters())
-        return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+                block.forward = partial(recompute_in_backward, block.forward)
+        self.settings = {
+            "architecture": "sam",
+            "model_size": size.name,
+            "sam2_version": sam2_version,
+            "image_size": image_size,
+            "channel_names": names,
+            "lora_rank": lora_rank,
+            "lora_alpha": alpha,
+            "lora_dropout": lora_dropout,
+            "lora_targets": list(targets),
+            "finetune": finetune,
+            "recorded": dict(recorded or {}),
+        }
+        self._configure_training(finetune, base="sam2", decoder=self.sam2.sam_mask_decoder, random_init=random_init)
+        if adapter_checkpoint is not None:
+            self.load_adapters(adapter_checkpoint)
 
     def forward(
         self,
@@ -305,78 +309,28 @@ class SAM2LoRA(nn.Module):
         scale = torch.tensor([self.image_size / width, self.image_size / height], device=device)
         return torch.cat(coords, dim=1).to(device) * scale, torch.cat(labels, dim=1).to(device, torch.int32)
 
-    def merge_adapters(self) -> None:
-        """Fold every adapter into its base weight: inference then costs what SAM 2 costs."""
-        merge_lora(self.sam2)
 
-    def unmerge_adapters(self) -> None:
-        """Undo :meth:`merge_adapters`, e.g. to go on training."""
-        unmerge_lora(self.sam2)
-
-    def adapter_config(self) -> dict:
-        """The settings an adapter file must match to be loaded into this network."""
-        return {
-            "model_size": self.model_size,
-            "sam2_version": self.sam2_version,
-            "out_channels": self.out_channels,
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_targets": list(self.lora_targets),
-        }
-
-    def save_adapters(self, path: str | Path) -> Path:
-        """Write the adapters alone (a small file to use on top of Meta's base checkpoint), atomically.
-
-        Args:
-            path: the file to write.
-
-        Returns:
-            The written path.
-        """
-        path = Path(path)
-        if any(layer.merged for _, layer in lora_modules(self.sam2)):
-            raise RuntimeError("Adapters are merged into the base weights; call unmerge_adapters() before saving them.")
-        payload = {"format": ADAPTER_FORMAT, "config": self.adapter_config(), "state_dict": lora_state_dict(self.sam2)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        torch.save(payload, partial)
-        partial.replace(path)
-        return path
-
-    def load_adapters(self, path: str | Path) -> None:
-        """Load an adapter file written by :meth:`save_adapters`.
-
-        Raises:
-            CheckpointError: the file is missing, unreadable, not an adapter file, or made for other settings.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"Adapter checkpoint {path} does not exist.")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # damaged files raise many different errors inside torch.load
-            raise CheckpointError(f"Adapter checkpoint {path} cannot be read ({type(error).__name__}: {error}).") from None
-        if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-            raise CheckpointError(f"{path} is not a SAM2LoRA adapter file (format {ADAPTER_FORMAT}).")
-        ours = self.adapter_config()
-        differences = {key: (value, ours.get(key)) for key, value in payload["config"].items() if ours.get(key) != value}
-        if differences:
-            detail = ", ".join(f"{key}: file {theirs!r} vs network {mine!r}" for key, (theirs, mine) in differences.items())
-            raise CheckpointError(f"Adapter checkpoint {path} was made for other settings ({detail}).")
-        tensors = payload["state_dict"]
-        expected = set(lora_state_dict(self.sam2))
-        if set(tensors) != expected:
-            raise CheckpointError(
-                f"Adapter checkpoint {path} holds {len(tensors)} adapter tensors where the network has {len(expected)}; "
-                f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
-            )
-        self.unmerge_adapters()
-        self.sam2.load_state_dict(tensors, strict=False)
-        logger.info("Loaded %d adapter tensors from %s.", len(payload["state_dict"]), path)
+def _channel_names(out_channels: int | None, channel_names: Sequence[str] | None) -> list[str]:
+    if channel_names is None:
+        return [f"channel_{index}" for index in range(1 if out_channels is None else out_channels)]
+    if out_channels is not None and out_channels != len(channel_names):
+        raise ConfigError(f"out_channels {out_channels} disagrees with the {len(channel_names)} channel_names {list(channel_names)}.")
+    return list(channel_names)
 
 
-def _recompute_in_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Call ``forward`` keeping only its input for the backward pass, which runs it again (activation checkpointing)."""
-    if not torch.is_grad_enabled():
-        return forward(x)
-    return checkpoint(forward, x, use_reentrant=False)
+def build_network(architecture: str = "sam", **settings: Any) -> SAM2LoRA | SAM2UNet:
+    """The bundle's network with the chosen head.
+
+    Args:
+        architecture: ``"sam"`` (:class:`SAM2LoRA`) or ``"unet"`` (:class:`scripts.unet.SAM2UNet`).
+        settings: the network's arguments (both take the same ones, but for ``lora_targets``, which name modules of
+            their own, and ``out_channels``, which only ``"sam"`` takes besides ``channel_names``).
+
+    Raises:
+        ConfigError: an unknown architecture.
+    """
+    if architecture == "sam":
+        return SAM2LoRA(**settings)
+    if architecture == "unet":
+        return SAM2UNet(**settings)
+    raise ConfigError(f"Setting 'architecture' must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}.")

@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import sam2  # noqa: F401  (importing the package registers its configs with hydra)
 import torch
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-import sam2  # noqa: F401  (importing the package registers its configs with hydra)
+from scripts.errors import ConfigError, FundusError
 
 __all__ = [
     "CHECKPOINT_URL",
     "HIERA_SIZES",
     "CheckpointError",
     "HieraSize",
+    "build_hiera_trunk",
     "build_sam2_base",
+    "check_initial_weights",
     "checkpoint_hiera_size",
     "load_meta_checkpoint",
-    "parameters_on_meta_device",
+    "recompute_in_backward",
     "resolve_hiera_size",
 ]
 
@@ -35,6 +38,8 @@ CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.
 # Parameters of the state dict that the prompt-free and prompted single-image path reads; anything else in
 # Meta's checkpoints (memory attention, memory encoder, object pointers) serves video tracking only.
 SEGMENTATION_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+# Keys of the adapters, which Meta's checkpoints do not have.
+LORA_KEYS = (".lora_A", ".lora_B", ".lora_merged")
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ HIERA_SIZES: dict[str, HieraSize] = {
 _ALIASES = {"t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "b": "base_plus", "l": "large"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FundusError, RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the network; the message names the file."""
 
 
@@ -93,31 +98,8 @@ def resolve_hiera_size(model_size: str) -> HieraSize:
     return HIERA_SIZES[key]
 
 
-@contextmanager
-def parameters_on_meta_device() -> Iterator[None]:
-    """Create every new module parameter on the meta device: shapes and counts without the memory.
-
-    ``with torch.device("meta")`` cannot build Hiera, whose constructor reads tensor values (``.item()``),
-    so parameters are moved to the meta device as they are registered instead.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def build_sam2_base(model_size: str = "tiny", sam2_version: str = "2.1", image_size: int = 1024) -> nn.Module:
     """Build a randomly initialised ``SAM2Base`` from the sam2 package's own model config.
-
-    Inside :func:`parameters_on_meta_device` it builds without allocating parameter memory.
 
     Args:
         model_size: Hiera size, see :func:`resolve_hiera_size`.
@@ -130,10 +112,65 @@ def build_sam2_base(model_size: str = "tiny", sam2_version: str = "2.1", image_s
     """
     size = resolve_hiera_size(model_size)
     if image_size < 64 or image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}.")
+        raise ConfigError(f"Setting 'image_size' must be a multiple of 32 and at least 64, got {image_size}.")
     cfg = compose(config_name=size.config_name(sam2_version), overrides=[f"++model.image_size={image_size}"])
     OmegaConf.resolve(cfg)
     return instantiate(cfg.model, _recursive_=True)
+
+
+def build_hiera_trunk(model_size: str = "tiny", sam2_version: str = "2.1") -> nn.Module:
+    """Build a randomly initialised Hiera trunk (SAM 2's image encoder without its FPN neck) from the sam2 config.
+
+    Args:
+        model_size: Hiera size, see :func:`resolve_hiera_size`.
+        sam2_version: ``"2.1"`` (default) or ``"2"``.
+
+    Returns:
+        The Hiera module: images (B, 3, H, W), H and W multiples of 32, to four feature maps of strides 4 to 32.
+    """
+    size = resolve_hiera_size(model_size)
+    cfg = compose(config_name=size.config_name(sam2_version))
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model.image_encoder.trunk, _recursive_=True)
+
+
+def check_initial_weights(
+    model_size: str, checkpoint: str | Path | None, random_init: bool, weights_follow: bool
+) -> None:
+    """Where a network's starting weights come from must be said, and said once: Meta's checkpoint, random weights
+    on purpose (logged as a warning), or a trained model loaded right after building.
+
+    Raises:
+        CheckpointError: none of the three was given (the message says how to get Meta's weights).
+        ConfigError: more than one was.
+    """
+    size = resolve_hiera_size(model_size)
+    sources = {"checkpoint": checkpoint is not None, "random_init": random_init, "weights_follow": weights_follow}
+    given = [name for name, value in sources.items() if value]
+    if len(given) > 1:
+        raise ConfigError(f"Give one of a SAM 2 checkpoint, random_init=True or weights_follow=True, not {given}.")
+    if not given:
+        raise CheckpointError(
+            f"No SAM 2 base checkpoint given for Hiera-{size.name}. Download Meta's weights ({size.checkpoint_url}, "
+            "or `python -m monai.bundle download_large_files` in the bundle) and pass its path as `checkpoint`, or "
+            "set random_init=True to train from scratch."
+        )
+    if random_init:
+        logger.warning(
+            "SAM 2 Hiera-%s starts from RANDOM weights (random_init=True): no pretrained checkpoint is loaded, and "
+            "results stay far below what Meta's weights give.",
+            size.name,
+        )
+
+
+def recompute_in_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Call ``forward`` keeping only its input for the backward pass, which runs it again (activation checkpointing).
+
+    Set as a Hiera block's ``forward`` instance attribute, so that the state dict keys stay Meta's.
+    """
+    if not torch.is_grad_enabled():
+        return forward(x)
+    return checkpoint(forward, x, use_reentrant=False)
 
 
 def checkpoint_hiera_size(state_dict: dict[str, torch.Tensor]) -> HieraSize | None:
@@ -170,16 +207,20 @@ def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor
     return payload["model"]
 
 
-def load_meta_checkpoint(model: nn.Module, path: str | Path, model_size: str) -> tuple[list[str], list[str]]:
+def load_meta_checkpoint(
+    model: nn.Module, path: str | Path, model_size: str, prefix: str = ""
+) -> tuple[list[str], list[str]]:
     """Load one of Meta's SAM 2 checkpoints (``{"model": state_dict}``) into ``model`` with ``weights_only=True``.
 
     Missing and unexpected keys are logged. A key missing from the single-image segmentation path (image
     encoder, prompt encoder, mask decoder) is an error, since it would leave those weights random.
 
     Args:
-        model: a SAM2Base built for ``model_size``.
+        model: a SAM2Base built for ``model_size``, or one of its parts (e.g. the Hiera trunk).
         path: the checkpoint file, e.g. ``sam2.1_hiera_tiny.pt``.
         model_size: the Hiera size the model was built with.
+        prefix: the part's prefix in SAM2Base's keys (``"image_encoder.trunk."``); only those keys are loaded, and
+            every parameter of the part must be among them.
 
     Returns:
         The missing and unexpected keys.
@@ -199,7 +240,9 @@ def load_meta_checkpoint(model: nn.Module, path: str | Path, model_size: str) ->
             f"({expected.embed_dim} channels, {expected.num_blocks} blocks): set model_size='{found.name}' "
             f"or use sam2.1_hiera_{expected.name}.pt."
         )
-    own = model.state_dict()
+    if prefix:
+        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    own = {key: value for key, value in model.state_dict().items() if not key.endswith(LORA_KEYS)}
     mismatched = [
         f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(own[key].shape)}"
         for key, value in state_dict.items()
@@ -211,7 +254,9 @@ def load_meta_checkpoint(model: nn.Module, path: str | Path, model_size: str) ->
             f"differ in shape, e.g. {'; '.join(mismatched[:3])}."
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    needed = [key for key in missing if key.startswith(SEGMENTATION_PREFIXES)]
+    missing = [key for key in missing if not key.endswith(LORA_KEYS)]
+    # A part (the trunk) needs all its weights; the whole SAM2Base needs those of single-image segmentation.
+    needed = [key for key in missing if prefix or key.startswith(SEGMENTATION_PREFIXES)]
     if needed:
         raise CheckpointError(
             f"SAM 2 checkpoint {path} lacks {len(needed)} weights of the segmentation network, e.g. {needed[:5]}."

@@ -1,0 +1,279 @@
+"""What the bundle's two networks share: fine-tuning modes, the record of their settings, merging adapters, and the
+small files that carry only what fine-tuning changed.
+
+The networks (:class:`scripts.network.SAM2LoRA`, SAM 2's own mask decoder; :class:`scripts.unet.SAM2UNet`, MONAI's
+U-Net decoder on the Hiera encoder) derive from :class:`AdaptedNetwork`. Their settings travel inside every saved
+state dict (``_extra_state``, PyTorch's hook for module state that is not a tensor), so a ``model.pt`` says what it
+is: loading it into a network built with other settings fails in one line naming both values, and inference,
+evaluation, export and MONAI Label build the network from what the file records (:func:`read_model_settings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scripts.atomic import save_torch_atomic
+from scripts.errors import ConfigError, FundusError
+from scripts.lora import lora_modules, merge_lora, unmerge_lora
+
+__all__ = [
+    "ADAPTER_FORMAT",
+    "FINETUNE_MODES",
+    "MODEL_FORMAT",
+    "AdaptedNetwork",
+    "ModelFileError",
+    "check_finetune",
+    "read_model_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_MODES = ("lora", "lora+decoder", "full")
+"""``lora``: the adapters train (and modules that have no pretrained weights); ``lora+decoder``: the whole decoder
+too; ``full``: every weight, without adapters."""
+
+MODEL_FORMAT = "sam2lora-model/1"
+ADAPTER_FORMAT = "sam2lora-adapters/2"
+
+# Settings that decide what trained weights mean; a model file must agree on each of them with the network it is
+# loaded into. Others (LoRA dropout, speed switches, the fine-tuning mode of a further run) may differ.
+DEFINING_SETTINGS = (
+    "architecture",
+    "model_size",
+    "sam2_version",
+    "image_size",
+    "channel_names",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+)
+
+
+class ModelFileError(FundusError, ValueError):
+    """A model or adapter file cannot be used: missing, unreadable, not ours, or made with other settings."""
+
+
+def _plain(value: Any) -> Any:
+    """Settings as plain values (tuples as lists, floats that are whole as floats), comparable after a save."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _differences(recorded: Mapping[str, Any], own: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    return [
+        f"{key}: trained with {recorded.get(key)!r}, this run sets {own.get(key)!r}"
+        for key in keys
+        if _plain(recorded.get(key)) != _plain(own.get(key))
+    ]
+
+
+def read_model_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings a trained model file records (``model.pt`` or an adapter file), read without building a network.
+
+    Args:
+        path: a ``model.pt`` written by the bundle (a state dict, or a dict whose ``"model"`` entry is one) or an
+            adapter file of :meth:`AdaptedNetwork.save_adapters`.
+
+    Returns:
+        The recorded settings: ``architecture``, ``model_size``, ``sam2_version``, ``image_size``, ``channel_names``,
+        ``lora_rank``, ``lora_alpha``, ``lora_targets``, ``finetune`` and what the training workflow added.
+
+    Raises:
+        ModelFileError: the file is missing, unreadable (or unsafe: only tensors and plain values are read), or
+            records no settings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(
+            f"Trained model {path} does not exist. Train one first (python -m monai.bundle run training ...) or point "
+            "--ckpt_path at one."
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged or unsafe files raise many kinds of errors inside torch.load
+        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {error}).") from None
+    if isinstance(content, dict) and content.get("format") == ADAPTER_FORMAT:
+        state = content.get("settings")
+    else:
+        if isinstance(content, dict) and isinstance(content.get("model"), dict):
+            content = content["model"]
+        state = content.get("_extra_state") if isinstance(content, dict) else None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise ModelFileError(
+            f"Trained model {path} records no network settings: it is not a model of this bundle, or was written "
+            "by a version before 0.2.0 (train it again)."
+        )
+    return {key: value for key, value in state.items() if key != "format"}
+
+
+class AdaptedNetwork:
+    """Mixin of the bundle's networks: a frozen pretrained base with LoRA adapters, and modules of their own.
+
+    A subclass builds its modules, injects its adapters, loads Meta's weights, then calls
+    :meth:`_configure_training` once. ``settings`` is the record saved with the weights.
+    """
+
+    settings: dict[str, Any]
+
+    def _configure_training(
+        self,
+        finetune: str,
+        base: str,
+        decoder: nn.Module,
+        new_modules: Sequence[nn.Module] = (),
+        random_init: bool = False,
+    ) -> None:
+        """Choose what trains, and remember which weights are Meta's untouched ones.
+
+        Args:
+            finetune: one of :data:`FINETUNE_MODES`.
+            base: the attribute path of the module holding Meta's weights (``"sam2"``, ``"encoder.trunk"``).
+            decoder: the module ``lora+decoder`` trains whole.
+            new_modules: modules without pretrained weights, which train in every mode.
+            random_init: the base starts from random weights (``lora`` then adapts noise: warned about).
+        """
+        network: nn.Module = self  # type: ignore[assignment]
+        network.requires_grad_(finetune == "full")
+        for module in new_modules:
+            module.requires_grad_(True)
+        if finetune != "full":
+            for _, layer in lora_modules(network):
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
+        if finetune == "lora+decoder":
+            decoder.requires_grad_(True)
+        if random_init and finetune == "lora":
+            logger.warning(
+                "finetune='lora' on a randomly initialised SAM 2 adapts random weights: the adapters have almost "
+                "nothing to adapt and the model barely learns. Without Meta's checkpoint choose finetune='full' (or "
+                "'lora+decoder', with architecture='unet')."
+            )
+        trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+        prefix = f"{base}."
+        self._base_keys = frozenset(
+            key
+            for key in network.state_dict()
+            if key.startswith(prefix) and key not in trainable and not key.endswith((".lora_A", ".lora_B", ".lora_merged"))
+        )
+        trained, total = self.count_parameters()
+        logger.info(
+            "%s Hiera-%s, %d px, finetune=%s: %d trainable of %d parameters (%.2f%%).",
+            type(self).__name__,
+            self.settings["model_size"],
+            self.settings["image_size"],
+            finetune,
+            trained,
+            total,
+            100.0 * trained / total,
+        )
+
+    def count_parameters(self) -> tuple[int, int]:
+        """The numbers of trainable and of all parameters."""
+        parameters = list(self.parameters())  # type: ignore[attr-defined]
+        return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+    def merge_adapters(self) -> None:
+        """Fold every adapter into its base weight: inference then costs what the network without adapters costs."""
+        merge_lora(self)  # type: ignore[arg-type]
+
+    def unmerge_adapters(self) -> None:
+        """Undo :meth:`merge_adapters`, e.g. to go on training."""
+        unmerge_lora(self)  # type: ignore[arg-type]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The settings record saved with the weights (``_extra_state`` of the state dict)."""
+        return {"format": MODEL_FORMAT, **_plain(self.settings)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check, on loading a state dict, that it was trained with this network's defining settings.
+
+        Raises:
+            ModelFileError: the record is not ours, or differs from this network's settings.
+        """
+        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+            raise ModelFileError("The trained model's weights carry no record of this bundle's network settings.")
+        keys = [*DEFINING_SETTINGS, *self.settings.get("recorded", {})]
+        recorded = {**state, **state.get("recorded", {})}
+        own = {**self.settings, **self.settings.get("recorded", {})}
+        differences = _differences(recorded, own, keys)
+        if differences:
+            raise ModelFileError(
+                f"The trained model does not fit this run's settings ({'; '.join(differences)}): leave these settings "
+                "unset to take the model's, or point --ckpt_path at a model trained with them."
+            )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything fine-tuning changed or added: the state without Meta's untouched base weights."""
+        state = self.state_dict()  # type: ignore[attr-defined]
+        return {key: value for key, value in state.items() if key not in self._base_keys and key != "_extra_state"}
+
+    def save_adapters(self, path: str | os.PathLike) -> Path:
+        """Write what fine-tuning changed (a small file to use on top of Meta's base checkpoint), atomically.
+
+        Args:
+            path: the file to write.
+
+        Returns:
+            The written path.
+
+        Raises:
+            ModelFileError: the adapters are merged, or the network was fine-tuned in full (every weight changed:
+                save the whole model instead).
+        """
+        if any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+            raise ModelFileError("Adapters are merged into the base weights; unmerge_adapters() before saving them.")
+        if self.settings["finetune"] == "full":
+            raise ModelFileError("A network fine-tuned in full has no adapter file: every weight changed.")
+        payload = {"format": ADAPTER_FORMAT, "settings": self.get_extra_state(), "state_dict": self.adapter_state_dict()}
+        save_torch_atomic(payload, path)
+        return Path(path)
+
+    def load_adapters(self, path: str | os.PathLike) -> None:
+        """Load a file written by :meth:`save_adapters` on top of the base weights.
+
+        Raises:
+            ModelFileError: the file is missing, unreadable, not an adapter file, or made for other settings.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"Adapter checkpoint {path} does not exist.")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # damaged files raise many different errors inside torch.load
+            raise ModelFileError(f"Adapter checkpoint {path} cannot be read ({type(error).__name__}: {error}).") from None
+        if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+            raise ModelFileError(f"{path} is not an adapter file of this bundle (format {ADAPTER_FORMAT}).")
+        differences = _differences(payload["settings"], self.settings, DEFINING_SETTINGS)
+        if differences:
+            raise ModelFileError(f"Adapter checkpoint {path} was made for other settings ({'; '.join(differences)}).")
+        tensors = payload["state_dict"]
+        expected = set(self.adapter_state_dict())
+        if set(tensors) != expected:
+            raise ModelFileError(
+                f"Adapter checkpoint {path} holds {len(tensors)} tensors where the network expects {len(expected)}; "
+                f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
+            )
+        self.unmerge_adapters()
+        self.load_state_dict(tensors, strict=False)  # type: ignore[attr-defined]
+        logger.info("Loaded %d fine-tuned tensors from %s.", len(tensors), path)
+
+
+def check_finetune(finetune: str) -> str:
+    """``finetune`` if it is one of :data:`FINETUNE_MODES`.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if finetune not in FINETUNE_MODES:
+        raise ConfigError(f"Setting 'finetune' must be one of {', '.join(FINETUNE_MODES)}; got {finetune!r}.")
+    return finetune
