@@ -17,7 +17,7 @@ Why not MONAI Label's stock ``monaibundle`` sample app (measured with MONAI Labe
 
 This app reuses MONAI Label's bundle tasks and changes only those points. Bundles are read from
 ``<app>/model/<name>`` (default name ``sam2lora_fundus``, ``--conf models a,b`` for several): an extracted archive
-of ``python -m scripts.export --weights full`` (or ``merged``), which carries its own ``scripts`` package.
+of ``python -m tools.export --weights full`` (or ``merged``), which carries its own ``scripts`` package.
 
 Results: ``POST /infer/<model>?image=<id>`` returns a PNG label of the image's width and height, values
 0 = background and ``c + 1`` for channel ``c`` (vessels: 1; disc/cup: 1 = disc rim, 2 = cup), whatever the
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sam2lora_fundus"
 # The network settings a served model was trained with; the archive's inference.json holds their trained values
-# (scripts.export writes them there), the archive's train.json only the bundle's defaults.
+# (tools.export writes them there), the archive's train.json only the bundle's defaults.
 NETWORK_SETTINGS = ("channel_names", "model_size", "image_size", "lora_rank", "lora_alpha", "lora_dropout")
 # Transforms of the bundle's postprocessing that write files of their own (the bundle's prediction writer, by
 # class name because its class lives in the bundle's `scripts` package, which MONAI Label reloads per bundle).
@@ -77,14 +77,14 @@ def served_network_settings(bundle: Path) -> dict[str, Any]:
     """The network settings in a served bundle's ``configs/inference.json`` (the trained model's).
 
     Raises:
-        MONAILabelException: the config lacks one of them (not a bundle written by ``scripts.export``).
+        MONAILabelException: the config lacks one of them (not a bundle written by ``tools.export``).
     """
     config = read_json(bundle / "configs" / "inference.json")
     missing = [key for key in NETWORK_SETTINGS if key not in config]
     if missing:
         raise MONAILabelException(
             MONAILabelError.APP_INIT_ERROR,
-            f"{bundle}/configs/inference.json does not set {missing}; serve an archive of `python -m scripts.export`.",
+            f"{bundle}/configs/inference.json does not set {missing}; serve an archive of `python -m tools.export`.",
         )
     return {key: config[key] for key in NETWORK_SETTINGS}
 
@@ -257,13 +257,13 @@ class FundusApp(MONAILabelApp):
                 raise MONAILabelException(
                     MONAILabelError.APP_INIT_ERROR,
                     f"Bundle '{name}' not found: {folder} holds no configs/inference.json. Extract an archive of "
-                    "`python -m scripts.export --weights full` there (monailabel_app/serve.sh --bundle does it).",
+                    "`python -m tools.export --weights full` there (monailabel_app/serve.sh --bundle does it).",
                 )
             if not (folder / "models" / "model.pt").is_file():
                 raise MONAILabelException(
                     MONAILabelError.APP_INIT_ERROR,
                     f"Bundle '{name}' has no models/model.pt (an adapters-only archive?). MONAI Label loads full "
-                    "weights: export with `python -m scripts.export --weights full` (or merged).",
+                    "weights: export with `python -m tools.export --weights full` (or merged).",
                 )
         super().__init__(
             app_dir=app_dir,

@@ -5,7 +5,7 @@
 #                                [--host 127.0.0.1] [-- extra start_server options, e.g. --conf skip_trainers true]
 #
 # --studies  the datastore: fundus images (png, jpg, jpeg, tif, tiff); labels go to FOLDER/labels/final.
-# --bundle   an archive (or extracted folder) of `python -m scripts.export --weights full`, installed once into
+# --bundle   an archive (or extracted folder) of `python -m tools.export --weights full`, installed once into
 #            APP/model/sam2lora_fundus. Omit it to serve what is installed there (training replaces its
 #            models/model.pt, so re-installing would throw the fine-tuned model away: refused if present).
 # --app      the app folder (default: this folder). Another folder gets a copy of this folder's main.py.
@@ -56,11 +56,11 @@ if [ -n "$bundle" ]; then
         [ -f "$bundle/configs/inference.json" ] || die "$bundle is not a bundle folder (no configs/inference.json)"
         cp -r "$bundle" "$target"
     elif [ -f "$bundle" ]; then
-        # The archive holds one folder, sam2lora_fundus/ (scripts.export); extract beside it, then move in place.
+        # The archive holds one folder, sam2lora_fundus/ (tools.export); extract beside it, then move in place.
         staging="$(mktemp -d "$app/model/.extract.XXXXXX")"
         unzip='import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])'
         "$python" -c "$unzip" "$bundle" "$staging" 2>/dev/null \
-            || { rm -rf "$staging"; die "$bundle cannot be extracted (not a zip archive of scripts.export?)"; }
+            || { rm -rf "$staging"; die "$bundle cannot be extracted (not a zip archive of tools.export?)"; }
         [ -f "$staging/$name/configs/inference.json" ] \
             || { rm -rf "$staging"; die "$bundle holds no $name/configs/inference.json (not an export archive?)"; }
         mv "$staging/$name" "$target"
@@ -70,7 +70,7 @@ if [ -n "$bundle" ]; then
     fi
 fi
 [ -f "$target/configs/inference.json" ] \
-    || die "no bundle in $target: pass --bundle ARCHIVE.zip (python -m scripts.export --weights full)"
+    || die "no bundle in $target: pass --bundle ARCHIVE.zip (python -m tools.export --weights full)"
 # Fundus images come as JPEG, PNG or TIFF (MONAI Label's default list lacks .jpeg and .tiff).
 export MONAI_LABEL_DATASTORE_FILE_EXT='["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.PNG","*.JPG","*.JPEG","*.TIF"]'
 cd "$app"

@@ -1,11 +1,11 @@
-"""Custom components of the SAM2-LoRA fundus bundle, referenced from the bundle configs as ``scripts.<module>.<Name>``."""
+"""Custom components of the SAM2-LoRA fundus bundle, referenced from the bundle configs as ``scripts.<module>.<Name>``.
+
+What the bundle runs, and only that: the exported archive ships this package. Offline tools (dataset preparation,
+baseline, benchmark, archive and deployable exports) live in ``tools``.
+"""
 
 import importlib
 from types import ModuleType
-
-from scripts.errors import install_error_hook
-
-install_error_hook()
 
 
 def __getattr__(name: str) -> ModuleType:

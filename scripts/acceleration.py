@@ -1,19 +1,16 @@
 """Speed switches of the bundle that MONAI's engines do not offer themselves.
 
 MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator`` already take ``amp``/``amp_kwargs`` (autocast dtype)
-and ``compile``/``compile_kwargs`` (``torch.compile``); channels-last and activation checkpointing are
-:class:`scripts.network.SAM2LoRA` arguments. This module adds TF32 matrix products and an ignite handler that
-folds the LoRA adapters into the base weights for the length of an inference or evaluation run.
+and ``compile``/``compile_kwargs`` (``torch.compile``); channels-last and activation checkpointing are network
+arguments, and :class:`scripts.handlers.MergeAdapters` folds the adapters in for inference. This module adds TF32
+matrix products.
 """
 
 from __future__ import annotations
 
 import torch
-from ignite.engine import Engine, Events
 
-from scripts.network import SAM2LoRA
-
-__all__ = ["MergeAdapters", "set_tf32"]
+__all__ = ["set_tf32"]
 
 
 def set_tf32(enabled: bool) -> None:
@@ -28,29 +25,3 @@ def set_tf32(enabled: bool) -> None:
     precision = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = precision
     torch.backends.cudnn.conv.fp32_precision = precision
-
-
-class MergeAdapters:
-    """Fold the adapters into the base weights when an engine starts and take them out again when it completes.
-
-    While merged, every adapted layer costs what the plain SAM 2 layer costs (one matrix product, no low-rank
-    path). Attach it after the handler that loads the checkpoint (``CheckpointLoader`` also acts on
-    ``STARTED``; ignite calls handlers of one event in the order they were attached), so that the loaded
-    adapters are the ones merged. Unmerging at the end leaves the network trainable again.
-
-    Args:
-        network: the adapted network the engine runs (not a ``torch.compile`` wrapper of it).
-    """
-
-    def __init__(self, network: SAM2LoRA) -> None:
-        self.network = network
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.merge)
-        engine.add_event_handler(Events.COMPLETED, self.unmerge)
-
-    def merge(self, engine: Engine) -> None:
-        self.network.merge_adapters()
-
-    def unmerge(self, engine: Engine) -> None:
-        self.network.unmerge_adapters()

@@ -1,4 +1,9 @@
-"""Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact."""
+"""Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact.
+
+Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
+and models. A write that fails (a full disk, a folder that cannot be written) raises :class:`OutputError` naming
+the file and its folder, and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,57 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+import torch
+
+from scripts.errors import FundusError
+
+__all__ = ["OutputError", "atomic_path", "save_torch_atomic", "write_json_atomic", "write_text_atomic"]
+
+
+class OutputError(FundusError, OSError):
+    """An output file cannot be written (full disk, no permission...); the message names the file and its folder."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside ``path`` to write into; it replaces ``path`` when the block ends without error.
 
-    The temporary name keeps ``path``'s suffixes (``.nii.gz``...), for writers that choose a format by name.
-    On any error (a kill included, short of SIGKILL) the temporary file is removed and ``path`` is untouched.
+    The temporary name keeps ``path``'s suffixes (``.nii.gz``...), for writers that choose a format by name. The
+    file gets the permissions a plain ``open`` would give it (``0666`` less the umask): ``mkstemp``'s private
+    ``0600`` would hide the outputs from pipelines running as another user. On any error (a kill included, short
+    of SIGKILL) the temporary file is removed and ``path`` is untouched.
 
     Args:
         path: the destination; its folder is created.
 
     Yields:
         The temporary file's path (the file exists, empty).
+
+    Raises:
+        OutputError: the folder or the file cannot be written (the block's own ``OSError``, e.g. a full disk,
+            included).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise OutputError(f"Cannot write {path} in folder {path.parent} ({error.strerror or error}).") from None
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
+    except OSError as error:
+        raise OutputError(f"Cannot write {path} in folder {path.parent} ({error.strerror or error}).") from None
     finally:
         Path(temporary).unlink(missing_ok=True)
 
@@ -45,3 +77,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, content: Mapping[str, object], indent: int = 2) -> None:
     """Write ``content`` as indented JSON, with a final newline, to ``path`` atomically."""
     write_text_atomic(path, json.dumps(content, indent=indent) + "\n")
+
+
+def save_torch_atomic(content: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+
+    Args:
+        content: what to save.
+        path: the destination; the previous file stays whole until the new one is complete.
+    """
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            torch.save(content, handle)
+            handle.flush()
+            os.fsync(handle.fileno())

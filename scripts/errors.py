@@ -1,27 +1,49 @@
-"""Short error reports for the command line: a user's mistake deserves one line naming the file, not a traceback."""
+"""The project's errors, and how they reach a user: one line naming the file or setting, not a traceback.
+
+Every error raised for a user's input or setting derives from :class:`FundusError`, whose message is written for
+users (which file, which setting, what is wrong, and the fix where there is one). Command-line entry points report
+them in one line on stderr and exit with status 1; any other exception is a bug and keeps its traceback:
+
+- the bundle's workflows (``python -m monai.bundle run ...``) install :func:`install_error_hook` first thing in
+  their ``initialize`` list;
+- the offline tools wrap their ``main`` in :func:`command_line`.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["install_error_hook", "user_error"]
-
-# The exceptions of this package carry messages written for users (which file, which setting, what is wrong).
-PACKAGE = __name__.split(".")[0]
+__all__ = ["ConfigError", "FundusError", "command_line", "install_error_hook", "user_error"]
 
 
-def user_error(error: BaseException | None) -> BaseException | None:
-    """The first exception raised by this package in ``error``'s chain of causes, if any.
+class FundusError(Exception):
+    """Base of the errors this project raises for a user's input or setting; the message names it and what is wrong."""
 
-    MONAI's config parser wraps the error of a component it fails to build in its own RuntimeError; the
-    original, with its useful message, is the cause.
+
+class ConfigError(FundusError, ValueError):
+    """A setting of a workflow or tool has a value it cannot work with; the message names the setting."""
+
+
+def user_error(error: BaseException | None) -> FundusError | None:
+    """The first :class:`FundusError` in ``error``'s chain of causes, if any.
+
+    MONAI's config parser wraps the error of a component it fails to build in its own RuntimeError; the original,
+    with its useful message, is the cause.
+
+    Args:
+        error: an exception, typically uncaught.
+
+    Returns:
+        The project's error behind it, or None when there is none (a bug, reported with its traceback).
     """
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if type(error).__module__.split(".")[0] == PACKAGE:
+        if isinstance(error, FundusError):
             return error
         error = error.__cause__ or error.__context__
     return None
@@ -36,5 +58,29 @@ def _report(kind: type[BaseException], error: BaseException, trace: TracebackTyp
 
 
 def install_error_hook() -> None:
-    """Report uncaught errors of this package as one line on stderr (the exit status stays 1); others as usual."""
+    """Report uncaught :class:`FundusError`\\ s as one line on stderr (the exit status stays 1); others as usual."""
     sys.excepthook = _report
+
+
+def command_line(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command-line ``main`` so that a :class:`FundusError` prints one line and returns exit status 1.
+
+    Args:
+        main: the entry point, returning its exit status.
+
+    Returns:
+        The wrapped entry point.
+    """
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as error:
+            own = user_error(error)
+            if own is None:
+                raise
+            print(f"error: {own}", file=sys.stderr)
+            return 1
+
+    return run

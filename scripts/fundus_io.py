@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -22,8 +23,19 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from scripts.atomic import atomic_path
+from scripts.errors import FundusError
 
-__all__ = ["FundusImageError", "SUPPORTED_SUFFIXES", "read_image", "read_mask", "write_png", "estimate_fov"]
+__all__ = [
+    "FundusImageError",
+    "SUPPORTED_SUFFIXES",
+    "estimate_fov",
+    "read_image",
+    "read_label_mask",
+    "read_mask",
+    "write_png",
+]
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pnm", ".bmp")
 """File suffixes (case-insensitive) that :func:`read_image` and :func:`read_mask` accept, each optionally + ``.gz``."""
@@ -33,7 +45,7 @@ SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class FundusImageError(ValueError):
+class FundusImageError(FundusError, ValueError):
     """An image or mask file is missing, unreadable, truncated, of an unsupported kind, or cannot be written."""
 
 
@@ -129,7 +141,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     Raises:
         FundusImageError: when the file is missing, truncated, corrupt or of an unsupported kind.
     """
-    image = _open_decoded(path)
+    return _mask_values(_open_decoded(path), path)
+
+
+def _mask_values(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
         return np.round(_sixteen_bit_to_float(image) * 255.0).astype(np.uint8)
     if image.mode == "F":
@@ -137,6 +152,45 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if image.mode in ("L", "1", "P", "PA", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8).copy()
     return np.asarray(image.convert("RGB"), dtype=np.uint8)[..., 0].copy()
+
+
+def read_label_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a label (or field-of-view) mask as bool, refusing pictures that are not masks.
+
+    Foreground is any non-zero value in a 0/1 mask, values above 127 otherwise. A colour picture whose channels
+    differ (green vessels drawn on black) would read as empty from its first channel: it is refused. A mask with more
+    than two levels (a JPEG, an anti-aliased drawing) is thresholded, with a warning naming the file.
+
+    Args:
+        path: mask file, in any format accepted by :func:`read_image`.
+
+    Returns:
+        ``(H, W)`` bool array.
+
+    Raises:
+        FundusImageError: the file is missing or unreadable, or a colour picture whose channels differ.
+    """
+    image = _open_decoded(path)
+    if image.mode not in (*_SIXTEEN_BIT_MODES, "L", "1", "F"):
+        rgb = np.asarray(image.convert("RGB"))
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+            means = ", ".join(f"{name} {rgb[..., i].mean():.1f}" for i, name in enumerate(("red", "green", "blue")))
+            raise FundusImageError(
+                f"label {path} is a colour picture whose channels differ (mean {means}): labels must be grayscale "
+                "masks, 0 for background and 255 (or 1) for the structure"
+            )
+    values = _mask_values(image, path)
+    levels = np.unique(values)
+    if len(levels) > 2:
+        logger.warning(
+            "Label %s has %d gray levels (%s...), not two: thresholded at %s.",
+            path,
+            len(levels),
+            ", ".join(map(str, levels[:5])),
+            "0" if values.max() == 1 else "127",
+        )
+    # Some datasets store masks as 0/1: a half-scale threshold would silently empty them.
+    return values > 0 if values.max(initial=0) == 1 else values > 127
 
 
 def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
@@ -164,18 +218,16 @@ def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 
         compress_level: zlib level, 0 (none, fastest) to 9 (smallest); lossless at every level.
 
     Raises:
-        FundusImageError: when the array has an unsupported shape or dtype, or the folder cannot be written.
+        FundusImageError: when the array has an unsupported shape or dtype.
+        OutputError: when the file cannot be written (the message names the file and its folder).
     """
     path = Path(path)
     array = np.asarray(array)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or 0 in array.shape:
         raise FundusImageError(f"cannot write {path}: expected an (H, W) or (H, W, 3) array, got shape {array.shape}")
     pixels = Image.fromarray(np.ascontiguousarray(_to_uint8(array, path)))
-    try:
-        with atomic_path(path) as temporary:
-            pixels.save(temporary, format="PNG", compress_level=compress_level)
-    except OSError as error:
-        raise FundusImageError(f"cannot write {path} in folder {path.parent}: {error.strerror or error}") from None
+    with atomic_path(path) as temporary:
+        pixels.save(temporary, format="PNG", compress_level=compress_level)
 
 
 def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndarray:

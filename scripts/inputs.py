@@ -1,59 +1,181 @@
-"""What the bundle workflows read and write, checked before any work starts: datalists, image folders, files, folders."""
+"""What the bundle workflows read and write, checked before any work starts: settings, datalists, image folders,
+output folders, and the command line's own overrides.
+
+Checking every path, label and setting at start-up turns a typo in entry 900 into a one-line error at once rather
+than a crash hours into training, and keeps an inference run from writing over what the user has.
+"""
 
 from __future__ import annotations
 
+import ast
+import difflib
 import glob
 import json
+import logging
+import math
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from scripts.fundus_io import SUPPORTED_SUFFIXES
+from scripts.errors import ConfigError, FundusError
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, read_image, read_label_mask
+from scripts.writers import REPORT_FILES, output_names
 
-__all__ = ["InputError", "image_folder_datalist", "load_split", "require_file", "writable_folder"]
+__all__ = [
+    "InputError",
+    "check_settings",
+    "ImageFolder",
+    "load_split",
+    "read_datalist",
+    "warn_about_overlap",
+    "warn_unknown_overrides",
+    "writable_folder",
+]
+
+logger = logging.getLogger(__name__)
 
 CHECKED_KEYS = ("image", "label", "fov")
+# The smallest picture accepted as a photograph: Hiera's patches are 4 pixels and a field of view needs a border.
+MIN_IMAGE_SIDE = 32
 
 
-class InputError(ValueError):
+class InputError(FundusError, ValueError):
     """A datalist, image folder, file or output folder cannot serve a workflow; the message names it and why."""
 
 
-def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
-    """The entries of one split of a datalist, paths resolved against the datalist's folder.
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
-    Checking every path before the first epoch turns a typo in entry 900 into an error at start-up rather than
-    a crash hours into training.
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _names(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(name, str) and name and "/" not in name for name in value)
+        and len(set(value)) == len(value)
+    )
+
+
+# One rule per setting, with what the message says is expected. Settings not listed here are checked by the component
+# that uses them.
+SETTING_RULES: dict[str, tuple[Any, str]] = {
+    "image_size": (lambda v: _positive_int(v) and v >= 64 and v % 32 == 0, "a whole number of pixels, a multiple of 32, at least 64"),
+    "lora_rank": (_positive_int, "a positive whole number"),
+    "batch_size": (_positive_int, "a positive whole number"),
+    "max_epochs": (_positive_int, "a positive whole number"),
+    "val_interval": (_positive_int, "a positive whole number of epochs"),
+    "accumulation_steps": (_positive_int, "a positive whole number"),
+    "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "0 or a positive whole number"),
+    "learning_rate": (_positive_number, "a positive number"),
+    "lora_alpha": (_positive_number, "a positive number"),
+    "threshold": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "a number between 0 and 1"),
+    "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
+}
+
+
+def check_settings(**settings: Any) -> None:
+    """Check a workflow's settings before anything is built, each against its rule in :data:`SETTING_RULES`.
 
     Args:
-        datalist: a JSON datalist with ``training``, ``validation`` and ``test`` lists (``scripts.prepare``,
-            ``scripts.synthetic``).
-        split: the list to read.
-
-    Returns:
-        The entries, with ``image``, ``label`` (one path or a list of paths) and ``fov`` made absolute.
+        settings: setting name to value, as the workflow resolved it (after command-line overrides).
 
     Raises:
-        InputError: the datalist is missing or unreadable, lacks the split, the split is empty, or an entry
-            names a file that does not exist.
+        ConfigError: the first setting with a value its rule refuses; the message names the setting, the value and
+            what is expected (``--image_size abc`` is a string, not a size).
+    """
+    for name, value in settings.items():
+        valid, expected = SETTING_RULES[name]
+        if not valid(value):
+            raise ConfigError(f"Setting '{name}' must be {expected}; got {value!r}.")
+
+
+def read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
+    """The content of a datalist file, as written (paths relative to its folder), checked to be a JSON object.
+
+    Every reader of datalists goes through here (workflows, the run record, the baseline, pooling), so they agree
+    on what a readable datalist is.
+
+    Args:
+        datalist: a JSON datalist (``tools.prepare``, ``scripts.synthetic``).
+
+    Returns:
+        The JSON object.
+
+    Raises:
+        InputError: the file is missing, unreadable, not JSON, or not a JSON object.
     """
     path = Path(datalist)
     if not path.is_file():
-        raise InputError(f"Datalist {path} does not exist (prepare one with `python -m scripts.prepare`).")
+        raise InputError(f"Datalist {path} does not exist (prepare one with `python -m tools.prepare`).")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"Datalist {path} cannot be read as JSON ({error}).") from None
-    if not isinstance(content, dict) or not isinstance(content.get(split), list):
+    if not isinstance(content, dict):
+        raise InputError(f"Datalist {path} holds a JSON {type(content).__name__}, not an object with split lists.")
+    return content
+
+
+def load_split(
+    datalist: str | os.PathLike,
+    split: str,
+    channels: int | None = None,
+    require_labels: bool = True,
+) -> list[dict]:
+    """The entries of one split of a datalist, checked and with paths resolved against the datalist's folder.
+
+    Args:
+        datalist: a JSON datalist with ``training``, ``validation`` and ``test`` lists (``tools.prepare``,
+            ``scripts.synthetic``).
+        split: the list to read.
+        channels: the number of output channels the workflow trains or evaluates: every entry's label must have
+            that many masks (one path for one channel, a list for several: disc and cup).
+        require_labels: entries must have a ``label``; its masks are read until one has foreground (a split whose
+            labels are all empty cannot train or be evaluated, and a mask format the loader misreads shows here).
+
+    Returns:
+        The entries, with ``image``, ``label`` (one path or a list of paths) and ``fov`` made absolute and normalised.
+
+    Raises:
+        InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
+            object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, a label has
+            another number of masks than ``channels``, or every label is empty.
+    """
+    path = Path(datalist)
+    content = read_datalist(path)
+    if not isinstance(content.get(split), list):
         raise InputError(f"Datalist {path} has no '{split}' list.")
+    raw = content[split]
+    if not raw:
+        raise InputError(f"Datalist {path}: the '{split}' list is empty.")
+    required = ("image", "label") if require_labels else ("image",)
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict) or any(not entry.get(key) for key in required):
+            raise InputError(
+                f"Datalist {path}: '{split}' entry {index} must be an object with {' and '.join(repr(k) for k in required)} "
+                f"paths; got {json.dumps(entry)[:120]}."
+            )
+    keys = Counter(frozenset(entry) for entry in raw)
+    if len(keys) > 1:
+        (common, _), *_ = keys.most_common()
+        odd = next(index for index, entry in enumerate(raw) if frozenset(entry) != common)
+        raise InputError(
+            f"Datalist {path}: '{split}' entries must all have the same keys; entry {odd} has {sorted(raw[odd])}, most "
+            f"have {sorted(common)}."
+        )
     # Only the file keys are resolved: MONAI's load_decathlon_datalist would also turn a value such as
     # "dataset": "DRIVE" into a path whenever a folder of that name lies beside the datalist.
     entries = [
         {key: _resolve(value, path.parent) if key in CHECKED_KEYS else value for key, value in entry.items()}
-        for entry in content[split]
+        for entry in raw
     ]
-    if not entries:
-        raise InputError(f"Datalist {path}: the '{split}' list is empty.")
     missing = [
         f"entry {index} {key}: {file}"
         for index, entry in enumerate(entries)
@@ -65,54 +187,160 @@ def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
         raise InputError(
             f"Datalist {path} names {len(missing)} missing files in '{split}', e.g. " + "; ".join(missing[:3])
         )
+    if channels is not None and require_labels:
+        wrong = next((entry for entry in entries if len(_as_list(entry["label"])) != channels), None)
+        if wrong is not None:
+            raise InputError(
+                f"Datalist {path}: '{split}' entry {wrong['image']} has {len(_as_list(wrong['label']))} label masks but "
+                f"the workflow has {channels} output channels: set channel_names to match the datalist (one name per "
+                "mask, e.g. \"['disc', 'cup']\")."
+            )
+    repeated = [image for image, count in Counter(entry["image"] for entry in entries).items() if count > 1]
+    if repeated:
+        logger.warning(f"Datalist {path}: '{split}' lists {len(repeated)} images more than once, e.g. {repeated[0]}.")
+    if require_labels:
+        _require_foreground(path, split, entries)
     return entries
 
 
-def image_folder_datalist(folder: str | os.PathLike) -> list[dict]:
-    """One ``{"image": path}`` entry per fundus image in ``folder`` (sorted), for inference on a plain folder.
+def _require_foreground(path: Path, split: str, entries: Sequence[Mapping[str, Any]]) -> None:
+    for entry in entries:
+        for label in _as_list(entry["label"]):
+            if read_label_mask(label).any():
+                return
+    raise InputError(
+        f"Datalist {path}: every label of '{split}' is empty (no foreground pixel in {len(entries)} entries); masks "
+        "must be 0 for background and non-zero (1 or 255) for the structure."
+    )
+
+
+def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", second: str = "validation") -> None:
+    """Warn when images of one split are also in another (validation on training images measures nothing)."""
+    content = read_datalist(datalist)
+    images = [{str(entry.get("image")) for entry in content.get(name, []) if isinstance(entry, dict)} for name in (first, second)]
+    shared = sorted(images[0] & images[1])
+    if shared:
+        logger.warning(f"Datalist {datalist}: {len(shared)} images are in both '{first}' and '{second}', e.g. {shared[0]}.")
+
+
+class ImageFolder:
+    """The images of a folder to segment, checked before anything is written.
+
+    It checks that the run can write its outputs without destroying anything:
+
+    - the output folder must not be the image folder or inside it (``allow_output_in_dataset_dir`` allows it; files
+      named like outputs are then not read as images);
+    - two images must not share the names of their outputs (``eye.png`` and ``eye.jpg``);
+    - no output may replace a file that is there already, unless ``overwrite`` is set, and never one of the images;
+    - images that cannot be read are left out and logged; :meth:`report_unreadable` names them after the run, so
+      one bad file does not keep the others from being segmented.
+
+    Args:
+        folder: the images.
+        output_dir: where the outputs go.
+        channel_names: the model's output channels (the outputs' names depend on them).
+        nifti: whether NIfTI labels are written too.
+        overwrite: replace outputs of an earlier run.
+        allow_output_in_dataset_dir: allow the output folder to be the image folder or inside it.
+
+    Attributes:
+        entries: one ``{"image": path}`` per readable image, sorted.
+        unreadable: one line per image left out, with the reason.
 
     Raises:
-        InputError: the folder does not exist or holds no image of a supported format.
+        InputError: the folder does not exist or holds no image, or one of the checks above fails.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"Image folder {folder} does not exist.")
-    files = sorted(
-        file
-        for file in glob.glob(str(folder / "*"))
-        if os.path.isfile(file) and file.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
-    )
-    if not files:
-        raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}).")
-    return [{"image": file} for file in files]
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str] = ("vessels",),
+        nifti: bool = False,
+        overwrite: bool = False,
+        allow_output_in_dataset_dir: bool = False,
+    ) -> None:
+        folder, output = Path(folder), Path(output_dir)
+        if not folder.is_dir():
+            raise InputError(f"Image folder {folder} does not exist.")
+        inside = output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents
+        if inside and not allow_output_in_dataset_dir:
+            raise InputError(
+                f"Output folder {output} is the image folder {folder} or inside it: outputs would mix with the images "
+                "and could replace files there. Choose another --output_dir (or pass --allow_output_in_dataset_dir True)."
+            )
+        files = sorted(
+            file
+            for file in glob.glob(str(folder / "*"))
+            if os.path.isfile(file) and file.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
+        )
+        own_outputs = {name for file in files for name in output_names(file, channel_names, nifti)}
+        images = [file for file in files if Path(file).name not in own_outputs]
+        if not images:
+            raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}).")
+        planned: dict[str, str] = {}
+        for image in images:
+            for name in output_names(image, channel_names, nifti):
+                if name in planned:
+                    raise InputError(
+                        f"Images {planned[name]} and {image} would both write {name} into {output}: rename one of them."
+                    )
+                planned[name] = image
+        inputs = {Path(image).resolve() for image in images}
+        taken = [output / name for name in [*planned, *REPORT_FILES] if (output / name).exists()]
+        replaced_inputs = [path for path in taken if path.resolve() in inputs]
+        if replaced_inputs:
+            raise InputError(f"Outputs would replace the input image {replaced_inputs[0]}: choose another --output_dir.")
+        if taken and not overwrite:
+            raise InputError(
+                f"Output folder {output} holds {len(taken)} files this run would replace, e.g. {taken[0].name}: choose "
+                "another --output_dir, or pass --overwrite True to replace them."
+            )
+        self.entries: list[dict[str, str]] = []
+        self.unreadable: list[str] = []
+        for image in images:
+            problem = _unusable(image)
+            if problem:
+                self.unreadable.append(f"{image}: {problem}")
+                logger.error(f"Left out {image}: {problem}")
+            else:
+                self.entries.append({"image": image})
+        if not self.entries:
+            self.report_unreadable()
+
+    def report_unreadable(self) -> None:
+        """After the run: fail with one line per image that was left out, if any.
+
+        Raises:
+            InputError: some images could not be read (the others were segmented and their outputs written).
+        """
+        if self.unreadable:
+            lines = "\n  ".join(self.unreadable)
+            raise InputError(f"{len(self.unreadable)} image(s) could not be segmented (the others were):\n  {lines}")
+
+
+def _unusable(image: str) -> str:
+    """Why an image cannot be segmented ("" when it can)."""
+    try:
+        picture = read_image(image)
+    except FundusImageError as error:
+        return str(error)
+    height, width = picture.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        return f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
+    return ""
 
 
 def _resolve(value: str | list[str], base: Path) -> str | list[str]:
     if isinstance(value, str):
-        return str(base / value)
-    return [str(base / item) for item in value]
+        return os.path.normpath(base / value)
+    return [os.path.normpath(base / item) for item in value]
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
-
-
-def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
-    """``path`` unchanged if it is an existing file.
-
-    Args:
-        path: the file a workflow needs.
-        what: what the file is, for the message (e.g. "Trained model").
-        hint: how to get it, appended to the message.
-
-    Raises:
-        InputError: the file does not exist.
-    """
-    if not os.path.isfile(path):
-        raise InputError(f"{what} {path} does not exist. {hint}".strip())
-    return str(path)
 
 
 def writable_folder(path: str | os.PathLike) -> str:
@@ -129,3 +357,60 @@ def writable_folder(path: str | os.PathLike) -> str:
     except OSError as error:
         raise InputError(f"Output folder {folder} cannot be written ({error.strerror or error}).") from None
     return str(path)
+
+
+# `python -m monai.bundle run` arguments that are MONAI's own, not config entries.
+RUN_ARGUMENTS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file", "bundle_root"}
+)
+
+
+def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
+    """Warn about ``--key value`` overrides on the command line that no config defines, suggesting the nearest.
+
+    MONAI's ``run`` adds an unknown key to the config silently: ``--learning_rte 0.5`` trains with the default
+    learning rate and nobody is told.
+
+    Args:
+        argv: the command line of ``python -m monai.bundle run ...`` (``sys.argv``); its ``--config_file`` names
+            the configs whose ids are known.
+
+    Returns:
+        The unknown keys (none when ``argv`` is not such a command line, e.g. a bundle run from Python).
+    """
+    if "--config_file" not in argv:
+        return []
+    keys = [argument[2:].split("=")[0] for argument in argv if argument.startswith("--")]
+    config_files = next((argv[i + 1] for i, argument in enumerate(argv[:-1]) if argument == "--config_file"), "[]")
+    known = config_ids(config_files) | RUN_ARGUMENTS
+    unknown = [key for key in keys if key not in known]
+    for key in unknown:
+        nearest = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean --{nearest[0]}?" if nearest else ""
+        logger.warning(f"Setting --{key} is defined by no config of this workflow and has no effect{hint}")
+    return unknown
+
+
+def config_ids(config_files: str | Sequence[str]) -> set[str]:
+    """Every id (``a``, ``a#b``...) the given config files define; ``config_files`` as ``--config_file`` takes it."""
+    if isinstance(config_files, str):
+        config_files = ast.literal_eval(config_files) if config_files.startswith("[") else [config_files]
+    ids: set[str] = set()
+    for file in config_files:
+        try:
+            content = json.loads(Path(file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        ids.update(_ids(content))
+    return ids
+
+
+def _ids(content: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(content, dict):
+        for key, value in content.items():
+            key = key.lstrip("+")
+            yield f"{prefix}{key}"
+            yield from _ids(value, f"{prefix}{key}#")
+    elif isinstance(content, list):
+        for index, value in enumerate(content):
+            yield from _ids(value, f"{prefix}{index}#")

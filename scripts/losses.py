@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import torch
 from monai.losses import DiceLoss, TverskyLoss
+from monai.metrics import compute_iou
 from torch import nn
 
-__all__ = ["CompositeLoss", "hard_iou"]
-
-
-def hard_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """IoU of the thresholded sigmoid prediction with the target, per image and channel: (B, C).
-
-    An empty prediction of an empty target counts as IoU 1 (nothing to find, nothing found).
-    """
-    prediction = torch.sigmoid(logits) > threshold
-    truth = target > 0.5
-    spatial = tuple(range(2, logits.ndim))
-    intersection = (prediction & truth).sum(spatial).float()
-    union = (prediction | truth).sum(spatial).float()
-    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+__all__ = ["CompositeLoss"]
 
 
 class CompositeLoss(nn.Module):
@@ -98,7 +86,9 @@ class CompositeLoss(nn.Module):
             "focal_tversky": (tversky_index_loss**self.tversky_gamma).mean(),
         }
         if iou_predictions is not None:
-            actual = hard_iou(logits.detach(), target)
+            # The IoU SAM's head learns to predict: of the thresholded mask, 1 when mask and target are both empty.
+            prediction = (torch.sigmoid(logits.detach()) > 0.5).to(target.dtype)
+            actual = compute_iou(prediction, target, include_background=True, ignore_empty=False)
             terms["iou"] = (iou_predictions - actual).abs().mean()
         return terms
 

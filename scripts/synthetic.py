@@ -18,7 +18,6 @@ Command line: ``python -m scripts.synthetic --output DIR --count N --seed S [--s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from scipy import ndimage, signal
 
 from scripts.atomic import write_json_atomic
 from scripts.fundus_io import FundusImageError, write_png
+from scripts.inputs import InputError, read_datalist
 
 __all__ = [
     "SyntheticFundus",
@@ -563,8 +563,8 @@ def ensure_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: i
 
 def _matches(datalist: Path, count: int, seed: int, size: int) -> bool:
     try:
-        content = json.loads(datalist.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        content = read_datalist(datalist)
+    except InputError:
         return False
     listed = sum(len(content.get(split, [])) for split in ("training", "validation", "test"))
     return content.get("seed") == seed and content.get("size") == size and listed == count

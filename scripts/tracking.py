@@ -7,8 +7,8 @@ dependable:
 - one MLflow run per training run: a fresh run always gets a new MLflow run (MONAI alone would append to any
   unfinished run of the experiment, e.g. one that was killed), and a resumed run goes on in its own MLflow run;
 - every hyper-parameter that shapes the result, the datasets, the trainable and total parameter counts;
-- per-dataset validation Dice per epoch, the pictures of ``scripts.plots.TrainingPictures`` (curves, per-dataset
-  chart, overlays) and, at the end, the best model;
+- per-dataset validation Dice per epoch (from the run's ``TrainingLog``), the pictures of ``TrainingPictures``
+  (curves, per-dataset chart, overlays) and, at the end, the best model;
 - records are sent by a background thread: a slow or vanished tracking server never stops training. What cannot be
   delivered is logged as a warning when it happens, and summarised (which metrics, which steps, which files) at the
   end of the run; delivery is retried every ``retry_interval`` seconds and resumes when the server is back.
@@ -37,15 +37,17 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from torch import nn
 
-from scripts.checkpointing import TrainingCheckpoint
-from scripts.plots import TrainingPictures, read_training_log
+from scripts.errors import FundusError
+from scripts.handlers import TrainingCheckpoint, TrainingLog, TrainingPictures, read_training_log
+from scripts.handlers.utils import count_parameters
+from scripts.inputs import read_datalist
 
 __all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings"]
 
 logger = logging.getLogger(__name__)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FundusError, RuntimeError):
     """The MLflow tracking store cannot be used at the start of a run; the message names it and why."""
 
 
@@ -53,7 +55,7 @@ def describe_training_data(datalist: str | os.PathLike, split: str = "training")
     """What a run trains on, as recordable values: datasets, annotators, image count and a digest of the list.
 
     Args:
-        datalist: the JSON datalist (``scripts.prepare`` / ``scripts.synthetic``); its entries may name their
+        datalist: the JSON datalist (``tools.prepare`` / ``scripts.synthetic``); its entries may name their
             ``dataset`` and ``annotator``.
         split: the list to describe.
 
@@ -62,7 +64,7 @@ def describe_training_data(datalist: str | os.PathLike, split: str = "training")
         in the datalist (relative), so it survives moving the data folder but not changing the list.
     """
     path = Path(datalist)
-    entries = json.loads(path.read_text(encoding="utf-8")).get(split, [])
+    entries = read_datalist(path).get(split, [])
     datasets = Counter(str(entry.get("dataset", path.parent.name)) for entry in entries)
     annotators = sorted({str(entry["annotator"]) for entry in entries if "annotator" in entry})
     names = sorted(json.dumps([entry.get("image"), entry.get("label")]) for entry in entries)
@@ -255,7 +257,7 @@ class MLflowRecorder:
     Args:
         trainer: the training engine.
         train_handlers: the trainer's handlers (``@train#handlers``), where MONAI adds its ``MLFlowHandler``; the
-            ``TrainingCheckpoint`` and ``TrainingPictures`` among them are used too.
+            ``TrainingCheckpoint``, ``TrainingLog`` and ``TrainingPictures`` among them are used too.
         validate_handlers: the validator's handlers (``@validate#handlers``).
         settings: the run's hyper-parameters and data description, logged as parameters.
         network: the trained network, for its parameter counts.
@@ -284,9 +286,10 @@ class MLflowRecorder:
         self.trainer_handlers = [h for h in train_handlers if isinstance(h, MLFlowHandler)]
         self.settings = dict(settings)
         self.network = network
-        # The trainer's TrainingCheckpoint keeps the MLflow run id (a resumed run goes on in its MLflow run) and
-        # its TrainingPictures draws what is logged after every validation.
+        # The trainer's TrainingCheckpoint keeps the MLflow run id (a resumed run goes on in its MLflow run), its
+        # TrainingLog holds what is sent after every validation, and its TrainingPictures draws what goes with it.
         self.checkpoint = next((h for h in train_handlers if isinstance(h, TrainingCheckpoint)), None)
+        self.log = next((h for h in train_handlers if isinstance(h, TrainingLog)), None)
         self.pictures = next((h for h in train_handlers if isinstance(h, TrainingPictures)), None)
         self.best_model = Path(best_model) if best_model else None
         self.output_dir = Path(output_dir) if output_dir else None
@@ -334,7 +337,8 @@ class MLflowRecorder:
         if resumed is not None:
             self._backfill(self.checkpoint.resumed["trainer"]["iteration"])
         self._log_executed_config()
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        if self.log is not None:
+            self.log.add_validation_listener(self._log_validation)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
         logger.info(
             f"MLflow: recording run {self.run.info.run_name} ({self.run.info.run_id}) of experiment "
@@ -385,13 +389,12 @@ class MLflowRecorder:
         return client.create_run(experiment.experiment_id, run_name=run_name, tags={"resumed_from": run_id or ""})
 
     def _log_settings(self, resumed: bool) -> None:
-        trainable, total = _count_parameters(self.network)
+        trainable, total = count_parameters(self.network)
         params = flatten_settings(self.settings)
         params.update(
             trainable_parameters=str(trainable),
             total_parameters=str(total),
             trainable_fraction=f"{trainable / max(total, 1):.6f}",
-            world_size=str(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1),
             torch_version=torch.__version__,
         )
         entities = [mlflow.entities.Param(key, value[:6000]) for key, value in params.items()]
@@ -404,7 +407,7 @@ class MLflowRecorder:
         Deliveries are asynchronous, so a SIGKILL loses those still queued; the iterations up to the checkpoint are
         not trained again, and ``training_log.jsonl`` (written before every checkpoint) still has them.
         """
-        if self.pictures is None:
+        if self.log is None:
             return
         history: dict[str, set[int]] = {}
 
@@ -416,7 +419,7 @@ class MLflowRecorder:
         now = int(time.time() * 1000)
         metrics = []
         try:
-            for record in read_training_log(self.pictures.log_path, iteration):
+            for record in read_training_log(self.log.path, iteration):
                 if record["kind"] == "train" and missing("train_loss", record["iteration"]):
                     metrics.append(mlflow.entities.Metric("train_loss", record["loss"], now, record["iteration"]))
                     metrics.append(mlflow.entities.Metric("lr_group_0", record["lr"], now, record["iteration"]))
@@ -446,19 +449,14 @@ class MLflowRecorder:
         if written:
             self.client.log_artifact(self.run.info.run_id, str(written[-1]))
 
-    def _log_epoch(self, engine: Engine) -> None:
-        if self.pictures is None or not self.pictures.records:
-            return
-        latest = self.pictures.records[-1]
-        if latest.get("kind") != "validation" or latest.get("epoch") != engine.state.epoch:
-            return
+    def _log_validation(self, record: Mapping[str, Any]) -> None:
         metrics = [
-            mlflow.entities.Metric(f"val_dice_{dataset}_{channel}", value, int(time.time() * 1000), engine.state.epoch)
-            for dataset, summary in latest["by_dataset"].items()
+            mlflow.entities.Metric(f"val_dice_{dataset}_{channel}", value, int(time.time() * 1000), record["epoch"])
+            for dataset, summary in record["by_dataset"].items()
             for channel, value in summary["dice"].items()
         ]
         self.client.log_batch(self.run.info.run_id, metrics=metrics)
-        for path in self.pictures.latest_files:
+        for path in self.pictures.latest_files if self.pictures is not None else []:
             folder = "pictures" if path.parent == self.pictures.output_dir else f"overlays/{path.parent.name}"
             self.client.log_artifact(self.run.info.run_id, str(path), folder)
 
@@ -483,11 +481,3 @@ class MLflowRecorder:
                 f"{self.flush_timeout:.0f} s at the end of the run; they are abandoned."
             )
         self.delivery.report()
-
-
-def _count_parameters(network: nn.Module) -> tuple[int, int]:
-    module = getattr(network, "module", network)  # DistributedDataParallel
-    if hasattr(module, "count_parameters"):
-        return module.count_parameters()
-    parameters = list(module.parameters())
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

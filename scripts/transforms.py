@@ -44,8 +44,9 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
+from torchvision.transforms.v2.functional import adjust_hue
 
-from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask
+from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 
 __all__ = [
     "SAM_PIXEL_MEAN",
@@ -55,8 +56,6 @@ __all__ = [
     "RandHueShiftd",
     "training_augmentations",
     "SamplePromptsd",
-    "rgb_to_hsv",
-    "hsv_to_rgb",
 ]
 
 SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -77,13 +76,6 @@ def _as_metatensor(array: np.ndarray, path: str, original_channel_dim: int | flo
     }
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return MetaTensor(tensor, affine=torch.eye(4, dtype=torch.float64), meta=meta)
-
-
-def _binary_mask(path: str) -> np.ndarray:
-    """Read a mask file as bool: values above 127, or any non-zero value in a 0/1 mask."""
-    values = read_mask(path)
-    # Some datasets store masks as 0/1: a half-scale threshold would silently empty them.
-    return values > 0 if values.max(initial=0) == 1 else values > 127
 
 
 class LoadFundusd(MapTransform):
@@ -128,7 +120,7 @@ class LoadFundusd(MapTransform):
         """Read one mask per path as a ``(C, H, W)`` float32 stack, checking each against the image size."""
         masks = []
         for path in [paths] if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence) else paths:
-            mask = _binary_mask(str(path))
+            mask = read_label_mask(str(path))
             if mask.shape != image_size:
                 raise FundusImageError(
                     f"mask {path} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its image {image_path} is "
@@ -190,34 +182,10 @@ class SamNormalized(NormalizeIntensityd):
         )
 
 
-def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
-    """Convert ``(3, ...)`` RGB in ``[0, 1]`` to HSV, each in ``[0, 1]`` (hue in turns)."""
-    red, green, blue = rgb[0], rgb[1], rgb[2]
-    value, argmax = rgb.max(dim=0)
-    chroma = value - rgb.min(dim=0).values
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(
-        argmax == 0,
-        ((green - blue) / safe_chroma) % 6.0,
-        torch.where(argmax == 1, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
-    )
-    hue = torch.where(chroma > 0, hue / 6.0, torch.zeros_like(hue))
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)), chroma * 0)
-    return torch.stack([hue, saturation, value])
-
-
-def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """Convert ``(3, ...)`` HSV in ``[0, 1]`` (hue in turns) back to RGB in ``[0, 1]``."""
-    hue, saturation, value = hsv[0], hsv[1], hsv[2]
-    # Each channel is the value minus a chroma share that depends on its distance to the hue on the colour wheel.
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(3, *([1] * hue.dim()))
-    k = (offsets + hue * 6.0) % 6.0
-    share = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return value - value * saturation * share
-
-
 class RandHueShiftd(RandomizableTransform, MapTransform):
-    """Randomly rotate the hue of RGB images, the hue part of torchvision's ``ColorJitter`` (MONAI has none).
+    """Randomly rotate the hue of RGB images, the hue part of torchvision's ``ColorJitter`` as a MONAI transform.
+
+    MONAI has no hue transform; the rotation itself is torchvision's ``adjust_hue`` (torchvision comes with sam2).
 
     Args:
         keys: keys of ``(3, H, W)`` RGB images in ``[0, 1]``.
@@ -262,9 +230,7 @@ class RandHueShiftd(RandomizableTransform, MapTransform):
             tensor = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32)
             if tensor.shape[0] != 3:
                 raise ValueError(f"RandHueShiftd expects RGB images (3, H, W) under {key!r}, got {tuple(tensor.shape)}")
-            hsv = rgb_to_hsv(tensor.clamp(0.0, 1.0))
-            hsv[0] = (hsv[0] + self.shift) % 1.0
-            result[key] = convert_to_dst_type(hsv_to_rgb(hsv), image)[0]
+            result[key] = convert_to_dst_type(adjust_hue(tensor.clamp(0.0, 1.0), self.shift), image)[0]
         return result
 
 

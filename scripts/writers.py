@@ -13,12 +13,35 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.atomic import atomic_path
-from scripts.fundus_io import FundusImageError, estimate_fov, read_image, write_png
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
 
-__all__ = ["SaveFundusPredictiond", "label_map"]
+__all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
+
+REPORT_FILES = ("measurements.csv", "report.html")
+"""What an inference run writes once into its output folder, beside each image's files."""
 
 # One colour per output channel for the overlay: vessels / disc in green, cup in magenta.
 CHANNEL_COLOURS = np.array([(0, 255, 64), (255, 0, 255), (0, 160, 255), (255, 200, 0)], dtype=np.float32) / 255
+
+
+def output_stem(source: str | os.PathLike) -> str:
+    """The name an image's outputs start with: its file name without the image suffix (and ``.gz``).
+
+    Only the suffix goes: ``scan.v1.png`` and ``scan.v2.png`` keep apart, while ``eye.png`` and ``eye.jpg`` collide
+    (:func:`scripts.inputs.image_folder_datalist` refuses such a pair before the run).
+    """
+    name = Path(source).name
+    name = name[: -len(".gz")] if name.lower().endswith(".gz") else name
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in SUPPORTED_SUFFIXES else name
+
+
+def output_names(source: str | os.PathLike, channel_names: Sequence[str], nifti: bool = False) -> list[str]:
+    """The file names :class:`SaveFundusPredictiond` writes for one image, in the order it writes them."""
+    stem = output_stem(source)
+    probabilities = ["prob"] if len(channel_names) == 1 else [f"prob_{name}" for name in channel_names]
+    names = [f"{stem}_mask.png", *(f"{stem}_{kind}.png" for kind in probabilities), f"{stem}_overlay.png"]
+    return names + [f"{stem}_mask.nii.gz"] if nifti else names
 
 
 def label_map(masks: np.ndarray) -> np.ndarray:
@@ -92,7 +115,6 @@ class SaveFundusPredictiond(MapTransform):
                 f"{source}: prediction has {probabilities.shape[0]} channels but {len(self.channel_names)} channel "
                 f"names were given ({self.channel_names})."
             )
-        stem = source.name.split(".")[0]
         image = read_image(source)
         if image.shape[:2] != probabilities.shape[1:]:
             raise FundusImageError(
@@ -103,14 +125,13 @@ class SaveFundusPredictiond(MapTransform):
             probabilities = probabilities * estimate_fov(image)
         masks = probabilities > self.threshold
         labels = label_map(masks)
-        channels = len(self.channel_names)
-        write_png(self.output_dir / f"{stem}_mask.png", np.round(labels * (255 / channels)).astype(np.uint8))
-        for name, channel in zip(self.channel_names, probabilities):
-            suffix = "prob" if channels == 1 else f"prob_{name}"
-            write_png(self.output_dir / f"{stem}_{suffix}.png", np.clip(channel, 0, 1))
-        write_png(self.output_dir / f"{stem}_overlay.png", self._overlay(image, masks))
+        mask_file, *probability_files, overlay_file = output_names(source, self.channel_names)
+        write_png(self.output_dir / mask_file, np.round(labels * (255 / len(self.channel_names))).astype(np.uint8))
+        for name, channel in zip(probability_files, probabilities):
+            write_png(self.output_dir / name, np.clip(channel, 0, 1))
+        write_png(self.output_dir / overlay_file, self._overlay(image, masks))
         if self.nifti:
-            self._write_nifti(self.output_dir / f"{stem}_mask.nii.gz", labels)
+            self._write_nifti(self.output_dir / output_names(source, self.channel_names, nifti=True)[-1], labels)
 
     def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         image = image.copy()

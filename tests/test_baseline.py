@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.baseline import fit_parameters, iter_cases, main, predict_probability, run_baseline, vessel_response
 from scripts.fundus_io import write_png
+from tools.baseline import fit_parameters, iter_cases, main, predict_probability, run_baseline, vessel_response
 
 TRAINING_IDS = (21, 22, 23, 24)
 TEST_IDS = (1, 2, 3)
@@ -112,7 +112,7 @@ def _drive_entries(drive_dir: Path, folder: Path, split: str, ids: tuple[int, ..
 
 def test_baseline_on_real_drive(drive_dir, tmp_path):
     # A few images keep this fast; radius and smoothing are fixed at the values a full training-split search picks
-    # (python -m scripts.baseline), the threshold is still fitted here, on the training images only.
+    # (python -m tools.baseline), the threshold is still fitted here, on the training images only.
     datalist = tmp_path / "drive.json"
     entries = {
         "training": _drive_entries(drive_dir, tmp_path, "training", TRAINING_IDS),

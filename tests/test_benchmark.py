@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from scripts import benchmark
+from tools import benchmark
 
 RUN_IN_FRESH_PROCESS = benchmark._in_fresh_process  # kept before the report fixture replaces it
 

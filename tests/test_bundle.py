@@ -5,44 +5,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
-from monai.bundle import run as run_bundle
 from PIL import Image
 
-from scripts.errors import user_error
-from scripts.prepare import prepare_dataset
 from scripts.synthetic import write_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-CONFIGS = BUNDLE / "configs"
-META = str(CONFIGS / "metadata.json")
-LOGGING = str(CONFIGS / "logging.conf")
-TRAIN = str(CONFIGS / "train.json")
-INFER = str(CONFIGS / "inference.json")
-EVALUATE = str(CONFIGS / "evaluate.json")
-QUICKSTART = str(CONFIGS / "quickstart.json")
-FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
-
-
-def bundle_cli(run_id: str, configs: list[str], cwd: Path, **overrides) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run <run_id> ...`` in a fresh process, as a user runs it."""
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(BUNDLE)]
-    command += ["--meta_file", META, "--config_file", str(configs), "--logging_file", LOGGING]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-def fail_message(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+from tests.helpers import (
+    BUNDLE,
+    EVALUATE,
+    FAST,
+    INFER,
+    LOGGING,
+    META,
+    QUICKSTART,
+    REPO,
+    TRAIN,
+    fail_message,
+    run_bundle,
+    run_in_process,
+)
+from tools.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +36,7 @@ def quickstart_run(tmp_path_factory) -> dict[str, Path]:
     """The quick start (synthetic data generated on the fly, random init, Hiera tiny) at a test-sized scale."""
     root = tmp_path_factory.mktemp("quickstart")
     paths = {"data": root / "synthetic", "models": root / "models", "eval": root / "eval"}
-    result = bundle_cli(
+    result = run_bundle(
         "training",
         [TRAIN, QUICKSTART],
         cwd=root,
@@ -84,7 +70,7 @@ def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
     shutil.copy(source, images / "square.png")
     Image.open(source).resize((100, 72)).save(images / "wide.jpg")
     output = tmp_path / "out"
-    result = bundle_cli(
+    result = run_bundle(
         "inference",
         [INFER, QUICKSTART],
         cwd=tmp_path,
@@ -107,7 +93,7 @@ def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
 
 def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_path):
     output = tmp_path / "metrics"
-    result = bundle_cli(
+    result = run_bundle(
         "evaluating",
         [TRAIN, EVALUATE, QUICKSTART],
         cwd=tmp_path,
@@ -135,7 +121,7 @@ def drive_run(drive_dir, tmp_path_factory) -> dict[str, Path]:
     datalist = root / "datalist.json"
     prepare_dataset("DRIVE", drive_dir, datalist)
     paths = {"datalist": datalist, "models": root / "models", "eval": root / "eval", "root": root}
-    result = bundle_cli(
+    result = run_bundle(
         "training",
         [TRAIN, QUICKSTART],
         cwd=root,
@@ -154,7 +140,7 @@ def test_drive_end_to_end_keeps_orientation(drive_run, drive_dir, tmp_path):
     for case in ("01", "02"):
         shutil.copy(drive_dir / "test" / "images" / f"{case}_test.tif", images)
     output = tmp_path / "masks"
-    result = bundle_cli(
+    result = run_bundle(
         "inference",
         [INFER, QUICKSTART],
         cwd=tmp_path,
@@ -173,7 +159,7 @@ def test_drive_end_to_end_keeps_orientation(drive_run, drive_dir, tmp_path):
 
 def test_drive_evaluation_inside_the_fov(drive_run, tmp_path):
     output = tmp_path / "metrics"
-    result = bundle_cli(
+    result = run_bundle(
         "evaluating",
         [TRAIN, EVALUATE, QUICKSTART],
         cwd=tmp_path,
@@ -234,14 +220,6 @@ def test_inference_network_settings_match_training():
             assert train[key] == infer[key], key
 
 
-def run_in_process(run_id: str, configs: list[str], **overrides) -> Exception:
-    with pytest.raises(Exception) as caught:
-        run_bundle(run_id, meta_file=META, config_file=configs, bundle_root=str(BUNDLE), **overrides)
-    own = user_error(caught.value)
-    assert own is not None, f"not one of our clear errors: {caught.value!r}"
-    return own
-
-
 def test_datalist_naming_missing_files(tmp_path):
     datalist = tmp_path / "datalist.json"
     entry = {"image": "nowhere/a.png", "label": "nowhere/a_label.png", "fov": "nowhere/a_fov.png"}
@@ -291,7 +269,7 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
-    result = bundle_cli(
+    result = run_bundle(
         "inference", [INFER, QUICKSTART], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt"
     )
     assert result.returncode != 0

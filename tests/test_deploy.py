@@ -10,8 +10,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export
 
-from scripts.deploy import PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 from scripts.network import SAM2LoRA
+from tools.deploy import PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 
 pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
 

@@ -9,24 +9,19 @@ import sys
 import mlflow
 import torch
 
+from scripts.handlers import read_training_log
 from scripts.network import SAM2LoRA
-from scripts.plots import read_training_log
 from scripts.synthetic import write_dataset
-from tests.test_bundle import BUNDLE, FAST, LOGGING, META, QUICKSTART, TRAIN, fail_message
-
-MULTI_GPU = str(BUNDLE / "configs" / "multi_gpu_train.json")
+from tests.helpers import FAST, MULTI_GPU, QUICKSTART, TRAIN, bundle_command, fail_message
 
 
 def test_two_gloo_processes_train_like_one(tmp_path):
     # 10 images: 6 training (3 per process), 2 validation (1 per process).
     datalist = write_dataset(tmp_path / "data", count=10, size=128)["vessels"]
     models, output = tmp_path / "models", tmp_path / "eval"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE), "--meta_file", META]
-    command += ["--config_file", str([TRAIN, QUICKSTART, MULTI_GPU]), "--logging_file", LOGGING]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     overrides = {**FAST, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
+    command = bundle_command("training", [TRAIN, QUICKSTART, MULTI_GPU], launcher=torchrun, **overrides)
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, fail_message(result)
     log = result.stdout + result.stderr

@@ -3,7 +3,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from scripts.errors import user_error
+import pytest
+
+from scripts.errors import command_line, user_error
 from scripts.inputs import InputError
 
 
@@ -19,11 +21,39 @@ def test_user_error_is_found_behind_monai_wrappers():
 
 
 def test_uncaught_user_errors_print_one_line_and_others_a_traceback():
-    ours = "import scripts; from scripts.inputs import InputError; raise InputError('Output folder /x cannot be written.')"
+    ours = (
+        "from scripts.errors import install_error_hook; from scripts.inputs import InputError; install_error_hook(); "
+        "raise InputError('Output folder /x cannot be written.')"
+    )
     result = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: Output folder /x cannot be written."
     theirs = subprocess.run(
-        [sys.executable, "-c", "import scripts; raise KeyError('bug')"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", "from scripts.errors import install_error_hook; install_error_hook(); raise KeyError('bug')"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert theirs.returncode == 1 and "Traceback" in theirs.stderr
+
+
+def test_importing_the_package_leaves_the_interpreter_s_error_hook_alone():
+    code = "import sys; hook = sys.excepthook; import scripts.network, scripts.handlers; print(sys.excepthook is hook)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def test_command_line_entry_points_print_our_errors_in_one_line(capsys):
+    @command_line
+    def main() -> int:
+        raise InputError("Datalist d.json does not exist.")
+
+    assert main() == 1
+    assert capsys.readouterr().err == "error: Datalist d.json does not exist.\n"
+
+    @command_line
+    def buggy() -> int:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        buggy()

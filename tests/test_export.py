@@ -21,10 +21,10 @@ import torch
 import yaml
 from PIL import Image
 
-from scripts.export import BUNDLE_NAME, ExportError, export_bundle, main
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import build_sam2_base
 from scripts.synthetic import write_dataset
+from tools.export import BUNDLE_NAME, ExportError, export_bundle, main
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -186,7 +186,7 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
 
 
 def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="scripts.export"):
+    with caplog.at_level("WARNING", logger="tools.export"):
         result = export_bundle(
             tmp_path / "dist", models["random_init"], config_file=[INFER, QUICKSTART], overrides={"image_size": 64}
         )
@@ -279,7 +279,7 @@ def test_model_that_does_not_fit_the_settings(models, tmp_path):
 def test_cli_reports_a_missing_model_in_one_line(tmp_path):
     missing = tmp_path / "model.pt"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.export", "--output", str(tmp_path), "--ckpt_path", str(missing),
+        [sys.executable, "-m", "tools.export", "--output", str(tmp_path), "--ckpt_path", str(missing),
          "--config_file", str([INFER, QUICKSTART])],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )

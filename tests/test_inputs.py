@@ -3,9 +3,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from scripts.inputs import InputError, image_folder_datalist, load_split, require_file, writable_folder
+from scripts.fundus_io import write_png
+from scripts.inputs import ImageFolder, InputError, load_split, writable_folder
 
 
 def write_datalist(folder: Path, entries: list[dict], split: str = "training") -> Path:
@@ -15,8 +17,9 @@ def write_datalist(folder: Path, entries: list[dict], split: str = "training") -
 
 
 def test_load_split_resolves_file_keys_against_the_datalist_folder(tmp_path):
-    for name in ("a.png", "a_label.png", "a_fov.png"):
-        (tmp_path / name).write_bytes(b"x")
+    photograph(tmp_path / "a.png")
+    for name in ("a_label.png", "a_fov.png"):
+        write_png(tmp_path / name, np.eye(40, dtype=bool))
     (tmp_path / "DRIVE").mkdir()  # a folder named like the dataset must not turn the name into a path
     entry = {"image": "a.png", "label": ["a_label.png"], "fov": "a_fov.png", "dataset": "DRIVE", "case": "01"}
     entries = load_split(write_datalist(tmp_path, [entry]), "training")
@@ -38,34 +41,41 @@ def test_load_split_names_every_problem(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(InputError, match=f"{broken}.*cannot be read as JSON"):
         load_split(broken, "training")
-    datalist = write_datalist(tmp_path, [{"image": "missing.png"}])
+    datalist = write_datalist(tmp_path, [{"image": "missing.png", "label": "missing_label.png"}])
     with pytest.raises(InputError, match="has no 'validation' list"):
         load_split(datalist, "validation")
-    with pytest.raises(InputError, match=r"1 missing files in 'training', e\.g\. entry 0 image: .*missing\.png"):
+    with pytest.raises(InputError, match=r"2 missing files in 'training', e\.g\. entry 0 image: .*missing\.png"):
         load_split(datalist, "training")
     with pytest.raises(InputError, match="'training' list is empty"):
         load_split(write_datalist(tmp_path, []), "training")
 
 
-def test_image_folder_datalist(tmp_path):
-    for name in ("b.PNG", "a.tif", "c.ppm.gz", "notes.txt"):
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "sub.png").mkdir()
-    assert [Path(e["image"]).name for e in image_folder_datalist(tmp_path)] == ["a.tif", "b.PNG", "c.ppm.gz"]
+def photograph(path: Path, size: int = 40) -> Path:
+    write_png(path, np.full((size, size, 3), 0.5, dtype=np.float32))
+    return path
+
+
+def test_image_folder_lists_the_images_sorted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("b.png", "a.png"):
+        photograph(images / name)
+    (images / "notes.txt").write_text("not an image")
+    (images / "sub.png").mkdir()
+    folder = ImageFolder(images, tmp_path / "out")
+    assert [Path(e["image"]).name for e in folder.entries] == ["a.png", "b.png"]
+    folder.report_unreadable()  # nothing to report
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match=f"{empty} holds no image"):
-        image_folder_datalist(empty)
+        ImageFolder(empty, tmp_path / "out")
     with pytest.raises(InputError, match="does not exist"):
-        image_folder_datalist(tmp_path / "nowhere")
+        ImageFolder(tmp_path / "nowhere", tmp_path / "out")
 
 
-def test_require_file_and_writable_folder(tmp_path):
+def test_writable_folder(tmp_path):
     present = tmp_path / "model.pt"
     present.write_bytes(b"")
-    assert require_file(present, "Trained model") == str(present)
-    with pytest.raises(InputError, match="Trained model .*gone.pt does not exist. Train one first"):
-        require_file(tmp_path / "gone.pt", "Trained model", "Train one first.")
     assert writable_folder(tmp_path / "new" / "out") == str(tmp_path / "new" / "out")
     assert (tmp_path / "new" / "out").is_dir()
     with pytest.raises(InputError, match="cannot be written"):

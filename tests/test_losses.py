@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scripts.losses import CompositeLoss, hard_iou
+from scripts.losses import CompositeLoss
 
 
 def sigmoid(x: float) -> float:
@@ -88,8 +88,7 @@ def test_gradients_are_finite_on_empty_masks():
 def test_iou_term():
     logits = torch.tensor([3.0, 3.0, -3.0, 3.0]).view(1, 1, 2, 2)
     target = torch.tensor([1.0, 1.0, 1.0, 0.0]).view(1, 1, 2, 2)
-    # prediction {0, 1, 3}, truth {0, 1, 2}: intersection 2, union 4
-    assert hard_iou(logits, target).item() == pytest.approx(0.5)
+    # prediction {0, 1, 3}, truth {0, 1, 2}: intersection 2, union 4, IoU 0.5
     loss_fn = CompositeLoss(iou_weight=0.1)
     without = loss_fn(logits, target)
     predicted = torch.tensor([[0.9]], requires_grad=True)
@@ -97,7 +96,9 @@ def test_iou_term():
     assert (with_iou - without).item() == pytest.approx(0.1 * 0.4, rel=1e-5)
     with_iou.backward()
     assert predicted.grad.item() == pytest.approx(0.1)
-    assert hard_iou(torch.full((1, 1, 2, 2), -5.0), torch.zeros(1, 1, 2, 2)).item() == 1.0
+    # nothing predicted, nothing to find: IoU 1, so predicting 1 costs nothing
+    empty, nothing = torch.full((1, 1, 2, 2), -5.0), torch.zeros(1, 1, 2, 2)
+    assert loss_fn.terms(empty, nothing, torch.tensor([[1.0]]))["iou"].item() == 0.0
 
 
 def test_shape_mismatch_is_named():

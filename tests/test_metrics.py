@@ -24,9 +24,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from scripts.handlers import FundusMetricsWriter
 from scripts.metrics import (
     METRICS,
-    FundusMetricsWriter,
     ReportWriteError,
     evaluate_case,
     format_summary_table,
@@ -311,7 +311,7 @@ def test_writer_handler_with_a_real_engine(tmp_path, caplog):
     engine = Engine(step)
     writer = FundusMetricsWriter(tmp_path / "eval", channel_names=["vessels"])
     writer.attach(engine)
-    with caplog.at_level(logging.INFO, logger="scripts.metrics"):
+    with caplog.at_level(logging.INFO, logger="scripts.handlers.evaluation"):
         engine.run(batches, max_epochs=2)
 
     assert len(writer.records) == 3  # reset at each epoch

@@ -25,9 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.export import BUNDLE_NAME, export_bundle
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
+from tools.export import BUNDLE_NAME, export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

@@ -11,13 +11,8 @@ from torch import nn
 
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
-from scripts.sam2_models import (
-    HIERA_SIZES,
-    CheckpointError,
-    build_sam2_base,
-    checkpoint_hiera_size,
-    parameters_on_meta_device,
-)
+from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
+from tests.helpers import parameters_on_meta_device
 
 IMAGE_SIZE = 64  # the smallest size Hiera accepts; keeps every test fast on a CPU
 SAM_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -51,7 +46,14 @@ def without_adapters(network: SAM2LoRA) -> SAM2LoRA:
 
 @pytest.fixture(scope="module")
 def network() -> SAM2LoRA:
+    """One tiny network for the module: building one takes seconds, copying it a fraction."""
     return tiny_network().eval()
+
+
+@pytest.fixture
+def fresh(network) -> SAM2LoRA:
+    """A copy of the module's network that a test may change."""
+    return copy.deepcopy(network)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,8 @@ def test_forward_reproduces_sam2_image_predictor(network):
     np.testing.assert_allclose(ours.iou_predictions[0].numpy(), expected_iou, atol=1e-5)
 
 
-def test_merged_equals_unmerged_and_unmerge_restores_weights():
-    network = tiny_network().eval()
+def test_merged_equals_unmerged_and_unmerge_restores_weights(fresh):
+    network = fresh
     randomise_adapters(network)
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -107,8 +109,8 @@ def test_merged_equals_unmerged_and_unmerge_restores_weights():
         torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
 
 
-def test_adapters_change_the_output():
-    network = tiny_network().eval()
+def test_adapters_change_the_output(fresh):
+    network = fresh
     images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         untrained = network(images)
@@ -117,15 +119,15 @@ def test_adapters_change_the_output():
     assert (adapted - untrained).abs().max() > 1e-3
 
 
-def test_training_a_merged_network_is_refused():
-    network = tiny_network()
+def test_training_a_merged_network_is_refused(fresh):
+    network = fresh
     network.merge_adapters()
     with pytest.raises(RuntimeError, match="unmerge"):
         network.train()(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
-def test_only_adapters_train_and_a_step_changes_only_them():
-    network = tiny_network().train()
+def test_only_adapters_train_and_a_step_changes_only_them(fresh):
+    network = fresh.train()
     trainable = {name for name, p in network.named_parameters() if p.requires_grad}
     assert trainable and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
     assert len(trainable) == 2 * len(network.adapted_layers)
@@ -186,8 +188,7 @@ def test_output_has_the_input_size_for_non_square_images():
     assert output.iou_predictions.shape == (1, 2)
 
 
-def test_bad_inputs_and_settings_are_named():
-    network = tiny_network()
+def test_bad_inputs_and_settings_are_named(network):
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         network(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="together"):
@@ -244,11 +245,11 @@ def test_adapter_only_round_trip(meta_checkpoint, tmp_path):
         other_rank.load_adapters(path)
 
 
-def test_full_state_dict_round_trip_preserves_merged_state():
-    trained = tiny_network().eval()
+def test_full_state_dict_round_trip_preserves_merged_state(network):
+    trained = copy.deepcopy(network)
     randomise_adapters(trained)
     trained.merge_adapters()
-    restored = tiny_network().eval()
+    restored = copy.deepcopy(network)
     restored.load_state_dict(trained.state_dict())
     images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
@@ -308,8 +309,8 @@ def test_default_rank_trains_under_five_percent(size):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_runs_on_cuda():
-    network = tiny_network().cuda().eval()
+def test_runs_on_cuda(fresh):
+    network = fresh.cuda().eval()
     with torch.no_grad():
         output = network(torch.randn(1, 3, 80, 72, device="cuda"))
     assert output.device.type == "cuda" and output.shape == (1, 1, 80, 72)

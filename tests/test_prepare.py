@@ -13,7 +13,7 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from scripts.fundus_io import read_mask, write_png
-from scripts.prepare import main, prepare_dataset
+from tools.prepare import main, prepare_dataset
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     # A real process, to see the exit status and that no traceback reaches the user.
     output.write_text("kept")
     failed = subprocess.run(
-        [sys.executable, "-m", "scripts.prepare", "--dataset", "DRIVE", "--src", str(src), "--output", str(output)],
+        [sys.executable, "-m", "tools.prepare", "--dataset", "DRIVE", "--src", str(src), "--output", str(output)],
         cwd=REPOSITORY,
         capture_output=True,
         text=True,

@@ -13,9 +13,9 @@ import scipy.io
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from scripts.datasets import DatasetError, get_description
 from scripts.fundus_io import FundusImageError, read_mask
-from scripts.prepare import find_cases, pool_datalists, prepare_dataset, split_cases
+from tools.datasets import DatasetError, get_description
+from tools.prepare import find_cases, pool_datalists, prepare_dataset, split_cases
 
 # Non-square so that a width/height mix-up shows.
 HEIGHT, WIDTH = 48, 64

@@ -19,10 +19,11 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 from torch import nn
 
-from scripts.checkpointing import CHECKPOINT_FORMAT, ResumeError, TrainingCheckpoint, save_atomic
-from scripts.plots import read_training_log
+from scripts.atomic import save_torch_atomic
+from scripts.handlers import ResumeError, TrainingCheckpoint, read_training_log
+from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.synthetic import write_dataset
-from tests.test_bundle import BUNDLE, FAST, LOGGING, META, QUICKSTART, TRAIN, fail_message, run_in_process
+from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,12 +132,12 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from scripts.checkpointing import save_atomic
+    from scripts.atomic import save_torch_atomic
     big = torch.zeros(4 * 1024 * 1024)
     step = 0
     while True:
         step += 1
-        save_atomic({"step": step, "big": big + step}, sys.argv[1])
+        save_torch_atomic({"step": step, "big": big + step}, sys.argv[1])
         print(step, flush=True)
     """
 )
@@ -158,12 +159,8 @@ def test_sigkill_during_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
 
 
 def _bundle_command(root: Path, datalist: Path, **overrides) -> list[str]:
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
-    command += ["--meta_file", META, "--config_file", str([TRAIN, QUICKSTART]), "--logging_file", LOGGING]
     settings = {**FAST, "datalist": datalist, "ckpt_dir": root / "models", "output_dir": root / "eval", **overrides}
-    for key, value in settings.items():
-        command += [f"--{key}", str(value)]
-    return command
+    return bundle_command("training", [TRAIN, QUICKSTART], **settings)
 
 
 def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
@@ -226,7 +223,7 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
     models = tmp_path / "models"
     torch.manual_seed(0)
     models.mkdir()
-    save_atomic({"format": CHECKPOINT_FORMAT, "settings": {"lora_rank": 8}}, models / "latest_checkpoint.pt")
+    save_torch_atomic({"format": CHECKPOINT_FORMAT, "settings": {"lora_rank": 8}}, models / "latest_checkpoint.pt")
     error = run_in_process(
         "training",
         [TRAIN, QUICKSTART],

@@ -1,6 +1,6 @@
 """Functional tests of the speed and memory features: what they compute must not change, what they save must be saved.
 
-Timings are the benchmark's job (``python -m scripts.benchmark``); nothing here measures time.
+Timings are the benchmark's job (``python -m tools.benchmark``); nothing here measures time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from monai.engines import SupervisedEvaluator
 from torch import nn
 
-from scripts.acceleration import MergeAdapters, set_tf32
+from scripts.acceleration import set_tf32
+from scripts.handlers import MergeAdapters
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
 

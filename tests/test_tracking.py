@@ -21,16 +21,14 @@ from PIL import Image
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
 from scripts.tracking import TrackingError, _Delivery, describe_training_data, flatten_settings
-from tests.test_bundle import (
-    BUNDLE,
+from tests.helpers import (
     EVALUATE,
     FAST,
-    LOGGING,
-    META,
     QUICKSTART,
     TRAIN,
-    bundle_cli,
+    bundle_command,
     fail_message,
+    run_bundle,
     run_in_process,
 )
 
@@ -53,7 +51,7 @@ def _only_run(client: mlflow.MlflowClient):
 def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_store(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
     output = tmp_path / "eval"
-    result = bundle_cli(
+    result = run_bundle(
         "training",
         [TRAIN, QUICKSTART],
         cwd=tmp_path,
@@ -213,8 +211,6 @@ def tracking_server(tmp_path):
 def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tmp_path):
     uri, server = tracking_server
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE)]
-    command += ["--meta_file", META, "--config_file", str([TRAIN, QUICKSTART]), "--logging_file", LOGGING]
     overrides = {
         **FAST,
         "max_epochs": 2,
@@ -226,8 +222,7 @@ def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tm
         "tracking_flush_timeout": 5,
         "tracking_retry_interval": 1,
     }
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
+    command = bundle_command("training", [TRAIN, QUICKSTART], **overrides)
     training = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(training.stdout.readline, "")), daemon=True)
@@ -265,7 +260,7 @@ def test_evaluation_draws_its_metrics_per_dataset(tmp_path):
     network = SAM2LoRA(model_size="tiny", random_init=True, image_size=64)
     torch.save(network.state_dict(), tmp_path / "model.pt")
     output = tmp_path / "metrics"
-    result = bundle_cli(
+    result = run_bundle(
         "evaluating",
         [TRAIN, EVALUATE, QUICKSTART],
         cwd=tmp_path,

@@ -17,7 +17,7 @@ def photo(tmp_path):
     image = np.zeros((20, 30, 3), dtype=np.float32)
     rows, cols = np.mgrid[:20, :30]
     image[(rows - 10) ** 2 + (cols - 15) ** 2 < 81] = (0.8, 0.4, 0.2)
-    path = tmp_path / "eye.tif.png"
+    path = tmp_path / "eye.png"
     write_png(path, image)
     return path
 

@@ -22,13 +22,12 @@ vessel) and the prediction outside the FOV is background. Predictions are writte
 
 Command line::
 
-    python -m scripts.baseline --datalist datalists/drive.json --output eval/baseline_drive [--split test]
+    python -m tools.baseline --datalist datalists/drive.json --output eval/baseline_drive [--split test]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -39,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import load_decathlon_datalist
 from scipy import ndimage
 from scipy.special import expit
 from skimage.morphology import black_tophat, disk
 
-from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask
+from scripts.errors import ConfigError, command_line
+from scripts.fundus_io import estimate_fov, read_image, read_label_mask
+from scripts.inputs import InputError, load_split
 from scripts.metrics import evaluate_case, format_summary_table, summarise, write_reports
 
 __all__ = [
@@ -133,29 +133,23 @@ def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
         FundusImageError: when a file cannot be read.
     """
     datalist = Path(datalist)
-    entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=datalist.parent)
-    if not entries:
-        raise ValueError(f"datalist {datalist} has no {split!r} entries")
-    # MONAI turns any value naming an existing file beside the datalist into a path, so a dataset called "DRIVE"
-    # next to a DRIVE/ folder would come back as ".../DRIVE": take the names from the file as written.
-    with open(datalist, encoding="utf-8") as stream:
-        dataset_names = [str(raw.get("dataset", "unknown")) for raw in json.load(stream)[split]]
-    for entry, dataset_name in zip(entries, dataset_names):
+    entries = load_split(datalist, split)
+    for entry in entries:
         if not isinstance(entry.get("label"), (str, os.PathLike)):
-            raise ValueError(
+            raise InputError(
                 f"the baseline segments vessels: entry {entry.get('image')} of {datalist} has label "
                 f"{entry.get('label')!r}, not one vessel mask"
             )
         image = read_image(entry["image"])
-        label = read_mask(entry["label"]) > 0
-        fov = read_mask(entry["fov"]) > 0 if entry.get("fov") else estimate_fov(image)
+        label = read_label_mask(entry["label"])
+        fov = read_label_mask(entry["fov"]) if entry.get("fov") else estimate_fov(image)
         if label.shape != image.shape[:2] or fov.shape != image.shape[:2]:
-            raise ValueError(
+            raise InputError(
                 f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
             )
         if not fov.any():
-            raise ValueError(f"{entry['image']}: the field-of-view mask is empty")
-        yield VesselCase(str(entry["image"]), dataset_name, image, label, fov)
+            raise InputError(f"{entry['image']}: the field-of-view mask is empty")
+        yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov)
 
 
 def _fov_scale(fov: np.ndarray) -> float:
@@ -260,7 +254,7 @@ def fit_parameters(
             for j, radius in enumerate(radii):
                 dice_sum[i, j] += _dice_per_threshold(_top_hat(green, case.fov, radius), case, threshold_grid)
     if not fitted_on:
-        raise ValueError("fit_parameters needs at least one training case")
+        raise InputError("fit_parameters needs at least one training case")
     mean_dice = dice_sum / len(fitted_on)
     i, j, k = np.unravel_index(int(np.argmax(mean_dice)), mean_dice.shape)
     parameters = TopHatParameters(int(radii[j]), float(sigmas[i]), float(threshold_grid[k]))
@@ -327,7 +321,7 @@ def run_baseline(
         ValueError: when ``split`` is the training split, or on datalist problems (see :func:`iter_cases`).
     """
     if split == "training":
-        raise ValueError("the baseline is fitted on the training split; evaluate it on another split")
+        raise ConfigError("the baseline is fitted on the training split; evaluate it on another split (--split)")
     started = time.monotonic()
     fit = fit_parameters(iter_cases(datalist, "training"), radii, sigmas, thresholds)
     logger.info("fitted on %d training images: %s", len(fit.fitted_on), fit.parameters)
@@ -354,7 +348,7 @@ def run_baseline(
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.baseline",
+        prog="python -m tools.baseline",
         description="Fit a green-channel top-hat vessel baseline on the training split and evaluate it.",
     )
     parser.add_argument("--datalist", required=True, help="vessel datalist JSON (MONAI format)")
@@ -365,6 +359,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point.
 
@@ -372,15 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        0 on success, 1 when the datalist, images or output folder are unusable (the error is logged).
+        0 on success, 1 when the datalist, images or output folder are unusable (the error is printed in one line).
     """
     arguments = _parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_baseline(arguments.datalist, arguments.output, arguments.split, arguments.radii, arguments.sigmas)
-    except (ValueError, OSError, FundusImageError) as error:
-        logger.error("%s", error)
-        return 1
+    result = run_baseline(arguments.datalist, arguments.output, arguments.split, arguments.radii, arguments.sigmas)
     logger.info("reports: %s", ", ".join(str(path) for path in result["paths"].values()))
     return 0
 

@@ -1,10 +1,13 @@
-"""Ignite handlers the bundle's training workflow adds to MONAI's SupervisedTrainer."""
+"""Gradient clipping for MONAI's ``SupervisedTrainer``, aware of its gradient accumulation."""
 
 from __future__ import annotations
 
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+
+from scripts.errors import ConfigError
+from scripts.handlers.utils import optimizer_steps_now
 
 __all__ = ["GradientClipping"]
 
@@ -22,26 +25,16 @@ class GradientClipping:
 
     def __init__(self, max_norm: float = 1.0) -> None:
         if max_norm <= 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm}.")
+            raise ConfigError(f"Setting 'gradient_clip_norm' (GradientClipping max_norm) must be positive, got {max_norm}.")
         self.max_norm = max_norm
 
     def attach(self, engine: SupervisedTrainer) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine: SupervisedTrainer) -> None:
-        if not self._steps_now(engine):
+        if not optimizer_steps_now(engine):
             return
         if engine.amp and engine.scaler is not None:
             engine.scaler.unscale_(engine.optimizer)
         parameters = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         engine.state.metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_norm))
-
-    @staticmethod
-    def _steps_now(engine: SupervisedTrainer) -> bool:
-        """Whether SupervisedTrainer steps the optimiser after this backward pass (its own accumulation rule)."""
-        steps = engine.accumulation_steps
-        if steps <= 1:
-            return True
-        epoch_length = engine.state.epoch_length
-        position = (engine.state.iteration - 1) % epoch_length if epoch_length else engine.state.iteration - 1
-        return (position + 1) % steps == 0 or (epoch_length is not None and position + 1 == epoch_length)

@@ -1,6 +1,6 @@
-"""Deployable exports of the prompt-free network, adapters merged: ONNX, TorchScript and torch.export programs.
+"""Deployable exports of the prompt-free network, adapters merged: ONNX and torch.export programs.
 
-``python -m scripts.deploy --format onnx --ckpt_path model.pt --output model.onnx [--config_file ...] [--key value]``
+``python -m tools.deploy --format onnx --ckpt_path model.pt --output model.onnx [--config_file ...] [--key value]``
 
 Every export takes images already resized to the network's ``image_size`` and SAM-normalised (the bundle's
 preprocessing), has a dynamic batch dimension, and returns mask logits (B, C, image_size, image_size). What works
@@ -9,7 +9,8 @@ and what does not, measured with torch 2.15:
 - ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript): works, dynamic batch; checked
   against PyTorch with onnxruntime after writing. Height and width are fixed: SAM 2's code branches in Python
   on the input size (resize to ``image_size``, padding to Hiera's windows), so torch.export specialises them.
-- TorchScript by tracing (MONAI's ``ckpt_export --use_trace True``): works at the traced image size.
+- TorchScript: not here but with MONAI's own ``python -m monai.bundle ckpt_export network_def --use_trace True
+  --input_shape "[1, 3, S, S]" ...`` (docs/distribution.md), which works at the traced image size.
   ``torch.jit.script`` (``ckpt_export``'s default) does not: SAM 2's modules use Python constructs TorchScript
   cannot type (dictionaries keyed by tuples as caches, dataclass-like outputs, ``**kwargs``).
 - torch.export (``.pt2``): works, dynamic batch, fixed height and width, as for ONNX; exported under
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.export import ExportError, config_files, load_trained, network_settings, parse_overrides
+from scripts.atomic import OutputError, atomic_path
+from scripts.errors import FundusError, command_line
 from scripts.network import SAM2LoRA
-from scripts.sam2_models import CheckpointError
+from tools.export import config_files, load_trained, network_settings, parse_overrides
 
 __all__ = [
     "FORMATS",
@@ -41,19 +43,18 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "export_program",
-    "export_torchscript",
     "main",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript", "exported_program")
+FORMATS = ("onnx", "exported_program")
 # The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
 # would not fit any accelerator anyway.
 MAX_BATCH = 1024
 
 
-class DeployError(RuntimeError):
+class DeployError(FundusError, RuntimeError):
     """An export failed or its outputs do not match PyTorch's; the message names the file."""
 
 
@@ -83,11 +84,6 @@ def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
 def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = 18) -> Path:
     """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically.
 
@@ -95,23 +91,23 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
         DeployError: the export failed.
     """
     path = Path(path)
-    partial = _atomic_target(path)
     try:
-        torch.onnx.export(
-            model,
-            (model.example(),),
-            str(partial),
-            dynamo=True,
-            external_data=False,
-            opset_version=opset,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes={"images": {0: _batch_dim()}},
-        )
+        with atomic_path(path) as partial:
+            torch.onnx.export(
+                model,
+                (model.example(),),
+                str(partial),
+                dynamo=True,
+                external_data=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"images": {0: _batch_dim()}},
+            )
+    except OutputError:
+        raise
     except Exception as error:  # the exporter raises many kinds of errors
-        partial.unlink(missing_ok=True)
         raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
-    partial.replace(path)
     return path
 
 
@@ -133,25 +129,6 @@ def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torc
     return float(np.abs(onnx_logits - torch_logits).max())
 
 
-def export_torchscript(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
-    """Write ``model`` as TorchScript by tracing (scripting fails on SAM 2's code), atomically.
-
-    Raises:
-        DeployError: tracing failed.
-    """
-    path = Path(path)
-    partial = _atomic_target(path)
-    try:
-        with torch.no_grad():
-            traced = torch.jit.trace(model, model.example(), check_trace=False)
-        torch.jit.save(traced, str(partial))
-    except Exception as error:  # tracing raises many kinds of errors
-        partial.unlink(missing_ok=True)
-        raise DeployError(f"TorchScript export to {path} failed ({type(error).__name__}: {error}).") from error
-    partial.replace(path)
-    return path
-
-
 def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
     """Write ``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch, atomically.
 
@@ -159,17 +136,17 @@ def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
         DeployError: the export failed.
     """
     path = Path(path)
-    partial = _atomic_target(path)
     try:
         # Under no_grad: SAM 2's positional encoding is a @torch.no_grad() function, and a grad-mode switch inside
         # the graph becomes a node that torch.export.save writes but torch.export.load then rejects.
         with torch.no_grad():
             program = torch.export.export(model, (model.example(),), dynamic_shapes={"images": {0: _batch_dim()}})
-        torch.export.save(program, str(partial))
+        with atomic_path(path) as partial:
+            torch.export.save(program, str(partial))
+    except OutputError:
+        raise
     except Exception as error:  # torch.export raises many kinds of errors
-        partial.unlink(missing_ok=True)
         raise DeployError(f"torch.export to {path} failed ({type(error).__name__}: {error}).") from error
-    partial.replace(path)
     return path
 
 
@@ -180,20 +157,21 @@ def load_segmenter(
     return PromptFreeSegmenter(load_trained(Path(ckpt_path), network_settings(config_file, overrides)))
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m scripts.deploy --format FORMAT --ckpt_path model.pt --output FILE [...]``.
+    """Command line: ``python -m tools.deploy --format FORMAT --ckpt_path model.pt --output FILE [...]``.
 
     Returns:
         The process exit status (0 on success).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.deploy",
+        prog="python -m tools.deploy",
         description=__doc__.splitlines()[0],
         epilog="Any further --key value pairs override config entries, as with `python -m monai.bundle run`.",
     )
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
-    parser.add_argument("--output", required=True, help="the file to write (.onnx, .ts or .pt2)")
+    parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
     parser.add_argument(
         "--config_file",
         default="bundle/configs/inference.json",
@@ -201,20 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model = load_segmenter(args.ckpt_path, config_files(args.config_file), parse_overrides(extra))
-        if args.format == "onnx":
-            path = export_onnx(model, args.output)
-            difference = check_onnx(path, model, model.example(batch=3))
-            logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
-        elif args.format == "torchscript":
-            path = export_torchscript(model, args.output)
-        else:
-            path = export_program(model, args.output)
-    except (ExportError, CheckpointError, DeployError) as error:
-        # Run as __main__, these classes are not the package's own, which the error hook reports in one line.
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    model = load_segmenter(args.ckpt_path, config_files(args.config_file), parse_overrides(extra))
+    if args.format == "onnx":
+        path = export_onnx(model, args.output)
+        difference = check_onnx(path, model, model.example(batch=3))
+        logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
+    else:
+        path = export_program(model, args.output)
     print(path)
     return 0
 

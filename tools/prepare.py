@@ -1,14 +1,14 @@
 """Build MONAI datalists from fundus datasets as they are distributed, and pool datalists for cross-dataset training.
 
-One generic loader serves every dataset of :mod:`scripts.datasets`: it finds the cases a description's patterns
+One generic loader serves every dataset of :mod:`tools.datasets`: it finds the cases a description's patterns
 match under the source folder, splits them (official or seeded), decodes and checks every image and annotation once,
 writes the masks it has to derive (decoded annotations, annotator unions, estimated fields of view) as PNG files into
 ``<output folder>/<dataset>_derived/``, and writes the datalist atomically.
 
 Command line::
 
-    python -m scripts.prepare --dataset DRIVE --src /data/DRIVE --output datalists/drive.json
-    python -m scripts.prepare --pool datalists/drive.json datalists/chase.json --output datalists/vessels.json
+    python -m tools.prepare --dataset DRIVE --src /data/DRIVE --output datalists/drive.json
+    python -m tools.prepare --pool datalists/drive.json datalists/chase.json --output datalists/vessels.json
 
 Defaults and choices:
 
@@ -48,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from scripts.atomic import write_json_atomic
-from scripts.datasets import (
+from scripts.errors import command_line
+from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
+from tools.datasets import (
     ANNOTATORS,
     DATASETS,
     TASK_STRUCTURES,
@@ -59,7 +61,6 @@ from scripts.datasets import (
     get_description,
     read_binary_mask,
 )
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
 
 __all__ = [
     "SPLIT_METHODS",
@@ -478,7 +479,7 @@ def prepare_dataset(
     is written atomically, so re-running rewrites them safely.
 
     Args:
-        name: dataset name (:data:`scripts.datasets.DATASETS`, any letter case) or ``folder``.
+        name: dataset name (:data:`tools.datasets.DATASETS`, any letter case) or ``folder``.
         src: the folder the dataset was unpacked into.
         output: the datalist JSON file to write.
         annotator: ``first`` (the reference), ``second`` or ``union`` (pixelwise OR of both, as in SAM2LoRA).
@@ -612,7 +613,7 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
 def _parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.prepare",
+        prog="python -m tools.prepare",
         description="Write a MONAI datalist (training/validation/test) for a fundus dataset as distributed, "
         "or pool several datalists.",
     )
@@ -634,6 +635,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors are printed as one line, without a traceback.
 
@@ -645,27 +647,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        if arguments.pool:
-            datalist = pool_datalists(arguments.pool, arguments.output)
-        else:
-            if arguments.src is None:
-                raise DatasetError("--src is required with --dataset")
-            datalist = prepare_dataset(
-                arguments.dataset,
-                arguments.src,
-                arguments.output,
-                annotator=arguments.annotator,
-                split=arguments.split,
-                seed=arguments.seed,
-                test_fraction=arguments.test_fraction,
-                val_fraction=arguments.val_fraction,
-                task=arguments.task,
-                folder_name=arguments.name,
-            )
-    except (DatasetError, FundusImageError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if arguments.pool:
+        datalist = pool_datalists(arguments.pool, arguments.output)
+    else:
+        if arguments.src is None:
+            raise DatasetError("--src is required with --dataset")
+        datalist = prepare_dataset(
+            arguments.dataset,
+            arguments.src,
+            arguments.output,
+            annotator=arguments.annotator,
+            split=arguments.split,
+            seed=arguments.seed,
+            test_fraction=arguments.test_fraction,
+            val_fraction=arguments.val_fraction,
+            task=arguments.task,
+            folder_name=arguments.name,
+        )
     print(
         f"wrote {arguments.output}: {datalist['dataset']} ({datalist['task']}), {datalist['numTraining']} training, "
         f"{datalist['numValidation']} validation, {datalist['numTest']} test"

@@ -12,8 +12,13 @@ The checkpoint (``latest_checkpoint.pt`` in the checkpoint folder) holds:
   mixing two experiments; and any extra state registered by other components (the MLflow run id).
 
 It is written every ``interval`` iterations (on iterations that close a gradient-accumulation window, so no
-half-accumulated gradient is lost), at the end of every epoch and when training completes, always to a temporary file
-renamed over the previous checkpoint: a kill during a write leaves the previous checkpoint intact.
+half-accumulated gradient is lost, and not on an epoch's last iteration), at the end of every epoch once its
+validation is done and when training completes, always to a temporary file renamed over the previous checkpoint: a
+kill during a write leaves the previous checkpoint intact, and a kill during a validation resumes before it, so the
+validation (and the best model it may save) is done again.
+
+A new run (``resume`` false) into folders that hold an earlier run keeps that run: :func:`keep_earlier_run` copies
+its models, log and pictures into ``<ckpt_dir>/earlier_runs/<time>/`` before anything is overwritten.
 
 Resuming mid-epoch follows ignite: the trainer restarts at the saved iteration and runs the epoch's remaining
 iterations on a freshly shuffled pass of the training data, so iteration counts, the learning-rate schedule and the
@@ -26,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +43,11 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
-from scripts.atomic import atomic_path
+from scripts.atomic import save_torch_atomic
+from scripts.errors import FundusError
+from scripts.handlers.utils import optimizer_steps_now, unwrap_network
 
-__all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "save_atomic"]
+__all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "keep_earlier_run"]
 
 CHECKPOINT_FORMAT = "sam2lora-training/1"
 
@@ -47,34 +56,15 @@ RESUME_CHOICES = ("false", "true", "auto")
 # Settings a resumed run may change: training longer than first planned is a normal reason to resume.
 CHANGEABLE_ON_RESUME = frozenset({"max_epochs"})
 
+# What a training run writes that a new run in the same folders would replace.
+EARLIER_RUN_MODELS = ("model.pt", "model_best.pt", "latest_checkpoint.pt")
+EARLIER_RUN_OUTPUTS = ("training_log.jsonl", "training_curves.png", "validation_by_dataset.png", "overlays")
+
 logger = logging.getLogger(__name__)
 
 
-class ResumeError(ValueError):
+class ResumeError(FundusError, ValueError):
     """A run cannot be resumed as asked; the message names the checkpoint or the setting and what is wrong."""
-
-
-def save_atomic(content: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
-
-    Args:
-        content: what to save.
-        path: the destination; the previous file stays whole until the new one is complete.
-    """
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            torch.save(dict(content), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600 files; a checkpoint should be as readable as torch.save would have made it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel / DataParallel wrapper (the wrapper adds ``module.`` keys)."""
-    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
 
 
 def frozen_fingerprint(network: nn.Module) -> str:
@@ -87,7 +77,7 @@ def frozen_fingerprint(network: nn.Module) -> str:
         A hex digest; equal for two networks whose frozen weights are equal.
     """
     digest = hashlib.sha256()
-    for name, parameter in _unwrap(network).named_parameters():
+    for name, parameter in unwrap_network(network).named_parameters():
         if parameter.requires_grad:
             continue
         values = parameter.detach().to("cpu", torch.float64)
@@ -121,7 +111,7 @@ class TrainingCheckpoint:
         lr_scheduler: the learning-rate scheduler, stepped by the trainer's handlers.
         settings: the run's hyper-parameters and data description (plain values); a resume requires equal ones,
             except ``max_epochs``.
-        resume: ``false`` starts afresh (an existing checkpoint is replaced at the first save, with a warning),
+        resume: ``false`` starts afresh (an earlier run's files are kept by :func:`keep_earlier_run`),
             ``true`` resumes from the checkpoint and fails if there is none, ``auto`` resumes when there is one.
         interval: save every this many iterations (rounded to the next iteration that closes an accumulation
             window); 0 saves at epoch ends only.
@@ -198,7 +188,7 @@ class TrainingCheckpoint:
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Everything the checkpoint holds, for ``engine`` at its current iteration."""
-        network = _unwrap(self.network)
+        network = unwrap_network(self.network)
         trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
         content: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
@@ -226,27 +216,23 @@ class TrainingCheckpoint:
         """Write the checkpoint for ``engine``'s current iteration (once per iteration), atomically."""
         if engine.state.iteration == self._last_saved_iteration:
             return
-        save_atomic(self.state_dict(engine), self.path)
+        save_torch_atomic(self.state_dict(engine), self.path)
         self._last_saved_iteration = engine.state.iteration
         logger.info(
             f"Saved resumable checkpoint {self.path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})."
         )
 
     def _save_on_interval(self, engine: Engine) -> None:
-        iteration = engine.state.iteration
-        if iteration - max(self._last_saved_iteration, self._start_iteration) >= self.interval and _closes_window(
-            engine
-        ):
+        since = engine.state.iteration - max(self._last_saved_iteration, self._start_iteration)
+        # An epoch's last iteration is saved at EPOCH_COMPLETED, after the validation: saved before it, a resume
+        # would count the epoch as done and skip the validation and the best model it may save.
+        last_of_epoch = engine.state.iteration % engine.state.epoch_length == 0
+        if since >= self.interval and optimizer_steps_now(engine) and not last_of_epoch:
             self.save(engine)
 
     def _read_resumable(self) -> dict[str, Any] | None:
         exists = self.path.is_file()
         if self.resume == "false":
-            if exists:
-                logger.warning(
-                    f"{self.path} holds the checkpoint of an earlier run; this run starts afresh and replaces it at its "
-                    "first save (pass --resume true to continue that run instead)."
-                )
             return None
         if not exists:
             if self.resume == "true":
@@ -283,11 +269,28 @@ class TrainingCheckpoint:
                 "(another base checkpoint, or another seed with random_init)."
             )
 
+    def _best_model_is_whole(self) -> bool:
+        """Whether every best model the resumed run recorded as saved is on disk and loads."""
+        for saver in self.best_model_savers:
+            if not saver._saved:
+                continue
+            handler = saver.save_handler
+            path = Path(handler.dirname) / (getattr(handler, "filename", None) or saver._saved[-1].filename)
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # missing, truncated or damaged: torch raises many kinds
+                logger.warning(
+                    f"Resuming: the best model {path} recorded by the interrupted run cannot be loaded "
+                    f"({type(error).__name__}); the next validation saves a new best model."
+                )
+                return False
+        return True
+
     def _apply_resume(self, engine: Engine) -> None:
         if self.resumed is None:
             return
         content = self.resumed
-        network = _unwrap(self.network)
+        network = unwrap_network(self.network)
         missing = set(content["network_trainable"]) ^ {n for n, p in network.named_parameters() if p.requires_grad}
         if missing:
             raise ResumeError(
@@ -311,21 +314,18 @@ class TrainingCheckpoint:
         if self.validator is not None and "validator" in content:
             self.validator.state.best_metric = content["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = content["validator"]["best_metric_epoch"]
-        for saver, state in zip(self.best_model_savers, content.get("best_model_savers", [])):
-            saver.load_state_dict(state)
+        if self._best_model_is_whole():
+            for saver, state in zip(self.best_model_savers, content.get("best_model_savers", [])):
+                saver.load_state_dict(state)
+        elif self.validator is not None:
+            # Without the record of a best score, the next validation saves a new best model.
+            self.validator.state.best_metric = -1
+            self.validator.state.best_metric_epoch = -1
         self._start_iteration = self._last_saved_iteration = engine.state.iteration
         logger.info(
             f"Resumed from {self.path}: epoch {engine.state.epoch + 1} goes on after iteration {engine.state.iteration} "
             f"of {engine.state.max_epochs * engine.state.epoch_length}."
         )
-
-
-def _closes_window(engine: Engine) -> bool:
-    """Whether the optimiser stepped at this iteration under MONAI's accumulation rule (no gradient is pending)."""
-    steps = getattr(engine, "accumulation_steps", 1)
-    epoch_length = engine.state.epoch_length
-    position = (engine.state.iteration - 1) % epoch_length + 1 if epoch_length else engine.state.iteration
-    return steps <= 1 or position % steps == 0 or position == epoch_length
 
 
 def _plain(value: Any) -> Any:
@@ -337,3 +337,38 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
+    """Copy an earlier run's files aside before a new run (``resume`` false) writes over them.
+
+    Copied, not moved: a fine-tuning run (MONAI Label's) starts from the ``model.pt`` it replaces.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder (``model.pt``, ``model_best.pt``, ``latest_checkpoint.pt``).
+        output_dir: the run's output folder (the training log and pictures).
+        resume: the run's ``resume`` setting; nothing is copied when the run resumes.
+
+    Returns:
+        The folder the earlier run was copied into, or None when there was none (or the run resumes).
+    """
+    # torchrun's RANK: this runs in the workflow's initialize, before the process group exists.
+    if _parse_resume(resume) != "false" or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
+    found = [ckpt_dir / name for name in EARLIER_RUN_MODELS if (ckpt_dir / name).exists()]
+    found += [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found:
+        return None
+    target = ckpt_dir / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        if path.is_dir():
+            shutil.copytree(path, target / path.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, target / path.name)
+    logger.warning(
+        f"{ckpt_dir} and {output_dir} hold an earlier run; its files ({', '.join(p.name for p in found)}) were "
+        f"copied to {target} before this new run replaces them (pass --resume true to continue that run instead)."
+    )
+    return target

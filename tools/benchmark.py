@@ -20,8 +20,8 @@ weights (speed and memory do not depend on the values), with non-zero adapters a
 
 Usage::
 
-    python -m scripts.benchmark --quick                      # Hiera tiny at 256 px, a few minutes on a CPU
-    python -m scripts.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmark
+    python -m tools.benchmark --quick                      # Hiera tiny at 256 px, a few minutes on a CPU
+    python -m tools.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmark
 """
 
 from __future__ import annotations
@@ -706,7 +706,7 @@ def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Path]:
-    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Hiera tiny at 256 px, 9 repeats: minutes on a CPU")
     parser.add_argument("--model-sizes", nargs="+", help="Hiera sizes (default: tiny large)")
     parser.add_argument("--image-sizes", nargs="+", type=int, help="encoder input sides (default: 1024)")

@@ -2,7 +2,7 @@
 
 One :class:`DatasetDescription` per dataset says where its files are (path templates relative to the dataset folder),
 which annotators it has, how its official split is defined and how its annotations are decoded into binary masks.
-:mod:`scripts.prepare` is the one generic loader that turns any description plus a folder into a MONAI datalist;
+:mod:`tools.prepare` is the one generic loader that turns any description plus a folder into a MONAI datalist;
 adding a dataset means adding a description here, not a loader.
 
 Path templates are ``str.format`` strings filled with the named groups of the description's ``case_pattern``.
@@ -27,6 +27,7 @@ import numpy as np
 import scipy.io
 from skimage.draw import polygon as fill_polygon
 
+from scripts.errors import FundusError
 from scripts.fundus_io import SUPPORTED_SUFFIXES, read_mask
 
 __all__ = [
@@ -68,7 +69,7 @@ _DISC_LABELS = frozenset({"disc", "od", "optic disc"})
 _CUP_LABELS = frozenset({"cup", "oc", "optic cup"})
 
 
-class DatasetError(ValueError):
+class DatasetError(FundusError, ValueError):
     """A dataset folder, file or annotation does not match what its description expects."""
 
 

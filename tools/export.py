@@ -1,6 +1,6 @@
 """Package the bundle as one self-contained archive that ``python -m monai.bundle download --url`` can fetch.
 
-``python -m scripts.export --output dist --ckpt_path runs/models/model.pt`` writes
+``python -m tools.export --output dist --ckpt_path runs/models/model.pt`` writes
 ``dist/sam2lora_fundus_<version>.zip`` holding one folder, ``sam2lora_fundus/``, with the configs, the custom
 components (``scripts/``, so the bundle runs without this repository), the fine-tuned weights, the docs, the
 LICENSE and ``large_files.yml``.
@@ -43,7 +43,9 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
-from scripts.lora import lora_state_dict
+import scripts
+from scripts.atomic import atomic_path
+from scripts.errors import FundusError, command_line
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import CheckpointError, resolve_hiera_size
 
@@ -73,7 +75,7 @@ BUNDLE_ITEMS = ("configs", "docs", "LICENSE", "large_files.yml")
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
 
-class ExportError(ValueError):
+class ExportError(FundusError, ValueError):
     """The bundle, the trained model or a setting cannot be packaged; the message names which and why."""
 
 
@@ -330,8 +332,7 @@ def _weights_doc(mode: str, reason: str, settings: Mapping[str, Any], version: s
 
 
 def _zip_folder(folder: Path, archive: Path) -> None:
-    partial = archive.with_name(f".{archive.name}.partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as bundle_zip:
+    with atomic_path(archive) as partial, zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as bundle_zip:
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
                 continue
@@ -342,7 +343,6 @@ def _zip_folder(folder: Path, archive: Path) -> None:
             info.external_attr = 0o644 << 16
             with open(path, "rb") as source, bundle_zip.open(info, "w") as target:
                 shutil.copyfileobj(source, target, 1 << 20)
-    partial.replace(archive)
 
 
 def export_bundle(
@@ -404,7 +404,7 @@ def export_bundle(
             else:
                 shutil.copy2(source, root / item)
         shutil.copytree(
-            Path(__file__).resolve().parent, root / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            Path(scripts.__file__).resolve().parent, root / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
         models = root / "models"
         models.mkdir()
@@ -456,14 +456,15 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m scripts.export --output DIR [--ckpt_path model.pt] [--weights MODE] ...``.
+    """Command line: ``python -m tools.export --output DIR [--ckpt_path model.pt] [--weights MODE] ...``.
 
     Returns:
         The process exit status (0 on success).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.export",
+        prog="python -m tools.export",
         description=__doc__.splitlines()[0],
         epilog="Any further --key value pairs override config entries, as with `python -m monai.bundle run`.",
     )
@@ -480,20 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configs = config_files(args.config_file) if args.config_file else None
-    try:
-        result = export_bundle(
-            output=args.output,
-            ckpt_path=args.ckpt_path,
-            config_file=configs,
-            weights=args.weights,
-            base_checkpoint=args.base_checkpoint,
-            bundle_dir=args.bundle_dir,
-            overrides=parse_overrides(extra),
-        )
-    except (ExportError, CheckpointError) as error:
-        # Run as __main__, these classes are not the package's own, which the error hook reports in one line.
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = export_bundle(
+        output=args.output,
+        ckpt_path=args.ckpt_path,
+        config_file=configs,
+        weights=args.weights,
+        base_checkpoint=args.base_checkpoint,
+        bundle_dir=args.bundle_dir,
+        overrides=parse_overrides(extra),
+    )
     print(result.archive)
     return 0
 

@@ -1,0 +1,28 @@
+"""Ignite handlers the bundle's workflows attach to MONAI's engines, referenced as ``scripts.handlers.<Name>``.
+
+Training: :class:`GradientClipping`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
+the log), :class:`TrainingCheckpoint` (resumable checkpoints), :class:`AtomicCheckpointSaver` (``model.pt`` and
+``model_best.pt``). Inference and evaluation: :class:`MergeAdapters`,
+:class:`FundusMetricsWriter` (metrics and reports), :class:`EvaluationChart`.
+"""
+
+from scripts.handlers.checkpoint import ResumeError, TrainingCheckpoint
+from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter
+from scripts.handlers.gradient_clipping import GradientClipping
+from scripts.handlers.merge_adapters import MergeAdapters
+from scripts.handlers.model_saver import AtomicCheckpointSaver
+from scripts.handlers.training_log import TrainingLog, read_training_log
+from scripts.handlers.training_pictures import TrainingPictures
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "EvaluationChart",
+    "FundusMetricsWriter",
+    "GradientClipping",
+    "MergeAdapters",
+    "ResumeError",
+    "TrainingCheckpoint",
+    "TrainingLog",
+    "TrainingPictures",
+    "read_training_log",
+]

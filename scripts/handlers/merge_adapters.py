@@ -1,0 +1,35 @@
+"""Folding LoRA adapters into the base weights for the length of an inference or evaluation run."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine, Events
+from torch import nn
+
+__all__ = ["MergeAdapters"]
+
+
+class MergeAdapters:
+    """Fold the adapters into the base weights when an engine starts and take them out again when it completes.
+
+    While merged, every adapted layer costs what the plain SAM 2 layer costs (one matrix product, no low-rank
+    path). Attach it after the handler that loads the checkpoint (``CheckpointLoader`` also acts on
+    ``STARTED``; ignite calls handlers of one event in the order they were attached), so that the loaded
+    adapters are the ones merged. Unmerging at the end leaves the network trainable again.
+
+    Args:
+        network: the adapted network the engine runs (not a ``torch.compile`` wrapper of it); any network with
+            ``merge_adapters`` and ``unmerge_adapters`` methods.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.merge)
+        engine.add_event_handler(Events.COMPLETED, self.unmerge)
+
+    def merge(self, engine: Engine) -> None:
+        self.network.merge_adapters()
+
+    def unmerge(self, engine: Engine) -> None:
+        self.network.unmerge_adapters()

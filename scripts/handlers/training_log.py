@@ -1,0 +1,177 @@
+"""The record of a training run, ``training_log.jsonl``: what the pictures draw and what MLflow is sent.
+
+One JSON line per training iteration (``{"kind": "train", "epoch", "iteration", "loss", "lr"}``) and per validation
+(``{"kind": "validation", "epoch", "iteration", "metrics": {name: value}, "by_dataset": {dataset: {"images",
+"dice": {channel: value}}}}``), appended as they happen, so a killed run loses nothing already written and a resumed
+run goes on from its checkpoint's iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.metrics import compute_dice
+
+from scripts.atomic import write_text_atomic
+from scripts.handlers.utils import all_ranks
+
+__all__ = ["TrainingLog", "read_training_log"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_training_log(path: str | os.PathLike, up_to_iteration: int | None = None) -> list[dict[str, Any]]:
+    """The records of ``training_log.jsonl``, skipping a line cut short by a kill.
+
+    Args:
+        path: the log file (missing: no records).
+        up_to_iteration: keep only records at or before this training iteration (a resumed run's start).
+
+    Returns:
+        The records in file order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to_iteration is None or record.get("iteration", 0) <= up_to_iteration:
+            records.append(record)
+    return records
+
+
+class TrainingLog:
+    """Ignite handler keeping ``training_log.jsonl``: the loss and learning rate of every iteration, and every
+    validation's metrics with its Dice per source dataset and channel.
+
+    Attach it to the trainer before the ``TrainingCheckpoint``: an iteration is logged before a checkpoint can
+    include it, so a kill between the two never loses it from the log (a resumed run drops the logged iterations
+    after its checkpoint, which it trains again). In distributed training attach it on every rank: per-dataset Dice
+    values are gathered from all ranks; only the writing rank writes.
+
+    Others follow the run through :meth:`add_validation_listener` (pictures, MLflow), called with each validation
+    record once it is written.
+
+    Args:
+        output_dir: the folder of ``training_log.jsonl``.
+        validator: the validation engine (its outputs after post-processing: binary ``pred`` and ``label``; the
+            batch's ``dataset``).
+        channel_names: names of the label channels.
+        write: whether this process writes; by default only rank 0 of a distributed run does.
+    """
+
+    LOG_NAME = "training_log.jsonl"
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        validator: Engine | None = None,
+        channel_names: Sequence[str] = ("vessels",),
+        write: bool | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.validator = validator
+        self.channel_names = list(channel_names)
+        self.write = idist.get_rank() == 0 if write is None else write
+        self.path = self.output_dir / self.LOG_NAME
+        self.records: list[dict[str, Any]] = []
+        self.trainer: Engine | None = None
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._dice_by_dataset: dict[str, list[list[float]]] = defaultdict(list)
+        self._open = False
+
+    def add_validation_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` after each validation record is written (on the writing rank only)."""
+        self._listeners.append(listener)
+
+    def attach(self, engine: Engine) -> None:
+        self.trainer = engine
+        engine.add_event_handler(Events.STARTED, self._close)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._open_log)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.EPOCH_STARTED, self._reset_validation)
+            self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._collect_validation)
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._record_validation)
+
+    def _close(self, _: Engine) -> None:
+        self._open = False
+
+    def _open_log(self, engine: Engine) -> None:
+        # At the first epoch start, when every STARTED handler (the checkpoint's resume included) is done.
+        if not self.write or self._open:
+            return
+        self._open = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts a fresh log; a resumed one (iteration > 0) keeps the records up to its checkpoint.
+        self.records = read_training_log(self.path, engine.state.iteration) if engine.state.iteration else []
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _record_iteration(self, engine: Engine) -> None:
+        if not self.write:
+            return
+        output = engine.state.output
+        loss = output[0]["loss"] if isinstance(output, list) else output["loss"]
+        self._append(
+            {
+                "kind": "train",
+                "epoch": engine.state.epoch,
+                "iteration": engine.state.iteration,
+                "loss": float(loss),
+                "lr": float(engine.optimizer.param_groups[0]["lr"]),
+            }
+        )
+
+    def _reset_validation(self, _: Engine) -> None:
+        self._dice_by_dataset = defaultdict(list)
+
+    def _collect_validation(self, engine: Engine) -> None:
+        # MONAI keeps the post-processed prediction and label in the output and the datalist's keys in the batch.
+        for source, item in zip(engine.state.batch, engine.state.output):
+            prediction = torch.as_tensor(item["pred"]).detach().cpu().bool()[None]
+            label = torch.as_tensor(item["label"]).detach().cpu().bool()[None]
+            dice = compute_dice(prediction, label, include_background=True, ignore_empty=False)[0]
+            self._dice_by_dataset[str(source.get("dataset", "all"))].append(dice.tolist())
+
+    def _record_validation(self, engine: Engine) -> None:
+        merged: dict[str, list[list[float]]] = defaultdict(list)
+        for part in all_ranks(dict(self._dice_by_dataset)):
+            for dataset, values in part.items():
+                merged[dataset].extend(values)
+        if not self.write or self.trainer is None:
+            return
+        record = {
+            "kind": "validation",
+            "epoch": self.trainer.state.epoch,
+            "iteration": self.trainer.state.iteration,
+            "metrics": {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))},
+            "by_dataset": {
+                dataset: {
+                    "images": len(values),
+                    "dice": dict(zip(self.channel_names, np.mean(np.asarray(values), axis=0).tolist())),
+                }
+                for dataset, values in merged.items()
+            },
+        }
+        self._append(record)
+        for listener in self._listeners:
+            listener(record)

@@ -1,0 +1,51 @@
+"""Rules of MONAI's engines that several handlers and the MLflow recorder need, written once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from torch import nn
+
+__all__ = ["all_ranks", "count_parameters", "optimizer_steps_now", "unwrap_network"]
+
+
+def optimizer_steps_now(engine: Engine) -> bool:
+    """Whether MONAI's ``SupervisedTrainer`` steps the optimiser after the current iteration.
+
+    Its gradient-accumulation rule: with ``accumulation_steps`` k > 1 the optimiser steps after every k-th iteration
+    of an epoch and after the epoch's last one, so no gradient is left pending at an epoch's end.
+
+    Args:
+        engine: the trainer, during or right after an iteration.
+
+    Returns:
+        True when no gradient is pending after this iteration.
+    """
+    steps = getattr(engine, "accumulation_steps", 1)
+    if steps <= 1:
+        return True
+    epoch_length = engine.state.epoch_length
+    position = (engine.state.iteration - 1) % epoch_length + 1 if epoch_length else engine.state.iteration
+    return position % steps == 0 or position == epoch_length
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (which adds ``module.`` keys)."""
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
+def count_parameters(network: nn.Module) -> tuple[int, int]:
+    """The numbers of trainable and of all parameters of a (possibly wrapped) network."""
+    parameters = list(unwrap_network(network).parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def all_ranks(value: Any) -> list[Any]:
+    """``value`` of every rank of a distributed run (just ``[value]`` outside one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,101 @@
+"""What several test modules share: the bundle's files, the `python -m monai.bundle run` command line as a user types
+it, and building networks without their memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from monai.bundle import run as monai_run
+from torch import nn
+
+from scripts.errors import user_error
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+TRAIN = str(CONFIGS / "train.json")
+INFER = str(CONFIGS / "inference.json")
+EVALUATE = str(CONFIGS / "evaluate.json")
+QUICKSTART = str(CONFIGS / "quickstart.json")
+MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
+# The quick start at test size: a few seconds per epoch on a CPU.
+FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
+
+
+def bundle_command(
+    run_id: str,
+    configs: Sequence[str],
+    bundle_root: str | Path = BUNDLE,
+    meta_file: str = META,
+    logging_file: str = LOGGING,
+    launcher: Sequence[str] = (sys.executable,),
+    **overrides: Any,
+) -> list[str]:
+    """``python -m monai.bundle run <run_id> --bundle_root ... --key value ...`` as a list of arguments.
+
+    Args:
+        run_id: ``training``, ``inference`` or ``evaluating``.
+        configs: config files, passed as MONAI takes a list (one file: the file alone).
+        bundle_root: the bundle folder.
+        meta_file: the metadata file.
+        logging_file: the logging config.
+        launcher: what runs ``-m monai.bundle`` (the interpreter, or torchrun's arguments).
+        overrides: ``--key value`` pairs.
+    """
+    config = configs[0] if len(configs) == 1 else str(list(configs))
+    command = [*launcher, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(bundle_root)]
+    command += ["--meta_file", meta_file, "--config_file", config, "--logging_file", logging_file]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def run_bundle(run_id: str, configs: Sequence[str], cwd: Path, timeout: float = 900, **overrides: Any):
+    """Run :func:`bundle_command` in a fresh process, as a user runs it; the completed process."""
+    return subprocess.run(
+        bundle_command(run_id, configs, **overrides), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def fail_message(result: subprocess.CompletedProcess) -> str:
+    """The end of a failed command's output, for an assertion message."""
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+
+
+def run_in_process(run_id: str, configs: Sequence[str], **overrides: Any) -> Exception:
+    """Run a bundle workflow in this process, expecting it to fail with one of the project's clear errors."""
+    with pytest.raises(Exception) as caught:
+        monai_run(run_id, meta_file=META, config_file=list(configs), bundle_root=str(BUNDLE), **overrides)
+    own = user_error(caught.value)
+    assert own is not None, f"not one of our clear errors: {caught.value!r}"
+    return own
+
+
+@contextmanager
+def parameters_on_meta_device() -> Iterator[None]:
+    """Create every new module parameter on the meta device: shapes and counts without the memory.
+
+    ``with torch.device("meta")`` cannot build Hiera, whose constructor reads tensor values (``.item()``), so
+    parameters are moved to the meta device as they are registered instead (``nn.Module.register_parameter`` is
+    patched for the length of the block, which is why this lives in the tests).
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
