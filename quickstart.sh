@@ -16,7 +16,7 @@ python -m monai.bundle run inference "${bundle[@]}" \
     --config_file "['bundle/configs/inference.json','bundle/configs/quickstart.json']" \
     --dataset_dir bundle/data/synthetic/images
 python -m monai.bundle run evaluating "${bundle[@]}" \
-    --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json','bundle/configs/quickstart.json']"
+    --config_file "['bundle/configs/train.json','bundle/configs/quickstart.json','bundle/configs/evaluate.json']"
 
 cat <<DONE
 

@@ -202,7 +202,9 @@ class AdaptedNetwork:
         """
         if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
             raise ModelFileError("The trained model's weights carry no record of this bundle's network settings.")
-        keys = [*DEFINING_SETTINGS, *self.settings.get("recorded", {})]
+        # Workflow settings the file records (input mode, pixel scale) must match; a file written before a workflow
+        # recorded one of them says nothing about it.
+        keys = [*DEFINING_SETTINGS, *state.get("recorded", {})]
         recorded = {**state, **state.get("recorded", {})}
         own = {**self.settings, **self.settings.get("recorded", {})}
         differences = _differences(recorded, own, keys)

@@ -245,6 +245,7 @@ class ImageFolder:
 
     Attributes:
         entries: one ``{"image": path}`` per readable image, sorted.
+        sizes: file name to ``(height, width)`` of every readable image (prompts are checked against them).
         unreadable: one line per image left out, with the reason.
 
     Raises:
@@ -297,14 +298,16 @@ class ImageFolder:
                 "another --output_dir, or pass --overwrite True to replace them."
             )
         self.entries: list[dict[str, str]] = []
+        self.sizes: dict[str, tuple[int, int]] = {}
         self.unreadable: list[str] = []
         for image in images:
-            problem = _unusable(image)
-            if problem:
-                self.unreadable.append(f"{image}: {problem}")
-                logger.error(f"Left out {image}: {problem}")
-            else:
-                self.entries.append({"image": image})
+            try:
+                self.sizes[Path(image).name] = _photograph_size(image)
+            except FundusImageError as error:
+                self.unreadable.append(f"{image}: {error}")
+                logger.error(f"Left out {image}: {error}")
+                continue
+            self.entries.append({"image": image})
         if not self.entries:
             self.report_unreadable()
 
@@ -319,16 +322,16 @@ class ImageFolder:
             raise InputError(f"{len(self.unreadable)} image(s) could not be segmented (the others were):\n  {lines}")
 
 
-def _unusable(image: str) -> str:
-    """Why an image cannot be segmented ("" when it can)."""
-    try:
-        picture = read_image(image)
-    except FundusImageError as error:
-        return str(error)
-    height, width = picture.shape[:2]
+def _photograph_size(image: str) -> tuple[int, int]:
+    """The ``(height, width)`` of an image that can be segmented.
+
+    Raises:
+        FundusImageError: the image cannot be read, or is too small to be a photograph.
+    """
+    height, width = read_image(image).shape[:2]
     if min(height, width) < MIN_IMAGE_SIDE:
-        return f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
-    return ""
+        raise FundusImageError(f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)")
+    return height, width
 
 
 def _resolve(value: str | list[str], base: Path) -> str | list[str]:

@@ -37,9 +37,9 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from torch import nn
 
+from scripts.engines import count_parameters
 from scripts.errors import FundusError
 from scripts.handlers import TrainingCheckpoint, TrainingLog, TrainingPictures, read_training_log
-from scripts.handlers.utils import count_parameters
 from scripts.inputs import read_datalist
 
 __all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings"]

@@ -6,6 +6,8 @@ MONAI's own transforms are used wherever they fit (``Resized``, ``Invertd``, ``R
 - :class:`LoadFundusd`: image, label(s) and field of view as channel-first MetaTensors, in (H, W) order;
 - :class:`SamNormalized`: SAM's ImageNet normalisation;
 - :class:`RandHueShiftd`: the hue part of colour jitter;
+- :func:`network_size`: photographs brought to what the network sees (resized, or scaled for windows);
+- :func:`training_crops`: windows cut for training at the scale of inference, vessel-rich ones favoured;
 - :func:`training_augmentations`: the SAM2LoRA paper's augmentation, as one ``Compose``;
 - :class:`SamplePromptsd`: SAM point and box prompts drawn from the ground truth.
 
@@ -32,6 +34,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     OneOf,
     RandAffined,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianSharpend,
     RandGaussianSmoothd,
@@ -41,12 +44,14 @@ from monai.transforms import (
     RandSpatialCropd,
     Resized,
     ScaleIntensityRanged,
+    Zoomd,
 )
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from torchvision.transforms.v2.functional import adjust_hue
 
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
+from scripts.inferers import check_input_mode
 
 __all__ = [
     "SAM_PIXEL_MEAN",
@@ -54,7 +59,9 @@ __all__ = [
     "LoadFundusd",
     "SamNormalized",
     "RandHueShiftd",
+    "network_size",
     "training_augmentations",
+    "training_crops",
     "SamplePromptsd",
 ]
 
@@ -232,6 +239,71 @@ class RandHueShiftd(RandomizableTransform, MapTransform):
                 raise ValueError(f"RandHueShiftd expects RGB images (3, H, W) under {key!r}, got {tuple(tensor.shape)}")
             result[key] = convert_to_dst_type(adjust_hue(tensor.clamp(0.0, 1.0), self.shift), image)[0]
         return result
+
+
+def network_size(
+    input_mode: str,
+    image_size: int,
+    pixel_scale: float = 1.0,
+    keys: Sequence[str] = ("image", "label", "fov"),
+) -> list[MapTransform]:
+    """Bring loaded photographs (and their masks) to what the network sees, invertibly (``Invertd`` undoes it).
+
+    Args:
+        input_mode: ``"resize"``: every picture becomes an ``image_size`` square (the paper's protocol);
+            ``"sliding_window"``: pictures keep their shape at ``pixel_scale`` times their resolution.
+        image_size: the network's side.
+        pixel_scale: the scale of ``"sliding_window"`` (1.0: native resolution).
+        keys: the image first, then masks (resampled with nearest neighbours); absent keys are skipped.
+
+    Returns:
+        The transforms (none for ``"sliding_window"`` at scale 1).
+    """
+    check_input_mode(input_mode, pixel_scale)
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    if input_mode == "resize":
+        return [Resized(keys, (image_size, image_size), mode=modes, allow_missing_keys=True)]
+    if pixel_scale == 1:
+        return []
+    return [Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True)]
+
+
+def training_crops(
+    input_mode: str,
+    image_size: int,
+    crops_per_image: int = 4,
+    vessel_fraction: float = 0.75,
+    keys: Sequence[str] = ("image", "label", "fov"),
+) -> list[MapTransform]:
+    """Windows of ``image_size`` cut from each training picture (``"sliding_window"``; none for ``"resize"``).
+
+    A crop is centred on a foreground pixel of the label with probability ``vessel_fraction``, else on a background
+    pixel inside the field of view (a crop of the black border teaches nothing).
+
+    Args:
+        input_mode: the workflow's input mode.
+        image_size: the window side.
+        crops_per_image: windows per picture and epoch.
+        vessel_fraction: share of windows centred on the structure.
+        keys: image, label and field of view.
+    """
+    check_input_mode(input_mode)
+    if input_mode == "resize":
+        return []
+    image, label, fov = keys
+    return [
+        RandCropByPosNegLabeld(
+            keys=list(keys),
+            label_key=label,
+            spatial_size=(image_size, image_size),
+            pos=vessel_fraction,
+            neg=1.0 - vessel_fraction,
+            num_samples=crops_per_image,
+            image_key=fov,
+            image_threshold=0.5,
+            allow_smaller=False,
+        )
+    ]
 
 
 def training_augmentations(

@@ -17,7 +17,7 @@ from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
 
-REPORT_FILES = ("measurements.csv", "report.html")
+REPORT_FILES = ("measurements.csv", "report.html", "prompts_used.json")
 """What an inference run writes once into its output folder, beside each image's files."""
 
 # One colour per output channel for the overlay: vessels / disc in green, cup in magenta.

@@ -1,16 +1,18 @@
 """Ignite handlers the bundle's workflows attach to MONAI's engines, referenced as ``scripts.handlers.<Name>``.
 
-Training: :class:`GradientClipping`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
+Training: :class:`GradientClipping`, :class:`TrainingTimeLimit`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
 the log), :class:`TrainingCheckpoint` (resumable checkpoints), :class:`AtomicCheckpointSaver` (``model.pt`` and
 ``model_best.pt``). Inference and evaluation: :class:`MergeAdapters`,
-:class:`FundusMetricsWriter` (metrics and reports), :class:`EvaluationChart`.
+:class:`FundusMetricsWriter` (metrics and reports), :class:`EvaluationChart`. Every engine: :class:`ReportErrors`.
 """
 
 from scripts.handlers.checkpoint import ResumeError, TrainingCheckpoint
+from scripts.handlers.errors import ReportErrors
 from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter
 from scripts.handlers.gradient_clipping import GradientClipping
 from scripts.handlers.merge_adapters import MergeAdapters
 from scripts.handlers.model_saver import AtomicCheckpointSaver
+from scripts.handlers.time_limit import TrainingTimeLimit
 from scripts.handlers.training_log import TrainingLog, read_training_log
 from scripts.handlers.training_pictures import TrainingPictures
 
@@ -20,9 +22,11 @@ __all__ = [
     "FundusMetricsWriter",
     "GradientClipping",
     "MergeAdapters",
+    "ReportErrors",
     "ResumeError",
     "TrainingCheckpoint",
     "TrainingLog",
     "TrainingPictures",
+    "TrainingTimeLimit",
     "read_training_log",
 ]

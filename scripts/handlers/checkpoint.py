@@ -44,8 +44,8 @@ from monai.handlers import CheckpointSaver
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
+from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError
-from scripts.handlers.utils import optimizer_steps_now, unwrap_network
 
 __all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "keep_earlier_run"]
 
@@ -54,7 +54,7 @@ CHECKPOINT_FORMAT = "sam2lora-training/1"
 RESUME_CHOICES = ("false", "true", "auto")
 
 # Settings a resumed run may change: training longer than first planned is a normal reason to resume.
-CHANGEABLE_ON_RESUME = frozenset({"max_epochs"})
+CHANGEABLE_ON_RESUME = frozenset({"max_epochs", "max_training_minutes"})
 
 # What a training run writes that a new run in the same folders would replace.
 EARLIER_RUN_MODELS = ("model.pt", "model_best.pt", "latest_checkpoint.pt")

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
@@ -48,7 +49,8 @@ class FundusMetricsWriter:
 
     Args:
         output_dir: folder for the reports.
-        channel_names: one name per prediction channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
+        channel_names: one name per prediction channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``; a multiple of the
+            label's channels when the prediction holds several prompt modes (``vessels@none``, ``vessels@box``...).
         threshold: probabilities ``>= threshold`` are foreground.
         topology: also compute clDice.
         pred_key: output key of the probabilities.
@@ -151,9 +153,12 @@ class FundusMetricsWriter:
         dataset = self._lookup(output, item, self.dataset_key)
         if isinstance(dataset, (list, tuple)) and len(dataset) == 1:
             dataset = dataset[0]
+        label = torch.as_tensor(output[self.label_key])
+        # With several prompt modes the prediction holds each mode's channels in turn: each is scored on the label.
+        label = label.repeat(len(self.channel_names) // label.shape[0], 1, 1)
         metrics = evaluate_case(
             output[self.pred_key],
-            output[self.label_key],
+            label,
             fov=self._lookup(output, item, self.fov_key),
             channel_names=self.channel_names,
             threshold=self.threshold,

@@ -6,8 +6,8 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
+from scripts.engines import optimizer_steps_now
 from scripts.errors import ConfigError
-from scripts.handlers.utils import optimizer_steps_now
 
 __all__ = ["GradientClipping"]
 

@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_dice
 
 from scripts.atomic import write_text_atomic
-from scripts.handlers.utils import all_ranks
+from scripts.engines import all_ranks
 
 __all__ = ["TrainingLog", "read_training_log"]
 

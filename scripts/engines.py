@@ -1,4 +1,4 @@
-"""Rules of MONAI's engines that several handlers and the MLflow recorder need, written once."""
+"""Rules of MONAI's engines that handlers, the inferer and the MLflow recorder need, written once."""
 
 from __future__ import annotations
 

@@ -1,0 +1,33 @@
+"""How an engine reports an exception: the project's user errors in one line, bugs with their traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from ignite.engine import Engine, Events
+
+from scripts.errors import user_error
+
+__all__ = ["ReportErrors"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReportErrors:
+    """Log an engine's exception before it propagates: one line for a :class:`scripts.errors.FundusError`.
+
+    MONAI's ``StatsHandler`` logs every exception an engine raises with its full traceback, and ignite runs only the
+    first ``EXCEPTION_RAISED`` handler that re-raises; listed before ``StatsHandler``, this handler keeps the
+    traceback for bugs and drops it for the project's errors, whose message says all (the file, the setting, the fix).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, error: Exception) -> None:
+        own = user_error(error)
+        if own is None:
+            logger.exception(f"{type(engine).__name__} stopped by an unexpected error: {error}")
+        else:
+            logger.error(f"{type(engine).__name__} stopped: {own}")
+        raise error

@@ -1,0 +1,246 @@
+"""How the bundle runs its network over a photograph: the whole picture resized to the network's side, or windows at a
+chosen pixel scale, skipping those that see no retina; with the SAM head, prompts too.
+
+``input_mode="resize"`` (the SAM2LoRA paper's protocol) squeezes every photograph into one ``image_size`` square.
+``"sliding_window"`` keeps the photograph at ``pixel_scale`` times its own resolution (1.0: native) and runs the
+network on ``image_size`` windows with MONAI's sliding-window inference and Gaussian blending, so capillaries keep
+the width they had in training crops; windows wholly outside the field of view are not computed.
+
+Prompts (:mod:`scripts.prompts`) need the SAM head and ``"resize"``. The image encoder runs once per image, whatever
+the number of prompts decoded from it: an evaluation over the paper's eight prompt modes costs one encoder pass and
+eight passes of the small mask decoder per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer, SlidingWindowInferer
+
+from scripts.atomic import write_json_atomic
+from scripts.engines import unwrap_network
+from scripts.errors import ConfigError
+from scripts.prompts import AUTO_MODES, PROMPT_SOURCES, Prompt, auto_prompt, check_prompt_modes, oracle_prompt
+
+__all__ = ["INPUT_MODES", "FundusInferer", "check_input_mode"]
+
+INPUT_MODES = ("resize", "sliding_window")
+
+# The logit given to pixels only skipped windows cover: certainly background after the sigmoid (about 2e-9).
+BACKGROUND_LOGIT = -20.0
+
+
+def check_input_mode(input_mode: str, pixel_scale: float = 1.0) -> str:
+    """``input_mode`` if it and ``pixel_scale`` can be used.
+
+    Raises:
+        ConfigError: an unknown mode, or a scale that is not a positive number.
+    """
+    if input_mode not in INPUT_MODES:
+        raise ConfigError(f"Setting 'input_mode' must be one of {', '.join(INPUT_MODES)}; got {input_mode!r}.")
+    if isinstance(pixel_scale, bool) or not isinstance(pixel_scale, (int, float)) or not pixel_scale > 0:
+        raise ConfigError(f"Setting 'pixel_scale' must be a positive number (1.0: native resolution); got {pixel_scale!r}.")
+    return input_mode
+
+
+class FundusInferer(Inferer):
+    """The bundle's inferer for both input modes; MONAI engines call it as ``inferer(images, network, **kwargs)``.
+
+    Prompts: ``prompt_modes`` (evaluation: several modes per image, oracle ones drawn from the ``label`` the engine
+    passes; the logits of the modes are stacked mode-major along the channels, see
+    :func:`scripts.prompts.mode_channel_names`) or ``prompts`` and ``prompt_source`` (inference: an image's own
+    prompt, else the source's). Attached to the engine as a handler, it writes the prompts it used, in each
+    photograph's pixels, to ``prompts_file`` when the run completes.
+
+    Args:
+        input_mode: ``"resize"`` (the images already have the network's side: one forward pass) or
+            ``"sliding_window"`` (windows of ``image_size``).
+        image_size: the window side.
+        out_channels: the network's output channels (the logits skipped windows get).
+        overlap: the windows' overlap, in ``[0, 1)``.
+        window_batch_size: windows computed together.
+        pixel_scale: the scale the images were brought to (only named in error messages).
+        prompt_modes: evaluation prompt modes (:data:`scripts.prompts.PROMPT_MODES`).
+        prompts: inference: image file name to its prompt (:func:`scripts.prompts.read_prompts_file`).
+        prompt_source: inference: ``none``, ``auto_box`` or ``auto_points`` for images without a prompt.
+        seed: seeds the oracle prompts (with each image's name and the mode).
+        auto_box_margin: margin of ``auto_box``, a fraction of the box's size.
+        auto_points: positive points of ``auto_points``.
+        auto_negative_points: negative points of ``auto_points``.
+        prompts_file: where the prompts used are written (None: not written).
+
+    Attributes:
+        windows_total: windows of the images seen so far (sliding window).
+        windows_computed: those actually computed, the others lying wholly outside the field of view.
+        last_iou: SAM's predicted IoU of the latest batch's outputs (B, channels), None for the U-Net head and windows.
+        prompts_used: image file name to mode to the prompt used, in the photograph's pixels.
+    """
+
+    def __init__(
+        self,
+        input_mode: str = "resize",
+        image_size: int = 1024,
+        out_channels: int = 1,
+        overlap: float = 0.25,
+        window_batch_size: int = 4,
+        pixel_scale: float = 1.0,
+        prompt_modes: Sequence[str] = ("none",),
+        prompts: Mapping[str, Prompt] | None = None,
+        prompt_source: str = "none",
+        seed: int = 0,
+        auto_box_margin: float = 0.1,
+        auto_points: int = 3,
+        auto_negative_points: int = 0,
+        prompts_file: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_mode = check_input_mode(input_mode, pixel_scale)
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"Setting 'window_overlap' must be in [0, 1); got {overlap}.")
+        self.prompt_modes = check_prompt_modes(prompt_modes)
+        if prompt_source not in PROMPT_SOURCES:
+            raise ConfigError(f"Setting 'prompt_source' must be one of {', '.join(PROMPT_SOURCES)}; got {prompt_source!r}.")
+        self.prompts = dict(prompts or {})
+        self.prompt_source = prompt_source
+        self.prompted = self.prompt_modes != ["none"] or bool(self.prompts) or prompt_source != "none"
+        if self.prompted and input_mode != "resize":
+            raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+        self.seed = seed
+        self.auto = {"box_margin": auto_box_margin, "points": auto_points, "negative_points": auto_negative_points}
+        self.prompts_file = Path(prompts_file) if prompts_file is not None else None
+        self.prompts_used: dict[str, dict[str, Any]] = {}
+        self.last_iou: torch.Tensor | None = None
+        self.image_size = image_size
+        self.out_channels = out_channels
+        self.pixel_scale = pixel_scale
+        self.windows = SlidingWindowInferer(
+            roi_size=(image_size, image_size), sw_batch_size=window_batch_size, overlap=overlap, mode="gaussian"
+        )
+        self.windows_total = 0
+        self.windows_computed = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.prompts_file is not None and self.prompted:
+            engine.add_event_handler(Events.COMPLETED, self.write_prompts)
+
+    def write_prompts(self, _: Engine | None = None) -> None:
+        """Write the prompts used, per image and mode, to ``prompts_file``."""
+        write_json_atomic(self.prompts_file, {"format": "sam2lora-prompts/1", "images": self.prompts_used})
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args: Any,
+        fov: Any = None,
+        label: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits for ``inputs`` (B, 3, H, W).
+
+        Args:
+            inputs: the images, resized (``resize``) or scaled (``sliding_window``); a MetaTensor whose metadata
+                name the files and their own sizes when prompts are used.
+            network: the network.
+            args: passed on to the network.
+            fov: (B, 1, H, W) field of view; windows where it is all zero are skipped (sliding window).
+            label: (B, C, H0, W0) reference masks at the photographs' size, for oracle prompt modes.
+            kwargs: passed on to the network.
+
+        Raises:
+            ConfigError: an image smaller than a window (sliding window), or oracle modes without a label.
+        """
+        self.last_iou = None
+        if self.prompted:
+            return self._prompted(inputs, network, label)
+        if self.input_mode == "resize":
+            logits = network(inputs, *args, **kwargs)
+            self.last_iou = getattr(unwrap_network(network), "latest_iou_predictions", None)
+            return logits
+        height, width = inputs.shape[-2:]
+        if min(height, width) < self.image_size:
+            raise ConfigError(
+                f"An image of {width}x{height} pixels at pixel_scale {self.pixel_scale} is smaller than the "
+                f"{self.image_size}-pixel window: lower image_size, raise pixel_scale, or use input_mode 'resize'."
+            )
+        if fov is None:
+            return self.windows(inputs, network, *args, **kwargs)
+        inside_fov = _WindowsInsideFov(network, self)
+        # MONAI cuts a `condition` tensor of the images' shape into the same windows and hands each window's part over.
+        condition = torch.as_tensor(fov).to(inputs).expand_as(inputs)
+        return self.windows(inputs, inside_fov, *args, condition=condition, **kwargs)
+
+
+    def _prompted(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], label: Any) -> torch.Tensor:
+        model = unwrap_network(getattr(network, "_orig_mod", network))
+        names = [Path(str(name)).name for name in inputs.meta["filename_or_obj"]]
+        sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(inputs.meta["spatial_shape"]).reshape(-1, 2)]
+        side = tuple(inputs.shape[-2:])
+        embeddings = model.encode_images(inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs)
+        free = model.decode(embeddings)
+        logits, ious = [], []
+        for index, (name, size) in enumerate(zip(names, sizes)):
+            one = type(embeddings)(
+                embeddings.image_embedding[index : index + 1],
+                None if embeddings.high_res_features is None else tuple(h[index : index + 1] for h in embeddings.high_res_features),
+                embeddings.input_size,
+            )
+            used = self.prompts_used.setdefault(name, {})
+            for mode in self._modes_for(name):
+                prompt = self._prompt(mode, name, size, side, free.logits[index], label, index)
+                used[mode] = prompt.to_json()
+                if prompt.empty:
+                    logits.append(free.logits[index : index + 1])
+                    ious.append(free.iou_predictions[index : index + 1])
+                    continue
+                output = model.decode(one, **prompt.to_network(size, side, inputs.device))
+                logits.append(output.logits)
+                ious.append(output.iou_predictions)
+        modes = len(self._modes_for(names[0]))
+        self.last_iou = torch.cat(ious).reshape(len(names), -1)
+        return torch.cat(logits).reshape(len(names), modes * self.out_channels, *side)
+
+    def _modes_for(self, name: str) -> list[str]:
+        if self.prompt_modes != ["none"]:
+            return self.prompt_modes
+        return ["given" if name in self.prompts else self.prompt_source]
+
+    def _prompt(
+        self, mode: str, name: str, size: tuple[int, int], side: tuple[int, int], free: torch.Tensor, label: Any, index: int
+    ) -> Prompt:
+        """The prompt of ``mode`` for one image, in the photograph's pixels."""
+        if mode == "given":
+            return self.prompts[name]
+        if mode == "none":
+            return Prompt()
+        if mode in AUTO_MODES:
+            probability = torch.sigmoid(free[0].float()).cpu().numpy()
+            return auto_prompt(probability, mode, **self.auto).rescaled(side, size)
+        if label is None:
+            raise ConfigError(f"Prompt mode {mode!r} draws its prompts from the reference mask: evaluate with labels.")
+        reference = torch.as_tensor(label[index, 0]).detach().cpu().numpy() > 0.5
+        return oracle_prompt(reference, mode, name, self.seed)
+
+
+class _WindowsInsideFov:
+    """The network over a batch of windows, computed only for those with some field of view in them."""
+
+    def __init__(self, network: Callable[..., torch.Tensor], counts: FundusInferer) -> None:
+        self.network = network
+        self.counts = counts
+
+    def __call__(self, windows: torch.Tensor, *args: Any, condition: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        inside = condition.flatten(1).amax(dim=1) > 0.5
+        self.counts.windows_total += len(windows)
+        self.counts.windows_computed += int(inside.sum())
+        if bool(inside.all()):
+            return self.network(windows, *args, **kwargs)
+        logits = windows.new_full((len(windows), self.counts.out_channels, *windows.shape[-2:]), BACKGROUND_LOGIT)
+        if bool(inside.any()):
+            logits[inside] = self.network(windows[inside], *args, **kwargs).to(logits.dtype)
+        return logits

@@ -1,0 +1,335 @@
+"""Prompts for the SAM head: drawn from a reference mask (the paper's evaluation modes), made by the model for itself
+from a first prompt-free pass, or given by a person in a prompts file or with clicks.
+
+A prompt is a :class:`Prompt`: points ``(x, y, label)`` (x to the right, y down, in the photograph's own pixels;
+label 1 positive, 0 negative) and an optional box ``(x0, y0, x1, y1)``. :meth:`Prompt.to_network` turns it into
+the coordinates of the picture the network sees.
+
+Modes (``PROMPT_MODES``):
+
+- ``none``: SAM 2's prompt-free input;
+- oracle modes, drawn from the reference mask as SAM2LoRA's evaluation does: ``1_point``, ``2_points``,
+  ``5_points`` (positive points inside the structure eroded by ``EROSION_RADIUS`` pixels), ``box`` (its bounding
+  box) and ``5_points_box``. They are seeded by the image's file name and the mode, so every run and every model
+  sees the same prompts for the same image;
+- automatic modes, needing no person and no reference: ``auto_box`` (the bounding box, with a margin, of the
+  largest connected component of a first prompt-free pass) and ``auto_points`` (the most confident locations of
+  that pass, optionally with negatives far outside it).
+
+With several output channels (optic disc and cup) prompts are drawn from channel 0, the outer structure (the disc):
+one prompt locates the disc, and the network reads the cup from its second mask token as in prompt-free use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from scripts.errors import ConfigError, FundusError
+
+__all__ = [
+    "AUTO_MODES",
+    "mode_channel_names",
+    "ORACLE_MODES",
+    "PROMPT_MODES",
+    "PROMPT_SOURCES",
+    "Prompt",
+    "PromptError",
+    "auto_prompt",
+    "check_prompt_modes",
+    "oracle_prompt",
+    "read_prompts_file",
+]
+
+ORACLE_MODES = ("1_point", "2_points", "5_points", "box", "5_points_box")
+AUTO_MODES = ("auto_box", "auto_points")
+PROMPT_MODES = ("none", *ORACLE_MODES, *AUTO_MODES)
+PROMPT_SOURCES = ("none", *AUTO_MODES)
+"""What inference does for an image without a prompt of its own."""
+
+EROSION_RADIUS = 3
+"""Oracle points keep this many pixels away from the structure's border, where the reference itself is uncertain."""
+
+POSITIVE, NEGATIVE = 1, 0
+
+
+class PromptError(FundusError, ValueError):
+    """A prompt or prompts file cannot be used; the message names the file, the image and the value."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Points and an optional box in a photograph's pixel coordinates (x right, y down).
+
+    Args:
+        points: ``(x, y, label)`` triples, label 1 positive, 0 negative.
+        box: ``(x0, y0, x1, y1)`` with ``x0 <= x1`` and ``y0 <= y1``, or None.
+    """
+
+    points: tuple[tuple[float, float, int], ...] = ()
+    box: tuple[float, float, float, float] | None = None
+    _note: str = field(default="", compare=False)
+
+    @property
+    def empty(self) -> bool:
+        return not self.points and self.box is None
+
+    def to_json(self) -> dict[str, Any]:
+        content: dict[str, Any] = {"points": [[float(x), float(y), int(label)] for x, y, label in self.points]}
+        if self.box is not None:
+            content["box"] = [float(value) for value in self.box]
+        if self._note:
+            content["note"] = self._note
+        return content
+
+    def rescaled(self, from_size: tuple[int, int], to_size: tuple[int, int]) -> Prompt:
+        """The same prompt in a picture of another ``(height, width)`` (the same rule as :meth:`to_network`)."""
+        sx, sy = to_size[1] / from_size[1], to_size[0] / from_size[0]
+        points = tuple((x * sx, y * sy, label) for x, y, label in self.points)
+        box = None if self.box is None else (self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy)
+        return Prompt(points, box, self._note)
+
+    def to_network(
+        self, image_size: tuple[int, int], network_size: tuple[int, int], device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The prompt as :meth:`scripts.network.SAM2LoRA.decode` keyword arguments for one image.
+
+        Args:
+            image_size: the photograph's ``(height, width)``, the frame of the prompt.
+            network_size: ``(height, width)`` of the picture given to the network.
+            device: where the tensors go.
+
+        Returns:
+            ``{}`` for an empty prompt (SAM 2's prompt-free input), else ``point_coords`` (1, N, 2) and
+            ``point_labels`` (1, N), the box as corner points labelled 2 and 3 first.
+        """
+        if self.empty:
+            return {}
+        scale = np.array([network_size[1] / image_size[1], network_size[0] / image_size[0]], np.float32)
+        coords, labels = [], []
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            coords += [(x0, y0), (x1, y1)]
+            labels += [2, 3]
+        coords += [(x, y) for x, y, _ in self.points]
+        labels += [label for _, _, label in self.points]
+        # As SAM 2's own predictor maps a photograph's pixels onto its square input: x * side / width.
+        scaled = np.asarray(coords, np.float32) * scale
+        return {
+            "point_coords": torch.as_tensor(scaled, device=device)[None],
+            "point_labels": torch.as_tensor(labels, dtype=torch.int64, device=device)[None],
+        }
+
+
+def check_prompt_modes(modes: Sequence[str], architecture: str = "sam") -> list[str]:
+    """``modes`` as a list if every one is known and the head takes prompts.
+
+    Raises:
+        ConfigError: an unknown mode, an empty list, or prompts for the U-Net head.
+    """
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [mode for mode in modes if mode not in PROMPT_MODES]
+    if not modes or unknown:
+        raise ConfigError(f"Setting 'prompt_modes' takes modes among {', '.join(PROMPT_MODES)}; got {modes!r}.")
+    if architecture != "sam" and modes != ["none"]:
+        raise ConfigError(f"Prompt modes {modes} need architecture 'sam'; the '{architecture}' head is prompt-free.")
+    return modes
+
+
+def mode_channel_names(channel_names: Sequence[str], modes: Sequence[str]) -> list[str]:
+    """The names of the channels of an evaluation over several prompt modes, mode-major (``vessels@box``).
+
+    With the prompt-free mode alone the names stay the model's own.
+    """
+    if list(modes) == ["none"]:
+        return list(channel_names)
+    return [f"{name}@{mode}" for mode in modes for name in channel_names]
+
+
+def _seed(name: str, mode: str, seed: int) -> np.random.Generator:
+    # crc32 of the file name, not of the path: the same image gets the same prompts wherever it lies.
+    return np.random.default_rng([seed, zlib.crc32(Path(name).name.encode()), PROMPT_MODES.index(mode)])
+
+
+def _box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
+    rows, cols = np.nonzero(mask)
+    return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
+
+
+def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0) -> Prompt:
+    """The prompt of an oracle mode, drawn from a reference mask, the same for the same image name and seed.
+
+    Args:
+        mask: ``(H, W)`` reference mask (bool) of the structure prompted for.
+        mode: one of :data:`ORACLE_MODES`, or ``none``.
+        name: the image's file name (with the mode and ``seed``, it seeds the draw).
+        seed: the evaluation's seed.
+
+    Returns:
+        The prompt; empty when the reference has no foreground (nothing to point at).
+    """
+    if mode == "none":
+        return Prompt()
+    if mode not in ORACLE_MODES:
+        raise ConfigError(f"{mode!r} is not an oracle prompt mode ({', '.join(ORACLE_MODES)}).")
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return Prompt(_note="empty reference: no prompt")
+    count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
+    points: tuple[tuple[float, float, int], ...] = ()
+    if count:
+        core = ndimage.binary_erosion(mask, iterations=EROSION_RADIUS)
+        candidates = np.argwhere(core if core.any() else mask)
+        chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
+        points = tuple((float(col), float(row), POSITIVE) for row, col in candidates[chosen])
+    box = _box_of(mask) if mode in ("box", "5_points_box") else None
+    return Prompt(points, box)
+
+
+def auto_prompt(
+    probability: np.ndarray,
+    mode: str,
+    fov: np.ndarray | None = None,
+    threshold: float = 0.5,
+    box_margin: float = 0.1,
+    points: int = 3,
+    negative_points: int = 0,
+) -> Prompt:
+    """The prompt the model makes for itself from its prompt-free pass.
+
+    ``auto_box``: the bounding box of the largest connected component of ``probability > threshold``, widened by
+    ``box_margin`` of its size on each side (clipped to the picture). ``auto_points``: the ``points`` most confident
+    locations of that component, at least a tenth of its size apart, and ``negative_points`` of the least confident
+    places inside the field of view, far from it.
+
+    Args:
+        probability: ``(H, W)`` prompt-free probabilities of the structure prompted for.
+        mode: ``auto_box`` or ``auto_points``.
+        fov: ``(H, W)`` field of view, where negatives may go (the whole picture when None).
+        threshold: probability above which a pixel is found.
+        box_margin: the box's margin, as a fraction of its width and height.
+        points: positive points of ``auto_points``.
+        negative_points: negative points of ``auto_points``.
+
+    Returns:
+        The prompt; empty (prompt-free again) when the first pass found nothing.
+    """
+    if mode not in AUTO_MODES:
+        raise ConfigError(f"{mode!r} is not an automatic prompt mode ({', '.join(AUTO_MODES)}).")
+    probability = np.asarray(probability, dtype=np.float32)
+    found = probability > threshold
+    regions, count = ndimage.label(found)
+    if count == 0:
+        return Prompt(_note="the prompt-free pass found nothing: prompt-free result kept")
+    largest = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+    height, width = probability.shape
+    if mode == "auto_box":
+        x0, y0, x1, y1 = _box_of(largest)
+        dx, dy = box_margin * (x1 - x0 + 1), box_margin * (y1 - y0 + 1)
+        return Prompt(box=(max(0.0, x0 - dx), max(0.0, y0 - dy), min(width - 1.0, x1 + dx), min(height - 1.0, y1 + dy)))
+    x0, y0, x1, y1 = _box_of(largest)
+    spacing = max(1.0, 0.1 * max(x1 - x0, y1 - y0))
+    chosen: list[tuple[float, float, int]] = []
+    for index in np.argsort(-np.where(largest, probability, -1.0), axis=None):
+        row, col = divmod(int(index), width)
+        if not largest[row, col] or len(chosen) == points:
+            break
+        if all(math.hypot(col - x, row - y) >= spacing for x, y, _ in chosen):
+            chosen.append((float(col), float(row), POSITIVE))
+    if negative_points:
+        far = ndimage.distance_transform_edt(~largest) > 2 * spacing
+        far &= probability < 1.0 - threshold
+        if fov is not None:
+            far &= np.asarray(fov, dtype=bool)
+        candidates = np.argwhere(far)
+        if len(candidates):
+            picks = np.linspace(0, len(candidates) - 1, negative_points).round().astype(int)
+            chosen += [(float(col), float(row), NEGATIVE) for row, col in candidates[picks]]
+    return Prompt(tuple(chosen))
+
+
+def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        raise PromptError(f"{where}: a point is [x, y, label]; got {value!r}.")
+    x, y, label = value
+    height, width = size
+    if not (0 <= x < width and 0 <= y < height):
+        raise PromptError(f"{where}: point {value!r} lies outside the {width}x{height} image.")
+    if label not in (POSITIVE, NEGATIVE):
+        raise PromptError(f"{where}: point label must be 1 (positive) or 0 (negative); got {label!r}.")
+    return float(x), float(y), int(label)
+
+
+def _box(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+        raise PromptError(f"{where}: a box is [x0, y0, x1, y1]; got {value!r}.")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    height, width = size
+    if x0 > x1 or y0 > y1:
+        raise PromptError(f"{where}: box {value!r} needs x0 <= x1 and y0 <= y1.")
+    if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
+        raise PromptError(f"{where}: box {value!r} reaches outside the {width}x{height} image.")
+    return x0, y0, x1, y1
+
+
+def parse_prompt(content: Any, where: str, size: tuple[int, int]) -> Prompt:
+    """One image's prompt from its JSON form ``{"points": [[x, y, label], ...], "box": [x0, y0, x1, y1]}``.
+
+    Args:
+        content: the JSON value.
+        where: the file and image, for messages.
+        size: the image's ``(height, width)``.
+
+    Raises:
+        PromptError: a malformed value, or coordinates outside the image.
+    """
+    if not isinstance(content, Mapping) or not set(content) <= {"points", "box"} or not content:
+        raise PromptError(f"{where}: a prompt is an object with 'points' and/or 'box'; got {json.dumps(content)[:100]}.")
+    points = content.get("points", [])
+    if not isinstance(points, list):
+        raise PromptError(f"{where}: 'points' must be a list of [x, y, label]; got {points!r}.")
+    box = content.get("box")
+    return Prompt(tuple(_point(p, where, size) for p in points), None if box is None else _box(box, where, size))
+
+
+def read_prompts_file(path: str | os.PathLike, image_sizes: Mapping[str, tuple[int, int]]) -> dict[str, Prompt]:
+    """The prompts of a prompts file, checked against the images they name.
+
+    The file maps image file names (as in the image folder, e.g. ``"01_test.tif"``) to prompts::
+
+        {"01_test.tif": {"points": [[292, 310, 1], [120, 40, 0]], "box": [250, 260, 340, 360]}}
+
+    Args:
+        path: the JSON file.
+        image_sizes: file name to ``(height, width)`` of every image of the run.
+
+    Returns:
+        File name to prompt.
+
+    Raises:
+        PromptError: the file is missing or not JSON, names an image that is not in the run, or holds a malformed
+            prompt or coordinates outside an image (the message names the file, the image and the value).
+    """
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PromptError(f"Prompts file {path} cannot be read as JSON ({error}).") from None
+    if not isinstance(content, dict):
+        raise PromptError(f"Prompts file {path} must map image file names to prompts; it holds a {type(content).__name__}.")
+    unknown = sorted(set(content) - set(image_sizes))
+    if unknown:
+        raise PromptError(
+            f"Prompts file {path} names {len(unknown)} images that are not in the image folder, e.g. {unknown[0]!r}."
+        )
+    return {name: parse_prompt(value, f"{path}, image {name}", image_sizes[name]) for name, value in content.items()}
