@@ -34,10 +34,12 @@ from skimage.morphology import skeletonize
 
 __all__ = [
     "MEASURE_UNITS",
+    "VESSEL_CHANNELS",
     "MeasurementError",
     "disc_cup_measurements",
     "fractal_dimension",
     "mean_calibre",
+    "measure_structures",
     "tortuosity",
     "vessel_measurements",
     "vessel_segments",
@@ -534,4 +536,54 @@ def vessel_measurements(
     if pixel_size is not None:
         record["calibre_mean_mm"] = calibre * pixel_size
     record["notes"] = "; ".join(notes)
+    return record
+
+
+VESSEL_CHANNELS = ("vessels", "vessel")
+"""Channel names measured as retinal vessels; ``disc`` and ``cup`` are measured as the optic disc and cup."""
+
+
+def measure_structures(
+    masks: np.ndarray,
+    channel_names: list[str] | tuple[str, ...],
+    fov: np.ndarray | None = None,
+    pixel_size_mm: float | None = None,
+) -> dict[str, float | str]:
+    """The measurements of a segmentation's structures, chosen by its channels' names.
+
+    A channel named ``vessels`` gets :func:`vessel_measurements` inside ``fov``; channels ``disc`` and ``cup`` get
+    :func:`disc_cup_measurements` (a disc without a cup channel is measured with an empty cup). Other channels are
+    not measured.
+
+    Args:
+        masks: ``(C, H, W)`` bool masks, one per channel.
+        channel_names: one name per channel.
+        fov: ``(H, W)`` field of view (vessels only; the whole picture when None).
+        pixel_size_mm: the side of a pixel in millimetres, for the ``*_mm`` and ``*_mm2`` measures.
+
+    Returns:
+        The measures of every measured structure, and ``notes`` joining their notes.
+
+    Raises:
+        MeasurementError: masks and names disagree in number, or arrays are not masks.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or len(masks) != len(channel_names):
+        raise MeasurementError(
+            f"masks must be (C, H, W) with one channel per name {list(channel_names)}; got shape {masks.shape}."
+        )
+    by_name = dict(zip(channel_names, masks))
+    record: dict[str, float | str] = {}
+    notes = []
+    vessels = next((name for name in VESSEL_CHANNELS if name in by_name), None)
+    if vessels is not None:
+        measured = vessel_measurements(by_name[vessels], fov, pixel_size_mm)
+        notes.append(measured.pop("notes"))
+        record.update(measured)
+    if "disc" in by_name:
+        cup = by_name.get("cup", np.zeros_like(by_name["disc"]))
+        measured = disc_cup_measurements(by_name["disc"], cup, pixel_size_mm)
+        notes.append(measured.pop("notes"))
+        record.update(measured)
+    record["notes"] = "; ".join(note for note in notes if note)
     return record

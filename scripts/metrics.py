@@ -66,6 +66,7 @@ __all__ = [
     "evaluate_case",
     "summarise",
     "format_summary_table",
+    "json_safe",
     "write_reports",
 ]
 
@@ -416,12 +417,12 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """``value`` with NaN/inf as None (strict JSON has no NaN), and paths and numpy scalars as plain types."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
@@ -480,7 +481,7 @@ def write_reports(
     }
     texts = {
         "per_image_csv": _csv_text(per_image),
-        "summary_json": json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n",
+        "summary_json": json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n",
         "summary_csv": _csv_text(summary_rows),
     }
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from scripts.atomic import atomic_path
 
-__all__ = ["overlay_errors", "plot_dataset_metrics", "plot_training_curves"]
+__all__ = ["overlay_errors", "plot_bland_altman", "plot_dataset_metrics", "plot_training_curves"]
 
 AGREEMENT, FALSE_POSITIVE, MISSED = (0.1, 0.85, 0.1), (0.95, 0.1, 0.1), (0.15, 0.35, 1.0)
 
@@ -141,3 +141,41 @@ def overlay_errors(image: np.ndarray, prediction: np.ndarray, label: np.ndarray,
         ):
             picture[mask] = (1 - opacity) * picture[mask] + opacity * np.asarray(colour, dtype=np.float32)
     return np.clip(picture, 0, 1)
+
+
+def plot_bland_altman(
+    reference: Sequence[float], predicted: Sequence[float], path: str | os.PathLike, title: str, unit: str = ""
+) -> Path:
+    """A Bland–Altman plot: the difference (predicted - reference) against the mean of the two, per image, with the
+    mean difference (bias) and the 95% limits of agreement (bias ± 1.96 SD).
+
+    Args:
+        reference: the measure on the reference masks.
+        predicted: the same measure on the predictions, in the same order.
+        path: the PNG to write (atomically).
+        title: the chart's title (the measure).
+        unit: the measure's unit, for the axes.
+
+    Returns:
+        ``path``.
+    """
+    reference, predicted = np.asarray(reference, dtype=float), np.asarray(predicted, dtype=float)
+    defined = np.isfinite(reference) & np.isfinite(predicted)
+    mean = (reference[defined] + predicted[defined]) / 2
+    difference = predicted[defined] - reference[defined]
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    axis.scatter(mean, difference, s=18, alpha=0.8)
+    if difference.size:
+        bias, spread = float(difference.mean()), float(difference.std(ddof=1)) if difference.size > 1 else 0.0
+        for value, style, label in ((bias, "-", f"bias {bias:.3g}"), (bias + 1.96 * spread, "--", "+1.96 SD"),
+                                    (bias - 1.96 * spread, "--", "-1.96 SD")):
+            axis.axhline(value, linestyle=style, color="0.3", linewidth=1)
+            axis.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
+    suffix = f" ({unit})" if unit and unit not in ("1", "ratio") else ""
+    axis.set_xlabel(f"mean of prediction and reference{suffix}")
+    axis.set_ylabel(f"prediction - reference{suffix}")
+    axis.set_title(f"{title}: {int(defined.sum())} images")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save_figure(figure, Path(path))
+    return Path(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +15,7 @@ from monai.transforms import MapTransform
 
 from scripts.atomic import atomic_path
 from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
+from scripts.measurements import measure_structures
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
 
@@ -73,6 +75,9 @@ class SaveFundusPredictiond(MapTransform):
             (the dark border of a fundus camera picture holds no retina).
         nifti: also write the label image as NIfTI.
         overlay_opacity: opacity of the mask colour on the overlay.
+        measure: also measure the structures (:func:`scripts.measurements.measure_structures`, vessels inside the
+            estimated field of view) into ``<key>_record``, for the run's ``measurements.csv`` and report.
+        pixel_size_mm: the side of a pixel in millimetres, for measures in mm (None: pixels only).
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -85,6 +90,8 @@ class SaveFundusPredictiond(MapTransform):
         restrict_to_fov: bool = False,
         nifti: bool = False,
         overlay_opacity: float = 0.6,
+        measure: bool = False,
+        pixel_size_mm: float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -94,21 +101,29 @@ class SaveFundusPredictiond(MapTransform):
         self.restrict_to_fov = restrict_to_fov
         self.nifti = nifti
         self.overlay_opacity = overlay_opacity
+        self.measure = measure
+        self.pixel_size_mm = pixel_size_mm
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             probabilities = d[key]
             source = Path(str(probabilities.meta["filename_or_obj"]))
-            self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
+            record = self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
+            if self.measure:
+                d[f"{key}_record"] = record
         return d
 
-    def write(self, probabilities: np.ndarray, source: Path) -> None:
+    def write(self, probabilities: np.ndarray, source: Path) -> dict[str, Any]:
         """Write every output for one image.
 
         Args:
             probabilities: (C, H, W) probabilities at the size of ``source``.
             source: the image they were predicted from.
+
+        Returns:
+            The image's record: its name, the share of the picture its estimated field of view covers, and, with
+            ``measure``, the measurements of its structures (empty otherwise).
         """
         if probabilities.shape[0] != len(self.channel_names):
             raise ValueError(
@@ -121,8 +136,9 @@ class SaveFundusPredictiond(MapTransform):
                 f"{source} is {image.shape[1]}x{image.shape[0]} but its prediction is {probabilities.shape[2]}x"
                 f"{probabilities.shape[1]}: the prediction was not brought back to the image's size."
             )
+        fov = estimate_fov(image) if self.restrict_to_fov or self.measure else None
         if self.restrict_to_fov:
-            probabilities = probabilities * estimate_fov(image)
+            probabilities = probabilities * fov
         masks = probabilities > self.threshold
         labels = label_map(masks)
         mask_file, *probability_files, overlay_file = output_names(source, self.channel_names)
@@ -132,6 +148,14 @@ class SaveFundusPredictiond(MapTransform):
         write_png(self.output_dir / overlay_file, self._overlay(image, masks))
         if self.nifti:
             self._write_nifti(self.output_dir / output_names(source, self.channel_names, nifti=True)[-1], labels)
+        if not self.measure:
+            return {}
+        return {
+            "image": source.name,
+            "overlay": overlay_file,
+            "fov_fraction": float(fov.mean()),
+            **measure_structures(masks, self.channel_names, fov, self.pixel_size_mm),
+        }
 
     def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         image = image.copy()

@@ -2,7 +2,8 @@
 
 Training: :class:`GradientClipping`, :class:`TrainingTimeLimit`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
 the log), :class:`TrainingCheckpoint` (resumable checkpoints), :class:`AtomicCheckpointSaver` (``model.pt`` and
-``model_best.pt``). Inference and evaluation: :class:`MergeAdapters`,
+``model_best.pt``). Inference and evaluation: :class:`MergeAdapters`, :class:`InferenceReport` and :class:`MeasurementAgreement`
+(measurements, flags, the report),
 :class:`FundusMetricsWriter` (metrics and reports), :class:`EvaluationChart`. Every engine: :class:`ReportErrors`.
 """
 
@@ -10,6 +11,7 @@ from scripts.handlers.checkpoint import ResumeError, TrainingCheckpoint
 from scripts.handlers.errors import ReportErrors
 from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter
 from scripts.handlers.gradient_clipping import GradientClipping
+from scripts.handlers.measurement import InferenceReport, MeasurementAgreement
 from scripts.handlers.merge_adapters import MergeAdapters
 from scripts.handlers.model_saver import AtomicCheckpointSaver
 from scripts.handlers.time_limit import TrainingTimeLimit
@@ -21,6 +23,8 @@ __all__ = [
     "EvaluationChart",
     "FundusMetricsWriter",
     "GradientClipping",
+    "InferenceReport",
+    "MeasurementAgreement",
     "MergeAdapters",
     "ReportErrors",
     "ResumeError",

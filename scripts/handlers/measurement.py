@@ -1,0 +1,289 @@
+"""From masks to what a study records: ``measurements.csv`` and ``report.html`` of an inference run, and the agreement
+of measures on predictions and references in an evaluation, with per-image quality flags.
+
+Quality flags: SAM's IoU head predicts each mask's IoU with the truth; an image whose predicted IoU is below
+``quality_threshold`` is flagged for a person to look at. So is a picture that does not look like a fundus
+photograph: an estimated field of view covering less than ``FOV_RANGE[0]`` of it, or all of it (no dark border).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import decollate_batch
+from monai.metrics import compute_dice
+from scipy.stats import pearsonr, spearmanr
+
+from scripts.atomic import write_text_atomic
+from scripts.fundus_io import read_image
+from scripts.measurements import MEASURE_UNITS, VESSEL_CHANNELS, measure_structures
+from scripts.metrics import UNKNOWN_DATASET, json_safe
+from scripts.plots import plot_bland_altman
+from scripts.report import ReportColumn, thumbnail_png, write_html_report
+
+__all__ = ["FOV_RANGE", "InferenceReport", "MeasurementAgreement", "image_flags"]
+
+logger = logging.getLogger(__name__)
+
+FOV_RANGE = (0.3, 0.995)
+"""Share of a picture an estimated field of view covers in a fundus photograph; outside it the picture is flagged."""
+
+# The measures whose agreement is drawn as a Bland–Altman plot, per structure.
+BLAND_ALTMAN = {"disc": ("vertical_cdr",), "vessels": ("vessel_density", "fractal_dimension")}
+
+
+def image_flags(fov_fraction: float, predicted_iou: float | None, quality_threshold: float) -> str:
+    """Why an image needs a person's look ("" when it does not).
+
+    Args:
+        fov_fraction: the share of the picture its estimated field of view covers.
+        predicted_iou: the lowest IoU SAM's head predicts for the image's channels (None: no IoU head).
+        quality_threshold: predicted IoU under which an image is flagged.
+    """
+    flags = []
+    if predicted_iou is not None and predicted_iou < quality_threshold:
+        flags.append(f"low predicted quality (IoU {predicted_iou:.2f} < {quality_threshold:g})")
+    if fov_fraction < FOV_RANGE[0]:
+        flags.append(f"field of view covers {fov_fraction:.0%} of the picture: not a fundus photograph?")
+    elif fov_fraction >= FOV_RANGE[1]:
+        flags.append("no dark border around a field of view: not a fundus photograph, or cropped inside its field of view")
+    return "; ".join(flags)
+
+
+def _ious(inferer: Any, batch_size: int, channels: int) -> list[list[float] | None]:
+    """Per image of the latest batch, SAM's predicted IoU of each channel (first prompt mode), or None."""
+    latest = getattr(inferer, "last_iou", None)
+    if latest is None:
+        return [None] * batch_size
+    return torch.as_tensor(latest).detach().float().cpu()[:, :channels].tolist()
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([f"{column} [{MEASURE_UNITS[column]}]" if MEASURE_UNITS.get(column) else column for column in columns])
+    for row in rows:
+        writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in (row.get(c, "") for c in columns)])
+    return buffer.getvalue()
+
+
+class InferenceReport:
+    """Inference handler writing ``measurements.csv`` and ``report.html`` into the output folder.
+
+    It reads the records the bundle's prediction writer (:class:`scripts.writers.SaveFundusPredictiond` with
+    ``measure=True``) leaves under ``<key>_record``, adds SAM's predicted IoU and the flags, and writes the CSV (one row
+    per image, units in the header) after each batch, so an interrupted run keeps what it measured, and the report
+    when the run completes.
+
+    Args:
+        output_dir: the inference output folder.
+        channel_names: the model's channels.
+        inferer: the run's :class:`scripts.inferers.FundusInferer` (its predicted IoU).
+        quality_threshold: predicted IoU under which an image is flagged.
+        settings: the run's settings, shown in the report.
+        record_key: where the prediction writer leaves its records.
+    """
+
+    CSV_NAME = "measurements.csv"
+    REPORT_NAME = "report.html"
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str],
+        inferer: Any = None,
+        quality_threshold: float = 0.5,
+        settings: Mapping[str, Any] | None = None,
+        record_key: str = "pred_record",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.channel_names = list(channel_names)
+        self.inferer = inferer
+        self.quality_threshold = quality_threshold
+        self.settings = dict(settings or {})
+        self.record_key = record_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self.write_report)
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output
+        for item, ious in zip(outputs, _ious(self.inferer, len(outputs), len(self.channel_names))):
+            record = dict(item[self.record_key])
+            predicted = {f"predicted_iou_{name}": iou for name, iou in zip(self.channel_names, ious or [])}
+            record.update(predicted)
+            record["flags"] = image_flags(record["fov_fraction"], min(ious) if ious else None, self.quality_threshold)
+            self.rows.append(record)
+        write_text_atomic(self.output_dir / self.CSV_NAME, _csv(self.rows, self.columns()))
+
+    def columns(self) -> list[str]:
+        """The CSV's columns: the image, its flags, then every value the records hold, in first-seen order."""
+        keys = dict.fromkeys(key for row in self.rows for key in row if key not in ("image", "overlay", "flags", "notes"))
+        return ["image", "flags", *keys, "notes"]
+
+    def write_report(self, _: Engine | None = None) -> None:
+        """Write ``report.html``: each image's overlay, measurements and flags, sortable, with the run's settings."""
+        thumbnails = {}
+        for row in self.rows:
+            overlay = self.output_dir / row["overlay"]
+            if overlay.is_file():
+                thumbnails[row["image"]] = thumbnail_png(read_image(overlay))
+        columns = [
+            ReportColumn(key, key.replace("_", " "), MEASURE_UNITS.get(key, ""))
+            for key in self.columns()
+            if key not in ("image", "flags")
+        ]
+        path = write_html_report(
+            self.output_dir / self.REPORT_NAME, self.rows, columns, thumbnails, self.settings, title="Fundus segmentation"
+        )
+        flagged = sum(bool(row["flags"]) for row in self.rows)
+        logger.info(f"Wrote {self.output_dir / self.CSV_NAME} and {path}: {len(self.rows)} images, {flagged} flagged.")
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    pair = [torch.from_numpy(mask)[None, None] for mask in (prediction, reference)]
+    return float(compute_dice(*pair, include_background=True, ignore_empty=False))
+
+
+class MeasurementAgreement:
+    """Evaluation handler measuring the structures on each prediction and on its reference, and reporting how well the
+    measures agree per dataset: mean absolute error, Pearson's r, a Bland–Altman plot (vertical cup-to-disc ratio;
+    vessel density and fractal dimension), and how well SAM's predicted IoU ranks the real Dice (Spearman).
+
+    Writes ``measurements_per_image.csv`` (prediction and reference side by side, the flags), ``measurement_agreement
+    .json`` and ``.csv``, and ``bland_altman_<measure>.png``; publishes the agreement over all images in
+    ``engine.state.metrics`` (``<measure>_mae``, ``<measure>_pearson_r``, ``quality_spearman``), where MLflow finds it.
+    With several prompt modes, the first mode's channels are measured.
+
+    Args:
+        output_dir: the evaluation output folder.
+        channel_names: the model's channels.
+        inferer: the run's :class:`scripts.inferers.FundusInferer` (its predicted IoU).
+        threshold: probability above which a pixel is foreground.
+        quality_threshold: predicted IoU under which an image is flagged.
+        pixel_size_mm: the side of a pixel in millimetres (None: pixels only).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str],
+        inferer: Any = None,
+        threshold: float = 0.5,
+        quality_threshold: float = 0.5,
+        pixel_size_mm: float | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.channel_names = list(channel_names)
+        self.inferer = inferer
+        self.threshold = threshold
+        self.quality_threshold = quality_threshold
+        self.pixel_size_mm = pixel_size_mm
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output
+        outputs = decollate_batch(outputs) if isinstance(outputs, Mapping) else outputs
+        channels = len(self.channel_names)
+        for output, item, ious in zip(outputs, engine.state.batch, _ious(self.inferer, len(outputs), channels)):
+            prediction = torch.as_tensor(output["pred"]).detach().float().cpu().numpy()[:channels] >= self.threshold
+            reference = torch.as_tensor(output["label"]).detach().cpu().numpy() > 0.5
+            fov = item.get("fov", output.get("fov"))
+            fov = np.ones(reference.shape[1:], bool) if fov is None else torch.as_tensor(fov).cpu().numpy()[0] > 0.5
+            name = Path(str(getattr(output["pred"], "meta", {}).get("filename_or_obj", f"case_{len(self.rows)}"))).name
+            row: dict[str, Any] = {"image": name, "dataset": str(item.get("dataset", UNKNOWN_DATASET))}
+            for side, masks in (("pred", prediction), ("ref", reference)):
+                measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm)
+                row.update({f"{side}_{key}": value for key, value in measured.items()})
+            row["dice"] = _dice(prediction[0] & fov, reference[0] & fov)
+            row["predicted_iou"] = min(ious) if ious else math.nan
+            row["flags"] = image_flags(float(fov.mean()), None if ious is None else min(ious), self.quality_threshold)
+            self.rows.append(row)
+
+    def _measures(self) -> list[str]:
+        return [
+            key[len("pred_") :]
+            for key in dict.fromkeys(k for row in self.rows for k in row)
+            if key.startswith("pred_") and key != "pred_notes" and f"ref_{key[len('pred_'):]}" in self.rows[0]
+        ]
+
+    def _agreement(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {"images": len(rows)}
+        for measure in self._measures():
+            pred = np.array([row[f"pred_{measure}"] for row in rows], dtype=float)
+            ref = np.array([row[f"ref_{measure}"] for row in rows], dtype=float)
+            defined = np.isfinite(pred) & np.isfinite(ref)
+            count = int(defined.sum())
+            varied = count > 2 and np.ptp(pred[defined]) > 0 and np.ptp(ref[defined]) > 0
+            result[measure] = {
+                "mae": float(np.abs(pred[defined] - ref[defined]).mean()) if count else math.nan,
+                "pearson_r": float(pearsonr(pred[defined], ref[defined])[0]) if varied else math.nan,
+                "n": count,
+            }
+        iou = np.array([row["predicted_iou"] for row in rows], dtype=float)
+        dice = np.array([row["dice"] for row in rows], dtype=float)
+        ranked = np.isfinite(iou)
+        result["quality_spearman"] = (
+            float(spearmanr(iou[ranked], dice[ranked])[0]) if ranked.sum() > 2 and np.ptp(iou[ranked]) > 0 else math.nan
+        )
+        result["flagged"] = [row["image"] for row in rows if row["flags"]]
+        return result
+
+    def _finish(self, engine: Engine) -> None:
+        by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self.rows:
+            by_dataset[row["dataset"]].append(row)
+        agreement = {"all": self._agreement(self.rows), "datasets": {d: self._agreement(r) for d, r in by_dataset.items()}}
+        columns = ["image", "dataset", "flags", "dice", "predicted_iou"]
+        columns += [f"{side}_{m}" for m in self._measures() for side in ("pred", "ref")] + ["pred_notes", "ref_notes"]
+        write_text_atomic(self.output_dir / "measurements_per_image.csv", _csv(self.rows, columns))
+        write_text_atomic(self.output_dir / "measurement_agreement.json", json.dumps(json_safe(agreement), indent=2) + "\n")
+        summary = [["dataset", "measure", "mae", "pearson_r", "n"]]
+        for dataset, result in [*agreement["datasets"].items(), ("all", agreement["all"])]:
+            summary += [[dataset, m, result[m]["mae"], result[m]["pearson_r"], result[m]["n"]] for m in self._measures()]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(summary)
+        write_text_atomic(self.output_dir / "measurement_agreement.csv", buffer.getvalue())
+        structures = ["vessels"] if any(n in VESSEL_CHANNELS for n in self.channel_names) else []
+        structures += ["disc"] if "disc" in self.channel_names else []
+        for measure in (m for structure in structures for m in BLAND_ALTMAN[structure]):
+            plot_bland_altman(
+                [row[f"ref_{measure}"] for row in self.rows],
+                [row[f"pred_{measure}"] for row in self.rows],
+                self.output_dir / f"bland_altman_{measure}.png",
+                measure.replace("_", " "),
+                MEASURE_UNITS.get(measure, ""),
+            )
+        for measure in self._measures():
+            engine.state.metrics[f"{measure}_mae"] = agreement["all"][measure]["mae"]
+            engine.state.metrics[f"{measure}_pearson_r"] = agreement["all"][measure]["pearson_r"]
+        engine.state.metrics["quality_spearman"] = agreement["all"]["quality_spearman"]
+        logger.info(
+            "Measurements agree with the references over %d images: %s; predicted IoU ranks Dice with Spearman %.3f; "
+            "%d images flagged.",
+            len(self.rows),
+            ", ".join(f"{m} MAE {agreement['all'][m]['mae']:.4g} (r {agreement['all'][m]['pearson_r']:.3f})" for m in self._measures()[:4]),
+            agreement["all"]["quality_spearman"],
+            len(agreement["all"]["flagged"]),
+        )
+
