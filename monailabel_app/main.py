@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import monailabel
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -46,13 +48,23 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.class_utils import unload_module
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sam2lora_fundus"
-# The network settings a served model was trained with; the archive's inference.json holds their trained values
-# (tools.export writes them there), the archive's train.json only the bundle's defaults.
-NETWORK_SETTINGS = ("channel_names", "model_size", "image_size", "lora_rank", "lora_alpha", "lora_dropout")
+# The network settings a served model was trained with, which fine-tuning it must keep; the model file records them
+# (the bundle's train.json holds only defaults).
+NETWORK_SETTINGS = (
+    "architecture",
+    "channel_names",
+    "model_size",
+    "image_size",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "finetune",
+)
 # Transforms of the bundle's postprocessing that write files of their own (the bundle's prediction writer, by
 # class name because its class lives in the bundle's `scripts` package, which MONAI Label reloads per bundle).
 FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
@@ -62,31 +74,28 @@ TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_inte
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict; a clear one-line error when it cannot be read."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"{path} cannot be read ({error}).") from None
-    if not isinstance(content, dict):
-        raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"{path} does not hold a JSON object.")
-    return content
-
-
 def served_network_settings(bundle: Path) -> dict[str, Any]:
-    """The network settings in a served bundle's ``configs/inference.json`` (the trained model's).
+    """The settings the served model file records, read as the bundle's inference.json reads them (its
+    ``trained_settings``, with the bundle's own ``scripts``), including those its workflow recorded (input mode).
 
     Raises:
-        MONAILabelException: the config lacks one of them (not a bundle written by ``tools.export``).
+        MONAILabelException: the model file is missing or records no settings (not a model of this bundle).
     """
-    config = read_json(bundle / "configs" / "inference.json")
-    missing = [key for key in NETWORK_SETTINGS if key not in config]
-    if missing:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    sys.path.insert(0, str(bundle))
+    unload_module("scripts")
+    try:
+        trained = parser.get_parsed_content("trained_settings")
+    except Exception as error:  # the bundle's own error (missing or foreign model file), wrapped by the parser
+        cause = error.__cause__ or error
         raise MONAILabelException(
-            MONAILabelError.APP_INIT_ERROR,
-            f"{bundle}/configs/inference.json does not set {missing}; serve an archive of `python -m tools.export`.",
-        )
-    return {key: config[key] for key in NETWORK_SETTINGS}
+            MONAILabelError.APP_INIT_ERROR, f"Bundle {bundle}: {str(cause).splitlines()[-1]}"
+        ) from None
+    finally:
+        sys.path.remove(str(bundle))
+    return {**{key: trained[key] for key in NETWORK_SETTINGS}, **trained.get("recorded", {})}
 
 
 class FundusLabeld:

@@ -29,8 +29,10 @@ __all__ = [
     "MODEL_FORMAT",
     "AdaptedNetwork",
     "ModelFileError",
+    "base_weights_source",
     "check_finetune",
     "read_model_settings",
+    "tensor_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ class AdaptedNetwork:
         base: str,
         decoder: nn.Module,
         new_modules: Sequence[nn.Module] = (),
-        random_init: bool = False,
+        base_weights: str = "meta",
     ) -> None:
         """Choose what trains, and remember which weights are Meta's untouched ones.
 
@@ -140,8 +142,11 @@ class AdaptedNetwork:
             base: the attribute path of the module holding Meta's weights (``"sam2"``, ``"encoder.trunk"``).
             decoder: the module ``lora+decoder`` trains whole.
             new_modules: modules without pretrained weights, which train in every mode.
-            random_init: the base starts from random weights (``lora`` then adapts noise: warned about).
+            base_weights: where the base's weights come from, recorded with the model: ``"meta"`` (a checkpoint of
+                Meta's), ``"random"`` (``lora`` then adapts noise: warned about) or ``"follows"`` (a trained model's,
+                loaded next, whose record then replaces this one).
         """
+        self.settings["base_weights"] = base_weights
         network: nn.Module = self  # type: ignore[assignment]
         network.requires_grad_(finetune == "full")
         for module in new_modules:
@@ -152,7 +157,7 @@ class AdaptedNetwork:
                 layer.lora_B.requires_grad_(True)
         if finetune == "lora+decoder":
             decoder.requires_grad_(True)
-        if random_init and finetune == "lora":
+        if base_weights == "random" and finetune == "lora":
             logger.warning(
                 "finetune='lora' on a randomly initialised SAM 2 adapts random weights: the adapters have almost "
                 "nothing to adapt and the model barely learns. Without Meta's checkpoint choose finetune='full' (or "
@@ -213,6 +218,7 @@ class AdaptedNetwork:
                 f"The trained model does not fit this run's settings ({'; '.join(differences)}): leave these settings "
                 "unset to take the model's, or point --ckpt_path at a model trained with them."
             )
+        self.settings["base_weights"] = state.get("base_weights", "unknown")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything fine-tuning changed or added: the state without Meta's untouched base weights."""
@@ -268,6 +274,16 @@ class AdaptedNetwork:
         self.unmerge_adapters()
         self.load_state_dict(tensors, strict=False)  # type: ignore[attr-defined]
         logger.info("Loaded %d fine-tuned tensors from %s.", len(tensors), path)
+
+
+def tensor_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state dict without its settings record (``_extra_state``): the weights alone."""
+    return {key: value for key, value in network.state_dict().items() if not key.endswith("_extra_state")}
+
+
+def base_weights_source(random_init: bool, weights_follow: bool) -> str:
+    """What a network records as the source of its base weights (see :meth:`AdaptedNetwork._configure_training`)."""
+    return "random" if random_init else "follows" if weights_follow else "meta"
 
 
 def check_finetune(finetune: str) -> str:

@@ -86,8 +86,7 @@ def save_torch_atomic(content: Any, path: str | os.PathLike) -> None:
         content: what to save.
         path: the destination; the previous file stays whole until the new one is complete.
     """
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            torch.save(content, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(content, handle)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -26,8 +26,8 @@ from scripts.atomic import atomic_path
 from scripts.errors import FundusError
 
 __all__ = [
-    "FundusImageError",
     "SUPPORTED_SUFFIXES",
+    "FundusImageError",
     "estimate_fov",
     "read_image",
     "read_label_mask",

@@ -25,9 +25,9 @@ from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, read_image, 
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
+    "ImageFolder",
     "InputError",
     "check_settings",
-    "ImageFolder",
     "load_split",
     "read_datalist",
     "warn_about_overlap",

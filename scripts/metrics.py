@@ -60,13 +60,13 @@ from skimage.morphology import skeletonize
 from scripts.atomic import OutputError, write_text_atomic
 
 __all__ = [
-    "REGIONS",
     "METRICS",
+    "REGIONS",
     "ReportWriteError",
     "evaluate_case",
-    "summarise",
     "format_summary_table",
     "json_safe",
+    "summarise",
     "write_reports",
 ]
 

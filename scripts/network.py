@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.adapters import AdaptedNetwork, check_finetune
+from scripts.adapters import (
+    ADAPTER_FORMAT,
+    AdaptedNetwork,
+    ModelFileError,
+    base_weights_source,
+    check_finetune,
+    read_model_settings,
+)
 from scripts.errors import ConfigError
 from scripts.lora import inject_lora
 from scripts.sam2_models import (
@@ -29,7 +36,15 @@ from scripts.sam2_models import (
 )
 from scripts.unet import SAM2UNet
 
-__all__ = ["ARCHITECTURES", "DEFAULT_LORA_TARGETS", "ImageEmbeddings", "SAM2LoRA", "SegmentationOutput", "build_network"]
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_LORA_TARGETS",
+    "ImageEmbeddings",
+    "SAM2LoRA",
+    "SegmentationOutput",
+    "build_network",
+    "load_trained",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ DEFAULT_LORA_TARGETS = (
     "sam_mask_decoder.transformer.layers.*.*.*_proj",
     "sam_mask_decoder.transformer.final_attn_token_to_image.*_proj",
 )
+
 
 class SegmentationOutput(NamedTuple):
     """Mask logits (B, C, H, W) at the input's size and SAM's predicted IoU per channel (B, C)."""
@@ -165,7 +181,12 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             "finetune": finetune,
             "recorded": dict(recorded or {}),
         }
-        self._configure_training(finetune, base="sam2", decoder=self.sam2.sam_mask_decoder, random_init=random_init)
+        self._configure_training(
+            finetune,
+            base="sam2",
+            decoder=self.sam2.sam_mask_decoder,
+            base_weights=base_weights_source(random_init, weights_follow),
+        )
         if adapter_checkpoint is not None:
             self.load_adapters(adapter_checkpoint)
 
@@ -314,7 +335,9 @@ def _channel_names(out_channels: int | None, channel_names: Sequence[str] | None
     if channel_names is None:
         return [f"channel_{index}" for index in range(1 if out_channels is None else out_channels)]
     if out_channels is not None and out_channels != len(channel_names):
-        raise ConfigError(f"out_channels {out_channels} disagrees with the {len(channel_names)} channel_names {list(channel_names)}.")
+        raise ConfigError(
+            f"out_channels {out_channels} disagrees with the {len(channel_names)} channel_names {list(channel_names)}."
+        )
     return list(channel_names)
 
 
@@ -334,3 +357,38 @@ def build_network(architecture: str = "sam", **settings: Any) -> SAM2LoRA | SAM2
     if architecture == "unet":
         return SAM2UNet(**settings)
     raise ConfigError(f"Setting 'architecture' must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}.")
+
+
+# The settings a model file records that are not arguments of the networks.
+_RECORD_ONLY = ("format", "base_weights")
+
+
+def load_trained(path: str | Path) -> SAM2LoRA | SAM2UNet:
+    """The trained network of a ``model.pt`` written by the bundle, built from the settings the file records.
+
+    Args:
+        path: a state dict, or a training checkpoint whose ``"model"`` entry is one.
+
+    Returns:
+        The network in eval mode, with the file's weights (adapters unmerged or merged, as saved).
+
+    Raises:
+        ModelFileError: the file is missing, unreadable, an adapter file (which needs Meta's base: build the
+            network with ``checkpoint`` and ``adapter_checkpoint`` instead), or its tensors do not fit its record.
+    """
+    settings = read_model_settings(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") == ADAPTER_FORMAT:
+        raise ModelFileError(
+            f"{path} holds adapters only; build the network with Meta's base checkpoint and adapter_checkpoint={path}."
+        )
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    arguments = {key: value for key, value in settings.items() if key not in _RECORD_ONLY}
+    network = build_network(weights_follow=True, **arguments)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        summary = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelFileError(f"Trained model {path} does not fit the settings it records ({summary}).") from None
+    return network.eval()

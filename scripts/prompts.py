@@ -39,7 +39,6 @@ from scripts.errors import ConfigError, FundusError
 
 __all__ = [
     "AUTO_MODES",
-    "mode_channel_names",
     "ORACLE_MODES",
     "PROMPT_MODES",
     "PROMPT_SOURCES",
@@ -47,6 +46,7 @@ __all__ = [
     "PromptError",
     "auto_prompt",
     "check_prompt_modes",
+    "mode_channel_names",
     "oracle_prompt",
     "read_prompts_file",
 ]

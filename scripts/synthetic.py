@@ -32,13 +32,13 @@ from scripts.fundus_io import FundusImageError, write_png
 from scripts.inputs import InputError, read_datalist
 
 __all__ = [
-    "SyntheticFundus",
     "MASK_FOLDERS",
+    "SyntheticFundus",
+    "ensure_dataset",
+    "main",
     "render_fundus",
     "split_indices",
     "write_dataset",
-    "ensure_dataset",
-    "main",
 ]
 
 MASK_FOLDERS = ("vessels", "disc", "cup", "fov")

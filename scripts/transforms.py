@@ -57,12 +57,12 @@ __all__ = [
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
     "LoadFundusd",
-    "SamNormalized",
     "RandHueShiftd",
+    "SamNormalized",
+    "SamplePromptsd",
     "network_size",
     "training_augmentations",
     "training_crops",
-    "SamplePromptsd",
 ]
 
 SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +73,7 @@ SAM_PIXEL_STD = (0.229, 0.224, 0.225)
 POINT_POSITIVE, POINT_NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POINT_PADDING = 1, 0, 2, 3, -1
 
 
-def _as_metatensor(array: np.ndarray, path: str, original_channel_dim: int | float, extra: dict) -> MetaTensor:
+def _as_metatensor(array: np.ndarray, path: str, original_channel_dim: float, extra: dict) -> MetaTensor:
     """A channel-first array as a MetaTensor with the metadata that ``LoadImage`` would give it."""
     meta = {
         "filename_or_obj": path,

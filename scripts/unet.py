@@ -30,7 +30,7 @@ from monai.networks.blocks import BaseEncoder, Convolution
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, FlexibleUNet
 from torch import nn
 
-from scripts.adapters import AdaptedNetwork, check_finetune
+from scripts.adapters import AdaptedNetwork, base_weights_source, check_finetune
 from scripts.errors import ConfigError
 from scripts.lora import inject_lora, lora_modules, remove_lora
 from scripts.sam2_models import (
@@ -276,6 +276,7 @@ class SAM2UNet(AdaptedNetwork, FlexibleUNet):
             "lora_dropout": lora_dropout,
             "lora_targets": list(targets),
             "finetune": finetune,
+            "decoder_channels": list(decoder_channels),
             "recorded": dict(recorded or {}),
         }
         self._configure_training(
@@ -283,7 +284,7 @@ class SAM2UNet(AdaptedNetwork, FlexibleUNet):
             base="encoder.trunk",
             decoder=self.decoder,
             new_modules=(encoder.stem, self.decoder, self.segmentation_head),
-            random_init=random_init,
+            base_weights=base_weights_source(random_init, weights_follow),
         )
         if adapter_checkpoint is not None:
             self.load_adapters(adapter_checkpoint)

@@ -79,6 +79,24 @@ def run_in_process(run_id: str, configs: Sequence[str], **overrides: Any) -> Exc
     return own
 
 
+def write_model_file(path: Path, architecture: str = "sam", image_size: int = 64, **settings: Any) -> Path:
+    """A model file as training writes it (random weights), recording `settings` on top of the quick start's."""
+    import torch
+
+    from scripts.network import build_network
+
+    settings = {
+        "model_size": "tiny",
+        "channel_names": ["vessels"],
+        "recorded": {"input_mode": "resize", "pixel_scale": 1.0},
+        **settings,
+    }
+    network = build_network(architecture, image_size=image_size, random_init=True, **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), path)
+    return path
+
+
 @contextmanager
 def parameters_on_meta_device() -> Iterator[None]:
     """Create every new module parameter on the meta device: shapes and counts without the memory.

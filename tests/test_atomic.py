@@ -10,10 +10,9 @@ from scripts.atomic import atomic_path, write_json_atomic, write_text_atomic
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "report.json"
     write_json_atomic(target, {"dice": 0.8})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as temporary:
-            temporary.write_text('{"dice": 0.')
-            raise RuntimeError("killed half way")
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text('{"dice": 0.')
+        raise RuntimeError("killed half way")
     assert json.loads(target.read_text()) == {"dice": 0.8}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left behind"
 

@@ -27,6 +27,7 @@ from tests.helpers import (
     fail_message,
     run_bundle,
     run_in_process,
+    write_model_file,
 )
 from tools.prepare import prepare_dataset
 
@@ -59,8 +60,11 @@ def test_quickstart_trains_and_writes_the_model(quickstart_run):
     assert list(quickstart_run["models"].glob("latest*.pt")), "the latest training checkpoint is kept"
     assert "RANDOM weights" in quickstart_run["log"], "random initialisation is logged"
     assert "train_loss" in quickstart_run["log"] and "val_fov_dice" in quickstart_run["log"]
-    state = torch.load(quickstart_run["models"] / "model.pt", map_location="cpu", weights_only=True)
-    assert any(key.endswith("lora_B") for key in state)
+    record = torch.load(quickstart_run["models"] / "model.pt", map_location="cpu", weights_only=True)["_extra_state"]
+    quickstart = json.loads(Path(QUICKSTART).read_text())
+    for key in ("architecture", "finetune", "model_size"):
+        assert record[key] == quickstart[key], key
+    assert record["base_weights"] == "random" and record["image_size"] == FAST["image_size"]
 
 
 def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
@@ -184,15 +188,16 @@ def test_verify_metadata_against_the_model_zoo_schema(tmp_path):
     assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 3
 
 
-def test_verify_net_in_out():
+def test_verify_net_in_out(tmp_path):
+    model = write_model_file(tmp_path / "model.pt")
     verify_net_in_out(
-        net_id="network_def", meta_file=META, config_file=[INFER, QUICKSTART], device="cpu", any=64, image_size=64
+        net_id="network_def", meta_file=META, config_file=[INFER, QUICKSTART], device="cpu", any=64, ckpt_path=str(model)
     )
 
 
 @pytest.mark.parametrize("workflow_type, configs", [("train", [TRAIN, QUICKSTART]), ("infer", [INFER, QUICKSTART])])
 def test_config_workflow_properties(workflow_type, configs, tmp_path):
-    (tmp_path / "model.pt").write_bytes(b"")  # initialize() only checks that the trained model exists
+    write_model_file(tmp_path / "model.pt")
     datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
     workflow = ConfigWorkflow(
         config_file=configs,
@@ -210,14 +215,20 @@ def test_config_workflow_properties(workflow_type, configs, tmp_path):
     assert workflow.check_properties() == []
 
 
-def test_inference_network_settings_match_training():
-    """inference.json repeats the network definition (bundles must run alone); it must never drift from train.json."""
-    train, infer = (json.loads(Path(path).read_text()) for path in (TRAIN, INFER))
-    for key in ("channel_names", "model_size", "image_size", "random_init", "base_checkpoint", "lora_rank"):
-        assert train[key] == infer[key], key
-    for key in ("lora_alpha", "lora_dropout", "network_def", "network", "sam_normalisation"):
-        if key in infer:
-            assert train[key] == infer[key], key
+def test_inference_builds_the_network_the_model_file_records(tmp_path):
+    """inference.json states no network setting of its own: a model trained with other settings runs as trained."""
+    from monai.bundle import ConfigParser
+
+    recorded = {"channel_names": ["disc", "cup"], "lora_rank": 8, "lora_alpha": 8.0, "finetune": "lora+decoder"}
+    model = write_model_file(tmp_path / "model.pt", architecture="unet", image_size=96, **recorded)
+    parser = ConfigParser()
+    parser.read_config([INFER])
+    parser["ckpt_path"] = str(model)
+    network = parser.get_parsed_content("network_def")
+    assert type(network).__name__ == "SAM2UNet"
+    assert network.settings["image_size"] == 96
+    for key, value in recorded.items():
+        assert network.settings[key] == value, key
 
 
 def test_datalist_naming_missing_files(tmp_path):
@@ -257,7 +268,7 @@ def test_missing_model_file(tmp_path):
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    (tmp_path / "model.pt").write_bytes(b"")
+    write_model_file(tmp_path / "model.pt")
     error = run_in_process(
         "inference",
         [INFER, QUICKSTART],

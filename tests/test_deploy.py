@@ -11,15 +11,15 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from scripts.network import SAM2LoRA
+from tests.helpers import write_model_file
 from tools.deploy import PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 
 pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-CONFIG_FILES = [str(CONFIGS / "inference.json"), str(CONFIGS / "quickstart.json")]
+CONFIG_FILES = [str(CONFIGS / "inference.json")]  # it reads every network setting from the model file
 IMAGE_SIZE = 64
-OVERRIDES = {"image_size": IMAGE_SIZE}
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +38,26 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def segmenter(trained) -> PromptFreeSegmenter:
-    return load_segmenter(trained, CONFIG_FILES, OVERRIDES)
+    return load_segmenter(trained)
 
 
-def drive_batch(drive_dir: Path, cases: list[str]) -> torch.Tensor:
-    """DRIVE test images through the bundle's own inference preprocessing."""
+def drive_batch(drive_dir: Path, cases: list[str], model: Path) -> torch.Tensor:
+    """DRIVE test images through the bundle's own inference preprocessing for ``model``."""
     parser = ConfigParser()
     parser.read_config(CONFIG_FILES)
-    parser.update(OVERRIDES)
+    parser["ckpt_path"] = str(model)
     preprocessing = parser.get_parsed_content("preprocessing")
     images = [preprocessing({"image": str(drive_dir / "test" / "images" / f"{case}_test.tif")})["image"] for case in cases]
     return torch.stack([torch.as_tensor(image) for image in images]).float()
 
 
-def test_onnx_matches_pytorch_on_drive_images_with_a_dynamic_batch(segmenter, drive_dir, tmp_path):
+def test_onnx_matches_pytorch_on_drive_images_with_a_dynamic_batch(trained, segmenter, drive_dir, tmp_path):
     path = export_onnx(segmenter, tmp_path / "model.onnx")
     assert not list(tmp_path.glob(".*partial*")), "the partial file was renamed into place"
     import onnxruntime
 
     for cases in (["01", "02", "03"], ["04"]):  # exported with a batch of 2: both other sizes must work
-        images = drive_batch(drive_dir, cases)
+        images = drive_batch(drive_dir, cases, trained)
         assert images.shape == (len(cases), 3, IMAGE_SIZE, IMAGE_SIZE)
         assert check_onnx(path, segmenter, images) < 1e-4
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -79,7 +79,7 @@ def test_torchscript_through_monai_ckpt_export(trained, segmenter, tmp_path):
         config_file=CONFIG_FILES,
         use_trace=True,
         input_shape=[1, 3, IMAGE_SIZE, IMAGE_SIZE],
-        **OVERRIDES,
+        ckpt_path=str(trained),
     )
     scripted = torch.jit.load(str(path))
     for batch in (1, 3):
@@ -98,8 +98,26 @@ def test_exported_program_with_a_dynamic_batch(segmenter, tmp_path):
 
 
 def test_cli_reports_a_missing_model(tmp_path, capsys):
-    status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx"),
-                   "--config_file", str(CONFIG_FILES)])
+    status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")])
     assert status == 1
     assert f"error: Trained model {tmp_path / 'none.pt'} does not exist." in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_refuses_an_output_named_for_another_format(trained, tmp_path, capsys):
+    status = main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(tmp_path / "m.ts")])
+    assert status == 1
+    assert f"error: --output {tmp_path / 'm.ts'} does not end in .onnx, the suffix of --format onnx." in (
+        capsys.readouterr().err
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx_of_the_unet_head_matches_pytorch(tmp_path):
+    model = write_model_file(tmp_path / "unet.pt", architecture="unet", image_size=IMAGE_SIZE)
+    segmenter = load_segmenter(model)
+    path = export_onnx(segmenter, tmp_path / "unet.onnx")
+    images = segmenter.example(batch=3)  # exported with a batch of 2
+    with torch.no_grad():
+        assert segmenter(images).shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert check_onnx(path, segmenter, images) < 1e-4

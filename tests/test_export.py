@@ -30,9 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 INFER = str(CONFIGS / "inference.json")
-QUICKSTART = str(CONFIGS / "quickstart.json")
 VERSION = json.loads((CONFIGS / "metadata.json").read_text())["version"]
 IMAGE_SIZE = 64
+
+
+def same_entry(first, second) -> bool:
+    """Tensors bit for bit; the settings record (a dict) by value."""
+    return torch.equal(first, second) if isinstance(first, torch.Tensor) else first == second
 
 
 def trained_model(path: Path, base: Path | None, seed: int) -> Path:
@@ -77,7 +81,7 @@ def images(tmp_path_factory) -> Path:
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -113,9 +117,9 @@ def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
 
 def repository_inference(images: Path, output: Path, ckpt: Path, **overrides) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", BUNDLE]
-    command += ["--meta_file", CONFIGS / "metadata.json", "--config_file", str([INFER, QUICKSTART])]
+    command += ["--meta_file", CONFIGS / "metadata.json", "--config_file", INFER]
     command += ["--logging_file", CONFIGS / "logging.conf", "--dataset_dir", images, "--output_dir", output]
-    command += ["--ckpt_path", ckpt, "--image_size", IMAGE_SIZE]
+    command += ["--ckpt_path", ckpt]
     for key, value in overrides.items():
         command += [f"--{key}", value]
     result = subprocess.run(list(map(str, command)), cwd=output.parent, capture_output=True, text=True, timeout=600)
@@ -152,9 +156,7 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
     result = export_bundle(
         tmp_path / "dist",
         models["on_base"],
-        config_file=[INFER, QUICKSTART],
         base_checkpoint=models["base"],
-        overrides={"image_size": IMAGE_SIZE, "random_init": False},
     )
     assert result.weights == "adapters" and result.reason == ""
     assert result.archive.name == f"{BUNDLE_NAME}_{VERSION}.zip"
@@ -176,31 +178,28 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
 
     from_download = tmp_path / "from_download"
     log = downloaded_inference(bundle, images, from_download)
-    assert "Loaded 80 adapter tensors from models/adapters.pt" in log
+    assert "fine-tuned tensors from models/adapters.pt" in log
     from_repository = tmp_path / "from_repository"
     from_repository.mkdir()
-    repository_inference(
-        images, from_repository, models["on_base"], random_init=False, ckpt_dir=models["base"].parent
-    )
+    repository_inference(images, from_repository, models["on_base"])
     assert_same_masks(from_repository, from_download, images)
 
 
 def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="tools.export"):
-        result = export_bundle(
-            tmp_path / "dist", models["random_init"], config_file=[INFER, QUICKSTART], overrides={"image_size": 64}
-        )
+        result = export_bundle(tmp_path / "dist", models["random_init"])
     assert result.weights == "full" and "random initialisation" in result.reason
     assert "random initialisation" in caplog.text
     with zipfile.ZipFile(result.archive) as archive:
         assert f"{BUNDLE_NAME}/models/adapters.pt" not in archive.namelist()
         assert "random initialisation" in archive.read(f"{BUNDLE_NAME}/docs/weights.md").decode()
         inference = json.loads(archive.read(f"{BUNDLE_NAME}/configs/inference.json"))
+        large_files = yaml.safe_load(archive.read(f"{BUNDLE_NAME}/large_files.yml"))
         state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
     trained = torch.load(models["random_init"], weights_only=True)
-    assert state.keys() == trained.keys() and all(torch.equal(state[key], trained[key]) for key in trained)
-    assert inference["random_init"] is True and inference["ckpt_path"].endswith("/model.pt'")
-    assert inference["image_size"] == IMAGE_SIZE and inference["model_size"] == "tiny"
+    assert state.keys() == trained.keys() and all(same_entry(state[key], trained[key]) for key in trained)
+    assert inference["ckpt_path"].endswith("/model.pt'")
+    assert large_files == {"large_files": []}, "full weights need no base checkpoint"
 
 
 def test_adapters_trained_on_another_base_fall_back_to_full_weights(models, tmp_path):
@@ -210,31 +209,26 @@ def test_adapters_trained_on_another_base_fall_back_to_full_weights(models, tmp_
     result = export_bundle(
         tmp_path / "dist",
         models["on_base"],
-        config_file=[INFER, QUICKSTART],
         base_checkpoint=other_base,
-        overrides={"image_size": IMAGE_SIZE, "random_init": False},
     )
     assert result.weights == "full"
     assert str(other_base) in result.reason and "differ" in result.reason
     with zipfile.ZipFile(result.archive) as archive:
         state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
     trained = torch.load(models["on_base"], weights_only=True)
-    assert all(torch.equal(state[key], trained[key]) for key in trained)
+    assert all(same_entry(state[key], trained[key]) for key in trained)
 
 
 def test_merged_weights_compute_what_the_adapters_compute(models, tmp_path):
     result = export_bundle(
         tmp_path / "dist",
         models["on_base"],
-        config_file=[INFER, QUICKSTART],
         weights="merged",
-        overrides={"image_size": IMAGE_SIZE, "random_init": False},
     )
     assert result.weights == "merged"
     with zipfile.ZipFile(result.archive) as archive:
         merged_state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
-        inference = json.loads(archive.read(f"{BUNDLE_NAME}/configs/inference.json"))
-    assert inference["image_size"] == IMAGE_SIZE and inference["model_size"] == "tiny"
+    assert merged_state["_extra_state"]["image_size"] == IMAGE_SIZE
     merged = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True).eval()
     merged.load_state_dict(merged_state)
     assert all(layer.merged for layer in merged.sam2.modules() if hasattr(layer, "lora_merged"))
@@ -251,9 +245,7 @@ def test_adapters_without_the_base_checkpoint_say_how_to_get_it(models, tmp_path
         export_bundle(
             tmp_path / "dist",
             models["on_base"],
-            config_file=[INFER, QUICKSTART],
             base_checkpoint=missing,
-            overrides={"image_size": IMAGE_SIZE, "random_init": False},
         )
     assert str(missing) in str(caught.value)
     assert not list((tmp_path / "dist").glob("*.zip")), "nothing half-written is left"
@@ -266,21 +258,28 @@ def test_version_must_have_a_changelog_entry(models, tmp_path):
     metadata["version"] = "9.9.9"
     (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(ExportError, match="9.9.9 has no entry in 'changelog'"):
-        export_bundle(tmp_path / "dist", models["random_init"], bundle_dir=bundle, overrides={"image_size": 64})
+        export_bundle(tmp_path / "dist", models["random_init"], bundle_dir=bundle)
 
 
-def test_model_that_does_not_fit_the_settings(models, tmp_path):
-    with pytest.raises(ExportError, match="does not fit the network settings"):
-        export_bundle(
-            tmp_path / "dist", models["random_init"], config_file=[INFER, QUICKSTART], overrides={"lora_rank": 8}
-        )
+def test_model_that_does_not_fit_its_own_record_or_has_none(models, tmp_path):
+    state = torch.load(models["random_init"], weights_only=True)
+    state["_extra_state"]["lora_rank"] = 8  # the tensors have rank 32
+    lying = tmp_path / "lying.pt"
+    torch.save(state, lying)
+    with pytest.raises(ExportError, match=f"{lying} does not fit the settings it records"):
+        export_bundle(tmp_path / "dist", lying)
+    del state["_extra_state"]
+    silent = tmp_path / "silent.pt"
+    torch.save(state, silent)
+    with pytest.raises(ExportError, match=f"{silent} records no network settings"):
+        export_bundle(tmp_path / "dist", silent)
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
 def test_cli_reports_a_missing_model_in_one_line(tmp_path):
     missing = tmp_path / "model.pt"
     result = subprocess.run(
-        [sys.executable, "-m", "tools.export", "--output", str(tmp_path), "--ckpt_path", str(missing),
-         "--config_file", str([INFER, QUICKSTART])],
+        [sys.executable, "-m", "tools.export", "--output", str(tmp_path), "--ckpt_path", str(missing)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1
@@ -290,8 +289,7 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path):
 
 def test_cli_writes_the_archive(models, tmp_path, capsys):
     status = main([
-        "--output", str(tmp_path), "--ckpt_path", str(models["random_init"]),
-        "--config_file", str([INFER, QUICKSTART]), "--image_size", "64", "--weights", "full",
+        "--output", str(tmp_path), "--ckpt_path", str(models["random_init"]), "--weights", "full",
     ])
     assert status == 0
     archive = tmp_path / f"{BUNDLE_NAME}_{VERSION}.zip"

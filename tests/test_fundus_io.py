@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts.atomic import OutputError
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask, write_png
 
 
@@ -191,7 +192,7 @@ def test_write_png_unwritable_folder(tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
     target = blocker / "sub" / "a.png"
-    with pytest.raises(FundusImageError) as error:
+    with pytest.raises(OutputError) as error:
         write_png(target, np.zeros((2, 2), np.uint8))
     assert str(blocker / "sub") in str(error.value)
 

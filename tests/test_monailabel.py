@@ -30,7 +30,6 @@ from scripts.synthetic import write_dataset
 from tools.export import BUNDLE_NAME, export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 SERVER_PYTHON = REPO / ".venv-monailabel" / "bin" / "python"
 SERVE = REPO / "monailabel_app" / "serve.sh"
 IMAGE_SIZE = 64
@@ -154,8 +153,7 @@ def setup(tmp_path_factory) -> dict:
         label = (np.asarray(Image.open(mask).resize((WIDTH, HEIGHT), Image.NEAREST)) > 127).astype(np.uint8)
         Image.fromarray(label).save(corrected / f"{name.split('.')[0]}.png")
     model = served_model(root / "model.pt")
-    result = export_bundle(root / "dist", model, config_file=[CONFIGS / "inference.json", CONFIGS / "quickstart.json"],
-                           weights="full", overrides={"image_size": IMAGE_SIZE})
+    result = export_bundle(root / "dist", model, weights="full")
     assert result.weights == "full", result.reason
     server = Server(root, result.archive, studies)
     try:

@@ -409,7 +409,7 @@ def _cases(tree: Path, name: str = "CHASE_DB1") -> tuple:
 
 def test_seeded_split_deterministic_disjoint_and_by_fraction(chase_tree: Path) -> None:
     description, cases = _cases(chase_tree)
-    ids = lambda parts: {k: [c.case_id for c in v] for k, v in parts.items()}  # noqa: E731
+    ids = lambda parts: {k: [c.case_id for c in v] for k, v in parts.items()}
     first, provenance = split_cases(description, cases, "seeded", seed=7, test_fraction=0.25, val_fraction=0.3)
     again, _ = split_cases(description, list(reversed(cases)), "seeded", seed=7, test_fraction=0.25, val_fraction=0.3)
     other, _ = split_cases(description, cases, "seeded", seed=8, test_fraction=0.25, val_fraction=0.3)

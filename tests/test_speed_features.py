@@ -13,6 +13,7 @@ from monai.engines import SupervisedEvaluator
 from torch import nn
 
 from scripts.acceleration import set_tf32
+from scripts.adapters import tensor_state
 from scripts.handlers import MergeAdapters
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
@@ -147,7 +148,7 @@ def test_merge_adapters_handler_merges_for_the_run_only(network):
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         expected = network(images)
-    unmerged_weights = copy.deepcopy(network.state_dict())
+    unmerged_weights = copy.deepcopy(tensor_state(network))
     seen_merged: list[bool] = []
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ def test_merge_adapters_handler_merges_for_the_run_only(network):
     assert seen_merged == [True]
     torch.testing.assert_close(evaluator.state.output["pred"], expected, atol=1e-4, rtol=1e-4)
     assert not any(layer.merged for _, layer in lora_modules(network.sam2))
-    for key, value in network.state_dict().items():
+    for key, value in tensor_state(network).items():
         torch.testing.assert_close(value, unmerged_weights[key], atol=1e-6, rtol=0)
 
 

@@ -48,20 +48,20 @@ from scripts.inputs import InputError, load_split
 from scripts.metrics import evaluate_case, format_summary_table, summarise, write_reports
 
 __all__ = [
-    "REFERENCE_FOV_WIDTH",
     "DEFAULT_RADII",
     "DEFAULT_SIGMAS",
     "DEFAULT_THRESHOLDS",
-    "VesselCase",
-    "TopHatParameters",
+    "REFERENCE_FOV_WIDTH",
     "BaselineFit",
-    "iter_cases",
-    "vessel_response",
-    "fit_parameters",
-    "predict_probability",
+    "TopHatParameters",
+    "VesselCase",
     "evaluate_cases",
-    "run_baseline",
+    "fit_parameters",
+    "iter_cases",
     "main",
+    "predict_probability",
+    "run_baseline",
+    "vessel_response",
 ]
 
 REFERENCE_FOV_WIDTH = 540.0

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "BenchmarkSettings",
     "QUICK_SETTINGS",
+    "BenchmarkSettings",
     "main",
     "measure_data_loading",
     "measure_inference",
@@ -203,12 +203,14 @@ def measure_inference(
         One row per variant: ``latency_ms`` (median, batch 1), ``throughput`` (images per second at
         ``batch_size``), ``relative_latency`` (to SAM 2 without adapters, or to merged for a switch).
     """
+    from scripts.adapters import tensor_state
+
     _quiet_logs()
     target = torch.device(device)
     _tf32(False)
     adapted = _network(model_size, image_size, lora_rank).to(target).eval()
     plain = _network(model_size, image_size, lora_rank, adapters=False).to(target).eval()
-    plain.load_state_dict(adapted.state_dict(), strict=False)
+    plain.load_state_dict(tensor_state(adapted), strict=False)
     merged = copy.deepcopy(adapted)
     merged.merge_adapters()
 

@@ -31,25 +31,25 @@ from scripts.errors import FundusError
 from scripts.fundus_io import SUPPORTED_SUFFIXES, read_mask
 
 __all__ = [
-    "DatasetError",
-    "Template",
-    "AnnotationDecoder",
-    "OfficialSplit",
-    "DatasetDescription",
-    "TASK_STRUCTURES",
     "ANNOTATORS",
+    "DATASETS",
+    "TASK_STRUCTURES",
+    "AnnotationDecoder",
+    "DatasetDescription",
+    "DatasetError",
+    "OfficialSplit",
+    "Template",
     "binarise",
-    "read_binary_mask",
     "decode_binary_masks",
-    "decode_soft_maps",
-    "decode_refuge_mask",
-    "decode_origa_mat",
     "decode_contour_files",
     "decode_labelme_json",
-    "labelme_image_path",
-    "DATASETS",
+    "decode_origa_mat",
+    "decode_refuge_mask",
+    "decode_soft_maps",
     "folder_description",
     "get_description",
+    "labelme_image_path",
+    "read_binary_mask",
 ]
 
 Template = Union[str, tuple[str, ...]]

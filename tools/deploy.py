@@ -1,6 +1,8 @@
 """Deployable exports of the prompt-free network, adapters merged: ONNX and torch.export programs.
 
-``python -m tools.deploy --format onnx --ckpt_path model.pt --output model.onnx [--config_file ...] [--key value]``
+``python -m tools.deploy --format onnx --ckpt_path model.pt --output model.onnx``
+
+The network (head, Hiera size, image size, channels...) is built from the settings the model file records.
 
 Every export takes images already resized to the network's ``image_size`` and SAM-normalised (the bundle's
 preprocessing), has a dynamic batch dimension, and returns mask logits (B, C, image_size, image_size). What works
@@ -23,24 +25,24 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from scripts.adapters import AdaptedNetwork
 from scripts.atomic import OutputError, atomic_path
 from scripts.errors import FundusError, command_line
-from scripts.network import SAM2LoRA
-from tools.export import config_files, load_trained, network_settings, parse_overrides
+from tools.export import load_model
 
 __all__ = [
     "FORMATS",
     "DeployError",
     "PromptFreeSegmenter",
     "check_onnx",
+    "check_output_name",
     "export_onnx",
     "export_program",
     "main",
@@ -49,6 +51,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "exported_program")
+SUFFIXES = {"onnx": ".onnx", "exported_program": ".pt2"}
 # The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
 # would not fit any accelerator anyway.
 MAX_BATCH = 1024
@@ -62,17 +65,17 @@ class PromptFreeSegmenter(nn.Module):
     """The network with its adapters merged, as one function of the image batch alone.
 
     Args:
-        network: a trained SAM2LoRA; its adapters are merged into the base weights (in place).
+        network: a trained network of either head; its adapters are merged into the base weights (in place).
     """
 
-    def __init__(self, network: SAM2LoRA) -> None:
+    def __init__(self, network: AdaptedNetwork) -> None:
         super().__init__()
         network.merge_adapters()
         self.network = network.eval()
-        self.image_size = network.image_size
+        self.image_size = network.settings["image_size"]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network.predict(images).logits
+        return self.network(images)
 
     def example(self, batch: int = 2) -> torch.Tensor:
         """A random input of the exported shape."""
@@ -150,11 +153,23 @@ def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_segmenter(
-    ckpt_path: str | os.PathLike, config_file: Sequence[str | os.PathLike], overrides: Mapping[str, Any]
-) -> PromptFreeSegmenter:
-    """The trained network of ``ckpt_path`` (full state dict), built with the bundle configs' settings."""
-    return PromptFreeSegmenter(load_trained(Path(ckpt_path), network_settings(config_file, overrides)))
+def load_segmenter(ckpt_path: str | os.PathLike) -> PromptFreeSegmenter:
+    """The trained network of ``ckpt_path`` (full state dict), built from the settings the file records."""
+    return PromptFreeSegmenter(load_model(Path(ckpt_path)))
+
+
+def check_output_name(export_format: str, output: str | os.PathLike) -> Path:
+    """``output`` if its suffix is the one of ``export_format``.
+
+    Raises:
+        DeployError: another suffix, which would give a file that tools expecting the format cannot open.
+    """
+    path = Path(output)
+    if path.suffix != SUFFIXES[export_format]:
+        raise DeployError(
+            f"--output {path} does not end in {SUFFIXES[export_format]}, the suffix of --format {export_format}."
+        )
+    return path
 
 
 @command_line
@@ -167,25 +182,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.deploy",
         description=__doc__.splitlines()[0],
-        epilog="Any further --key value pairs override config entries, as with `python -m monai.bundle run`.",
     )
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
     parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
-    parser.add_argument(
-        "--config_file",
-        default="bundle/configs/inference.json",
-        help="the configs the model was trained with, one path or a Python list",
-    )
-    args, extra = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model = load_segmenter(args.ckpt_path, config_files(args.config_file), parse_overrides(extra))
+    output = check_output_name(args.format, args.output)
+    model = load_segmenter(args.ckpt_path)
     if args.format == "onnx":
-        path = export_onnx(model, args.output)
+        path = export_onnx(model, output)
         difference = check_onnx(path, model, model.example(batch=3))
         logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
     else:
-        path = export_program(model, args.output)
+        path = export_program(model, output)
     print(path)
     return 0
 

@@ -63,14 +63,14 @@ from tools.datasets import (
 )
 
 __all__ = [
-    "SPLIT_METHODS",
     "SPLITS",
+    "SPLIT_METHODS",
     "Case",
     "find_cases",
-    "split_cases",
-    "prepare_dataset",
-    "pool_datalists",
     "main",
+    "pool_datalists",
+    "prepare_dataset",
+    "split_cases",
 ]
 
 SPLIT_METHODS = ("auto", "official", "seeded")
