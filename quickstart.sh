@@ -13,8 +13,7 @@ bundle=(--bundle_root bundle --meta_file bundle/configs/metadata.json --logging_
 python -m monai.bundle run training "${bundle[@]}" \
     --config_file "['bundle/configs/train.json','bundle/configs/quickstart.json']"
 python -m monai.bundle run inference "${bundle[@]}" \
-    --config_file "['bundle/configs/inference.json','bundle/configs/quickstart.json']" \
-    --dataset_dir bundle/data/synthetic/images
+    --config_file bundle/configs/inference.json --dataset_dir bundle/data/synthetic/images
 python -m monai.bundle run evaluating "${bundle[@]}" \
     --config_file "['bundle/configs/train.json','bundle/configs/quickstart.json','bundle/configs/evaluate.json']"
 
