@@ -28,6 +28,8 @@ QUICKSTART = str(CONFIGS / "quickstart.json")
 MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
 # The quick start at test size: a few seconds per epoch on a CPU.
 FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
+# The paper's head, for tests that are about it (the quick start trains the U-Net head in full).
+SAM_LORA = {"architecture": "sam", "finetune": "lora"}
 
 
 def bundle_command(

@@ -191,11 +191,11 @@ def test_verify_metadata_against_the_model_zoo_schema(tmp_path):
 def test_verify_net_in_out(tmp_path):
     model = write_model_file(tmp_path / "model.pt")
     verify_net_in_out(
-        net_id="network_def", meta_file=META, config_file=[INFER, QUICKSTART], device="cpu", any=64, ckpt_path=str(model)
+        net_id="network_def", meta_file=META, config_file=[INFER], device="cpu", any=64, ckpt_path=str(model)
     )
 
 
-@pytest.mark.parametrize("workflow_type, configs", [("train", [TRAIN, QUICKSTART]), ("infer", [INFER, QUICKSTART])])
+@pytest.mark.parametrize("workflow_type, configs", [("train", [TRAIN, QUICKSTART]), ("infer", [INFER])])
 def test_config_workflow_properties(workflow_type, configs, tmp_path):
     write_model_file(tmp_path / "model.pt")
     datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
@@ -257,7 +257,7 @@ def test_missing_model_file(tmp_path):
     (tmp_path / "images").mkdir()
     error = run_in_process(
         "inference",
-        [INFER, QUICKSTART],
+        [INFER],
         dataset_dir=str(tmp_path / "images"),
         ckpt_path=str(tmp_path / "model.pt"),
         output_dir=str(tmp_path / "out"),
@@ -271,7 +271,7 @@ def test_unwritable_output_folder(tmp_path):
     write_model_file(tmp_path / "model.pt")
     error = run_in_process(
         "inference",
-        [INFER, QUICKSTART],
+        [INFER],
         dataset_dir=str(tmp_path),
         ckpt_path=str(tmp_path / "model.pt"),
         output_dir=str(blocker / "out"),
@@ -281,7 +281,7 @@ def test_unwritable_output_folder(tmp_path):
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
     result = run_bundle(
-        "inference", [INFER, QUICKSTART], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt"
+        "inference", [INFER], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt"
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import torch
 from scripts.handlers import read_training_log
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
-from tests.helpers import FAST, MULTI_GPU, QUICKSTART, TRAIN, bundle_command, fail_message
+from tests.helpers import FAST, MULTI_GPU, QUICKSTART, SAM_LORA, TRAIN, bundle_command, fail_message
 
 
 def test_two_gloo_processes_train_like_one(tmp_path):
@@ -20,7 +20,7 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=10, size=128)["vessels"]
     models, output = tmp_path / "models", tmp_path / "eval"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    overrides = {**FAST, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
+    overrides = {**FAST, **SAM_LORA, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
     command = bundle_command("training", [TRAIN, QUICKSTART, MULTI_GPU], launcher=torchrun, **overrides)
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, fail_message(result)

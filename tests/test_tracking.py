@@ -25,6 +25,7 @@ from tests.helpers import (
     EVALUATE,
     FAST,
     QUICKSTART,
+    SAM_LORA,
     TRAIN,
     bundle_command,
     fail_message,
@@ -60,6 +61,7 @@ def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_sto
         output_dir=output,
         tracking="mlflow",
         **FAST,
+        **SAM_LORA,
     )
     assert result.returncode == 0, fail_message(result)
     database = output / "mlruns.db"
@@ -262,7 +264,7 @@ def test_evaluation_draws_its_metrics_per_dataset(tmp_path):
     output = tmp_path / "metrics"
     result = run_bundle(
         "evaluating",
-        [TRAIN, EVALUATE, QUICKSTART],
+        [TRAIN, QUICKSTART, EVALUATE],  # evaluate.json last: the model file's settings win
         cwd=tmp_path,
         datalist=datalist,
         ckpt_path=tmp_path / "model.pt",
