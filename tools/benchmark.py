@@ -56,6 +56,7 @@ __all__ = [
     "measure_training",
     "render_markdown",
     "run_benchmark",
+    "training_recipe",
 ]
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
@@ -158,6 +159,14 @@ def _network(model_size: str, image_size: int, lora_rank: int, adapters: bool = 
         for _, layer in lora_modules(network.sam2):
             layer.lora_B.normal_(std=0.02)
     return network
+
+
+def training_recipe() -> dict[str, Any]:
+    """The training recipe's values that a training step uses, read from the bundle's ``train.json`` (their one
+    place): learning rate, weight decay, gradient clipping norm, number of positive prompt points."""
+    config = json.loads((BUNDLE_CONFIGS / "train.json").read_text(encoding="utf-8"))
+    keys = ("learning_rate", "weight_decay", "gradient_clip_norm", "prompt_positive_points")
+    return {key: config[key] for key in keys}
 
 
 def _tf32(enabled: bool) -> None:
@@ -315,22 +324,24 @@ def measure_training(
     network = network.to(target).train()
     trainable, total = network.count_parameters()
     parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=3e-4)
+    recipe = training_recipe()
+    optimizer = torch.optim.AdamW(parameters, lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
     loss_function = CompositeLoss(iou_source=network)
     forward = torch.compile(network) if "compile" in switches else network
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(target)
     labels = (torch.rand(batch_size, 1, image_size, image_size, generator=generator) > 0.85).float().to(target)
-    points = (torch.rand(batch_size, 5, 2, generator=generator) * image_size).to(target)
-    point_labels = torch.ones(batch_size, 5, dtype=torch.int64, device=target)
+    count = recipe["prompt_positive_points"]
+    points = (torch.rand(batch_size, count, 2, generator=generator) * image_size).to(target)
+    point_labels = torch.ones(batch_size, count, dtype=torch.int64, device=target)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(target, "bf16" in switches):
             loss = loss_function(forward(images, points, point_labels), labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, recipe["gradient_clip_norm"])
         optimizer.step()
 
     if target.type == "cuda":
