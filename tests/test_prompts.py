@@ -1,0 +1,106 @@
+"""Prompts: oracle prompts drawn from reference masks, automatic prompts, prompts files, and the mapping onto the
+picture the network sees, checked against SAM 2's own transform."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sam2.utils.transforms import SAM2Transforms
+from scipy import ndimage
+
+from scripts.prompts import Prompt, PromptError, auto_prompt, oracle_prompt, read_prompts_file
+
+HEIGHT, WIDTH = 130, 200  # not square: x and y scale differently
+
+
+def disc(center: tuple[int, int], radius: int) -> np.ndarray:
+    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
+    return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius**2
+
+
+def test_oracle_prompts_are_seeded_by_image_mode_and_seed():
+    mask = disc((60, 90), 25)
+    first = oracle_prompt(mask, "5_points", "a.png", seed=0)
+    assert first == oracle_prompt(mask, "5_points", "a.png", seed=0), "the same image and seed: the same prompt"
+    assert first != oracle_prompt(mask, "5_points", "b.png", seed=0)
+    assert first != oracle_prompt(mask, "5_points", "a.png", seed=1)
+
+
+@pytest.mark.parametrize("mode, points, has_box", [("1_point", 1, False), ("2_points", 2, False), ("5_points", 5, False),
+                                                   ("box", 0, True), ("5_points_box", 5, True)])
+def test_oracle_points_lie_in_the_eroded_structure_and_the_box_bounds_it(mode, points, has_box):
+    mask = disc((60, 90), 25)
+    prompt = oracle_prompt(mask, mode, "case.png")
+    assert len(prompt.points) == points
+    core = ndimage.binary_erosion(mask, iterations=3)
+    for x, y, label in prompt.points:
+        assert label == 1 and core[int(y), int(x)], (x, y)
+    rows, cols = np.nonzero(mask)
+    expected_box = (cols.min(), rows.min(), cols.max(), rows.max())
+    assert (prompt.box == tuple(float(v) for v in expected_box)) if has_box else prompt.box is None
+
+
+def test_an_empty_reference_gives_no_prompt():
+    assert oracle_prompt(np.zeros((HEIGHT, WIDTH), bool), "box", "empty.png").empty
+
+
+def test_auto_box_bounds_the_largest_found_region_with_its_margin():
+    probability = np.where(disc((60, 90), 25), 0.9, 0.1)
+    probability[5:10, 5:10] = 0.95  # a smaller, more confident blob must not win
+    prompt = auto_prompt(probability, "auto_box", box_margin=0.1)
+    x0, y0, x1, y1 = 65.0, 35.0, 115.0, 85.0  # the disc's bounding box, 51 px wide and high
+    margin = 0.1 * 51
+    assert prompt.box == pytest.approx((x0 - margin, y0 - margin, x1 + margin, y1 + margin))
+    assert not prompt.points
+
+
+def test_auto_points_start_at_the_most_confident_place_and_stay_in_the_region():
+    region = disc((60, 90), 25)
+    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
+    probability = np.where(region, 0.6 + 0.3 * np.exp(-((rows - 70) ** 2 + (cols - 100) ** 2) / 50.0), 0.05)
+    prompt = auto_prompt(probability, "auto_points", points=3, negative_points=2)
+    positives = [p for p in prompt.points if p[2] == 1]
+    negatives = [p for p in prompt.points if p[2] == 0]
+    assert positives[0][:2] == (100.0, 70.0), "the peak first"
+    assert len(positives) == 3 and all(region[int(y), int(x)] for x, y, _ in positives)
+    assert len(negatives) == 2 and not any(region[int(y), int(x)] for x, y, _ in negatives)
+
+
+def test_nothing_found_keeps_the_prompt_free_result():
+    assert auto_prompt(np.full((HEIGHT, WIDTH), 0.2), "auto_box").empty
+
+
+def test_points_and_box_map_onto_the_network_picture_as_sam2_maps_them():
+    prompt = Prompt(points=((150.0, 20.0, 1), (12.5, 100.0, 0)), box=(40.0, 30.0, 160.0, 110.0))
+    side = 256
+    given = prompt.to_network((HEIGHT, WIDTH), (side, side))
+    sam2 = SAM2Transforms(resolution=side, mask_threshold=0.0)
+    box = sam2.transform_boxes(torch.tensor([prompt.box]), normalize=True, orig_hw=(HEIGHT, WIDTH)).reshape(-1, 2)
+    points = sam2.transform_coords(torch.tensor([p[:2] for p in prompt.points]), normalize=True, orig_hw=(HEIGHT, WIDTH))
+    torch.testing.assert_close(given["point_coords"][0], torch.cat([box, points]))
+    assert given["point_labels"][0].tolist() == [2, 3, 1, 0], "the box as SAM's corner labels, then the points"
+
+
+def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
+    sizes = {"a.png": (HEIGHT, WIDTH)}
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"a.png": {"points": [[10, 20, 1]], "box": [1, 2, 30, 40]}}))
+    assert read_prompts_file(path, sizes)["a.png"] == Prompt(points=((10.0, 20.0, 1),), box=(1.0, 2.0, 30.0, 40.0))
+    cases = [
+        ({"b.png": {"box": [1, 2, 3, 4]}}, "names 1 images that are not in the image folder, e.g. 'b.png'"),
+        ({"a.png": {"points": [[250, 20, 1]]}}, "image a.png: point [250, 20, 1] lies outside the 200x130 image"),
+        ({"a.png": {"points": [[10, 20, 5]]}}, "point label must be 1 (positive) or 0 (negative); got 5"),
+        ({"a.png": {"box": [30, 2, 10, 40]}}, "box [30, 2, 10, 40] needs x0 <= x1 and y0 <= y1"),
+        ({"a.png": {"circle": [1, 2]}}, "a prompt is an object with 'points' and/or 'box'"),
+    ]
+    for content, message in cases:
+        path.write_text(json.dumps(content))
+        with pytest.raises(PromptError) as caught:
+            read_prompts_file(path, sizes)
+        assert str(path) in str(caught.value) and message in str(caught.value), str(caught.value)
+    path.write_text("{not json")
+    with pytest.raises(PromptError, match="cannot be read as JSON"):
+        read_prompts_file(path, sizes)
