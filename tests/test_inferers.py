@@ -1,0 +1,88 @@
+"""Sliding-window inference at native resolution: no seams, windows outside the field of view skipped and counted,
+clear errors; checked with a pointwise network whose whole-image answer is known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scripts.errors import ConfigError
+from scripts.inferers import BACKGROUND_LOGIT, FundusInferer
+
+HEIGHT, WIDTH, WINDOW, OVERLAP = 300, 460, 64, 0.25
+
+
+def pointwise_network() -> nn.Module:
+    """Logits that depend on each pixel alone: windows blended without error give the whole image's answer."""
+    network = nn.Conv2d(3, 2, kernel_size=1)
+    torch.manual_seed(0)
+    nn.init.normal_(network.weight)
+    return network.eval()
+
+
+def window_starts(size: int) -> list[int]:
+    """Where windows start along one side, as MONAI documents its scan: every int(window * (1 - overlap)) pixels,
+    the last window flush with the border."""
+    step = int(WINDOW * (1 - OVERLAP))
+    count = math.ceil((size - WINDOW) / step) + 1
+    return sorted({min(index * step, size - WINDOW) for index in range(count)})
+
+
+def test_windows_blend_into_the_whole_image_answer_without_seams():
+    network = pointwise_network()
+    images = torch.rand(2, 3, HEIGHT, WIDTH)
+    inferer = FundusInferer("sliding_window", image_size=WINDOW, out_channels=2, overlap=OVERLAP)
+    with torch.no_grad():
+        torch.testing.assert_close(inferer(images, network), network(images), atol=1e-5, rtol=1e-5)
+
+
+def test_windows_outside_the_field_of_view_are_skipped_and_counted():
+    network = pointwise_network()
+    images = torch.rand(1, 3, HEIGHT, WIDTH)
+    fov = torch.zeros(1, 1, HEIGHT, WIDTH)
+    fov[..., 40:200, 30:220] = 1  # the left part of the picture
+    inferer = FundusInferer("sliding_window", image_size=WINDOW, out_channels=2, overlap=OVERLAP, window_batch_size=5)
+    with torch.no_grad():
+        logits = inferer(images, network, fov=fov)
+        expected = network(images)
+    rows, cols = window_starts(HEIGHT), window_starts(WIDTH)
+    touching = sum(bool(fov[..., r : r + WINDOW, c : c + WINDOW].any()) for r in rows for c in cols)
+    assert inferer.windows_total == len(rows) * len(cols)
+    assert inferer.windows_computed == touching < inferer.windows_total
+    # Deep inside the field of view every window is computed; a window's side away from it, none is.
+    torch.testing.assert_close(
+        logits[..., 40 + WINDOW : 200 - WINDOW, 30 + WINDOW : 220 - WINDOW],
+        expected[..., 40 + WINDOW : 200 - WINDOW, 30 + WINDOW : 220 - WINDOW],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    outside = logits[..., :, 220 + WINDOW :]
+    torch.testing.assert_close(outside, torch.full_like(outside, BACKGROUND_LOGIT))  # up to the blending's rounding
+
+
+def test_an_image_smaller_than_a_window_is_named():
+    inferer = FundusInferer("sliding_window", image_size=WINDOW, pixel_scale=0.5)
+    with pytest.raises(ConfigError, match=r"An image of 100x50 pixels at pixel_scale 0.5 is smaller than the 64-pixel"):
+        inferer(torch.rand(1, 3, 50, 100), pointwise_network())
+
+
+def test_resize_mode_is_one_forward_pass():
+    calls = []
+
+    def network(images: torch.Tensor) -> torch.Tensor:
+        calls.append(images.shape)
+        return images[:, :1]
+
+    images = torch.rand(3, 3, WINDOW, WINDOW)
+    assert torch.equal(FundusInferer("resize", image_size=WINDOW)(images, network), images[:, :1])
+    assert calls == [images.shape]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ConfigError, match="window_overlap"):
+        FundusInferer("sliding_window", overlap=1.0)
+    with pytest.raises(ConfigError, match="Prompts need input_mode 'resize'"):
+        FundusInferer("sliding_window", prompt_modes=["box"])
