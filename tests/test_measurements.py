@@ -447,3 +447,15 @@ def test_a_pixel_size_that_is_not_positive_raises(pixel_size_mm: object) -> None
         disc_cup_measurements(disc, disc, pixel_size_mm=pixel_size_mm)  # type: ignore[arg-type]
     with pytest.raises(MeasurementError, match="pixel_size_mm"):
         vessel_measurements(disc, pixel_size_mm=pixel_size_mm)  # type: ignore[arg-type]
+
+
+def test_image_flags_name_low_quality_and_pictures_that_are_not_fundus_photographs():
+    from scripts.handlers.measurement import FOV_RANGE, image_flags
+
+    assert image_flags(0.6, 0.8, quality_threshold=0.5) == ""
+    assert image_flags(0.6, None, quality_threshold=0.5) == "", "no IoU head (U-Net): no quality flag"
+    assert image_flags(0.6, 0.3, quality_threshold=0.5) == "low predicted quality (IoU 0.30 < 0.5)"
+    assert "covers 20% of the picture: not a fundus photograph?" in image_flags(0.2, 0.9, 0.5)
+    assert "no dark border" in image_flags(FOV_RANGE[1], 0.9, 0.5)
+    both = image_flags(0.1, 0.2, 0.5)
+    assert "low predicted quality" in both and "not a fundus photograph" in both
