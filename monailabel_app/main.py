@@ -143,7 +143,7 @@ class FundusInferTask(BundleInferTask):
         super().__init__(path, conf, type=InferType.SEGMENTATION, add_post_restore=False, load_strict=True)
         if not self.valid:
             return
-        self.channel_names = list(self.bundle_config.get("channel_names", ["vessels"]))
+        self.channel_names = list(served_network_settings(Path(path))["channel_names"])
         # Label value c + 1 for channel c, the values FundusLabeld writes (channel_def's index would give 0).
         self.labels = {name: index + 1 for index, name in enumerate(self.channel_names)}
         self.threshold = float(self.bundle_config.get("threshold", 0.5))
