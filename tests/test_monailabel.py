@@ -81,7 +81,7 @@ def served_model(path: Path) -> Path:
     a constant label would make the comparison with the bundle's own inference vacuous.
     """
     torch.manual_seed(2)
-    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True)
+    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True, channel_names=["vessels"])
     with torch.no_grad():
         for name, parameter in network.named_parameters():
             if name.endswith("lora_B"):
