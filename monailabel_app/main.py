@@ -143,6 +143,9 @@ class FundusInferTask(BundleInferTask):
         super().__init__(path, conf, type=InferType.SEGMENTATION, add_post_restore=False, load_strict=True)
         if not self.valid:
             return
+        # A request is one image and no prompts file; the bundle reads a prompts file against its own image folder,
+        # which the server does not have.
+        self.bundle_config["user_prompts"] = {}
         self.channel_names = list(served_network_settings(Path(path))["channel_names"])
         # Label value c + 1 for channel c, the values FundusLabeld writes (channel_def's index would give 0).
         self.labels = {name: index + 1 for index, name in enumerate(self.channel_names)}
