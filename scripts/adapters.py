@@ -31,6 +31,7 @@ __all__ = [
     "ModelFileError",
     "base_weights_source",
     "check_finetune",
+    "read_model_file",
     "read_model_settings",
     "tensor_state",
 ]
@@ -94,6 +95,15 @@ def read_model_settings(path: str | os.PathLike) -> dict[str, Any]:
         ModelFileError: the file is missing, unreadable (or unsafe: only tensors and plain values are read), or
             records no settings.
     """
+    return read_model_file(path)[1]
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The content of a trained model file (read once) and the settings it records; see :func:`read_model_settings`.
+
+    Returns:
+        The file's content (the state dict of a ``model.pt``, or an adapter file's payload) and its settings.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(
@@ -115,7 +125,7 @@ def read_model_settings(path: str | os.PathLike) -> dict[str, Any]:
             f"Trained model {path} records no network settings: it is not a model of this bundle, or was written "
             "by a version before 0.2.0 (train it again)."
         )
-    return {key: value for key, value in state.items() if key != "format"}
+    return content, {key: value for key, value in state.items() if key != "format"}
 
 
 class AdaptedNetwork:

@@ -23,7 +23,7 @@ from scripts.adapters import (
     ModelFileError,
     base_weights_source,
     check_finetune,
-    read_model_settings,
+    read_model_file,
 )
 from scripts.errors import ConfigError
 from scripts.lora import inject_lora
@@ -44,6 +44,7 @@ __all__ = [
     "SegmentationOutput",
     "build_network",
     "load_trained",
+    "network_arguments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,11 @@ def build_network(architecture: str = "sam", **settings: Any) -> SAM2LoRA | SAM2
 _RECORD_ONLY = ("format", "base_weights")
 
 
+def network_arguments(settings: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of :func:`build_network` among the settings a network or model file records."""
+    return {key: value for key, value in settings.items() if key not in _RECORD_ONLY}
+
+
 def load_trained(path: str | Path) -> SAM2LoRA | SAM2UNet:
     """The trained network of a ``model.pt`` written by the bundle, built from the settings the file records.
 
@@ -376,16 +382,12 @@ def load_trained(path: str | Path) -> SAM2LoRA | SAM2UNet:
         ModelFileError: the file is missing, unreadable, an adapter file (which needs Meta's base: build the
             network with ``checkpoint`` and ``adapter_checkpoint`` instead), or its tensors do not fit its record.
     """
-    settings = read_model_settings(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state, settings = read_model_file(path)
     if state.get("format") == ADAPTER_FORMAT:
         raise ModelFileError(
             f"{path} holds adapters only; build the network with Meta's base checkpoint and adapter_checkpoint={path}."
         )
-    if isinstance(state.get("model"), dict):
-        state = state["model"]
-    arguments = {key: value for key, value in settings.items() if key not in _RECORD_ONLY}
-    network = build_network(weights_follow=True, **arguments)
+    network = build_network(weights_follow=True, **network_arguments(settings))
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

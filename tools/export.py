@@ -43,7 +43,7 @@ import scripts
 from scripts.adapters import AdaptedNetwork, ModelFileError, tensor_state
 from scripts.atomic import atomic_path
 from scripts.errors import FundusError, command_line
-from scripts.network import build_network, load_trained
+from scripts.network import build_network, load_trained, network_arguments
 from scripts.sam2_models import CheckpointError
 
 __all__ = [
@@ -142,8 +142,7 @@ def differing_tensors(first: Mapping[str, torch.Tensor], second: Mapping[str, to
 def adapters_reproduce(trained: AdaptedNetwork, base: Path, adapters: Path) -> list[str]:
     """Rebuild the network as the archive's inference config will (Meta's base checkpoint plus the adapter
     file) and list the tensors that differ from the trained network; an empty list means a faithful archive."""
-    settings = {key: value for key, value in trained.settings.items() if key != "base_weights"}
-    rebuilt = build_network(checkpoint=base, adapter_checkpoint=adapters, **settings).eval()
+    rebuilt = build_network(checkpoint=base, adapter_checkpoint=adapters, **network_arguments(trained.settings)).eval()
     return differing_tensors(tensor_state(trained), tensor_state(rebuilt))
 
 
