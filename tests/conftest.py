@@ -7,6 +7,12 @@ import pytest
 
 DRIVE_ENV = "FUNDUS_DRIVE_DIR"
 
+# pytest-xdist runs test files side by side (pyproject's addopts): each worker, and the processes its tests start,
+# get their share of the cores, since torch's thread pools oversubscribe the machine otherwise (several times slower).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+
 
 @pytest.fixture(scope="session")
 def drive_dir() -> Path:

@@ -34,8 +34,8 @@ SERVER_PYTHON = REPO / ".venv-monailabel" / "bin" / "python"
 SERVE = REPO / "monailabel_app" / "serve.sh"
 IMAGE_SIZE = 64
 WIDTH, HEIGHT = 120, 100  # non-square, so that a transposed label cannot pass
-START_TIMEOUT = 180
-TRAIN_TIMEOUT = 240
+START_TIMEOUT = 420
+TRAIN_TIMEOUT = 600
 
 pytestmark = pytest.mark.skipif(
     not SERVER_PYTHON.is_file(),

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import ignite.distributed as idist
 import numpy as np
@@ -28,6 +29,10 @@ from scripts.engines import all_ranks
 __all__ = ["TrainingLog", "read_training_log"]
 
 logger = logging.getLogger(__name__)
+
+# The log attached to each trainer: handlers that draw from it find it through the trainer they are attached to, so
+# the config needs no reference to the log's place in a handler list (MONAI Label inserts handlers into that list).
+_LOG_OF_TRAINER: WeakKeyDictionary[Engine, TrainingLog] = WeakKeyDictionary()
 
 
 def read_training_log(path: str | os.PathLike, up_to_iteration: int | None = None) -> list[dict[str, Any]]:
@@ -98,8 +103,24 @@ class TrainingLog:
         """Call ``listener(record)`` after each validation record is written (on the writing rank only)."""
         self._listeners.append(listener)
 
+    @staticmethod
+    def of(trainer: Engine) -> TrainingLog:
+        """The :class:`TrainingLog` attached to ``trainer``.
+
+        Raises:
+            ValueError: none is attached (yet): list the log before the handlers that draw from it.
+        """
+        log = _LOG_OF_TRAINER.get(trainer)
+        if log is None:
+            raise ValueError(
+                "No TrainingLog is attached to the trainer: list scripts.handlers.TrainingLog in train#handlers "
+                "before the handlers that draw from it (TrainingPictures)."
+            )
+        return log
+
     def attach(self, engine: Engine) -> None:
         self.trainer = engine
+        _LOG_OF_TRAINER[engine] = self
         engine.add_event_handler(Events.STARTED, self._close)
         engine.add_event_handler(Events.EPOCH_STARTED, self._open_log)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)

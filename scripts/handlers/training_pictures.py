@@ -33,11 +33,10 @@ def _to_numpy(value: Any) -> np.ndarray:
 class TrainingPictures:
     """Ignite handler drawing a training run's curves, per-dataset chart and overlays after each validation.
 
-    It draws from the records of ``log`` (into the log's folder, on the log's writing rank) and collects the
-    overlays from the log's validator. List it after the :class:`TrainingLog` in the trainer's handlers.
+    It draws from the records of the trainer's :class:`TrainingLog` (into the log's folder, on the log's writing
+    rank) and collects the overlays from the log's validator. List it after the log in the trainer's handlers.
 
     Args:
-        log: the run's training log.
         overlay_count: how many validation images to draw overlays of at each validation.
 
     Attributes:
@@ -47,14 +46,16 @@ class TrainingPictures:
     CURVES_NAME = "training_curves.png"
     DATASETS_NAME = "validation_by_dataset.png"
 
-    def __init__(self, log: TrainingLog, overlay_count: int = 4) -> None:
-        self.log = log
-        self.output_dir = log.output_dir
+    def __init__(self, overlay_count: int = 4) -> None:
+        self.log: TrainingLog | None = None
+        self.output_dir: Path | None = None
         self.overlay_count = overlay_count
         self.latest_files: list[Path] = []
         self._overlays: list[tuple[str, np.ndarray]] = []
 
     def attach(self, engine: Engine) -> None:
+        self.log = TrainingLog.of(engine)
+        self.output_dir = self.log.output_dir
         if self.log.validator is not None and self.log.write:
             self.log.validator.add_event_handler(Events.EPOCH_STARTED, self._reset)
             self.log.validator.add_event_handler(Events.ITERATION_COMPLETED, self._collect_overlays)
