@@ -243,9 +243,8 @@ class MeasurementAgreement:
         iou = np.array([row["predicted_iou"] for row in rows], dtype=float)
         dice = np.array([row["dice"] for row in rows], dtype=float)
         ranked = np.isfinite(iou)
-        result["quality_spearman"] = (
-            float(spearmanr(iou[ranked], dice[ranked])[0]) if ranked.sum() > 2 and np.ptp(iou[ranked]) > 0 else math.nan
-        )
+        rankable = ranked.sum() > 2 and np.ptp(iou[ranked]) > 0 and np.ptp(dice[ranked]) > 0
+        result["quality_spearman"] = float(spearmanr(iou[ranked], dice[ranked])[0]) if rankable else math.nan
         result["flagged"] = [row["image"] for row in rows if row["flags"]]
         return result
 

@@ -1,0 +1,237 @@
+"""The measurement handlers on real ignite engines: `InferenceReport` (measurements.csv and report.html of an
+inference run) and `MeasurementAgreement` (measures on predictions against references in an evaluation).
+
+Their aggregates are checked against numpy's and against ranks computed here, on disc/cup pictures whose vertical
+cup-to-disc ratio is known by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+
+from scripts.fundus_io import write_png
+from scripts.handlers import InferenceReport, MeasurementAgreement
+from scripts.measurements import measure_structures
+
+SIZE = 96
+
+
+class LatestIoU:
+    """What the handlers read of the run's inferer: SAM's predicted IoU of the latest batch, ``(B, C)``."""
+
+    def __init__(self) -> None:
+        self.last_iou: torch.Tensor | None = None
+
+
+def disc_and_cup(disc_rows: int, cup_rows: int, size: int = SIZE) -> np.ndarray:
+    """``(2, H, W)`` bool: a centred square disc and cup spanning the given numbers of rows (vertical CDR = ratio)."""
+    masks = np.zeros((2, size, size), bool)
+    for channel, rows in enumerate((disc_rows, cup_rows)):
+        start = (size - rows) // 2
+        masks[channel, start : start + rows, start : start + rows] = True
+    return masks
+
+
+def fundus_fov(size: int = SIZE) -> np.ndarray:
+    """A round field of view covering about 70% of the picture, as in a fundus photograph."""
+    rows, cols = np.mgrid[:size, :size]
+    return (rows - size / 2 + 0.5) ** 2 + (cols - size / 2 + 0.5) ** 2 <= (0.47 * size) ** 2
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks of distinct values (Spearman's correlation is Pearson's on them)."""
+    assert len(np.unique(values)) == len(values)
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+# Four disc/cup cases per dataset: (disc rows, predicted cup rows, reference cup rows), predicted IoU.
+CASES = {
+    "REFUGE": [((60, 30, 36), 0.9), ((50, 30, 30), 0.8), ((70, 21, 28), 0.3), ((40, 24, 20), 0.7)],
+    "ORIGA": [((64, 32, 40), 0.6), ((56, 42, 28), 0.95), ((48, 12, 24), 0.2)],
+}
+
+
+@pytest.fixture
+def evaluation(tmp_path):
+    """An evaluation over CASES, two images a batch, with MeasurementAgreement attached; its engine and handler."""
+    inferer = LatestIoU()
+    images = []
+    for dataset, cases in CASES.items():
+        for index, ((disc, pred_cup, ref_cup), iou) in enumerate(cases):
+            prediction, reference = disc_and_cup(disc, pred_cup), disc_and_cup(disc, ref_cup)
+            images.append({"name": f"{dataset.lower()}_{index}.png", "dataset": dataset, "prediction": prediction,
+                           "reference": reference, "iou": iou, "fov": torch.from_numpy(fundus_fov()[None])})
+
+    def step(engine: Engine, batch: list[dict]) -> list[dict]:
+        # The evaluator's batch and outputs are decollated: one dict per image.
+        inferer.last_iou = torch.tensor([[item["iou"]] * 2 for item in batch])
+        return [
+            {
+                "pred": MetaTensor(torch.from_numpy(item["prediction"].astype(np.float32)),
+                                   meta={"filename_or_obj": f"/in/{item['name']}"}),
+                "label": torch.from_numpy(item["reference"].astype(np.float32)),
+            }
+            for item in batch
+        ]
+
+    engine = Engine(step)
+    handler = MeasurementAgreement(tmp_path, ["disc", "cup"], inferer=inferer, quality_threshold=0.5)
+    handler.attach(engine)
+    engine.run([images[start : start + 2] for start in range(0, len(images), 2)], max_epochs=1)
+    return engine, handler, images, tmp_path
+
+
+def test_agreement_matches_numpy_per_dataset_and_overall(evaluation):
+    engine, _, images, folder = evaluation
+    per_image = {row["image"]: row for row in read_csv(folder / "measurements_per_image.csv")}
+    assert sorted(per_image) == sorted(item["name"] for item in images)
+    for item in images:
+        row, dataset, prediction, reference = per_image[item["name"]], item["dataset"], item["prediction"], item["reference"]
+        assert row["dataset"] == dataset
+        # By construction: the cup spans pred_cup (ref_cup) of the disc's rows.
+        assert float(row["pred_vertical_cdr"]) == pytest.approx(prediction[1].any(1).sum() / prediction[0].any(1).sum())
+        assert float(row["ref_vertical_cdr"]) == pytest.approx(reference[1].any(1).sum() / reference[0].any(1).sum())
+        assert float(row["pred_disc_area_px"]) == measure_structures(prediction, ["disc", "cup"])["disc_area_px"]
+
+    agreement = json.loads((folder / "measurement_agreement.json").read_text())
+    for scope, names in [("all", list(per_image)), *[(d, [i["name"] for i in images if i["dataset"] == d]) for d in CASES]]:
+        pred = np.array([float(per_image[n]["pred_vertical_cdr"]) for n in names])
+        ref = np.array([float(per_image[n]["ref_vertical_cdr"]) for n in names])
+        result = agreement["all"] if scope == "all" else agreement["datasets"][scope]
+        assert result["images"] == len(names)
+        assert result["vertical_cdr"]["n"] == len(names)
+        assert result["vertical_cdr"]["mae"] == pytest.approx(np.abs(pred - ref).mean())
+        assert result["vertical_cdr"]["pearson_r"] == pytest.approx(np.corrcoef(pred, ref)[0, 1])
+    assert engine.state.metrics["vertical_cdr_mae"] == pytest.approx(agreement["all"]["vertical_cdr"]["mae"])
+    assert engine.state.metrics["vertical_cdr_pearson_r"] == pytest.approx(agreement["all"]["vertical_cdr"]["pearson_r"])
+
+    summary = read_csv(folder / "measurement_agreement.csv")
+    refuge = next(r for r in summary if r["dataset"] == "REFUGE" and r["measure"] == "vertical_cdr")
+    assert float(refuge["mae"]) == pytest.approx(agreement["datasets"]["REFUGE"]["vertical_cdr"]["mae"])
+
+
+def test_low_predicted_quality_is_flagged(evaluation):
+    engine, _, images, folder = evaluation
+    per_image = read_csv(folder / "measurements_per_image.csv")
+    assert sorted(float(row["predicted_iou"]) for row in per_image) == pytest.approx(sorted(i["iou"] for i in images))
+    flagged = json.loads((folder / "measurement_agreement.json").read_text())["all"]["flagged"]
+    assert sorted(flagged) == sorted(item["name"] for item in images if item["iou"] < 0.5)
+    # Every disc matches its reference (Dice 1): a rank correlation with constant Dice is undefined, not a number.
+    assert np.isnan(engine.state.metrics["quality_spearman"])
+    for row in per_image:
+        assert ("low predicted quality" in row["flags"]) == (float(row["predicted_iou"]) < 0.5)
+
+
+def test_bland_altman_plots_for_the_structures_segmented(evaluation):
+    _, _, _, folder = evaluation
+    assert (folder / "bland_altman_vertical_cdr.png").stat().st_size > 1000
+    assert not (folder / "bland_altman_vessel_density.png").exists()
+
+
+def test_vessel_agreement_and_spearman_against_ranks(tmp_path):
+    rng = np.random.default_rng(0)
+    fov = fundus_fov()
+    inferer = LatestIoU()
+    images = []
+    for index, width in enumerate((1, 2, 3, 4, 5)):
+        reference = np.zeros((1, SIZE, SIZE), bool)
+        reference[0, 20:76, 48 - width // 2 : 48 - width // 2 + width] = True
+        prediction = reference.copy()
+        prediction[0, 30 : 30 + 8 * index, 30] = True  # a spurious branch, longer in later images
+        images.append((f"v{index}.png", prediction, reference, float(rng.uniform(0.55, 1.0))))
+
+    def step(engine: Engine, batch: list) -> list[dict]:
+        inferer.last_iou = torch.tensor([[iou] for *_, iou in batch])
+        engine.state.batch = [{}] * len(batch)  # decollated items without a dataset name
+        return [
+            {
+                "pred": MetaTensor(torch.from_numpy(p.astype(np.float32)), meta={"filename_or_obj": n}),
+                "label": torch.from_numpy(r.astype(np.float32)),
+                "fov": torch.from_numpy(fov[None].astype(np.float32)),
+            }
+            for n, p, r, _ in batch
+        ]
+
+    engine = Engine(step)
+    MeasurementAgreement(tmp_path, ["vessels"], inferer=inferer).attach(engine)
+    engine.run([[image] for image in images], max_epochs=1)
+
+    rows = read_csv(tmp_path / "measurements_per_image.csv")
+    assert [row["dataset"] for row in rows] == ["unknown"] * len(images)
+    for row, (_, prediction, reference, _) in zip(rows, images):
+        inside = fov[None]
+        assert float(row["dice"]) == pytest.approx(
+            2 * (prediction & reference & inside).sum() / ((prediction & inside).sum() + (reference & inside).sum())
+        )
+        assert float(row["ref_vessel_density"]) == pytest.approx((reference[0] & fov).sum() / fov.sum())
+    iou = np.array([float(row["predicted_iou"]) for row in rows])
+    dice = np.array([float(row["dice"]) for row in rows])
+    assert engine.state.metrics["quality_spearman"] == pytest.approx(np.corrcoef(ranks(iou), ranks(dice))[0, 1])
+    for measure in ("vessel_density", "fractal_dimension"):
+        assert (tmp_path / f"bland_altman_{measure}.png").stat().st_size > 1000
+    assert not (tmp_path / "bland_altman_vertical_cdr.png").exists()
+    assert all(row["flags"] == "" for row in rows)  # fundus-like FOV, predicted IoU above 0.5
+
+
+def inference_record(folder: Path, name: str, fov_fraction: float, cup_rows: int) -> dict:
+    """A record as the prediction writer leaves it, with the overlay it writes."""
+    masks = disc_and_cup(60, cup_rows)
+    overlay = f"{Path(name).stem}_overlay.png"
+    write_png(folder / overlay, np.stack([masks[0], masks[1], np.zeros_like(masks[0])], -1).astype(np.uint8) * 255)
+    return {"image": name, "overlay": overlay, "fov_fraction": fov_fraction, **measure_structures(masks, ["disc", "cup"])}
+
+
+def test_inference_report_writes_csv_after_each_batch_and_the_report_at_the_end(tmp_path):
+    inferer = LatestIoU()
+    batches = [
+        [("eye_a.png", 0.7, 30, 0.9), ("eye_b.png", 1.0, 18, 0.8)],  # b: no dark border
+        [("eye_c.png", 0.6, 42, 0.2)],  # c: low predicted quality
+    ]
+    after_first_batch: dict = {}
+
+    def step(engine: Engine, batch: list) -> list[dict]:
+        inferer.last_iou = torch.tensor([[iou, iou] for *_, iou in batch])
+        return [{"pred_record": inference_record(tmp_path, name, fov, cup)} for name, fov, cup, _ in batch]
+
+    engine = Engine(step)
+    report = InferenceReport(tmp_path, ["disc", "cup"], inferer=inferer, quality_threshold=0.5, settings={"model": "m.pt"})
+    report.attach(engine)
+    # Registered after the report's own handler: what an interrupted run would have on disk after the first batch.
+    def keep_what_is_on_disk(_: Engine) -> None:
+        if not after_first_batch:
+            after_first_batch["rows"] = read_csv(tmp_path / InferenceReport.CSV_NAME)
+            after_first_batch["report"] = (tmp_path / InferenceReport.REPORT_NAME).exists()
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, keep_what_is_on_disk)
+    engine.run(batches, max_epochs=1)
+
+    assert [row["image"] for row in after_first_batch["rows"]] == ["eye_a.png", "eye_b.png"]
+    assert not after_first_batch["report"]  # the report is written when the run completes
+    with open(tmp_path / InferenceReport.CSV_NAME, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle))
+    assert header[:2] == ["image", "flags"] and header[-1] == "notes"
+    assert "vertical_cdr [ratio]" in header and "disc_area_px [px²]" in header
+    assert "predicted_iou_disc" in header and "predicted_iou_cup" in header
+    rows = {row["image"]: row for row in read_csv(tmp_path / InferenceReport.CSV_NAME)}
+    assert float(rows["eye_a.png"]["vertical_cdr [ratio]"]) == pytest.approx(0.5)
+    assert float(rows["eye_c.png"]["vertical_cdr [ratio]"]) == pytest.approx(0.7)
+    assert rows["eye_a.png"]["flags"] == ""
+    assert "no dark border" in rows["eye_b.png"]["flags"]
+    assert rows["eye_c.png"]["flags"].startswith("low predicted quality (IoU 0.20 < 0.5)")
+    page = (tmp_path / InferenceReport.REPORT_NAME).read_text(encoding="utf-8")
+    for name in rows:
+        assert name in page
+    assert "low predicted quality" in page and "m.pt" in page
