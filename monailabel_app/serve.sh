@@ -38,6 +38,14 @@ while [ $# -gt 0 ]; do
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
+# start_server takes the last of repeated options (and abbreviations of them): what comes after -- must not
+# replace the checked host, port, app or studies, e.g. `-- --host 0.0.0.0` without the warning below.
+for option in "$@"; do
+    case "$option" in
+        -i*|-p*|-a*|-s*|--h|--ho*|--p|--po*|--a|--ap*|--st*)
+            die "$option after -- is not passed on: use serve.sh's own --host, --port, --app or --studies" ;;
+    esac
+done
 [ -n "$studies" ] || die "--studies FOLDER is required (the fundus images to label)"
 [ -d "$studies" ] || die "studies folder $studies does not exist"
 [ -x "$python" ] || die "$python not found: run 'bash monailabel_app/install.sh' first"

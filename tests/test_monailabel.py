@@ -298,6 +298,9 @@ def test_train_on_labels_saved_through_the_api(setup):
         (["--studies", "{tmp}/absent"], "does not exist"),
         (["--studies", "{tmp}", "--bundle", "{tmp}/not_a_zip.zip"], "cannot be extracted"),
         (["--studies", "{tmp}", "--port", "http"], "--port must be a number"),
+        (["--studies", "{tmp}", "--", "--host", "0.0.0.0"], "--host after -- is not passed on"),
+        (["--studies", "{tmp}", "--", "--conf", "skip_trainers", "true", "-i", "0.0.0.0"], "-i after -- is not passed on"),
+        (["--studies", "{tmp}", "--", "--port=9000"], "--port=9000 after -- is not passed on"),
     ],
 )
 def test_serve_script_refuses_bad_arguments_in_one_line(tmp_path, arguments, message):
