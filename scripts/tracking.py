@@ -42,7 +42,7 @@ from scripts.errors import FundusError
 from scripts.handlers import TrainingCheckpoint, TrainingLog, TrainingPictures, read_training_log
 from scripts.inputs import read_datalist
 
-__all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings"]
+__all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings", "http_retry_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,21 @@ class _DeliveringClient:
         )
 
 
+def http_retry_settings(retry_interval: float) -> dict[str, str]:
+    """mlflow's HTTP settings (environment variables) for a run retrying every ``retry_interval`` seconds.
+
+    mlflow retries a failed call seven times, doubling a 2 s wait: about four minutes before an unreachable server
+    gives an error. With two retries waiting ``b`` and ``2b`` seconds, ``b = retry_interval // 4`` (at least 1), a
+    call gives up within about ``retry_interval`` seconds (plus the request timeouts), so the start-up error and the
+    delivery's retries follow ``--tracking_retry_interval``.
+    """
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, int(retry_interval) // 4)),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(5, int(retry_interval))),
+    }
+
+
 class MLflowRecorder:
     """Completes and safeguards the MLflow record of a training run made with ``--tracking mlflow``.
 
@@ -314,6 +329,8 @@ class MLflowRecorder:
         handler = self.trainer_handlers[0] if self.trainer_handlers else self.handlers[0]
         self._store = handler.client
         where = handler.client.tracking_uri
+        for name, value in http_retry_settings(self.retry_interval).items():
+            os.environ.setdefault(name, value)  # what the user set in the environment stays
         resumed = self.checkpoint.register_state("mlflow", self._state) if self.checkpoint is not None else None
         experiment = self._experiment(handler, where)
         try:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ from PIL import Image
 
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
-from scripts.tracking import TrackingError, _Delivery, describe_training_data, flatten_settings
+from scripts.tracking import TrackingError, _Delivery, describe_training_data, flatten_settings, http_retry_settings
 from tests.helpers import (
     EVALUATE,
     FAST,
@@ -139,24 +140,47 @@ def test_describe_training_data_and_flatten_settings(tmp_path):
     assert flatten_settings({"loss": {"bce": 1.0}, "targets": ["a", "b"]}) == {"loss.bce": "1.0", "targets": "a, b"}
 
 
-def test_an_unreachable_tracking_uri_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of retrying for minutes
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # free, and nothing listens once the probe is closed
+def test_an_unavailable_tracking_server_is_a_clear_error_after_the_run_s_retries(tmp_path, monkeypatch):
+    settings = http_retry_settings(retry_interval=4)
+    for name in settings:
+        monkeypatch.setenv(name, "")  # restored (removed) after the test; removed now so that the run sets it
+        monkeypatch.delenv(name)
+    calls = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            calls.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
     datalist = write_dataset(tmp_path / "data", count=6, size=64)["vessels"]
-    error = run_in_process(
-        "training",
-        [TRAIN, QUICKSTART],
-        datalist=str(datalist),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"),
-        tracking="mlflow",
-        tracking_uri=f"http://127.0.0.1:{port}",
-        **FAST,
-    )
+    try:
+        error = run_in_process(
+            "training",
+            [TRAIN, QUICKSTART],
+            datalist=str(datalist),
+            ckpt_dir=str(tmp_path / "models"),
+            output_dir=str(tmp_path / "eval"),
+            tracking="mlflow",
+            tracking_uri=uri,
+            tracking_retry_interval=4,
+            **FAST,
+        )
+    finally:
+        server.shutdown()
     assert isinstance(error, TrackingError)
-    assert f"MLflow tracking at http://127.0.0.1:{port} cannot be used" in str(error)
+    assert f"MLflow tracking at {uri} cannot be used" in str(error)
+    # One call and the run's two retries (mlflow alone makes eight, over about four minutes), 1 s and 2 s apart.
+    assert len(calls) == 1 + int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), calls
+    assert settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    assert {name: os.environ[name] for name in settings} == settings
 
 
 @pytest.fixture
