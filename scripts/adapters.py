@@ -31,6 +31,7 @@ __all__ = [
     "ModelFileError",
     "base_weights_source",
     "check_finetune",
+    "check_fits",
     "read_model_file",
     "read_model_settings",
     "tensor_state",
@@ -78,6 +79,30 @@ def _differences(recorded: Mapping[str, Any], own: Mapping[str, Any], keys: Iter
         for key in keys
         if _plain(recorded.get(key)) != _plain(own.get(key))
     ]
+
+
+def check_fits(recorded: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+    """Check that a run's network settings are those a trained model file records.
+
+    Compared: the defining settings (:data:`DEFINING_SETTINGS`) that ``own`` holds, and the workflow settings the file
+    records (input mode, pixel scale); a file written before a workflow recorded one of them says nothing about it.
+
+    Args:
+        recorded: the settings the file records (:func:`read_model_settings`).
+        own: the run's settings, with its workflow settings under ``"recorded"``.
+
+    Raises:
+        ModelFileError: naming each differing setting with both values.
+    """
+    keys = [key for key in DEFINING_SETTINGS if key in own] + list(recorded.get("recorded", {}))
+    differences = _differences(
+        {**recorded, **recorded.get("recorded", {})}, {**own, **own.get("recorded", {})}, keys
+    )
+    if differences:
+        raise ModelFileError(
+            f"The trained model does not fit this run's settings ({'; '.join(differences)}): leave these settings "
+            "unset to take the model's, or point --ckpt_path at a model trained with them."
+        )
 
 
 def read_model_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -217,17 +242,7 @@ class AdaptedNetwork:
         """
         if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
             raise ModelFileError("The trained model's weights carry no record of this bundle's network settings.")
-        # Workflow settings the file records (input mode, pixel scale) must match; a file written before a workflow
-        # recorded one of them says nothing about it.
-        keys = [*DEFINING_SETTINGS, *state.get("recorded", {})]
-        recorded = {**state, **state.get("recorded", {})}
-        own = {**self.settings, **self.settings.get("recorded", {})}
-        differences = _differences(recorded, own, keys)
-        if differences:
-            raise ModelFileError(
-                f"The trained model does not fit this run's settings ({'; '.join(differences)}): leave these settings "
-                "unset to take the model's, or point --ckpt_path at a model trained with them."
-            )
+        check_fits(state, self.settings)
         self.settings["base_weights"] = state.get("base_weights", "unknown")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ on the same adapted Hiera encoder, prompt-free, full resolution).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +23,7 @@ from scripts.adapters import (
     ModelFileError,
     base_weights_source,
     check_finetune,
+    check_fits,
     read_model_file,
 )
 from scripts.errors import ConfigError
@@ -342,17 +343,25 @@ def _channel_names(out_channels: int | None, channel_names: Sequence[str] | None
     return list(channel_names)
 
 
-def build_network(architecture: str = "sam", **settings: Any) -> SAM2LoRA | SAM2UNet:
+def build_network(
+    architecture: str = "sam", trained: Mapping[str, Any] | None = None, **settings: Any
+) -> SAM2LoRA | SAM2UNet:
     """The bundle's network with the chosen head.
 
     Args:
         architecture: ``"sam"`` (:class:`SAM2LoRA`) or ``"unet"`` (:class:`scripts.unet.SAM2UNet`).
+        trained: the settings recorded by the model file the weights will be loaded from: a conflicting setting is
+            refused before building (one head's LoRA targets name no module of the other, which would fail deep
+            inside the build instead).
         settings: the network's arguments (both take the same ones, but for ``lora_targets``, which name modules of
             their own, and ``out_channels``, which only ``"sam"`` takes besides ``channel_names``).
 
     Raises:
         ConfigError: an unknown architecture.
+        ModelFileError: a setting differs from what ``trained`` records.
     """
+    if trained is not None:
+        check_fits(trained, {"architecture": architecture, **settings})
     if architecture == "sam":
         return SAM2LoRA(**settings)
     if architecture == "unet":

@@ -13,6 +13,8 @@ import torch
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 from PIL import Image
 
+from scripts.adapters import ModelFileError
+from scripts.errors import user_error
 from scripts.synthetic import write_dataset
 from tests.helpers import (
     BUNDLE,
@@ -229,6 +231,24 @@ def test_inference_builds_the_network_the_model_file_records(tmp_path):
     assert network.settings["image_size"] == 96
     for key, value in recorded.items():
         assert network.settings[key] == value, key
+
+
+@pytest.mark.parametrize(("config", "head"), [(INFER, "unet"), (EVALUATE, "sam")])
+def test_a_setting_conflicting_with_the_model_file_is_refused_before_building(tmp_path, config, head):
+    """The other head (whose LoRA targets name no module of this one's) or image size: one line naming both values."""
+    from monai.bundle import ConfigParser
+
+    model = write_model_file(tmp_path / "model.pt", architecture=head, image_size=64)
+    other = "sam" if head == "unet" else "unet"
+    parser = ConfigParser()
+    parser.read_config([TRAIN, config] if config == EVALUATE else [config])
+    parser.update({"ckpt_path": str(model), "architecture": other, "image_size": 128})
+    with pytest.raises(Exception) as caught:
+        parser.get_parsed_content("network_def")
+    error = user_error(caught.value)
+    assert isinstance(error, ModelFileError), caught.value
+    assert f"architecture: trained with '{head}', this run sets '{other}'" in str(error)
+    assert "image_size: trained with 64, this run sets 128" in str(error)
 
 
 def test_datalist_naming_missing_files(tmp_path):
