@@ -138,7 +138,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged or unsafe files raise many kinds of errors inside torch.load
-        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {error}).") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {first_line}).") from None
     if isinstance(content, dict) and content.get("format") == ADAPTER_FORMAT:
         state = content.get("settings")
     else:

@@ -217,7 +217,11 @@ def _require_foreground(path: Path, split: str, entries: Sequence[Mapping[str, A
 def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", second: str = "validation") -> None:
     """Warn when images of one split are also in another (validation on training images measures nothing)."""
     content = read_datalist(datalist)
-    images = [{str(entry.get("image")) for entry in content.get(name, []) if isinstance(entry, dict)} for name in (first, second)]
+    base = Path(datalist).parent
+    images = [
+        {str(_resolve(entry["image"], base)) for entry in content.get(name, []) if isinstance(entry, dict) and entry.get("image")}
+        for name in (first, second)
+    ]
     shared = sorted(images[0] & images[1])
     if shared:
         logger.warning(f"Datalist {datalist}: {len(shared)} images are in both '{first}' and '{second}', e.g. {shared[0]}.")
@@ -386,6 +390,10 @@ def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
     keys = [argument[2:].split("=")[0] for argument in argv if argument.startswith("--")]
     config_files = next((argv[i + 1] for i, argument in enumerate(argv[:-1]) if argument == "--config_file"), "[]")
     known = config_ids(config_files) | RUN_ARGUMENTS
+    if "--tracking" in argv:  # MONAI adds its tracking settings (tracking_uri, run_name...) to the config
+        from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+        known |= set(DEFAULT_MLFLOW_SETTINGS["configs"])
     unknown = [key for key in keys if key not in known]
     for key in unknown:
         nearest = difflib.get_close_matches(key, known, n=1)

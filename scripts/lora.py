@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.errors import ConfigError
+
 __all__ = [
     "LoRALinear",
     "inject_lora",
@@ -55,9 +57,9 @@ class LoRALinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         if rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank}.")
+            raise ConfigError(f"Setting 'lora_rank' must be a positive whole number; got {rank!r}.")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}.")
+            raise ConfigError(f"Setting 'lora_dropout' must be at least 0 and below 1; got {dropout!r}.")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
         self.alpha = alpha

@@ -63,7 +63,7 @@ class HieraSize:
             return f"configs/sam2.1/sam2.1_hiera_{self.config_code}.yaml"
         if version == "2":
             return f"configs/sam2/sam2_hiera_{self.config_code}.yaml"
-        raise ValueError(f"sam2_version must be '2' or '2.1', got {version!r}.")
+        raise ConfigError(f"Setting 'sam2_version' must be '2' or '2.1'; got {version!r}.")
 
     @property
     def checkpoint_url(self) -> str:
@@ -90,11 +90,11 @@ def resolve_hiera_size(model_size: str) -> HieraSize:
     """Look up a Hiera size by name (``tiny``, ``small``, ``base_plus``, ``large``) or short code (``t``, ``b+``...).
 
     Raises:
-        ValueError: for an unknown name, listing the known ones.
+        ConfigError: for an unknown name, listing the known ones.
     """
     key = _ALIASES.get(model_size.lower(), model_size.lower())
     if key not in HIERA_SIZES:
-        raise ValueError(f"Unknown Hiera size {model_size!r}; choose one of {sorted(HIERA_SIZES)}.")
+        raise ConfigError(f"Setting 'model_size' must be one of {', '.join(sorted(HIERA_SIZES))}; got {model_size!r}.")
     return HIERA_SIZES[key]
 
 

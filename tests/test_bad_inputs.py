@@ -1,0 +1,309 @@
+"""Bad input, table by table: each case gets one of the project's errors (one line naming the file or setting and
+what is wrong, what the command line prints as ``error: ...`` with exit status 1), and every file present before is
+byte-identical after. docs/bad_inputs.md lists what each bad input gets; the workflows' own cases (a conflicting
+setting, an unwritable output folder, a missing model...) are in tests/test_bundle.py and tests/test_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.adapters import read_model_file
+from scripts.errors import FundusError, user_error
+from scripts.fundus_io import write_png
+from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
+from scripts.sam2_models import resolve_hiera_size
+from tests.helpers import QUICKSTART, REPO, TRAIN, write_model_file
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def photograph(path: Path, size: tuple[int, int] = (48, 64)) -> Path:
+    """A small fundus-like picture: a bright disc on black."""
+    rows, cols = np.mgrid[: size[0], : size[1]]
+    disc = (rows - size[0] / 2) ** 2 + (cols - size[1] / 2) ** 2 < (0.45 * min(size)) ** 2
+    write_png(path, (np.stack([disc * 180, disc * 90, disc * 40], -1)).astype(np.uint8))
+    return path
+
+
+def vessel_label(path: Path, size: tuple[int, int] = (48, 64), colour: tuple[int, int, int] | None = None) -> Path:
+    mask = np.zeros(size, np.uint8)
+    mask[:, size[1] // 2] = 255
+    write_png(path, mask if colour is None else np.stack([mask * (c // 255) for c in colour], -1).astype(np.uint8))
+    return path
+
+
+def expect_error(action: Callable[[], object], *fragments: str) -> FundusError:
+    """Run ``action``, expecting one of our errors in one line that holds every fragment."""
+    with pytest.raises(Exception) as caught:
+        action()
+    error = user_error(caught.value)
+    assert error is not None, f"not one of our errors: {caught.value!r}"
+    message = str(error)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return error
+
+
+# Settings: (name, value, what the message says).
+BAD_SETTINGS = [
+    ("image_size", "abc", "a whole number of pixels, a multiple of 32"),
+    ("image_size", 100, "a multiple of 32"),
+    ("image_size", 0, "at least 64"),
+    ("lora_rank", 0, "a positive whole number"),
+    ("batch_size", 0, "a positive whole number"),
+    ("max_epochs", -1, "a positive whole number"),
+    ("num_workers", -2, "0 or a positive whole number"),
+    ("learning_rate", float("nan"), "a positive number"),
+    ("threshold", 1.5, "between 0 and 1"),
+    ("channel_names", [], "a non-empty list of distinct names"),
+    ("channel_names", ["disc", "disc"], "a non-empty list of distinct names"),
+    ("channel_names", "vessels", "a non-empty list of distinct names"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), BAD_SETTINGS)
+def test_bad_setting_values_are_named_with_what_is_expected(name, value, expected):
+    expect_error(lambda: check_settings(**{name: value}), f"Setting '{name}'", repr(value), expected)
+
+
+def test_an_unknown_hiera_size_is_named_with_the_known_ones():
+    expect_error(lambda: resolve_hiera_size("huge"), "Setting 'model_size'", "'huge'", "base_plus, large, small, tiny")
+
+
+def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dict]]:
+    """Datalist content, what the message must hold, and load_split's arguments, per case."""
+    image = photograph(folder / "a.png").name
+    label = vessel_label(folder / "a_label.png").name
+    photograph(folder / "b.png")
+    empty = folder / "empty_label.png"
+    write_png(empty, np.zeros((48, 64), np.uint8))
+    green = vessel_label(folder / "green_label.png", colour=(0, 255, 0)).name
+    good = {"image": image, "label": label}
+    return {
+        "a list, not an object": ([good], ("holds a JSON list, not an object",), {}),
+        "no such split": ({"validation": [good]}, ("has no 'training' list",), {}),
+        "an empty split": ({"training": []}, ("the 'training' list is empty",), {}),
+        "an entry that is a string": ({"training": ["a.png"]}, ("'training' entry 0 must be an object with 'image' and 'label'",), {}),
+        "an entry without label": ({"training": [good, {"image": image}]}, ("entry 1 must be an object",), {}),
+        "entries with other keys": (
+            {"training": [good, good, {**good, "fov": label}]},
+            ("entries must all have the same keys; entry 2 has ['fov', 'image', 'label']",),
+            {},
+        ),
+        "a missing file": ({"training": [{"image": "gone.png", "label": label}]}, ("names 1 missing files", "gone.png"), {}),
+        "masks for another number of channels": (
+            {"training": [{"image": image, "label": [label, label]}]},
+            ("has 2 label masks but the workflow has 1 output channels", "channel_names"),
+            {"channels": 1},
+        ),
+        "every label empty": (
+            {"training": [{"image": image, "label": empty.name}, {"image": "b.png", "label": empty.name}]},
+            ("every label of 'training' is empty (no foreground pixel in 2 entries)",),
+            {},
+        ),
+        "a colour label (green vessels on black)": (
+            {"training": [{"image": image, "label": green}]},
+            ("green_label.png is a colour picture whose channels differ", "labels must be grayscale masks"),
+            {},
+        ),
+    }
+
+
+CASE_NAMES = [
+    "a list, not an object",
+    "no such split",
+    "an empty split",
+    "an entry that is a string",
+    "an entry without label",
+    "entries with other keys",
+    "a missing file",
+    "masks for another number of channels",
+    "every label empty",
+    "a colour label (green vessels on black)",
+]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_datalists_are_named_and_nothing_is_written(tmp_path, case):
+    content, fragments, arguments = datalist_cases(tmp_path)[case]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(content))
+    before = snapshot(tmp_path)
+    expect_error(lambda: load_split(datalist, "training", **arguments), *fragments)
+    assert snapshot(tmp_path) == before
+
+
+def test_images_in_both_training_and_validation_are_flagged_however_their_paths_are_written(tmp_path, caplog):
+    photograph(tmp_path / "a.png")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.png"}], "validation": [{"image": "./a.png"}]}))
+    with caplog.at_level(logging.WARNING):
+        warn_about_overlap(datalist)
+    assert "1 images are in both 'training' and 'validation'" in caplog.text
+
+
+def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """ImageFolder arguments and what the message must hold, per case, over the images of ``root/images``."""
+    images = root / "images"
+    photograph(images / "eye.png")
+    (root / "done").mkdir()
+    photograph(root / "done" / "eye_mask.png")  # an earlier run's output
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("no picture here")
+    twins = root / "twins"
+    photograph(twins / "eye.png")
+    photograph(twins / "eye.jpg")
+    return {
+        "output folder is the image folder": (
+            {"folder": images, "output_dir": images},
+            (f"Output folder {images} is the image folder", "--allow_output_in_dataset_dir"),
+        ),
+        "output folder inside the image folder": (
+            {"folder": images, "output_dir": images / "out"},
+            ("is the image folder", "or inside it"),
+        ),
+        "two images with the same outputs": (
+            {"folder": twins, "output_dir": root / "out"},
+            ("eye.jpg and", "eye.png would both write eye_mask.png", "rename one of them"),
+        ),
+        "outputs of an earlier run": (
+            {"folder": images, "output_dir": root / "done"},
+            ("holds 1 files this run would replace, e.g. eye_mask.png", "--overwrite True"),
+        ),
+        "a folder that does not exist": ({"folder": root / "nowhere", "output_dir": root / "out"}, ("does not exist",)),
+        "a folder without images": ({"folder": root / "notes", "output_dir": root / "out"}, ("notes holds no image",)),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "output folder is the image folder",
+        "output folder inside the image folder",
+        "two images with the same outputs",
+        "outputs of an earlier run",
+        "a folder that does not exist",
+        "a folder without images",
+    ],
+)
+def test_image_folders_that_would_lose_or_mix_files_are_refused(tmp_path, case):
+    arguments, fragments = folder_cases(tmp_path)[case]
+    before = snapshot(tmp_path)
+    expect_error(lambda: ImageFolder(**arguments), *fragments)
+    assert snapshot(tmp_path) == before
+
+
+def test_unreadable_images_are_left_out_and_named_one_line_each(tmp_path):
+    photograph(tmp_path / "good_1.png")
+    photograph(tmp_path / "good_2.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    photograph(tmp_path / "tiny.png", size=(10, 10))
+    images = ImageFolder(tmp_path, tmp_path.parent / "out")
+    assert [Path(e["image"]).name for e in images.entries] == ["good_1.png", "good_2.png"]
+    with pytest.raises(FundusError) as caught:
+        images.report_unreadable()
+    first, *lines = str(caught.value).splitlines()
+    assert first == "2 image(s) could not be segmented (the others were):"
+    assert len(lines) == 2 and "broken.png" in lines[0] and "tiny.png: 10x10 pixels is too small" in lines[1]
+
+
+class RunsCode:
+    """A pickle that runs a command when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def truncated_model(folder: Path) -> Path:
+    model = write_model_file(folder / "model.pt", architecture="sam", image_size=64)
+    truncated = folder / "truncated.pt"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    return truncated
+
+
+def pickle_running_code(folder: Path) -> Path:
+    with open(folder / "unsafe.pt", "wb") as handle:
+        pickle.dump({"model": RunsCode(folder / "code_ran")}, handle)
+    return folder / "unsafe.pt"
+
+
+def weights_without_record(folder: Path) -> Path:
+    torch.save({"weight": torch.zeros(2)}, folder / "bare.pt")
+    return folder / "bare.pt"
+
+
+def garbage(folder: Path) -> Path:
+    (folder / "garbage.pt").write_bytes(b"not a model at all")
+    return folder / "garbage.pt"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (truncated_model, "truncated.pt cannot be read"),
+        (garbage, "garbage.pt cannot be read"),
+        (pickle_running_code, "unsafe.pt cannot be read"),
+        (weights_without_record, "bare.pt records no network settings"),
+        (lambda folder: folder / "absent.pt", "absent.pt does not exist"),
+    ],
+    ids=["truncated", "not a model", "code in the pickle", "weights without our record", "missing"],
+)
+def test_damaged_or_unsafe_model_files_are_refused_in_one_line(tmp_path, make, expected):
+    path = make(tmp_path)
+    before = snapshot(tmp_path)
+    expect_error(lambda: read_model_file(path), str(tmp_path), expected)
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
+    configs = str([TRAIN, QUICKSTART])
+    argv = ["monai.bundle", "run", "training", "--config_file", configs, "--learning_rte", "0.5"]
+    with caplog.at_level(logging.WARNING):
+        assert warn_unknown_overrides(argv) == ["learning_rte"]
+    assert "--learning_rte is defined by no config of this workflow and has no effect; did you mean --learning_rate?" in caplog.text
+    tracked = ["monai.bundle", "run", "training", "--config_file", configs, "--tracking", "mlflow",
+               "--tracking_uri", "http://127.0.0.1:5000", "--run_name", "first"]
+    assert warn_unknown_overrides(tracked) == []  # MONAI's own tracking settings
+
+
+FILLING_WRITE = """
+import resource, sys
+from scripts.atomic import write_text_atomic
+from scripts.errors import install_error_hook
+install_error_hook()
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+write_text_atomic(sys.argv[1], "x" * 1_000_000)
+"""
+
+
+def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_earlier_file(tmp_path):
+    """The kernel refuses the write part-way (a file-size limit: what a full disk does to a writer, EFBIG not ENOSPC)."""
+    target = tmp_path / "measurements.csv"
+    target.write_text("the earlier run's rows\n")
+    before = snapshot(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", FILLING_WRITE, str(target)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: Cannot write {target} in folder {tmp_path} (File too large).", result.stderr
+    assert snapshot(tmp_path) == before  # no temporary file left, the earlier file intact
