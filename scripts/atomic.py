@@ -27,9 +27,14 @@ class OutputError(FundusError, OSError):
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    # Linux states it; setting and restoring it would, for a moment, apply umask 0 to files other threads create.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 @contextmanager

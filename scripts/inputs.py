@@ -281,6 +281,8 @@ class ImageFolder:
         )
         own_outputs = {name for file in files for name in output_names(file, channel_names, nifti)}
         images = [file for file in files if Path(file).name not in own_outputs]
+        for file in sorted(set(files) - set(images)):
+            logger.info(f"Not segmenting {file}: it is named like an output of another image in the folder.")
         if not images:
             raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}).")
         planned: dict[str, str] = {}

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from scripts.adapters import read_model_file
+from scripts.atomic import write_text_atomic
 from scripts.errors import FundusError, user_error
 from scripts.fundus_io import write_png
+from scripts.handlers.checkpoint import keep_earlier_run
 from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
 from scripts.sam2_models import resolve_hiera_size
 from tests.helpers import QUICKSTART, REPO, TRAIN, write_model_file
@@ -307,3 +309,40 @@ def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_earlier_file(
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: Cannot write {target} in folder {tmp_path} (File too large).", result.stderr
     assert snapshot(tmp_path) == before  # no temporary file left, the earlier file intact
+
+
+def test_a_new_run_keeps_each_earlier_run_even_within_one_second(tmp_path, caplog):
+    ckpt, output = tmp_path / "models", tmp_path / "eval"
+    ckpt.mkdir()
+    output.mkdir()
+    kept = []
+    for run in ("first", "second"):
+        (ckpt / "model.pt").write_text(f"{run} run's model")
+        (output / "training_log.jsonl").write_text(f"{run} run's log\n")
+        with caplog.at_level(logging.WARNING):
+            kept.append(keep_earlier_run(ckpt, output, resume=False))
+    assert kept[0] != kept[1] and kept[0].parent == kept[1].parent == ckpt / "earlier_runs"
+    for folder, run in zip(kept, ("first", "second")):
+        assert (folder / "model.pt").read_text() == f"{run} run's model"
+        assert (folder / "training_log.jsonl").read_text() == f"{run} run's log\n"
+    assert f"were copied to {kept[1]} before this new run replaces them" in caplog.text
+    assert keep_earlier_run(ckpt, output, resume=True) is None
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "atomic.csv", "rows\n")
+        (tmp_path / "plain.csv").write_text("rows\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "atomic.csv").stat().st_mode & 0o777 == (tmp_path / "plain.csv").stat().st_mode & 0o777 == 0o640
+
+
+def test_an_image_named_like_another_image_s_output_is_not_segmented_and_it_is_said(tmp_path, caplog):
+    photograph(tmp_path / "eye.png")
+    photograph(tmp_path / "eye_mask.png")
+    with caplog.at_level(logging.INFO):
+        images = ImageFolder(tmp_path, tmp_path.parent / "out")
+    assert [Path(e["image"]).name for e in images.entries] == ["eye.png"]
+    assert f"Not segmenting {tmp_path / 'eye_mask.png'}: it is named like an output of another image" in caplog.text

@@ -29,6 +29,7 @@ epoch are not replayed exactly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -360,8 +361,14 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     found += [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]
     if not found:
         return None
-    target = ckpt_dir / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = ckpt_dir / "earlier_runs" / stamp
+    for number in itertools.count(2):  # two runs started within a second keep their own folders
+        try:
+            target.mkdir(parents=True)
+            break
+        except FileExistsError:
+            target = ckpt_dir / "earlier_runs" / f"{stamp}-{number}"
     for path in found:
         if path.is_dir():
             shutil.copytree(path, target / path.name, dirs_exist_ok=True)
