@@ -110,6 +110,8 @@ def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(cwd),
         "PYTHONPATH": sysconfig.get_paths()["purelib"],
+        # The thread count the repository's runs get (tests/conftest.py): float sums in the same order, same masks.
+        **{key: os.environ[key] for key in ("OMP_NUM_THREADS",) if key in os.environ},
     }
     command = [sys.executable, "-S", *map(str, arguments)]
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
