@@ -346,3 +346,18 @@ def test_an_image_named_like_another_image_s_output_is_not_segmented_and_it_is_s
         images = ImageFolder(tmp_path, tmp_path.parent / "out")
     assert [Path(e["image"]).name for e in images.entries] == ["eye.png"]
     assert f"Not segmenting {tmp_path / 'eye_mask.png'}: it is named like an output of another image" in caplog.text
+
+
+def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(tmp_path, caplog):
+    photograph(tmp_path / "a.png")
+    grey = np.zeros((48, 64), np.uint8)
+    grey[:, 30:34] = [255, 128, 128, 255]  # an anti-aliased drawing: four gray levels
+    write_png(tmp_path / "a_label.png", grey)
+    entry = {"image": "a.png", "label": "a_label.png"}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [entry, entry]}))
+    with caplog.at_level(logging.WARNING):
+        entries = load_split(datalist, "training")
+    assert len(entries) == 2
+    assert f"Datalist {datalist}: 'training' lists 1 images more than once, e.g. {tmp_path / 'a.png'}." in caplog.text
+    assert f"Label {tmp_path / 'a_label.png'} has 3 gray levels (0, 128, 255...), not two: thresholded at 127." in caplog.text

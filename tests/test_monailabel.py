@@ -310,3 +310,21 @@ def test_serve_script_refuses_bad_arguments_in_one_line(tmp_path, arguments, mes
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_serve_script_keeps_an_installed_bundle_and_warns_about_other_hosts(tmp_path):
+    installed = tmp_path / "app" / "model" / "sam2lora_fundus"
+    (installed / "models").mkdir(parents=True)
+    (installed / "models" / "model.pt").write_bytes(b"a fine-tuned model")
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "inference.json").write_text("{}")
+    command = ["bash", str(SERVE), "--studies", str(tmp_path), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
+               "--host", "0.0.0.0"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    warning, refusal = result.stderr.strip().splitlines()
+    assert warning.startswith("serve.sh: WARNING: listening on 0.0.0.0.") and "path-traversal" in warning
+    assert refusal == f"serve.sh: {installed} already exists (it may hold a fine-tuned model); remove it, or omit --bundle"
+    assert (installed / "models" / "model.pt").read_bytes() == b"a fine-tuned model"
+    assert not (installed / "configs").exists(), "the installed bundle is left as it was"
