@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
-from scripts.errors import ConfigError, FundusError
+from scripts.errors import ConfigError, FundusError, first_line
 from scripts.lora import lora_modules, merge_lora, unmerge_lora
 
 __all__ = [
@@ -138,8 +138,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged or unsafe files raise many kinds of errors inside torch.load
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {first_line}).") from None
+        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {first_line(error)}).") from None
     if isinstance(content, dict) and content.get("format") == ADAPTER_FORMAT:
         state = content.get("settings")
     else:

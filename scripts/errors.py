@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from types import TracebackType
 
-__all__ = ["ConfigError", "FundusError", "command_line", "install_error_hook", "user_error"]
+__all__ = ["ConfigError", "FundusError", "command_line", "first_line", "install_error_hook", "user_error"]
 
 
 class FundusError(Exception):
@@ -26,6 +26,12 @@ class FundusError(Exception):
 
 class ConfigError(FundusError, ValueError):
     """A setting of a workflow or tool has a value it cannot work with; the message names the setting."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of another library's error message (at most 300 characters), to quote in one of ours: torch's
+    unpickling errors, for one, run to several paragraphs."""
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def user_error(error: BaseException | None) -> FundusError | None:

@@ -26,7 +26,7 @@ from scripts.adapters import (
     check_fits,
     read_model_file,
 )
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, first_line
 from scripts.lora import inject_lora
 from scripts.sam2_models import (
     build_sam2_base,
@@ -400,6 +400,7 @@ def load_trained(path: str | Path) -> SAM2LoRA | SAM2UNet:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        summary = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelFileError(f"Trained model {path} does not fit the settings it records ({summary}).") from None
+        raise ModelFileError(
+            f"Trained model {path} does not fit the settings it records ({first_line(error) or type(error).__name__})."
+        ) from None
     return network.eval()

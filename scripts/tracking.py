@@ -38,7 +38,7 @@ from monai.handlers import MLFlowHandler
 from torch import nn
 
 from scripts.engines import count_parameters
-from scripts.errors import FundusError
+from scripts.errors import FundusError, first_line
 from scripts.handlers import TrainingCheckpoint, TrainingLog, TrainingPictures, read_training_log
 from scripts.inputs import read_datalist
 
@@ -137,7 +137,7 @@ class _Delivery:
                     self.offline_until = time.monotonic() + self.retry_interval
                     self._lose(steps)
                     logger.warning(
-                        f"MLflow tracking at {self.where} failed ({type(error).__name__}: {_first_line(error)}); "
+                        f"MLflow tracking at {self.where} failed ({type(error).__name__}: {first_line(error)}); "
                         f"not recorded: {what}. Training goes on; records are dropped until a retry in "
                         f"{self.retry_interval:.0f} s succeeds."
                     )
@@ -182,10 +182,6 @@ class _Delivery:
             for name, (count, first, last) in sorted(lost.items())
         )
         logger.warning(f"MLflow: this run's record at {self.where} is incomplete. Not recorded: {details}.")
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _steps(metrics: Sequence[Any] = (), params: Sequence[Any] = ()) -> dict[str, tuple[int, int, int]]:
@@ -337,7 +333,7 @@ class MLflowRecorder:
             self.run = self._open_run(handler, experiment, resumed, where)
         except Exception as error:  # the store answered for the experiment but fails to create the run
             raise TrackingError(
-                f"MLflow tracking at {where} cannot open a run ({type(error).__name__}: {_first_line(error)})."
+                f"MLflow tracking at {where} cannot open a run ({type(error).__name__}: {first_line(error)})."
             ) from None
         logged_params = dict(self.run.data.params)
         self.delivery = _Delivery(where, self.retry_interval, self.queue_size)
@@ -377,7 +373,7 @@ class MLflowRecorder:
                 experiment = client.get_experiment(experiment_id)
         except Exception as error:  # connection refused, bad URI, unwritable database...
             raise TrackingError(
-                f"MLflow tracking at {where} cannot be used ({type(error).__name__}: {_first_line(error)}). "
+                f"MLflow tracking at {where} cannot be used ({type(error).__name__}: {first_line(error)}). "
                 "Check --tracking_uri (or start the server), or train without --tracking."
             ) from None
         if experiment.lifecycle_stage != "active":
@@ -447,7 +443,7 @@ class MLflowRecorder:
                         if missing(key, record["epoch"])
                     ]
         except Exception as error:  # the backfill is a courtesy: the run goes on without it
-            logger.warning(f"MLflow: cannot read the resumed run's history ({_first_line(error)}); no backfill.")
+            logger.warning(f"MLflow: cannot read the resumed run's history ({first_line(error)}); no backfill.")
             return
         if metrics:
             logger.info(f"MLflow: sending {len(metrics)} values the killed run logged but had not delivered.")

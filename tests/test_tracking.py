@@ -148,7 +148,7 @@ def test_an_unavailable_tracking_server_is_a_clear_error_after_the_run_s_retries
     calls = []
 
     class Unavailable(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             calls.append(self.path)
             self.send_response(503)
             self.send_header("Content-Length", "0")

@@ -46,7 +46,7 @@ from torch import nn
 
 from scripts.atomic import save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
-from scripts.errors import FundusError
+from scripts.errors import FundusError, first_line
 
 __all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "keep_earlier_run"]
 
@@ -246,7 +246,7 @@ class TrainingCheckpoint:
         try:
             content = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many kinds (pickle, zip, EOF...) for a damaged file
-            raise ResumeError(f"Cannot resume: checkpoint {self.path} cannot be read ({error}).") from None
+            raise ResumeError(f"Cannot resume: checkpoint {self.path} cannot be read ({first_line(error)}).") from None
         self._check_compatible(content)
         return content
 
