@@ -196,7 +196,7 @@ def test_bad_inputs_and_settings_are_named(network):
         network(torch.randn(1, 3, 64, 64), point_coords=torch.zeros(1, 1, 2))
     with pytest.raises(ValueError, match="out_channels"):
         tiny_network(out_channels=5)
-    with pytest.raises(ValueError, match="Hiera size"):
+    with pytest.raises(ValueError, match="Setting .model_size. must be one of base_plus, large, small, tiny"):
         tiny_network(model_size="huge")
     with pytest.raises(ValueError, match="multiple of 32"):
         tiny_network(image_size=100)
