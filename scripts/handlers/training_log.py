@@ -25,6 +25,7 @@ from monai.metrics import compute_dice
 
 from scripts.atomic import write_text_atomic
 from scripts.engines import all_ranks
+from scripts.errors import ConfigError
 
 __all__ = ["TrainingLog", "read_training_log"]
 
@@ -108,11 +109,11 @@ class TrainingLog:
         """The :class:`TrainingLog` attached to ``trainer``.
 
         Raises:
-            ValueError: none is attached (yet): list the log before the handlers that draw from it.
+            ConfigError: none is attached (yet): list the log before the handlers that draw from it.
         """
         log = _LOG_OF_TRAINER.get(trainer)
         if log is None:
-            raise ValueError(
+            raise ConfigError(
                 "No TrainingLog is attached to the trainer: list scripts.handlers.TrainingLog in train#handlers "
                 "before the handlers that draw from it (TrainingPictures)."
             )
