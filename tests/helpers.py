@@ -15,6 +15,7 @@ from monai.bundle import run as monai_run
 from torch import nn
 
 from scripts.errors import user_error
+from tests.preloaded import preloaded_python
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -61,10 +62,10 @@ def bundle_command(
 
 
 def run_bundle(run_id: str, configs: Sequence[str], cwd: Path, timeout: float = 900, **overrides: Any):
-    """Run :func:`bundle_command` in a fresh process, as a user runs it; the completed process."""
-    return subprocess.run(
-        bundle_command(run_id, configs, **overrides), cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    """Run :func:`bundle_command` in a fresh process, as a user runs it (forked from the preloaded interpreter,
+    which saves the imports); the completed process."""
+    arguments = bundle_command(run_id, configs, launcher=(), **overrides)
+    return preloaded_python().run(arguments, cwd=cwd, timeout=timeout)
 
 
 def fail_message(result: subprocess.CompletedProcess) -> str:

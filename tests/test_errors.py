@@ -7,6 +7,8 @@ import pytest
 
 from scripts.errors import command_line, user_error
 from scripts.inputs import InputError
+from tests.helpers import REPO
+from tests.preloaded import preloaded_python
 
 
 def test_user_error_is_found_behind_monai_wrappers():
@@ -25,19 +27,19 @@ def test_uncaught_user_errors_print_one_line_and_others_a_traceback():
         "from scripts.errors import ConfigError, install_error_hook; install_error_hook(); "
         "raise ConfigError('Output folder /x cannot be written.')"
     )
-    result = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, timeout=600)
+    result = preloaded_python().run(["-c", ours], cwd=REPO, timeout=600)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: Output folder /x cannot be written."
-    theirs = subprocess.run(
-        [sys.executable, "-c", "from scripts.errors import install_error_hook; install_error_hook(); raise KeyError('bug')"],
-        capture_output=True,
-        text=True,
+    theirs = preloaded_python().run(
+        ["-c", "from scripts.errors import install_error_hook; install_error_hook(); raise KeyError('bug')"],
+        cwd=REPO,
         timeout=600,
     )
     assert theirs.returncode == 1 and "Traceback" in theirs.stderr
 
 
 def test_importing_the_package_leaves_the_interpreter_s_error_hook_alone():
+    # A fresh interpreter: the preloaded one has imported the package already.
     code = "import sys; hook = sys.excepthook; import scripts.network, scripts.handlers; print(sys.excepthook is hook)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert result.stdout.strip() == "True", result.stderr[-2000:]

@@ -24,6 +24,8 @@ from PIL import Image
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import build_sam2_base
 from scripts.synthetic import write_dataset
+from tests.helpers import bundle_command
+from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, ExportError, export_bundle, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,13 +120,10 @@ def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def repository_inference(images: Path, output: Path, ckpt: Path, **overrides) -> None:
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", BUNDLE]
-    command += ["--meta_file", CONFIGS / "metadata.json", "--config_file", INFER]
-    command += ["--logging_file", CONFIGS / "logging.conf", "--dataset_dir", images, "--output_dir", output]
-    command += ["--ckpt_path", ckpt]
-    for key, value in overrides.items():
-        command += [f"--{key}", value]
-    result = subprocess.run(list(map(str, command)), cwd=output.parent, capture_output=True, text=True, timeout=600)
+    arguments = bundle_command(
+        "inference", [INFER], launcher=(), dataset_dir=images, output_dir=output, ckpt_path=ckpt, **overrides
+    )
+    result = preloaded_python().run(arguments, cwd=output.parent, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -165,8 +164,16 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
     with zipfile.ZipFile(result.archive) as archive:
         names = archive.namelist()
     assert {name.split("/")[0] for name in names} == {BUNDLE_NAME}, "one top-level bundle folder"
-    for required in ("configs/inference.json", "configs/metadata.json", "scripts/network.py", "LICENSE",
-                     "large_files.yml", "docs/data_license.txt", "docs/weights.md", "models/adapters.pt"):
+    for required in (
+        "configs/inference.json",
+        "configs/metadata.json",
+        "scripts/network.py",
+        "LICENSE",
+        "large_files.yml",
+        "docs/data_license.txt",
+        "docs/weights.md",
+        "models/adapters.pt",
+    ):
         assert f"{BUNDLE_NAME}/{required}" in names, required
     assert f"{BUNDLE_NAME}/models/model.pt" not in names
     assert result.archive.stat().st_size < models["on_base"].stat().st_size / 10, "adapters are a small fraction"
@@ -280,9 +287,8 @@ def test_model_that_does_not_fit_its_own_record_or_has_none(models, tmp_path):
 
 def test_cli_reports_a_missing_model_in_one_line(tmp_path):
     missing = tmp_path / "model.pt"
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.export", "--output", str(tmp_path), "--ckpt_path", str(missing)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    result = preloaded_python().run(
+        ["-m", "tools.export", "--output", tmp_path, "--ckpt_path", missing], cwd=REPO, timeout=300
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -290,9 +296,16 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path):
 
 
 def test_cli_writes_the_archive(models, tmp_path, capsys):
-    status = main([
-        "--output", str(tmp_path), "--ckpt_path", str(models["random_init"]), "--weights", "full",
-    ])
+    status = main(
+        [
+            "--output",
+            str(tmp_path),
+            "--ckpt_path",
+            str(models["random_init"]),
+            "--weights",
+            "full",
+        ]
+    )
     assert status == 0
     archive = tmp_path / f"{BUNDLE_NAME}_{VERSION}.zip"
     assert capsys.readouterr().out.strip() == str(archive)

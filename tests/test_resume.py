@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from scripts.handlers import ResumeError, TrainingCheckpoint, read_training_log
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.synthetic import write_dataset
 from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
+from tests.preloaded import preloaded_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,10 +144,11 @@ WRITER = textwrap.dedent(
 def test_sigkill_during_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
     target = tmp_path / "latest_checkpoint.pt"
     for delay in (0.02, 0.11):
-        process = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE, text=True
-        )
-        assert process.stdout.readline().strip() == "1" or target.exists()
+        process = preloaded_python().start(["-c", WRITER, target], cwd=REPO)
+        deadline = time.monotonic() + 60
+        while not process.output():  # the first whole checkpoint is written
+            assert process.poll() is None and time.monotonic() < deadline, process.errors()[-3000:]
+            time.sleep(0.01)
         time.sleep(delay)  # lands somewhere inside a 16 MB write
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -158,45 +157,30 @@ def test_sigkill_during_writes_never_leaves_a_corrupt_checkpoint(tmp_path):
     assert oct(target.stat().st_mode & 0o777) != oct(0o600), "readable like any torch.save output"
 
 
-def _bundle_command(root: Path, datalist: Path, **overrides) -> list[str]:
+def _bundle_arguments(root: Path, datalist: Path, **overrides) -> list[str]:
     settings = {**FAST, "datalist": datalist, "ckpt_dir": root / "models", "output_dir": root / "eval", **overrides}
-    return bundle_command("training", [TRAIN, QUICKSTART], **settings)
+    return bundle_command("training", [TRAIN, QUICKSTART], launcher=(), **settings)
 
 
 def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
     settings = {"max_epochs": 2, "batch_size": 1, "checkpoint_interval": 1, "tracking": "mlflow"}
-    process = subprocess.Popen(
-        _bundle_command(tmp_path, datalist, **settings),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
+    process = preloaded_python().start(_bundle_arguments(tmp_path, datalist, **settings), tmp_path, merge_stderr=True)
     deadline = time.monotonic() + 300
-    while not any("(epoch 1, iteration 2)" in line for line in lines):
-        assert process.poll() is None, "".join(lines)[-4000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s:\n" + "".join(lines)[-4000:]
+    while "(epoch 1, iteration 2)" not in process.output():
+        assert process.poll() is None, process.output()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s:\n" + process.output()[-4000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # in the middle of epoch 1 (4 iterations), maybe inside a write
     process.wait(timeout=30)
-    reader.join(timeout=10)
     checkpoint = torch.load(tmp_path / "models" / "latest_checkpoint.pt", weights_only=True)
     killed_at = checkpoint["trainer"]["iteration"]
     assert 2 <= killed_at < 4 and checkpoint["trainer"]["epoch_length"] == 4, "killed mid-epoch"
     assert not (tmp_path / "models" / "model.pt").exists(), "the first run never finished"
     logged_before = read_training_log(tmp_path / "eval" / "training_log.jsonl")
 
-    result = subprocess.run(
-        _bundle_command(tmp_path, datalist, **settings, resume="true"),
-        check=False,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = preloaded_python().run(
+        _bundle_arguments(tmp_path, datalist, **settings, resume="true"), tmp_path, timeout=600
     )
     assert result.returncode == 0, fail_message(result)
     log = result.stdout + result.stderr

@@ -33,6 +33,7 @@ from tests.helpers import (
     run_bundle,
     run_in_process,
 )
+from tests.preloaded import preloaded_python
 
 EXPERIMENT = "sam2lora_fundus"
 
@@ -248,18 +249,15 @@ def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tm
         "tracking_flush_timeout": 5,
         "tracking_retry_interval": 1,
     }
-    command = bundle_command("training", [TRAIN, QUICKSTART], **overrides)
-    training = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(training.stdout.readline, "")), daemon=True)
-    reader.start()
+    arguments = bundle_command("training", [TRAIN, QUICKSTART], launcher=(), **overrides)
+    training = preloaded_python().start(arguments, tmp_path, merge_stderr=True)
     client = mlflow.MlflowClient(uri)
     try:
         deadline = time.monotonic() + 300
         # The first validation is recorded on the server; then the server goes away for good.
-        while not any("Epoch[1] Metrics -- val_fov_dice" in line for line in lines):
-            assert training.poll() is None, "".join(lines)[-4000:]
-            assert time.monotonic() < deadline, "".join(lines)[-4000:]
+        while "Epoch[1] Metrics -- val_fov_dice" not in training.output():
+            assert training.poll() is None, training.output()[-4000:]
+            assert time.monotonic() < deadline, training.output()[-4000:]
             time.sleep(0.05)
         time.sleep(1.0)  # the delivery thread sends what epoch 1 queued
         run = _only_run(client)
@@ -267,12 +265,11 @@ def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tm
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=20)
         training.wait(timeout=600)
-        reader.join(timeout=10)
     finally:
         if training.poll() is None:
             training.kill()
             training.wait(timeout=30)
-    log = "".join(lines)
+    log = training.output()
     assert training.returncode == 0, log[-4000:]
     assert (tmp_path / "models" / "model.pt").is_file(), "training completed without the server"
     assert "Epoch[2] Metrics -- val_fov_dice" in log, "epoch 2 trained and validated without the server"
