@@ -94,8 +94,9 @@ class PreloadedPython:
                 text=True,
             )
         ready = self._process.stdout.readline()
-        if ready.strip() != "ready":
+        if not ready.startswith("{"):
             raise RuntimeError(f"the preloaded interpreter did not start:\n{self._log.read_text()[-3000:]}")
+        self.import_report: dict[str, Any] = json.loads(ready)
 
     def _request(self, request: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -127,6 +128,8 @@ class PreloadedPython:
         self._count += 1
         output = self._folder / f"{self._count}.out"
         errors = output if merge_stderr else self._folder / f"{self._count}.err"
+        for path in {output, errors}:  # readable from the start, before the child opens them
+            path.touch()
         request = {
             "op": "start",
             "kind": arguments[0],
@@ -154,6 +157,7 @@ class PreloadedPython:
         return subprocess.CompletedProcess(command, process.returncode, process.output(), process.errors())
 
     def close(self) -> None:
+        """Stop the interpreter, and with it what a failed test left running (a writer in an endless loop, say)."""
         if self._process.poll() is None:
             self._process.stdin.close()
             try:
@@ -178,11 +182,15 @@ def _serve() -> dict[str, Any]:
     """Answer requests until stdin closes; in a forked child, return its request to run it."""
     for name in PRELOADED:
         importlib.import_module(name)
+    hook = sys.excepthook
     import scripts
 
-    for module in pkgutil.walk_packages(scripts.__path__, "scripts."):
-        importlib.import_module(module.name)
-    print("ready", flush=True)
+    modules = [module.name for module in pkgutil.walk_packages(scripts.__path__, "scripts.")]
+    for name in modules:
+        importlib.import_module(name)
+    # What importing the whole package did to this fresh interpreter, for tests/test_errors.py.
+    print(json.dumps({"modules": modules, "excepthook_kept": sys.excepthook is hook}), flush=True)
+    running: set[int] = set()
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "start":
@@ -190,12 +198,22 @@ def _serve() -> dict[str, Any]:
             if pid == 0:
                 _become(request)
                 return request
+            running.add(pid)
             answer: dict[str, Any] = {"pid": pid}
         else:
             done, status = os.waitpid(request["pid"], 0 if request["block"] else os.WNOHANG)
             answer = {"returncode": os.waitstatus_to_exitcode(status) if done else None}
+            if done:
+                running.discard(done)
         print(json.dumps(answer), flush=True)
-    sys.exit(0)
+    # The test process has gone (pytest-xdist's workers end without running atexit): stop what it left running, and
+    # end at once, since tearing down an interpreter that holds torch and MLflow takes minutes of CPU here.
+    for pid in running:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(0)
 
 
 def _become(request: Mapping[str, Any]) -> None:
@@ -227,7 +245,7 @@ def _run(job: Mapping[str, Any]) -> None:
     namespace = vars(__main__)
     for name in [name for name in namespace if name not in ("__builtins__", "__name__")]:
         del namespace[name]
-    exec(compile(job["target"], "<string>", "exec"), namespace)
+    exec(compile(job["target"], "<string>", "exec"), namespace)  # noqa: S102 - what `python -c` does
 
 
 if __name__ == "__main__":

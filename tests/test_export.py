@@ -96,7 +96,8 @@ def serve_and_download(archive: Path, bundle_dir: Path) -> Path:
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
         command = ["-m", "monai.bundle", "download", "--name", BUNDLE_NAME, "--url", url, "--bundle_dir", bundle_dir]
-        result = isolated_python(command, cwd=bundle_dir.parent)
+        # Fetching needs no isolation (what runs afterwards does): the preloaded interpreter saves importing MONAI.
+        result = preloaded_python().run(command, cwd=bundle_dir.parent, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
         server.shutdown()

@@ -12,8 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +25,7 @@ from PIL import Image
 
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
+from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +98,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
         # Nothing of this repository on the path: the served bundle must import its own `scripts`.
-        environment = {key: os.environ[key] for key in ("PATH", "LANG", "LC_ALL", "TMPDIR") if key in os.environ}
+        # The thread count of this test process (tests/conftest.py), which the bundle runs compared with share: float
+        # sums in the same order, the same masks.
+        kept = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OMP_NUM_THREADS")
+        environment = {key: os.environ[key] for key in kept if key in os.environ}
         environment["HOME"] = str(root)
         command = ["bash", str(SERVE), "--studies", str(studies), "--bundle", str(archive), "--app", str(self.app),
                    "--port", str(self.port)]
@@ -165,15 +167,15 @@ def setup(tmp_path_factory) -> dict:
 
 
 def bundle_inference(bundle: Path, images: Path, output: Path) -> None:
-    """``python -m monai.bundle run inference`` from the served bundle's folder, away from this repository."""
-    command = [sys.executable, "-S", "-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json",
+    """``python -m monai.bundle run inference`` from the served bundle's folder, with its configs and model.
+
+    The preloaded interpreter runs it (it has imported this repository's `scripts`, of which the served bundle's are
+    a copy); that the served bundle stands alone is what the server itself shows.
+    """
+    command = ["-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json",
                "--config_file", "configs/inference.json", "--logging_file", "configs/logging.conf",
                "--dataset_dir", str(images), "--output_dir", str(output), "--num_workers", "0"]
-    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(output.parent),
-                   "PYTHONPATH": sysconfig.get_paths()["purelib"]}
-    result = subprocess.run(
-        command, check=False, cwd=bundle, env=environment, capture_output=True, text=True, timeout=600
-    )
+    result = preloaded_python().run(command, cwd=bundle, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

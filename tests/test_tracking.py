@@ -224,6 +224,9 @@ def tracking_server(tmp_path):
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "mlflow server did not answer within 300 s"
             time.sleep(0.3)
+        # The server's first store query initialises its database, which outlasts the short HTTP timeouts the
+        # tests give training on a loaded machine: have it done before.
+        mlflow.MlflowClient(uri).search_experiments()
         yield uri, server
     finally:
         if server.poll() is None:
