@@ -49,7 +49,7 @@ class PreloadedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._server._request({"op": "wait", "pid": self.pid, "block": False})["returncode"]
+            self.returncode = self._server._request({"op": "poll", "pid": self.pid})["returncode"]
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -201,7 +201,7 @@ def _serve() -> dict[str, Any]:
             running.add(pid)
             answer: dict[str, Any] = {"pid": pid}
         else:
-            done, status = os.waitpid(request["pid"], 0 if request["block"] else os.WNOHANG)
+            done, status = os.waitpid(request["pid"], os.WNOHANG)
             answer = {"returncode": os.waitstatus_to_exitcode(status) if done else None}
             if done:
                 running.discard(done)
