@@ -1,4 +1,4 @@
-"""MLflow experiment tracking for the training workflow, on top of MONAI's ``--tracking mlflow``.
+"""MLflow experiment tracking for the training and evaluation workflows, on top of MONAI's ``--tracking mlflow``.
 
 ``--tracking mlflow`` makes MONAI add its ``MLFlowHandler`` to the trainer (loss and learning rate per iteration,
 the executed config) and to the validator (metrics per epoch). ``MLflowRecorder`` completes the record and makes it
@@ -13,7 +13,9 @@ dependable:
   delivered is logged as a warning when it happens, and summarised (which metrics, which steps, which files) at the
   end of the run; delivery is retried every ``retry_interval`` seconds and resumes when the server is back.
 
-Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists and the recorder does nothing.
+``EvaluationRecorder`` does the same for an evaluation: a run of its own, the reports as artifacts, closed at the end.
+
+Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists and the recorders do nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from scripts.errors import FundusError, first_line
 from scripts.handlers import TrainingCheckpoint, TrainingLog, TrainingPictures, read_training_log
 from scripts.inputs import read_datalist
 
-__all__ = ["MLflowRecorder", "TrackingError", "describe_training_data", "flatten_settings", "http_retry_settings"]
+__all__ = [
+    "EvaluationRecorder",
+    "MLflowRecorder",
+    "TrackingError",
+    "describe_training_data",
+    "flatten_settings",
+    "http_retry_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +268,30 @@ def http_retry_settings(retry_interval: float) -> dict[str, str]:
     }
 
 
+def _experiment(handler: MLFlowHandler, where: str) -> Any:
+    """The handler's experiment, created when missing; a store that cannot be used or a deleted experiment is a
+    :class:`TrackingError`."""
+    client = handler.client
+    try:
+        experiment = client.get_experiment_by_name(handler.experiment_name)
+        if experiment is None:
+            experiment_id = client.create_experiment(
+                handler.experiment_name, artifact_location=handler.artifact_location
+            )
+            experiment = client.get_experiment(experiment_id)
+    except Exception as error:  # connection refused, bad URI, unwritable database...
+        raise TrackingError(
+            f"MLflow tracking at {where} cannot be used ({type(error).__name__}: {first_line(error)}). "
+            "Check --tracking_uri (or start the server), or run without --tracking."
+        ) from None
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(
+            f"MLflow experiment '{handler.experiment_name}' at {where} is deleted; restore it in the MLflow UI "
+            "or choose another --experiment_name."
+        )
+    return experiment
+
+
 class MLflowRecorder:
     """Completes and safeguards the MLflow record of a training run made with ``--tracking mlflow``.
 
@@ -328,7 +361,7 @@ class MLflowRecorder:
         for name, value in http_retry_settings(self.retry_interval).items():
             os.environ.setdefault(name, value)  # what the user set in the environment stays
         resumed = self.checkpoint.register_state("mlflow", self._state) if self.checkpoint is not None else None
-        experiment = self._experiment(handler, where)
+        experiment = _experiment(handler, where)
         try:
             self.run = self._open_run(handler, experiment, resumed, where)
         except Exception as error:  # the store answered for the experiment but fails to create the run
@@ -360,28 +393,6 @@ class MLflowRecorder:
 
     def _state(self) -> dict[str, Any]:
         return {"run_id": self.run.info.run_id if self.run else None}
-
-    @staticmethod
-    def _experiment(handler: MLFlowHandler, where: str) -> Any:
-        client = handler.client
-        try:
-            experiment = client.get_experiment_by_name(handler.experiment_name)
-            if experiment is None:
-                experiment_id = client.create_experiment(
-                    handler.experiment_name, artifact_location=handler.artifact_location
-                )
-                experiment = client.get_experiment(experiment_id)
-        except Exception as error:  # connection refused, bad URI, unwritable database...
-            raise TrackingError(
-                f"MLflow tracking at {where} cannot be used ({type(error).__name__}: {first_line(error)}). "
-                "Check --tracking_uri (or start the server), or train without --tracking."
-            ) from None
-        if experiment.lifecycle_stage != "active":
-            raise TrackingError(
-                f"MLflow experiment '{handler.experiment_name}' at {where} is deleted; restore it in the MLflow UI "
-                "or choose another --experiment_name."
-            )
-        return experiment
 
     def _open_run(self, handler: MLFlowHandler, experiment: Any, resumed: Mapping[str, Any] | None, where: str):
         client = handler.client
@@ -494,3 +505,52 @@ class MLflowRecorder:
                 f"{self.flush_timeout:.0f} s at the end of the run; they are abandoned."
             )
         self.delivery.report()
+
+
+class EvaluationRecorder:
+    """Gives an evaluation made with ``--tracking mlflow`` an MLflow run of its own, with its reports, closed at the end.
+
+    MONAI adds its validator ``MLFlowHandler`` to ``validate#handlers``, which logs the evaluator's metrics (Dice and
+    the others per channel and region, the measurements' agreement) but would append them to any unfinished run of
+    the experiment (a training run still going, or one that was killed) and never closes the run. ``evaluate.json``
+    calls :meth:`start` before the evaluator runs and :meth:`finish` after it.
+
+    Args:
+        handlers: the evaluator's handlers (``@validate#handlers``).
+        output_dir: the evaluation's output folder: the report files it writes there are logged as artifacts.
+    """
+
+    def __init__(self, handlers: Sequence[Any], output_dir: str | os.PathLike) -> None:
+        self.handlers = [h for h in handlers if isinstance(h, MLFlowHandler)]
+        self.output_dir = Path(output_dir)
+        self.started_at: float | None = None
+
+    def start(self) -> None:
+        """Open a new run (named ``evaluation_<time>`` unless ``--run_name`` is given)."""
+        self.started_at = time.time()
+        for handler in self.handlers:
+            where = handler.client.tracking_uri
+            handler.experiment = _experiment(handler, where)
+            run_name = handler.run_name or f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}"
+            handler.cur_run = handler.client.create_run(handler.experiment.experiment_id, run_name=run_name)
+            logger.info(f"MLflow: recording evaluation run {run_name} ({handler.cur_run.info.run_id}) at {where}.")
+
+    def finish(self) -> None:
+        """Log the report files this evaluation wrote and the executed config, then close the run as finished."""
+        for handler in self.handlers:
+            if handler.cur_run is None:
+                continue
+            for path in self._reports():
+                handler.client.log_artifact(handler.cur_run.info.run_id, str(path))
+            handler.close()
+
+    def _reports(self) -> list[Path]:
+        """Top-level files of the output folder written since :meth:`start`, and the newest executed config."""
+        since = self.started_at or 0.0
+        written = [
+            path
+            for path in sorted(self.output_dir.glob("*"))
+            if path.is_file() and not path.name.startswith(("mlruns.db", "config_")) and path.stat().st_mtime >= since
+        ]
+        configs = sorted(self.output_dir.glob("config_*.json"), key=lambda path: path.stat().st_mtime)
+        return written + configs[-1:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -289,7 +290,7 @@ def test_training_goes_on_when_the_tracking_server_goes_away(tracking_server, tm
 
 def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=64)["vessels"]
-    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=64)
+    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=64, channel_names=["vessels"])
     torch.save(network.state_dict(), tmp_path / "model.pt")
     output = tmp_path / "metrics"
     result = run_bundle(
@@ -306,14 +307,21 @@ def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp
     chart = Image.open(output / "metrics_by_dataset.png")
     assert chart.size[0] >= 500 and chart.mode in ("RGB", "RGBA")
 
-    # The run holds the evaluation's figures as its files give them: Dice and the measurements' agreement.
+    # The evaluation has a finished run of its own, holding its figures as its report files give them (Dice and
+    # the measurements' agreement) and the reports themselves.
     client = mlflow.MlflowClient(f"sqlite:///{output / 'mlruns.db'}")
     run = _only_run(client)
-    assert run.info.status == "FINISHED"
-    summary = json.loads((output / "metrics_summary.json").read_text())
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("evaluation_")
+    summary = json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
     agreement = json.loads((output / "measurement_agreement.json").read_text())["all"]
     metrics = run.data.metrics
+    assert metrics["vessels_fov_dice"] == pytest.approx(summary["vessels/fov/dice"]["mean"])
     assert metrics["vessel_density_mae"] == pytest.approx(agreement["vessel_density"]["mae"])
-    assert metrics["fractal_dimension_pearson_r"] == pytest.approx(agreement["fractal_dimension"]["pearson_r"], nan_ok=True)
-    assert metrics["quality_spearman"] == pytest.approx(agreement["quality_spearman"], nan_ok=True)
-    print(sorted(metrics), summary)
+    # The report files write an undefined figure (too few images, or no IoU head) as null, MLflow as NaN.
+    for name, figure in [
+        ("fractal_dimension_pearson_r", agreement["fractal_dimension"]["pearson_r"]),
+        ("quality_spearman", agreement["quality_spearman"]),
+    ]:
+        assert metrics[name] == pytest.approx(math.nan if figure is None else figure, nan_ok=True), name
+    artifacts = {each.path for each in client.list_artifacts(run.info.run_id)}
+    assert {"metrics_summary.json", "measurement_agreement.json", "metrics_by_dataset.png"} <= artifacts, artifacts
