@@ -29,6 +29,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "FundusImageError",
     "estimate_fov",
+    "image_size",
     "read_image",
     "read_label_mask",
     "read_mask",
@@ -97,6 +98,20 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
 def _sixteen_bit_to_float(image: Image.Image) -> np.ndarray:
     """A one-channel 16-bit PIL image as float32 scaled by 65535 into ``[0, 1]``."""
     return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The ``(width, height)`` a picture's header gives, without decoding its pixels; None where it cannot be opened
+    (:func:`read_image` then says why, when the picture is read)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".gz":
+            with Image.open(io.BytesIO(gzip.decompress(path.read_bytes()))) as opened:
+                return opened.size
+        with Image.open(path) as opened:
+            return opened.size
+    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile):
+        return None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

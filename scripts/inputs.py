@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConfigError, FundusError
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, read_image, read_label_mask
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_image, read_label_mask
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
@@ -66,13 +66,19 @@ def _names(value: Any) -> bool:
 # One rule per setting, with what the message says is expected. Settings not listed here are checked by the component
 # that uses them.
 SETTING_RULES: dict[str, tuple[Any, str]] = {
-    "image_size": (lambda v: _positive_int(v) and v >= 64 and v % 32 == 0, "a whole number of pixels, a multiple of 32, at least 64"),
+    "image_size": (
+        lambda v: _positive_int(v) and v >= 64 and v % 32 == 0,
+        "a whole number of pixels, a multiple of 32, at least 64",
+    ),
     "lora_rank": (_positive_int, "a positive whole number"),
     "batch_size": (_positive_int, "a positive whole number"),
     "max_epochs": (_positive_int, "a positive whole number"),
     "val_interval": (_positive_int, "a positive whole number of epochs"),
     "accumulation_steps": (_positive_int, "a positive whole number"),
-    "num_workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "0 or a positive whole number"),
+    "num_workers": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "0 or a positive whole number",
+    ),
     "learning_rate": (_positive_number, "a positive number"),
     "lora_alpha": (_positive_number, "a positive number"),
     "threshold": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "a number between 0 and 1"),
@@ -145,8 +151,9 @@ def load_split(
 
     Raises:
         InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
-            object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, a label has
-            another number of masks than ``channels``, or every label is empty.
+            object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, an image is
+            smaller than 32 pixels per side, a label has another number of masks than ``channels``, or every label is
+            empty.
     """
     path = Path(datalist)
     content = read_datalist(path)
@@ -187,6 +194,16 @@ def load_split(
         raise InputError(
             f"Datalist {path} names {len(missing)} missing files in '{split}', e.g. " + "; ".join(missing[:3])
         )
+    small = [
+        f"entry {index} {entry['image']} ({size[0]}x{size[1]})"
+        for index, entry in enumerate(entries)
+        if (size := image_size(entry["image"])) is not None and min(size) < MIN_IMAGE_SIDE
+    ]
+    if small:
+        raise InputError(
+            f"Datalist {path}: {len(small)} images in '{split}' are too small for a fundus photograph (at least "
+            f"{MIN_IMAGE_SIDE} pixels per side), e.g. " + "; ".join(small[:3])
+        )
     if channels is not None and require_labels:
         wrong = next((entry for entry in entries if len(_as_list(entry["label"])) != channels), None)
         if wrong is not None:
@@ -219,12 +236,18 @@ def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", sec
     content = read_datalist(datalist)
     base = Path(datalist).parent
     images = [
-        {str(_resolve(entry["image"], base)) for entry in content.get(name, []) if isinstance(entry, dict) and entry.get("image")}
+        {
+            str(_resolve(entry["image"], base))
+            for entry in content.get(name, [])
+            if isinstance(entry, dict) and entry.get("image")
+        }
         for name in (first, second)
     ]
     shared = sorted(images[0] & images[1])
     if shared:
-        logger.warning(f"Datalist {datalist}: {len(shared)} images are in both '{first}' and '{second}', e.g. {shared[0]}.")
+        logger.warning(
+            f"Datalist {datalist}: {len(shared)} images are in both '{first}' and '{second}', e.g. {shared[0]}."
+        )
 
 
 class ImageFolder:
@@ -297,7 +320,9 @@ class ImageFolder:
         taken = [output / name for name in [*planned, *REPORT_FILES] if (output / name).exists()]
         replaced_inputs = [path for path in taken if path.resolve() in inputs]
         if replaced_inputs:
-            raise InputError(f"Outputs would replace the input image {replaced_inputs[0]}: choose another --output_dir.")
+            raise InputError(
+                f"Outputs would replace the input image {replaced_inputs[0]}: choose another --output_dir."
+            )
         if taken and not overwrite:
             raise InputError(
                 f"Output folder {output} holds {len(taken)} files this run would replace, e.g. {taken[0].name}: choose "
@@ -336,7 +361,9 @@ def _photograph_size(image: str) -> tuple[int, int]:
     """
     height, width = read_image(image).shape[:2]
     if min(height, width) < MIN_IMAGE_SIDE:
-        raise FundusImageError(f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)")
+        raise FundusImageError(
+            f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
+        )
     return height, width
 
 
@@ -370,7 +397,17 @@ def writable_folder(path: str | os.PathLike) -> str:
 
 # `python -m monai.bundle run` arguments that are MONAI's own, not config entries.
 RUN_ARGUMENTS = frozenset(
-    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file", "bundle_root"}
+    {
+        "run_id",
+        "init_id",
+        "final_id",
+        "meta_file",
+        "config_file",
+        "logging_file",
+        "tracking",
+        "args_file",
+        "bundle_root",
+    }
 )
 
 

@@ -96,19 +96,29 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
     empty = folder / "empty_label.png"
     write_png(empty, np.zeros((48, 64), np.uint8))
     green = vessel_label(folder / "green_label.png", colour=(0, 255, 0)).name
+    tiny = "tiny.png"
+    write_png(folder / tiny, np.full((1, 1, 3), 128, np.uint8))
     good = {"image": image, "label": label}
     return {
         "a list, not an object": ([good], ("holds a JSON list, not an object",), {}),
         "no such split": ({"validation": [good]}, ("has no 'training' list",), {}),
         "an empty split": ({"training": []}, ("the 'training' list is empty",), {}),
-        "an entry that is a string": ({"training": ["a.png"]}, ("'training' entry 0 must be an object with 'image' and 'label'",), {}),
+        "an entry that is a string": (
+            {"training": ["a.png"]},
+            ("'training' entry 0 must be an object with 'image' and 'label'",),
+            {},
+        ),
         "an entry without label": ({"training": [good, {"image": image}]}, ("entry 1 must be an object",), {}),
         "entries with other keys": (
             {"training": [good, good, {**good, "fov": label}]},
             ("entries must all have the same keys; entry 2 has ['fov', 'image', 'label']",),
             {},
         ),
-        "a missing file": ({"training": [{"image": "gone.png", "label": label}]}, ("names 1 missing files", "gone.png"), {}),
+        "a missing file": (
+            {"training": [{"image": "gone.png", "label": label}]},
+            ("names 1 missing files", "gone.png"),
+            {},
+        ),
         "masks for another number of channels": (
             {"training": [{"image": image, "label": [label, label]}]},
             ("has 2 label masks but the workflow has 1 output channels", "channel_names"),
@@ -122,6 +132,14 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
         "a colour label (green vessels on black)": (
             {"training": [{"image": image, "label": green}]},
             ("green_label.png is a colour picture whose channels differ", "labels must be grayscale masks"),
+            {},
+        ),
+        "a 1x1 image": (
+            {"training": [good, {"image": tiny, "label": label}]},
+            (
+                "1 images in 'training' are too small for a fundus photograph (at least 32 pixels per side)",
+                "tiny.png (1x1)",
+            ),
             {},
         ),
     }
@@ -138,6 +156,7 @@ CASE_NAMES = [
     "masks for another number of channels",
     "every label empty",
     "a colour label (green vessels on black)",
+    "a 1x1 image",
 ]
 
 
@@ -171,6 +190,8 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
     twins = root / "twins"
     photograph(twins / "eye.png")
     photograph(twins / "eye.jpg")
+    (root / "linked").mkdir()
+    (root / "linked" / "eye_mask.png").symlink_to(images / "eye.png")  # an output name that is the photograph itself
     return {
         "output folder is the image folder": (
             {"folder": images, "output_dir": images},
@@ -188,6 +209,13 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
             {"folder": images, "output_dir": root / "done"},
             ("holds 1 files this run would replace, e.g. eye_mask.png", "--overwrite True"),
         ),
+        "an output that is an input image, even with --overwrite": (
+            {"folder": images, "output_dir": root / "linked", "overwrite": True},
+            (
+                f"Outputs would replace the input image {root / 'linked' / 'eye_mask.png'}",
+                "choose another --output_dir",
+            ),
+        ),
         "a folder that does not exist": ({"folder": root / "nowhere", "output_dir": root / "out"}, ("does not exist",)),
         "a folder without images": ({"folder": root / "notes", "output_dir": root / "out"}, ("notes holds no image",)),
     }
@@ -200,6 +228,7 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "output folder inside the image folder",
         "two images with the same outputs",
         "outputs of an earlier run",
+        "an output that is an input image, even with --overwrite",
         "a folder that does not exist",
         "a folder without images",
     ],
@@ -282,9 +311,23 @@ def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
     argv = ["monai.bundle", "run", "training", "--config_file", configs, "--learning_rte", "0.5"]
     with caplog.at_level(logging.WARNING):
         assert warn_unknown_overrides(argv) == ["learning_rte"]
-    assert "--learning_rte is defined by no config of this workflow and has no effect; did you mean --learning_rate?" in caplog.text
-    tracked = ["monai.bundle", "run", "training", "--config_file", configs, "--tracking", "mlflow",
-               "--tracking_uri", "http://127.0.0.1:5000", "--run_name", "first"]
+    assert (
+        "--learning_rte is defined by no config of this workflow and has no effect; did you mean --learning_rate?"
+        in caplog.text
+    )
+    tracked = [
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--tracking",
+        "mlflow",
+        "--tracking_uri",
+        "http://127.0.0.1:5000",
+        "--run_name",
+        "first",
+    ]
     assert warn_unknown_overrides(tracked) == []  # MONAI's own tracking settings
 
 
@@ -304,11 +347,17 @@ def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_earlier_file(
     target.write_text("the earlier run's rows\n")
     before = snapshot(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-c", FILLING_WRITE, str(target)], check=False, cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-c", FILLING_WRITE, str(target)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: Cannot write {target} in folder {tmp_path} (File too large).", result.stderr
+    assert result.stderr.strip() == f"error: Cannot write {target} in folder {tmp_path} (File too large).", (
+        result.stderr
+    )
     assert snapshot(tmp_path) == before  # no temporary file left, the earlier file intact
 
 
@@ -361,4 +410,7 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
         entries = load_split(datalist, "training")
     assert len(entries) == 2
     assert f"Datalist {datalist}: 'training' lists 1 images more than once, e.g. {tmp_path / 'a.png'}." in caplog.text
-    assert f"Label {tmp_path / 'a_label.png'} has 3 gray levels (0, 128, 255...), not two: thresholded at 127." in caplog.text
+    assert (
+        f"Label {tmp_path / 'a_label.png'} has 3 gray levels (0, 128, 255...), not two: thresholded at 127."
+        in caplog.text
+    )

@@ -47,7 +47,9 @@ def drive_batch(drive_dir: Path, cases: list[str], model: Path) -> torch.Tensor:
     parser.read_config(CONFIG_FILES)
     parser["ckpt_path"] = str(model)
     preprocessing = parser.get_parsed_content("preprocessing")
-    images = [preprocessing({"image": str(drive_dir / "test" / "images" / f"{case}_test.tif")})["image"] for case in cases]
+    images = [
+        preprocessing({"image": str(drive_dir / "test" / "images" / f"{case}_test.tif")})["image"] for case in cases
+    ]
     return torch.stack([torch.as_tensor(image) for image in images]).float()
 
 
@@ -111,6 +113,17 @@ def test_cli_refuses_an_output_named_for_another_format(trained, tmp_path, capsy
         capsys.readouterr().err
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_keeps_an_existing_output_unless_told_to_replace_it(trained, tmp_path, capsys):
+    existing = tmp_path / "m.pt2"
+    existing.write_bytes(b"an earlier export")
+    status = main(["--format", "exported_program", "--ckpt_path", str(trained), "--output", str(existing)])
+    assert status == 1
+    assert f"error: {existing} exists: choose another --output, or pass --overwrite to replace it." in (
+        capsys.readouterr().err
+    )
+    assert existing.read_bytes() == b"an earlier export"
 
 
 def test_onnx_of_the_unet_head_matches_pytorch(tmp_path):

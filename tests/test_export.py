@@ -312,3 +312,15 @@ def test_cli_writes_the_archive(models, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(archive)
     with zipfile.ZipFile(archive) as content:
         assert f"{BUNDLE_NAME}/models/model.pt" in content.namelist()
+
+    # Run again, the archive is refused and kept as it was; --overwrite replaces it.
+    written = archive.read_bytes()
+    arguments = ["--output", str(tmp_path), "--ckpt_path", str(models["random_init"]), "--weights", "full"]
+    assert main(arguments) == 1
+    assert f"error: {archive} exists: choose another --output, or pass --overwrite to replace it." in (
+        capsys.readouterr().err
+    )
+    assert archive.read_bytes() == written
+    assert main([*arguments, "--overwrite"]) == 0
+    with zipfile.ZipFile(archive) as content:
+        assert f"{BUNDLE_NAME}/models/model.pt" in content.namelist()

@@ -158,17 +158,20 @@ def load_segmenter(ckpt_path: str | os.PathLike) -> PromptFreeSegmenter:
     return PromptFreeSegmenter(load_model(Path(ckpt_path)))
 
 
-def check_output_name(export_format: str, output: str | os.PathLike) -> Path:
-    """``output`` if its suffix is the one of ``export_format``.
+def check_output_name(export_format: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``output`` if its suffix is the one of ``export_format`` and it does not exist (or may be replaced).
 
     Raises:
-        DeployError: another suffix, which would give a file that tools expecting the format cannot open.
+        DeployError: another suffix, which would give a file that tools expecting the format cannot open; or the
+            file exists and ``overwrite`` is false.
     """
     path = Path(output)
     if path.suffix != SUFFIXES[export_format]:
         raise DeployError(
             f"--output {path} does not end in {SUFFIXES[export_format]}, the suffix of --format {export_format}."
         )
+    if path.exists() and not overwrite:
+        raise DeployError(f"{path} exists: choose another --output, or pass --overwrite to replace it.")
     return path
 
 
@@ -186,9 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
     parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    output = check_output_name(args.format, args.output)
+    output = check_output_name(args.format, args.output, args.overwrite)
     model = load_segmenter(args.ckpt_path)
     if args.format == "onnx":
         path = export_onnx(model, output)

@@ -146,7 +146,6 @@ def adapters_reproduce(trained: AdaptedNetwork, base: Path, adapters: Path) -> l
     return differing_tensors(tensor_state(trained), tensor_state(rebuilt))
 
 
-
 def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models: Path) -> tuple[str, str]:
     """Write the weights of ``mode`` into ``models``; return the mode used and why it differs from ``mode``."""
     if mode == "adapters":
@@ -274,6 +273,7 @@ def export_bundle(
     weights: str = "adapters",
     base_checkpoint: str | os.PathLike | None = None,
     bundle_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``<output>/sam2lora_fundus_<version>.zip``.
 
@@ -284,12 +284,14 @@ def export_bundle(
         base_checkpoint: Meta's checkpoint the model was trained on, to check the adapters against; default
             ``<bundle_dir>/models/sam2.1_hiera_<model_size>.pt``.
         bundle_dir: the bundle folder to package; default the repository's ``bundle/``.
+        overwrite: replace an archive of the same name in ``output`` (otherwise refused, before any work).
 
     Returns:
         The archive's path, the weight mode used, the reason if it is not the one asked for, and the settings.
 
     Raises:
-        ExportError: a missing or inconsistent input; nothing is left behind in ``output``.
+        ExportError: a missing or inconsistent input, or an archive already in ``output`` (unless ``overwrite``);
+            nothing is left behind in ``output``.
     """
     if weights not in WEIGHT_MODES:
         raise ExportError(f"--weights must be one of {list(WEIGHT_MODES)}, got {weights!r}.")
@@ -297,6 +299,10 @@ def export_bundle(
     if not (bundle / "configs").is_dir():
         raise ExportError(f"Bundle folder {bundle} has no configs/ folder.")
     version = read_version(bundle)
+    output_dir = Path(output)
+    archive = output_dir / f"{BUNDLE_NAME}_{version}.zip"
+    if archive.exists() and not overwrite:
+        raise ExportError(f"{archive} exists: choose another --output, or pass --overwrite to replace it.")
     ckpt = Path(ckpt_path)
     trained = load_model(ckpt)
     settings = dict(trained.settings)
@@ -304,12 +310,10 @@ def export_bundle(
         base_checkpoint = bundle / "models" / f"sam2.1_hiera_{settings['model_size']}.pt"
     base = Path(base_checkpoint)
 
-    output_dir = Path(output)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ExportError(f"Output folder {output_dir} cannot be created ({error.strerror or error}).") from None
-    archive = output_dir / f"{BUNDLE_NAME}_{version}.zip"
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as staging:
         root = Path(staging) / BUNDLE_NAME
         root.mkdir()
@@ -322,7 +326,9 @@ def export_bundle(
             else:
                 shutil.copy2(source, root / item)
         shutil.copytree(
-            Path(scripts.__file__).resolve().parent, root / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            Path(scripts.__file__).resolve().parent,
+            root / "scripts",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
         models = root / "models"
         models.mkdir()
@@ -355,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="adapters", help="which weights to ship")
     parser.add_argument("--base_checkpoint", default=None, help="Meta's checkpoint the adapters were trained on")
     parser.add_argument("--bundle_dir", default=None, help="the bundle folder to package (default: bundle/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an archive of the same name in --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = export_bundle(
@@ -363,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights=args.weights,
         base_checkpoint=args.base_checkpoint,
         bundle_dir=args.bundle_dir,
+        overwrite=args.overwrite,
     )
     print(result.archive)
     return 0
