@@ -37,6 +37,7 @@ from typing import Any
 import monailabel
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -53,6 +54,8 @@ from monailabel.utils.others.class_utils import unload_module
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sam2lora_fundus"
+# The click-to-segment model of a bundle is served as <bundle name><suffix>.
+INTERACTIVE_SUFFIX = "_interactive"
 # The network settings a served model was trained with, which fine-tuning it must keep; the model file records them
 # (the bundle's train.json holds only defaults).
 NETWORK_SETTINGS = (
@@ -137,16 +140,17 @@ class FundusInferTask(BundleInferTask):
         conf: the app's ``--conf`` settings.
     """
 
-    def __init__(self, path: str, conf: dict[str, str]) -> None:
+    def __init__(self, path: str, conf: dict[str, str], type: InferType = InferType.SEGMENTATION) -> None:
         # add_post_restore=False: MONAI Label's Restored assumes a channel axis and the (W, H) layout; the bundle's
         # Invertd already brings the prediction back to the image's size.
-        super().__init__(path, conf, type=InferType.SEGMENTATION, add_post_restore=False, load_strict=True)
+        super().__init__(path, conf, type=type, add_post_restore=False, load_strict=True)
         if not self.valid:
             return
         # A request is one image and no prompts file; the bundle reads a prompts file against its own image folder,
         # which the server does not have.
         self.bundle_config["user_prompts"] = {}
-        self.channel_names = list(served_network_settings(Path(path))["channel_names"])
+        self.network_settings = served_network_settings(Path(path))
+        self.channel_names = list(self.network_settings["channel_names"])
         # Label value c + 1 for channel c, the values FundusLabeld writes (channel_def's index would give 0).
         self.labels = {name: index + 1 for index, name in enumerate(self.channel_names)}
         self.threshold = float(self.bundle_config.get("threshold", 0.5))
@@ -166,6 +170,70 @@ class FundusInferTask(BundleInferTask):
         if hasattr(network, "merge_adapters"):
             network.merge_adapters()
         return network
+
+
+class FundusInteractiveTask(FundusInferTask):
+    """Click-to-segment with a served SAM-head bundle: MONAI Label's ``foreground`` and ``background`` clicks and an
+    optional ``roi`` box become the image's prompt, decoded as ``monai.bundle run inference --prompts_file`` decodes
+    it; the response is the same label PNG as the automatic model's.
+
+    Request fields, in the image's pixels (x: column from the left, y: row from the top, as MONAI Label's clients
+    send them for 2D images; a third coordinate, the slice, must be 0): ``foreground`` ``[[x, y], ...]`` (positive
+    points), ``background`` ``[[x, y], ...]`` (negative points), ``roi`` ``[x0, y0, x1, y1]``. No click and no box
+    gives the prompt-free result.
+
+    Args:
+        path: the bundle folder.
+        conf: the app's ``--conf`` settings.
+        automatic: the bundle's automatic task, whose network this one shares (one copy of the weights in memory).
+    """
+
+    def __init__(self, path: str, conf: dict[str, str], automatic: FundusInferTask) -> None:
+        super().__init__(path, conf, type=InferType.DEEPGROW)
+        self.automatic = automatic
+        self.description = "Click-to-segment: foreground/background clicks and an optional ROI box as SAM 2 prompts"
+
+    @staticmethod
+    def accepts_prompts(settings: Mapping[str, Any]) -> bool:
+        """Whether a model of these settings takes prompts: the SAM head on resized photographs."""
+        return settings["architecture"] == "sam" and settings.get("input_mode", "resize") == "resize"
+
+    def _get_network(self, device: Any, data: Any) -> Any:
+        return self.automatic._get_network(device, data)
+
+    def inferer(self, data: Any = None) -> Any:
+        inferer = super().inferer(data)
+        image = data[self.input_key]
+        name = Path(str(image.meta["filename_or_obj"])).name
+        size = tuple(int(value) for value in image.meta["spatial_shape"])
+        try:
+            return inferer.with_prompts({name: clicks_as_prompt(data)}, {name: size}, "MONAI Label request")
+        except ValueError as error:  # the bundle's PromptError: names the image and the value
+            raise HTTPException(status_code=422, detail=str(error)) from None
+
+
+def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
+    """MONAI Label's click fields as a prompt in the bundle's prompts-file form (points ``[x, y, label]``, box).
+
+    Raises:
+        HTTPException: 422, a field that is not a list of ``[x, y]`` points or a ``[x0, y0, x1, y1]`` box.
+    """
+    points = []
+    for field, label in (("foreground", 1), ("background", 0)):
+        clicks = request.get(field) or []
+        if not isinstance(clicks, list):
+            raise HTTPException(status_code=422, detail=f"'{field}' must be a list of [x, y] points; got {clicks!r}.")
+        for click in clicks:
+            if not isinstance(click, list) or len(click) not in (2, 3) or click[2:] not in ([], [0]):
+                raise HTTPException(
+                    status_code=422, detail=f"'{field}' point {click!r}: a point of a 2D image is [x, y] (or [x, y, 0])."
+                )
+            points.append([*click[:2], label])
+    prompt: dict[str, Any] = {"points": points}
+    roi = request.get("roi")
+    if roi:
+        prompt["box"] = roi
+    return prompt
 
 
 class FundusTrainTask(BundleTrainTask):
@@ -290,8 +358,13 @@ class FundusApp(MONAILabelApp):
         infers: dict[str, InferTask] = {}
         for name, folder in self.bundles.items():
             task = FundusInferTask(str(folder), self.conf)
-            if task.is_valid():
-                infers[name] = task
+            if not task.is_valid():
+                continue
+            infers[name] = task
+            if FundusInteractiveTask.accepts_prompts(task.network_settings):
+                infers[f"{name}{INTERACTIVE_SUFFIX}"] = FundusInteractiveTask(str(folder), self.conf, task)
+            else:
+                logger.info(f"{name}: no click-to-segment model (prompts need the SAM head and input_mode 'resize').")
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:

@@ -13,6 +13,7 @@ eight passes of the small mask decoder per image.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,15 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from scripts.atomic import write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError
-from scripts.prompts import AUTO_MODES, PROMPT_SOURCES, Prompt, auto_prompt, check_prompt_modes, oracle_prompt
+from scripts.prompts import (
+    AUTO_MODES,
+    PROMPT_SOURCES,
+    Prompt,
+    auto_prompt,
+    check_prompt_modes,
+    oracle_prompt,
+    parse_prompt,
+)
 
 __all__ = ["INPUT_MODES", "FundusInferer", "check_input_mode"]
 
@@ -124,6 +133,31 @@ class FundusInferer(Inferer):
         self.windows_total = 0
         self.windows_computed = 0
 
+    def with_prompts(
+        self, prompts: Mapping[str, Any], sizes: Mapping[str, tuple[int, int]], source: str
+    ) -> FundusInferer:
+        """A copy of this inferer that segments the named images with these prompts (one request of an interactive
+        client such as MONAI Label), leaving this one, which may serve other requests, as it is.
+
+        Args:
+            prompts: image file name to its prompt in the prompts file's form (:func:`scripts.prompts.parse_prompt`),
+                in the photograph's pixels.
+            sizes: image file name to the photograph's ``(height, width)``.
+            source: where the prompts come from, for messages.
+
+        Raises:
+            PromptError: a malformed prompt or coordinates outside the image.
+            ConfigError: windows (``sliding_window``) are segmented without prompts.
+        """
+        if self.input_mode != "resize":
+            raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+        parsed = {name: parse_prompt(value, f"{source}, image {name}", sizes[name]) for name, value in prompts.items()}
+        prompted = copy.copy(self)
+        prompted.prompts = {**self.prompts, **parsed}
+        prompted.prompted = True
+        prompted.prompts_used = {}
+        return prompted
+
     def attach(self, engine: Engine) -> None:
         if self.prompts_file is not None and self.prompted:
             engine.add_event_handler(Events.COMPLETED, self.write_prompts)
@@ -178,7 +212,10 @@ class FundusInferer(Inferer):
 
     def _prompted(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], label: Any) -> torch.Tensor:
         model = unwrap_network(getattr(network, "_orig_mod", network))
-        names = [Path(str(name)).name for name in inputs.meta["filename_or_obj"]]
+        files = inputs.meta["filename_or_obj"]
+        # One image given without a collated batch (MONAI Label adds the batch axis itself) names one file.
+        files = [files] if isinstance(files, (str, os.PathLike)) else files
+        names = [Path(str(name)).name for name in files]
         sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(inputs.meta["spatial_shape"]).reshape(-1, 2)]
         side = tuple(inputs.shape[-2:])
         embeddings = model.encode_images(inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs)

@@ -48,6 +48,7 @@ __all__ = [
     "check_prompt_modes",
     "mode_channel_names",
     "oracle_prompt",
+    "parse_prompt",
     "read_prompts_file",
 ]
 

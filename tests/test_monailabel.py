@@ -35,6 +35,7 @@ IMAGE_SIZE = 64
 WIDTH, HEIGHT = 120, 100  # non-square, so that a transposed label cannot pass
 START_TIMEOUT = 420
 TRAIN_TIMEOUT = 600
+INTERACTIVE = f"{BUNDLE_NAME}_interactive"
 
 pytestmark = pytest.mark.skipif(
     not SERVER_PYTHON.is_file(),
@@ -148,6 +149,8 @@ def setup(tmp_path_factory) -> dict:
     corrected.mkdir()
     sources = sorted((root / "synthetic" / "images").glob("*.png"))
     vessels = sorted((root / "synthetic" / "vessels").glob("*.png"))
+    disc = np.asarray(Image.open(sorted((root / "synthetic" / "disc").glob("*.png"))[0]).resize((WIDTH, HEIGHT)))
+    rows, cols = np.nonzero(disc > 127)
     for name, image, mask in (("wide.png", sources[0], vessels[0]), ("photo.jpg", sources[1], vessels[1])):
         picture = Image.open(image).convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR)
         picture.save(studies / name, **({"quality": 95} if name.endswith(".jpg") else {}))
@@ -161,12 +164,13 @@ def setup(tmp_path_factory) -> dict:
     try:
         info = server.wait_ready(START_TIMEOUT)
         yield {"root": root, "studies": studies, "corrected": corrected, "server": server, "info": info,
-               "bundle": server.app / "model" / BUNDLE_NAME}
+               "bundle": server.app / "model" / BUNDLE_NAME,
+               "disc": (int(cols.mean()), int(rows.mean()), int(cols.max() - cols.min()) // 2)}
     finally:
         server.stop()
 
 
-def bundle_inference(bundle: Path, images: Path, output: Path) -> None:
+def bundle_inference(bundle: Path, images: Path, output: Path, prompts_file: Path | None = None) -> None:
     """``python -m monai.bundle run inference`` from the served bundle's folder, with its configs and model.
 
     The preloaded interpreter runs it (it has imported this repository's `scripts`, of which the served bundle's are
@@ -175,15 +179,28 @@ def bundle_inference(bundle: Path, images: Path, output: Path) -> None:
     command = ["-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json",
                "--config_file", "configs/inference.json", "--logging_file", "configs/logging.conf",
                "--dataset_dir", str(images), "--output_dir", str(output), "--num_workers", "0"]
+    if prompts_file is not None:
+        command += ["--prompts_file", str(prompts_file)]
     result = preloaded_python().run(command, cwd=bundle, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def infer(server: Server, image_id: str) -> np.ndarray:
-    """``POST /infer/<model>?image=<id>&output=image``: the label image as an array."""
-    status, body, _ = request(f"{server.url}/infer/{BUNDLE_NAME}?image={image_id}&output=image", method="POST")
+def form(fields: dict[str, str]) -> tuple[bytes, dict]:
+    """Text fields as a multipart/form-data body, as MONAI Label's clients send an inference request's ``params``."""
+    boundary = uuid.uuid4().hex
+    body = "".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        for name, value in fields.items()
+    ) + f"--{boundary}--\r\n"
+    return body.encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def infer(server: Server, image_id: str, model: str = BUNDLE_NAME, params: dict | None = None) -> np.ndarray:
+    """``POST /infer/<model>?image=<id>&output=image`` (with ``params``, e.g. clicks): the label image as an array."""
+    body, headers = form({"params": json.dumps(params or {})})
+    status, body, _ = request(f"{server.url}/infer/{model}?image={image_id}&output=image", "POST", body, headers)
     assert status == 200, f"{status}: {body[:500]!r}\n{server.log_tail()}"
-    path = server.app.parent / f"rest_{image_id}.png"
+    path = server.app.parent / f"rest_{model}_{image_id}_{uuid.uuid4().hex[:8]}.png"
     path.write_bytes(body)
     assert body[:8] == b"\x89PNG\r\n\x1a\n", "a PNG label, whatever the image's format"
     return np.asarray(Image.open(path))
@@ -211,6 +228,8 @@ def test_server_lists_the_bundle_with_its_label_and_trainer(setup):
     model = info["models"][BUNDLE_NAME]
     assert model["type"] == "segmentation" and model["dimension"] == 2
     assert model["labels"] == {"vessels": 1}, "label value 1 for vessels (0 is the background)"
+    interactive = info["models"][INTERACTIVE]
+    assert interactive["type"] == "deepgrow" and interactive["labels"] == {"vessels": 1}
     assert BUNDLE_NAME in info["trainers"]
     assert (setup["bundle"] / "scripts" / "network.py").is_file(), "the archive was extracted into the app"
 
@@ -251,6 +270,65 @@ def test_infer_png_and_jpg_returns_aligned_labels_equal_to_bundle_inference(setu
         reference = np.asarray(Image.open(bundle_output / f"{image_id}_mask.png"))  # 0/255, same threshold
         assert 0.02 < (reference > 0).mean() < 0.98, "a constant reference would make the comparison vacuous"
         np.testing.assert_array_equal(label.astype(np.int32) * 255, reference, err_msg=image_id)
+
+
+def test_clicks_segment_as_the_bundle_segments_the_same_prompts(setup, tmp_path):
+    """Click-to-segment: each set of clicks gives the label that ``monai.bundle run inference --prompts_file`` gives
+    for the same points and box (whose decoding tests/test_network.py checks against sam2's own predictor), so a
+    click lands where the grader put it on a non-square image; moving or adding clicks changes the label."""
+    server = setup["server"]
+    x, y, radius = setup["disc"]
+    clicks = {  # MONAI Label's fields, in the image's pixels: [x, y], x the column
+        "inside_disc": {"foreground": [[x, y]]},
+        "with_background": {"foreground": [[x, y]], "background": [[8, HEIGHT - 8]]},
+        "moved_with_box": {"foreground": [[WIDTH - 1 - x, HEIGHT - 1 - y]],
+                           "roi": [max(x - radius, 0), max(y - radius, 0), min(x + radius, WIDTH - 1),
+                                   min(y + radius, HEIGHT - 1)]},
+    }
+    # The same photograph under one name per click set, each with its own entry in one prompts file.
+    images = tmp_path / "images"
+    images.mkdir()
+    prompts = {}
+    for name, fields in clicks.items():
+        (images / f"{name}.png").write_bytes((setup["studies"] / "wide.png").read_bytes())
+        points = [[*p, 1] for p in fields.get("foreground", [])] + [[*p, 0] for p in fields.get("background", [])]
+        prompts[f"{name}.png"] = {"points": points, **({"box": fields["roi"]} if "roi" in fields else {})}
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+    bundle_inference(setup["bundle"], images, tmp_path / "bundle_inference", prompts_file)
+    used = json.loads((tmp_path / "bundle_inference" / "prompts_used.json").read_text())["images"]
+    assert used["inside_disc.png"]["given"]["points"] == [[x, y, 1]], "the bundle decoded the prompts file's points"
+
+    labels = {}
+    for name, fields in clicks.items():
+        labels[name] = infer(server, "wide", INTERACTIVE, fields)
+        assert labels[name].shape == (HEIGHT, WIDTH), name
+        reference = np.asarray(Image.open(tmp_path / "bundle_inference" / f"{name}_mask.png"))
+        assert 0.005 < (reference > 0).mean() < 0.995, f"{name}: a constant reference would make this vacuous"
+        np.testing.assert_array_equal(labels[name].astype(np.int32) * 255, reference, err_msg=name)
+    automatic = infer(server, "wide")
+    assert not np.array_equal(labels["inside_disc"], automatic), "a click changes the prompt-free label"
+    assert not np.array_equal(labels["inside_disc"], labels["with_background"]), "adding a click changes it"
+    assert not np.array_equal(labels["inside_disc"], labels["moved_with_box"]), "moving the click changes it"
+    assert np.array_equal(infer(server, "wide", INTERACTIVE, {}), automatic), "no click: the prompt-free label"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"foreground": [[WIDTH + 5, 10]]}, f"lies outside the {WIDTH}x{HEIGHT} image"),
+        ({"roi": [50, 10, 20, 40]}, "needs x0 <= x1 and y0 <= y1"),
+        ({"background": [[10, 10, 3]]}, "a point of a 2D image is [x, y]"),
+        ({"foreground": "10,10"}, "'foreground' must be a list of [x, y] points"),
+    ],
+)
+def test_bad_clicks_get_a_one_line_answer(setup, fields, message):
+    server = setup["server"]
+    body, headers = form({"params": json.dumps(fields)})
+    status, answer, _ = request(f"{server.url}/infer/{INTERACTIVE}?image=wide&output=image", "POST", body, headers)
+    assert status == 422, f"{status}: {answer[:500]!r}"
+    detail = json.loads(answer)["detail"]
+    assert message in detail and "\n" not in detail, detail
 
 
 def test_train_on_labels_saved_through_the_api(setup):
