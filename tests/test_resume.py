@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import textwrap
@@ -12,12 +13,13 @@ import mlflow
 import pytest
 import torch
 from ignite.engine import Events
-from monai.engines import SupervisedTrainer
-from monai.handlers import LrScheduleHandler
+from ignite.metrics import MeanAbsoluteError
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import LrScheduleHandler, ValidationHandler
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
-from scripts.handlers import ResumeError, TrainingCheckpoint, read_training_log
+from scripts.handlers import AtomicCheckpointSaver, ResumeError, TrainingCheckpoint, read_training_log
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.synthetic import write_dataset
 from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
@@ -39,7 +41,10 @@ class _Frozen(nn.Module):
         return self.adapter(torch.relu(self.base(x)))
 
 
-def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, **kwargs) -> tuple:
+def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, validate: bool = False,
+             **kwargs) -> tuple:
+    """A small trainer with the bundle's checkpoint; ``validate``: validated after every epoch, the best model saved
+    to ``model_best.pt`` as train.json does (the checkpoint's ``validator``)."""
     torch.manual_seed(seed)
     network = _Frozen()
     if seed != 0:  # the same frozen base as the first run, as a rebuilt SAM 2 base would be
@@ -48,6 +53,19 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(5)]
+    handlers = [LrScheduleHandler(scheduler, epoch_level=False, print_lr=False)]
+    if validate:
+        generator = torch.Generator().manual_seed(7)
+        validation = [{"image": torch.randn(2, 4, generator=generator), "label": torch.randn(2, 1, generator=generator)}
+                      for _ in range(2)]
+        score = MeanAbsoluteError(output_transform=lambda output: (output["pred"], output["label"]))
+        validator = SupervisedEvaluator(torch.device("cpu"), validation, network, key_val_metric={"score": score},
+                                        decollate=False)
+        best_model = AtomicCheckpointSaver(str(checkpoint_dir), {"model": network}, save_key_metric=True,
+                                           key_metric_filename="model_best.pt")
+        best_model.attach(validator)
+        handlers.append(ValidationHandler(interval=1, validator=validator))
+        kwargs.update(validator=validator, validate_handlers=[best_model])
     checkpoint = TrainingCheckpoint(
         checkpoint_dir,
         network,
@@ -64,7 +82,7 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
         network=network,
         optimizer=optimizer,
         loss_function=nn.MSELoss(),
-        train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False), checkpoint],
+        train_handlers=[*handlers, checkpoint],
     )
     return trainer, network, optimizer, scheduler, checkpoint
 
@@ -125,6 +143,58 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
         TrainingCheckpoint(tmp_path / "empty", other, optimizer, resume="true").attach(trainer)
     with pytest.raises(ResumeError, match="must be one of"):
         TrainingCheckpoint(tmp_path, other, optimizer, resume="yes")
+
+
+def test_resume_refuses_damaged_checkpoints_and_one_past_max_epochs_in_one_line(tmp_path):
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=3)
+    trainer.run()
+    path = tmp_path / "latest_checkpoint.pt"
+    whole = path.read_bytes()
+    assert torch.load(path, weights_only=True)["trainer"]["iteration"] == 15
+
+    with pytest.raises(ResumeError) as caught:
+        _trainer(tmp_path, "true", seed=1, max_epochs=2)[0].run()
+    assert str(caught.value) == (
+        f"Cannot resume from {path}: it is at iteration 15, beyond max_epochs 2; raise --max_epochs to train on."
+    )
+
+    torch.save({"weights": torch.zeros(3)}, path)  # a torch file, but not a training checkpoint
+    with pytest.raises(ResumeError, match=f"{path} is not a training checkpoint of format {CHECKPOINT_FORMAT}"):
+        _trainer(tmp_path, "true", seed=1)[0].run()
+    for damaged in (whole[: len(whole) // 2], b"\x00garbage" * 100):
+        path.write_bytes(damaged)
+        with pytest.raises(ResumeError) as caught:
+            _trainer(tmp_path, "true", seed=1)[0].run()
+        message = str(caught.value)
+        assert message.startswith(f"Cannot resume: checkpoint {path} cannot be read (") and "\n" not in message
+        assert path.read_bytes() == damaged, "the damaged file is left for the user to inspect"
+
+
+def test_a_run_stopped_during_a_validation_redoes_it_and_checks_the_best_model_on_resume(tmp_path, caplog):
+    trainer, *_, checkpoint = _trainer(tmp_path, "false", seed=0, validate=True)
+
+    def stop(_):
+        if trainer.state.epoch == 2:
+            raise RuntimeError("stopped during the validation of epoch 2")
+
+    checkpoint.validator.add_event_handler(Events.ITERATION_COMPLETED, stop)
+    with pytest.raises(RuntimeError, match="stopped during the validation of epoch 2"):
+        trainer.run()
+    saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 5, "the newest checkpoint is epoch 1's, taken after its validation"
+    best = tmp_path / "model_best.pt"
+    assert "adapter.weight" in torch.load(best, weights_only=True), "epoch 1's validation saved a best model"
+    best.write_bytes(best.read_bytes()[:100])  # damaged, as an in-place write cut short leaves it
+
+    resumed, *_, checkpoint = _trainer(tmp_path, "true", seed=1, validate=True)
+    validated_after = []
+    checkpoint.validator.add_event_handler(Events.COMPLETED, lambda _: validated_after.append(resumed.state.epoch))
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    assert validated_after == [2, 3], "the interrupted validation of epoch 2 is done again"
+    assert f"the best model {best} recorded by the interrupted run cannot be loaded" in caplog.text
+    assert "adapter.weight" in torch.load(best, weights_only=True), "a new best model replaced the damaged one"
+    assert checkpoint.validator.state.best_metric_epoch >= 2
 
 
 WRITER = textwrap.dedent(

@@ -270,13 +270,15 @@ class TrainingCheckpoint:
                 "(another base checkpoint, or another seed with random_init)."
             )
 
-    def _best_model_is_whole(self) -> bool:
-        """Whether every best model the resumed run recorded as saved is on disk and loads."""
-        for saver in self.best_model_savers:
-            if not saver._saved:
+    def _best_model_is_whole(self, recorded: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether every best model the interrupted run recorded as saved (``recorded``: its savers' states, ignite's
+        ``{"_saved": [(priority, filename), ...]}``) is on disk and loads."""
+        for saver, state in zip(self.best_model_savers, recorded):
+            saved = state.get("_saved") or []
+            if not saved:
                 continue
             handler = saver.save_handler
-            path = Path(handler.dirname) / (getattr(handler, "filename", None) or saver._saved[-1].filename)
+            path = Path(handler.dirname) / (getattr(handler, "filename", None) or saved[-1][1])
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # missing, truncated or damaged: torch raises many kinds
@@ -315,8 +317,9 @@ class TrainingCheckpoint:
         if self.validator is not None and "validator" in content:
             self.validator.state.best_metric = content["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = content["validator"]["best_metric_epoch"]
-        if self._best_model_is_whole():
-            for saver, state in zip(self.best_model_savers, content.get("best_model_savers", [])):
+        recorded = content.get("best_model_savers", [])
+        if self._best_model_is_whole(recorded):
+            for saver, state in zip(self.best_model_savers, recorded):
                 saver.load_state_dict(state)
         elif self.validator is not None:
             # Without the record of a best score, the next validation saves a new best model.
