@@ -12,9 +12,11 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 from PIL import Image
+from scipy import ndimage
 
 from scripts.adapters import ModelFileError
 from scripts.errors import user_error
+from scripts.prompts import oracle_prompt
 from scripts.synthetic import write_dataset
 from tests.helpers import (
     BUNDLE,
@@ -119,6 +121,47 @@ def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_pat
     rows = (output / "metrics_per_image.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 1, "one test image in a 6-image synthetic dataset"
     assert "vessels" in result.stdout + result.stderr, "the summary table is logged"
+
+
+def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
+    """A disc/cup model evaluated over prompt-free, oracle and automatic modes: metrics per mode and channel, the
+    prompts written next to them, oracle prompts drawn from the disc (channel 0) of the reference at the
+    photograph's size and seeded by the image's name, and the chart per mode."""
+    data = tmp_path / "data"
+    datalists = write_dataset(data, count=3, size=96, seed=4)
+    model = write_model_file(tmp_path / "models" / "model.pt", channel_names=["disc", "cup"])
+    modes = ["none", "box", "5_points", "auto_box"]
+    output = tmp_path / "metrics"
+    result = run_bundle(
+        "evaluating",
+        [TRAIN, EVALUATE],
+        cwd=tmp_path,
+        datalist=datalists["disc_cup"],
+        ckpt_path=model,
+        output_dir=output,
+        prompt_modes=modes,
+        **FAST,
+    )
+    assert result.returncode == 0, fail_message(result)
+    metrics = json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
+    for mode in modes:
+        for channel in ("disc", "cup"):
+            assert f"{channel}@{mode}/fov/dice" in metrics and f"{channel}@{mode}/image/dice" in metrics, (channel, mode)
+    assert (output / "metrics_by_prompt_mode.png").is_file()
+
+    entry = json.loads(datalists["disc_cup"].read_text())["test"][0]
+    name = Path(entry["image"]).name
+    disc = np.asarray(Image.open(data / entry["label"][0])) > 127
+    used = json.loads((output / "prompts.json").read_text())["images"][name]
+    assert set(used) == set(modes)
+    assert used["none"] == {"points": []}
+    rows, cols = np.nonzero(disc)
+    assert used["box"] == {"points": [], "box": [cols.min(), rows.min(), cols.max(), rows.max()]}
+    core = ndimage.binary_erosion(disc, iterations=3)
+    points = used["5_points"]["points"]
+    assert len(points) == 5 and all(label == 1 and core[int(y), int(x)] for x, y, label in points)
+    assert points == oracle_prompt(disc, "5_points", name).to_json()["points"], "seeded by the image's name"
+    assert "box" in used["auto_box"] or used["auto_box"]["points"] == [], used["auto_box"]
 
 
 @pytest.fixture(scope="module")

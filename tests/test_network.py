@@ -6,10 +6,14 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from PIL import Image
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from scripts.adapters import ModelFileError, tensor_state
+from scripts.inferers import FundusInferer
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
@@ -93,6 +97,41 @@ def test_forward_reproduces_sam2_image_predictor(network):
         ours = network.predict(tensor, torch.tensor(point[None]).float(), torch.tensor(label[None]))
     np.testing.assert_allclose(ours.logits[0, 0].numpy(), expected[0], atol=1e-4)
     np.testing.assert_allclose(ours.iou_predictions[0].numpy(), expected_iou, atol=1e-5)
+
+
+def test_prompts_in_a_non_square_photographs_pixels_reach_the_decoder_as_sam2_image_predictor_puts_them(network):
+    """A point and a box in a 100 x 40 photograph's pixels (a prompts file, a MONAI Label click) decoded by the
+    bundle's inferer give the logits of sam2's own predictor told the same photograph's size and prompts. Both see the
+    same network picture (the photograph resized to the network's square), so only the prompts' mapping is compared;
+    the image comes without a collated batch's metadata, as MONAI Label hands it over."""
+    height, width = 40, 100
+    rng = np.random.default_rng(3)
+    photograph = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    picture = np.asarray(Image.fromarray(photograph).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+    point, box = [80.0, 12.0], [10.0, 5.0, 60.0, 30.0]
+
+    predictor = SAM2ImagePredictor(without_adapters(network).sam2)
+    predictor._bb_feat_sizes = [(IMAGE_SIZE // s, IMAGE_SIZE // s) for s in (4, 8, 16)]
+    predictor.set_image(picture)
+    predictor._orig_hw = [(height, width)]  # the frame the predictor maps prompts from
+    _, _, low_res = predictor.predict(np.array([point]), np.array([1]), box=np.array(box), multimask_output=False,
+                                      return_logits=True)
+    expected = F.interpolate(torch.as_tensor(low_res)[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                             align_corners=False)
+
+    tensor = (torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255 - SAM_MEAN) / SAM_STD
+    image = MetaTensor(tensor, meta={"filename_or_obj": "/data/photo.png", "spatial_shape": np.array([height, width])})
+    inferer = FundusInferer(image_size=IMAGE_SIZE).with_prompts(
+        {"photo.png": {"points": [[*point, 1]], "box": box}}, {"photo.png": (height, width)}, "test"
+    )
+    with torch.no_grad():
+        ours = inferer(image, network)
+    assert ours.shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(ours[0, 0].numpy(), expected[0, 0].numpy(), atol=1e-4)
+    with torch.no_grad():
+        prompt_free = network(tensor)
+    assert (ours - prompt_free).abs().max() > 1e-3, "the prompt was used"
+    assert inferer.prompts_used["photo.png"]["given"] == {"points": [[*point, 1]], "box": box}
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_weights(fresh):
