@@ -1,5 +1,5 @@
-"""MONAI Label app serving the SAM2-LoRA fundus bundle: automatic segmentation of a 2D fundus photograph and
-training on the labels that graders save to the datastore.
+"""MONAI Label app serving the SAM2-LoRA fundus bundle: automatic and click-to-segment segmentation of a 2D fundus
+photograph, and training on the labels that graders save to the datastore.
 
 Why not MONAI Label's stock ``monaibundle`` sample app (measured with MONAI Label 0.8.5, see docs/monailabel.md):
 
@@ -21,7 +21,9 @@ of ``python -m tools.export --weights full`` (or ``merged``), which carries its 
 
 Results: ``POST /infer/<model>?image=<id>`` returns a PNG label of the image's width and height, values
 0 = background and ``c + 1`` for channel ``c`` (vessels: 1; disc/cup: 1 = disc rim, 2 = cup), whatever the
-image's format (a JPEG label would be lossy). ``POST /train/<model>`` fine-tunes ``models/model.pt`` on the images
+image's format (a JPEG label would be lossy). ``POST /infer/<model>_interactive?image=<id>`` (SAM-head bundles)
+does the same with the request's ``foreground``/``background`` clicks and ``roi`` box as the image's prompt.
+``POST /train/<model>`` fine-tunes ``models/model.pt`` on the images
 that have a ``final`` label in the datastore and replaces it (``model_best.pt`` keeps the best validation Dice).
 """
 

@@ -57,6 +57,9 @@ def test_report_has_every_row_asked_for(report):
         assert row["step_time_s"] > 0 and row["peak_memory_mib"] >= row["memory_before_steps_mib"] > 0
     for row in content["inference"]:
         assert row["latency_ms"] > 0 and row["throughput"] > 0
+    assert [row["prompt_modes"] for row in content["prompt_modes"]] == [1, 8]
+    assert all(row["seconds_per_image"] > 0 for row in content["prompt_modes"])
+    assert content["prompt_modes"][0]["relative"] == 1.0
     (pipeline,) = content["data_loading"]
     assert pipeline["iterations"] == pipeline["training_images"] > 0  # batch 1, the second epoch counted
     assert 0 < pipeline["data_fraction"] == pytest.approx(pipeline["data_time_ms"] / pipeline["step_time_ms"])
@@ -65,7 +68,9 @@ def test_report_has_every_row_asked_for(report):
 def test_targets_are_computed_from_the_rows(report):
     content, _ = report
     targets = {row["target"]: row for row in content["targets"]}
-    assert len(targets) == 5
+    assert len(targets) == 6
+    modes = targets["evaluation over the eight prompt modes / over one (time per image)"]
+    assert modes["value"] == pytest.approx(content["prompt_modes"][1]["relative"]) and modes["met"] == (modes["value"] < 2)
     merged = targets["merged inference latency / SAM 2 latency"]
     rows = {row["variant"]: row for row in content["inference"]}
     assert merged["value"] == pytest.approx(
@@ -80,9 +85,10 @@ def test_targets_are_computed_from_the_rows(report):
 def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     content, markdown = report
     assert content["machine"]["cpu"] in markdown
-    for heading in ("### Inference", "### Training step", "### Data pipeline", "### Targets"):
+    for heading in ("### Inference", "### Training step", "### Evaluation over prompt modes", "### Data pipeline",
+                    "### Targets"):
         assert heading in markdown
-    assert markdown.count("| tiny | 64 |") == 3 + 2 + 1 + 5
+    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 6
     assert "Switches measured: none" in markdown
     assert "process peak RSS" in markdown
 
