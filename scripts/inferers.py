@@ -57,6 +57,11 @@ def check_input_mode(input_mode: str, pixel_scale: float = 1.0) -> str:
     return input_mode
 
 
+def _check_prompts_fit(input_mode: str) -> None:
+    if input_mode != "resize":
+        raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+
+
 class FundusInferer(Inferer):
     """The bundle's inferer for both input modes; MONAI engines call it as ``inferer(images, network, **kwargs)``.
 
@@ -117,8 +122,8 @@ class FundusInferer(Inferer):
         self.prompts = dict(prompts or {})
         self.prompt_source = prompt_source
         self.prompted = self.prompt_modes != ["none"] or bool(self.prompts) or prompt_source != "none"
-        if self.prompted and input_mode != "resize":
-            raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+        if self.prompted:
+            _check_prompts_fit(input_mode)
         self.seed = seed
         self.auto = {"box_margin": auto_box_margin, "points": auto_points, "negative_points": auto_negative_points}
         self.prompts_file = Path(prompts_file) if prompts_file is not None else None
@@ -149,8 +154,7 @@ class FundusInferer(Inferer):
             PromptError: a malformed prompt or coordinates outside the image.
             ConfigError: windows (``sliding_window``) are segmented without prompts.
         """
-        if self.input_mode != "resize":
-            raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+        _check_prompts_fit(self.input_mode)
         parsed = {name: parse_prompt(value, f"{source}, image {name}", sizes[name]) for name, value in prompts.items()}
         prompted = copy.copy(self)
         prompted.prompts = {**self.prompts, **parsed}
