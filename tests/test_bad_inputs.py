@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.adapters import read_model_file
+from scripts.adapters import check_finetune, read_model_file
 from scripts.atomic import write_text_atomic
-from scripts.errors import FundusError, user_error
+from scripts.errors import ConfigError, FundusError, user_error
 from scripts.fundus_io import write_png
+from scripts.handlers import TrainingTimeLimit
 from scripts.handlers.checkpoint import keep_earlier_run
+from scripts.inferers import check_input_mode
 from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
+from scripts.network import build_network
 from scripts.sam2_models import resolve_hiera_size
 from tests.helpers import QUICKSTART, REPO, TRAIN, write_model_file
 
@@ -414,3 +417,20 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
         f"Label {tmp_path / 'a_label.png'} has 3 gray levels (0, 128, 255...), not two: thresholded at 127."
         in caplog.text
     )
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        (lambda: check_finetune("partial"), "Setting 'finetune' must be one of lora, lora+decoder, full; got 'partial'."),
+        (lambda: build_network("vit"), "Setting 'architecture' must be one of sam, unet; got 'vit'."),
+        (lambda: check_input_mode("tiles"), "Setting 'input_mode' must be one of resize, sliding_window; got 'tiles'."),
+        (lambda: check_input_mode("sliding_window", 0), "Setting 'pixel_scale' must be a positive number"),
+        (lambda: TrainingTimeLimit(0), "Setting 'max_training_minutes' must be positive (or null for no limit); got 0."),
+    ],
+    ids=["finetune", "architecture", "input_mode", "pixel_scale", "max_training_minutes"],
+)
+def test_bad_setting_values_are_refused_by_their_checks_in_one_line(check: Callable[[], object], message: str):
+    with pytest.raises(ConfigError) as caught:
+        check()
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
