@@ -629,7 +629,9 @@ def _targets(report: dict) -> list[dict]:
                 "lora_memory_ratio": lora["peak_memory_mib"] / full["peak_memory_mib"],
                 "lora_step_memory_ratio": _memory_growth(lora) / max(_memory_growth(full), 1e-9),
                 "lora_step_time_ratio": lora["step_time_s"] / full["step_time_s"],
-                "prompt_modes_ratio": max(r["relative"] for r in _select(report["prompt_modes"], model_size, image_size)),
+                "prompt_modes_ratio": next(
+                    r["relative"] for r in _select(report["prompt_modes"], model_size, image_size) if r["prompt_modes"] > 1
+                ),
             }
             for name, key, limit in TARGETS:
                 rows.append(
