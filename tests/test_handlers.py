@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from scripts.handlers import GradientClipping
+from scripts.handlers import GradientClipping, TrainingLog, read_training_log, training_throughput
 
 
 def run_trainer(accumulation_steps: int, max_norm: float, iterations: int = 4):
@@ -52,3 +55,50 @@ def test_with_accumulation_only_the_summed_gradient_is_clipped():
 def test_max_norm_must_be_positive():
     with pytest.raises(ValueError, match="max_norm"):
         GradientClipping(0)
+
+
+class SlowBatches:
+    """Batches of ``batch`` images that take ``seconds`` each to load, like a DataLoader that starves the step."""
+
+    def __init__(self, batches: int, batch: int, seconds: float) -> None:
+        self.batches, self.batch, self.seconds = batches, batch, seconds
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            time.sleep(self.seconds)
+            yield {"image": torch.randn(self.batch, 4), "label": torch.randn(self.batch, 1)}
+
+
+def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_path):
+    network = nn.Linear(4, 1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=3,
+        train_data_loader=SlowBatches(batches=4, batch=3, seconds=0.05),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.01),
+        loss_function=nn.MSELoss(),
+    )
+    TrainingLog(tmp_path).attach(trainer)
+    ended: dict[int, list[float]] = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda engine: ended.setdefault(engine.state.epoch, []).append(time.time())
+    )
+    trainer.run()
+
+    records = read_training_log(tmp_path / TrainingLog.LOG_NAME)
+    assert [r["images"] for r in records] == [3] * 12
+    figures = training_throughput(records)
+    # Epoch 1 left out; in epochs 2 and 3 the three iterations after the first, each waiting 0.05 s for its batch.
+    assert figures["epochs"] == 2 and figures["images"] == 2 * 3 * 3
+    timed_here = sum(times[-1] - times[0] for epoch, times in ended.items() if epoch > 1)
+    assert figures["seconds"] == pytest.approx(timed_here, abs=0.01)
+    assert figures["seconds"] >= 2 * 3 * 0.05 - 0.01
+    assert figures["images_per_second"] == pytest.approx(figures["images"] / figures["seconds"])
+    assert figures["images_per_second"] <= 3 / 0.05 * 1.05, "no faster than the batches arrive"
+    # Logs without times (written before they were recorded) or one epoch long give no figure.
+    assert training_throughput([{k: v for k, v in r.items() if k != "time"} for r in records]) is None
+    assert training_throughput([r for r in records if r["epoch"] == 1]) is None

@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from scripts.atomic import write_text_atomic
+
 __all__ = [
     "QUICK_SETTINGS",
     "BenchmarkSettings",
@@ -76,6 +78,8 @@ TARGETS = (
 )
 # Targets whose limit must be beaten, not just reached.
 STRICT_TARGETS = ("lora_step_time_ratio", "prompt_modes_ratio")
+# What a run has measured so far, rewritten after each measurement and removed once the full report is written.
+PARTIAL_REPORT = "benchmark.partial.json"
 DATA_TARGET = ("data-loading time / training step time (after the first epoch)", 0.1)
 
 
@@ -561,8 +565,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_benchmark(settings: BenchmarkSettings) -> dict:
+def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] | None = None) -> dict:
     """Measure everything ``settings`` asks for; every training and data configuration in its own process.
+
+    Args:
+        settings: what to measure.
+        progress: called with the report so far after each measurement (``main`` saves it, so a run stopped
+            part-way keeps what it measured).
 
     Returns:
         The report: ``machine``, ``settings``, ``inference``, ``training``, ``data_loading``, ``targets`` rows.
@@ -579,14 +588,23 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         "prompt_modes": [],
         "data_loading": [],
     }
+
+    def add(part: str, rows: list[dict]) -> None:
+        report[part] += rows
+        if progress is not None:
+            progress(report)
+
     for model_size in settings.model_sizes:
         for image_size in settings.image_sizes:
             case = {"model_size": model_size, "image_size": image_size, **common}
             _log(f"inference: Hiera-{model_size}, {image_size} px")
-            report["inference"] += _in_fresh_process(measure_inference, **case, **timing, switches=measured_switches)
+            add("inference", _in_fresh_process(measure_inference, **case, **timing, switches=measured_switches))
             _log(f"prompt modes: Hiera-{model_size}, {image_size} px")
-            report["prompt_modes"] += _in_fresh_process(
-                measure_prompt_modes, model_size=model_size, image_size=image_size, device=str(device), **timing
+            add(
+                "prompt_modes",
+                _in_fresh_process(
+                    measure_prompt_modes, model_size=model_size, image_size=image_size, device=str(device), **timing
+                ),
             )
             configurations: list[tuple[bool, tuple[str, ...]]] = [(False, ()), (True, ())]
             if "activation_checkpointing" in measured_switches:
@@ -595,22 +613,23 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             for full, switches in configurations:
                 name = ("full fine-tuning" if full else "LoRA") + "".join(f" + {s}" for s in switches)
                 _log(f"training: Hiera-{model_size}, {image_size} px, {name}")
-                report["training"].append(
-                    _in_fresh_process(measure_training, **case, **timing, full=full, switches=switches)
-                )
+                add("training", [_in_fresh_process(measure_training, **case, **timing, full=full, switches=switches)])
     for image_size in settings.image_sizes:
         model_size = settings.model_sizes[0]
         _log(f"data pipeline: Hiera-{model_size}, {image_size} px, {settings.num_workers} workers")
-        report["data_loading"].append(
-            _in_fresh_process(
-                measure_data_loading,
-                model_size=model_size,
-                image_size=image_size,
-                num_workers=settings.num_workers,
-                data_images=settings.data_images,
-                epochs=settings.data_epochs,
-                **common,
-            )
+        add(
+            "data_loading",
+            [
+                _in_fresh_process(
+                    measure_data_loading,
+                    model_size=model_size,
+                    image_size=image_size,
+                    num_workers=settings.num_workers,
+                    data_images=settings.data_images,
+                    epochs=settings.data_epochs,
+                    **common,
+                )
+            ],
         )
     report["targets"] = _targets(report)
     return report
@@ -848,8 +867,11 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the benchmark, print the Markdown table and write it as JSON and Markdown."""
     settings, output_dir = _parse_arguments(argv)
-    report = run_benchmark(settings)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / PARTIAL_REPORT
+    report = run_benchmark(settings, progress=lambda so_far: write_text_atomic(partial, json.dumps(so_far, indent=2)))
     json_path, markdown_path = write_report(report, output_dir)
+    partial.unlink(missing_ok=True)
     print(render_markdown(report))
     _log(f"written {json_path} and {markdown_path}")
     return 0

@@ -15,7 +15,7 @@ from scripts.handlers.measurement import InferenceReport, MeasurementAgreement
 from scripts.handlers.merge_adapters import MergeAdapters
 from scripts.handlers.model_saver import AtomicCheckpointSaver
 from scripts.handlers.time_limit import TrainingTimeLimit
-from scripts.handlers.training_log import TrainingLog, read_training_log
+from scripts.handlers.training_log import TrainingLog, read_training_log, training_throughput
 from scripts.handlers.training_pictures import TrainingPictures
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "TrainingPictures",
     "TrainingTimeLimit",
     "read_training_log",
+    "training_throughput",
 ]

@@ -1,6 +1,8 @@
 """The record of a training run, ``training_log.jsonl``: what the pictures draw and what MLflow is sent.
 
-One JSON line per training iteration (``{"kind": "train", "epoch", "iteration", "loss", "lr"}``) and per validation
+One JSON line per training iteration (``{"kind": "train", "epoch", "iteration", "loss", "lr", "images", "time"}``:
+the images of the iteration over all ranks and the Unix time it ended, from which :func:`training_throughput`
+reads the images per second the trainer sustained) and per validation
 (``{"kind": "validation", "epoch", "iteration", "metrics": {name: value}, "by_dataset": {dataset: {"images",
 "dice": {channel: value}}}}``), appended as they happen, so a killed run loses nothing already written and a resumed
 run goes on from its checkpoint's iteration.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +30,7 @@ from scripts.atomic import write_text_atomic
 from scripts.engines import all_ranks
 from scripts.errors import ConfigError
 
-__all__ = ["TrainingLog", "read_training_log"]
+__all__ = ["TrainingLog", "read_training_log", "training_throughput"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,37 @@ def read_training_log(path: str | os.PathLike, up_to_iteration: int | None = Non
         if up_to_iteration is None or record.get("iteration", 0) <= up_to_iteration:
             records.append(record)
     return records
+
+
+def training_throughput(records: Sequence[dict[str, Any]], skip_epochs: int = 1) -> dict[str, float] | None:
+    """Images per second the trainer sustained, data loading included and validation left out.
+
+    Within each epoch after the first ``skip_epochs`` (caching, workers' start, compilation), the images of every
+    iteration but the epoch's first over the time from the end of that first iteration to the end of the last.
+
+    Args:
+        records: the records of ``training_log.jsonl`` (:func:`read_training_log`).
+        skip_epochs: epochs left out at the start.
+
+    Returns:
+        ``{"images_per_second", "seconds", "images", "epochs"}``, or None when no counted epoch has two
+        iterations with times (a log written before records carried them, or too short a run).
+    """
+    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        if record["kind"] == "train" and "time" in record:
+            by_epoch[record["epoch"]].append(record)
+    first_counted = min(by_epoch, default=0) + skip_epochs
+    seconds = images = epochs = 0
+    for epoch, iterations in by_epoch.items():
+        if epoch < first_counted or len(iterations) < 2:
+            continue
+        seconds += iterations[-1]["time"] - iterations[0]["time"]
+        images += sum(r["images"] for r in iterations[1:])
+        epochs += 1
+    if not epochs or seconds <= 0:
+        return None
+    return {"images_per_second": images / seconds, "seconds": seconds, "images": images, "epochs": epochs}
 
 
 class TrainingLog:
@@ -153,6 +187,7 @@ class TrainingLog:
             return
         output = engine.state.output
         loss = output[0]["loss"] if isinstance(output, list) else output["loss"]
+        images = len(output) if isinstance(output, list) else len(output["image"])
         self._append(
             {
                 "kind": "train",
@@ -160,6 +195,8 @@ class TrainingLog:
                 "iteration": engine.state.iteration,
                 "loss": float(loss),
                 "lr": float(engine.optimizer.param_groups[0]["lr"]),
+                "images": images * idist.get_world_size(),
+                "time": round(time.time(), 3),
             }
         )
 
