@@ -33,10 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+from monai.utils import optional_import
 from torch import nn
 
 from scripts.engines import count_parameters
@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Needed only with ``--tracking mlflow``: a run without it (a clinic's pipeline, a lent GPU) trains without mlflow.
+mlflow, _ = optional_import("mlflow")
 
 
 class TrackingError(FundusError, RuntimeError):

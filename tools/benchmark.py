@@ -67,6 +67,7 @@ __all__ = [
 BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 CUDA_ONLY_SWITCHES = ("bf16", "tf32", "compile")
 SWITCHES = ("channels_last", "activation_checkpointing", *CUDA_ONLY_SWITCHES)
+PARTS = ("inference", "prompt_modes", "training", "data_loading")
 
 # Targets of the issue "Speed and memory": (name, measured ratio's key, limit); None: shown, no limit.
 TARGETS = (
@@ -99,6 +100,7 @@ class BenchmarkSettings:
         data_images: synthetic pictures rendered for the data-pipeline measurement (about 60% train).
         data_epochs: epochs of the data-pipeline measurement; the first is not counted.
         num_workers: DataLoader workers of the data pipeline.
+        parts: what to measure, of ``PARTS`` (all by default; fewer where a GPU is lent for minutes).
     """
 
     model_sizes: tuple[str, ...] = ("tiny", "large")
@@ -112,6 +114,7 @@ class BenchmarkSettings:
     data_images: int = 20
     data_epochs: int = 3
     num_workers: int = 2
+    parts: tuple[str, ...] = PARTS
 
 
 QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=9, data_images=10)
@@ -597,15 +600,19 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
     for model_size in settings.model_sizes:
         for image_size in settings.image_sizes:
             case = {"model_size": model_size, "image_size": image_size, **common}
-            _log(f"inference: Hiera-{model_size}, {image_size} px")
-            add("inference", _in_fresh_process(measure_inference, **case, **timing, switches=measured_switches))
-            _log(f"prompt modes: Hiera-{model_size}, {image_size} px")
-            add(
-                "prompt_modes",
-                _in_fresh_process(
-                    measure_prompt_modes, model_size=model_size, image_size=image_size, device=str(device), **timing
-                ),
-            )
+            if "inference" in settings.parts:
+                _log(f"inference: Hiera-{model_size}, {image_size} px")
+                add("inference", _in_fresh_process(measure_inference, **case, **timing, switches=measured_switches))
+            if "prompt_modes" in settings.parts:
+                _log(f"prompt modes: Hiera-{model_size}, {image_size} px")
+                add(
+                    "prompt_modes",
+                    _in_fresh_process(
+                        measure_prompt_modes, model_size=model_size, image_size=image_size, device=str(device), **timing
+                    ),
+                )
+            if "training" not in settings.parts:
+                continue
             configurations: list[tuple[bool, tuple[str, ...]]] = [(False, ()), (True, ())]
             if "activation_checkpointing" in measured_switches:
                 configurations += [(False, ("activation_checkpointing",)), (True, ("activation_checkpointing",))]
@@ -614,7 +621,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
                 name = ("full fine-tuning" if full else "LoRA") + "".join(f" + {s}" for s in switches)
                 _log(f"training: Hiera-{model_size}, {image_size} px, {name}")
                 add("training", [_in_fresh_process(measure_training, **case, **timing, full=full, switches=switches)])
-    for image_size in settings.image_sizes:
+    for image_size in settings.image_sizes if "data_loading" in settings.parts else ():
         model_size = settings.model_sizes[0]
         _log(f"data pipeline: Hiera-{model_size}, {image_size} px, {settings.num_workers} workers")
         add(
@@ -642,20 +649,22 @@ def _targets(report: dict) -> list[dict]:
         for image_size in report["settings"]["image_sizes"]:
             inference = {r["variant"]: r for r in _select(report["inference"], model_size, image_size)}
             training = {r["mode"]: r for r in _select(report["training"], model_size, image_size) if not r["switches"]}
-            lora, full = training["LoRA"], training["full fine-tuning"]
-            ratios = {
-                "merged_latency_ratio": inference["adapters merged"]["relative_latency"],
-                "lora_memory_ratio": lora["peak_memory_mib"] / full["peak_memory_mib"],
-                "lora_step_memory_ratio": _memory_growth(lora) / max(_memory_growth(full), 1e-9),
-                "lora_step_time_ratio": lora["step_time_s"] / full["step_time_s"],
-                "prompt_modes_ratio": next(
-                    r["relative"] for r in _select(report["prompt_modes"], model_size, image_size) if r["prompt_modes"] > 1
-                ),
-            }
+            prompt_modes = [r for r in _select(report["prompt_modes"], model_size, image_size) if r["prompt_modes"] > 1]
+            ratios = {}  # only those whose measurements were asked for (--parts)
+            if "adapters merged" in inference:
+                ratios["merged_latency_ratio"] = inference["adapters merged"]["relative_latency"]
+            if "LoRA" in training and "full fine-tuning" in training:
+                lora, full = training["LoRA"], training["full fine-tuning"]
+                ratios["lora_memory_ratio"] = lora["peak_memory_mib"] / full["peak_memory_mib"]
+                ratios["lora_step_memory_ratio"] = _memory_growth(lora) / max(_memory_growth(full), 1e-9)
+                ratios["lora_step_time_ratio"] = lora["step_time_s"] / full["step_time_s"]
+            if prompt_modes:
+                ratios["prompt_modes_ratio"] = prompt_modes[0]["relative"]
             for name, key, limit in TARGETS:
-                rows.append(
-                    _target_row(name, model_size, image_size, ratios[key], limit, strict=key in STRICT_TARGETS)
-                )
+                if key in ratios:
+                    rows.append(
+                        _target_row(name, model_size, image_size, ratios[key], limit, strict=key in STRICT_TARGETS)
+                    )
     name, limit = DATA_TARGET
     for row in report["data_loading"]:
         rows.append(_target_row(name, row["model_size"], row["image_size"], row["data_fraction"], limit))
@@ -837,6 +846,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     parser.add_argument("--data-images", type=int, help="synthetic pictures for the data pipeline (default: 20)")
     parser.add_argument("--data-epochs", type=int, help="epochs of the data pipeline, first not counted (default: 3)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers of the data pipeline (default: 2)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, help=f"what to measure (default: all: {PARTS})")
     parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
     arguments = parser.parse_args(argv)
     settings = QUICK_SETTINGS if arguments.quick else BenchmarkSettings()
@@ -844,6 +854,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
         "model_sizes": tuple(arguments.model_sizes) if arguments.model_sizes else None,
         "image_sizes": tuple(arguments.image_sizes) if arguments.image_sizes else None,
         "switches": tuple(arguments.switches) if arguments.switches is not None else None,
+        "parts": tuple(arguments.parts) if arguments.parts else None,
         **{
             name: getattr(arguments, name)
             for name in (
