@@ -103,3 +103,25 @@ def test_bad_arguments_are_refused(capsys):
     assert "--repeats" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         benchmark.main(["--switches", "warp_drive"])
+
+
+def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    def in_this_process_until_training(function, **kwargs):
+        if function is benchmark.measure_training:
+            raise KeyboardInterrupt  # the run is stopped (a lease's time limit) once training starts
+        return function(**kwargs)
+
+    monkeypatch.setattr(benchmark, "_in_fresh_process", in_this_process_until_training)
+    stopped, finished = tmp_path / "stopped", tmp_path / "finished"
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main([*SMALLEST, "--parts", "inference", "training", "--output-dir", str(stopped)])
+    assert sorted(p.name for p in stopped.iterdir()) == [benchmark.PARTIAL_REPORT]
+    kept = json.loads((stopped / benchmark.PARTIAL_REPORT).read_text())
+    assert len(kept["inference"]) == 3 and kept["training"] == [] and kept["prompt_modes"] == []
+
+    assert benchmark.main([*SMALLEST, "--parts", "inference", "--output-dir", str(finished)]) == 0
+    assert sorted(p.name for p in finished.iterdir()) == ["benchmark.json", "benchmark.md"]
+    content = json.loads((finished / "benchmark.json").read_text())
+    assert len(content["inference"]) == 3
+    assert content["training"] == content["prompt_modes"] == content["data_loading"] == []
+    assert [row["target"] for row in content["targets"]] == ["merged inference latency / SAM 2 latency"]
