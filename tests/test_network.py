@@ -14,6 +14,7 @@ from torch import nn
 
 from scripts.adapters import ModelFileError, tensor_state
 from scripts.inferers import FundusInferer
+from scripts.prompts import PROMPT_MODES, parse_prompt
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
@@ -355,3 +356,44 @@ def test_runs_on_cuda(fresh):
     with torch.no_grad():
         output = network(torch.randn(1, 3, 80, 72, device="cuda"))
     assert output.device.type == "cuda" and output.shape == (1, 1, 80, 72)
+
+
+def test_all_eight_prompt_modes_decoded_with_alike_prompts_together_equal_one_call_per_mode(fresh):
+    """Evaluation over the eight prompt modes decodes prompts of one length in one batched call (box, 2_points and
+    auto_box are all two points): each mode's logits equal those of the mode decoded alone, for two images of a
+    batch with references of their own, and the decoder runs once for the prompt-free answer and once per length."""
+    randomise_adapters(fresh)
+    height, width = 50, 70
+    torch.manual_seed(4)
+    tensor = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    label = torch.zeros(2, 1, height, width)
+    label[0, 0, 10:30, 20:50] = 1
+    label[1, 0, 25:45, 5:30] = 1
+    images = MetaTensor(tensor, meta={"filename_or_obj": ["a.png", "b.png"],
+                                      "spatial_shape": torch.tensor([[height, width], [height, width]])})
+    modes = list(PROMPT_MODES)
+    inferer = FundusInferer(image_size=IMAGE_SIZE, prompt_modes=modes)
+    calls = []
+    decode = fresh.decode
+    fresh.decode = lambda *args, **kwargs: calls.append(kwargs.get("prompts_per_image", 1)) or decode(*args, **kwargs)
+    with torch.no_grad():
+        logits = inferer(images, fresh, label=label)
+    del fresh.decode
+    assert logits.shape == (2, len(modes), IMAGE_SIZE, IMAGE_SIZE)
+
+    with torch.no_grad():
+        embeddings = fresh.encode_images(tensor)
+        for index, name in enumerate(["a.png", "b.png"]):
+            one = type(embeddings)(embeddings.image_embedding[index : index + 1],
+                                   tuple(h[index : index + 1] for h in embeddings.high_res_features),
+                                   embeddings.input_size)
+            lengths = set()
+            for position, mode in enumerate(modes):
+                prompt = parse_prompt(inferer.prompts_used[name][mode], name, (height, width))
+                alone = fresh.decode(one, **prompt.to_network((height, width), (IMAGE_SIZE, IMAGE_SIZE)))
+                torch.testing.assert_close(logits[index, position], alone.logits[0, 0], atol=1e-4, rtol=1e-4)
+                if not prompt.empty:
+                    lengths.add(len(prompt.points) + 2 * (prompt.box is not None))
+            assert len(lengths) == 5  # 1, 2 (box, 2_points, auto_box), 3 (auto_points), 5, 7 points
+    # The prompt-free decode of the batch, then per image one call per length; the three two-point modes in one.
+    assert len(calls) == 1 + 2 * 5 and calls.count(3) == 2

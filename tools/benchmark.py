@@ -11,7 +11,7 @@ For each Hiera size and image size asked for, it measures:
   DataLoader workers) run by its SupervisedTrainer: time waiting for a batch against the time of the step,
   after the first epoch;
 - the cost of evaluating one photograph over the paper's eight prompt modes against the prompt-free mode alone
-  (the bundle's ``FundusInferer``: one encoder pass, then the mask decoder per mode);
+  (the bundle's ``FundusInferer``: one encoder pass, then the mask decoder once per prompt length);
 - the speed switches (channels-last, activation checkpointing, and on CUDA bf16 autocast, TF32 and
   ``torch.compile``), each against the same configuration without it.
 
@@ -760,7 +760,7 @@ def render_markdown(report: dict) -> str:
                 for r in report["training"]
             ],
         ),
-        "### Evaluation over prompt modes (batch 1; one encoder pass, the mask decoder per mode)",
+        "### Evaluation over prompt modes (batch 1; one encoder pass, the mask decoder once per prompt length)",
         _table(
             ["Hiera", "px", "prompt modes", "s / image", "vs prompt-free alone"],
             [
