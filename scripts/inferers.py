@@ -15,6 +15,7 @@ prompt-free one, then one per prompt length), not eight.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from scripts.atomic import write_json_atomic
@@ -88,6 +90,8 @@ class FundusInferer(Inferer):
         auto_points: positive points of ``auto_points``.
         auto_negative_points: negative points of ``auto_points``.
         prompts_file: where the prompts used are written (None: not written).
+        backend: runs the prompt-free network instead of PyTorch, called as ``backend(images, network)``
+            (:func:`scripts.onnx_backend.inference_backend`; None: PyTorch). Prompts need PyTorch.
 
     Attributes:
         windows_total: windows of the images seen so far (sliding window).
@@ -112,6 +116,7 @@ class FundusInferer(Inferer):
         auto_points: int = 3,
         auto_negative_points: int = 0,
         prompts_file: str | os.PathLike | None = None,
+        backend: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.input_mode = check_input_mode(input_mode, pixel_scale)
@@ -125,6 +130,9 @@ class FundusInferer(Inferer):
         self.prompted = self.prompt_modes != ["none"] or bool(self.prompts) or prompt_source != "none"
         if self.prompted:
             _check_prompts_fit(input_mode)
+        if self.prompted and backend is not None:
+            raise ConfigError("Prompts need backend 'torch': the onnxruntime export is the prompt-free network alone.")
+        self.backend = backend
         self.seed = seed
         self.auto = {"box_margin": auto_box_margin, "points": auto_points, "negative_points": auto_negative_points}
         self.prompts_file = Path(prompts_file) if prompts_file is not None else None
@@ -158,6 +166,7 @@ class FundusInferer(Inferer):
         _check_prompts_fit(self.input_mode)
         parsed = {name: parse_prompt(value, f"{source}, image {name}", sizes[name]) for name, value in prompts.items()}
         prompted = copy.copy(self)
+        prompted.backend = None  # prompts need the PyTorch network's decoder, whatever runs the automatic task
         prompted.prompts = {**self.prompts, **parsed}
         prompted.prompted = True
         prompted.prompts_used = {}
@@ -197,6 +206,8 @@ class FundusInferer(Inferer):
         self.last_iou = None
         if self.prompted:
             return self._prompted(inputs, network, label)
+        if self.backend is not None:
+            network = functools.partial(_run_backend, self.backend, network)
         if self.input_mode == "resize":
             logits = network(inputs, *args, **kwargs)
             self.last_iou = getattr(unwrap_network(network), "latest_iou_predictions", None)
@@ -264,6 +275,16 @@ class FundusInferer(Inferer):
             raise ConfigError(f"Prompt mode {mode!r} draws its prompts from the reference mask: evaluate with labels.")
         reference = torch.as_tensor(label[index, 0]).detach().cpu().numpy() > 0.5
         return oracle_prompt(reference, mode, name, self.seed)
+
+
+def _run_backend(backend: Callable[[torch.Tensor, Any], torch.Tensor], network: Any, images: torch.Tensor) -> torch.Tensor:
+    """``backend``'s logits of ``images``, carrying the images' metadata as the network's own output would."""
+    logits = backend(images, network)
+    if isinstance(images, MetaTensor) and not isinstance(logits, MetaTensor):
+        logits = MetaTensor(logits)
+        logits.is_batch = images.is_batch
+        logits.copy_meta_from(images, copy_attr=not images.is_batch)
+    return logits
 
 
 def _decode_alike_prompts_together(

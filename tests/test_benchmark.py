@@ -63,12 +63,24 @@ def test_report_has_every_row_asked_for(report):
     (pipeline,) = content["data_loading"]
     assert pipeline["iterations"] == pipeline["training_images"] > 0  # batch 1, the second epoch counted
     assert 0 < pipeline["data_fraction"] == pytest.approx(pipeline["data_time_ms"] / pipeline["step_time_ms"])
+    backends = {row["backend"]: row for row in content["backends"]}
+    assert list(backends) == ["PyTorch eager (float32)", "onnxruntime float32", "onnxruntime int8"]
+    eager = backends["PyTorch eager (float32)"]
+    assert eager["speed_up"] == 1.0 and eager["mask_dice"] == 1.0 and eager["max_probability_difference"] == 0.0
+    for name in ("onnxruntime float32", "onnxruntime int8"):
+        row = backends[name]
+        assert row["export_s"] > 0 and row["latency_ms"] > 0
+        assert row["speed_up"] == pytest.approx(eager["latency_ms"] / row["latency_ms"])
+        assert row["images"].startswith("synthetic")
+    assert backends["onnxruntime float32"]["max_probability_difference"] < 1e-3
 
 
 def test_targets_are_computed_from_the_rows(report):
     content, _ = report
     targets = {row["target"]: row for row in content["targets"]}
-    assert len(targets) == 6
+    assert len(targets) == 9
+    speed_up = targets["onnxruntime float32 speed-up over PyTorch eager (CPU, batch 1)"]
+    assert speed_up["value"] == content["backends"][1]["speed_up"] and speed_up["met"] == (speed_up["value"] >= 2)
     modes = targets["evaluation over the eight prompt modes / over one (time per image)"]
     assert modes["value"] == pytest.approx(content["prompt_modes"][1]["relative"]) and modes["met"] == (modes["value"] < 2)
     merged = targets["merged inference latency / SAM 2 latency"]
@@ -86,9 +98,9 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     content, markdown = report
     assert content["machine"]["cpu"] in markdown
     for heading in ("### Inference", "### Training step", "### Evaluation over prompt modes", "### Data pipeline",
-                    "### Targets"):
+                    "### CPU backends", "### Targets"):
         assert heading in markdown
-    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 6
+    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 9
     assert "Switches measured: none" in markdown
     assert "process peak RSS" in markdown
 

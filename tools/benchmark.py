@@ -12,6 +12,8 @@ For each Hiera size and image size asked for, it measures:
   after the first epoch;
 - the cost of evaluating one photograph over the paper's eight prompt modes against the prompt-free mode alone
   (the bundle's ``FundusInferer``: one encoder pass, then the mask decoder once per prompt length);
+- on the CPU, the merged network in PyTorch eager mode against the onnxruntime backend in float32 and int8:
+  latency, and the agreement of their masks and probabilities with PyTorch's on real photographs (``--drive-dir``);
 - the speed switches (channels-last, activation checkpointing, and on CUDA bf16 autocast, TF32 and
   ``torch.compile``), each against the same configuration without it.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import multiprocessing
@@ -57,6 +60,7 @@ __all__ = [
     "main",
     "measure_data_loading",
     "measure_inference",
+    "measure_backends",
     "measure_prompt_modes",
     "measure_training",
     "render_markdown",
@@ -67,7 +71,7 @@ __all__ = [
 BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 CUDA_ONLY_SWITCHES = ("bf16", "tf32", "compile")
 SWITCHES = ("channels_last", "activation_checkpointing", *CUDA_ONLY_SWITCHES)
-PARTS = ("inference", "prompt_modes", "training", "data_loading")
+PARTS = ("inference", "prompt_modes", "training", "data_loading", "backends")
 
 # Targets of the issue "Speed and memory": (name, measured ratio's key, limit); None: shown, no limit.
 TARGETS = (
@@ -79,6 +83,13 @@ TARGETS = (
 )
 # Targets whose limit must be beaten, not just reached.
 STRICT_TARGETS = ("lora_step_time_ratio", "prompt_modes_ratio")
+# Targets of the issue "Speed where users run it" (backend, row key, name, lower limit), for every size measured;
+# the issue states them at Hiera-large.
+BACKEND_TARGETS = (
+    ("onnxruntime float32", "speed_up", "onnxruntime float32 speed-up over PyTorch eager (CPU, batch 1)", 2.0),
+    ("onnxruntime float32", "mask_dice", "onnxruntime float32 mask agreement with PyTorch (Dice)", 0.99),
+    ("onnxruntime int8", "mask_dice", "onnxruntime int8 mask agreement with PyTorch (Dice)", 0.97),
+)
 # What a run has measured so far, rewritten after each measurement and removed once the full report is written.
 PARTIAL_REPORT = "benchmark.partial.json"
 DATA_TARGET = ("data-loading time / training step time (after the first epoch)", 0.1)
@@ -101,6 +112,7 @@ class BenchmarkSettings:
         data_epochs: epochs of the data-pipeline measurement; the first is not counted.
         num_workers: DataLoader workers of the data pipeline.
         parts: what to measure, of ``PARTS`` (all by default; fewer where a GPU is lent for minutes).
+        drive_dir: DRIVE's folder, whose test photographs the CPU backends' agreement is measured on.
     """
 
     model_sizes: tuple[str, ...] = ("tiny", "large")
@@ -115,6 +127,7 @@ class BenchmarkSettings:
     data_epochs: int = 3
     num_workers: int = 2
     parts: tuple[str, ...] = PARTS
+    drive_dir: str | None = None
 
 
 QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=9, data_images=10)
@@ -289,6 +302,101 @@ def measure_inference(
             }
         )
     return rows
+
+
+def _agreement_images(image_size: int, drive_dir: str | None, count: int = 4) -> tuple[torch.Tensor, str]:
+    """Photographs resized to ``image_size`` and SAM-normalised: DRIVE's first test images, else synthetic ones."""
+    import numpy as np
+    from PIL import Image
+
+    from scripts.synthetic import render_fundus
+
+    if drive_dir:
+        files = sorted((Path(drive_dir) / "test" / "images").iterdir())[:count]
+        pictures = [Image.open(path).convert("RGB") for path in files]
+        source = f"DRIVE test images {', '.join(path.name for path in files)}"
+    else:
+        pictures = [Image.fromarray(render_fundus(512, index=index).image) for index in range(count)]
+        source = "synthetic photographs (no --drive-dir given)"
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    arrays = [(np.asarray(p.resize((image_size, image_size), Image.BILINEAR)) / 255 - mean) / std for p in pictures]
+    return torch.as_tensor(np.stack(arrays), dtype=torch.float32).permute(0, 3, 1, 2).contiguous(), source
+
+
+def measure_backends(
+    model_size: str, image_size: int, repeats: int, warmup: int, lora_rank: int, drive_dir: str | None = None
+) -> list[dict]:
+    """Latency (batch 1, CPU) of the merged network in PyTorch eager mode and through the onnxruntime backend in
+    float32 and int8, and how far the backends' masks and probabilities are from PyTorch's on real photographs.
+
+    The three run in turns. The exports are built first, in a temporary folder, and their build time is reported.
+
+    Args:
+        model_size: Hiera size.
+        image_size: encoder input side.
+        repeats: timed rounds.
+        warmup: untimed rounds first.
+        lora_rank: adapter rank.
+        drive_dir: DRIVE's folder (``test/images``) for the agreement; synthetic photographs without it.
+
+    Returns:
+        One row per backend: ``latency_ms``, ``speed_up`` (PyTorch's latency over this one), ``export_s``,
+        ``mask_dice`` (masks at logit 0 against PyTorch's, all images together), ``max_probability_difference``.
+    """
+    from scripts.onnx_backend import OnnxBackend
+
+    _quiet_logs()
+    network = _network(model_size, image_size, lora_rank).eval()
+    network.merge_adapters()
+    images, source = _agreement_images(image_size, drive_dir)
+    device = torch.device("cpu")
+    with torch.inference_mode():
+        reference = torch.cat([network(image[None]) for image in images])
+
+    def eager(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return network(batch)
+
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"PyTorch eager (float32)": eager}
+    exports: dict[str, float] = {"PyTorch eager (float32)": 0.0}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, int8 in (("onnxruntime float32", False), ("onnxruntime int8", True)):
+            backend = OnnxBackend(Path(folder) / f"model-{int8}.onnx", int8=int8)
+            start = time.perf_counter()
+            backend(images[:1], network)
+            exports[name] = time.perf_counter() - start
+            runs[name] = functools.partial(_call_backend, backend, network)
+        latencies: dict[str, list[float]] = {name: [] for name in runs}
+        for round_index in range(warmup + repeats):
+            for name, run in runs.items():
+                seconds = _timed(run, device, images[:1])
+                if round_index >= warmup:
+                    latencies[name].append(seconds)
+        rows = []
+        eager_latency = statistics.median(latencies["PyTorch eager (float32)"])
+        for name, run in runs.items():
+            logits = torch.cat([run(image[None]) for image in images])
+            masks, expected = logits > 0, reference > 0
+            overlap = 2 * (masks & expected).sum().item() / max(masks.sum().item() + expected.sum().item(), 1)
+            latency = statistics.median(latencies[name])
+            rows.append(
+                {
+                    "model_size": model_size,
+                    "image_size": image_size,
+                    "backend": name,
+                    "latency_ms": 1000 * latency,
+                    "speed_up": eager_latency / latency,
+                    "export_s": exports[name],
+                    "mask_dice": overlap,
+                    "max_probability_difference": (torch.sigmoid(logits) - torch.sigmoid(reference)).abs().max().item(),
+                    "images": source,
+                }
+            )
+    return rows
+
+
+def _call_backend(backend: Any, network: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return backend(images, network)
 
 
 def measure_prompt_modes(
@@ -590,6 +698,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
         "training": [],
         "prompt_modes": [],
         "data_loading": [],
+        "backends": [],
     }
 
     def add(part: str, rows: list[dict]) -> None:
@@ -609,6 +718,15 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
                     "prompt_modes",
                     _in_fresh_process(
                         measure_prompt_modes, model_size=model_size, image_size=image_size, device=str(device), **timing
+                    ),
+                )
+            if "backends" in settings.parts:
+                _log(f"CPU backends: Hiera-{model_size}, {image_size} px")
+                add(
+                    "backends",
+                    _in_fresh_process(
+                        measure_backends, model_size=model_size, image_size=image_size, drive_dir=settings.drive_dir,
+                        **timing,
                     ),
                 )
             if "training" not in settings.parts:
@@ -668,6 +786,10 @@ def _targets(report: dict) -> list[dict]:
     name, limit = DATA_TARGET
     for row in report["data_loading"]:
         rows.append(_target_row(name, row["model_size"], row["image_size"], row["data_fraction"], limit))
+    for row in report.get("backends", []):
+        for backend, key, name, limit in BACKEND_TARGETS:
+            if row["backend"] == backend:
+                rows.append(_target_row(name, row["model_size"], row["image_size"], row[key], limit, at_least=True))
     return rows
 
 
@@ -676,9 +798,20 @@ def _memory_growth(row: dict) -> float:
 
 
 def _target_row(
-    name: str, model_size: str, image_size: int, value: float, limit: float | None, strict: bool = False
+    name: str,
+    model_size: str,
+    image_size: int,
+    value: float,
+    limit: float | None,
+    strict: bool = False,
+    at_least: bool = False,
 ) -> dict:
-    met = None if limit is None else (value < limit if strict else value <= limit)
+    if limit is None:
+        met = None
+    elif at_least:
+        met = value >= limit
+    else:
+        met = value < limit if strict else value <= limit
     return {
         "target": name,
         "model_size": model_size,
@@ -797,6 +930,17 @@ def render_markdown(report: dict) -> str:
                 for r in report["data_loading"]
             ],
         ),
+        "### CPU backends (batch 1; masks and probabilities against PyTorch's)",
+        _table(
+            ["Hiera", "px", "backend", "latency (ms)", "speed-up", "export (s)", "mask Dice", "max probability diff.",
+             "images"],
+            [
+                [r["model_size"], r["image_size"], r["backend"], f"{r['latency_ms']:.1f}", f"{r['speed_up']:.2f}",
+                 f"{r['export_s']:.0f}", f"{r['mask_dice']:.4f}", f"{r['max_probability_difference']:.2e}",
+                 r["images"]]
+                for r in report.get("backends", [])
+            ],
+        ),
         "### Targets",
         _table(
             ["target", "Hiera", "px", "measured", "limit", "met"],
@@ -847,6 +991,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     parser.add_argument("--data-epochs", type=int, help="epochs of the data pipeline, first not counted (default: 3)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers of the data pipeline (default: 2)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, help=f"what to measure (default: all: {PARTS})")
+    parser.add_argument("--drive-dir", help="DRIVE folder: the CPU backends' agreement on its test photographs")
     parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
     arguments = parser.parse_args(argv)
     settings = QUICK_SETTINGS if arguments.quick else BenchmarkSettings()
@@ -866,6 +1011,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
                 "data_images",
                 "data_epochs",
                 "num_workers",
+                "drive_dir",
             )
         },
     }

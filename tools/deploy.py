@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from scripts.adapters import AdaptedNetwork
 from scripts.atomic import OutputError, atomic_path
-from scripts.errors import FundusError, command_line
+from scripts.errors import command_line
+from scripts.onnx_backend import DeployError, PromptFreeSegmenter, batch_dim, export_onnx
 from tools.export import load_model
 
 __all__ = [
@@ -52,66 +51,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "exported_program")
 SUFFIXES = {"onnx": ".onnx", "exported_program": ".pt2"}
-# The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
-# would not fit any accelerator anyway.
-MAX_BATCH = 1024
-
-
-class DeployError(FundusError, RuntimeError):
-    """An export failed or its outputs do not match PyTorch's; the message names the file."""
-
-
-class PromptFreeSegmenter(nn.Module):
-    """The network with its adapters merged, as one function of the image batch alone.
-
-    Args:
-        network: a trained network of either head; its adapters are merged into the base weights (in place).
-    """
-
-    def __init__(self, network: AdaptedNetwork) -> None:
-        super().__init__()
-        network.merge_adapters()
-        self.network = network.eval()
-        self.image_size = network.settings["image_size"]
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)
-
-    def example(self, batch: int = 2) -> torch.Tensor:
-        """A random input of the exported shape."""
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
-
-
-def _batch_dim() -> torch.export.Dim:
-    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
-
-
-def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = 18) -> Path:
-    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically.
-
-    Raises:
-        DeployError: the export failed.
-    """
-    path = Path(path)
-    try:
-        with atomic_path(path) as partial:
-            torch.onnx.export(
-                model,
-                (model.example(),),
-                str(partial),
-                dynamo=True,
-                external_data=False,
-                opset_version=opset,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_shapes={"images": {0: _batch_dim()}},
-            )
-    except OutputError:
-        raise
-    except Exception as error:  # the exporter raises many kinds of errors
-        raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
-    return path
 
 
 def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:
@@ -143,7 +82,7 @@ def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
         # Under no_grad: SAM 2's positional encoding is a @torch.no_grad() function, and a grad-mode switch inside
         # the graph becomes a node that torch.export.save writes but torch.export.load then rejects.
         with torch.no_grad():
-            program = torch.export.export(model, (model.example(),), dynamic_shapes={"images": {0: _batch_dim()}})
+            program = torch.export.export(model, (model.example(),), dynamic_shapes={"images": {0: batch_dim()}})
         with atomic_path(path) as partial:
             torch.export.save(program, str(partial))
     except OutputError:

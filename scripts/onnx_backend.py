@@ -1,0 +1,252 @@
+"""The prompt-free network as ONNX, run by onnxruntime: the fast CPU inference path (``--backend onnxruntime``).
+
+The network, adapters merged, is exported once with ``torch.onnx.export(dynamo=True)`` and cached next to the model
+file; each later run checks that the cached file was built from the same weights and settings (a SHA-256 of the
+merged weights, the image size, the opset, int8 or not) and rebuilds it, with a log line, when it was not, or when
+onnxruntime cannot load it. ``onnx_int8`` adds onnxruntime's dynamic int8 quantization of the matrix products
+(weights stored as int8, activations quantized on the fly).
+
+The export takes images already resized to ``image_size`` and SAM-normalised (the bundle's preprocessing), has a
+dynamic batch dimension and returns mask logits (B, C, image_size, image_size). Height and width are fixed:
+SAM 2's code branches in Python on the input size, so torch.export specialises them; sliding-window inference
+feeds windows of exactly that size. Prompts are not part of the exported function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.atomic import OutputError, atomic_path, write_json_atomic
+from scripts.engines import unwrap_network
+from scripts.errors import ConfigError, FundusError
+
+__all__ = [
+    "BACKENDS",
+    "DeployError",
+    "OnnxBackend",
+    "PromptFreeSegmenter",
+    "export_onnx",
+    "inference_backend",
+    "weights_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime")
+OPSET = 18
+# The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
+# would not fit any accelerator anyway.
+MAX_BATCH = 1024
+# Largest logit difference between a fresh float32 export and PyTorch on one random image before it is refused;
+# measured differences are about 1e-6 to 1e-4 (docs/distribution.md).
+EXPORT_TOLERANCE = 1e-2
+
+
+class DeployError(FundusError, RuntimeError):
+    """An export failed or its outputs do not match PyTorch's; the message names the file."""
+
+
+class PromptFreeSegmenter(nn.Module):
+    """The network with its adapters merged, as one function of the image batch alone.
+
+    Args:
+        network: a trained network of either head; its adapters are merged into the base weights (in place).
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        network.merge_adapters()
+        self.network = network.eval()
+        self.image_size = network.settings["image_size"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        """A random input of the exported shape."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
+
+
+def batch_dim() -> torch.export.Dim:
+    """The dynamic batch dimension of every export."""
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically.
+
+    Raises:
+        DeployError: the export failed; the message says why.
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as partial:
+            torch.onnx.export(
+                model,
+                (model.example(),),
+                str(partial),
+                dynamo=True,
+                external_data=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"images": {0: batch_dim()}},
+            )
+    except OutputError:
+        raise
+    except Exception as error:  # the exporter raises many kinds of errors
+        raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
+    return path
+
+
+def weights_fingerprint(network: nn.Module) -> str:
+    """SHA-256 over every parameter's and buffer's name, dtype, shape and bytes, and the settings the network
+    records: changes whenever a weight does."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # the settings record (``_extra_state``)
+            digest.update(f"{name}:{json.dumps(tensor, sort_keys=True, default=str)};".encode())
+            continue
+        values = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy() if values.numel() else b"")
+    return digest.hexdigest()
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class OnnxBackend:
+    """Runs the prompt-free network through onnxruntime on the CPU, from an export cached at ``cache_path``.
+
+    The first call exports the network it is given (adapters merged) unless the cache holds an export of the same
+    weights and settings; later calls reuse the loaded session. A sidecar ``<cache_path>.json`` records what the
+    file was built from.
+
+    Args:
+        cache_path: the ONNX file to keep (``model.pt`` -> ``model.onnxruntime.onnx`` in the bundle).
+        int8: quantize the matrix products' weights to int8 (onnxruntime's dynamic quantization).
+    """
+
+    def __init__(self, cache_path: str | os.PathLike, int8: bool = False) -> None:
+        self.cache_path = Path(cache_path)
+        self.int8 = bool(int8)
+        self.session: Any = None
+        self.fingerprint: str | None = None
+        self.rebuilt = False
+
+    def __call__(self, images: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """Logits of ``images`` (B, 3, S, S) from the export of ``network``; on ``images``' device."""
+        if self.session is None:
+            self.session = self._load_or_build(unwrap_network(getattr(network, "_orig_mod", network)))
+        array = torch.as_tensor(images).detach().to("cpu", torch.float32).numpy()
+        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(array)})
+        return torch.from_numpy(logits).to(images.device)
+
+    def _settings(self, model: nn.Module) -> dict[str, Any]:
+        return {
+            "weights_sha256": weights_fingerprint(model),
+            "image_size": int(model.settings["image_size"]),
+            "opset": OPSET,
+            "int8": self.int8,
+            "torch": torch.__version__,
+        }
+
+    def _load_or_build(self, network: nn.Module) -> Any:
+        if getattr(network, "merge_adapters", None) is None or getattr(network, "settings", None) is None:
+            raise ConfigError(
+                f"backend 'onnxruntime' exports the bundle's SAM2LoRA or U-Net network; got {type(network).__name__}."
+            )
+        network.merge_adapters()
+        wanted = self._settings(network)
+        sidecar = self.cache_path.with_name(self.cache_path.name + ".json")
+        reason = self._stale_reason(sidecar, wanted)
+        if reason is None:
+            try:
+                session = _session(self.cache_path)
+                logger.info("onnxruntime: using the cached export %s.", self.cache_path)
+                return session
+            except Exception as error:  # onnxruntime raises its own exception types per failure
+                reason = f"onnxruntime cannot load it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        logger.warning("onnxruntime: rebuilding %s: %s.", self.cache_path, reason)
+        self.rebuilt = True
+        session = self._build(network)
+        write_json_atomic(sidecar, wanted)
+        return session
+
+    def _stale_reason(self, sidecar: Path, wanted: dict[str, Any]) -> str | None:
+        if not self.cache_path.is_file():
+            return "no export yet"
+        try:
+            recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"its record {sidecar.name} cannot be read ({type(error).__name__})"
+        changed = [key for key in wanted if recorded.get(key) != wanted[key]]
+        if changed:
+            what = "other weights" if "weights_sha256" in changed else ", ".join(f"another {key}" for key in changed)
+            return f"it was built from {what}"
+        return None
+
+    def _build(self, network: nn.Module) -> Any:
+        model = PromptFreeSegmenter(network)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        float_path = self.cache_path.with_name(self.cache_path.stem + ".float32.onnx") if self.int8 else self.cache_path
+        export_onnx(model, float_path)
+        try:
+            session = _session(float_path)
+            example = model.example(batch=1)
+            (exported,) = session.run(["logits"], {"image": example.numpy()})
+            with torch.no_grad():
+                difference = float(np.abs(exported - model(example).numpy()).max())
+        except Exception as error:  # onnxruntime raises its own exception types per failure
+            raise DeployError(f"onnxruntime cannot run the export {float_path} ({type(error).__name__}: {error}).")
+        if not difference <= EXPORT_TOLERANCE:
+            raise DeployError(
+                f"The export {float_path} disagrees with PyTorch: largest logit difference {difference:.3g} on a "
+                f"random image (at most {EXPORT_TOLERANCE} expected); use backend 'torch'."
+            )
+        if not self.int8:
+            return session
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with atomic_path(self.cache_path) as partial:
+            quantize_dynamic(str(float_path), str(partial), weight_type=QuantType.QInt8)
+        float_path.unlink()
+        return _session(self.cache_path)
+
+
+def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = False) -> OnnxBackend | None:
+    """What ``inference.json``'s ``backend`` setting asks for: None for PyTorch, else an :class:`OnnxBackend` whose
+    export is cached next to the model (``model.pt`` -> ``model.onnxruntime.onnx``, ``model.onnxruntime-int8.onnx``).
+
+    Raises:
+        ConfigError: an unknown backend, or onnxruntime is not installed.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+    if backend == "torch":
+        if int8:
+            raise ConfigError("onnx_int8 True needs backend 'onnxruntime'.")
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            f"backend 'onnxruntime' needs onnxruntime and onnxscript ({error}): pip install onnxruntime onnxscript."
+        ) from error
+    model = Path(ckpt_path)
+    return OnnxBackend(model.with_name(model.stem + (".onnxruntime-int8.onnx" if int8 else ".onnxruntime.onnx")), int8)

@@ -1,0 +1,171 @@
+"""The onnxruntime backend: PyTorch's answer from a cached export, rebuilt when stale or damaged, int8 on request,
+and clear errors. Exports are of Hiera-tiny at 64 px (seconds); the figures at real sizes are the benchmark's."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from PIL import Image
+
+from scripts.errors import ConfigError
+from scripts.inferers import FundusInferer
+from scripts.lora import lora_modules
+from scripts.network import SAM2LoRA
+from scripts.onnx_backend import DeployError, OnnxBackend, inference_backend
+from tests.helpers import INFER, fail_message, run_bundle, write_model_file
+
+pytest.importorskip("onnxruntime", reason="onnx, onnxscript and onnxruntime are the backend's optional dependencies")
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def network() -> SAM2LoRA:
+    """A tiny network with non-zero adapters, as after training."""
+    torch.manual_seed(0)
+    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=IMAGE_SIZE).eval()
+    with torch.no_grad():
+        for _, layer in lora_modules(network.sam2):
+            layer.lora_B.normal_(std=0.05)
+    return network
+
+
+@pytest.fixture(scope="module")
+def images() -> MetaTensor:
+    generator = torch.Generator().manual_seed(1)
+    return MetaTensor(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def exported(network, tmp_path_factory) -> OnnxBackend:
+    """One backend that exported the module's network into a cache of its own."""
+    backend = OnnxBackend(tmp_path_factory.mktemp("cache") / "model.onnxruntime.onnx")
+    backend(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), network)
+    return backend
+
+
+def torch_logits(network: SAM2LoRA, images: torch.Tensor) -> torch.Tensor:
+    network.merge_adapters()
+    with torch.no_grad():
+        return network(images.as_tensor() if isinstance(images, MetaTensor) else images)
+
+
+def test_the_backend_gives_pytorchs_logits_through_the_bundles_inferer(network, images, exported):
+    assert exported.rebuilt and exported.cache_path.is_file()
+    logits = FundusInferer(image_size=IMAGE_SIZE, backend=exported)(images, network)
+    assert isinstance(logits, MetaTensor) and logits.shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits.as_tensor(), torch_logits(network, images), atol=1e-4, rtol=1e-4)
+
+
+def test_a_later_run_reuses_the_cached_export(network, images, exported, caplog):
+    modified = exported.cache_path.stat().st_mtime_ns
+    later = OnnxBackend(exported.cache_path)
+    with caplog.at_level(logging.INFO, logger="scripts.onnx_backend"):
+        logits = later(images, network)
+    assert not later.rebuilt and exported.cache_path.stat().st_mtime_ns == modified
+    assert "using the cached export" in caplog.text
+    torch.testing.assert_close(logits, torch_logits(network, images), atol=1e-4, rtol=1e-4)
+
+
+def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(network, images, exported, tmp_path, caplog):
+    cache = tmp_path / exported.cache_path.name
+    sidecar = cache.with_name(cache.name + ".json")
+    cache.write_bytes(exported.cache_path.read_bytes())
+    sidecar.write_bytes(exported.cache_path.with_name(exported.cache_path.name + ".json").read_bytes())
+
+    retrained = copy.deepcopy(network)
+    with torch.no_grad():  # as another round of training would
+        for parameter in retrained.sam2.sam_mask_decoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
+        backend = OnnxBackend(cache)
+        logits = backend(images, retrained)
+    assert backend.rebuilt and "it was built from other weights" in caplog.text
+    torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
+    assert (logits - torch_logits(network, images)).abs().max() > 1e-3, "the old export would answer otherwise"
+
+    for damage, message in (
+        (lambda: cache.write_bytes(cache.read_bytes()[:1000]), "onnxruntime cannot load it"),
+        (lambda: sidecar.unlink(), "its record model.onnxruntime.onnx.json cannot be read"),
+    ):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
+            backend = OnnxBackend(cache)
+            logits = backend(images, retrained)
+        assert backend.rebuilt and message in caplog.text
+        torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported, tmp_path):
+    backend = OnnxBackend(tmp_path / "model.onnxruntime-int8.onnx", int8=True)
+    logits = backend(images, network)
+    assert backend.cache_path.stat().st_size < 0.5 * exported.cache_path.stat().st_size
+    assert not list(tmp_path.glob("*.float32.onnx")), "the float32 step is removed"
+    reference = torch_logits(network, images)
+    masks, expected = (logits > 0).numpy(), (reference > 0).numpy()
+    dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
+    assert dice > 0.9, dice
+    assert 0 < (logits - reference).abs().max() < 0.5 * reference.abs().max()
+
+
+def test_bad_backend_settings_and_unexportable_networks_are_named(network, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"backend 'tensorrt' is not one of torch, onnxruntime"):
+        inference_backend("tensorrt", tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match=r"onnx_int8 True needs backend 'onnxruntime'"):
+        inference_backend("torch", tmp_path / "model.pt", int8=True)
+    backend = inference_backend("onnxruntime", tmp_path / "model.pt", int8=True)
+    assert backend.cache_path == tmp_path / "model.onnxruntime-int8.onnx"
+    with pytest.raises(ConfigError, match=r"Prompts need backend 'torch'"):
+        FundusInferer(image_size=IMAGE_SIZE, prompt_source="auto_box", backend=backend)
+    with pytest.raises(ConfigError, match=r"exports the bundle's SAM2LoRA or U-Net network; got Conv2d"):
+        OnnxBackend(tmp_path / "conv.onnx")(torch.zeros(1, 3, 8, 8), torch.nn.Conv2d(3, 1, 1))
+
+    def exporter_fails(*args, **kwargs):
+        raise RuntimeError("aten::unsupported_op has no ONNX equivalent")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_fails)
+    with pytest.raises(DeployError, match=r"ONNX export to .*model.onnx failed \(RuntimeError: aten::unsupported_op"):
+        OnnxBackend(tmp_path / "model.onnx")(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), network)
+    assert not (tmp_path / "model.onnx").exists(), "no partial file is left"
+
+
+def test_prompted_copies_for_interactive_requests_use_pytorch(exported):
+    inferer = FundusInferer(image_size=IMAGE_SIZE, backend=exported)
+    prompted = inferer.with_prompts({"a.png": {"points": [[10, 10, 1]]}}, {"a.png": (IMAGE_SIZE, IMAGE_SIZE)}, "test")
+    assert prompted.backend is None and inferer.backend is exported
+
+
+def test_bundle_inference_with_the_onnxruntime_backend_writes_pytorchs_masks(tmp_path):
+    """``--backend onnxruntime`` on a folder, U-Net head: the export is cached next to the model, reused by the next
+    run, and the probabilities and masks are PyTorch's."""
+    model = write_model_file(tmp_path / "models" / "model.pt", architecture="unet")
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (width, height) in (("wide.png", (90, 70)), ("square.png", (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images / name)
+    outputs = {}
+    for run, backend in (("torch", "torch"), ("exported", "onnxruntime"), ("cached", "onnxruntime")):
+        outputs[run] = tmp_path / run
+        result = run_bundle("inference", [INFER], cwd=tmp_path, dataset_dir=images, ckpt_path=model,
+                            output_dir=outputs[run], backend=backend)
+        assert result.returncode == 0, fail_message(result)
+        log = result.stdout + result.stderr
+        if run == "exported":
+            assert "rebuilding" in log and "no export yet" in log
+        if run == "cached":
+            assert "using the cached export" in log and "rebuilding" not in log
+    assert (tmp_path / "models" / "model.onnxruntime.onnx").is_file()
+    for name in ("wide", "square"):
+        expected = np.asarray(Image.open(outputs["torch"] / f"{name}_prob.png"), dtype=int)
+        for run in ("exported", "cached"):
+            probability = np.asarray(Image.open(outputs[run] / f"{name}_prob.png"), dtype=int)
+            assert probability.shape == expected.shape and np.abs(probability - expected).max() <= 1
+            mask = np.asarray(Image.open(outputs[run] / f"{name}_mask.png"))
+            assert (mask == np.asarray(Image.open(outputs["torch"] / f"{name}_mask.png"))).mean() > 0.999
