@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quick start: install, train SAM2-LoRA on generated synthetic fundus photographs, segment them, evaluate,
-# and say where to look. About 5-10 minutes on a 2-core CPU; no download of data or weights is needed.
+# and say where to look. Training stops after 10 minutes; about 15 in all on a 2-core CPU, install included. No
+# download of data or weights is needed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
