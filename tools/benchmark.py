@@ -310,6 +310,7 @@ def _agreement_images(image_size: int, drive_dir: str | None, count: int = 4) ->
     from PIL import Image
 
     from scripts.synthetic import render_fundus
+    from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
     if drive_dir:
         files = sorted((Path(drive_dir) / "test" / "images").iterdir())[:count]
@@ -318,7 +319,7 @@ def _agreement_images(image_size: int, drive_dir: str | None, count: int = 4) ->
     else:
         pictures = [Image.fromarray(render_fundus(512, index=index).image) for index in range(count)]
         source = "synthetic photographs (no --drive-dir given)"
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    mean, std = np.array(SAM_PIXEL_MEAN), np.array(SAM_PIXEL_STD)
     arrays = [(np.asarray(p.resize((image_size, image_size), Image.BILINEAR)) / 255 - mean) / std for p in pictures]
     return torch.as_tensor(np.stack(arrays), dtype=torch.float32).permute(0, 3, 1, 2).contiguous(), source
 
