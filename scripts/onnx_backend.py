@@ -212,7 +212,9 @@ class OnnxBackend:
             with torch.no_grad():
                 difference = float(np.abs(exported - model(example).numpy()).max())
         except Exception as error:  # onnxruntime raises its own exception types per failure
-            raise DeployError(f"onnxruntime cannot run the export {float_path} ({type(error).__name__}: {error}).")
+            raise DeployError(
+                f"onnxruntime cannot run the export {float_path} ({type(error).__name__}: {error})."
+            ) from error
         if not difference <= EXPORT_TOLERANCE:
             raise DeployError(
                 f"The export {float_path} disagrees with PyTorch: largest logit difference {difference:.3g} on a "
