@@ -34,6 +34,7 @@ __all__ = [
     "DeployError",
     "OnnxBackend",
     "PromptFreeSegmenter",
+    "check_onnx",
     "export_onnx",
     "inference_backend",
     "weights_fingerprint",
@@ -123,6 +124,21 @@ def weights_fingerprint(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``images``; return the largest logit difference.
+
+    Raises:
+        DeployError: onnxruntime cannot run the file.
+    """
+    try:
+        (onnx_logits,) = _session(Path(path)).run(["logits"], {"image": images.numpy().astype(np.float32)})
+    except Exception as error:  # onnxruntime raises its own exception types per failure
+        raise DeployError(f"onnxruntime cannot run {path} ({type(error).__name__}: {error}).") from error
+    with torch.no_grad():
+        torch_logits = model(images).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())
+
+
 def _session(path: Path) -> Any:
     import onnxruntime
 
@@ -205,23 +221,14 @@ class OnnxBackend:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         float_path = self.cache_path.with_name(self.cache_path.stem + ".float32.onnx") if self.int8 else self.cache_path
         export_onnx(model, float_path)
-        try:
-            session = _session(float_path)
-            example = model.example(batch=1)
-            (exported,) = session.run(["logits"], {"image": example.numpy()})
-            with torch.no_grad():
-                difference = float(np.abs(exported - model(example).numpy()).max())
-        except Exception as error:  # onnxruntime raises its own exception types per failure
-            raise DeployError(
-                f"onnxruntime cannot run the export {float_path} ({type(error).__name__}: {error})."
-            ) from error
+        difference = check_onnx(float_path, model, model.example(batch=1))
         if not difference <= EXPORT_TOLERANCE:
             raise DeployError(
                 f"The export {float_path} disagrees with PyTorch: largest logit difference {difference:.3g} on a "
                 f"random image (at most {EXPORT_TOLERANCE} expected); use backend 'torch'."
             )
         if not self.int8:
-            return session
+            return _session(float_path)
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with atomic_path(self.cache_path) as partial:

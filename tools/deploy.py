@@ -28,12 +28,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from scripts.atomic import OutputError, atomic_path
 from scripts.errors import command_line
-from scripts.onnx_backend import DeployError, PromptFreeSegmenter, batch_dim, export_onnx
+from scripts.onnx_backend import DeployError, PromptFreeSegmenter, batch_dim, check_onnx, export_onnx
 from tools.export import load_model
 
 __all__ = [
@@ -51,24 +50,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "exported_program")
 SUFFIXES = {"onnx": ".onnx", "exported_program": ".pt2"}
-
-
-def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:
-    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``images``; return the largest difference.
-
-    Raises:
-        DeployError: onnxruntime cannot run the file.
-    """
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (onnx_logits,) = session.run(["logits"], {"image": images.numpy().astype(np.float32)})
-    except Exception as error:  # onnxruntime raises its own exception types per failure
-        raise DeployError(f"onnxruntime cannot run {path} ({type(error).__name__}: {error}).") from error
-    with torch.no_grad():
-        torch_logits = model(images).numpy()
-    return float(np.abs(onnx_logits - torch_logits).max())
 
 
 def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
