@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,14 @@ def test_drive_official_split(drive_datalists: tuple[Path, dict, dict]) -> None:
 
 def test_drive_entries_point_at_distributed_files(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:
     output, datalist, _ = drive_datalists
+    root = Path(os.path.abspath(drive_dir))
     for split in ("training", "validation", "test"):
         folder = suffix = "test" if split == "test" else "training"
         for entry in datalist[split]:
             case = entry["case"]
-            assert entry["image"] == str(drive_dir.absolute() / folder / "images" / f"{case}_{suffix}.tif")
-            assert entry["label"] == str(drive_dir.absolute() / folder / "1st_manual" / f"{case}_manual1.gif")
-            assert entry["fov"] == str(drive_dir.absolute() / folder / "mask" / f"{case}_{suffix}_mask.gif")
+            assert entry["image"] == str(root / folder / "images" / f"{case}_{suffix}.tif")
+            assert entry["label"] == str(root / folder / "1st_manual" / f"{case}_manual1.gif")
+            assert entry["fov"] == str(root / folder / "mask" / f"{case}_{suffix}_mask.gif")
             assert entry["dataset"] == "DRIVE" and entry["annotator"] == "first"
             assert _size(entry["image"]) == _size(entry["label"]) == _size(entry["fov"]) == (565, 584)
     assert not (output / "first" / "DRIVE_derived").exists()
@@ -63,6 +65,19 @@ def test_drive_loads_with_monai(drive_datalists: tuple[Path, dict, dict]) -> Non
     for key in ("training", "validation", "test"):
         entries = load_decathlon_datalist(output / "first" / "drive.json", data_list_key=key)
         assert [e["image"] for e in entries] == [e["image"] for e in datalist[key]]
+
+
+def test_drive_given_by_a_relative_path_loads_with_monai(
+    drive_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source named relative to the working folder (``../shared/...``) still gives paths MONAI's loader reads."""
+    monkeypatch.chdir(tmp_path)
+    relative = Path(os.path.relpath(drive_dir.absolute(), tmp_path))
+    assert relative.parts[0] == ".."
+    datalist = prepare_dataset("DRIVE", relative, tmp_path / "lists" / "drive.json")
+    entries = load_decathlon_datalist(tmp_path / "lists" / "drive.json", data_list_key="test")
+    assert [e["image"] for e in entries] == [e["image"] for e in datalist["test"]]
+    assert all(Path(e["image"]).is_file() for e in entries)
 
 
 def test_drive_union_uses_both_annotators_on_test_only(

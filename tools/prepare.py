@@ -106,6 +106,11 @@ class Case:
     groups: Mapping[str, str]
 
 
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` made absolute and normalised (``..`` removed, symlinks kept), as MONAI's datalist loader reads paths."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def _logical_path(relative: str) -> str:
     """A relative path as patterns see it: a trailing ``.gz`` removed (STARE gzips its files)."""
     return relative[:-3] if relative.lower().endswith(".gz") else relative
@@ -233,7 +238,7 @@ def find_cases(
         DatasetError: when ``src`` is not a folder, nothing matches the layout, a case id repeats, or a required file
             is missing.
     """
-    root = Path(src).expanduser().absolute()
+    root = _absolute(src)
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"{description.name} folder {root} {problem}")
@@ -508,7 +513,7 @@ def prepare_dataset(
         raise DatasetError(
             f"{description.name} has a single annotator: --annotator {annotator} needs a second one ({having} have it)"
         )
-    output = Path(output).expanduser().absolute()
+    output = _absolute(output)
     derived = output.parent / f"{description.name}_derived"
     cases = find_cases(description, src, annotator, ignore=(output, derived))
     parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction)
@@ -538,7 +543,7 @@ def prepare_dataset(
         "annotator": annotator,
         "annotator_note": note,
         **provenance,
-        "source": str(Path(src).expanduser().absolute()),
+        "source": str(_absolute(src)),
         **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
         **entries,
     }
@@ -577,7 +582,7 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
     Raises:
         DatasetError: when an input is unreadable, tasks differ, or a dataset appears in two inputs.
     """
-    inputs = [(Path(path).expanduser().absolute(), _read_datalist(Path(path).expanduser())) for path in paths]
+    inputs = [(_absolute(path), _read_datalist(Path(path).expanduser())) for path in paths]
     tasks = {content["task"] for _, content in inputs}
     if len(tasks) > 1:
         listing = ", ".join(f"{path} ({content['task']})" for path, content in inputs)
