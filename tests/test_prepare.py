@@ -71,8 +71,8 @@ def test_drive_given_by_a_relative_path_loads_with_monai(
     drive_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A source named relative to the working folder (``../shared/...``) still gives paths MONAI's loader reads."""
-    monkeypatch.chdir(tmp_path)
     relative = Path(os.path.relpath(drive_dir.absolute(), tmp_path))
+    monkeypatch.chdir(tmp_path)
     assert relative.parts[0] == ".."
     datalist = prepare_dataset("DRIVE", relative, tmp_path / "lists" / "drive.json")
     entries = load_decathlon_datalist(tmp_path / "lists" / "drive.json", data_list_key="test")
