@@ -31,11 +31,12 @@ from scripts.engines import unwrap_network
 from scripts.errors import ConfigError
 from scripts.prompts import (
     AUTO_MODES,
+    ORACLE_MODES,
     PROMPT_SOURCES,
     Prompt,
-    auto_prompt,
+    auto_prompts,
     check_prompt_modes,
-    oracle_prompt,
+    oracle_prompts,
     parse_prompt,
 )
 
@@ -244,7 +245,7 @@ class FundusInferer(Inferer):
                 embeddings.input_size,
             )
             used = self.prompts_used.setdefault(name, {})
-            prompts = {mode: self._prompt(mode, name, size, side, free.logits[index], label, index) for mode in self._modes_for(name)}
+            prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, index)
             decoded = _decode_alike_prompts_together(model, one, prompts, size, side, inputs.device)
             for mode, prompt in prompts.items():
                 used[mode] = prompt.to_json()
@@ -260,21 +261,34 @@ class FundusInferer(Inferer):
             return self.prompt_modes
         return ["given" if name in self.prompts else self.prompt_source]
 
-    def _prompt(
-        self, mode: str, name: str, size: tuple[int, int], side: tuple[int, int], free: torch.Tensor, label: Any, index: int
-    ) -> Prompt:
-        """The prompt of ``mode`` for one image, in the photograph's pixels."""
-        if mode == "given":
-            return self.prompts[name]
-        if mode == "none":
-            return Prompt()
-        if mode in AUTO_MODES:
+    def _prompts(
+        self,
+        modes: list[str],
+        name: str,
+        size: tuple[int, int],
+        side: tuple[int, int],
+        free: torch.Tensor,
+        label: Any,
+        index: int,
+    ) -> dict[str, Prompt]:
+        """``{mode: prompt}`` of one image, in the photograph's pixels, in the order of ``modes``.
+
+        What several modes share (the reference's eroded core, the first pass's largest component) is computed once.
+        """
+        prompts: dict[str, Prompt] = {}
+        auto = [mode for mode in modes if mode in AUTO_MODES]
+        if auto:
             probability = torch.sigmoid(free[0].float()).cpu().numpy()
-            return auto_prompt(probability, mode, **self.auto).rescaled(side, size)
-        if label is None:
-            raise ConfigError(f"Prompt mode {mode!r} draws its prompts from the reference mask: evaluate with labels.")
-        reference = torch.as_tensor(label[index, 0]).detach().cpu().numpy() > 0.5
-        return oracle_prompt(reference, mode, name, self.seed)
+            prompts.update({mode: prompt.rescaled(side, size) for mode, prompt in auto_prompts(probability, auto, **self.auto).items()})
+        oracle = [mode for mode in modes if mode in ORACLE_MODES]
+        if oracle:
+            if label is None:
+                raise ConfigError(f"Prompt mode {oracle[0]!r} draws its prompts from the reference mask: evaluate with labels.")
+            reference = torch.as_tensor(label[index, 0]).detach().cpu().numpy() > 0.5
+            prompts.update(oracle_prompts(reference, oracle, name, self.seed))
+        if "given" in modes:
+            prompts["given"] = self.prompts[name]
+        return {mode: prompts.get(mode, Prompt()) for mode in modes}
 
 
 def _run_backend(backend: Callable[[torch.Tensor, Any], torch.Tensor], network: Any, images: torch.Tensor) -> torch.Tensor:

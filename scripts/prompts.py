@@ -45,9 +45,11 @@ __all__ = [
     "Prompt",
     "PromptError",
     "auto_prompt",
+    "auto_prompts",
     "check_prompt_modes",
     "mode_channel_names",
     "oracle_prompt",
+    "oracle_prompts",
     "parse_prompt",
     "read_prompts_file",
 ]
@@ -167,55 +169,69 @@ def _box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
-def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0) -> Prompt:
-    """The prompt of an oracle mode, drawn from a reference mask, the same for the same image name and seed.
+def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int = 0) -> dict[str, Prompt]:
+    """The prompts of oracle modes, drawn from one reference mask, the same for the same image name and seed.
+
+    The structure's eroded core and bounding box are computed once for all ``modes``.
 
     Args:
         mask: ``(H, W)`` reference mask (bool) of the structure prompted for.
-        mode: one of :data:`ORACLE_MODES`, or ``none``.
-        name: the image's file name (with the mode and ``seed``, it seeds the draw).
+        modes: any of :data:`ORACLE_MODES`, and ``none``.
+        name: the image's file name (with the mode and ``seed``, it seeds each mode's draw).
         seed: the evaluation's seed.
 
     Returns:
-        The prompt; empty when the reference has no foreground (nothing to point at).
+        ``{mode: prompt}``; a prompt is empty when the reference has no foreground (nothing to point at).
     """
-    if mode == "none":
-        return Prompt()
-    if mode not in ORACLE_MODES:
-        raise ConfigError(f"{mode!r} is not an oracle prompt mode ({', '.join(ORACLE_MODES)}).")
+    unknown = [mode for mode in modes if mode != "none" and mode not in ORACLE_MODES]
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not an oracle prompt mode ({', '.join(ORACLE_MODES)}).")
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return Prompt(_note="empty reference: no prompt")
-    count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
-    points: tuple[tuple[float, float, int], ...] = ()
-    if count:
-        core = ndimage.binary_erosion(mask, iterations=EROSION_RADIUS)
-        candidates = np.argwhere(core if core.any() else mask)
-        chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
-        points = tuple((float(col), float(row), POSITIVE) for row, col in candidates[chosen])
-    box = _box_of(mask) if mode in ("box", "5_points_box") else None
-    return Prompt(points, box)
+    drawn = [mode for mode in modes if mode != "none"]
+    prompts = {mode: Prompt() for mode in modes if mode == "none"}
+    if drawn and not mask.any():
+        return {**prompts, **{mode: Prompt(_note="empty reference: no prompt") for mode in drawn}}
+    candidates = box = None
+    for mode in drawn:
+        count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
+        points: tuple[tuple[float, float, int], ...] = ()
+        if count:
+            if candidates is None:
+                core = ndimage.binary_erosion(mask, iterations=EROSION_RADIUS)
+                candidates = np.argwhere(core if core.any() else mask)
+            chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
+            points = tuple((float(col), float(row), POSITIVE) for row, col in candidates[chosen])
+        if mode in ("box", "5_points_box"):
+            box = box or _box_of(mask)
+        prompts[mode] = Prompt(points, box if mode in ("box", "5_points_box") else None)
+    return prompts
 
 
-def auto_prompt(
+def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0) -> Prompt:
+    """The prompt of one oracle mode (or ``none``): :func:`oracle_prompts` for a single mode."""
+    return oracle_prompts(mask, [mode], name, seed)[mode]
+
+
+def auto_prompts(
     probability: np.ndarray,
-    mode: str,
+    modes: Sequence[str],
     fov: np.ndarray | None = None,
     threshold: float = 0.5,
     box_margin: float = 0.1,
     points: int = 3,
     negative_points: int = 0,
-) -> Prompt:
-    """The prompt the model makes for itself from its prompt-free pass.
+) -> dict[str, Prompt]:
+    """The prompts the model makes for itself from its prompt-free pass.
 
     ``auto_box``: the bounding box of the largest connected component of ``probability > threshold``, widened by
     ``box_margin`` of its size on each side (clipped to the picture). ``auto_points``: the ``points`` most confident
-    locations of that component, at least a tenth of its size apart, and ``negative_points`` of the least confident
-    places inside the field of view, far from it.
+    locations of that component (the first in raster order among equals), at least a tenth of its size apart, and
+    ``negative_points`` of the least confident places inside the field of view, far from it. The component is found
+    once for both modes.
 
     Args:
         probability: ``(H, W)`` prompt-free probabilities of the structure prompted for.
-        mode: ``auto_box`` or ``auto_points``.
+        modes: ``auto_box`` and/or ``auto_points``.
         fov: ``(H, W)`` field of view, where negatives may go (the whole picture when None).
         threshold: probability above which a pixel is found.
         box_margin: the box's margin, as a fraction of its width and height.
@@ -223,32 +239,51 @@ def auto_prompt(
         negative_points: negative points of ``auto_points``.
 
     Returns:
-        The prompt; empty (prompt-free again) when the first pass found nothing.
+        ``{mode: prompt}``; a prompt is empty (prompt-free again) when the first pass found nothing.
     """
-    if mode not in AUTO_MODES:
-        raise ConfigError(f"{mode!r} is not an automatic prompt mode ({', '.join(AUTO_MODES)}).")
+    unknown = [mode for mode in modes if mode not in AUTO_MODES]
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not an automatic prompt mode ({', '.join(AUTO_MODES)}).")
     probability = np.asarray(probability, dtype=np.float32)
-    found = probability > threshold
-    regions, count = ndimage.label(found)
+    regions, count = ndimage.label(probability > threshold)
     if count == 0:
-        return Prompt(_note="the prompt-free pass found nothing: prompt-free result kept")
+        return {mode: Prompt(_note="the prompt-free pass found nothing: prompt-free result kept") for mode in modes}
     largest = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
     height, width = probability.shape
-    if mode == "auto_box":
-        x0, y0, x1, y1 = _box_of(largest)
-        dx, dy = box_margin * (x1 - x0 + 1), box_margin * (y1 - y0 + 1)
-        return Prompt(box=(max(0.0, x0 - dx), max(0.0, y0 - dy), min(width - 1.0, x1 + dx), min(height - 1.0, y1 + dy)))
     x0, y0, x1, y1 = _box_of(largest)
+    prompts = {}
+    if "auto_box" in modes:
+        dx, dy = box_margin * (x1 - x0 + 1), box_margin * (y1 - y0 + 1)
+        box = (max(0.0, x0 - dx), max(0.0, y0 - dy), min(width - 1.0, x1 + dx), min(height - 1.0, y1 + dy))
+        prompts["auto_box"] = Prompt(box=box)
+    if "auto_points" in modes:
+        prompts["auto_points"] = Prompt(_confident_points(probability, largest, fov, threshold, points, negative_points))
+    return prompts
+
+
+def _confident_points(
+    probability: np.ndarray,
+    component: np.ndarray,
+    fov: np.ndarray | None,
+    threshold: float,
+    points: int,
+    negative_points: int,
+) -> tuple[tuple[float, float, int], ...]:
+    """``auto_points``' points: see :func:`auto_prompts`."""
+    x0, y0, x1, y1 = _box_of(component)
     spacing = max(1.0, 0.1 * max(x1 - x0, y1 - y0))
+    width = probability.shape[1]
+    # Only the component's pixels are ranked: sorting the whole picture costs more than the decoder at 1024 px.
+    inside = np.flatnonzero(component)
     chosen: list[tuple[float, float, int]] = []
-    for index in np.argsort(-np.where(largest, probability, -1.0), axis=None):
-        row, col = divmod(int(index), width)
-        if not largest[row, col] or len(chosen) == points:
+    for index in inside[np.argsort(-probability.ravel()[inside], kind="stable")]:
+        if len(chosen) == points:
             break
+        row, col = divmod(int(index), width)
         if all(math.hypot(col - x, row - y) >= spacing for x, y, _ in chosen):
             chosen.append((float(col), float(row), POSITIVE))
     if negative_points:
-        far = ndimage.distance_transform_edt(~largest) > 2 * spacing
+        far = ndimage.distance_transform_edt(~component) > 2 * spacing
         far &= probability < 1.0 - threshold
         if fov is not None:
             far &= np.asarray(fov, dtype=bool)
@@ -256,7 +291,12 @@ def auto_prompt(
         if len(candidates):
             picks = np.linspace(0, len(candidates) - 1, negative_points).round().astype(int)
             chosen += [(float(col), float(row), NEGATIVE) for row, col in candidates[picks]]
-    return Prompt(tuple(chosen))
+    return tuple(chosen)
+
+
+def auto_prompt(probability: np.ndarray, mode: str, fov: np.ndarray | None = None, **settings: Any) -> Prompt:
+    """The prompt of one automatic mode: :func:`auto_prompts` for a single mode (``settings`` as there)."""
+    return auto_prompts(probability, [mode], fov, **settings)[mode]
 
 
 def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, int]:

@@ -11,7 +11,17 @@ import torch
 from sam2.utils.transforms import SAM2Transforms
 from scipy import ndimage
 
-from scripts.prompts import Prompt, PromptError, auto_prompt, oracle_prompt, read_prompts_file
+from scripts.prompts import (
+    AUTO_MODES,
+    ORACLE_MODES,
+    Prompt,
+    PromptError,
+    auto_prompt,
+    auto_prompts,
+    oracle_prompt,
+    oracle_prompts,
+    read_prompts_file,
+)
 
 HEIGHT, WIDTH = 130, 200  # not square: x and y scale differently
 
@@ -71,6 +81,27 @@ def test_auto_points_start_at_the_most_confident_place_and_stay_in_the_region():
 
 def test_nothing_found_keeps_the_prompt_free_result():
     assert auto_prompt(np.full((HEIGHT, WIDTH), 0.2), "auto_box").empty
+
+
+def test_modes_drawn_together_equal_each_mode_drawn_alone():
+    """The inferer draws all of an image's modes in one call, sharing the eroded core and the found region."""
+    mask = disc((60, 90), 25)
+    together = oracle_prompts(mask, ["none", *ORACLE_MODES], "case.png", seed=3)
+    assert list(together) == ["none", *ORACLE_MODES]
+    assert together == {mode: oracle_prompt(mask, mode, "case.png", seed=3) for mode in ["none", *ORACLE_MODES]}
+    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
+    probability = np.where(mask, 0.6 + 0.3 * np.exp(-((rows - 70) ** 2 + (cols - 100) ** 2) / 50.0), 0.05)
+    settings = {"points": 4, "negative_points": 1, "box_margin": 0.2}
+    assert auto_prompts(probability, AUTO_MODES, **settings) == {
+        mode: auto_prompt(probability, mode, **settings) for mode in AUTO_MODES
+    }
+
+
+def test_auto_points_among_equally_confident_pixels_are_taken_in_raster_order():
+    region = disc((60, 90), 25)
+    prompt = auto_prompt(np.where(region, 1.0, 0.0), "auto_points", points=1)
+    first_row, first_col = np.argwhere(region)[0]
+    assert prompt.points == ((float(first_col), float(first_row), 1),)
 
 
 def test_points_and_box_map_onto_the_network_picture_as_sam2_maps_them():
