@@ -276,13 +276,18 @@ class MeasurementAgreement:
         for measure in self._measures():
             engine.state.metrics[f"{measure}_mae"] = agreement["all"][measure]["mae"]
             engine.state.metrics[f"{measure}_pearson_r"] = agreement["all"][measure]["pearson_r"]
-        engine.state.metrics["quality_spearman"] = agreement["all"]["quality_spearman"]
+        quality = agreement["all"]["quality_spearman"]
+        engine.state.metrics["quality_spearman"] = quality
+        ranking = (
+            f"predicted IoU ranks Dice with Spearman {quality:.3f}"
+            if math.isfinite(quality)
+            else "no ranking by predicted IoU (the head predicts none, or fewer than three images differ)"
+        )
         logger.info(
-            "Measurements agree with the references over %d images: %s; predicted IoU ranks Dice with Spearman %.3f; "
-            "%d images flagged.",
+            "Measurements agree with the references over %d images: %s; %s; %d images flagged.",
             len(self.rows),
             ", ".join(f"{m} MAE {agreement['all'][m]['mae']:.4g} (r {agreement['all'][m]['pearson_r']:.3f})" for m in self._measures()[:4]),
-            agreement["all"]["quality_spearman"],
+            ranking,
             len(agreement["all"]["flagged"]),
         )
 
