@@ -257,14 +257,15 @@ def network_size(
         keys: the image first, then masks (resampled with nearest neighbours); absent keys are skipped.
 
     Returns:
-        The transforms (none for ``"sliding_window"`` at scale 1).
+        The transforms (for ``"sliding_window"`` at scale 1, a recorded no-op: ``Invertd`` warns on every picture when
+        there is nothing to invert).
     """
     check_input_mode(input_mode, pixel_scale)
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     if input_mode == "resize":
         return [Resized(keys, (image_size, image_size), mode=modes, allow_missing_keys=True)]
     if pixel_scale == 1:
-        return []
+        return [Resized(keys, (-1, -1), mode=modes, allow_missing_keys=True)]
     return [Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True)]
 
 
