@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -22,6 +23,7 @@ SMALLEST = [
     "--data-epochs", "2",
     "--num-workers", "0",
     "--device", "cpu",
+    "--photographs", "150x100", "50x40",
 ]  # fmt: skip
 
 
@@ -73,6 +75,19 @@ def test_report_has_every_row_asked_for(report):
         assert row["speed_up"] == pytest.approx(eager["latency_ms"] / row["latency_ms"])
         assert row["images"].startswith("synthetic")
     assert backends["onnxruntime float32"]["max_probability_difference"] < 1e-3
+    modes = {(row["photograph"], row["input_mode"]): row for row in content["input_modes"]}
+    assert list(modes) == [
+        ("150 x 100", "resize"), ("150 x 100", "sliding_window"), ("50 x 40", "resize"), ("50 x 40", "sliding_window")
+    ]
+    for key in [("150 x 100", "resize"), ("150 x 100", "sliding_window"), ("50 x 40", "resize")]:
+        row = modes[key]
+        assert row["seconds_per_image"] > 0 and row["peak_memory_mib"] >= row["memory_before_mib"] > 0
+    # 64 px windows overlapping by a quarter: starts every 48 px, the last flush with the edge (MONAI's scan).
+    windows = (math.ceil((150 - 64) / 48) + 1) * (math.ceil((100 - 64) / 48) + 1)
+    assert modes[("150 x 100", "sliding_window")]["windows_total"] == windows == 6
+    assert 0 < modes[("150 x 100", "sliding_window")]["windows_computed"] <= windows
+    assert modes[("150 x 100", "resize")]["windows_total"] == 1
+    assert modes[("50 x 40", "sliding_window")]["seconds_per_image"] is None, "smaller than a window: not measured"
 
 
 def test_targets_are_computed_from_the_rows(report):
@@ -98,9 +113,10 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     content, markdown = report
     assert content["machine"]["cpu"] in markdown
     for heading in ("### Inference", "### Training step", "### Evaluation over prompt modes", "### Data pipeline",
-                    "### CPU backends", "### Targets"):
+                    "### CPU backends", "### Input modes", "### Targets"):
         assert heading in markdown
-    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 9
+    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 4 + 9
+    assert "smaller than the 64 px window" in markdown
     assert "Switches measured: none" in markdown
     assert "process peak RSS" in markdown
 
@@ -115,6 +131,9 @@ def test_bad_arguments_are_refused(capsys):
     assert "--repeats" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         benchmark.main(["--switches", "warp_drive"])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--photographs", "3504"])
+    assert "'3504' is not WIDTHxHEIGHT" in capsys.readouterr().err
 
 
 def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):

@@ -58,9 +58,10 @@ __all__ = [
     "QUICK_SETTINGS",
     "BenchmarkSettings",
     "main",
+    "measure_backends",
     "measure_data_loading",
     "measure_inference",
-    "measure_backends",
+    "measure_input_modes",
     "measure_prompt_modes",
     "measure_training",
     "render_markdown",
@@ -71,7 +72,9 @@ __all__ = [
 BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 CUDA_ONLY_SWITCHES = ("bf16", "tf32", "compile")
 SWITCHES = ("channels_last", "activation_checkpointing", *CUDA_ONLY_SWITCHES)
-PARTS = ("inference", "prompt_modes", "training", "data_loading", "backends")
+PARTS = ("inference", "prompt_modes", "training", "data_loading", "backends", "input_modes")
+# Photographs of the input-mode measurement, (width, height): HRF's and DRIVE's.
+PHOTOGRAPHS = ((3504, 2336), (565, 584))
 
 # Targets of the issue "Speed and memory": (name, measured ratio's key, limit); None: shown, no limit.
 TARGETS = (
@@ -113,6 +116,7 @@ class BenchmarkSettings:
         num_workers: DataLoader workers of the data pipeline.
         parts: what to measure, of ``PARTS`` (all by default; fewer where a GPU is lent for minutes).
         drive_dir: DRIVE's folder, whose test photographs the CPU backends' agreement is measured on.
+        photographs: ``(width, height)`` of the photographs segmented in each input mode.
     """
 
     model_sizes: tuple[str, ...] = ("tiny", "large")
@@ -128,6 +132,7 @@ class BenchmarkSettings:
     num_workers: int = 2
     parts: tuple[str, ...] = PARTS
     drive_dir: str | None = None
+    photographs: tuple[tuple[int, int], ...] = PHOTOGRAPHS
 
 
 QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), repeats=9, data_images=10)
@@ -461,6 +466,92 @@ def measure_prompt_modes(
     ]
 
 
+def measure_input_modes(
+    model_size: str,
+    image_size: int,
+    photograph: tuple[int, int],
+    input_mode: str,
+    repeats: int,
+    warmup: int,
+    device: str,
+    lora_rank: int,
+) -> dict:
+    """Seconds per photograph and peak memory of one input mode; call it in a fresh process for the peak.
+
+    ``resize``: the photograph resized to ``image_size`` square, one network pass, the logits resized back (what the
+    bundle's ``Resized`` and ``Invertd`` do). ``sliding_window``: windows of ``image_size`` at native resolution
+    (pixel scale 1), blended with the bundle's overlap, windows wholly outside the circular field of view skipped.
+    Both give probabilities at the photograph's size.
+
+    Args:
+        model_size: Hiera size.
+        image_size: encoder input side (the window's side in ``sliding_window``).
+        photograph: ``(width, height)`` of the photograph.
+        input_mode: ``resize`` or ``sliding_window``.
+        repeats: timed runs.
+        warmup: untimed runs first.
+        device: ``cuda`` or ``cpu``.
+        lora_rank: adapter rank.
+
+    Returns:
+        ``seconds_per_image`` (median), ``peak_memory_mib``, ``memory_before_mib`` (after the network and the
+        photograph were built), ``windows_computed`` and ``windows_total`` per photograph (1 and 1 for ``resize``).
+    """
+    import torch.nn.functional as F
+
+    from scripts.inferers import FundusInferer
+
+    _quiet_logs()
+    target = torch.device(device)
+    network = _network(model_size, image_size, lora_rank).to(target).eval()
+    network.merge_adapters()
+    width, height = photograph
+    overlap = json.loads((BUNDLE_CONFIGS / "train.json").read_text(encoding="utf-8"))["window_overlap"]
+    inferer = FundusInferer(input_mode, image_size=image_size, overlap=overlap)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, height, width, generator=generator).to(target)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    radius = 0.47 * min(height, width)  # a fundus camera's circular field of view, black corners outside it
+    fov = (((rows - height / 2) ** 2 + (cols - width / 2) ** 2) <= radius**2).float()[None, None].to(target)
+
+    def segment(photo: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if input_mode == "resize":
+                square = F.interpolate(photo, size=(image_size, image_size), mode="bilinear", align_corners=False)
+                logits = inferer(square, network)
+                return torch.sigmoid(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False))
+            return torch.sigmoid(inferer(photo, network, fov=fov))
+
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    before = _peak_memory_mib(target)
+    times = [_timed(segment, target, image) for _ in range(warmup + repeats)][warmup:]
+    runs = warmup + repeats
+    return {
+        "model_size": model_size,
+        "image_size": image_size,
+        "photograph": f"{width} x {height}",
+        "input_mode": input_mode,
+        "seconds_per_image": statistics.median(times),
+        "peak_memory_mib": _peak_memory_mib(target),
+        "memory_before_mib": before,
+        "windows_computed": inferer.windows_computed // runs if input_mode == "sliding_window" else 1,
+        "windows_total": inferer.windows_total // runs if input_mode == "sliding_window" else 1,
+    }
+
+
+def _window_too_large(model_size: str, image_size: int, photograph: tuple[int, int]) -> dict:
+    """The row of a photograph smaller than the window: there is nothing to slide over at native resolution."""
+    return {
+        "model_size": model_size,
+        "image_size": image_size,
+        "photograph": f"{photograph[0]} x {photograph[1]}",
+        "input_mode": "sliding_window",
+        "seconds_per_image": None,
+        "note": f"not measured: the photograph is smaller than the {image_size} px window at native resolution",
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -700,6 +791,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
         "prompt_modes": [],
         "data_loading": [],
         "backends": [],
+        "input_modes": [],
     }
 
     def add(part: str, rows: list[dict]) -> None:
@@ -730,6 +822,26 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
                         **timing,
                     ),
                 )
+            for photograph in settings.photographs if "input_modes" in settings.parts else ():
+                for input_mode in ("resize", "sliding_window"):
+                    _log(f"input mode {input_mode}: Hiera-{model_size}, {image_size} px, {photograph[0]} x {photograph[1]}")
+                    if input_mode == "sliding_window" and min(photograph) < image_size:
+                        add("input_modes", [_window_too_large(model_size, image_size, photograph)])
+                        continue
+                    add(
+                        "input_modes",
+                        [
+                            _in_fresh_process(
+                                measure_input_modes,
+                                model_size=model_size,
+                                image_size=image_size,
+                                photograph=photograph,
+                                input_mode=input_mode,
+                                device=str(device),
+                                **timing,
+                            )
+                        ],
+                    )
             if "training" not in settings.parts:
                 continue
             configurations: list[tuple[bool, tuple[str, ...]]] = [(False, ()), (True, ())]
@@ -942,6 +1054,19 @@ def render_markdown(report: dict) -> str:
                 for r in report.get("backends", [])
             ],
         ),
+        "### Input modes (batch 1; probabilities at the photograph's size; sliding window at native resolution)",
+        _table(
+            ["Hiera", "px", "photograph", "input mode", "s / image", f"peak memory (MiB, {memory})",
+             "before (MiB)", "windows computed / total"],
+            [
+                [r["model_size"], r["image_size"], r["photograph"], r["input_mode"], f"{r['seconds_per_image']:.3f}",
+                 f"{r['peak_memory_mib']:.0f}", f"{r['memory_before_mib']:.0f}",
+                 f"{r['windows_computed']} / {r['windows_total']}"]
+                if r["seconds_per_image"] is not None
+                else [r["model_size"], r["image_size"], r["photograph"], r["input_mode"], r["note"], "-", "-", "-"]
+                for r in report.get("input_modes", [])
+            ],
+        ),
         "### Targets",
         _table(
             ["target", "Hiera", "px", "measured", "limit", "met"],
@@ -975,6 +1100,17 @@ def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
     return json_path, markdown_path
 
 
+def _photograph(text: str) -> tuple[int, int]:
+    """``"3504x2336"`` as ``(3504, 2336)``."""
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 3504x2336") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
+    return width, height
+
+
 def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Path]:
     parser = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Hiera tiny at 256 px, 9 repeats: minutes on a CPU")
@@ -993,6 +1129,10 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     parser.add_argument("--num-workers", type=int, help="DataLoader workers of the data pipeline (default: 2)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, help=f"what to measure (default: all: {PARTS})")
     parser.add_argument("--drive-dir", help="DRIVE folder: the CPU backends' agreement on its test photographs")
+    parser.add_argument(
+        "--photographs", nargs="+", type=_photograph, help="WIDTHxHEIGHT of the input-mode photographs "
+        "(default: 3504x2336 565x584)"
+    )
     parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
     arguments = parser.parse_args(argv)
     settings = QUICK_SETTINGS if arguments.quick else BenchmarkSettings()
@@ -1001,6 +1141,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
         "image_sizes": tuple(arguments.image_sizes) if arguments.image_sizes else None,
         "switches": tuple(arguments.switches) if arguments.switches is not None else None,
         "parts": tuple(arguments.parts) if arguments.parts else None,
+        "photographs": tuple(arguments.photographs) if arguments.photographs else None,
         **{
             name: getattr(arguments, name)
             for name in (
