@@ -24,3 +24,10 @@ def drive_dir() -> Path:
     if not (path / "training").is_dir() or not (path / "test").is_dir():
         pytest.skip(f"{DRIVE_ENV}={value} does not hold DRIVE's training/ and test/ folders")
     return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the slow tests first: pytest-xdist hands test files out in collection order (``--no-loadscope-reorder``
+    in pyproject: by default it hands out the files with most tests first), and a slow file handed out last would
+    run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
