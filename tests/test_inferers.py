@@ -39,6 +39,45 @@ def test_windows_blend_into_the_whole_image_answer_without_seams():
         torch.testing.assert_close(inferer(images, network), network(images), atol=1e-5, rtol=1e-5)
 
 
+def test_a_large_photograph_with_one_pixel_vessels_comes_back_at_its_size_and_orientation():
+    """2000 x 1300 (wider than high, as fundus cameras take them) with one-pixel vessels along a row and a column:
+    the blended windows equal the whole-image computation everywhere, so each vessel stays one pixel wide and where
+    it was."""
+    height, width = 1300, 2000
+    images = torch.full((1, 3, height, width), 0.2)
+    images[..., 333, :] = 1.0  # a horizontal vessel
+    images[..., :, 1111] = 1.0  # a vertical one
+    network = pointwise_network()
+    inferer = FundusInferer("sliding_window", image_size=256, out_channels=2, overlap=OVERLAP, window_batch_size=8)
+    with torch.no_grad():
+        logits, expected = inferer(images, network), network(images)
+    assert logits.shape == (1, 2, height, width)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    differs = (logits[0, 0] - logits[0, 0, 0, 0]).abs() > 1e-3
+    assert torch.equal(differs.nonzero()[:, 0].unique(), torch.arange(height)), "the vertical vessel in every row"
+    assert set(differs.sum(dim=1).tolist()) == {1, width}, "one pixel wide, or the whole horizontal vessel's row"
+    assert bool(differs[333].all()) and bool(differs[:, 1111].all())
+
+
+@pytest.mark.parametrize("architecture", ["sam", "unet"])
+def test_both_heads_tile_a_photograph_window_by_window(architecture):
+    """Windows that do not overlap: each tile of the answer is the head's own answer for that window alone, at the
+    picture's size and not transposed (3 x 2 windows of 64 px)."""
+    from scripts.network import build_network
+
+    torch.manual_seed(0)
+    network = build_network(architecture, model_size="tiny", random_init=True, image_size=WINDOW).eval()
+    images = torch.rand(1, 3, 2 * WINDOW, 3 * WINDOW)
+    inferer = FundusInferer("sliding_window", image_size=WINDOW, out_channels=1, overlap=0.0)
+    with torch.no_grad():
+        logits = inferer(images, network)
+        assert logits.shape == (1, 1, 2 * WINDOW, 3 * WINDOW)
+        for top in (0, WINDOW):
+            for left in (0, WINDOW, 2 * WINDOW):
+                window = (..., slice(top, top + WINDOW), slice(left, left + WINDOW))
+                torch.testing.assert_close(logits[window], network(images[window]), atol=1e-4, rtol=1e-4)
+
+
 def test_windows_outside_the_field_of_view_are_skipped_and_counted():
     network = pointwise_network()
     images = torch.rand(1, 3, HEIGHT, WIDTH)
