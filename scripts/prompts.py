@@ -201,9 +201,10 @@ def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int 
                 candidates = np.argwhere(core if core.any() else mask)
             chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
             points = tuple((float(col), float(row), POSITIVE) for row, col in candidates[chosen])
-        if mode in ("box", "5_points_box"):
+        boxed = mode in ("box", "5_points_box")
+        if boxed:
             box = box or _box_of(mask)
-        prompts[mode] = Prompt(points, box if mode in ("box", "5_points_box") else None)
+        prompts[mode] = Prompt(points, box if boxed else None)
     return prompts
 
 
@@ -257,21 +258,23 @@ def auto_prompts(
         box = (max(0.0, x0 - dx), max(0.0, y0 - dy), min(width - 1.0, x1 + dx), min(height - 1.0, y1 + dy))
         prompts["auto_box"] = Prompt(box=box)
     if "auto_points" in modes:
-        prompts["auto_points"] = Prompt(_confident_points(probability, largest, fov, threshold, points, negative_points))
+        spacing = max(1.0, 0.1 * max(x1 - x0, y1 - y0))
+        prompts["auto_points"] = Prompt(
+            _confident_points(probability, largest, spacing, fov, threshold, points, negative_points)
+        )
     return prompts
 
 
 def _confident_points(
     probability: np.ndarray,
     component: np.ndarray,
+    spacing: float,
     fov: np.ndarray | None,
     threshold: float,
     points: int,
     negative_points: int,
 ) -> tuple[tuple[float, float, int], ...]:
-    """``auto_points``' points: see :func:`auto_prompts`."""
-    x0, y0, x1, y1 = _box_of(component)
-    spacing = max(1.0, 0.1 * max(x1 - x0, y1 - y0))
+    """``auto_points``' points, ``spacing`` pixels apart at least: see :func:`auto_prompts`."""
     width = probability.shape[1]
     # Only the component's pixels are ranked: sorting the whole picture costs more than the decoder at 1024 px.
     inside = np.flatnonzero(component)

@@ -24,6 +24,7 @@ import os
 import pkgutil
 import runpy
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,13 +159,18 @@ class PreloadedPython:
         return subprocess.CompletedProcess(command, process.returncode, process.output(), process.errors())
 
     def close(self) -> None:
-        """Stop the interpreter, and with it what a failed test left running (a writer in an endless loop, say)."""
+        """Stop the interpreter, and with it what a failed test left running (a writer in an endless loop, say).
+
+        Its folder of outputs goes too: tests read what they need while they run, and a suite run should not leave
+        files behind in the system's temporary folder.
+        """
         if self._process.poll() is None:
             self._process.stdin.close()
             try:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 _shared: PreloadedPython | None = None
