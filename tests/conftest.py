@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,26 @@ def drive_dir() -> Path:
     if not (path / "training").is_dir() or not (path / "test").is_dir():
         pytest.skip(f"{DRIVE_ENV}={value} does not hold DRIVE's training/ and test/ folders")
     return path
+
+
+@pytest.fixture(scope="module")
+def module_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable]:
+    """Make folders, by name, for files that a module's tests share (a trained model, a server's app).
+
+    They go when the module ends unless one of its tests failed, as pytest treats each test's own ``tmp_path``
+    (``tmp_path_retention_policy`` in pyproject): the suite's models would otherwise fill the disk.
+    """
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    failures = request.session.testsfailed
+    yield make
+    if request.session.testsfailed == failures:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

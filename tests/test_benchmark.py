@@ -28,10 +28,10 @@ SMALLEST = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, monkeypatch_module) -> tuple[dict, str]:
+def report(module_folder, monkeypatch_module) -> tuple[dict, str]:
     """The smallest complete run, in this process (spawning one process per case would triple the time)."""
     monkeypatch_module.setattr(benchmark, "_in_fresh_process", lambda function, **kwargs: function(**kwargs))
-    output = tmp_path_factory.mktemp("benchmark")
+    output = module_folder("benchmark")
     assert benchmark.main([*SMALLEST, "--output-dir", str(output)]) == 0
     return json.loads((output / "benchmark.json").read_text()), (output / "benchmark.md").read_text()
 

@@ -37,9 +37,9 @@ from tools.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory) -> dict[str, Path]:
+def quickstart_run(module_folder) -> dict[str, Path]:
     """The quick start (synthetic data generated on the fly, random init, Hiera tiny) at a test-sized scale."""
-    root = tmp_path_factory.mktemp("quickstart")
+    root = module_folder("quickstart")
     paths = {"data": root / "synthetic", "models": root / "models", "eval": root / "eval"}
     result = run_bundle(
         "training",
@@ -165,8 +165,8 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def drive_run(drive_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("drive")
+def drive_run(drive_dir, module_folder) -> dict[str, Path]:
+    root = module_folder("drive")
     datalist = root / "datalist.json"
     prepare_dataset("DRIVE", drive_dir, datalist)
     paths = {"datalist": datalist, "models": root / "models", "eval": root / "eval", "root": root}

@@ -23,7 +23,7 @@ IMAGE_SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(module_folder) -> Path:
     """A model.pt with non-zero adapters, as training leaves it."""
     torch.manual_seed(0)
     network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True)
@@ -31,7 +31,7 @@ def trained(tmp_path_factory) -> Path:
         for name, parameter in network.named_parameters():
             if name.endswith("lora_B"):
                 parameter.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
+    path = module_folder("model") / "model.pt"
     torch.save(network.state_dict(), path)
     return path
 

@@ -55,10 +55,10 @@ def trained_model(path: Path, base: Path | None, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(module_folder) -> dict[str, Path]:
     """A Meta-format base checkpoint (seeded random weights: Meta's cannot be fetched offline), a model trained
     on it, and a model trained from random initialisation."""
-    root = tmp_path_factory.mktemp("models")
+    root = module_folder("models")
     torch.manual_seed(0)
     base = root / "base" / "sam2.1_hiera_tiny.pt"
     base.parent.mkdir()
@@ -71,8 +71,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
+def images(module_folder) -> Path:
+    folder = module_folder("images")
     write_dataset(folder / "synthetic", count=3, size=96, seed=3)
     target = folder / "in"
     target.mkdir()

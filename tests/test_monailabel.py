@@ -140,8 +140,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("monailabel")
+def setup(module_folder) -> dict:
+    root = module_folder("monailabel")
     write_dataset(root / "synthetic", count=3, size=128, seed=5)
     studies = root / "studies"
     studies.mkdir()

@@ -63,11 +63,11 @@ def fresh(network) -> SAM2LoRA:
 
 
 @pytest.fixture(scope="module")
-def meta_checkpoint(tmp_path_factory) -> tuple:
+def meta_checkpoint(module_folder) -> tuple:
     """A checkpoint in Meta's release format, written from a randomly initialised SAM 2 Hiera-tiny."""
     torch.manual_seed(123)
     base = build_sam2_base("tiny", image_size=IMAGE_SIZE)
-    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny.pt"
+    path = module_folder("ckpt") / "sam2.1_hiera_tiny.pt"
     torch.save({"model": base.state_dict()}, path)
     return path, base.state_dict()
 

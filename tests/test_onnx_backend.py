@@ -42,9 +42,9 @@ def images() -> MetaTensor:
 
 
 @pytest.fixture(scope="module")
-def exported(network, tmp_path_factory) -> OnnxBackend:
+def exported(network, module_folder) -> OnnxBackend:
     """One backend that exported the module's network into a cache of its own."""
-    backend = OnnxBackend(tmp_path_factory.mktemp("cache") / "model.onnxruntime.onnx")
+    backend = OnnxBackend(module_folder("cache") / "model.onnxruntime.onnx")
     backend(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), network)
     return backend
 

@@ -26,9 +26,9 @@ def _size(path: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def drive_datalists(drive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+def drive_datalists(drive_dir: Path, module_folder) -> tuple[Path, dict, dict]:
     """DRIVE prepared once with the first annotator and once with the union of both."""
-    output = tmp_path_factory.mktemp("datalists")
+    output = module_folder("datalists")
     first = prepare_dataset("DRIVE", drive_dir, output / "first" / "drive.json")
     union = prepare_dataset("DRIVE", drive_dir, output / "union" / "drive.json", annotator="union", seed=1)
     return output, first, union

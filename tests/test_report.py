@@ -170,13 +170,13 @@ def render(chromium: str, address: str, folder: Path) -> tuple[np.ndarray, str]:
 
 
 @pytest.fixture(scope="module")
-def rendered(chromium, tmp_path_factory) -> dict[str, tuple[np.ndarray, str]]:
+def rendered(chromium, module_folder) -> dict[str, tuple[np.ndarray, str]]:
     """Two reports as Chromium shows them (screenshot, DOM); one browser run each, as its start takes seconds.
 
     ``"overlays"``: the report with its thumbnails, opened at ``#sort=vessel_density:desc``.
     ``"blank"``: the same report without thumbnails, with :data:`CLICKS` added.
     """
-    folder = tmp_path_factory.mktemp("rendered")
+    folder = module_folder("rendered")
     overlays = write_html_report(folder / "overlays" / "report.html", ROWS, COLUMNS, overlay_thumbnails(), SETTINGS)
     blank = write_html_report(folder / "blank" / "report.html", ROWS, COLUMNS, {}, SETTINGS)
     blank.write_text(blank.read_text(encoding="utf-8").replace("</body>", CLICKS), encoding="utf-8")

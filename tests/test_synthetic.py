@@ -16,8 +16,8 @@ SPLITS = ("training", "validation", "test")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("synthetic") / "data"
+def dataset(module_folder) -> Path:
+    output = module_folder("synthetic") / "data"
     write_dataset(output, count=5, seed=3, size=256)
     return output
 

@@ -23,11 +23,11 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def meta_checkpoint(tmp_path_factory):
+def meta_checkpoint(module_folder):
     """A checkpoint in Meta's release format (seeded random SAM 2 Hiera-tiny: Meta's cannot be fetched offline)."""
     torch.manual_seed(5)
     state = build_sam2_base("tiny", image_size=SIZE).state_dict()
-    path = tmp_path_factory.mktemp("meta") / "sam2.1_hiera_tiny.pt"
+    path = module_folder("meta") / "sam2.1_hiera_tiny.pt"
     torch.save({"model": state}, path)
     return path, state
 
