@@ -29,7 +29,9 @@ def drive_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def module_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable]:
+def module_folder(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Path]]:
     """Make folders, by name, for files that a module's tests share (a trained model, a server's app).
 
     They go when the module ends unless one of its tests failed, as pytest treats each test's own ``tmp_path``
