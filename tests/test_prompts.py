@@ -16,6 +16,7 @@ from scripts.prompts import (
     ORACLE_MODES,
     Prompt,
     PromptError,
+    _most_confident_first,
     auto_prompt,
     auto_prompts,
     oracle_prompt,
@@ -102,6 +103,17 @@ def test_auto_points_among_equally_confident_pixels_are_taken_in_raster_order():
     prompt = auto_prompt(np.where(region, 1.0, 0.0), "auto_points", points=1)
     first_row, first_col = np.argwhere(region)[0]
     assert prompt.points == ((float(first_col), float(first_row), 1),)
+
+
+def test_confidence_ranking_in_slices_equals_one_full_stable_sort():
+    """auto_points ranks a large region in growing slices; the order must be that of sorting it all at once."""
+    generator = np.random.default_rng(0)
+    # Few distinct values, so that ties straddle every slice's border.
+    probability = generator.integers(0, 40, size=(300, 400)).astype(np.float32) / 40.0
+    component = generator.random((300, 400)) < 0.7
+    inside = np.flatnonzero(component)
+    expected = [divmod(int(i), 400) for i in inside[np.argsort(-probability.ravel()[inside], kind="stable")]]
+    assert list(_most_confident_first(probability, component)) == expected
 
 
 def test_points_and_box_map_onto_the_network_picture_as_sam2_maps_them():
