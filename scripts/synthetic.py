@@ -455,8 +455,8 @@ def split_indices(count: int, seed: int, fractions: Sequence[float] = SPLIT_FRAC
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     total = float(sum(fractions))
-    n_validation = max(1, int(round(count * fractions[1] / total)))
-    n_test = max(1, int(round(count * fractions[2] / total)))
+    n_validation = max(1, round(count * fractions[1] / total))
+    n_test = max(1, round(count * fractions[2] / total))
     n_training = count - n_validation - n_test
     if n_training < 1:
         n_training, n_validation, n_test = 1, (count - 1) // 2, count - 1 - (count - 1) // 2

@@ -291,7 +291,7 @@ def training_crops(
     check_input_mode(input_mode)
     if input_mode == "resize":
         return []
-    image, label, fov = keys
+    _, label, fov = keys
     return [
         RandCropByPosNegLabeld(
             keys=list(keys),
@@ -336,7 +336,7 @@ def training_augmentations(
     keys = [image_key, *mask_keys]
     modes = ["bilinear"] + ["nearest"] * len(mask_keys)
     angle = math.radians(rotation_degrees)
-    spatial = dict(keys=keys, mode=modes, padding_mode="zeros", allow_missing_keys=True)
+    spatial = {"keys": keys, "mode": modes, "padding_mode": "zeros", "allow_missing_keys": True}
     geometric = OneOf(
         transforms=[
             Identityd(keys, allow_missing_keys=True),

@@ -23,8 +23,8 @@ import json
 import os
 import pkgutil
 import runpy
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile

@@ -117,7 +117,7 @@ def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
         **{key: os.environ[key] for key in ("OMP_NUM_THREADS",) if key in os.environ},
     }
     command = [sys.executable, "-S", *map(str, arguments)]
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False)
 
 
 def repository_inference(images: Path, output: Path, ckpt: Path, **overrides) -> None:

@@ -394,7 +394,7 @@ def test_writer_handler_in_a_monai_supervised_evaluator(tmp_path):
 
 
 def test_accepts_low_precision_tensors(random_case):
-    prob, label, fov = random_case
+    prob, label, _ = random_case
     low = torch.from_numpy(prob).to(torch.bfloat16)
     record = evaluate_case(low, torch.from_numpy(label), None, ["disc", "cup"])
     # The same probabilities in float32 (bfloat16's values exactly) must give the same figures.

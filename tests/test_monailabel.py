@@ -149,7 +149,7 @@ def setup(module_folder) -> dict:
     corrected.mkdir()
     sources = sorted((root / "synthetic" / "images").glob("*.png"))
     vessels = sorted((root / "synthetic" / "vessels").glob("*.png"))
-    disc = np.asarray(Image.open(sorted((root / "synthetic" / "disc").glob("*.png"))[0]).resize((WIDTH, HEIGHT)))
+    disc = np.asarray(Image.open(min((root / "synthetic" / "disc").glob("*.png"))).resize((WIDTH, HEIGHT)))
     rows, cols = np.nonzero(disc > 127)
     for name, image, mask in (("wide.png", sources[0], vessels[0]), ("photo.jpg", sources[1], vessels[1])):
         picture = Image.open(image).convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR)

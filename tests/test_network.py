@@ -14,9 +14,9 @@ from torch import nn
 
 from scripts.adapters import ModelFileError, tensor_state
 from scripts.inferers import FundusInferer
-from scripts.prompts import PROMPT_MODES, parse_prompt
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
+from scripts.prompts import PROMPT_MODES, parse_prompt
 from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
 from tests.helpers import parameters_on_meta_device
 

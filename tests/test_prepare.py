@@ -135,6 +135,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert failed.returncode != 0
     lines = failed.stderr.strip().splitlines()

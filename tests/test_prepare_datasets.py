@@ -303,6 +303,7 @@ def test_papila_contours_two_experts(tmp_path: Path) -> None:
     entry = union["test"][0]
     disc, cup = (read_mask(path) > 0 for path in entry["label"])
     np.testing.assert_array_equal(disc, _box_mask(10, 8, 40, 30) | _box_mask(12, 8, 44, 32))
+    np.testing.assert_array_equal(cup, _box_mask(20, 12, 30, 22) | _box_mask(22, 14, 34, 24))
     assert "PAPILA_derived/union/disc" in entry["label"][0] and "PAPILA_derived/union/cup" in entry["label"][1]
     disc2 = read_mask(second["test"][0]["label"][0]) > 0
     assert _iou(disc2, _box_mask(12, 8, 44, 32)) > 0.95 and disc.sum() > disc2.sum()

@@ -130,7 +130,7 @@ def test_datalists_load_with_monai_and_survive_moving(dataset: Path, tmp_path: P
 def test_split_sizes(count: int) -> None:
     splits = split_indices(count, seed=0)
     assert all(len(splits[name]) >= 1 for name in SPLITS)
-    assert sorted(sum(splits.values(), [])) == list(range(count))
+    assert sorted(index for part in splits.values() for index in part) == list(range(count))
     if count >= 10:
         assert abs(len(splits["training"]) - 0.6 * count) <= 1
     assert split_indices(count, seed=0) == splits

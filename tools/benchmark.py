@@ -954,12 +954,16 @@ def render_markdown(report: dict) -> str:
     memory = "max allocated CUDA memory" if machine["device"] == "cuda" else "process peak RSS"
     parts = [
         "## Benchmark",
-        f"Machine: {machine['accelerator']}; CPU {machine['cpu']} ({machine['cpu_cores']} cores, "
-        f"{machine['torch_threads']} torch threads); Python {machine['python']}, torch {machine['torch']}, "
-        f"MONAI {machine['monai']}; {machine['date']}.",
-        f"Medians of {settings['repeats']} runs after {settings['warmup']} warm-up; batch {settings['batch_size']}; "
-        f"LoRA rank {settings['lora_rank']}; random weights. Switches measured: "
-        f"{', '.join(settings['measured_switches']) or 'none'}.",
+        (
+            f"Machine: {machine['accelerator']}; CPU {machine['cpu']} ({machine['cpu_cores']} cores, "
+            f"{machine['torch_threads']} torch threads); Python {machine['python']}, torch {machine['torch']}, "
+            f"MONAI {machine['monai']}; {machine['date']}."
+        ),
+        (
+            f"Medians of {settings['repeats']} runs after {settings['warmup']} warm-up; batch "
+            f"{settings['batch_size']}; LoRA rank {settings['lora_rank']}; random weights. Switches measured: "
+            f"{', '.join(settings['measured_switches']) or 'none'}."
+        ),
         "### Inference",
         _table(
             [

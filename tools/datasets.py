@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import scipy.io
@@ -52,7 +51,7 @@ __all__ = [
     "read_binary_mask",
 ]
 
-Template = Union[str, tuple[str, ...]]
+Template = str | tuple[str, ...]
 """A path template relative to the dataset folder, or a tuple of alternative templates (first existing wins)."""
 
 AnnotationDecoder = Callable[[Sequence[Path], tuple[int, int]], list[np.ndarray]]

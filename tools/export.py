@@ -228,16 +228,20 @@ def _weights_doc(mode: str, reason: str, settings: Mapping[str, Any], version: s
     lines = [
         f"# Weights of {BUNDLE_NAME} {version}",
         "",
-        f"Network: SAM 2.1 Hiera-{settings['model_size']} ({settings['architecture']} head, finetune "
-        f"{settings['finetune']}), {settings['image_size']} px, LoRA rank "
-        f"{settings['lora_rank']} (alpha {settings['lora_alpha']:g}), output channels {settings['channel_names']}.",
+        (
+            f"Network: SAM 2.1 Hiera-{settings['model_size']} ({settings['architecture']} head, finetune "
+            f"{settings['finetune']}), {settings['image_size']} px, LoRA rank "
+            f"{settings['lora_rank']} (alpha {settings['lora_alpha']:g}), output channels {settings['channel_names']}."
+        ),
         f"Exported from a trained model with SHA-256 {ckpt_sha}.",
         "",
     ]
     if mode == "adapters":
         lines += [
-            f"`models/{ADAPTER_FILE}` holds the LoRA adapters only. They sit on Meta's `{base}`, which "
-            "`large_files.yml` names with its SHA-256: fetch it before inference with",
+            (
+                f"`models/{ADAPTER_FILE}` holds the LoRA adapters only. They sit on Meta's `{base}`, which "
+                "`large_files.yml` names with its SHA-256: fetch it before inference with"
+            ),
             "",
             f"    python -m monai.bundle download_large_files --bundle_path {BUNDLE_NAME}",
             "",
