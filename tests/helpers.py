@@ -26,6 +26,7 @@ TRAIN = str(CONFIGS / "train.json")
 INFER = str(CONFIGS / "inference.json")
 EVALUATE = str(CONFIGS / "evaluate.json")
 QUICKSTART = str(CONFIGS / "quickstart.json")
+QUICKSTART_DISC_CUP = str(CONFIGS / "quickstart_disc_cup.json")
 MULTI_GPU = str(CONFIGS / "multi_gpu_train.json")
 # The quick start at test size: a few seconds per epoch on a CPU.
 FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}

@@ -26,6 +26,7 @@ from tests.helpers import (
     LOGGING,
     META,
     QUICKSTART,
+    QUICKSTART_DISC_CUP,
     REPO,
     TRAIN,
     fail_message,
@@ -69,6 +70,34 @@ def test_quickstart_trains_and_writes_the_model(quickstart_run):
     for key in ("architecture", "finetune", "model_size"):
         assert record[key] == quickstart[key], key
     assert record["base_weights"] == "random" and record["image_size"] == FAST["image_size"]
+
+
+def test_disc_cup_quick_start_trains_the_sam_head_and_evaluates_its_prompt_modes(quickstart_run, tmp_path):
+    """quickstart_disc_cup.json on top of the quick start: the paper's SAM head on the synthetic disc and cup,
+    trained with prompts (points and boxes), then evaluated over prompt-free, oracle and automatic modes."""
+    configs = [TRAIN, QUICKSTART, QUICKSTART_DISC_CUP]
+    models = tmp_path / "models"
+    shared = {"cwd": tmp_path, "dataset_dir": quickstart_run["data"], "synthetic_images": 6, **FAST}
+    result = run_bundle("training", configs, ckpt_dir=models, output_dir=tmp_path / "train", **shared)
+    assert result.returncode == 0, fail_message(result)
+    record = torch.load(models / "model.pt", map_location="cpu", weights_only=True)["_extra_state"]
+    overlay = json.loads(Path(QUICKSTART_DISC_CUP).read_text())
+    assert (record["architecture"], record["channel_names"]) == ("sam", ["disc", "cup"])
+    assert (record["finetune"], record["recorded"]["input_mode"]) == (overlay["finetune"], "resize")
+
+    output = tmp_path / "metrics"
+    modes = ["none", "box", "auto_box"]
+    result = run_bundle(
+        "evaluating",
+        [*configs, EVALUATE],
+        ckpt_path=models / "model_best.pt",
+        output_dir=output,
+        prompt_modes=modes,
+        **shared,
+    )
+    assert result.returncode == 0, fail_message(result)
+    metrics = json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
+    assert {f"{channel}@{mode}/fov/dice" for channel in ("disc", "cup") for mode in modes} <= set(metrics)
 
 
 def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
