@@ -7,6 +7,7 @@ import copy
 import logging
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -112,6 +113,14 @@ def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported,
     dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
     assert dice > 0.9, dice
     assert 0 < (logits - reference).abs().max() < 0.5 * reference.abs().max()
+
+    # One scale per output column of every quantized matrix product's weight (INT8_QUANTIZATION's per_channel).
+    graph = onnx.load(str(backend.cache_path)).graph
+    shapes = {initializer.name: list(initializer.dims) for initializer in graph.initializer}
+    weights = [node.input[1] for node in graph.node if node.op_type == "MatMulInteger" and node.input[1] in shapes]
+    assert weights, "the matrix products are quantized"
+    for weight in weights:
+        assert shapes[weight.removesuffix("_quantized") + "_scale"] == shapes[weight][-1:], weight
 
 
 def test_bad_backend_settings_and_unexportable_networks_are_named(network, tmp_path, monkeypatch):
