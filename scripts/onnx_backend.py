@@ -181,8 +181,8 @@ class OnnxBackend:
             "weights_sha256": weights_fingerprint(model),
             "image_size": int(model.settings["image_size"]),
             "opset": OPSET,
-            "int8": self.int8,
-            "int8_quantization": INT8_QUANTIZATION if self.int8 else None,
+            # An int8 export records how it was quantized (a float32 one: False).
+            "int8": INT8_QUANTIZATION if self.int8 else False,
             "torch": torch.__version__,
         }
 

@@ -316,7 +316,8 @@ def _most_confident_first(probability: np.ndarray, component: np.ndarray) -> Ite
         for index in ranked[given:]:
             yield divmod(int(index), width)
         given = len(ranked)
-        wanted *= 4
+        # Ties can make a slice longer than asked for: the next one must go past it, not sort it again.
+        wanted = 4 * max(wanted, given)
 
 
 def auto_prompt(probability: np.ndarray, mode: str, fov: np.ndarray | None = None, **settings: Any) -> Prompt:
