@@ -93,9 +93,12 @@ def test_report_has_every_row_asked_for(report):
 def test_targets_are_computed_from_the_rows(report):
     content, _ = report
     targets = {row["target"]: row for row in content["targets"]}
-    assert len(targets) == 9
-    speed_up = targets["onnxruntime float32 speed-up over PyTorch eager (CPU, batch 1)"]
-    assert speed_up["value"] == content["backends"][1]["speed_up"] and speed_up["met"] == (speed_up["value"] >= 2)
+    assert len(targets) == 10
+    for index, backend in ((1, "float32"), (2, "int8")):
+        speed_up = targets[f"onnxruntime {backend} speed-up over PyTorch eager (CPU, batch 1)"]
+        assert content["backends"][index]["backend"] == f"onnxruntime {backend}"
+        assert speed_up["value"] == content["backends"][index]["speed_up"]
+        assert speed_up["met"] == (speed_up["value"] >= 2)
     modes = targets["evaluation over the eight prompt modes / over one (time per image)"]
     assert modes["value"] == pytest.approx(content["prompt_modes"][1]["relative"]) and modes["met"] == (modes["value"] < 2)
     merged = targets["merged inference latency / SAM 2 latency"]
@@ -115,7 +118,7 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     for heading in ("### Inference", "### Training step", "### Evaluation over prompt modes", "### Data pipeline",
                     "### CPU backends", "### Input modes", "### Targets"):
         assert heading in markdown
-    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 4 + 9
+    assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 4 + 10
     assert "smaller than the 64 px window" in markdown
     assert "Switches measured: none" in markdown
     assert "process peak RSS" in markdown

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export
+from torch.overrides import TorchFunctionMode
 
 from scripts.network import SAM2LoRA
 from tests.helpers import write_model_file
-from tools.deploy import PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
+from tools.deploy import OPSET, PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 
 pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
 
@@ -69,6 +71,38 @@ def test_onnx_matches_pytorch_on_drive_images_with_a_dynamic_batch(trained, segm
         decided = np.abs(reference) > 1e-3  # away from the threshold, the masks must be the same
         assert decided.mean() > 0.99
         np.testing.assert_array_equal((logits > 0)[decided], (reference > 0)[decided])
+
+
+class AttentionCounter(TorchFunctionMode):
+    """Counts the scaled-dot-product attentions of a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def onnx_opset_and_attention_nodes(path: Path) -> tuple[int, int]:
+    model = onnx.load(str(path))
+    (opset,) = [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")]
+    return opset, sum(node.op_type == "Attention" for node in model.graph.node)
+
+
+def test_every_attention_is_one_onnx_attention_node_and_opset_18_is_on_request(segmenter, trained, tmp_path):
+    counter = AttentionCounter()
+    with torch.no_grad(), counter:
+        segmenter(segmenter.example(batch=1))
+    assert counter.calls > 12, "Hiera-tiny's 12 blocks and the mask decoder's attentions"
+    path = export_onnx(segmenter, tmp_path / "model.onnx")
+    assert onnx_opset_and_attention_nodes(path) == (OPSET, counter.calls)
+
+    older = tmp_path / "model-opset18.onnx"
+    assert main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(older), "--opset", "18"]) == 0
+    assert onnx_opset_and_attention_nodes(older) == (18, 0), "opset 18 has no Attention operator"
+    assert check_onnx(older, segmenter, segmenter.example(batch=1)) < 1e-4
 
 
 def test_torchscript_through_monai_ckpt_export(trained, segmenter, tmp_path):

@@ -121,6 +121,9 @@ def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported,
     assert weights, "the matrix products are quantized"
     for weight in weights:
         assert shapes[weight.removesuffix("_quantized") + "_scale"] == shapes[weight][-1:], weight
+    # Convolutions stay float32 (INT8_QUANTIZATION's op_types): onnxruntime's ConvInteger is the slower one.
+    operators = {node.op_type for node in graph.node}
+    assert "Conv" in operators and "ConvInteger" not in operators, operators
 
 
 def test_bad_backend_settings_and_unexportable_networks_are_named(network, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ import torch
 
 from scripts.atomic import OutputError, atomic_path
 from scripts.errors import command_line
-from scripts.onnx_backend import DeployError, PromptFreeSegmenter, batch_dim, check_onnx, export_onnx
+from scripts.onnx_backend import OPSET, DeployError, PromptFreeSegmenter, batch_dim, check_onnx, export_onnx
 from tools.export import load_model
 
 __all__ = [
@@ -110,12 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
     parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=OPSET,
+        help=f"ONNX opset (default {OPSET}, whose Attention operator onnxruntime 1.23+ runs as one kernel; "
+        "18 for runtimes without it)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = check_output_name(args.format, args.output, args.overwrite)
     model = load_segmenter(args.ckpt_path)
     if args.format == "onnx":
-        path = export_onnx(model, output)
+        path = export_onnx(model, output, opset=args.opset)
         difference = check_onnx(path, model, model.example(batch=3))
         logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
     else:
