@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ BACKENDS = ("torch", "onnxruntime")
 # matrix. At Hiera-large, 1024 px, on the CPU: 10% faster in float32 and 15% faster in int8 than opset 18
 # (docs/performance.md). Runtimes without opset 23 take ``python -m tools.deploy --opset 18``.
 OPSET = 23
+# The first onnxruntime that runs opset 23 (pyproject's ``onnx`` extra asks for it; an older one already installed
+# is named here rather than failing inside the export check).
+MIN_ONNXRUNTIME = (1, 23)
 # The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
 # would not fit any accelerator anyway.
 MAX_BATCH = 1024
@@ -270,11 +274,16 @@ def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = F
             raise ConfigError("onnx_int8 True needs backend 'onnxruntime'.")
         return None
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as error:
         raise ConfigError(
             f"backend 'onnxruntime' needs onnxruntime and onnxscript ({error}): pip install onnxruntime onnxscript."
         ) from error
+    if tuple(int(part) for part in re.findall(r"\d+", onnxruntime.__version__)[:2]) < MIN_ONNXRUNTIME:
+        raise ConfigError(
+            f"backend 'onnxruntime' needs onnxruntime {'.'.join(map(str, MIN_ONNXRUNTIME))} or later (its exports use "
+            f"opset {OPSET}); installed: {onnxruntime.__version__}. pip install -U onnxruntime."
+        )
     model = Path(ckpt_path)
     return OnnxBackend(model.with_name(model.stem + (".onnxruntime-int8.onnx" if int8 else ".onnxruntime.onnx")), int8)

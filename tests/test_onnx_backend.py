@@ -133,6 +133,12 @@ def test_bad_backend_settings_and_unexportable_networks_are_named(network, tmp_p
         inference_backend("torch", tmp_path / "model.pt", int8=True)
     backend = inference_backend("onnxruntime", tmp_path / "model.pt", int8=True)
     assert backend.cache_path == tmp_path / "model.onnxruntime-int8.onnx"
+    import onnxruntime
+
+    with monkeypatch.context() as patch:
+        patch.setattr(onnxruntime, "__version__", "1.22.1")
+        with pytest.raises(ConfigError, match=r"needs onnxruntime 1.23 or later \(its exports use opset 23\); installed: 1.22.1"):
+            inference_backend("onnxruntime", tmp_path / "model.pt")
     with pytest.raises(ConfigError, match=r"Prompts need backend 'torch'"):
         FundusInferer(image_size=IMAGE_SIZE, prompt_source="auto_box", backend=backend)
     with pytest.raises(ConfigError, match=r"exports the bundle's SAM2LoRA or U-Net network; got Conv2d"):
