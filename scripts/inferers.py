@@ -7,9 +7,10 @@ network on ``image_size`` windows with MONAI's sliding-window inference and Gaus
 the width they had in training crops; windows wholly outside the field of view are not computed.
 
 Prompts (:mod:`scripts.prompts`) need the SAM head and ``"resize"``. The image encoder runs once per image, whatever
-the number of prompts decoded from it, and prompts of equal length are decoded together: an evaluation over the
-paper's eight prompt modes costs one encoder pass and six calls of the small mask decoder per image (the
-prompt-free one, then one per prompt length), not eight.
+the number of prompts decoded from it, and an image's prompts are decoded together, the shorter ones padded with
+points the decoder ignores (:mod:`scripts.token_attention`): an evaluation over the paper's eight prompt modes
+costs one encoder pass and two calls of the small mask decoder per image (the prompt-free one, then one for all
+prompted modes), not eight.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -32,6 +34,7 @@ from scripts.errors import ConfigError
 from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
+    POINT_PADDING,
     PROMPT_SOURCES,
     Prompt,
     auto_prompts,
@@ -246,7 +249,7 @@ class FundusInferer(Inferer):
             )
             used = self.prompts_used.setdefault(name, {})
             prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, index)
-            decoded = _decode_alike_prompts_together(model, one, prompts, size, side, inputs.device)
+            decoded = _decode_prompts_together(model, one, prompts, size, side, inputs.device)
             for mode, prompt in prompts.items():
                 used[mode] = prompt.to_json()
                 output = decoded.get(mode)
@@ -301,31 +304,36 @@ def _run_backend(backend: Callable[[torch.Tensor, Any], torch.Tensor], network: 
     return logits
 
 
-def _decode_alike_prompts_together(
+def _decode_prompts_together(
     model: Any, embeddings: Any, prompts: dict[str, Prompt], size: tuple[int, int], side: tuple[int, int], device: Any
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{mode: (logits, iou predictions)}`` of one image's non-empty prompts, one decoder call per prompt length.
+    """``{mode: (logits, iou predictions)}`` of one image's non-empty prompts, all in one decoder call.
 
-    Prompts of equal length (``box``, ``2_points`` and ``auto_box`` are all two points) share one batched call:
-    the mask decoder is launch-bound on a GPU and a sixth of a pass at small sizes on a CPU. Prompts of different
-    lengths are never padded into one call, because SAM's padding tokens would change the answer.
+    The mask decoder is launch-bound on a GPU, so the modes share one batched call: shorter prompts are padded to
+    the longest with points the decoder's attention leaves out (:mod:`scripts.token_attention`), so each mode's
+    answer is the one it would get alone.
     """
-    by_length: dict[int, list[tuple[str, dict[str, torch.Tensor]]]] = {}
-    for mode, prompt in prompts.items():
-        if not prompt.empty:
-            arguments = prompt.to_network(size, side, device)
-            by_length.setdefault(arguments["point_labels"].shape[1], []).append((mode, arguments))
-    decoded = {}
-    for group in by_length.values():
-        output = model.decode(
-            embeddings,
-            point_coords=torch.cat([arguments["point_coords"] for _, arguments in group]),
-            point_labels=torch.cat([arguments["point_labels"] for _, arguments in group]),
-            prompts_per_image=len(group),
-        )
-        for position, (mode, _) in enumerate(group):
-            decoded[mode] = (output.logits[position : position + 1], output.iou_predictions[position : position + 1])
-    return decoded
+    sets = [(mode, prompt.to_network(size, side, device)) for mode, prompt in prompts.items() if not prompt.empty]
+    if not sets:
+        return {}
+    length = max(arguments["point_labels"].shape[1] for _, arguments in sets)
+    coords, labels, ignored = [], [], []
+    for _, arguments in sets:
+        given = arguments["point_labels"].shape[1]
+        coords.append(F.pad(arguments["point_coords"], (0, 0, 0, length - given)))
+        labels.append(F.pad(arguments["point_labels"], (0, length - given), value=POINT_PADDING))
+        ignored.append(torch.arange(length, device=device)[None] >= given)
+    output = model.decode(
+        embeddings,
+        point_coords=torch.cat(coords),
+        point_labels=torch.cat(labels),
+        prompts_per_image=len(sets),
+        ignored_points=torch.cat(ignored),
+    )
+    return {
+        mode: (output.logits[position : position + 1], output.iou_predictions[position : position + 1])
+        for position, (mode, _) in enumerate(sets)
+    }
 
 
 class _WindowsInsideFov:

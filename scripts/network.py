@@ -35,6 +35,7 @@ from scripts.sam2_models import (
     recompute_in_backward,
     resolve_hiera_size,
 )
+from scripts.token_attention import allow_ignored_tokens, ignoring_tokens
 from scripts.unet import SAM2UNet
 
 __all__ = [
@@ -164,6 +165,7 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             load_meta_checkpoint(self.sam2, checkpoint, size.name)
         self.latest_iou_predictions: torch.Tensor | None = None
         self.adapted_layers = inject_lora(self.sam2, targets, lora_rank, alpha, lora_dropout) if targets else []
+        allow_ignored_tokens(self.sam2.sam_mask_decoder.transformer)
         if channels_last:
             # Loading a state dict later copies into these tensors and keeps their layout.
             self.sam2.to(memory_format=torch.channels_last)
@@ -254,6 +256,7 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         prompts_per_image: int = 1,
+        ignored_points: torch.Tensor | None = None,
     ) -> SegmentationOutput:
         """Decode encoded images with ``K = prompts_per_image`` prompt sets per image in one call.
 
@@ -267,6 +270,9 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             point_labels: (P, N) SAM labels: 1 positive, 0 negative, 2 and 3 box corners, -1 padding.
             boxes: (P, 4) ``(x0, y0, x1, y1)`` pixel boxes in those images.
             prompts_per_image: ``K``; without prompts every set is SAM 2's prompt-free input.
+            ignored_points: (P, N) True for points that only pad their set to the length N of the others: they are
+                kept out of the decoder's attention, so that each set decodes exactly as it would alone
+                (:mod:`scripts.token_attention`).
 
         Returns:
             Mask logits (P, C, H, W) at the images' input size and SAM's predicted IoU (P, C).
@@ -284,18 +290,42 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             prompt_sets, width, height, point_coords, point_labels, boxes, image_embedding.device
         )
         prompt_encoder = self.sam2.sam_prompt_encoder
+        # Without a box argument SAM appends its own padding token to the points; it is never ignored.
         sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        masks, iou_predictions, _, _ = self.sam2.sam_mask_decoder.predict_masks(
-            image_embeddings=image_embedding,
-            image_pe=prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            repeat_image=False,
-            high_res_features=high_res_features,
-        )
+        ignored = self._ignored_tokens(ignored_points, point_labels, boxes, prompt_sets)
+        decoder = self.sam2.sam_mask_decoder
+        with ignoring_tokens(decoder.transformer, ignored):
+            masks, iou_predictions, _, _ = decoder.predict_masks(
+                image_embeddings=image_embedding,
+                image_pe=prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                repeat_image=False,
+                high_res_features=high_res_features,
+            )
         logits = masks[:, : self.out_channels]
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return SegmentationOutput(logits, iou_predictions[:, : self.out_channels])
+
+    @staticmethod
+    def _ignored_tokens(
+        ignored_points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        prompt_sets: int,
+    ) -> torch.Tensor | None:
+        """(P, prompt tokens) True for the tokens of ``ignored_points``; None when nothing is ignored."""
+        if ignored_points is None:
+            return None
+        if point_labels is None or ignored_points.shape != point_labels.shape:
+            expected = None if point_labels is None else tuple(point_labels.shape)
+            raise ValueError(f"ignored_points must have point_labels' shape {expected}, got {tuple(ignored_points.shape)}.")
+        if not ignored_points.any():
+            return None
+        ignored = ignored_points.bool()
+        box_corners = ignored.new_zeros(prompt_sets, 0 if boxes is None else 2)
+        sam_padding = ignored.new_zeros(prompt_sets, 1)
+        return torch.cat([box_corners, ignored, sam_padding], dim=1)
 
     def _prompt_points(
         self,

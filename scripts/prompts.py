@@ -39,7 +39,12 @@ from scripts.errors import ConfigError, FundusError
 
 __all__ = [
     "AUTO_MODES",
+    "BOX_BOTTOM_RIGHT",
+    "BOX_TOP_LEFT",
     "ORACLE_MODES",
+    "POINT_NEGATIVE",
+    "POINT_PADDING",
+    "POINT_POSITIVE",
     "PROMPT_MODES",
     "PROMPT_SOURCES",
     "Prompt",
@@ -63,7 +68,8 @@ PROMPT_SOURCES = ("none", *AUTO_MODES)
 EROSION_RADIUS = 3
 """Oracle points keep this many pixels away from the structure's border, where the reference itself is uncertain."""
 
-POSITIVE, NEGATIVE = 1, 0
+POINT_POSITIVE, POINT_NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POINT_PADDING = 1, 0, 2, 3, -1
+"""SAM's point labels: a positive or negative click, a box's corners, and a point that only fills a batch."""
 
 
 class PromptError(FundusError, ValueError):
@@ -123,7 +129,7 @@ class Prompt:
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             coords += [(x0, y0), (x1, y1)]
-            labels += [2, 3]
+            labels += [BOX_TOP_LEFT, BOX_BOTTOM_RIGHT]
         coords += [(x, y) for x, y, _ in self.points]
         labels += [label for _, _, label in self.points]
         # As SAM 2's own predictor maps a photograph's pixels onto its square input: x * side / width.
@@ -200,7 +206,7 @@ def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int 
                 core = ndimage.binary_erosion(mask, iterations=EROSION_RADIUS)
                 candidates = np.argwhere(core if core.any() else mask)
             chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
-            points = tuple((float(col), float(row), POSITIVE) for row, col in candidates[chosen])
+            points = tuple((float(col), float(row), POINT_POSITIVE) for row, col in candidates[chosen])
         boxed = mode in ("box", "5_points_box")
         if boxed:
             box = box or _box_of(mask)
@@ -280,7 +286,7 @@ def _confident_points(
         if len(chosen) == points:
             break
         if all(math.hypot(col - x, row - y) >= spacing for x, y, _ in chosen):
-            chosen.append((float(col), float(row), POSITIVE))
+            chosen.append((float(col), float(row), POINT_POSITIVE))
     if negative_points:
         far = ndimage.distance_transform_edt(~component) > 2 * spacing
         far &= probability < 1.0 - threshold
@@ -289,7 +295,7 @@ def _confident_points(
         candidates = np.argwhere(far)
         if len(candidates):
             picks = np.linspace(0, len(candidates) - 1, negative_points).round().astype(int)
-            chosen += [(float(col), float(row), NEGATIVE) for row, col in candidates[picks]]
+            chosen += [(float(col), float(row), POINT_NEGATIVE) for row, col in candidates[picks]]
     return tuple(chosen)
 
 
@@ -332,7 +338,7 @@ def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float,
     height, width = size
     if not (0 <= x < width and 0 <= y < height):
         raise PromptError(f"{where}: point {value!r} lies outside the {width}x{height} image.")
-    if label not in (POSITIVE, NEGATIVE):
+    if label not in (POINT_POSITIVE, POINT_NEGATIVE):
         raise PromptError(f"{where}: point label must be 1 (positive) or 0 (negative); got {label!r}.")
     return float(x), float(y), int(label)
 

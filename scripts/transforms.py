@@ -52,6 +52,7 @@ from torchvision.transforms.v2.functional import adjust_hue
 
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
+from scripts.prompts import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, POINT_NEGATIVE, POINT_PADDING, POINT_POSITIVE
 
 __all__ = [
     "SAM_PIXEL_MEAN",
@@ -69,8 +70,6 @@ SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
 """ImageNet channel means of ``[0, 1]`` RGB, as SAM and SAM 2 normalise their input."""
 SAM_PIXEL_STD = (0.229, 0.224, 0.225)
 """ImageNet channel standard deviations of ``[0, 1]`` RGB."""
-
-POINT_POSITIVE, POINT_NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POINT_PADDING = 1, 0, 2, 3, -1
 
 
 def _as_metatensor(array: np.ndarray, path: str, original_channel_dim: float, extra: dict) -> MetaTensor:

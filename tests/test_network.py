@@ -358,10 +358,10 @@ def test_runs_on_cuda(fresh):
     assert output.device.type == "cuda" and output.shape == (1, 1, 80, 72)
 
 
-def test_all_eight_prompt_modes_decoded_with_alike_prompts_together_equal_one_call_per_mode(fresh):
-    """Evaluation over the eight prompt modes decodes prompts of one length in one batched call (box, 2_points and
-    auto_box are all two points): each mode's logits equal those of the mode decoded alone, for two images of a
-    batch with references of their own, and the decoder runs once for the prompt-free answer and once per length."""
+def test_all_eight_prompt_modes_decoded_together_equal_one_call_per_mode(fresh):
+    """Evaluation over the eight prompt modes decodes all of an image's prompts in one batched call, the shorter
+    ones padded with ignored points: each mode's logits equal those of the mode decoded alone, for two images of a
+    batch with references of their own, and the decoder runs once for the prompt-free answer and once per image."""
     randomise_adapters(fresh)
     height, width = 50, 70
     torch.manual_seed(4)
@@ -395,5 +395,33 @@ def test_all_eight_prompt_modes_decoded_with_alike_prompts_together_equal_one_ca
                 if not prompt.empty:
                     lengths.add(len(prompt.points) + 2 * (prompt.box is not None))
             assert len(lengths) == 5  # 1, 2 (box, 2_points, auto_box), 3 (auto_points), 5, 7 points
-    # The prompt-free decode of the batch, then per image one call per length; the three two-point modes in one.
-    assert len(calls) == 1 + 2 * 5 and calls.count(3) == 2
+    # The prompt-free decode of the batch, then per image one call for its seven prompted modes.
+    assert calls == [1, 7, 7]
+
+
+def test_ignored_points_leave_each_prompt_set_as_it_is_alone(fresh):
+    """A one-point set padded to the length of a box-and-five-points set decodes as it does alone when the padding
+    is ignored, and not when it is not (SAM's padding tokens are attended to)."""
+    randomise_adapters(fresh)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        embeddings = fresh.encode_images(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        one = {"point_coords": torch.tensor([[[20.0, 30.0]]]), "point_labels": torch.tensor([[1]])}
+        seven = {
+            "point_coords": torch.tensor([[[5.0, 5.0], [50.0, 40.0], [10.0, 12.0], [30, 20], [40, 9], [8, 33], [25, 25]]]),
+            "point_labels": torch.tensor([[2, 3, 1, 1, 0, 1, 0]]),
+        }
+        alone = [fresh.decode(embeddings, **prompt) for prompt in (one, seven)]
+        coords = torch.cat([torch.nn.functional.pad(one["point_coords"], (0, 0, 0, 6)), seven["point_coords"]])
+        labels = torch.cat([torch.nn.functional.pad(one["point_labels"], (0, 6), value=-1), seven["point_labels"]])
+        ignored = torch.tensor([[False] + [True] * 6, [False] * 7])
+        together = fresh.decode(embeddings, point_coords=coords, point_labels=labels, prompts_per_image=2,
+                                ignored_points=ignored)
+        attended = fresh.decode(embeddings, point_coords=coords, point_labels=labels, prompts_per_image=2)
+    for position, expected in enumerate(alone):
+        torch.testing.assert_close(together.logits[position], expected.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together.iou_predictions[position], expected.iou_predictions[0], atol=1e-5, rtol=1e-5)
+    assert (attended.logits[0] - alone[0].logits[0]).abs().max() > 1e-3, "padding that is attended to changes the answer"
+    torch.testing.assert_close(attended.logits[1], alone[1].logits[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"ignored_points must have point_labels' shape \(2, 7\), got \(2, 6\)"):
+        fresh.decode(embeddings, point_coords=coords, point_labels=labels, prompts_per_image=2, ignored_points=ignored[:, 1:])

@@ -11,7 +11,7 @@ For each Hiera size and image size asked for, it measures:
   DataLoader workers) run by its SupervisedTrainer: time waiting for a batch against the time of the step,
   after the first epoch;
 - the cost of evaluating one photograph over the paper's eight prompt modes against the prompt-free mode alone
-  (the bundle's ``FundusInferer``: one encoder pass, then the mask decoder once per prompt length);
+  (the bundle's ``FundusInferer``: one encoder pass, the mask decoder once prompt-free and once for all prompts);
 - on the CPU, the merged network in PyTorch eager mode against the onnxruntime backend in float32 and int8:
   latency, and the agreement of their masks and probabilities with PyTorch's on real photographs (``--drive-dir``);
 - the speed switches (channels-last, activation checkpointing, and on CUDA bf16 autocast, TF32 and
@@ -1011,7 +1011,7 @@ def render_markdown(report: dict) -> str:
                 for r in report["training"]
             ],
         ),
-        "### Evaluation over prompt modes (batch 1; one encoder pass, the mask decoder once per prompt length)",
+        "### Evaluation over prompt modes (batch 1; one encoder pass, the mask decoder once prompt-free and once for all prompts)",
         _table(
             ["Hiera", "px", "prompt modes", "s / image", "vs prompt-free alone"],
             [
