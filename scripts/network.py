@@ -314,14 +314,16 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
         boxes: torch.Tensor | None,
         prompt_sets: int,
     ) -> torch.Tensor | None:
-        """(P, prompt tokens) True for the tokens of ``ignored_points``; None when nothing is ignored."""
+        """(P, prompt tokens) True for the tokens of ``ignored_points``; None without ``ignored_points``.
+
+        An all-False mask is kept rather than checked for: the check would wait for the GPU on every decode, and
+        the masked attention decodes such a set as sam2's own attention does.
+        """
         if ignored_points is None:
             return None
         if point_labels is None or ignored_points.shape != point_labels.shape:
             expected = None if point_labels is None else tuple(point_labels.shape)
             raise ValueError(f"ignored_points must have point_labels' shape {expected}, got {tuple(ignored_points.shape)}.")
-        if not ignored_points.any():
-            return None
         ignored = ignored_points.bool()
         box_corners = ignored.new_zeros(prompt_sets, 0 if boxes is None else 2)
         sam_padding = ignored.new_zeros(prompt_sets, 1)
