@@ -170,9 +170,15 @@ def _seed(name: str, mode: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(Path(name).name.encode()), PROMPT_MODES.index(mode)])
 
 
-def _box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
-    rows, cols = np.nonzero(mask)
-    return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
+def _bounds(mask: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of a non-empty mask's bounding box."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _box_of(window: tuple[slice, slice]) -> tuple[float, float, float, float]:
+    rows, cols = window
+    return float(cols.start), float(rows.start), float(cols.stop - 1), float(rows.stop - 1)
 
 
 def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int = 0) -> dict[str, Prompt]:
@@ -195,23 +201,32 @@ def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int 
     mask = np.asarray(mask, dtype=bool)
     drawn = [mode for mode in modes if mode != "none"]
     prompts = {mode: Prompt() for mode in modes if mode == "none"}
-    if drawn and not mask.any():
+    if not drawn:
+        return prompts
+    if not mask.any():
         return {**prompts, **{mode: Prompt(_note="empty reference: no prompt") for mode in drawn}}
-    candidates = box = None
+    window = _bounds(mask)
+    candidates = None
     for mode in drawn:
         count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
         points: tuple[tuple[float, float, int], ...] = ()
         if count:
             if candidates is None:
-                core = ndimage.binary_erosion(mask, iterations=EROSION_RADIUS)
-                candidates = np.argwhere(core if core.any() else mask)
+                candidates = _core_pixels(mask[window]) + (window[0].start, window[1].start)
             chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
             points = tuple((float(col), float(row), POINT_POSITIVE) for row, col in candidates[chosen])
-        boxed = mode in ("box", "5_points_box")
-        if boxed:
-            box = box or _box_of(mask)
-        prompts[mode] = Prompt(points, box if boxed else None)
+        prompts[mode] = Prompt(points, _box_of(window) if mode in ("box", "5_points_box") else None)
     return prompts
+
+
+def _core_pixels(structure: np.ndarray) -> np.ndarray:
+    """``(row, col)`` in raster order of the structure eroded by :data:`EROSION_RADIUS` (all of it if that is empty).
+
+    Eroding only the structure's bounding box gives the whole picture's result: scipy counts what lies outside the
+    array as background, as the picture around the box is, and a disc is a small part of a 1024 px picture.
+    """
+    core = ndimage.binary_erosion(structure, iterations=EROSION_RADIUS)
+    return np.argwhere(core if core.any() else structure)
 
 
 def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0) -> Prompt:
@@ -255,9 +270,10 @@ def auto_prompts(
     regions, count = ndimage.label(probability > threshold)
     if count == 0:
         return {mode: Prompt(_note="the prompt-free pass found nothing: prompt-free result kept") for mode in modes}
-    largest = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+    component = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+    window = _bounds(component)
     height, width = probability.shape
-    x0, y0, x1, y1 = _box_of(largest)
+    x0, y0, x1, y1 = _box_of(window)
     prompts = {}
     if "auto_box" in modes:
         dx, dy = box_margin * (x1 - x0 + 1), box_margin * (y1 - y0 + 1)
@@ -266,7 +282,7 @@ def auto_prompts(
     if "auto_points" in modes:
         spacing = max(1.0, 0.1 * max(x1 - x0, y1 - y0))
         prompts["auto_points"] = Prompt(
-            _confident_points(probability, largest, spacing, fov, threshold, points, negative_points)
+            _confident_points(probability, component, window, spacing, fov, threshold, points, negative_points)
         )
     return prompts
 
@@ -274,17 +290,24 @@ def auto_prompts(
 def _confident_points(
     probability: np.ndarray,
     component: np.ndarray,
+    window: tuple[slice, slice],
     spacing: float,
     fov: np.ndarray | None,
     threshold: float,
     points: int,
     negative_points: int,
 ) -> tuple[tuple[float, float, int], ...]:
-    """``auto_points``' points, ``spacing`` pixels apart at least: see :func:`auto_prompts`."""
+    """``auto_points``' points, ``spacing`` pixels apart at least: see :func:`auto_prompts`.
+
+    The positives are ranked inside the component's bounding box ``window`` only: raster order there is the
+    picture's raster order, so ties are broken alike.
+    """
     chosen: list[tuple[float, float, int]] = []
-    for row, col in _most_confident_first(probability, component):
+    top, left = window[0].start, window[1].start
+    for row, col in _most_confident_first(probability[window], component[window]):
         if len(chosen) == points:
             break
+        row, col = row + top, col + left
         if all(math.hypot(col - x, row - y) >= spacing for x, y, _ in chosen):
             chosen.append((float(col), float(row), POINT_POSITIVE))
     if negative_points:

@@ -98,6 +98,35 @@ def test_modes_drawn_together_equal_each_mode_drawn_alone():
     }
 
 
+def test_prompts_of_a_structure_moved_within_a_larger_picture_move_with_it():
+    """Prompts are drawn inside the structure's bounding box, then put back into the picture's pixels: the same
+    structure and first pass, moved by (dx, dy) into a larger picture, give the same prompts moved by (dx, dy). The
+    structure touches the small picture's corner, where erosion meets the picture's edge."""
+    dy, dx = 17, 29
+    rows, cols = np.mgrid[:HEIGHT, :WIDTH]
+    structure = disc((10, 12), 30) | ((rows > 40) & (rows < 50) & (cols < 80))  # a disc cut by the corner, a bar
+    probability = np.where(structure, 0.6 + 0.3 * np.exp(-((rows - 20) ** 2 + (cols - 25) ** 2) / 80.0), 0.05)
+    probability[100:110, 150:160] = 0.97  # a smaller, more confident region, which must not be prompted for
+    moved_structure = np.zeros((HEIGHT + 60, WIDTH + 50), dtype=bool)
+    moved_structure[dy : dy + HEIGHT, dx : dx + WIDTH] = structure
+    moved_probability = np.full(moved_structure.shape, 0.05)
+    moved_probability[dy : dy + HEIGHT, dx : dx + WIDTH] = probability
+
+    def moved(prompt: Prompt) -> tuple:
+        box = None if prompt.box is None else (prompt.box[0] + dx, prompt.box[1] + dy, prompt.box[2] + dx, prompt.box[3] + dy)
+        return tuple((x + dx, y + dy, label) for x, y, label in prompt.points), box
+
+    for mode in ORACLE_MODES:
+        here, there = oracle_prompt(structure, mode, "a.png"), oracle_prompt(moved_structure, mode, "a.png")
+        assert moved(here) == (there.points, there.box), mode
+    core = ndimage.binary_erosion(moved_structure, iterations=3)
+    assert all(core[int(y), int(x)] for x, y, _ in oracle_prompt(moved_structure, "5_points", "a.png").points)
+    for mode, settings in (("auto_points", {"points": 4}), ("auto_box", {"box_margin": 0.0})):
+        here, there = auto_prompt(probability, mode, **settings), auto_prompt(moved_probability, mode, **settings)
+        assert moved(here) == (there.points, there.box), mode
+    assert auto_prompt(probability, "auto_box", box_margin=0.0).box == (0.0, 0.0, 79.0, 49.0)
+
+
 def test_auto_points_among_equally_confident_pixels_are_taken_in_raster_order():
     region = disc((60, 90), 25)
     prompt = auto_prompt(np.where(region, 1.0, 0.0), "auto_points", points=1)
