@@ -54,7 +54,6 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
-from scipy.stats import rankdata
 from skimage.morphology import skeletonize
 
 from scripts.atomic import OutputError, write_text_atomic
@@ -100,8 +99,8 @@ def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     """A numpy array from an array or a (possibly CUDA, possibly MetaTensor) tensor."""
     if isinstance(array, torch.Tensor):
         tensor = array.detach().cpu()
-        # numpy has no bfloat16 (mixed-precision outputs); float64 is what the metrics use anyway.
-        return (tensor.double() if tensor.is_floating_point() else tensor).numpy()
+        # numpy has no bfloat16 (mixed-precision outputs); both half precisions are exact in float32.
+        return (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()
     return np.asarray(array)
 
 
@@ -150,18 +149,20 @@ def _confusion_matrix(pred: np.ndarray, label: np.ndarray, region: np.ndarray | 
 def _roc_auc(prob: np.ndarray, label: np.ndarray) -> float:
     """Exact ROC AUC of one channel's probabilities against its label; NaN when the label has a single class.
 
-    The value is the Mann-Whitney statistic (ties count one half), exactly what MONAI's ``compute_roc_auc`` returns,
-    but computed from one vectorised ranking: MONAI's implementation walks the sorted pixels in a Python loop, about
-    0.25 s per DRIVE image and region and 13 times that for a 2048 x 2048 FIVES image, which would dominate every
-    validation run. ``tests/test_metrics.py`` checks both agree.
+    The value is the Mann-Whitney statistic (ties count one half), exactly what MONAI's ``compute_roc_auc`` returns:
+    for each positive pixel, the negatives below it plus half those equal to it, found by binary search in the
+    sorted negatives. MONAI's implementation walks the sorted pixels in a Python loop, about 0.25 s per DRIVE image
+    and region, and ranking all pixels (scipy's ``rankdata``) took 2.6 times this one sort: the AUC is computed
+    per channel, region and prompt mode of every image. ``tests/test_metrics.py`` checks it against MONAI and
+    scikit-learn, ties included.
     """
-    positives = int(np.count_nonzero(label))
-    negatives = label.size - positives
-    if positives == 0 or negatives == 0:
+    label = np.asarray(label, dtype=bool)
+    positives, negatives = prob[label], np.sort(prob[~label])
+    if positives.size == 0 or negatives.size == 0:
         return math.nan
-    ranks = rankdata(prob)  # average ranks of tied values, as the tie rule requires
-    positive_rank_sum = float(ranks[label].sum(dtype=np.float64))
-    return (positive_rank_sum - positives * (positives + 1) / 2.0) / (float(positives) * float(negatives))
+    below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.float64)
+    below_or_tied = np.searchsorted(negatives, positives, side="right").sum(dtype=np.float64)
+    return float((below + below_or_tied) / 2.0 / (float(positives.size) * float(negatives.size)))
 
 
 def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
@@ -248,7 +249,10 @@ def evaluate_case(
         ValueError: on mismatched shapes, probabilities outside ``[0, 1]`` or non-finite, non-binary masks, an
             empty FOV, or channel names that are not one unique, ``/``-free name per channel.
     """
-    prob_array = _channel_first(_to_numpy(prob), "prob").astype(np.float64, copy=False)
+    # The AUC sorts the probabilities as given (float32 sorts faster, and widening them keeps order and ties); the
+    # other metrics compare them with the threshold in float64.
+    prob_given = _channel_first(_to_numpy(prob), "prob")
+    prob_array = prob_given.astype(np.float64, copy=False)
     label_mask = _as_binary(_channel_first(_to_numpy(label), "label"), "label")
     if prob_array.shape != label_mask.shape:
         raise ValueError(f"prob and label shapes differ: {prob_array.shape} and {label_mask.shape}")
@@ -300,10 +304,10 @@ def evaluate_case(
                 # Nothing to find and nothing found: perfect overlap, where MONAI's ratio would be 0/0.
                 values["dice"] = values["iou"] = 1.0
             if region is None:
-                values["auc"] = _roc_auc(prob_array[channel].ravel(), label_c.ravel())
+                values["auc"] = _roc_auc(prob_given[channel].ravel(), label_c.ravel())
                 values["hd95"] = _hd95(pred_c, label_c)
             else:
-                values["auc"] = _roc_auc(prob_array[channel][region], label_c[region])
+                values["auc"] = _roc_auc(prob_given[channel][region], label_c[region])
                 values["hd95"] = _hd95(pred_c & region, label_c & region)
             if topology:
                 values["cldice"] = _cldice(pred_c, label_c, pred_skeletons[channel], label_skeletons[channel], region)

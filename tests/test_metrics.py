@@ -87,6 +87,21 @@ def test_auc_equals_monai_compute_roc_auc(random_case):
         assert record[f"{name}/image/auc"] == pytest.approx(float(monai_auc), abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_network_precisions_give_the_metrics_of_the_same_values_in_float64(random_case, dtype):
+    """A network's float32 or bf16 probabilities are evaluated as given (the AUC sorts them in their own precision):
+    the record equals that of the same values widened to float64, and scikit-learn's AUC of them."""
+    prob, label, fov = random_case
+    given = torch.from_numpy(prob).to(dtype)
+    widened = given.double().numpy()
+    record = evaluate_case(given, label, fov, channel_names=["disc", "cup"], topology=False)
+    assert record == evaluate_case(widened, label, fov, channel_names=["disc", "cup"], topology=False)
+    inside = fov.astype(bool)
+    for channel, name in enumerate(["disc", "cup"]):
+        expected = roc_auc_score(label[channel][inside], widened[channel][inside])
+        assert record[f"{name}/fov/auc"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_keys_are_named_by_channel_region_metric(random_case):
     prob, label, fov = random_case
     tensors = [torch.from_numpy(array) for array in (prob, label, fov[None])]
