@@ -172,6 +172,13 @@ def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
         return 0.0
     if pred_empty or label_empty:
         return math.nan
+    # MONAI crops to the masks' bounding box with a one-pixel margin itself, but finds the box with whole-picture
+    # tensor passes that cost more than the distances (0.2 s a call at 1024 px, 16 calls per image over 8 prompt
+    # modes). Cutting the same box first leaves it nothing to cut and gives the same edges: distances do not move.
+    union = pred | label
+    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    window = slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2), slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 2)
+    pred, label = pred[window], label[window]
     with warnings.catch_warnings():
         # MONAI 1.6 passes a deprecated argument to itself internally; nothing for a caller to fix.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)

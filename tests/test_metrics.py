@@ -11,8 +11,9 @@ import torch
 from ignite.engine import Engine
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
-from monai.metrics import compute_roc_auc
+from monai.metrics import compute_hausdorff_distance, compute_roc_auc
 from monai.transforms import Activationsd
+from scipy import ndimage
 from skimage.morphology import skeletonize
 from sklearn.metrics import (
     accuracy_score,
@@ -187,6 +188,26 @@ def test_cldice_penalises_a_gap_in_a_line():
     # pixels (topology sensitivity 1 - 5 / length).
     sensitivity = 1.0 - 5.0 / np.count_nonzero(skeletonize(label[0].astype(bool)))
     assert broken["vessels/image/cldice"] == pytest.approx(2 * sensitivity / (1 + sensitivity))
+
+
+def test_hd95_equals_monais_on_the_whole_picture():
+    """HD95 is computed on the masks' bounding box (for speed): it must equal MONAI's over the whole picture, also for
+    masks that touch the picture's edges, where the edge pixels count as boundary."""
+    generator = np.random.default_rng(11)
+    cases = []
+    for _ in range(12):
+        field = ndimage.gaussian_filter(generator.random((90, 120)), sigma=generator.uniform(2, 6))
+        pred, label = field > np.quantile(field, generator.uniform(0.6, 0.95)), field > np.quantile(field, 0.8)
+        cases.append((pred, label))
+    corner = np.zeros((90, 120), bool)
+    corner[:30, :25] = True  # touches two edges of the picture
+    cases += [(corner, np.roll(corner, 3, axis=0)), (corner, np.flip(corner, axis=(0, 1)).copy())]
+    for pred, label in cases:
+        expected = compute_hausdorff_distance(
+            torch.from_numpy(pred[None, None]), torch.from_numpy(label[None, None]), include_background=True, percentile=95
+        )
+        ours = evaluate_case(pred.astype(float), label)["vessels/image/hd95"]
+        assert ours == pytest.approx(float(expected.item()), abs=1e-6)
 
 
 def test_hd95_of_a_shifted_square():
