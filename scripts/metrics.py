@@ -24,7 +24,7 @@ accuracy      ``compute_confusion_matrix_metric("accuracy")``            always 
 precision     ``compute_confusion_matrix_metric("precision")``           NaN when the prediction is empty
 mcc           ``compute_confusion_matrix_metric("mcc")``                 NaN when any row or column of the
                                                                          confusion matrix is empty
-hd95          ``compute_hausdorff_distance(percentile=95)``, pixels      0 when both are empty; NaN when exactly
+hd95          as ``compute_hausdorff_distance(percentile=95)``, pixels   0 when both are empty; NaN when exactly
                                                                          one is empty (no distance to nothing)
 cldice        here (Shit et al., CVPR 2021), only with ``topology``      1 when both are empty; 0 when one is
 ============  =========================================================  ==========================================
@@ -45,15 +45,15 @@ import io
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
+from scipy import ndimage
+from scipy.spatial import KDTree
 from skimage.morphology import skeletonize
 
 from scripts.atomic import OutputError, write_text_atomic
@@ -166,29 +166,29 @@ def _roc_auc(prob: np.ndarray, label: np.ndarray) -> float:
 
 
 def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in pixels between two ``(H, W)`` bool masks."""
+    """Symmetric 95th-percentile Hausdorff distance in pixels between two ``(H, W)`` bool masks.
+
+    MONAI's ``compute_hausdorff_distance(percentile=95)`` computed here in numpy: boundary pixels are those that
+    scipy's erosion removes (what lies outside the picture counts as background), each boundary's distances to the
+    other's nearest boundary pixel come from a KD-tree, and the larger of the two 95th percentiles is the result.
+    MONAI finds the same boundaries after whole-picture tensor passes (bounding box, padding) that took 0.2 s a call
+    at 1024 px, more than the distances, and HD95 is computed per channel, region and prompt mode of every image.
+    ``tests/test_metrics.py`` checks it against MONAI.
+    """
     pred_empty, label_empty = not pred.any(), not label.any()
     if pred_empty and label_empty:
         return 0.0
     if pred_empty or label_empty:
         return math.nan
-    # MONAI crops to the masks' bounding box with a one-pixel margin itself, but finds the box with whole-picture
-    # tensor passes that cost more than the distances (0.2 s a call at 1024 px, 16 calls per image over 8 prompt
-    # modes). Cutting the same box first leaves it nothing to cut and gives the same edges: distances do not move.
     union = pred | label
     rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
-    window = slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2), slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 2)
-    pred, label = pred[window], label[window]
-    with warnings.catch_warnings():
-        # MONAI 1.6 passes a deprecated argument to itself internally; nothing for a caller to fix.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        distance = compute_hausdorff_distance(
-            torch.from_numpy(pred[None, None]),
-            torch.from_numpy(label[None, None]),
-            include_background=True,
-            percentile=95,
-        )
-    return float(distance.item())
+    window = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    pred_boundary, label_boundary = (
+        np.argwhere(mask ^ ndimage.binary_erosion(mask)).astype(np.float64) for mask in (pred[window], label[window])
+    )
+    to_label = KDTree(label_boundary, leafsize=32).query(pred_boundary, k=1)[0]
+    to_pred = KDTree(pred_boundary, leafsize=32).query(label_boundary, k=1)[0]
+    return float(max(np.quantile(to_label, 0.95), np.quantile(to_pred, 0.95)))
 
 
 def _cldice(
