@@ -17,7 +17,7 @@ key           computed by                                                degener
 ============  =========================================================  ==========================================
 dice          ``compute_confusion_matrix_metric("f1 score")``            1 when label and prediction are both empty
 iou           ``compute_confusion_matrix_metric("threat score")``        1 when label and prediction are both empty
-auc           rank statistic equal to MONAI's ``compute_roc_auc``     NaN when the label has one class only
+auc           rank statistic equal to MONAI's ``compute_roc_auc``        NaN when the label has one class only
 sensitivity   ``compute_confusion_matrix_metric("sensitivity")``         NaN when the label is empty
 specificity   ``compute_confusion_matrix_metric("specificity")``         NaN when the label fills the region
 accuracy      ``compute_confusion_matrix_metric("accuracy")``            always defined
