@@ -57,6 +57,7 @@ from scipy.spatial import KDTree
 from skimage.morphology import skeletonize
 
 from scripts.atomic import OutputError, write_text_atomic
+from scripts.masks import bounding_slices
 
 __all__ = [
     "METRICS",
@@ -180,9 +181,7 @@ def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
         return 0.0
     if pred_empty or label_empty:
         return math.nan
-    union = pred | label
-    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
-    window = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    window = bounding_slices(pred | label)
     pred_boundary, label_boundary = (
         np.argwhere(mask ^ ndimage.binary_erosion(mask)).astype(np.float64) for mask in (pred[window], label[window])
     )

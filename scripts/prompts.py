@@ -36,6 +36,7 @@ import torch
 from scipy import ndimage
 
 from scripts.errors import ConfigError, FundusError
+from scripts.masks import bounding_slices
 
 __all__ = [
     "AUTO_MODES",
@@ -170,12 +171,6 @@ def _seed(name: str, mode: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(Path(name).name.encode()), PROMPT_MODES.index(mode)])
 
 
-def _bounds(mask: np.ndarray) -> tuple[slice, slice]:
-    """The rows and columns of a non-empty mask's bounding box."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-
-
 def _box_of(window: tuple[slice, slice]) -> tuple[float, float, float, float]:
     rows, cols = window
     return float(cols.start), float(rows.start), float(cols.stop - 1), float(rows.stop - 1)
@@ -205,7 +200,7 @@ def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int 
         return prompts
     if not mask.any():
         return {**prompts, **{mode: Prompt(_note="empty reference: no prompt") for mode in drawn}}
-    window = _bounds(mask)
+    window = bounding_slices(mask)
     candidates = None
     for mode in drawn:
         count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
@@ -271,7 +266,7 @@ def auto_prompts(
     if count == 0:
         return {mode: Prompt(_note="the prompt-free pass found nothing: prompt-free result kept") for mode in modes}
     component = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-    window = _bounds(component)
+    window = bounding_slices(component)
     height, width = probability.shape
     x0, y0, x1, y1 = _box_of(window)
     prompts = {}

@@ -471,17 +471,17 @@ def measure_prompt_modes(
             if round_index >= warmup:
                 times[count].append(elapsed)
                 metric_times[count].append(scored)
-    one, one_with_metrics = statistics.median(times[1]), statistics.median(times[1]) + statistics.median(metric_times[1])
+    network_time = {count: statistics.median(values) for count, values in times.items()}
+    metric_time = {count: statistics.median(values) for count, values in metric_times.items()}
     return [
         {
             "model_size": model_size,
             "image_size": image_size,
             "prompt_modes": count,
-            "seconds_per_image": statistics.median(times[count]),
-            "relative": statistics.median(times[count]) / one,
-            "metrics_seconds_per_image": statistics.median(metric_times[count]),
-            "relative_with_metrics": (statistics.median(times[count]) + statistics.median(metric_times[count]))
-            / one_with_metrics,
+            "seconds_per_image": network_time[count],
+            "relative": network_time[count] / network_time[1],
+            "metrics_seconds_per_image": metric_time[count],
+            "relative_with_metrics": (network_time[count] + metric_time[count]) / (network_time[1] + metric_time[1]),
         }
         for count in modes
     ]
