@@ -102,3 +102,22 @@ def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_
     # Logs without times (written before they were recorded) or one epoch long give no figure.
     assert training_throughput([{k: v for k, v in r.items() if k != "time"} for r in records]) is None
     assert training_throughput([r for r in records if r["epoch"] == 1]) is None
+
+
+def test_stop_loader_workers_ends_the_persistent_workers_and_the_loader_still_works():
+    from torch.utils.data import DataLoader
+
+    from scripts.engines import stop_loader_workers
+
+    loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+    unused = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+    assert [len(batch) for batch in loader] == [2, 2, 2, 2]
+    workers = list(loader._iterator._workers)
+    assert all(worker.is_alive() for worker in workers)
+
+    stop_loader_workers(loader, unused)
+
+    assert not any(worker.is_alive() for worker in workers)
+    assert loader._iterator is None
+    assert sorted(int(value) for batch in loader for value in batch) == list(range(8))
+    stop_loader_workers(loader)
