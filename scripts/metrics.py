@@ -45,7 +45,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,23 @@ _CONFUSION_MATRIX_METRICS = {
 
 class ReportWriteError(OutputError):
     """The evaluation reports cannot be written into the requested output folder."""
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[function(item) for item in items]``, the items shared among threads, one per usable core.
+
+    The per-channel metrics are numpy, scipy and scikit-image work that releases the GIL, and an evaluation over
+    prompt modes scores every mode as a channel: on a GPU machine they, not the network, set the evaluation's pace.
+    """
+    threads = min(len(items), _usable_cores())
+    if threads < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fundus-metrics") as pool:
+        return list(pool.map(function, items))
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -166,7 +184,7 @@ def _roc_auc(prob: np.ndarray, label: np.ndarray) -> float:
     return float((below + below_or_tied) / 2.0 / (float(positives.size) * float(negatives.size)))
 
 
-def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
+def _hd95(pred: np.ndarray, label: np.ndarray, workers: int = -1) -> float:
     """Symmetric 95th-percentile Hausdorff distance in pixels between two ``(H, W)`` bool masks.
 
     MONAI's ``compute_hausdorff_distance(percentile=95)`` computed here in numpy: boundary pixels are those that
@@ -174,7 +192,8 @@ def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
     other's nearest boundary pixel come from a KD-tree (queried on every core), and the larger of the two 95th
     percentiles is the result. MONAI finds the same boundaries after whole-picture tensor passes (bounding box,
     padding) that took 0.2 s a call at 1024 px, more than the distances, and HD95 is computed per channel, region and
-    prompt mode of every image. ``tests/test_metrics.py`` checks it against MONAI.
+    prompt mode of every image. ``tests/test_metrics.py`` checks it against MONAI. ``workers``: the KD-tree
+    queries' threads (-1: every core; 1 where the channels already share the cores).
     """
     pred_empty, label_empty = not pred.any(), not label.any()
     if pred_empty and label_empty:
@@ -185,8 +204,8 @@ def _hd95(pred: np.ndarray, label: np.ndarray) -> float:
     pred_boundary, label_boundary = (
         np.argwhere(mask ^ ndimage.binary_erosion(mask)).astype(np.float64) for mask in (pred[window], label[window])
     )
-    to_label = KDTree(label_boundary, leafsize=32).query(pred_boundary, k=1, workers=-1)[0]
-    to_pred = KDTree(pred_boundary, leafsize=32).query(label_boundary, k=1, workers=-1)[0]
+    to_label = KDTree(label_boundary, leafsize=32).query(pred_boundary, k=1, workers=workers)[0]
+    to_pred = KDTree(pred_boundary, leafsize=32).query(label_boundary, k=1, workers=workers)[0]
     return float(max(np.quantile(to_label, 0.95), np.quantile(to_pred, 0.95)))
 
 
@@ -290,9 +309,10 @@ def evaluate_case(
     regions["image"] = None
 
     pred_mask = prob_array >= threshold
+    channels = range(len(names))
     if topology:
-        pred_skeletons = [skeletonize(channel) for channel in pred_mask]
-        label_skeletons = [skeletonize(channel) for channel in label_mask]
+        pred_skeletons = _map_on_cores(skeletonize, list(pred_mask))
+        label_skeletons = _map_on_cores(skeletonize, list(label_mask))
 
     per_region: dict[str, list[dict[str, float]]] = {}
     for region_name, region in regions.items():
@@ -302,22 +322,38 @@ def evaluate_case(
             for metric, monai_name in _CONFUSION_MATRIX_METRICS.items()
         }
         per_region[region_name] = []
-        for channel in range(len(names)):
-            pred_c, label_c = pred_mask[channel], label_mask[channel]
+        for channel in channels:
             values = {metric: float(per_channel[channel]) for metric, per_channel in from_counts.items()}
             tp, fp, _, fn = counts[channel].tolist()
             if tp + fp + fn == 0:
                 # Nothing to find and nothing found: perfect overlap, where MONAI's ratio would be 0/0.
                 values["dice"] = values["iou"] = 1.0
-            if region is None:
-                values["auc"] = _roc_auc(prob_given[channel].ravel(), label_c.ravel())
-                values["hd95"] = _hd95(pred_c, label_c)
-            else:
-                values["auc"] = _roc_auc(prob_given[channel][region], label_c[region])
-                values["hd95"] = _hd95(pred_c & region, label_c & region)
-            if topology:
-                values["cldice"] = _cldice(pred_c, label_c, pred_skeletons[channel], label_skeletons[channel], region)
             per_region[region_name].append(values)
+
+    jobs = [(region_name, channel) for region_name in regions for channel in channels]
+    kd_tree_workers = 1 if len(jobs) > 1 else -1
+
+    def costly_metrics(job: tuple[str, int]) -> dict[str, float]:
+        """AUC, HD95 and clDice of one channel in one region: the metrics that sort, search or skeletonise."""
+        region_name, channel = job
+        region = regions[region_name]
+        pred_c, label_c = pred_mask[channel], label_mask[channel]
+        if region is None:
+            values = {
+                "auc": _roc_auc(prob_given[channel].ravel(), label_c.ravel()),
+                "hd95": _hd95(pred_c, label_c, kd_tree_workers),
+            }
+        else:
+            values = {
+                "auc": _roc_auc(prob_given[channel][region], label_c[region]),
+                "hd95": _hd95(pred_c & region, label_c & region, kd_tree_workers),
+            }
+        if topology:
+            values["cldice"] = _cldice(pred_c, label_c, pred_skeletons[channel], label_skeletons[channel], region)
+        return values
+
+    for (region_name, channel), values in zip(jobs, _map_on_cores(costly_metrics, jobs)):
+        per_region[region_name][channel].update(values)
 
     return {
         f"{name}/{region_name}/{metric}": per_region[region_name][channel][metric]

@@ -210,6 +210,27 @@ def test_hd95_equals_monais_on_the_whole_picture():
         assert ours == pytest.approx(float(expected.item()), rel=1e-6)
 
 
+def test_channels_scored_on_shared_cores_give_each_channels_own_metrics(monkeypatch):
+    """Several channels (prompt modes) are scored in threads: each must get its own values, as when scored alone."""
+    import scripts.metrics
+
+    rng = np.random.default_rng(3)
+    shape = (56, 72)
+    label = np.stack([ndimage.binary_dilation(rng.random(shape) < 0.02, iterations=radius) for radius in (1, 2, 3, 4)])
+    prob = np.clip(0.3 * label + 0.8 * ndimage.uniform_filter(rng.random(label.shape), (1, 3, 3)), 0.0, 1.0)
+    fov = _disc(shape, 30)
+    names = ["a", "b", "c", "d"]
+    together = evaluate_case(prob, label, fov, names, topology=True)
+
+    for channel, name in enumerate(names):
+        alone = evaluate_case(prob[channel], label[channel], fov, [name], topology=True)
+        assert {key: together[key] for key in alone} == pytest.approx(alone, nan_ok=True)
+    assert len({together[f"{name}/image/auc"] for name in names}) == len(names)  # the channels do differ
+
+    monkeypatch.setattr(scripts.metrics, "_usable_cores", lambda: 1)
+    assert evaluate_case(prob, label, fov, names, topology=True) == pytest.approx(together, nan_ok=True)
+
+
 def test_hd95_of_a_shifted_square():
     label = np.zeros((1, 40, 40))
     label[0, 10:20, 10:20] = 1
