@@ -189,7 +189,7 @@ def _hd95(pred: np.ndarray, label: np.ndarray, workers: int = -1) -> float:
 
     MONAI's ``compute_hausdorff_distance(percentile=95)`` computed here in numpy: boundary pixels are those that
     scipy's erosion removes (what lies outside the picture counts as background), each boundary's distances to the
-    other's nearest boundary pixel come from a KD-tree (queried on every core), and the larger of the two 95th
+    other's nearest boundary pixel come from a KD-tree (queried on ``workers`` threads), and the larger of the two 95th
     percentiles is the result. MONAI finds the same boundaries after whole-picture tensor passes (bounding box,
     padding) that took 0.2 s a call at 1024 px, more than the distances, and HD95 is computed per channel, region and
     prompt mode of every image. ``tests/test_metrics.py`` checks it against MONAI. ``workers``: the KD-tree

@@ -65,12 +65,12 @@ if sys.argv[1] == "yes":
     stop_loader_workers(loader)
 EOF
     code=$?
-    echo "2 workers, stop_loader_workers first: $stop, exit $code after $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s" |
-        tee -a "$out/exit_delay.txt"
+    seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    echo "2 workers, stop_loader_workers first: $stop, exit $code after $seconds s" | tee -a "$out/exit_delay.txt"
 done
 
-python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" > "$out/prepare.log" 2>&1 ||
-    { cat "$out/prepare.log"; exit 1; }
+python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" \
+    > "$out/prepare.log" 2>&1 || { cat "$out/prepare.log"; exit 1; }
 bundle=(--bundle_root bundle --meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf
     --config_file bundle/configs/train.json)
 for workers in 2 8; do
