@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -72,7 +73,7 @@ class SlowBatches:
             yield {"image": torch.randn(self.batch, 4), "label": torch.randn(self.batch, 1)}
 
 
-def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_path):
+def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_path, caplog):
     network = nn.Linear(4, 1)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
@@ -87,7 +88,8 @@ def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda engine: ended.setdefault(engine.state.epoch, []).append(time.time())
     )
-    trainer.run()
+    with caplog.at_level(logging.INFO, logger="scripts.handlers.training_log"):
+        trainer.run()
 
     records = read_training_log(tmp_path / TrainingLog.LOG_NAME)
     assert [r["images"] for r in records] == [3] * 12
@@ -99,8 +101,18 @@ def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_
     assert figures["seconds"] >= 2 * 3 * 0.05 - 0.01
     assert figures["images_per_second"] == pytest.approx(figures["images"] / figures["seconds"])
     assert figures["images_per_second"] <= 3 / 0.05 * 1.05, "no faster than the batches arrive"
+    # Each iteration waited the 0.05 s its batch took, and the step of a 4-weight network is nothing beside it.
+    assert all(0.05 <= r["data_seconds"] < 0.5 for r in records)
+    counted = [r for r in records if r["epoch"] > 1 and r["iteration"] % 4 != 1]
+    assert figures["data_seconds"] == pytest.approx(sum(r["data_seconds"] for r in counted))
+    assert 0.8 < figures["data_fraction"] <= 1.0
+    # The run ends by saying so in its log.
+    assert f"Training sustained {figures['images_per_second']:.2f} images per second over 2 epochs" in caplog.text
+    assert f"{figures['data_fraction']:.0%} of it waiting for batches" in caplog.text
     # Logs without times (written before they were recorded) or one epoch long give no figure.
     assert training_throughput([{k: v for k, v in r.items() if k != "time"} for r in records]) is None
+    without_waits = [{k: v for k, v in r.items() if k != "data_seconds"} for r in records]
+    assert "data_fraction" not in training_throughput(without_waits)
     assert training_throughput([r for r in records if r["epoch"] == 1]) is None
 
 

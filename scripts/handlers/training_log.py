@@ -1,8 +1,9 @@
 """The record of a training run, ``training_log.jsonl``: what the pictures draw and what MLflow is sent.
 
-One JSON line per training iteration (``{"kind": "train", "epoch", "iteration", "loss", "lr", "images", "time"}``:
-the images of the iteration over all ranks and the Unix time it ended, from which :func:`training_throughput`
-reads the images per second the trainer sustained) and per validation
+One JSON line per training iteration (``{"kind": "train", "epoch", "iteration", "loss", "lr", "images", "time",
+"data_seconds"}``: the images of the iteration over all ranks, the Unix time it ended and the seconds it waited for
+its batch, from which :func:`training_throughput` reads the images per second the trainer sustained and the share
+of the time spent waiting for data) and per validation
 (``{"kind": "validation", "epoch", "iteration", "metrics": {name: value}, "by_dataset": {dataset: {"images",
 "dice": {channel: value}}}}``), appended as they happen, so a killed run loses nothing already written and a resumed
 run goes on from its checkpoint's iteration.
@@ -67,14 +68,17 @@ def training_throughput(records: Sequence[dict[str, Any]], skip_epochs: int = 1)
     """Images per second the trainer sustained, data loading included and validation left out.
 
     Within each epoch after the first ``skip_epochs`` (caching, workers' start, compilation), the images of every
-    iteration but the epoch's first over the time from the end of that first iteration to the end of the last.
+    iteration but the epoch's first over the time from the end of that first iteration to the end of the last; and
+    the part of that time those iterations waited for their batches, which tells whether data loading starves the
+    step (more DataLoader workers help) or not.
 
     Args:
         records: the records of ``training_log.jsonl`` (:func:`read_training_log`).
         skip_epochs: epochs left out at the start.
 
     Returns:
-        ``{"images_per_second", "seconds", "images", "epochs"}``, or None when no counted epoch has two
+        ``{"images_per_second", "seconds", "images", "epochs"}``, with ``"data_seconds"`` and ``"data_fraction"``
+        (of ``seconds``) when every counted iteration records its wait; None when no counted epoch has two
         iterations with times (a log written before records carried them, or too short a run).
     """
     by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -83,15 +87,21 @@ def training_throughput(records: Sequence[dict[str, Any]], skip_epochs: int = 1)
             by_epoch[record["epoch"]].append(record)
     first_counted = min(by_epoch, default=0) + skip_epochs
     seconds = images = epochs = 0
+    waits: list[float | None] = []
     for epoch, iterations in by_epoch.items():
         if epoch < first_counted or len(iterations) < 2:
             continue
         seconds += iterations[-1]["time"] - iterations[0]["time"]
         images += sum(r["images"] for r in iterations[1:])
+        waits += [r.get("data_seconds") for r in iterations[1:]]
         epochs += 1
     if not epochs or seconds <= 0:
         return None
-    return {"images_per_second": images / seconds, "seconds": seconds, "images": images, "epochs": epochs}
+    figures = {"images_per_second": images / seconds, "seconds": seconds, "images": images, "epochs": epochs}
+    if None not in waits:
+        figures["data_seconds"] = sum(waits)
+        figures["data_fraction"] = figures["data_seconds"] / seconds
+    return figures
 
 
 class TrainingLog:
@@ -133,6 +143,7 @@ class TrainingLog:
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._dice_by_dataset: dict[str, list[list[float]]] = defaultdict(list)
         self._open = False
+        self._batch_requested = self._batch_wait = 0.0
 
     def add_validation_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call ``listener(record)`` after each validation record is written (on the writing rank only)."""
@@ -158,7 +169,10 @@ class TrainingLog:
         _LOG_OF_TRAINER[engine] = self
         engine.add_event_handler(Events.STARTED, self._close)
         engine.add_event_handler(Events.EPOCH_STARTED, self._open_log)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._request_batch)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._receive_batch)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)
+        engine.add_event_handler(Events.COMPLETED, self._report_throughput)
         if self.validator is not None:
             self.validator.add_event_handler(Events.EPOCH_STARTED, self._reset_validation)
             self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._collect_validation)
@@ -182,6 +196,12 @@ class TrainingLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def _request_batch(self, _: Engine) -> None:
+        self._batch_requested = time.perf_counter()
+
+    def _receive_batch(self, _: Engine) -> None:
+        self._batch_wait = time.perf_counter() - self._batch_requested
+
     def _record_iteration(self, engine: Engine) -> None:
         if not self.write:
             return
@@ -197,7 +217,20 @@ class TrainingLog:
                 "lr": float(engine.optimizer.param_groups[0]["lr"]),
                 "images": images * idist.get_world_size(),
                 "time": round(time.time(), 3),
+                "data_seconds": round(self._batch_wait, 4),
             }
+        )
+
+    def _report_throughput(self, _: Engine) -> None:
+        figures = training_throughput(self.records) if self.write else None
+        if figures is None:
+            return
+        waiting = f", {figures['data_fraction']:.0%} of it waiting for batches" if "data_fraction" in figures else ""
+        logger.info(
+            "Training sustained %.2f images per second over %d epochs after the first (validation left out%s).",
+            figures["images_per_second"],
+            figures["epochs"],
+            waiting,
         )
 
     def _reset_validation(self, _: Engine) -> None:
