@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md in one run, for a GPU lent for minutes. In order of what was still
-# unmeasured after the first GPU run (2026-11-29: Hiera-tiny's inference and training, the trainer with 8 workers):
-#   1. the prompt modes at Hiera-tiny, 1024 px (the eight-mode cost after prompted modes were batched);
-#   2. the benchmark at Hiera-large, 1024 px: inference (SAM 2 / unmerged / merged; bf16, TF32, compile) and prompt
-#      modes, then the training step and peak memory (LoRA / full; activation checkpointing, bf16, compile);
-#   3. how long a process with persistent, pinned DataLoader workers takes to exit, with and without
-#      scripts.engines.stop_loader_workers (torch 2.11 waits 5 s per worker at exit);
-#   4. the bundle's own trainer on real DRIVE (Hiera-large, 1024 px, the paper's recipe, random weights) with 2 and
-#      8 DataLoader workers: images per second sustained, data loading included (training_log.jsonl), and how long
-#      the process takes to exit once the run has finished (it once outlived its run on the GPU machine; a run
-#      still alive at its limit gets SIGABRT, and Python's faulthandler prints where every thread waits).
+# The GPU figures still missing from docs/performance.md, in one run, for a GPU lent for minutes. Two H200 runs
+# (2026-11-29, 2026-11-30) measured the benchmark's inference, training and prompt modes at Hiera-tiny and
+# Hiera-large, 1024 px, and the trainer on DRIVE. This run measures, in order:
+#   1. the training step and peak memory at Hiera-large with torch.compile (LoRA / full fine-tuning / LoRA +
+#      compile; the compilation outlasted its 150 s stage before);
+#   2. the prompt modes at Hiera-tiny and Hiera-large (the metrics' KD-tree queries now share the cores their jobs
+#      leave, which no GPU machine has run);
+#   3. the bundle's own trainer on real DRIVE (Hiera-large, 1024 px, the paper's recipe, random weights) with 2 and
+#      8 DataLoader workers: images per second sustained, data loading included, and the share of that time spent
+#      waiting for batches (training_log.jsonl), and how long the process takes to exit once the run has finished
+#      (a run still alive at its limit gets SIGABRT, and Python's faulthandler prints where every thread waits).
+# For every figure at once (not timed on a GPU yet; the CPU backends' exports alone take minutes):
+# python3 -m tools.benchmark --device cuda --model-sizes tiny large --image-sizes 1024
 # Each stage has its own time limit, so one that overruns leaves the others their time; the benchmark rewrites
 # benchmark.partial.json after each measurement, so a stopped stage keeps what it measured.
 #
-# Usage: bash tools/gpu_figures.sh DRIVE_DIR OUTPUT_DIR [SECONDS]   (SECONDS: the whole run's budget, default 580)
+# Usage: bash tools/gpu_figures.sh DRIVE_DIR OUTPUT_DIR [SECONDS]   (SECONDS: the whole run's budget, default 560)
 # OUTPUT_DIR receives small files (logs, JSON, Markdown) in one folder per stage; checkpoints go to a temporary one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 drive=${1:?DRIVE folder (training/, test/) first}
 out=${2:?output folder second}
-budget=${3:-580}
+budget=${3:-560}
 mkdir -p "$out"
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
@@ -47,27 +49,8 @@ benchmark() {  # benchmark STAGE SECONDS ARGUMENTS...
     echo "exit $? ($(left) s left)"
     tail -3 "$out/$stage/benchmark.log"
 }
-benchmark tiny_prompt_modes 60 --model-sizes tiny --parts prompt_modes
-benchmark large_inference 180 --model-sizes large --parts inference prompt_modes
-benchmark large_training 150 --model-sizes large --parts training
-
-echo "== exit of a process with persistent, pinned DataLoader workers ($(left) s left)"
-for stop in no yes; do
-    start=$(date +%s.%N)
-    timeout 30 python3 - "$stop" <<'EOF'
-import sys
-from torch.utils.data import DataLoader
-from scripts.engines import stop_loader_workers
-loader = DataLoader(list(range(16)), batch_size=4, num_workers=2, persistent_workers=True, pin_memory=True)
-for _ in loader:
-    pass
-if sys.argv[1] == "yes":
-    stop_loader_workers(loader)
-EOF
-    code=$?
-    seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    echo "2 workers, stop_loader_workers first: $stop, exit $code after $seconds s" | tee -a "$out/exit_delay.txt"
-done
+benchmark large_training_compile 240 --model-sizes large --parts training --switches compile
+benchmark prompt_modes 100 --model-sizes tiny large --parts prompt_modes
 
 python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" \
     > "$out/prepare.log" 2>&1 || { cat "$out/prepare.log"; exit 1; }
