@@ -310,9 +310,9 @@ def evaluate_case(
 
     pred_mask = prob_array >= threshold
     channels = range(len(names))
-    if topology:
-        pred_skeletons = _map_on_cores(skeletonize, list(pred_mask))
-        label_skeletons = _map_on_cores(skeletonize, list(label_mask))
+    if topology:  # one pool for both: a single channel's two skeletons also run side by side
+        skeletons = _map_on_cores(skeletonize, [*pred_mask, *label_mask])
+        pred_skeletons, label_skeletons = skeletons[: len(names)], skeletons[len(names) :]
 
     per_region: dict[str, list[dict[str, float]]] = {}
     for region_name, region in regions.items():
