@@ -98,7 +98,14 @@ class ReportWriteError(OutputError):
 
 
 def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """This process's share of the cores it may run on.
+
+    Under ``torchrun`` every rank on a machine scores its own images at the same time, so each takes its share
+    (``LOCAL_WORLD_SIZE``, set by torchrun) instead of all of them.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cores // int(ranks_here)) if ranks_here.isdigit() and int(ranks_here) > 0 else cores
 
 
 def _map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
