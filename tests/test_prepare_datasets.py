@@ -14,8 +14,8 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from scripts.fundus_io import FundusImageError, read_mask
-from tools.datasets import DatasetError, get_description
-from tools.prepare import find_cases, pool_datalists, prepare_dataset, split_cases
+from tools.datasets import DatasetError, folder_description, get_description
+from tools.prepare import Case, find_cases, main, pool_datalists, prepare_dataset, split_cases
 
 # Non-square so that a width/height mix-up shows.
 HEIGHT, WIDTH = 48, 64
@@ -415,7 +415,8 @@ def test_seeded_split_deterministic_disjoint_and_by_fraction(chase_tree: Path) -
     again, _ = split_cases(description, list(reversed(cases)), "seeded", seed=7, test_fraction=0.25, val_fraction=0.3)
     other, _ = split_cases(description, cases, "seeded", seed=8, test_fraction=0.25, val_fraction=0.3)
     assert ids(first) == ids(again) and ids(first)["test"] != ids(other)["test"]
-    assert len(first["test"]) == 7 and len(first["validation"]) == round(0.3 * 21)
+    # 0.25 of 28 asks for 7 images, drawn as whole children (two eyes each): 8; then 0.3 of the 20 left: 6.
+    assert len(first["test"]) == 8 and len(first["validation"]) == 6
     all_ids = [c for part in ids(first).values() for c in part]
     assert sorted(all_ids) == sorted(c.case_id for c in cases)
     assert provenance == {
@@ -425,7 +426,78 @@ def test_seeded_split_deterministic_disjoint_and_by_fraction(chase_tree: Path) -
         "seed": 7,
         "test_fraction": 0.25,
         "val_fraction": 0.3,
+        "patient_pattern": description.patient_pattern,
+        "patients": {"training": 7, "validation": 3, "test": 4},
     }
+
+
+def _child(case_id: str) -> str:
+    return case_id.removeprefix("Image_")[:-1]  # Image_07L -> 07
+
+
+@pytest.mark.parametrize("method", ["seeded", "official"])
+def test_no_child_has_eyes_on_two_sides_of_a_split(chase_tree: Path, method: str) -> None:
+    description, cases = _cases(chase_tree)
+    for seed in range(12):
+        parts, _ = split_cases(description, cases, method, seed=seed, val_fraction=0.3)
+        children = {name: {_child(case.case_id) for case in part} for name, part in parts.items()}
+        assert not children["training"] & children["validation"]
+        assert not children["training"] & children["test"] and not children["validation"] & children["test"]
+        assert all(len(part) == 2 * len(children[name]) for name, part in parts.items())
+        if method == "seeded":
+            assert round(0.27 * 28) <= len(parts["test"]) <= round(0.27 * 28) + 1
+
+
+def _named_cases(*case_ids: str) -> list[Case]:
+    return [Case(case_id, Path(f"{case_id}.png"), {"first": ()}, None, {}) for case_id in case_ids]
+
+
+def test_images_of_unknown_people_are_drawn_one_by_one_as_before() -> None:
+    """Where no name says whose an image is, the draw is the seeded permutation of the images, as it always was."""
+    cases = _named_cases(*(f"im{n:02d}" for n in range(1, 21)))
+    description = folder_description()
+    for seed in (0, 5):
+        parts, provenance = split_cases(description, cases, "seeded", seed=seed, test_fraction=0.25, val_fraction=0)
+        test_seed = np.random.SeedSequence(seed).spawn(2)[0]
+        expected = {cases[int(i)].case_id for i in np.random.default_rng(test_seed).permutation(20)[:5]}
+        assert {case.case_id for case in parts["test"]} == expected
+        assert provenance["patient_pattern"] is None and provenance["patients"] is None
+
+
+def _owner(case_id: str) -> str:
+    return case_id[:2].lower() if case_id.lower().startswith("p") else case_id
+
+
+def test_patient_pattern_groups_named_images_and_leaves_the_others_alone() -> None:
+    cases = _named_cases("P1_OD", "p1_os", "P2_OD", "P2_OS", "P3_OD", "P3_OS", "P4_OD", "scan7", "scan8")
+    description = folder_description()
+    pattern = r"(?P<patient>p\d+)_O[DS]"
+    for seed in range(10):
+        parts, provenance = split_cases(description, cases, "seeded", seed, 0.3, 0.3, patient_pattern=pattern)
+        owners = {name: {_owner(case.case_id) for case in part} for name, part in parts.items()}
+        assert not owners["training"] & owners["test"] and not owners["training"] & owners["validation"]
+        assert not owners["validation"] & owners["test"]
+        # P1-P4 (p1_os with P1_OD: names match whatever their case), and scan7 and scan8 each their own person.
+        assert provenance["patient_pattern"] == pattern and sum(provenance["patients"].values()) == 6
+        assert 3 <= len(parts["test"]) <= 4  # 0.3 of 9 asks for 3 images; a person adds at most one more
+
+
+def test_patient_pattern_errors_name_the_setting(chase_tree: Path, tmp_path: Path) -> None:
+    description, cases = _cases(chase_tree)
+    with pytest.raises(DatasetError, match=r"--patient-pattern '\(P\\d' is not a regular expression"):
+        split_cases(description, cases, "seeded", patient_pattern=r"(P\d")
+    with pytest.raises(DatasetError, match=r"--patient-pattern 'P\\d\+' has no group named 'patient'"):
+        split_cases(description, cases, "seeded", patient_pattern=r"P\d+")
+    with pytest.raises(DatasetError, match="a seeded split needs images of at least 2 people, found 28 image"):
+        split_cases(description, cases, "seeded", patient_pattern=r"(?P<patient>Image)_.*")
+    for number in range(4):  # the command line, on a folder dataset: P1 and P2, two images each
+        _save(tmp_path / "mine" / "images" / f"P{number // 2 + 1}_{number}.png", _photo(number))
+        _save(tmp_path / "mine" / "masks" / f"P{number // 2 + 1}_{number}.png", _random_mask(number))
+    arguments = ["--dataset", "folder", "--src", str(tmp_path / "mine"), "--output", str(tmp_path / "mine.json")]
+    assert main([*arguments, "--patient-pattern", r"(?P<patient>P\d+)_\d", "--val-fraction", "0"]) == 0
+    datalist = json.loads((tmp_path / "mine.json").read_text())
+    assert datalist["patients"] == {"training": 1, "validation": 0, "test": 1}
+    assert {entry["case"][:2] for entry in datalist["test"]} != {entry["case"][:2] for entry in datalist["training"]}
 
 
 def test_test_set_independent_of_validation_fraction(chase_tree: Path) -> None:

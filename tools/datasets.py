@@ -118,6 +118,9 @@ class DatasetDescription:
         official_split: the official or conventional split, if the dataset has one.
         test_fraction: test fraction of the seeded split (SAM2LoRA: 0.27 for CHASE_DB1 and HRF, 0.25 otherwise).
         case_id: template of the case id, unique within the dataset; names derived files.
+        patient_pattern: regular expression matched (whole, case-insensitively) against the case id whose group
+            ``patient`` names the person photographed, where the dataset's names say it (both eyes of one person);
+            seeded draws then keep each person's images in one set. None: every image is its own person.
     """
 
     name: str
@@ -134,6 +137,7 @@ class DatasetDescription:
     official_split: OfficialSplit | None = None
     test_fraction: float = 0.25
     case_id: str = "{stem}"
+    patient_pattern: str | None = None
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -402,6 +406,8 @@ _CHASE_DB1 = DatasetDescription(
     ),
     test_fraction=0.27,
     case_id="Image_{stem}",
+    # Images NNL and NNR are the left and right eye of child NN.
+    patient_pattern=r"Image_(?P<patient>\d+)[LR]",
 )
 
 # Cases are anchored on the first annotator's labels: the STARE image archive holds ~400 images, 20 annotated.
@@ -494,6 +500,8 @@ _PAPILA = DatasetDescription(
         for annotator, expert in (("first", "exp1"), ("second", "exp2"))
     },
     decoder=decode_contour_files,
+    # RETnnnOD and RETnnnOS are the right and left eye of patient nnn.
+    patient_pattern=r"(?P<patient>RET\d+)O[DS]",
 )
 
 _REFUGE2 = DatasetDescription(

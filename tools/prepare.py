@@ -22,12 +22,17 @@ Defaults and choices:
   overrides). ``--split seeded`` forces the random split (SAM2LoRA's protocol for CHASE_DB1).
 - validation is REFUGE2's official val/ set, otherwise a seeded ``--val-fraction`` (default 0.2) of the training
   pool, drawn independently of the test draw.
+- seeded draws take whole people, so that one person's images (both eyes, repeat visits) never sit on both sides of
+  a split: CHASE_DB1 (``Image_NNL``/``NNR``: child NN) and PAPILA (``RETnnnOD``/``OS``: patient nnn) say whose each
+  image is; for other names, ``--patient-pattern REGEX`` (its group ``patient``, matched against the whole case id)
+  says it. A drawn set then holds at least its fraction, up to one person's images more.
 
 Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov", "dataset",
 "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
 are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
 ``annotator``, ``annotator_note``, ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
-``val_fraction``, ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``. Distributed files are
+``val_fraction``, ``patient_pattern``, ``patients`` (people per split, where a pattern applies), ``source`` and the
+counts ``numTraining``, ``numValidation``, ``numTest``. Distributed files are
 referenced where they already follow that convention, otherwise rewritten into the derived folder. Images are
 referenced as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
 """
@@ -40,7 +45,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,10 +292,61 @@ def _count(total: int, fraction: float, minimum: int) -> int:
     return min(max(int(np.floor(fraction * total + 0.5)), minimum), total - 1)
 
 
-def _seeded_pick(cases: Sequence[Case], count: int, seed_sequence: np.random.SeedSequence) -> set[str]:
-    """Ids of ``count`` cases drawn at random from ``cases`` (in natural order)."""
-    order = np.random.default_rng(seed_sequence).permutation(len(cases))
-    return {cases[int(i)].case_id for i in order[:count]}
+PatientOf = Callable[[Case], tuple[str, str]]
+"""The person a case was photographed from, as a key: ``("patient", name)``, or ``("image", case id)`` if unknown."""
+
+
+def _patient_rule(pattern: str | None, setting: str) -> PatientOf:
+    """The person of each case: the pattern's ``patient`` group where it matches the whole case id, else the image.
+
+    Args:
+        pattern: regular expression with a group named ``patient``, matched case-insensitively; None: every image is
+            its own person.
+        setting: where the pattern came from, named in errors.
+
+    Raises:
+        DatasetError: when the pattern does not compile or has no ``patient`` group.
+    """
+    if pattern is None:
+        return lambda case: ("image", case.case_id)
+    try:
+        compiled = re.compile(pattern, re.IGNORECASE)
+    except re.error as error:
+        raise DatasetError(f"{setting} '{pattern}' is not a regular expression ({error})") from None
+    if "patient" not in compiled.groupindex:
+        raise DatasetError(f"{setting} '{pattern}' has no group named 'patient', e.g. (?P<patient>\\d+)_[LR]")
+
+    def patient_of(case: Case) -> tuple[str, str]:
+        match = compiled.fullmatch(case.case_id)
+        return ("patient", match["patient"].lower()) if match and match["patient"] else ("image", case.case_id)
+
+    return patient_of
+
+
+def _by_patient(cases: Sequence[Case], patient_of: PatientOf) -> list[list[Case]]:
+    """The cases grouped by person, people in order of their first case."""
+    people: dict[tuple[str, str], list[Case]] = {}
+    for case in cases:
+        people.setdefault(patient_of(case), []).append(case)
+    return list(people.values())
+
+
+def _seeded_pick(
+    cases: Sequence[Case], count: int, seed_sequence: np.random.SeedSequence, patient_of: PatientOf
+) -> set[str]:
+    """Ids of at least ``count`` cases drawn at random from ``cases`` (in natural order), whole people at a time.
+
+    People are drawn in a seeded random order until their images reach ``count``, always leaving one out; where each
+    image is its own person this is exactly ``count`` images.
+    """
+    people = _by_patient(cases, patient_of)
+    order = np.random.default_rng(seed_sequence).permutation(len(people))
+    picked: set[str] = set()
+    for index in order[:-1]:
+        if len(picked) >= count:
+            break
+        picked.update(case.case_id for case in people[int(index)])
+    return picked
 
 
 def _official_parts(description: DatasetDescription, cases: Sequence[Case]) -> dict[str, list[Case]]:
@@ -318,12 +374,15 @@ def split_cases(
     seed: int = 0,
     test_fraction: float | None = None,
     val_fraction: float = 0.2,
+    patient_pattern: str | None = None,
 ) -> tuple[dict[str, list[Case]], dict[str, object]]:
     """Split cases into training, validation and test.
 
     The test set is the official one (``official``) or a seeded random ``test_fraction`` of all cases (``seeded``);
     validation is the official one where the dataset has it (REFUGE2), otherwise a seeded random ``val_fraction`` of
-    the training pool, never of the test set. The test draw does not depend on ``val_fraction``.
+    the training pool, never of the test set. The test draw does not depend on ``val_fraction``. Seeded draws take
+    whole people (see ``patient_pattern``), so that one person's eyes never sit on both sides of a split; a set then
+    holds at least its fraction, up to one person's images more.
 
     Args:
         description: the dataset's description.
@@ -332,13 +391,15 @@ def split_cases(
         seed: seed of the random draws.
         test_fraction: seeded test fraction; None for the dataset's default (SAM2LoRA's: 0.27 or 0.25).
         val_fraction: fraction of the training pool used for validation, in ``[0, 1)``.
+        patient_pattern: regular expression whose group ``patient`` names the person in a case id (see
+            :class:`tools.datasets.DatasetDescription`); None: the dataset's own (CHASE_DB1, PAPILA), if any.
 
     Returns:
         the cases per split (natural order), and the split's provenance for the datalist.
 
     Raises:
-        DatasetError: for an invalid method or fraction, an official split the dataset does not have, or too few
-            cases.
+        DatasetError: for an invalid method, fraction or patient pattern, an official split the dataset does not
+            have, or too few cases or people.
     """
     if method not in SPLIT_METHODS:
         raise DatasetError(f"unknown split method {method!r}: expected one of {', '.join(SPLIT_METHODS)}")
@@ -357,6 +418,11 @@ def split_cases(
         test_fraction = description.test_fraction if method == "seeded" else None
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if patient_pattern is None:
+        patient_pattern = description.patient_pattern
+        patient_of = _patient_rule(patient_pattern, f"{description.name}'s patient pattern")
+    else:
+        patient_of = _patient_rule(patient_pattern, "--patient-pattern")
     # Natural order of ids, so that the draws depend on the seed only, not on how the files were listed.
     cases = sorted(cases, key=lambda case: _natural_key(case.case_id))
     test_seed, validation_seed = np.random.SeedSequence(seed).spawn(2)
@@ -365,9 +431,13 @@ def split_cases(
         parts = _official_parts(description, cases)
     else:
         summary = f"seeded random split, test fraction {test_fraction}"
-        if len(cases) < 2:
-            raise DatasetError(f"{description.name}: a seeded split needs at least 2 images, found {len(cases)}")
-        test_ids = _seeded_pick(cases, _count(len(cases), test_fraction, minimum=1), test_seed)
+        people = len(_by_patient(cases, patient_of))
+        if people < 2:
+            raise DatasetError(
+                f"{description.name}: a seeded split needs images of at least 2 people, found {len(cases)} "
+                f"image(s) of {people}"
+            )
+        test_ids = _seeded_pick(cases, _count(len(cases), test_fraction, minimum=1), test_seed, patient_of)
         parts = {
             "training": [case for case in cases if case.case_id not in test_ids],
             "validation": [],
@@ -379,7 +449,7 @@ def split_cases(
     validation_split = "official" if parts["validation"] else "seeded"
     if validation_split == "seeded":
         pool = parts["training"]
-        validation_ids = _seeded_pick(pool, _count(len(pool), val_fraction, minimum=1), validation_seed)
+        validation_ids = _seeded_pick(pool, _count(len(pool), val_fraction, minimum=1), validation_seed, patient_of)
         parts["validation"] = [case for case in pool if case.case_id in validation_ids]
         parts["training"] = [case for case in pool if case.case_id not in validation_ids]
     provenance = {
@@ -389,6 +459,10 @@ def split_cases(
         "seed": seed,
         "test_fraction": test_fraction,
         "val_fraction": val_fraction if validation_split == "seeded" else None,
+        "patient_pattern": patient_pattern,
+        "patients": {name: len(_by_patient(part, patient_of)) for name, part in parts.items()}
+        if patient_pattern
+        else None,
     }
     return parts, provenance
 
@@ -477,6 +551,7 @@ def prepare_dataset(
     task: str | None = None,
     folder_name: str | None = None,
     workers: int | None = None,
+    patient_pattern: str | None = None,
 ) -> dict[str, object]:
     """Prepare one dataset: find, split, check and decode its cases, write derived masks and the datalist.
 
@@ -495,6 +570,8 @@ def prepare_dataset(
         task: task of a ``folder`` dataset (``vessels`` or ``disc_cup``).
         folder_name: dataset name recorded for a ``folder`` dataset (default ``folder``).
         workers: threads decoding cases in parallel (None: up to 8, by CPU count).
+        patient_pattern: regular expression whose group ``patient`` names the person in a case id, so that seeded
+            draws keep each person's images together (None: the dataset's own, see :func:`split_cases`).
 
     Returns:
         the datalist as written.
@@ -516,7 +593,7 @@ def prepare_dataset(
     output = _absolute(output)
     derived = output.parent / f"{description.name}_derived"
     cases = find_cases(description, src, annotator, ignore=(output, derived))
-    parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction)
+    parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction, patient_pattern)
     note = None
     if annotator != "first":
         lacking = [case.case_id for case in cases if "second" not in case.annotations]
@@ -635,6 +712,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
     parser.add_argument("--test-fraction", type=float, help="test fraction of a seeded split (default: 0.27 or 0.25)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training pool")
+    parser.add_argument(
+        "--patient-pattern",
+        metavar="REGEX",
+        help="regular expression matching a whole image name (its case id) whose group 'patient' names the person, "
+        "e.g. '(?P<patient>P\\d+)_(OD|OS)': seeded draws keep each person's images in one set (default: the "
+        "dataset's own, for CHASE_DB1 and PAPILA; otherwise each image is its own person)",
+    )
     parser.add_argument("--task", help="folder datasets only: vessels (default) or disc_cup")
     parser.add_argument("--name", help="folder datasets only: the dataset name to record (default folder)")
     return parser
@@ -668,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_fraction=arguments.val_fraction,
             task=arguments.task,
             folder_name=arguments.name,
+            patient_pattern=arguments.patient_pattern,
         )
     print(
         f"wrote {arguments.output}: {datalist['dataset']} ({datalist['task']}), {datalist['numTraining']} training, "
