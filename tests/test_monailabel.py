@@ -313,6 +313,30 @@ def test_clicks_segment_as_the_bundle_segments_the_same_prompts(setup, tmp_path)
     assert np.array_equal(infer(server, "wide", INTERACTIVE, {}), automatic), "no click: the prompt-free label"
 
 
+def test_click_task_keeps_no_network_of_its_own(setup, tmp_path):
+    """The click-to-segment task runs the automatic task's network; the copy MONAI Label's BundleInferTask builds
+    for it is released (at Hiera-large it would hold about 0.9 GB for the server's life). In the server's Python,
+    on the served bundle, with the served app's main.py."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(setup['server'].app)!r})\n"
+        "import main\n"
+        f"bundle = {str(setup['bundle'])!r}\n"
+        "automatic = main.FundusInferTask(bundle, {})\n"
+        "clicks = main.FundusInteractiveTask(bundle, {}, automatic)\n"
+        "print(json.dumps({'automatic_has_one': automatic.network is not None, 'clicks_has_none': clicks.network is None,"
+        " 'clicks_valid': clicks.is_valid(),"
+        " 'same_network': clicks._get_network('cpu', {}) is automatic._get_network('cpu', {})}))\n"
+    )
+    environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
+    result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=tmp_path, env={**environment, "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "automatic_has_one": True, "clicks_has_none": True, "clicks_valid": True, "same_network": True}
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
