@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -468,10 +469,12 @@ def _owner(case_id: str) -> str:
     return case_id[:2].lower() if case_id.lower().startswith("p") else case_id
 
 
-def test_patient_pattern_groups_named_images_and_leaves_the_others_alone() -> None:
+def test_patient_pattern_groups_named_images_and_leaves_the_others_alone(caplog: pytest.LogCaptureFixture) -> None:
     cases = _named_cases("P1_OD", "p1_os", "P2_OD", "P2_OS", "P3_OD", "P3_OS", "P4_OD", "scan7", "scan8")
     description = folder_description()
     pattern = r"(?P<patient>p\d+)_O[DS]"
+    split_cases(description, cases, "seeded", patient_pattern=pattern)
+    assert "folder: 2 of 9 image names do not match --patient-pattern" in caplog.text and "(e.g. scan7)" in caplog.text
     for seed in range(10):
         parts, provenance = split_cases(description, cases, "seeded", seed, 0.3, 0.3, patient_pattern=pattern)
         owners = {name: {_owner(case.case_id) for case in part} for name, part in parts.items()}
@@ -488,6 +491,9 @@ def test_patient_pattern_errors_name_the_setting(chase_tree: Path, tmp_path: Pat
         split_cases(description, cases, "seeded", patient_pattern=r"(P\d")
     with pytest.raises(DatasetError, match=r"--patient-pattern 'P\\d\+' has no group named 'patient'"):
         split_cases(description, cases, "seeded", patient_pattern=r"P\d+")
+    unmatched = r"P(\d+)_(?P<patient>[LR])"  # CHASE_DB1's names are Image_NNL: it matches none of them
+    with pytest.raises(DatasetError, match=re.escape(f"'{unmatched}' matches none of the 28 image names (e.g. Image_01L)")):
+        split_cases(description, cases, "seeded", patient_pattern=unmatched)
     with pytest.raises(DatasetError, match="a seeded split needs images of at least 2 people, found 28 image"):
         split_cases(description, cases, "seeded", patient_pattern=r"(?P<patient>Image)_.*")
     for number in range(4):  # the command line, on a folder dataset: P1 and P2, two images each

@@ -418,11 +418,20 @@ def split_cases(
         test_fraction = description.test_fraction if method == "seeded" else None
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    if patient_pattern is None:
-        patient_pattern = description.patient_pattern
-        patient_of = _patient_rule(patient_pattern, f"{description.name}'s patient pattern")
-    else:
-        patient_of = _patient_rule(patient_pattern, "--patient-pattern")
+    setting = f"{description.name}'s patient pattern" if patient_pattern is None else "--patient-pattern"
+    patient_pattern = patient_pattern or description.patient_pattern
+    patient_of = _patient_rule(patient_pattern, setting)
+    unnamed = [case.case_id for case in cases if patient_of(case)[0] == "image"]
+    if patient_pattern and unnamed:
+        if len(unnamed) == len(cases) and setting == "--patient-pattern":
+            raise DatasetError(
+                f"--patient-pattern '{patient_pattern}' matches none of the {len(cases)} image names (e.g. "
+                f"{unnamed[0]}): it must match a whole name"
+            )
+        logger.warning(
+            "%s: %d of %d image names do not match %s '%s' (e.g. %s); each of them counts as a person of its own",
+            description.name, len(unnamed), len(cases), setting, patient_pattern, unnamed[0],
+        )
     # Natural order of ids, so that the draws depend on the seed only, not on how the files were listed.
     cases = sorted(cases, key=lambda case: _natural_key(case.case_id))
     test_seed, validation_seed = np.random.SeedSequence(seed).spawn(2)
