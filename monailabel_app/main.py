@@ -193,7 +193,7 @@ class FundusInteractiveTask(FundusInferTask):
     def __init__(self, path: str, conf: dict[str, str], automatic: FundusInferTask) -> None:
         super().__init__(path, conf, type=InferType.DEEPGROW)
         # BundleInferTask built a network of its own, which requests never use (they run the automatic task's):
-        # released rather than kept in memory for the server's life (about 0.9 GB at Hiera-large).
+        # released rather than kept for the server's life (Hiera-large: 0.9 GB less after the first request).
         self.network = None
         self.automatic = automatic
         self.description = "Click-to-segment: foreground/background clicks and an optional ROI box as SAM 2 prompts"
