@@ -485,7 +485,9 @@ def test_patient_pattern_groups_named_images_and_leaves_the_others_alone(caplog:
         assert 3 <= len(parts["test"]) <= 4  # 0.3 of 9 asks for 3 images; a person adds at most one more
 
 
-def test_patient_pattern_errors_name_the_setting(chase_tree: Path, tmp_path: Path) -> None:
+def test_patient_pattern_errors_name_the_setting(
+    chase_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     description, cases = _cases(chase_tree)
     with pytest.raises(DatasetError, match=r"--patient-pattern '\(P\\d' is not a regular expression"):
         split_cases(description, cases, "seeded", patient_pattern=r"(P\d")
@@ -501,6 +503,7 @@ def test_patient_pattern_errors_name_the_setting(chase_tree: Path, tmp_path: Pat
         _save(tmp_path / "mine" / "masks" / f"P{number // 2 + 1}_{number}.png", _random_mask(number))
     arguments = ["--dataset", "folder", "--src", str(tmp_path / "mine"), "--output", str(tmp_path / "mine.json")]
     assert main([*arguments, "--patient-pattern", r"(?P<patient>P\d+)_\d", "--val-fraction", "0"]) == 0
+    assert "2 training, 0 validation, 2 test images of 1, 0 and 1 people" in capsys.readouterr().out
     datalist = json.loads((tmp_path / "mine.json").read_text())
     assert datalist["patients"] == {"training": 1, "validation": 0, "test": 1}
     assert {entry["case"][:2] for entry in datalist["test"]} != {entry["case"][:2] for entry in datalist["training"]}

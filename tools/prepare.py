@@ -763,9 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder_name=arguments.name,
             patient_pattern=arguments.patient_pattern,
         )
+    people = datalist.get("patients")
     print(
         f"wrote {arguments.output}: {datalist['dataset']} ({datalist['task']}), {datalist['numTraining']} training, "
-        f"{datalist['numValidation']} validation, {datalist['numTest']} test"
+        f"{datalist['numValidation']} validation, {datalist['numTest']} test images"
+        + (f" of {people['training']}, {people['validation']} and {people['test']} people" if people else "")
     )
     return 0
 
