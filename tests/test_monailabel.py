@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -313,31 +314,63 @@ def test_clicks_segment_as_the_bundle_segments_the_same_prompts(setup, tmp_path)
     assert np.array_equal(infer(server, "wide", INTERACTIVE, {}), automatic), "no click: the prompt-free label"
 
 
-def test_click_task_keeps_no_network_of_its_own(setup, tmp_path):
-    """The click-to-segment task runs the automatic task's network; the copy MONAI Label's BundleInferTask builds
-    for it is released (at Hiera-large it would hold about 0.9 GB for the server's life). In the server's Python,
-    on the served bundle, with the served app's main.py."""
+def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
+    """Both tasks serve one network: the click task builds none, and the automatic task serves the network it was
+    built with instead of MONAI Label's deep copy of it (at Hiera-large each copy is about 0.9 GB for the server's
+    life). A model file that changed, or another file of ``models/`` named as ``model_filename``, is loaded into that
+    network, merged as the bundle's inference merges it. MONAI Label's ``preload`` setting loads it at start-up (the
+    click task asked for it before it knew the automatic task). In the server's Python, on a copy of the served
+    bundle, with the served app's main.py; the expected weights are computed from the files (``W + (alpha / rank)
+    B A``)."""
+    bundle = shutil.copytree(setup["bundle"], tmp_path / "bundle")  # a copy: the server keeps serving the original
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import gc, json, sys\n"
+        "import gc, json, os, sys, torch\n"
         f"sys.path.insert(0, {str(setup['server'].app)!r})\n"
         "import main\n"
-        f"bundle = {str(setup['bundle'])!r}\n"
+        f"bundle = {str(bundle)!r}\n"
+        "models = os.path.join(bundle, 'models')\n"
         "automatic = main.FundusInferTask(bundle, {})\n"
         "clicks = main.FundusInteractiveTask(bundle, {}, automatic)\n"
-        "gc.collect()\n"
-        "alive = sum(type(o) is type(automatic.network) for o in gc.get_objects())  # built, and not freed\n"
-        "print(json.dumps({'networks_alive': alive, 'clicks_has_none': clicks.network is None,"
-        " 'clicks_valid': clicks.is_valid(),"
-        " 'same_network': clicks._get_network('cpu', {}) is automatic._get_network('cpu', {})}))\n"
+        "kind = type(automatic.network)\n"
+        "def alive():\n"
+        "    gc.collect()\n"
+        "    return sum(type(o) is kind for o in gc.get_objects())\n"
+        "def merged_as_in(name):\n"
+        "    state = torch.load(os.path.join(models, name), weights_only=True)\n"
+        "    settings = state['_extra_state']\n"
+        "    prefix = next(k for k in state if k.endswith('lora_B'))[:-len('lora_B')]\n"
+        "    expected = state[prefix + 'weight'] + (state[prefix + 'lora_B'] @ state[prefix + 'lora_A'])"
+        " * (settings['lora_alpha'] / settings['lora_rank'])\n"
+        "    layer = automatic.network.get_submodule(prefix.rstrip('.'))\n"
+        "    return bool(torch.allclose(layer.weight, expected, atol=1e-6)) and layer.merged\n"
+        "report = {'built': alive()}\n"
+        "network = automatic._get_network('cpu', {})\n"
+        "report.update(served=alive(), same=network is automatic.network is clicks._get_network('cpu', {}),"
+        " model=merged_as_in('model.pt'))\n"
+        "state = torch.load(os.path.join(models, 'model.pt'), weights_only=True)\n"
+        "torch.save({k: v * 3 if k.endswith('lora_B') else v for k, v in state.items()},"
+        " os.path.join(models, 'model_best.pt'))\n"
+        "other = automatic._get_network('cpu', {'model_filename': ['model_best.pt']})\n"
+        "report.update(best=merged_as_in('model_best.pt'), best_same=other is network, best_alive=alive())\n"
+        "os.remove(os.path.join(models, 'model_best.pt'))\n"
+        "again = clicks._get_network('cpu', {})\n"
+        "report.update(back=merged_as_in('model.pt'), back_same=again is network, back_alive=alive())\n"
+        "preloaded = main.FundusInferTask(bundle, {'preload': 'true'})\n"
+        "preloaded_clicks = main.FundusInteractiveTask(bundle, {'preload': 'true'}, preloaded)\n"
+        "report.update(preloaded=list(preloaded._networks) == ['cpu']"
+        " and preloaded_clicks._get_network('cpu', {}) is preloaded.network)\n"
+        "print(json.dumps(report))\n"
     )
     environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
     result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=tmp_path, env={**environment, "HOME": str(tmp_path)},
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    # One network in memory after both tasks are built: the automatic task's (two before the click task let go).
+    # One network from start-up on (two once MONAI Label's copy is served, three before the click task built none).
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
-        "networks_alive": 1, "clicks_has_none": True, "clicks_valid": True, "same_network": True}
+        "built": 1, "served": 1, "same": True, "model": True,
+        "best": True, "best_same": True, "best_alive": 1,
+        "back": True, "back_same": True, "back_alive": 1, "preloaded": True}
 
 
 @pytest.mark.parametrize(
@@ -358,10 +391,11 @@ def test_bad_clicks_get_a_one_line_answer(setup, fields, message):
     assert message in detail and "\n" not in detail, detail
 
 
-def test_train_on_labels_saved_through_the_api(setup):
+def test_train_on_labels_saved_through_the_api(setup, tmp_path):
     server = setup["server"]
     model = setup["bundle"] / "models" / "model.pt"
     before = sha256(model)
+    label_before = infer(server, "wide")
     # Training before any label is saved fails with a message that says what to do.
     task = train(server, {"max_epochs": 1, "num_workers": 0})
     assert task["status"] == "ERROR"
@@ -393,9 +427,16 @@ def test_train_on_labels_saved_through_the_api(setup):
         bool(value) for key, value in state.items() if key.endswith("lora_merged")
     ), "saved with the adapters apart, as the bundle saves it"
 
-    # The server picks the new weights up (MONAI Label reloads a model whose file changed).
+    # The server serves the new weights (loaded into its network, since the file changed): its label is the one
+    # the bundle's own inference gives with the fine-tuned model.pt.
     label = infer(server, "wide")
-    assert label.shape == (HEIGHT, WIDTH)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(setup["studies"] / "wide.png", images)
+    bundle_inference(setup["bundle"], images, tmp_path / "bundle_inference")
+    reference = np.asarray(Image.open(tmp_path / "bundle_inference" / "wide_mask.png"))
+    np.testing.assert_array_equal(label.astype(np.int32) * 255, reference)
+    assert not np.array_equal(label, label_before), "training changed the label (else stale weights could pass)"
 
 
 @pytest.mark.parametrize(
