@@ -310,7 +310,10 @@ class FundusTrainTask(BundleTrainTask):
         options["run_id"] = "training"
         options["tracking"] = ["None", "mlflow"]
         for key in TRAIN_SETTINGS:
-            options[key] = self.bundle_config.get(key)
+            default = self.bundle_config.get(key)
+            # An expression (num_workers: one per core, at most 8) is the bundle's to evaluate with its own scripts,
+            # which the app does not import: left empty, the bundle's default applies.
+            options[key] = None if isinstance(default, str) and default.startswith("$") else default
         return options
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:

