@@ -8,8 +8,10 @@
 #      leave, which no GPU machine has run);
 #   3. the bundle's own trainer on real DRIVE (Hiera-large, 1024 px, the paper's recipe, random weights) with 2 and
 #      8 DataLoader workers: images per second sustained, data loading included, and the share of that time spent
-#      waiting for batches (training_log.jsonl), and how long the process takes to exit once the run has finished
-#      (a run still alive at its limit gets SIGABRT, and Python's faulthandler prints where every thread waits).
+#      waiting for batches (training_log.jsonl); where each iteration goes (ignite's HandlersTimeProfiler: waiting
+#      for the batch, the step, each handler; profile_w*.json); and how long the process takes to exit once the run
+#      has finished (a run still alive at its limit gets SIGABRT, and Python's faulthandler prints where every
+#      thread waits).
 # For every figure at once (not timed on a GPU yet; the CPU backends' exports alone take minutes):
 # python3 -m tools.benchmark --device cuda --model-sizes tiny large --image-sizes 1024
 # Each stage has its own time limit, so one that overruns leaves the others their time; the benchmark rewrites
@@ -54,16 +56,34 @@ benchmark prompt_modes 100 --model-sizes tiny large --parts prompt_modes
 
 python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" \
     > "$out/prepare.log" 2>&1 || { cat "$out/prepare.log"; exit 1; }
-bundle=(--bundle_root bundle --meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf
-    --config_file bundle/configs/train.json)
 for workers in 2 8; do
     run="$work/train_w$workers"
     seconds=$(limit 80)
     echo "== bundle trainer on DRIVE, $workers workers, $seconds s ($(left) s left)"
     start=$SECONDS
-    timeout -s ABRT -k 5 "$seconds" python3 -m monai.bundle run training "${bundle[@]}" \
-        --datalist "$work/drive/datalist.json" --random_init True --max_epochs 3 --val_interval 3 \
-        --num_workers "$workers" --ckpt_dir "$run/models" --output_dir "$run/eval" > "$out/train_w$workers.log" 2>&1
+    # The bundle's training workflow (as `monai.bundle run training` runs it) under ignite's HandlersTimeProfiler,
+    # which splits each iteration into waiting for the batch ("Dataflow"), the step ("Processing") and each handler.
+    timeout -s ABRT -k 5 "$seconds" python3 - "$work/drive/datalist.json" "$run" "$workers" "$out/profile_w$workers.json" \
+        > "$out/train_w$workers.log" 2>&1 <<'EOF'
+import json, sys
+from ignite.handlers import HandlersTimeProfiler
+from monai.bundle import ConfigWorkflow
+datalist, run, workers, table = sys.argv[1:5]
+workflow = ConfigWorkflow(
+    config_file="bundle/configs/train.json", meta_file="bundle/configs/metadata.json",
+    logging_file="bundle/configs/logging.conf", workflow_type="train", run_id="training", init_id="initialize",
+    final_id="finalize", bundle_root="bundle", datalist=datalist, random_init=True, max_epochs=3, val_interval=3,
+    num_workers=int(workers), ckpt_dir=f"{run}/models", output_dir=f"{run}/eval")
+workflow.initialize()
+profiler = HandlersTimeProfiler()
+profiler.attach(workflow.parser.get_parsed_content("train#trainer"))
+workflow.run()
+workflow.finalize()
+results = profiler.get_results()
+profiler.print_results(results)
+with open(table, "w") as file:
+    json.dump(results, file)
+EOF
     echo "exit $? after $((SECONDS - start)) s" | tee -a "$out/train_w$workers.log"
     cp "$run/eval/training_log.jsonl" "$out/training_log_w$workers.jsonl" 2>/dev/null
     python3 - "$run/eval/training_log.jsonl" "$workers" <<'EOF' | tee -a "$out/throughput.txt"
