@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
+from monai.bundle.config_item import ConfigExpression
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -313,7 +314,7 @@ class FundusTrainTask(BundleTrainTask):
             default = self.bundle_config.get(key)
             # An expression (num_workers: one per core, at most 8) is the bundle's to evaluate with its own scripts,
             # which the app does not import: left empty, the bundle's default applies.
-            options[key] = None if isinstance(default, str) and default.startswith("$") else default
+            options[key] = None if ConfigExpression.is_expression(default) else default
         return options
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:

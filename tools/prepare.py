@@ -419,7 +419,8 @@ def split_cases(
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     setting = f"{description.name}'s patient pattern" if patient_pattern is None else "--patient-pattern"
-    patient_pattern = patient_pattern or description.patient_pattern
+    if patient_pattern is None:
+        patient_pattern = description.patient_pattern
     patient_of = _patient_rule(patient_pattern, setting)
     unnamed = [case.case_id for case in cases if patient_of(case)[0] == "image"]
     if patient_pattern and unnamed:
