@@ -4,6 +4,7 @@ and clear errors. Exports are of Hiera-tiny at 64 px (seconds); the figures at r
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -18,7 +19,8 @@ from scripts.inferers import FundusInferer
 from scripts.lora import lora_modules
 from scripts.network import SAM2LoRA
 from scripts.onnx_backend import DeployError, OnnxBackend, inference_backend
-from tests.helpers import INFER, fail_message, run_bundle, write_model_file
+from scripts.synthetic import write_dataset
+from tests.helpers import EVALUATE, FAST, INFER, TRAIN, fail_message, run_bundle, write_model_file
 
 pytest.importorskip("onnxruntime", reason="onnx, onnxscript and onnxruntime are the backend's optional dependencies")
 
@@ -187,3 +189,29 @@ def test_bundle_inference_with_the_onnxruntime_backend_writes_pytorchs_masks(tmp
             assert probability.shape == expected.shape and np.abs(probability - expected).max() <= 1
             mask = np.asarray(Image.open(outputs[run] / f"{name}_mask.png"))
             assert (mask == np.asarray(Image.open(outputs["torch"] / f"{name}_mask.png"))).mean() > 0.999
+
+
+def test_bundle_evaluation_measures_the_onnxruntime_backend(tmp_path):
+    """``run evaluating --backend onnxruntime``: the field's metrics of the exported network on a labelled split, equal
+    to PyTorch's in float32, the backend recorded with them; int8 evaluates its own export; prompts are refused."""
+    datalist = write_dataset(tmp_path / "data", count=4, size=96, seed=2)["vessels"]
+    model = write_model_file(tmp_path / "models" / "model.pt", architecture="unet")
+    metrics, recorded = {}, {}
+    for run, settings in (("torch", {}), ("float32", {"backend": "onnxruntime"}),
+                          ("int8", {"backend": "onnxruntime", "onnx_int8": True})):
+        output = tmp_path / run
+        result = run_bundle("evaluating", [TRAIN, EVALUATE], cwd=tmp_path, datalist=datalist, ckpt_path=model,
+                            output_dir=output, **FAST, **settings)
+        assert result.returncode == 0, fail_message(result)
+        summary = json.loads((output / "metrics_summary.json").read_text())
+        metrics[run], recorded[run] = summary["summary"]["all"]["metrics"], summary["metadata"]["backend"]
+    assert recorded == {"torch": "torch", "float32": "onnxruntime", "int8": "onnxruntime int8"}
+    assert (tmp_path / "models" / "model.onnxruntime-int8.onnx").is_file()
+    for key in ("vessels/fov/auc", "vessels/fov/dice", "vessels/image/auc"):
+        assert metrics["float32"][key]["mean"] == pytest.approx(metrics["torch"][key]["mean"], abs=1e-3), key
+
+    prompted = write_model_file(tmp_path / "models" / "sam.pt")
+    result = run_bundle("evaluating", [TRAIN, EVALUATE], cwd=tmp_path, datalist=datalist, ckpt_path=prompted,
+                        output_dir=tmp_path / "prompted", backend="onnxruntime", prompt_modes=["none", "box"], **FAST)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "Prompts need backend 'torch'" in log and "Traceback" not in log, log[-2000:]
