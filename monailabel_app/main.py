@@ -80,6 +80,8 @@ NETWORK_SETTINGS = (
 FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 # Train request settings passed to the bundle's train.json as they are, with the bundle's defaults.
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
+# How --conf yes/no settings may be written.
+TRUE_VALUES, FALSE_VALUES = ("true", "1", "yes"), ("false", "0", "no")
 # Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
 
@@ -148,6 +150,8 @@ class FundusInferTask(BundleInferTask):
     """
 
     def __init__(self, path: str, conf: dict[str, str], type: InferType = InferType.SEGMENTATION) -> None:
+        # The onnxruntime backend serving the current model file: ((path, mtime), backend).
+        self._served_backend: tuple[tuple[str, float], Any] | None = None
         # add_post_restore=False: MONAI Label's Restored assumes a channel axis and the (W, H) layout; the bundle's
         # Invertd already brings the prediction back to the image's size.
         super().__init__(path, conf, type=type, add_post_restore=False, load_strict=True)
@@ -156,6 +160,9 @@ class FundusInferTask(BundleInferTask):
         # A request is one image and no prompts file; the bundle reads a prompts file against its own image folder,
         # which the server does not have.
         self.bundle_config["user_prompts"] = {}
+        for key, value in self._backend_settings(conf).items():
+            self.bundle_config[key] = value
+        self._check_inferer(path)
         self.network_settings = served_network_settings(Path(path))
         self.channel_names = list(self.network_settings["channel_names"])
         # Label value c + 1 for channel c, the values FundusLabeld writes (channel_def's index would give 0).
@@ -165,6 +172,40 @@ class FundusInferTask(BundleInferTask):
             logger.warning(f"{path}: restrict_to_fov is not applied to MONAI Label results (labels cover the image).")
         # A label is always a lossless PNG of uint8 values, whatever the image's format.
         self._config.update({"result_extension": ".png", "result_dtype": "uint8"})
+
+    def _backend_settings(self, conf: Mapping[str, str]) -> dict[str, Any]:
+        return backend_settings(conf)
+
+    def _check_inferer(self, path: str) -> None:
+        """Build the bundle's inferer now, so that a setting it refuses (``--conf backend``, ``onnx_int8``, a missing
+        onnxruntime) stops the server at start-up with the bundle's own message rather than failing each request."""
+        try:
+            BundleInferTask.inferer(self)
+        except Exception as error:  # the bundle's ConfigError, wrapped by MONAI's config parser
+            cause = error.__cause__ or error
+            raise MONAILabelException(
+                MONAILabelError.APP_INIT_ERROR, f"Bundle {path}: {str(cause).splitlines()[-1]}"
+            ) from None
+
+    def inferer(self, data: Any = None) -> Any:
+        """The bundle's inferer; with the onnxruntime backend, one whose export follows the model file served.
+
+        The bundle's backend exports the network at its first call and keeps that session, while a server's model
+        file changes (training replaces it; a request may name another as ``model_filename``): a new backend is
+        taken for each file and modification time, which reuses the export cached next to that file or rebuilds
+        it (:class:`scripts.onnx_backend.OnnxBackend`).
+        """
+        inferer = super().inferer(data)
+        backend = getattr(inferer, "backend", None)
+        if backend is None:
+            return inferer
+        path = self._model_path(data)
+        served = (path, os.stat(path).st_mtime)
+        if self._served_backend is None or self._served_backend[0] != served:
+            self._served_backend = (served, backend.for_model(path))
+        inferer = copy.copy(inferer)
+        inferer.backend = self._served_backend[1]
+        return inferer
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
         post = [t for t in super().post_transforms(data) if type(t).__name__ not in FILE_WRITERS]
@@ -249,6 +290,10 @@ class FundusInteractiveTask(FundusInferTask):
         # this task builds none (Hiera-large: 0.9 GB and its start-up time saved).
         bundle_config[self.const.key_network_def()] = "$None"
         return bundle_config
+
+    def _backend_settings(self, conf: Mapping[str, str]) -> dict[str, Any]:
+        # Prompts need the PyTorch decoder: clicks run PyTorch, whatever --conf backend says.
+        return {"backend": "torch", "onnx_int8": False}
 
     def _get_network(self, device: Any, data: Any) -> Any:
         return self.automatic._get_network(device, data)
@@ -375,11 +420,33 @@ class FundusTrainTask(BundleTrainTask):
         return overrides
 
 
+def backend_settings(conf: Mapping[str, str]) -> dict[str, Any]:
+    """The bundle settings that ``--conf backend torch|onnxruntime`` and ``--conf onnx_int8 true|false`` give the
+    automatic models (absent: the bundle's inference.json decides). The bundle checks the backend's name.
+
+    Raises:
+        MONAILabelException: ``onnx_int8`` is not a yes/no value.
+    """
+    settings: dict[str, Any] = {}
+    if "backend" in conf:
+        settings["backend"] = conf["backend"]
+    if "onnx_int8" in conf:
+        value = str(conf["onnx_int8"]).strip().lower()
+        if value not in TRUE_VALUES + FALSE_VALUES:
+            raise MONAILabelException(
+                MONAILabelError.APP_INIT_ERROR, f"--conf onnx_int8 must be true or false, got {conf['onnx_int8']!r}."
+            )
+        settings["onnx_int8"] = value in TRUE_VALUES
+    return settings
+
+
 class FundusApp(MONAILabelApp):
     """MONAI Label app for colour fundus photographs served by SAM2-LoRA bundles.
 
     ``--conf models <name>[,<name>...]``: bundle folders under ``<app>/model`` (default ``sam2lora_fundus``).
     ``--conf skip_trainers true``: inference only.
+    ``--conf backend onnxruntime`` (``--conf onnx_int8 true``): the automatic models run the bundle's onnxruntime
+    CPU backend (clicks run PyTorch).
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
@@ -423,7 +490,7 @@ class FundusApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        if self.conf.get("skip_trainers", "false").lower() in ("true", "1", "yes"):
+        if self.conf.get("skip_trainers", "false").lower() in TRUE_VALUES:
             return {}
         trainers: dict[str, TrainTask] = {}
         for name, folder in self.bundles.items():

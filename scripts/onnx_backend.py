@@ -39,6 +39,7 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "inference_backend",
+    "onnx_cache_path",
     "weights_fingerprint",
 ]
 
@@ -180,6 +181,12 @@ class OnnxBackend:
         self.fingerprint: str | None = None
         self.rebuilt = False
 
+    def for_model(self, ckpt_path: str | os.PathLike) -> OnnxBackend:
+        """A backend of the same kind whose export is cached next to ``ckpt_path``: a server whose model file is
+        replaced (MONAI Label's training) or chosen per request takes a new one, since a backend keeps the session
+        it built at its first call."""
+        return OnnxBackend(onnx_cache_path(ckpt_path, self.int8), self.int8)
+
     def __call__(self, images: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """Logits of ``images`` (B, 3, S, S) from the export of ``network``; on ``images``' device."""
         if self.session is None:
@@ -285,5 +292,11 @@ def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = F
             f"backend 'onnxruntime' needs onnxruntime {'.'.join(map(str, MIN_ONNXRUNTIME))} or later (its exports use "
             f"opset {OPSET}); installed: {onnxruntime.__version__}. pip install -U onnxruntime."
         )
+    return OnnxBackend(onnx_cache_path(ckpt_path, int8), int8)
+
+
+def onnx_cache_path(ckpt_path: str | os.PathLike, int8: bool = False) -> Path:
+    """Where the export of a model file is cached: ``model.pt`` -> ``model.onnxruntime.onnx`` (float32) or
+    ``model.onnxruntime-int8.onnx``."""
     model = Path(ckpt_path)
-    return OnnxBackend(model.with_name(model.stem + (".onnxruntime-int8.onnx" if int8 else ".onnxruntime.onnx")), int8)
+    return model.with_name(model.stem + (".onnxruntime-int8.onnx" if int8 else ".onnxruntime.onnx"))

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def served_model(path: Path) -> Path:
 class Server:
     """The MONAI Label server started by serve.sh as a process group of its own."""
 
-    def __init__(self, root: Path, archive: Path, studies: Path) -> None:
+    def __init__(self, root: Path, archive: Path, studies: Path, options: Sequence[str] = ()) -> None:
         self.app = root / "app"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -106,7 +107,7 @@ class Server:
         environment = {key: os.environ[key] for key in kept if key in os.environ}
         environment["HOME"] = str(root)
         command = ["bash", str(SERVE), "--studies", str(studies), "--bundle", str(archive), "--app", str(self.app),
-                   "--port", str(self.port)]
+                   "--port", str(self.port), "--", *options]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -165,6 +166,7 @@ def setup(module_folder) -> dict:
     try:
         info = server.wait_ready(START_TIMEOUT)
         yield {"root": root, "studies": studies, "corrected": corrected, "server": server, "info": info,
+               "archive": result.archive,
                "bundle": server.app / "model" / BUNDLE_NAME,
                "disc": (int(cols.mean()), int(rows.mean()), int(cols.max() - cols.min()) // 2)}
     finally:
@@ -373,6 +375,66 @@ def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
         "built": 1, "served": 1, "same": True, "model": True,
         "best": True, "best_same": True, "best_alive": 1,
         "back": True, "back_same": True, "back_alive": 1, "preloaded": True}
+
+
+def test_automatic_model_on_onnxruntime_follows_the_served_model_file(setup, tmp_path):
+    """``--conf backend onnxruntime``: a real server whose automatic model runs the bundle's onnxruntime export
+    answers with the bundle's own label, exports once next to the model file, and after training-like replacement
+    of that file answers with the new model's label from a rebuilt export; clicks still run PyTorch."""
+    server = Server(tmp_path, setup["archive"], setup["studies"], ["--conf", "backend", "onnxruntime"])
+    try:
+        server.wait_ready(START_TIMEOUT)
+        bundle = server.app / "model" / BUNDLE_NAME
+        labels, references = {}, {}
+        for model in ("trained", "retrained"):
+            if model == "retrained":  # as training through MONAI Label does: a new file replaces model.pt
+                state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+                # Adapters of the other sign: another function as well conditioned. Scaled up, random adapters make
+                # this random network chaotic (float32 then differs from float64 by tenths of a logit), which the
+                # export's check against PyTorch rightly refuses.
+                torch.save({k: -v if k.endswith("lora_B") else v for k, v in state.items()}, tmp_path / "new.pt")
+                os.replace(tmp_path / "new.pt", bundle / "models" / "model.pt")
+            labels[model] = infer(server, "wide")
+            bundle_inference(bundle, setup["studies"], tmp_path / model)
+            references[model] = np.asarray(Image.open(tmp_path / model / "wide_mask.png")) > 0
+            assert 0.02 < references[model].mean() < 0.98, "a constant reference would make the comparison vacuous"
+            # onnxruntime's float32 sums in its own order: a pixel at the threshold may flip.
+            assert ((labels[model] > 0) == references[model]).mean() > 0.999, model
+        assert not np.array_equal(labels["trained"], labels["retrained"]), "the replaced model's label is served"
+        log = server.log.read_text(errors="replace")
+        assert "no export yet" in log and "it was built from other weights" in log, log[-3000:]
+        assert (bundle / "models" / "model.onnxruntime.onnx").is_file()
+        clicks = infer(server, "wide", INTERACTIVE, {})
+        np.testing.assert_array_equal(clicks.astype(np.int32) * 255, references["retrained"].astype(np.int32) * 255)
+    finally:
+        server.stop()
+
+
+def test_bad_backend_settings_stop_the_app_with_one_line(setup, tmp_path):
+    bundle = shutil.copytree(setup["bundle"], tmp_path / "bundle")
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(setup['server'].app)!r})\n"
+        "import main\n"
+        "messages = []\n"
+        "for conf in ({'backend': 'tensorrt'}, {'onnx_int8': 'true'}, {'backend': 'onnxruntime', 'onnx_int8': 'maybe'}):\n"
+        "    try:\n"
+        f"        main.FundusInferTask({str(bundle)!r}, conf)\n"
+        "        messages.append(None)\n"
+        "    except main.MONAILabelException as error:\n"
+        "        messages.append(error.msg)\n"
+        "print(json.dumps(messages))\n"
+    )
+    environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
+    result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=tmp_path, env={**environment, "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    unknown, int8_on_torch, not_a_flag = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "backend 'tensorrt' is not one of torch, onnxruntime" in unknown, unknown
+    assert "onnx_int8 True needs backend 'onnxruntime'" in int8_on_torch, int8_on_torch
+    assert not_a_flag == "--conf onnx_int8 must be true or false, got 'maybe'.", not_a_flag
+    assert all("\n" not in message for message in (unknown, int8_on_torch, not_a_flag))
 
 
 @pytest.mark.parametrize(
