@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -226,6 +227,17 @@ def train(server: Server, settings: dict) -> dict:
     pytest.fail(f"training did not finish within {TRAIN_TIMEOUT} s: {task}\n{server.log_tail()}")
 
 
+def run_in_server_python(folder: Path, code: str) -> Any:
+    """Run ``code`` in the server's Python (MONAI Label's venv) in ``folder``; the JSON its last line prints."""
+    probe = folder / "probe.py"
+    probe.write_text(code)
+    environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
+    result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=folder, env={**environment, "HOME": str(folder)},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_server_lists_the_bundle_with_its_label_and_trainer(setup):
     info = setup["info"]
     model = info["models"][BUNDLE_NAME]
@@ -327,8 +339,8 @@ def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
     bundle, with the served app's main.py; the expected weights are computed from the files (``W + (alpha / rank)
     B A``)."""
     bundle = shutil.copytree(setup["bundle"], tmp_path / "bundle")  # a copy: the server keeps serving the original
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+    report = run_in_server_python(
+        tmp_path,
         "import gc, json, os, sys, torch\n"
         f"sys.path.insert(0, {str(setup['server'].app)!r})\n"
         "import main\n"
@@ -364,14 +376,10 @@ def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
         "preloaded_clicks = main.FundusInteractiveTask(bundle, {'preload': 'true'}, preloaded)\n"
         "report.update(preloaded=list(preloaded._networks) == ['cpu']"
         " and preloaded_clicks._get_network('cpu', {}) is preloaded.network)\n"
-        "print(json.dumps(report))\n"
+        "print(json.dumps(report))\n",
     )
-    environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
-    result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=tmp_path, env={**environment, "HOME": str(tmp_path)},
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
     # One network from start-up on (two once MONAI Label's copy is served, three before the click task built none).
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+    assert report == {
         "built": 1, "served": 1, "same": True, "model": True,
         "best": True, "best_same": True, "best_alive": 1,
         "back": True, "back_same": True, "back_alive": 1, "preloaded": True}
@@ -412,8 +420,8 @@ def test_automatic_model_on_onnxruntime_follows_the_served_model_file(setup, tmp
 
 def test_bad_backend_settings_stop_the_app_with_one_line(setup, tmp_path):
     bundle = shutil.copytree(setup["bundle"], tmp_path / "bundle")
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+    unknown, int8_on_torch, not_a_flag = run_in_server_python(
+        tmp_path,
         "import json, sys\n"
         f"sys.path.insert(0, {str(setup['server'].app)!r})\n"
         "import main\n"
@@ -424,13 +432,8 @@ def test_bad_backend_settings_stop_the_app_with_one_line(setup, tmp_path):
         "        messages.append(None)\n"
         "    except main.MONAILabelException as error:\n"
         "        messages.append(error.msg)\n"
-        "print(json.dumps(messages))\n"
+        "print(json.dumps(messages))\n",
     )
-    environment = {key: os.environ[key] for key in ("PATH", "LANG", "OMP_NUM_THREADS") if key in os.environ}
-    result = subprocess.run([str(SERVER_PYTHON), str(probe)], cwd=tmp_path, env={**environment, "HOME": str(tmp_path)},
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    unknown, int8_on_torch, not_a_flag = json.loads(result.stdout.strip().splitlines()[-1])
     assert "backend 'tensorrt' is not one of torch, onnxruntime" in unknown, unknown
     assert "onnx_int8 True needs backend 'onnxruntime'" in int8_on_torch, int8_on_torch
     assert not_a_flag == "--conf onnx_int8 must be true or false, got 'maybe'.", not_a_flag
