@@ -57,6 +57,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.class_utils import unload_module
+from monailabel.utils.others.generic import strtobool
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,29 @@ NETWORK_SETTINGS = (
 FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 # Train request settings passed to the bundle's train.json as they are, with the bundle's defaults.
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
-# How --conf yes/no settings may be written.
-TRUE_VALUES, FALSE_VALUES = ("true", "1", "yes"), ("false", "0", "no")
 # Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
+
+
+def bundle_init_error(bundle: str | os.PathLike, error: Exception) -> MONAILabelException:
+    """The start-up error for a bundle whose config refused to resolve: the bundle's own message (the cause MONAI's
+    config parser wraps), in one line."""
+    cause = error.__cause__ or error
+    return MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"Bundle {bundle}: {str(cause).splitlines()[-1]}")
+
+
+def conf_flag(conf: Mapping[str, str], key: str) -> bool:
+    """A yes/no ``--conf`` setting, read as MONAI Label reads its own (``preload``): true/false, yes/no, 1/0, on/off.
+
+    Raises:
+        MONAILabelException: another value.
+    """
+    try:
+        return strtobool(conf.get(key, "false"))
+    except ValueError:
+        raise MONAILabelException(
+            MONAILabelError.APP_INIT_ERROR, f"--conf {key} must be true or false, got {conf[key]!r}."
+        ) from None
 
 
 def served_network_settings(bundle: Path) -> dict[str, Any]:
@@ -101,10 +121,7 @@ def served_network_settings(bundle: Path) -> dict[str, Any]:
     try:
         trained = parser.get_parsed_content("trained_settings")
     except Exception as error:  # the bundle's own error (missing or foreign model file), wrapped by the parser
-        cause = error.__cause__ or error
-        raise MONAILabelException(
-            MONAILabelError.APP_INIT_ERROR, f"Bundle {bundle}: {str(cause).splitlines()[-1]}"
-        ) from None
+        raise bundle_init_error(bundle, error) from None
     finally:
         sys.path.remove(str(bundle))
     return {**{key: trained[key] for key in NETWORK_SETTINGS}, **trained.get("recorded", {})}
@@ -182,10 +199,7 @@ class FundusInferTask(BundleInferTask):
         try:
             BundleInferTask.inferer(self)
         except Exception as error:  # the bundle's ConfigError, wrapped by MONAI's config parser
-            cause = error.__cause__ or error
-            raise MONAILabelException(
-                MONAILabelError.APP_INIT_ERROR, f"Bundle {path}: {str(cause).splitlines()[-1]}"
-            ) from None
+            raise bundle_init_error(path, error) from None
 
     def inferer(self, data: Any = None) -> Any:
         """The bundle's inferer; with the onnxruntime backend, one whose export follows the model file served.
@@ -431,12 +445,7 @@ def backend_settings(conf: Mapping[str, str]) -> dict[str, Any]:
     if "backend" in conf:
         settings["backend"] = conf["backend"]
     if "onnx_int8" in conf:
-        value = str(conf["onnx_int8"]).strip().lower()
-        if value not in TRUE_VALUES + FALSE_VALUES:
-            raise MONAILabelException(
-                MONAILabelError.APP_INIT_ERROR, f"--conf onnx_int8 must be true or false, got {conf['onnx_int8']!r}."
-            )
-        settings["onnx_int8"] = value in TRUE_VALUES
+        settings["onnx_int8"] = conf_flag(conf, "onnx_int8")
     return settings
 
 
@@ -490,7 +499,7 @@ class FundusApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        if self.conf.get("skip_trainers", "false").lower() in TRUE_VALUES:
+        if conf_flag(self.conf, "skip_trainers"):
             return {}
         trainers: dict[str, TrainTask] = {}
         for name, folder in self.bundles.items():
