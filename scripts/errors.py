@@ -12,12 +12,22 @@ them in one line on stderr and exit with status 1; any other exception is a bug 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import traceback
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
-__all__ = ["ConfigError", "FundusError", "command_line", "first_line", "install_error_hook", "user_error"]
+__all__ = [
+    "ConfigError",
+    "FundusError",
+    "command_line",
+    "first_line",
+    "install_error_hook",
+    "is_real_number",
+    "user_error",
+]
 
 
 class FundusError(Exception):
@@ -26,6 +36,13 @@ class FundusError(Exception):
 
 class ConfigError(FundusError, ValueError):
     """A setting of a workflow or tool has a value it cannot work with; the message names the setting."""
+
+
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float, not a bool. A setting's check asks this before it compares, so
+    that ``--gradient_clip_norm abc`` (which arrives as a string) gets the setting's one-line error, not a
+    TypeError from the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def first_line(error: BaseException) -> str:

@@ -200,9 +200,10 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
         point_coords: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        ignored_points: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mask logits (B, C, H, W) at the size of ``images``; see :meth:`predict` for the arguments."""
-        output = self.predict(images, point_coords, point_labels, boxes)
+        output = self.predict(images, point_coords, point_labels, boxes, ignored_points)
         self.latest_iou_predictions = output.iou_predictions
         return output.logits
 
@@ -212,6 +213,7 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
         point_coords: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        ignored_points: torch.Tensor | None = None,
     ) -> SegmentationOutput:
         """Segment a batch, each image with its own embedding and its own prompts.
 
@@ -220,11 +222,13 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             point_coords: (B, N, 2) ``(x, y)`` pixel coordinates in ``images``.
             point_labels: (B, N) SAM labels: 1 positive, 0 negative, 2 and 3 box corners, -1 padding.
             boxes: (B, 4) ``(x0, y0, x1, y1)`` pixel boxes in ``images``.
+            ignored_points: (B, N) True for points that only pad their set to the batch's length N, see
+                :meth:`decode` (training batches mark them: :class:`scripts.transforms.SamplePromptsd`).
 
         Returns:
             Mask logits (B, C, H, W) and SAM's predicted IoU (B, C).
         """
-        return self.decode(self.encode_images(images), point_coords, point_labels, boxes)
+        return self.decode(self.encode_images(images), point_coords, point_labels, boxes, ignored_points=ignored_points)
 
     def encode_images(self, images: torch.Tensor) -> ImageEmbeddings:
         """Run the image encoder once; :meth:`decode` then reads its output for as many prompt sets as wanted.

@@ -50,6 +50,7 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from torchvision.transforms.v2.functional import adjust_hue
 
+from scripts.errors import ConfigError, is_real_number
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
 from scripts.prompts import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, POINT_NEGATIVE, POINT_PADDING, POINT_POSITIVE
@@ -396,10 +397,17 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
     box is the label's bounding box, its corners moved by up to ``box_noise`` of its side (at most
     ``box_noise_bound`` px), as SAM 2's training does. With probability ``no_prompt_prob`` every slot is padding.
 
+    Padding only fills the fixed length, so ``ignored_points`` marks it to be kept out of the decoder's attention
+    (:meth:`scripts.network.SAM2LoRA.decode`): each item then decodes as its prompts would alone at inference, and
+    an item without prompts as SAM 2's prompt-free input (one padding point, the first slot, which is kept). SAM's
+    padding token is a real token, so without the mark a prompt-free item of N slots would train on N padding
+    tokens where inference gives one.
+
     Outputs follow SAM's convention, with a fixed length ``N = num_positive + num_negative + (2 if use_box)`` so that
     the default collate stacks them: ``point_coords`` ``(N, 2)`` float32 ``(x, y)`` = (column, row) pixel coordinates
     of the image as it is at this point of the pipeline, ``point_labels`` ``(N,)`` int64: 1 positive, 0 negative, 2/3
-    box top-left/bottom-right, -1 padding (coordinates 0). An empty label gives only negatives and padding.
+    box top-left/bottom-right, -1 padding (coordinates 0), ``ignored_points`` ``(N,)`` bool. An empty label gives
+    only negatives and padding.
 
     Args:
         label_key: key of the ``(C, H, W)`` label.
@@ -414,6 +422,7 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
         no_prompt_prob: probability of giving no prompt at all.
         coords_key: output key of the coordinates.
         labels_key: output key of the point labels.
+        ignored_key: output key of the padding slots to keep out of the decoder's attention.
     """
 
     def __init__(
@@ -430,11 +439,21 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
         no_prompt_prob: float = 0.0,
         coords_key: str = "point_coords",
         labels_key: str = "point_labels",
+        ignored_key: str = "ignored_points",
     ) -> None:
-        if num_positive < 0 or num_negative < 0 or num_positive + num_negative + (2 if use_box else 0) == 0:
-            raise ValueError("SamplePromptsd needs at least one prompt slot (points or box)")
-        if not 0.0 <= no_prompt_prob <= 1.0:
-            raise ValueError(f"no_prompt_prob must be a probability, got {no_prompt_prob}")
+        counts = {"prompt_positive_points": num_positive, "prompt_negative_points": num_negative}
+        for name, count in counts.items():
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"Setting '{name}' must be 0 or a positive whole number; got {count!r}.")
+        if num_positive + num_negative + (2 if use_box else 0) == 0:
+            raise ConfigError(
+                "Settings 'prompt_positive_points', 'prompt_negative_points' and 'prompt_box' give no prompt slot: "
+                "ask for at least one point or the box."
+            )
+        if not (is_real_number(no_prompt_prob) and 0.0 <= no_prompt_prob <= 1.0):
+            raise ConfigError(
+                f"Setting 'prompt_free_probability' must be a probability in [0, 1]; got {no_prompt_prob!r}."
+            )
         MapTransform.__init__(self, [label_key, fov_key], allow_missing_keys=True)
         RandomizableTransform.__init__(self, prob=1.0)
         self.label_key, self.fov_key, self.channel = label_key, fov_key, channel
@@ -442,7 +461,7 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
         self.erosion_radius = erosion_radius
         self.box_noise, self.box_noise_bound = box_noise, box_noise_bound
         self.no_prompt_prob = no_prompt_prob
-        self.coords_key, self.labels_key = coords_key, labels_key
+        self.coords_key, self.labels_key, self.ignored_key = coords_key, labels_key, ignored_key
 
     @property
     def num_slots(self) -> int:
@@ -474,7 +493,8 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
             data: item holding a ``(C, H, W)`` label (and optionally a ``(1, H, W)`` field of view).
 
         Returns:
-            a copy of ``data`` with ``point_coords`` ``(N, 2)`` float32 and ``point_labels`` ``(N,)`` int64 added.
+            a copy of ``data`` with ``point_coords`` ``(N, 2)`` float32, ``point_labels`` ``(N,)`` int64 and
+            ``ignored_points`` ``(N,)`` bool added.
 
         Raises:
             KeyError: when the label is absent.
@@ -510,6 +530,9 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
             if self.use_box and foreground.any():
                 coords[slot : slot + 2] = self._box(foreground)
                 labels[slot : slot + 2] = (BOX_TOP_LEFT, BOX_BOTTOM_RIGHT)
+        ignored = labels == POINT_PADDING
+        ignored[0] &= not ignored.all()
         result[self.coords_key] = torch.from_numpy(coords)
         result[self.labels_key] = torch.from_numpy(labels)
+        result[self.ignored_key] = torch.from_numpy(ignored)
         return result

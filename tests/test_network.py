@@ -425,3 +425,40 @@ def test_ignored_points_leave_each_prompt_set_as_it_is_alone(fresh):
     torch.testing.assert_close(attended.logits[1], alone[1].logits[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"ignored_points must have point_labels' shape \(2, 7\), got \(2, 6\)"):
         fresh.decode(embeddings, point_coords=coords, point_labels=labels, prompts_per_image=2, ignored_points=ignored[:, 1:])
+
+
+def test_training_batches_decode_prompt_free_items_as_inference_does(fresh):
+    """A training batch mixes prompt-free items (every slot padding) with prompted ones. Through the trainer's own
+    prepare_batch (train.json), a prompt-free item decodes exactly as SAM 2's prompt-free input (one padding point)
+    that inference and validation give, and a prompted one as its prompts alone; attended to, the padding slots
+    would train the decoder on a prompt-free input that inference never gives."""
+    from monai.bundle import ConfigParser
+    from monai.data import list_data_collate
+
+    from scripts.transforms import SamplePromptsd
+
+    randomise_adapters(fresh)
+    torch.manual_seed(7)
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    label = torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE)
+    label[0, 20:40, 10:30] = 1
+    items = []
+    for no_prompt_prob in (1.0, 0.0):  # item 0 prompt-free, item 1 three points and a box
+        sampler = SamplePromptsd(num_positive=3, use_box=True, no_prompt_prob=no_prompt_prob)
+        sampler.set_random_state(3)
+        items.append({"image": images[len(items)], "label": label, **sampler({"label": label})})
+    batch = list_data_collate(items)
+    parser = ConfigParser()
+    parser.read_config("bundle/configs/train.json")
+    parser["architecture"] = "sam"
+    inputs, _, _, kwargs = parser.get_parsed_content("train#prepare_batch")(batch, torch.device("cpu"))
+    assert sorted(kwargs) == ["ignored_points", "point_coords", "point_labels"]
+    with torch.no_grad():
+        trained_on = fresh(inputs, **kwargs)
+        prompt_free = fresh(images[:1])
+        prompted = batch["point_labels"][1] != -1
+        alone = fresh(images[1:], batch["point_coords"][1:, prompted], batch["point_labels"][1:, prompted])
+        attended = fresh(inputs, batch["point_coords"], batch["point_labels"])
+    torch.testing.assert_close(trained_on[0], prompt_free[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained_on[1], alone[0], atol=1e-5, rtol=1e-5)
+    assert (attended[0] - prompt_free[0]).abs().max() > 1e-3, "five attended padding tokens are not SAM 2's input"

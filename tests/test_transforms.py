@@ -267,6 +267,7 @@ def test_prompts_positive_negative_box() -> None:
     coords, labels = out["point_coords"], out["point_labels"]
     assert coords.shape == (11, 2) and coords.dtype == torch.float32 and labels.dtype == torch.int64
     assert labels.tolist() == [1] * 5 + [0] * 4 + [2, 3]
+    assert not out["ignored_points"].any()
     x, y = coords[:5, 0], coords[:5, 1]
     assert bool(((x >= 42) & (x <= 47) & (y >= 12) & (y <= 17)).all())  # inside the eroded blob, (x, y) order
     negatives = coords[5:9]
@@ -296,8 +297,12 @@ def test_prompts_empty_label_and_no_prompt() -> None:
     out = SamplePromptsd(num_positive=2, num_negative=1, use_box=True)(empty)
     assert out["point_labels"].tolist() == [-1, -1, 0, -1, -1]
     assert float(out["point_coords"][[0, 1, 3, 4]].abs().sum()) == 0
+    assert out["ignored_points"].tolist() == [True, True, False, True, True]  # the negative point alone
     silent = SamplePromptsd(num_positive=2, use_box=True, no_prompt_prob=1.0)(_blob_item())
     assert silent["point_labels"].tolist() == [-1] * 4 and float(silent["point_coords"].abs().sum()) == 0
+    # SAM 2's prompt-free input: one padding point, the first slot; the others only fill the length.
+    assert silent["ignored_points"].tolist() == [False, True, True, True]
+    assert silent["ignored_points"].dtype == torch.bool
     with pytest.raises(ValueError, match="slot"):
         SamplePromptsd(num_positive=0, num_negative=0, use_box=False)
 
@@ -312,8 +317,10 @@ def test_prompts_reproducible_and_collatable() -> None:
     for a, b in zip(first, second):
         torch.testing.assert_close(a["point_coords"], b["point_coords"])
     assert any(not torch.equal(a["point_coords"], c["point_coords"]) for a, c in zip(first, other))
-    batch = default_collate([{key: item[key] for key in ("point_coords", "point_labels")} for item in first])
+    keys = ("point_coords", "point_labels", "ignored_points")
+    batch = default_collate([{key: item[key] for key in keys} for item in first])
     assert batch["point_coords"].shape == (6, 7, 2) and batch["point_labels"].shape == (6, 7)
+    assert batch["ignored_points"].shape == (6, 7)
     assert list_data_collate(first)["point_labels"].shape == (6, 7)
 
 
