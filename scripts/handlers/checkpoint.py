@@ -46,7 +46,7 @@ from torch import nn
 
 from scripts.atomic import save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
-from scripts.errors import FundusError, first_line
+from scripts.errors import FundusError, first_line, is_real_number
 
 __all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "keep_earlier_run"]
 
@@ -141,8 +141,10 @@ class TrainingCheckpoint:
         filename: str = "latest_checkpoint.pt",
         save: bool | None = None,
     ) -> None:
-        if interval < 0:
-            raise ResumeError(f"Setting 'checkpoint_interval' must be 0 (epoch ends only) or positive; got {interval}.")
+        if not (is_real_number(interval) and interval >= 0):
+            raise ResumeError(
+                f"Setting 'checkpoint_interval' must be 0 (epoch ends only) or positive; got {interval!r}."
+            )
         self.path = Path(checkpoint_dir) / filename
         self.network = network
         self.optimizer = optimizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit
 
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, is_real_number
 
 __all__ = ["TrainingTimeLimit"]
 
@@ -21,8 +21,10 @@ class TrainingTimeLimit:
     """
 
     def __init__(self, minutes: float) -> None:
-        if not minutes > 0:
-            raise ConfigError(f"Setting 'max_training_minutes' must be positive (or null for no limit); got {minutes}.")
+        if not (is_real_number(minutes) and minutes > 0):
+            raise ConfigError(
+                f"Setting 'max_training_minutes' must be positive (or null for no limit); got {minutes!r}."
+            )
         self.limit = TimeLimit(limit_sec=int(minutes * 60))
 
     def attach(self, engine: Engine) -> None:
