@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 
 from scripts.atomic import write_json_atomic
 from scripts.engines import unwrap_network
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, is_real_number
 from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
@@ -43,7 +44,7 @@ from scripts.prompts import (
     parse_prompt,
 )
 
-__all__ = ["INPUT_MODES", "FundusInferer", "check_input_mode"]
+__all__ = ["INPUT_MODES", "FundusInferer", "check_input_mode", "window_fit"]
 
 INPUT_MODES = ("resize", "sliding_window")
 
@@ -59,9 +60,41 @@ def check_input_mode(input_mode: str, pixel_scale: float = 1.0) -> str:
     """
     if input_mode not in INPUT_MODES:
         raise ConfigError(f"Setting 'input_mode' must be one of {', '.join(INPUT_MODES)}; got {input_mode!r}.")
-    if isinstance(pixel_scale, bool) or not isinstance(pixel_scale, (int, float)) or not pixel_scale > 0:
+    if not (is_real_number(pixel_scale) and pixel_scale > 0):
         raise ConfigError(f"Setting 'pixel_scale' must be a positive number (1.0: native resolution); got {pixel_scale!r}.")
     return input_mode
+
+
+def _smaller_than_window(size: str, image_size: int) -> str:
+    return (
+        f"{size} is smaller than the {image_size}-pixel window: lower image_size, raise pixel_scale, or use "
+        "input_mode 'resize'"
+    )
+
+
+def window_fit(input_mode: str, image_size: int, pixel_scale: float = 1.0) -> Callable[[tuple[int, int]], str | None]:
+    """A check of a photograph's ``(height, width)`` before it is read for segmenting: why it cannot be segmented in
+    this input mode (smaller than one window once scaled, as ``Zoomd`` scales: floor of side x scale), or None.
+
+    An image folder leaves such photographs out and names them after the run (:class:`scripts.inputs.ImageFolder`),
+    so one of them does not stop the others.
+    """
+
+    def misfit(size: tuple[int, int]) -> str | None:
+        height, width = size
+        if input_mode != "sliding_window" or min(math.floor(side * pixel_scale) for side in size) >= image_size:
+            return None
+        return _smaller_than_window(f"{width}x{height} pixels at pixel_scale {pixel_scale}", image_size)
+
+    return misfit
+
+
+def _file_names(inputs: Any) -> list[str]:
+    """The file names of a batch, from the metadata of its MetaTensor (empty without it)."""
+    files = getattr(inputs, "meta", {}).get("filename_or_obj", [])
+    # One image given without a collated batch (MONAI Label adds the batch axis itself) names one file.
+    files = [files] if isinstance(files, (str, os.PathLike)) else files
+    return [Path(str(name)).name for name in files]
 
 
 def _check_prompts_fit(input_mode: str) -> None:
@@ -124,8 +157,8 @@ class FundusInferer(Inferer):
     ) -> None:
         super().__init__()
         self.input_mode = check_input_mode(input_mode, pixel_scale)
-        if not 0 <= overlap < 1:
-            raise ConfigError(f"Setting 'window_overlap' must be in [0, 1); got {overlap}.")
+        if not (is_real_number(overlap) and 0 <= overlap < 1):
+            raise ConfigError(f"Setting 'window_overlap' must be in [0, 1); got {overlap!r}.")
         self.prompt_modes = check_prompt_modes(prompt_modes)
         if prompt_source not in PROMPT_SOURCES:
             raise ConfigError(f"Setting 'prompt_source' must be one of {', '.join(PROMPT_SOURCES)}; got {prompt_source!r}.")
@@ -218,10 +251,9 @@ class FundusInferer(Inferer):
             return logits
         height, width = inputs.shape[-2:]
         if min(height, width) < self.image_size:
-            raise ConfigError(
-                f"An image of {width}x{height} pixels at pixel_scale {self.pixel_scale} is smaller than the "
-                f"{self.image_size}-pixel window: lower image_size, raise pixel_scale, or use input_mode 'resize'."
-            )
+            names = ", ".join(_file_names(inputs)) or "An image"
+            size = f"{width}x{height} pixels after pixel_scale {self.pixel_scale}"
+            raise ConfigError(f"{names}: {_smaller_than_window(size, self.image_size)}.")
         if fov is None:
             return self.windows(inputs, network, *args, **kwargs)
         inside_fov = _WindowsInsideFov(network, self)
@@ -232,10 +264,7 @@ class FundusInferer(Inferer):
 
     def _prompted(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], label: Any) -> torch.Tensor:
         model = unwrap_network(getattr(network, "_orig_mod", network))
-        files = inputs.meta["filename_or_obj"]
-        # One image given without a collated batch (MONAI Label adds the batch axis itself) names one file.
-        files = [files] if isinstance(files, (str, os.PathLike)) else files
-        names = [Path(str(name)).name for name in files]
+        names = _file_names(inputs)
         sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(inputs.meta["spatial_shape"]).reshape(-1, 2)]
         side = tuple(inputs.shape[-2:])
         embeddings = model.encode_images(inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs)

@@ -12,15 +12,14 @@ import difflib
 import glob
 import json
 import logging
-import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConfigError, FundusError
+from scripts.errors import ConfigError, FundusError, is_real_number
 from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_image, read_label_mask
 from scripts.writers import REPORT_FILES, output_names
 
@@ -51,7 +50,7 @@ def _positive_int(value: Any) -> bool:
 
 
 def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return is_real_number(value) and value > 0
 
 
 def _names(value: Any) -> bool:
@@ -81,7 +80,7 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     ),
     "learning_rate": (_positive_number, "a positive number"),
     "lora_alpha": (_positive_number, "a positive number"),
-    "threshold": (lambda v: isinstance(v, (int, float)) and 0 < v < 1, "a number between 0 and 1"),
+    "threshold": (lambda v: is_real_number(v) and 0 < v < 1, "a number between 0 and 1"),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
 }
 
@@ -259,8 +258,8 @@ class ImageFolder:
       named like outputs are then not read as images);
     - two images must not share the names of their outputs (``eye.png`` and ``eye.jpg``);
     - no output may replace a file that is there already, unless ``overwrite`` is set, and never one of the images;
-    - images that cannot be read are left out and logged; :meth:`report_unreadable` names them after the run, so
-      one bad file does not keep the others from being segmented.
+    - images that cannot be read, or that ``size_check`` refuses, are left out and logged; :meth:`report_unreadable`
+      names them after the run, so one bad file does not keep the others from being segmented.
 
     Args:
         folder: the images.
@@ -269,6 +268,8 @@ class ImageFolder:
         nifti: whether NIfTI labels are written too.
         overwrite: replace outputs of an earlier run.
         allow_output_in_dataset_dir: allow the output folder to be the image folder or inside it.
+        size_check: given a photograph's ``(height, width)``, why it cannot be segmented, or None
+            (:func:`scripts.inferers.window_fit`).
 
     Attributes:
         entries: one ``{"image": path}`` per readable image, sorted.
@@ -287,6 +288,7 @@ class ImageFolder:
         nifti: bool = False,
         overwrite: bool = False,
         allow_output_in_dataset_dir: bool = False,
+        size_check: Callable[[tuple[int, int]], str | None] | None = None,
     ) -> None:
         folder, output = Path(folder), Path(output_dir)
         if not folder.is_dir():
@@ -333,7 +335,7 @@ class ImageFolder:
         self.unreadable: list[str] = []
         for image in images:
             try:
-                self.sizes[Path(image).name] = _photograph_size(image)
+                self.sizes[Path(image).name] = _photograph_size(image, size_check)
             except FundusImageError as error:
                 self.unreadable.append(f"{image}: {error}")
                 logger.error(f"Left out {image}: {error}")
@@ -353,17 +355,20 @@ class ImageFolder:
             raise InputError(f"{len(self.unreadable)} image(s) could not be segmented (the others were):\n  {lines}")
 
 
-def _photograph_size(image: str) -> tuple[int, int]:
+def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | None] | None) -> tuple[int, int]:
     """The ``(height, width)`` of an image that can be segmented.
 
     Raises:
-        FundusImageError: the image cannot be read, or is too small to be a photograph.
+        FundusImageError: the image cannot be read, is too small to be a photograph, or ``size_check`` refuses it.
     """
     height, width = read_image(image).shape[:2]
     if min(height, width) < MIN_IMAGE_SIDE:
         raise FundusImageError(
             f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
         )
+    problem = size_check((height, width)) if size_check is not None else None
+    if problem:
+        raise FundusImageError(problem)
     return height, width
 
 
@@ -424,21 +429,35 @@ def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
     Returns:
         The unknown keys (none when ``argv`` is not such a command line, e.g. a bundle run from Python).
     """
-    if "--config_file" not in argv:
+    options = _command_line_options(argv)
+    if "config_file" not in options:
         return []
-    keys = [argument[2:].split("=")[0] for argument in argv if argument.startswith("--")]
-    config_files = next((argv[i + 1] for i, argument in enumerate(argv[:-1]) if argument == "--config_file"), "[]")
-    known = config_ids(config_files) | RUN_ARGUMENTS
-    if "--tracking" in argv:  # MONAI adds its tracking settings (tracking_uri, run_name...) to the config
+    known = config_ids(options["config_file"] or "[]") | RUN_ARGUMENTS
+    if "tracking" in options:  # MONAI adds its tracking settings (tracking_uri, run_name...) to the config
         from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
         known |= set(DEFAULT_MLFLOW_SETTINGS["configs"])
-    unknown = [key for key in keys if key not in known]
+    unknown = [key for key in options if key not in known]
     for key in unknown:
         nearest = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean --{nearest[0]}?" if nearest else ""
         logger.warning(f"Setting --{key} is defined by no config of this workflow and has no effect{hint}")
     return unknown
+
+
+def _command_line_options(argv: Sequence[str]) -> dict[str, str | None]:
+    """The ``--key value`` and ``--key=value`` options of a command line (both forms reach MONAI's ``run``), in
+    order, key to value (None for a flag without one)."""
+    options: dict[str, str | None] = {}
+    for index, argument in enumerate(argv):
+        if not argument.startswith("--"):
+            continue
+        key, equals, value = argument[2:].partition("=")
+        if not equals:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            value = following if following is not None and not following.startswith("--") else None
+        options[key] = value
+    return options
 
 
 def config_ids(config_files: str | Sequence[str]) -> set[str]:

@@ -52,6 +52,7 @@ __all__ = [
     "PromptError",
     "auto_prompt",
     "auto_prompts",
+    "check_head_takes_prompts",
     "check_prompt_modes",
     "mode_channel_names",
     "oracle_prompt",
@@ -154,6 +155,21 @@ def check_prompt_modes(modes: Sequence[str], architecture: str = "sam") -> list[
     if architecture != "sam" and modes != ["none"]:
         raise ConfigError(f"Prompt modes {modes} need architecture 'sam'; the '{architecture}' head is prompt-free.")
     return modes
+
+
+def check_head_takes_prompts(architecture: str, prompts_file: str | None, prompt_source: str) -> None:
+    """Refuse an inference's prompts (``prompts_file``, ``prompt_source``) for a prompt-free head, before anything runs.
+
+    Raises:
+        ConfigError: prompts asked of a head other than ``sam``.
+    """
+    if architecture == "sam":
+        return
+    for name, value in (("prompts_file", prompts_file), ("prompt_source", prompt_source)):
+        if value not in (None, "", "none"):
+            raise ConfigError(
+                f"Setting '{name}' ({value!r}) needs architecture 'sam'; the '{architecture}' head is prompt-free."
+            )
 
 
 def mode_channel_names(channel_names: Sequence[str], modes: Sequence[str]) -> list[str]:

@@ -23,12 +23,15 @@ from scripts.adapters import check_finetune, read_model_file
 from scripts.atomic import write_text_atomic
 from scripts.errors import ConfigError, FundusError, user_error
 from scripts.fundus_io import write_png
-from scripts.handlers import TrainingTimeLimit
+from scripts.handlers import GradientClipping, TrainingTimeLimit
 from scripts.handlers.checkpoint import keep_earlier_run
-from scripts.inferers import check_input_mode
+from scripts.inferers import FundusInferer, check_input_mode
 from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
+from scripts.lora import LoRALinear
 from scripts.network import build_network
+from scripts.prompts import check_head_takes_prompts
 from scripts.sam2_models import resolve_hiera_size
+from scripts.transforms import SamplePromptsd
 from tests.helpers import QUICKSTART, REPO, TRAIN, write_model_file
 
 
@@ -332,6 +335,9 @@ def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
         "first",
     ]
     assert warn_unknown_overrides(tracked) == []  # MONAI's own tracking settings
+    # The same options written --key=value, which MONAI's command line takes as well.
+    joined = [*tracked[:3], f"--config_file={configs}", "--tracking=mlflow", "--run_name=first", "--learning_rte=0.5"]
+    assert warn_unknown_overrides(joined) == ["learning_rte"]
 
 
 FILLING_WRITE = """
@@ -427,8 +433,42 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
         (lambda: check_input_mode("tiles"), "Setting 'input_mode' must be one of resize, sliding_window; got 'tiles'."),
         (lambda: check_input_mode("sliding_window", 0), "Setting 'pixel_scale' must be a positive number"),
         (lambda: TrainingTimeLimit(0), "Setting 'max_training_minutes' must be positive (or null for no limit); got 0."),
+        # A command line's number that is not one arrives as a string: the setting's own line, not a TypeError.
+        (
+            lambda: TrainingTimeLimit("ten"),
+            "Setting 'max_training_minutes' must be positive (or null for no limit); got 'ten'.",
+        ),
+        (
+            lambda: GradientClipping("one"),
+            "Setting 'gradient_clip_norm' (GradientClipping max_norm) must be positive; got 'one'.",
+        ),
+        (lambda: FundusInferer(overlap="half"), "Setting 'window_overlap' must be in [0, 1); got 'half'."),
+        (
+            lambda: LoRALinear(4, 4, rank=2, alpha=4.0, dropout="0.1"),
+            "Setting 'lora_dropout' must be at least 0 and below 1; got '0.1'.",
+        ),
+        (
+            lambda: SamplePromptsd(no_prompt_prob="half"),
+            "Setting 'prompt_free_probability' must be a probability in [0, 1]; got 'half'.",
+        ),
+        (
+            lambda: SamplePromptsd(num_positive=0),
+            "Settings 'prompt_positive_points', 'prompt_negative_points' and 'prompt_box' give no prompt slot",
+        ),
+        (
+            lambda: check_head_takes_prompts("unet", None, "auto_box"),
+            "Setting 'prompt_source' ('auto_box') needs architecture 'sam'; the 'unet' head is prompt-free.",
+        ),
+        (
+            lambda: check_head_takes_prompts("unet", "p.json", "none"),
+            "Setting 'prompts_file' ('p.json') needs architecture 'sam'",
+        ),
     ],
-    ids=["finetune", "architecture", "input_mode", "pixel_scale", "max_training_minutes"],
+    ids=[
+        "finetune", "architecture", "input_mode", "pixel_scale", "max_training_minutes", "max_training_minutes_text",
+        "gradient_clip_norm_text", "window_overlap_text", "lora_dropout_text", "prompt_free_probability_text",
+        "no_prompt_slot", "prompt_source_for_unet", "prompts_file_for_unet",
+    ],
 )
 def test_bad_setting_values_are_refused_by_their_checks_in_one_line(check: Callable[[], object], message: str):
     with pytest.raises(ConfigError) as caught:

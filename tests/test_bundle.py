@@ -155,9 +155,12 @@ def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_pat
 def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     """A disc/cup model evaluated over prompt-free, oracle and automatic modes: metrics per mode and channel, the
     prompts written next to them, oracle prompts drawn from the disc (channel 0) of the reference at the
-    photograph's size and seeded by the image's name, and the chart per mode."""
+    photograph's size and seeded by the image's name, and the chart per mode. The datalist is an external test set
+    (a test list alone): evaluation reads no other split."""
     data = tmp_path / "data"
     datalists = write_dataset(data, count=3, size=96, seed=4)
+    test_set = data / "test_only.json"
+    test_set.write_text(json.dumps({"test": json.loads(Path(datalists["disc_cup"]).read_text())["test"]}))
     model = write_model_file(tmp_path / "models" / "model.pt", channel_names=["disc", "cup"])
     modes = ["none", "box", "5_points", "auto_box"]
     output = tmp_path / "metrics"
@@ -165,7 +168,7 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
         "evaluating",
         [TRAIN, EVALUATE],
         cwd=tmp_path,
-        datalist=datalists["disc_cup"],
+        datalist=test_set,
         ckpt_path=model,
         output_dir=output,
         prompt_modes=modes,
@@ -355,6 +358,22 @@ def test_missing_model_file(tmp_path):
         output_dir=str(tmp_path / "out"),
     )
     assert f"Trained model {tmp_path / 'model.pt'} does not exist" in str(error)
+
+
+def test_prompts_for_a_unet_model_are_refused_before_any_image_is_read(tmp_path):
+    """The U-Net head is prompt-free: inference's prompts (as evaluation's prompt modes) stop the run at start-up."""
+    write_model_file(tmp_path / "model.pt", architecture="unet")
+    error = run_in_process(
+        "inference",
+        [INFER],
+        dataset_dir=str(tmp_path),
+        ckpt_path=str(tmp_path / "model.pt"),
+        output_dir=str(tmp_path / "out"),
+        prompt_source="auto_box",
+    )
+    expected = "Setting 'prompt_source' ('auto_box') needs architecture 'sam'; the 'unet' head is prompt-free."
+    assert str(error) == expected
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_folder(tmp_path):

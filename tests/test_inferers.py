@@ -4,13 +4,18 @@ clear errors; checked with a pointwise network whose whole-image answer is known
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
-from scripts.errors import ConfigError
-from scripts.inferers import BACKGROUND_LOGIT, FundusInferer
+from scripts.errors import ConfigError, FundusError
+from scripts.fundus_io import write_png
+from scripts.inferers import BACKGROUND_LOGIT, FundusInferer, window_fit
+from scripts.inputs import ImageFolder
 
 HEIGHT, WIDTH, WINDOW, OVERLAP = 300, 460, 64, 0.25
 
@@ -104,8 +109,28 @@ def test_windows_outside_the_field_of_view_are_skipped_and_counted():
 
 def test_an_image_smaller_than_a_window_is_named():
     inferer = FundusInferer("sliding_window", image_size=WINDOW, pixel_scale=0.5)
-    with pytest.raises(ConfigError, match=r"An image of 100x50 pixels at pixel_scale 0.5 is smaller than the 64-pixel"):
-        inferer(torch.rand(1, 3, 50, 100), pointwise_network())
+    image = MetaTensor(torch.rand(1, 3, 50, 100), meta={"filename_or_obj": ["/photos/small_eye.png"]})
+    expected = "small_eye.png: 100x50 pixels after pixel_scale 0.5 is smaller than the 64-pixel window"
+    with pytest.raises(ConfigError, match=expected):
+        inferer(image, pointwise_network())
+
+
+def test_an_image_folder_leaves_out_photographs_smaller_than_a_window(tmp_path):
+    """Checked on the photograph's own size before it is read for segmenting, so the others are segmented; the
+    window fits a photograph whose scaled side (floor of side x scale, as MONAI's Zoomd) reaches the window."""
+    fits = window_fit("sliding_window", image_size=WINDOW, pixel_scale=0.5)
+    assert fits((128, 200)) is None and fits((200, 129)) is None
+    assert fits((127, 200)) == (
+        "200x127 pixels at pixel_scale 0.5 is smaller than the 64-pixel window: lower image_size, raise pixel_scale, "
+        "or use input_mode 'resize'"
+    )
+    assert window_fit("resize", image_size=1024)((40, 40)) is None
+    for name, size in (("large.png", (130, 140)), ("small.png", (100, 140))):
+        write_png(tmp_path / name, np.full((*size, 3), 90, np.uint8))
+    images = ImageFolder(tmp_path, tmp_path.parent / "out", size_check=fits)
+    assert [Path(entry["image"]).name for entry in images.entries] == ["large.png"]
+    with pytest.raises(FundusError, match=r"small.png: 140x100 pixels at pixel_scale 0.5 is smaller than the 64-pixel"):
+        images.report_unreadable()
 
 
 def test_resize_mode_is_one_forward_pass():
