@@ -411,6 +411,12 @@ class FundusTrainTask(BundleTrainTask):
         self._request = request
         return super().__call__(request, datastore)
 
+    def _load_checkpoint(self, model_pytorch: str, pretrained: bool, train_handlers: list[dict[str, Any]]) -> None:
+        # MONAI Label asks os.path.exists(None) when a request sets "pretrained": false, a TypeError; without the
+        # served model's weights, training starts from Meta's SAM 2 weights instead (_update_overrides).
+        if pretrained:
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         train = overrides.pop(self.const.key_train_dataset_data())
         validation = overrides.pop(self.const.key_validate_dataset_data(), None) or train
@@ -419,16 +425,18 @@ class FundusTrainTask(BundleTrainTask):
         datalist.parent.mkdir(parents=True, exist_ok=True)
         datalist.write_text(json.dumps({"training": train, "validation": validation}, indent=2) + "\n")
         overrides["datalist"] = str(datalist)
-        # The served model's architecture; its weights come from models/model.pt (CheckpointLoader below), so no
-        # base checkpoint is needed (random_init only skips reading Meta's file).
+        # The served model's architecture. Its weights come from models/model.pt (CheckpointLoader below), so no
+        # base checkpoint is needed (random_init only skips reading Meta's file); with "pretrained": false there is
+        # no such loader and the bundle builds on Meta's SAM 2 checkpoint, which it names if it is missing.
         overrides.update(self.network_settings)
-        overrides["random_init"] = True
+        handlers = overrides[self.const.key_train_handlers()]
+        overrides["random_init"] = any(handler.get("_target_") == "CheckpointLoader" for handler in handlers)
         overrides["device"] = f"$torch.device('{overrides[self.const.key_device()]}')"
         overrides["max_epochs"] = overrides[self.const.key_train_trainer_max_epochs()]
         for key in TRAIN_SETTINGS:
             if self._request.get(key) not in (None, ""):
                 overrides[key] = self._request[key]
-        for handler in overrides[self.const.key_train_handlers()]:
+        for handler in handlers:
             if handler.get("_target_") == "CheckpointLoader":
                 handler.setdefault("map_location", "@device")  # a model saved on a GPU loads on a CPU server
         return overrides

@@ -505,6 +505,16 @@ def test_train_on_labels_saved_through_the_api(setup, tmp_path):
     np.testing.assert_array_equal(label.astype(np.int32) * 255, reference)
     assert not np.array_equal(label, label_before), "training changed the label (else stale weights could pass)"
 
+    # "pretrained": false starts again from Meta's SAM 2 weights, not the served model's; this bundle has none, and
+    # the training says which file to fetch. The served model stays.
+    trained = sha256(model)
+    task = train(server, {**settings, "pretrained": False})
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "ERROR", f"{task['status']}\n{details}"
+    assert "sam2.1_hiera_tiny.pt" in details and "download_large_files" in details, details[-3000:]
+    assert "Restored all variables from" not in details
+    assert sha256(model) == trained
+
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
