@@ -25,7 +25,7 @@ weights (speed and memory do not depend on the values), with non-zero adapters a
 Usage::
 
     python -m tools.benchmark --quick                      # Hiera tiny at 256 px, a few minutes on a CPU
-    python -m tools.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmark
+    python -m tools.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmarks
 """
 
 from __future__ import annotations
