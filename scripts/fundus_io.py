@@ -30,6 +30,7 @@ __all__ = [
     "FundusImageError",
     "estimate_fov",
     "image_size",
+    "label_foreground",
     "read_image",
     "read_label_mask",
     "read_mask",
@@ -169,10 +170,25 @@ def _mask_values(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)[..., 0].copy()
 
 
+def label_foreground(values: np.ndarray) -> np.ndarray:
+    """The foreground of raw mask values (:func:`read_mask`) as every reader of labels and fields of view sees it:
+    any non-zero value in a 0/1 mask, values above 127 otherwise. Some datasets store masks as 0/1, which a
+    half-scale threshold would silently empty.
+
+    Args:
+        values: uint8 mask values.
+
+    Returns:
+        bool array of the same shape.
+    """
+    return values > 0 if values.max(initial=0) == 1 else values > 127
+
+
 def read_label_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a label (or field-of-view) mask as bool, refusing pictures that are not masks.
 
-    Foreground is any non-zero value in a 0/1 mask, values above 127 otherwise. A colour picture whose channels
+    Foreground as :func:`label_foreground` says: any non-zero value in a 0/1 mask, values above 127 otherwise. A
+    colour picture whose channels
     differ (green vessels drawn on black) would read as empty from its first channel: it is refused. A mask with more
     than two levels (a JPEG, an anti-aliased drawing) is thresholded, with a warning naming the file.
 
@@ -204,8 +220,7 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
             ", ".join(map(str, levels[:5])),
             "0" if values.max() == 1 else "127",
         )
-    # Some datasets store masks as 0/1: a half-scale threshold would silently empty them.
-    return values > 0 if values.max(initial=0) == 1 else values > 127
+    return label_foreground(values)
 
 
 def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:

@@ -552,8 +552,9 @@ def measure_structures(
     """The measurements of a segmentation's structures, chosen by its channels' names.
 
     A channel named ``vessels`` gets :func:`vessel_measurements` inside ``fov``; channels ``disc`` and ``cup`` get
-    :func:`disc_cup_measurements` (a disc without a cup channel is measured with an empty cup). Other channels are
-    not measured.
+    :func:`disc_cup_measurements`; a disc without a cup channel (a disc-only model) gets its disc measures, and NaN
+    for the cup, the rim and the ratios, which it did not segment (not the 0 of a disc without a visible cup).
+    Other channels are not measured.
 
     Args:
         masks: ``(C, H, W)`` bool masks, one per channel.
@@ -583,6 +584,12 @@ def measure_structures(
     if "disc" in by_name:
         cup = by_name.get("cup", np.zeros_like(by_name["disc"]))
         measured = disc_cup_measurements(by_name["disc"], cup, pixel_size_mm)
+        if "cup" not in by_name:
+            unknown = [key for key in measured if key.startswith(("cup_", "rim_")) or key.endswith("_cdr")]
+            measured.update(dict.fromkeys(unknown, math.nan))
+            disc_note = measured["notes"] if measured["disc_area_px"] == 0 else ""
+            cupless = "no cup channel: the cup and the ratios are not measured"
+            measured["notes"] = "; ".join(filter(None, [disc_note, cupless]))
         notes.append(measured.pop("notes"))
         record.update(measured)
     record["notes"] = "; ".join(note for note in notes if note)

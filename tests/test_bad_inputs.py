@@ -79,6 +79,8 @@ BAD_SETTINGS = [
     ("num_workers", -2, "0 or a positive whole number"),
     ("learning_rate", float("nan"), "a positive number"),
     ("threshold", 1.5, "between 0 and 1"),
+    ("pixel_size_mm", 0, "a positive number of millimetres per pixel, or null"),
+    ("pixel_size_mm", "0.01mm", "a positive number of millimetres per pixel, or null"),
     ("channel_names", [], "a non-empty list of distinct names"),
     ("channel_names", ["disc", "disc"], "a non-empty list of distinct names"),
     ("channel_names", "vessels", "a non-empty list of distinct names"),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def test_run_baseline_on_synthetic_data(synthetic_datalist, tmp_path):
 def test_refuses_to_evaluate_on_training_split(synthetic_datalist, tmp_path):
     with pytest.raises(ValueError, match="training split"):
         run_baseline(synthetic_datalist, tmp_path / "out", split="training")
+
+
+def test_a_missing_split_is_named_before_the_fit(synthetic_datalist, tmp_path, caplog):
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match="has no 'tset' list"):
+        run_baseline(synthetic_datalist, tmp_path / "out", split="tset")
+    assert "fitted on" not in caplog.text
 
 
 def test_refuses_disc_cup_datalists(synthetic_datalist):

@@ -148,6 +148,25 @@ def test_bad_arguments_are_refused(capsys):
     assert "'3504' is not WIDTHxHEIGHT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--device", "warp"], "error: --device 'warp' is not a device: cuda, cpu or auto."),
+        (
+            ["--model-sizes", "huge"],
+            "error: Setting 'model_size' must be one of base_plus, large, small, tiny; got 'huge'.",
+        ),
+        (["--output-dir", "{file}"], "error: Output folder {file} cannot be written"),
+    ],
+)
+def test_bad_names_are_one_line_before_anything_is_measured(tmp_path, capsys, arguments, message):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    assert benchmark.main([*SMALLEST, *(a.format(file=file) for a in arguments)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(message.format(file=file)) and error.count("\n") == 1, error
+
+
 def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
     def in_this_process_until_training(function, **kwargs):
         if function is benchmark.measure_training:

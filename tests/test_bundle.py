@@ -376,6 +376,19 @@ def test_prompts_for_a_unet_model_are_refused_before_any_image_is_read(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_pixel_size_is_refused_before_the_model_runs(tmp_path):
+    write_model_file(tmp_path / "model.pt")
+    error = run_in_process(
+        "inference",
+        [INFER],
+        dataset_dir=str(tmp_path),
+        ckpt_path=str(tmp_path / "model.pt"),
+        output_dir=str(tmp_path / "out"),
+        pixel_size_mm=0,
+    )
+    assert str(error).startswith("Setting 'pixel_size_mm' must be a positive number of millimetres per pixel")
+
+
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -15,6 +15,7 @@ from scripts.measurements import (
     disc_cup_measurements,
     fractal_dimension,
     mean_calibre,
+    measure_structures,
     tortuosity,
     vessel_measurements,
     vessel_segments,
@@ -385,6 +386,19 @@ def test_empty_cup_in_a_disc_gives_zero_ratios_with_a_reason() -> None:
     assert record["rim_area_px"] == np.count_nonzero(disc)
     assert math.isnan(record["cup_offset_x"])
     assert "cup mask is empty" in record["notes"]
+
+
+def test_a_disc_only_model_measures_its_disc_and_leaves_the_cup_unknown() -> None:
+    """Without a cup channel nothing says the cup is empty: NaN ratios, not the 0 of a disc without a visible cup."""
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    record = measure_structures(disc[None], ["disc"], pixel_size_mm=0.01)
+    assert record["disc_area_px"] == np.count_nonzero(disc)
+    assert record["disc_area_mm2"] == pytest.approx(np.count_nonzero(disc) * 0.01**2)
+    for key in ("vertical_cdr", "horizontal_cdr", "area_cdr", "cup_area_px", "rim_area_px", "cup_area_mm2"):
+        assert math.isnan(record[key]), key
+    assert record["notes"] == "no cup channel: the cup and the ratios are not measured"
+    both = measure_structures(np.stack([disc, np.zeros(SHAPE, dtype=bool)]), ["disc", "cup"])
+    assert both["vertical_cdr"] == 0.0, "a segmented cup channel that is empty is a disc without a visible cup"
 
 
 def test_cup_partly_outside_the_disc_is_clipped_with_a_reason() -> None:

@@ -14,7 +14,7 @@ import scipy.io
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from scripts.fundus_io import FundusImageError, read_mask
+from scripts.fundus_io import FundusImageError, read_label_mask, read_mask
 from tools.datasets import DatasetError, folder_description, get_description
 from tools.prepare import Case, find_cases, main, pool_datalists, prepare_dataset, split_cases
 
@@ -362,6 +362,24 @@ def test_folder_disc_cup(tmp_path: Path) -> None:
         prepare_dataset("REFUGE2", src, tmp_path / "x.json", task="vessels")
 
 
+def test_masks_the_bundle_would_misread_are_rewritten(tmp_path: Path) -> None:
+    """A 0/100 label has a foreground the bundle's reader takes for background (1-127 outside 0/1 masks), and a
+    whole-picture FOV stored as 1s has a single level: both reach the datalist as the bundle reads them."""
+    src = tmp_path / "mine"
+    for number in range(3):
+        _save(src / "images" / f"case{number}.png", _photo(number))
+        _save(src / "masks" / f"case{number}.png", (_random_mask(number) * 100).astype(np.uint8))
+        _save(src / "fov" / f"case{number}.png", np.ones((HEIGHT, WIDTH), np.uint8))
+    datalist = prepare_dataset("folder", src, tmp_path / "out" / "mine.json", folder_name="mine")
+    for entry in _entries(datalist):
+        number = int(entry["case"][-1])
+        derived = tmp_path / "out" / "mine_derived" / "first" / "vessels"
+        assert entry["label"] == str(derived / f"{entry['case']}.png")
+        np.testing.assert_array_equal(read_label_mask(entry["label"]), _random_mask(number))
+        assert entry["fov"] == str(src / "fov" / f"{entry['case']}.png"), "a 0/1 FOV is read as it is"
+        assert read_label_mask(entry["fov"]).all()
+
+
 def test_folder_with_partial_fov(tmp_path: Path) -> None:
     src = tmp_path / "mine"
     for number in range(5):
@@ -668,3 +686,7 @@ def test_pool_keeps_dataset_names_and_rejects_mixed_tasks(drive_tree: Path, chas
     with pytest.raises(DatasetError, match=mixed):
         pool_datalists([tmp_path / "drive.json", refuge], tmp_path / "mixed.json")
     assert not (tmp_path / "mixed.json").exists()
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"task": "vessels", **empty_lists}))
+    with pytest.raises(DatasetError, match=r"unnamed.json is not a prepared datalist: no 'dataset' name"):
+        pool_datalists([tmp_path / "drive.json", unnamed], tmp_path / "unnamed_pool.json")

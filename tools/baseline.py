@@ -322,6 +322,9 @@ def run_baseline(
     """
     if split == "training":
         raise ConfigError("the baseline is fitted on the training split; evaluate it on another split (--split)")
+    # The evaluated split's list and files are checked before the fit, which takes minutes; its pixels are read only
+    # once the parameters are fixed.
+    load_split(datalist, split)
     started = time.monotonic()
     fit = fit_parameters(iter_cases(datalist, "training"), radii, sigmas, thresholds)
     logger.info("fitted on %d training images: %s", len(fit.fitted_on), fit.parameters)

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from scripts.atomic import write_text_atomic
+from scripts.errors import ConfigError, command_line
 
 __all__ = [
     "QUICK_SETTINGS",
@@ -150,9 +151,12 @@ QUICK_SETTINGS = BenchmarkSettings(model_sizes=("tiny",), image_sizes=(256,), re
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: cuda, cpu or auto.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device.")
     return device
 
 
@@ -1190,13 +1194,20 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     settings = replace(settings, **{name: value for name, value in chosen.items() if value is not None})
     if settings.repeats < 1 or settings.warmup < 0 or settings.batch_size < 1 or settings.data_epochs < 2:
         parser.error("--repeats and --batch-size must be at least 1, --warmup at least 0, --data-epochs at least 2.")
-    return settings, Path(arguments.output_dir)
+    from scripts.inputs import writable_folder
+    from scripts.sam2_models import resolve_hiera_size
+
+    # Checked before anything is measured: a wrong name would otherwise stop the run in its worker, minutes in.
+    _resolve_device(settings.device)
+    for model_size in settings.model_sizes:
+        resolve_hiera_size(model_size)
+    return settings, Path(writable_folder(arguments.output_dir))
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the benchmark, print the Markdown table and write it as JSON and Markdown."""
     settings, output_dir = _parse_arguments(argv)
-    output_dir.mkdir(parents=True, exist_ok=True)
     partial = output_dir / PARTIAL_REPORT
     report = run_benchmark(settings, progress=lambda so_far: write_text_atomic(partial, json.dumps(so_far, indent=2)))
     json_path, markdown_path = write_report(report, output_dir)

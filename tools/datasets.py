@@ -27,7 +27,7 @@ import scipy.io
 from skimage.draw import polygon as fill_polygon
 
 from scripts.errors import FundusError
-from scripts.fundus_io import SUPPORTED_SUFFIXES, read_mask
+from scripts.fundus_io import SUPPORTED_SUFFIXES, label_foreground, read_mask
 
 __all__ = [
     "ANNOTATORS",
@@ -157,7 +157,8 @@ def binarise(values: np.ndarray) -> np.ndarray:
     """Split a two-level mask at the middle between its lowest and highest value.
 
     Distributed masks do not all keep background at 0: DRIVE's 2nd_manual GIFs use 3 and 253, others 0 and 1 or
-    0 and 255. A mask with a single level is empty below 128 and full from 128 on.
+    0 and 255. A mask with a single level is read as the bundle reads masks (:func:`label_foreground`): full for 1
+    and from 128 on, empty otherwise.
 
     Args:
         values: ``(H, W)`` uint8 raw mask values.
@@ -167,7 +168,7 @@ def binarise(values: np.ndarray) -> np.ndarray:
     """
     low, high = int(values.min()), int(values.max())
     if low == high:
-        return np.full(values.shape, low >= 128)
+        return label_foreground(values)
     return values > (low + high) / 2
 
 
@@ -179,7 +180,9 @@ def read_binary_mask(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bo
         shape: ``(height, width)`` of its image.
 
     Returns:
-        the bool mask, and whether the file already is 0 = background, > 0 = structure (usable as it is).
+        the bool mask, and whether the file can be listed as it is: 0 = background and > 0 = structure, as the
+        datalist promises, and read as this mask by the bundle's own reader (which takes 1-127 for background
+        unless the mask is 0/1).
 
     Raises:
         DatasetError: when the mask's size differs from the image's.
@@ -187,7 +190,7 @@ def read_binary_mask(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bo
     values = read_mask(path)
     _check_shape(values, shape, path)
     mask = binarise(values)
-    return mask, bool(np.array_equal(mask, values > 0))
+    return mask, bool(np.array_equal(mask, values > 0) and np.array_equal(mask, label_foreground(values)))
 
 
 def decode_binary_masks(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:

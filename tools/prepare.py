@@ -648,6 +648,9 @@ def _read_datalist(path: Path) -> dict[str, object]:
         raise DatasetError(f"cannot read datalist {path}: {error}") from None
     if not isinstance(content, dict) or content.get("task") not in TASK_STRUCTURES:
         raise DatasetError(f"{path} is not a prepared datalist: no 'task' key (vessels or disc_cup)")
+    sources = content.get("sources", [content])
+    if not isinstance(sources, list) or not all(isinstance(s, dict) and isinstance(s.get("dataset"), str) for s in sources):
+        raise DatasetError(f"{path} is not a prepared datalist: no 'dataset' name (nor the 'sources' of a pool)")
     for split_name in SPLITS:
         entries = content.get(split_name)
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "dataset" in e for e in entries):

@@ -174,7 +174,7 @@ class MeasurementAgreement:
         output_dir: the evaluation output folder.
         channel_names: the model's channels.
         inferer: the run's :class:`scripts.inferers.FundusInferer` (its predicted IoU).
-        threshold: probability above which a pixel is foreground.
+        threshold: probabilities ``>= threshold`` are foreground, as for the evaluation's metrics (:mod:`scripts.metrics`).
         quality_threshold: predicted IoU under which an image is flagged.
         pixel_size_mm: the side of a pixel in millimetres (None: pixels only).
     """
