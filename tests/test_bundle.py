@@ -360,46 +360,30 @@ def test_missing_model_file(tmp_path):
     assert f"Trained model {tmp_path / 'model.pt'} does not exist" in str(error)
 
 
+def refused_inference(folder: Path, architecture: str = "sam", **settings) -> Exception:
+    """The error of an inference run on ``folder`` with a model of ``architecture`` and these settings."""
+    write_model_file(folder / "model.pt", architecture=architecture)
+    settings = {"dataset_dir": str(folder), "output_dir": str(folder / "out"), **settings}
+    return run_in_process("inference", [INFER], ckpt_path=str(folder / "model.pt"), **settings)
+
+
 def test_prompts_for_a_unet_model_are_refused_before_any_image_is_read(tmp_path):
     """The U-Net head is prompt-free: inference's prompts (as evaluation's prompt modes) stop the run at start-up."""
-    write_model_file(tmp_path / "model.pt", architecture="unet")
-    error = run_in_process(
-        "inference",
-        [INFER],
-        dataset_dir=str(tmp_path),
-        ckpt_path=str(tmp_path / "model.pt"),
-        output_dir=str(tmp_path / "out"),
-        prompt_source="auto_box",
-    )
+    error = refused_inference(tmp_path, architecture="unet", prompt_source="auto_box")
     expected = "Setting 'prompt_source' ('auto_box') needs architecture 'sam'; the 'unet' head is prompt-free."
     assert str(error) == expected
     assert not (tmp_path / "out").exists()
 
 
 def test_a_bad_pixel_size_is_refused_before_the_model_runs(tmp_path):
-    write_model_file(tmp_path / "model.pt")
-    error = run_in_process(
-        "inference",
-        [INFER],
-        dataset_dir=str(tmp_path),
-        ckpt_path=str(tmp_path / "model.pt"),
-        output_dir=str(tmp_path / "out"),
-        pixel_size_mm=0,
-    )
+    error = refused_inference(tmp_path, pixel_size_mm=0)
     assert str(error).startswith("Setting 'pixel_size_mm' must be a positive number of millimetres per pixel")
 
 
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    write_model_file(tmp_path / "model.pt")
-    error = run_in_process(
-        "inference",
-        [INFER],
-        dataset_dir=str(tmp_path),
-        ckpt_path=str(tmp_path / "model.pt"),
-        output_dir=str(blocker / "out"),
-    )
+    error = refused_inference(tmp_path, output_dir=str(blocker / "out"))
     assert f"Output folder {blocker / 'out'} cannot be written" in str(error)
 
 
