@@ -648,8 +648,10 @@ def _read_datalist(path: Path) -> dict[str, object]:
         raise DatasetError(f"cannot read datalist {path}: {error}") from None
     if not isinstance(content, dict) or content.get("task") not in TASK_STRUCTURES:
         raise DatasetError(f"{path} is not a prepared datalist: no 'task' key (vessels or disc_cup)")
-    sources = content.get("sources", [content])
-    if not isinstance(sources, list) or not all(isinstance(s, dict) and isinstance(s.get("dataset"), str) for s in sources):
+    sources = content.get("sources", [content])  # a pool names its datasets in its sources
+    named = isinstance(sources, list) and all(isinstance(source, dict) for source in sources)
+    named = named and all(isinstance(source.get("dataset"), str) for source in sources)
+    if not named:
         raise DatasetError(f"{path} is not a prepared datalist: no 'dataset' name (nor the 'sources' of a pool)")
     for split_name in SPLITS:
         entries = content.get(split_name)
