@@ -223,6 +223,8 @@ class OnnxBackend:
                 reason = f"onnxruntime cannot load it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         logger.warning("onnxruntime: rebuilding %s: %s.", self.cache_path, reason)
         self.rebuilt = True
+        # The record goes first: an export killed or refused half-way must not pass later for the one it describes.
+        sidecar.unlink(missing_ok=True)
         session = self._build(network)
         write_json_atomic(sidecar, wanted)
         return session

@@ -472,7 +472,9 @@ def split_indices(count: int, seed: int, fractions: Sequence[float] = SPLIT_FRAC
 def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: int = 512) -> dict[str, Path]:
     """Render ``count`` synthetic pictures into ``output`` with their masks and MONAI datalists.
 
-    Every file is written atomically and the datalists last, so a datalist only ever lists complete files. Paths in
+    Every file is written atomically and the datalists last, so a datalist only ever lists complete files; the
+    datalists of an earlier dataset in ``output`` go first, so that one killed while rendering over it is never
+    taken for that dataset (its images would be a mix of both). Paths in
     the datalists are relative to ``output``, which can therefore be moved; load them with
     ``monai.data.load_decathlon_datalist(output / "datalist.json", data_list_key="training")``.
 
@@ -501,6 +503,9 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
     if not os.access(output, os.W_OK):
         raise ValueError(f"output folder {output} is not writable")
 
+    paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
+    for path in paths.values():
+        path.unlink(missing_ok=True)
     stems = [f"{DATASET_NAME}_{index:04d}" for index in range(count)]
     for index, stem in enumerate(stems):
         sample = render_fundus(size=size, seed=seed, index=index)
@@ -533,7 +538,6 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
             for key, indices in splits.items()
         },
     }
-    paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
     write_json_atomic(paths["vessels"], vessel_list)
     write_json_atomic(paths["disc_cup"], disc_cup_list)
     return paths

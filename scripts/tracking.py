@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -51,12 +52,24 @@ __all__ = [
     "describe_training_data",
     "flatten_settings",
     "http_retry_settings",
+    "validation_metric_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Needed only with ``--tracking mlflow``: a run without it (a clinic's pipeline, a lent GPU) trains without mlflow.
 mlflow, _ = optional_import("mlflow")
+
+
+def validation_metric_name(dataset: str, channel: str) -> str:
+    """The MLflow name of a dataset's validation Dice for a channel, ``val_dice_<dataset>_<channel>``.
+
+    MLflow refuses names with characters other than letters, digits, ``_ . - : /`` and spaces, and a refused batch
+    is taken for a store that is down (every record of the next minute is dropped); a dataset named by
+    ``tools.prepare --name`` may hold any, e.g. ``Clinic A (2024)``. Others become ``_``, and so do ``:`` and ``/``
+    (``/`` would make the name a path).
+    """
+    return re.sub(r"[^\w.\- ]", "_", f"val_dice_{dataset}_{channel}")
 
 
 class TrackingError(FundusError, RuntimeError):
@@ -478,7 +491,9 @@ class MLflowRecorder:
 
     def _log_validation(self, record: Mapping[str, Any]) -> None:
         metrics = [
-            mlflow.entities.Metric(f"val_dice_{dataset}_{channel}", value, int(time.time() * 1000), record["epoch"])
+            mlflow.entities.Metric(
+                validation_metric_name(dataset, channel), value, int(time.time() * 1000), record["epoch"]
+            )
             for dataset, summary in record["by_dataset"].items()
             for channel, value in summary["dice"].items()
         ]

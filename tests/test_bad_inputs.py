@@ -380,12 +380,23 @@ def test_a_new_run_keeps_each_earlier_run_even_within_one_second(tmp_path, caplo
     for run in ("first", "second"):
         (ckpt / "model.pt").write_text(f"{run} run's model")
         (output / "training_log.jsonl").write_text(f"{run} run's log\n")
+        (ckpt / "model_best.pt").write_text(f"{run} run's best")
+        (ckpt / "latest_checkpoint.pt").write_text(f"{run} run's checkpoint")
+        (output / "overlays" / "epoch_0002").mkdir(parents=True)
+        (output / "overlays" / "epoch_0002" / "a.png").write_text(f"{run} run's picture")
         with caplog.at_level(logging.WARNING):
             kept.append(keep_earlier_run(ckpt, output, resume=False))
+        # Only the model a fine-tuning run starts from stays: nothing else of the earlier run passes for the new one's.
+        assert sorted(path.name for path in ckpt.iterdir()) == ["earlier_runs", "model.pt"]
+        assert (ckpt / "model.pt").read_text() == f"{run} run's model"
+        assert not any(output.iterdir())
     assert kept[0] != kept[1] and kept[0].parent == kept[1].parent == ckpt / "earlier_runs"
     for folder, run in zip(kept, ("first", "second")):
         assert (folder / "model.pt").read_text() == f"{run} run's model"
         assert (folder / "training_log.jsonl").read_text() == f"{run} run's log\n"
+        assert (folder / "model_best.pt").read_text() == f"{run} run's best"
+        assert (folder / "latest_checkpoint.pt").read_text() == f"{run} run's checkpoint"
+        assert (folder / "overlays" / "epoch_0002" / "a.png").read_text() == f"{run} run's picture"
     assert f"were copied to {kept[1]} before this new run replaces them" in caplog.text
     assert keep_earlier_run(ckpt, output, resume=True) is None
 

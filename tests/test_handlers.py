@@ -133,3 +133,51 @@ def test_stop_loader_workers_ends_the_persistent_workers_and_the_loader_still_wo
     assert loader._iterator is None
     assert sorted(int(value) for batch in loader for value in batch) == list(range(8))
     stop_loader_workers(loader)
+
+
+@pytest.mark.parametrize(
+    ("crossed_at", "stopped_at", "epochs_ended"),
+    [(2, 2, []), (3, 3, [1]), (4, 4, [1])],
+    ids=["mid-epoch", "an epoch's last iteration", "the next epoch's first"],
+)
+def test_the_time_limit_never_skips_the_end_of_the_epoch_it_stops_in(monkeypatch, crossed_at, stopped_at, epochs_ended):
+    """Crossed during an epoch's last iteration, the limit stops training at the epoch's end, after its handlers
+    (validation, checkpoint), which ignite would skip for a run terminated during the iteration."""
+    from ignite.engine import Engine
+
+    from scripts.handlers import TrainingTimeLimit
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr("scripts.handlers.time_limit.time.monotonic", lambda: clock["now"])
+    engine = Engine(lambda engine, batch: clock.update(now=60.0 * engine.state.iteration))
+    TrainingTimeLimit(minutes=crossed_at - 0.5).attach(engine)
+    ended, completed = [], []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ended.append(e.state.epoch))
+    engine.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
+    engine.run(range(3), max_epochs=5)
+    assert (engine.state.iteration, ended, completed) == (stopped_at, epochs_ended, [stopped_at])
+
+
+def test_the_time_limit_stops_at_the_end_of_a_gradient_accumulation_window(monkeypatch):
+    from ignite.engine import Engine
+
+    from scripts.handlers import TrainingTimeLimit
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr("scripts.handlers.time_limit.time.monotonic", lambda: clock["now"])
+    engine = Engine(lambda engine, batch: clock.update(now=60.0 * engine.state.iteration))
+    engine.accumulation_steps = 4  # as MONAI's SupervisedTrainer holds it
+    TrainingTimeLimit(minutes=4.5).attach(engine)  # crossed at iteration 5, in the second window of an epoch of 10
+    engine.run(range(10), max_epochs=2)
+    assert engine.state.iteration == 8
+
+
+def test_a_time_limit_under_a_second_is_a_limit_not_an_error():
+    from ignite.engine import Engine
+
+    from scripts.handlers import TrainingTimeLimit
+
+    engine = Engine(lambda engine, batch: time.sleep(0.02))
+    TrainingTimeLimit(minutes=0.0005).attach(engine)  # 30 ms
+    engine.run(range(100), max_epochs=1)
+    assert 2 <= engine.state.iteration < 100

@@ -75,7 +75,9 @@ def test_a_later_run_reuses_the_cached_export(network, images, exported, caplog)
     torch.testing.assert_close(logits, torch_logits(network, images), atol=1e-4, rtol=1e-4)
 
 
-def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(network, images, exported, tmp_path, caplog):
+def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
+    network, images, exported, tmp_path, caplog, monkeypatch
+):
     cache = tmp_path / exported.cache_path.name
     sidecar = cache.with_name(cache.name + ".json")
     cache.write_bytes(exported.cache_path.read_bytes())
@@ -103,6 +105,16 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(network,
             logits = backend(images, retrained)
         assert backend.rebuilt and message in caplog.text
         torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
+
+    # A rebuild refused (or killed) half-way leaves no record: its file never passes for the export it replaced.
+    def refused(self, network):
+        self.cache_path.write_bytes(b"half of another export")
+        raise DeployError("refused")
+
+    monkeypatch.setattr(OnnxBackend, "_build", refused)
+    with pytest.raises(DeployError):
+        OnnxBackend(cache)(images, network)  # the original weights: the cache of the retrained ones is stale
+    assert not sidecar.exists()
 
 
 def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported, tmp_path):

@@ -172,6 +172,34 @@ def test_ensure_dataset_renders_once_and_reuses(tmp_path):
     assert sum(len(listed[split]) for split in ("training", "validation", "test")) == 4
 
 
+def test_a_dataset_killed_while_rendering_over_another_is_not_reused(tmp_path, monkeypatch):
+    """Rendering over an earlier dataset removes its datalists first: killed half-way, the folder holds pictures of
+    both, and the earlier settings must not find it complete."""
+    import scripts.synthetic as synthetic
+
+    folder = tmp_path / "data"
+    synthetic.ensure_dataset(folder, count=3, seed=4, size=64)
+    rendered = []
+
+    def killed_after_one(size, seed, index):
+        if rendered:
+            raise KeyboardInterrupt  # the kill, after the first picture of the new seed
+        rendered.append(index)
+        return real_render(size=size, seed=seed, index=index)
+
+    real_render = synthetic.render_fundus
+    monkeypatch.setattr(synthetic, "render_fundus", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.ensure_dataset(folder, count=3, seed=5, size=64)
+    monkeypatch.setattr(synthetic, "render_fundus", real_render)
+    image = folder / "images" / "synthetic_0000.png"
+    stamp = image.stat().st_mtime_ns
+    synthetic.ensure_dataset(folder, count=3, seed=4, size=64)
+    assert image.stat().st_mtime_ns != stamp, "rendered again, not reused"
+    fresh = synthetic.write_dataset(tmp_path / "fresh", count=3, seed=4, size=64)
+    assert image.read_bytes() == (Path(fresh["vessels"]).parent / "images" / "synthetic_0000.png").read_bytes()
+
+
 def test_an_untrained_network_fails_on_it(tmp_path):
     """The embedded default must be a task to learn: SAM2-LoRA before training finds no vessels in it."""
     import torch

@@ -348,7 +348,10 @@ def _plain(value: Any) -> Any:
 def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
     """Copy an earlier run's files aside before a new run (``resume`` false) writes over them.
 
-    Copied, not moved: a fine-tuning run (MONAI Label's) starts from the ``model.pt`` it replaces.
+    ``model.pt`` stays where it is, since a fine-tuning run (MONAI Label's) starts from the model it replaces; the
+    other files are removed once copied, so that none passes for the new run's: its ``model_best.pt`` before its
+    first validation (which tracking would record and evaluation would read), its ``latest_checkpoint.pt`` before
+    its first save (which ``--resume auto`` would continue), its pictures.
 
     Args:
         ckpt_dir: the run's checkpoint folder (``model.pt``, ``model_best.pt``, ``latest_checkpoint.pt``).
@@ -379,6 +382,9 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
             shutil.copytree(path, target / path.name, dirs_exist_ok=True)
         else:
             shutil.copy2(path, target / path.name)
+    for path in found:
+        if path.name != "model.pt":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     logger.warning(
         f"{ckpt_dir} and {output_dir} hold an earlier run; its files ({', '.join(p.name for p in found)}) were "
         f"copied to {target} before this new run replaces them (pass --resume true to continue that run instead)."
