@@ -175,7 +175,7 @@ def test_ensure_dataset_renders_once_and_reuses(tmp_path):
 def test_a_dataset_killed_while_rendering_over_another_is_not_reused(tmp_path, monkeypatch):
     """Rendering over an earlier dataset removes its datalists first: killed half-way, the folder holds pictures of
     both, and the earlier settings must not find it complete."""
-    import scripts.synthetic as synthetic
+    from scripts import synthetic
 
     folder = tmp_path / "data"
     synthetic.ensure_dataset(folder, count=3, seed=4, size=64)
