@@ -503,7 +503,7 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
     if not os.access(output, os.W_OK):
         raise ValueError(f"output folder {output} is not writable")
 
-    paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
+    paths = _datalist_paths(output)
     for path in paths.values():
         path.unlink(missing_ok=True)
     stems = [f"{DATASET_NAME}_{index:04d}" for index in range(count)]
@@ -559,10 +559,14 @@ def ensure_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: i
         paths of the two datalists, as strings: ``{"vessels": ..., "disc_cup": ...}``.
     """
     output = Path(output)
-    paths = {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
+    paths = _datalist_paths(output)
     if not all(path.is_file() for path in paths.values()) or not _matches(paths["vessels"], count, seed, size):
         paths = write_dataset(output, count, seed=seed, size=size)
     return {task: str(path) for task, path in paths.items()}
+
+
+def _datalist_paths(output: Path) -> dict[str, Path]:
+    return {"vessels": output / "datalist.json", "disc_cup": output / "datalist_disc_cup.json"}
 
 
 def _matches(datalist: Path, count: int, seed: int, size: int) -> bool:

@@ -383,8 +383,10 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
         else:
             shutil.copy2(path, target / path.name)
     for path in found:
-        if path.name != "model.pt":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name != "model.pt":
+            path.unlink()
     logger.warning(
         f"{ckpt_dir} and {output_dir} hold an earlier run; its files ({', '.join(p.name for p in found)}) were "
         f"copied to {target} before this new run replaces them (pass --resume true to continue that run instead)."
