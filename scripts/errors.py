@@ -26,6 +26,7 @@ __all__ = [
     "first_line",
     "install_error_hook",
     "is_real_number",
+    "is_whole_number",
     "user_error",
 ]
 
@@ -43,6 +44,11 @@ def is_real_number(value: Any) -> bool:
     that ``--gradient_clip_norm abc`` (which arrives as a string) gets the setting's one-line error, not a
     TypeError from the comparison."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is an int, not a bool (``True`` is an int to Python, not a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def first_line(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConfigError, FundusError, is_real_number
+from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number
 from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_image, read_label_mask
 from scripts.writers import REPORT_FILES, output_names
 
@@ -46,7 +46,7 @@ class InputError(FundusError, ValueError):
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_whole_number(value) and value > 0
 
 
 def _positive_number(value: Any) -> bool:
@@ -75,7 +75,7 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     "val_interval": (_positive_int, "a positive whole number of epochs"),
     "accumulation_steps": (_positive_int, "a positive whole number"),
     "num_workers": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        lambda v: is_whole_number(v) and v >= 0,
         "0 or a positive whole number",
     ),
     "learning_rate": (_positive_number, "a positive number"),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.errors import ConfigError, is_real_number
+from scripts.errors import ConfigError, is_real_number, is_whole_number
 
 __all__ = [
     "LoRALinear",
@@ -56,7 +56,7 @@ class LoRALinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        if not (is_whole_number(rank) and rank >= 1):
             raise ConfigError(f"Setting 'lora_rank' must be a positive whole number; got {rank!r}.")
         if not (is_real_number(dropout) and 0.0 <= dropout < 1.0):
             raise ConfigError(f"Setting 'lora_dropout' must be at least 0 and below 1; got {dropout!r}.")

@@ -50,7 +50,7 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from torchvision.transforms.v2.functional import adjust_hue
 
-from scripts.errors import ConfigError, is_real_number
+from scripts.errors import ConfigError, is_real_number, is_whole_number
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
 from scripts.prompts import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, POINT_NEGATIVE, POINT_PADDING, POINT_POSITIVE
@@ -443,7 +443,7 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
     ) -> None:
         counts = {"prompt_positive_points": num_positive, "prompt_negative_points": num_negative}
         for name, count in counts.items():
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            if not (is_whole_number(count) and count >= 0):
                 raise ConfigError(f"Setting '{name}' must be 0 or a positive whole number; got {count!r}.")
         if num_positive + num_negative + (2 if use_box else 0) == 0:
             raise ConfigError(

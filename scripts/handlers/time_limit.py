@@ -24,9 +24,9 @@ class TrainingTimeLimit:
     best validation so far, and ``--resume true`` goes on with a budget of its own. At an epoch's last iteration
     the check waits for the epoch's end, after its validation and checkpoint: ignite skips the epoch-end handlers
     of a run terminated during an iteration, so stopping there would lose that epoch's validation for good (its
-    checkpoint would mark the epoch done). Under torchrun the ranks stop together: the
-    decision is the same on all of them (any rank over the limit), since a rank that stops alone leaves the others
-    waiting in their next gradient exchange.
+    checkpoint would mark the epoch done). Under torchrun the ranks stop together: the decision is the same on all
+    of them (any rank over the limit), since a rank that stops alone leaves the others waiting in their next
+    gradient exchange.
 
     Args:
         minutes: the budget, in minutes of wall-clock time (validations included).
