@@ -130,14 +130,15 @@ def served_network_settings(bundle: Path) -> dict[str, Any]:
 class FundusLabeld:
     """Probability maps ``(C, H, W)`` to one uint8 label image laid out as MONAI Label's writer expects.
 
-    Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel above ``threshold`` (nested
-    structures: optic disc 1, cup 2), as the bundle's own prediction writer computes its masks. The result is
-    transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's ITK-reader layout and its writer transposes
-    back when writing, whereas the bundle's loader keeps the file's ``(H, W)``.
+    Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel at or above ``threshold``
+    (nested structures: optic disc 1, cup 2), as the bundle's own prediction writer computes its masks
+    (``scripts.masks.binarise``; the app loads a bundle's scripts only inside its tasks). The result is transposed
+    to ``(W, H)``: MONAI Label keeps 2D images in MONAI's ITK-reader layout and its writer transposes back when
+    writing, whereas the bundle's loader keeps the file's ``(H, W)``.
 
     Args:
         key: the probability map, already brought back to the image's size (the bundle's ``Invertd``).
-        threshold: probability above which a pixel belongs to a structure (the bundle's ``threshold``).
+        threshold: probability from which a pixel belongs to a structure (the bundle's ``threshold``).
     """
 
     def __init__(self, key: str, threshold: float) -> None:
@@ -153,7 +154,7 @@ class FundusLabeld:
             raise ValueError(f"Expected a (C, H, W) probability map, got shape {probabilities.shape}.")
         labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
         for channel, probability in enumerate(probabilities):
-            labels[probability > self.threshold] = channel + 1
+            labels[probability >= self.threshold] = channel + 1
         d[self.key] = np.ascontiguousarray(labels.T)
         return d
 

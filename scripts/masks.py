@@ -1,10 +1,27 @@
-"""Geometry of binary masks shared by the prompts and the metrics."""
+"""Binary masks: the one rule that turns probabilities into masks, and the geometry the prompts and metrics share."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bounding_slices"]
+__all__ = ["binarise", "bounding_slices"]
+
+
+def binarise(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Foreground where the probability is at least ``threshold``.
+
+    The written masks, the measurements and the metrics all use this rule, the one of MONAI's
+    ``AsDiscrete(threshold=...)`` that training's validation Dice uses, so a pixel at exactly the threshold counts
+    the same everywhere.
+
+    Args:
+        probabilities: probabilities of any shape.
+        threshold: the probability from which a pixel is foreground.
+
+    Returns:
+        A bool array of the same shape.
+    """
+    return np.asarray(probabilities) >= threshold
 
 
 def bounding_slices(mask: np.ndarray) -> tuple[slice, slice]:

@@ -59,7 +59,7 @@ from skimage.morphology import skeletonize
 
 from scripts.acceleration import usable_cores
 from scripts.atomic import OutputError, write_text_atomic
-from scripts.masks import bounding_slices
+from scripts.masks import binarise, bounding_slices
 
 __all__ = [
     "METRICS",
@@ -305,7 +305,7 @@ def evaluate_case(
         regions["fov"] = fov_mask
     regions["image"] = None
 
-    pred_mask = prob_array >= threshold
+    pred_mask = binarise(prob_array, threshold)
     channels = range(len(names))
     if topology:  # one pool for both: a single channel's two skeletons also run side by side
         skeletons = _map_on_cores(skeletonize, [*pred_mask, *label_mask])

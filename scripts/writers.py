@@ -15,6 +15,7 @@ from monai.transforms import MapTransform
 
 from scripts.atomic import atomic_path
 from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
+from scripts.masks import binarise
 from scripts.measurements import measure_structures
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
@@ -70,7 +71,7 @@ class SaveFundusPredictiond(MapTransform):
         keys: the probability map key, (C, H, W) in [0, 1], already brought back to the image's size.
         output_dir: destination folder, created if needed.
         channel_names: one name per channel, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
-        threshold: probability above which a pixel belongs to the structure.
+        threshold: probability from which a pixel belongs to the structure (:func:`scripts.masks.binarise`).
         restrict_to_fov: clear the prediction outside the field of view, estimated from the photograph
             (the dark border of a fundus camera picture holds no retina).
         nifti: also write the label image as NIfTI.
@@ -139,7 +140,7 @@ class SaveFundusPredictiond(MapTransform):
         fov = estimate_fov(image) if self.restrict_to_fov or self.measure else None
         if self.restrict_to_fov:
             probabilities = probabilities * fov
-        masks = probabilities > self.threshold
+        masks = binarise(probabilities, self.threshold)
         labels = label_map(masks)
         mask_file, *probability_files, overlay_file = output_names(source, self.channel_names)
         write_png(self.output_dir / mask_file, np.round(labels * (255 / len(self.channel_names))).astype(np.uint8))

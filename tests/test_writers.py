@@ -8,6 +8,7 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from scripts.fundus_io import FundusImageError, write_png
+from scripts.metrics import evaluate_case
 from scripts.writers import SaveFundusPredictiond, label_map
 
 
@@ -67,3 +68,15 @@ def test_mismatches_are_named(photo, tmp_path):
         writer({"pred": prediction(np.zeros((1, 30, 20), np.float32), photo)})
     with pytest.raises(ValueError, match="2 channels but 1 channel names"):
         writer({"pred": prediction(np.zeros((2, 20, 30), np.float32), photo)})
+
+
+def test_a_probability_at_the_threshold_is_foreground_in_the_mask_as_in_the_metrics(photo, tmp_path):
+    probabilities = np.zeros((1, 20, 30), dtype=np.float32)
+    probabilities[0, 5:8, 10:20] = 0.5
+    probabilities[0, 12:14, 10:20] = np.nextafter(np.float32(0.5), np.float32(0))
+    SaveFundusPredictiond("pred", tmp_path, ["vessels"])({"pred": prediction(probabilities, photo)})
+    written = np.asarray(Image.open(tmp_path / "eye_mask.png")) == 255
+    assert written.sum() == 30 and written[5:8, 10:20].all()
+    # The metrics read the same rule: the written mask as the reference gives a perfect score.
+    dice = evaluate_case(probabilities, written[None].astype(np.uint8), topology=False)["vessels/image/dice"]
+    assert dice == 1.0

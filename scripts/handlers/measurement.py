@@ -28,6 +28,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from scripts.atomic import write_text_atomic
 from scripts.fundus_io import read_image
+from scripts.masks import binarise
 from scripts.measurements import MEASURE_UNITS, VESSEL_CHANNELS, measure_structures
 from scripts.metrics import UNKNOWN_DATASET, json_safe
 from scripts.plots import plot_bland_altman
@@ -206,7 +207,7 @@ class MeasurementAgreement:
         outputs = decollate_batch(outputs) if isinstance(outputs, Mapping) else outputs
         channels = len(self.channel_names)
         for output, item, ious in zip(outputs, engine.state.batch, _ious(self.inferer, len(outputs), channels)):
-            prediction = torch.as_tensor(output["pred"]).detach().float().cpu().numpy()[:channels] >= self.threshold
+            prediction = binarise(torch.as_tensor(output["pred"]).detach().float().cpu().numpy()[:channels], self.threshold)
             reference = torch.as_tensor(output["label"]).detach().cpu().numpy() > 0.5
             fov = item.get("fov", output.get("fov"))
             fov = np.ones(reference.shape[1:], bool) if fov is None else torch.as_tensor(fov).cpu().numpy()[0] > 0.5
