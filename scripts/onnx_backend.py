@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -245,28 +246,34 @@ class OnnxBackend:
     def _build(self, network: nn.Module) -> Any:
         model = PromptFreeSegmenter(network)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        float_path = self.cache_path.with_name(self.cache_path.stem + ".float32.onnx") if self.int8 else self.cache_path
-        export_onnx(model, float_path)
-        difference = check_onnx(float_path, model, model.example(batch=1))
-        if not difference <= EXPORT_TOLERANCE:
-            raise DeployError(
-                f"The export {float_path} disagrees with PyTorch: largest logit difference {difference:.3g} on a "
-                f"random image (at most {EXPORT_TOLERANCE} expected); use backend 'torch'."
-            )
         if not self.int8:
-            return _session(float_path)
+            self._export_checked(model, self.cache_path)
+            return _session(self.cache_path)
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with atomic_path(self.cache_path) as partial:
-            quantize_dynamic(
-                str(float_path),
-                str(partial),
-                weight_type=QuantType[INT8_QUANTIZATION["weight_type"]],
-                per_channel=INT8_QUANTIZATION["per_channel"],
-                op_types_to_quantize=INT8_QUANTIZATION["op_types"],
-            )
-        float_path.unlink()
+        # The float32 step gets a folder of its own per build: two processes building one int8 cache at once must
+        # not quantize, or delete, each other's intermediate file.
+        with tempfile.TemporaryDirectory(prefix=f".{self.cache_path.stem}.", dir=self.cache_path.parent) as work:
+            float_path = Path(work) / "float32.onnx"
+            self._export_checked(model, float_path)
+            with atomic_path(self.cache_path) as partial:
+                quantize_dynamic(
+                    str(float_path),
+                    str(partial),
+                    weight_type=QuantType[INT8_QUANTIZATION["weight_type"]],
+                    per_channel=INT8_QUANTIZATION["per_channel"],
+                    op_types_to_quantize=INT8_QUANTIZATION["op_types"],
+                )
         return _session(self.cache_path)
+
+    def _export_checked(self, model: PromptFreeSegmenter, path: Path) -> None:
+        export_onnx(model, path)
+        difference = check_onnx(path, model, model.example(batch=1))
+        if not difference <= EXPORT_TOLERANCE:
+            raise DeployError(
+                f"The float32 export for {self.cache_path} disagrees with PyTorch: largest logit difference "
+                f"{difference:.3g} on a random image (at most {EXPORT_TOLERANCE} expected); use backend 'torch'."
+            )
 
 
 def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = False) -> OnnxBackend | None:

@@ -14,6 +14,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
+from scripts import onnx_backend
 from scripts.errors import ConfigError
 from scripts.inferers import FundusInferer
 from scripts.lora import lora_modules
@@ -121,7 +122,8 @@ def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported,
     backend = OnnxBackend(tmp_path / "model.onnxruntime-int8.onnx", int8=True)
     logits = backend(images, network)
     assert backend.cache_path.stat().st_size < 0.5 * exported.cache_path.stat().st_size
-    assert not list(tmp_path.glob("*.float32.onnx")), "the float32 step is removed"
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == [backend.cache_path.name, backend.cache_path.name + ".json"], "the float32 step is removed"
     reference = torch_logits(network, images)
     masks, expected = (logits > 0).numpy(), (reference > 0).numpy()
     dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
@@ -138,6 +140,26 @@ def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported,
     # Convolutions stay float32 (INT8_QUANTIZATION's op_types): onnxruntime's ConvInteger is the slower one.
     operators = {node.op_type for node in graph.node}
     assert "Conv" in operators and "ConvInteger" not in operators, operators
+
+
+def test_two_int8_builds_at_once_keep_their_own_float32_step(network, images, tmp_path, monkeypatch):
+    """Another process's build of the same int8 cache runs to its end while this one has exported its float32
+    step: each must quantize its own intermediate file, which the other neither replaces nor deletes."""
+    cache_path = tmp_path / "model.onnxruntime-int8.onnx"
+    export = onnx_backend.export_onnx
+    interleaved = []
+
+    def export_then_let_the_other_build_run(model, path, *args, **kwargs):
+        written = export(model, path, *args, **kwargs)
+        if not interleaved:
+            interleaved.append(path)
+            OnnxBackend(cache_path, int8=True)(images, network)
+        return written
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", export_then_let_the_other_build_run)
+    logits = OnnxBackend(cache_path, int8=True)(images, network)
+    assert interleaved and logits.shape == torch_logits(network, images).shape
+    assert sorted(path.name for path in tmp_path.iterdir()) == [cache_path.name, cache_path.name + ".json"]
 
 
 def test_bad_backend_settings_and_unexportable_networks_are_named(network, tmp_path, monkeypatch):
