@@ -13,8 +13,8 @@ MONAI's own transforms are used wherever they fit (``Resized``, ``Invertd``, ``R
 
 Typical preprocessing (``Invertd`` with ``orig_keys="image"`` later brings a prediction back to the file's size)::
 
-    Compose([LoadFundusd(), Resized(["image", "label", "fov"], (1024, 1024), mode=("bilinear", "nearest",
-             "nearest")), training_augmentations(1024), SamplePromptsd(num_positive=1), SamNormalized()])
+    Compose([LoadFundusd(), *network_size("resize", 1024), training_augmentations(1024), SamplePromptsd(num_positive=1),
+             SamNormalized()])
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    GaussianSmoothd,
     Identityd,
     MapTransform,
     NormalizeIntensityd,
@@ -55,7 +56,12 @@ from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_l
 from scripts.inferers import check_input_mode
 from scripts.prompts import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, POINT_NEGATIVE, POINT_PADDING, POINT_POSITIVE
 
+# Masks resample with "nearest-exact", which samples each output pixel's centre as bilinear does; torch's legacy
+# "nearest" samples its top-left corner, moving every mask about half a pixel down and right of its photograph.
+MASK_RESAMPLING = "nearest-exact"
+
 __all__ = [
+    "MASK_RESAMPLING",
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
     "LoadFundusd",
@@ -254,19 +260,24 @@ def network_size(
             ``"sliding_window"``: pictures keep their shape at ``pixel_scale`` times their resolution.
         image_size: the network's side.
         pixel_scale: the scale of ``"sliding_window"`` (1.0: native resolution).
-        keys: the image first, then masks (resampled with nearest neighbours); absent keys are skipped.
+        keys: the image first (bilinear, smoothed first where it shrinks), then masks (:data:`MASK_RESAMPLING`);
+            absent keys are skipped.
 
     Returns:
         The transforms (for ``"sliding_window"`` at scale 1, a recorded no-op: ``Invertd`` warns on every picture when
         there is nothing to invert).
     """
     check_input_mode(input_mode, pixel_scale)
-    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    modes = ["bilinear"] + [MASK_RESAMPLING] * (len(keys) - 1)
+    # A photograph that shrinks is low-passed first (skimage's sigma, (factor - 1) / 2), or a one-pixel vessel keeps or
+    # loses its contrast depending on where it falls between samples. The inverse only enlarges predictions.
     if input_mode == "resize":
-        return [Resized(keys, (image_size, image_size), mode=modes, allow_missing_keys=True)]
+        smoothing = [True] + [False] * (len(keys) - 1)
+        return [Resized(keys, (image_size, image_size), mode=modes, anti_aliasing=smoothing, allow_missing_keys=True)]
     if pixel_scale == 1:
         return [Resized(keys, (-1, -1), mode=modes, allow_missing_keys=True)]
-    return [Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True)]
+    zoom = Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True)
+    return [GaussianSmoothd(keys[0], sigma=(1 / pixel_scale - 1) / 2), zoom] if pixel_scale < 1 else [zoom]
 
 
 def training_crops(
@@ -319,8 +330,8 @@ def training_augmentations(
 
     Horizontal and vertical flips (p = 0.5 each); with p = 0.5 one of: rotation within ``rotation_degrees``, a mild
     affine transform, or a random resized crop (60-100% of the side, resized back); with p = 0.5 one of: colour jitter
-    (brightness and hue), Gaussian blur or sharpening. Spatial steps move the image (bilinear) and the masks (nearest)
-    together; colour steps touch the image alone and keep it in ``[0, 1]``.
+    (brightness and hue), Gaussian blur or sharpening. Spatial steps move the image (bilinear) and the masks
+    (nearest neighbour, aligned on pixel centres) together; colour steps touch the image alone and keep it in ``[0, 1]``.
 
     Args:
         image_size: side of the square images at this point of the pipeline (crops are resized back to it).
@@ -334,9 +345,11 @@ def training_augmentations(
         a ``Compose`` of MONAI random transforms; seed it with ``set_random_state``.
     """
     keys = [image_key, *mask_keys]
-    modes = ["bilinear"] + ["nearest"] * len(mask_keys)
+    # Rotations and affine maps sample through a grid at pixel centres, where "nearest" is already aligned.
+    grid_modes = ["bilinear"] + ["nearest"] * len(mask_keys)
+    resize_modes = ["bilinear"] + [MASK_RESAMPLING] * len(mask_keys)
     angle = math.radians(rotation_degrees)
-    spatial = {"keys": keys, "mode": modes, "padding_mode": "zeros", "allow_missing_keys": True}
+    spatial = {"keys": keys, "mode": grid_modes, "padding_mode": "zeros", "allow_missing_keys": True}
     geometric = OneOf(
         transforms=[
             Identityd(keys, allow_missing_keys=True),
@@ -352,7 +365,7 @@ def training_augmentations(
             Compose(
                 [
                     RandSpatialCropd(keys, roi_size=int(0.6 * image_size), random_size=True, allow_missing_keys=True),
-                    Resized(keys, (image_size, image_size), mode=modes, allow_missing_keys=True),
+                    Resized(keys, (image_size, image_size), mode=resize_modes, allow_missing_keys=True),
                 ]
             ),
         ],
