@@ -29,16 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class _Frozen(nn.Module):
-    """A frozen layer and a trainable one: the shape of a LoRA-adapted network."""
+    """A frozen layer, then a trainable one with batch normalisation: the shape of a LoRA-adapted U-Net."""
 
     def __init__(self) -> None:
         super().__init__()
         self.base = nn.Linear(4, 4)
         self.base.requires_grad_(False)
+        self.norm = nn.BatchNorm1d(4, affine=False)
         self.adapter = nn.Linear(4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(torch.relu(self.base(x)))
+        return self.adapter(self.norm(torch.relu(self.base(x))))
 
 
 def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, validate: bool = False,
@@ -101,7 +102,9 @@ def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tm
     assert saved["format"] == CHECKPOINT_FORMAT
     # Saved at 2, 4, the end of epoch 1 (5), then 2 iterations later: 7, in the middle of epoch 2.
     assert saved["trainer"]["iteration"] == 7
-    assert set(saved["network_trainable"]) == {"adapter.weight", "adapter.bias"}, "frozen weights are not re-saved"
+    running = {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    assert set(saved["network_trainable"]) == {"adapter.weight", "adapter.bias", *running}, "frozen ones are not saved"
+    assert saved["network_trainable"]["norm.num_batches_tracked"] == 7
 
     resumed, network2, optimizer2, _, _ = _trainer(tmp_path, "true", seed=123, interval=2)
     seen = {}
@@ -109,6 +112,7 @@ def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tm
 
     def capture(engine):
         seen["adapter"] = network2.adapter.weight.detach().clone()
+        seen["running_var"] = network2.norm.running_var.detach().clone()
         seen["lr"] = optimizer2.param_groups[0]["lr"]
         seen["step"] = optimizer2.state_dict()["state"][0]["step"].item()
         seen["epoch"] = engine.state.epoch
@@ -116,9 +120,25 @@ def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tm
     resumed.add_event_handler(Events.STARTED, capture)
     resumed.run()
     assert torch.equal(seen["adapter"], saved["network_trainable"]["adapter.weight"])
+    assert torch.equal(seen["running_var"], saved["network_trainable"]["norm.running_var"]), "statistics go on too"
     assert seen["step"] == 7 and seen["lr"] == pytest.approx(saved["lr_scheduler"]["_last_lr"][0])
     assert seen["epoch"] == 1 and seen["first"] == 8, "goes on with iteration 8, the third of epoch 2"
     assert resumed.state.iteration == 15 and resumed.state.epoch == 3
+
+
+def test_a_checkpoint_without_buffers_resumes_with_a_warning(tmp_path, caplog):
+    """Checkpoints of bundle 0.3.10 and earlier held the trainable parameters alone."""
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1)
+    trainer.run()
+    saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)
+    saved["network_trainable"] = {k: v for k, v in saved["network_trainable"].items() if k.startswith("adapter.")}
+    torch.save(saved, tmp_path / "latest_checkpoint.pt")
+    resumed, network, *_ = _trainer(tmp_path, "true", seed=123, max_epochs=2)
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    assert "lacks 3 buffers (norm.num_batches_tracked, ...)" in caplog.text
+    # Epoch 2's five batches alone: the statistics restarted, as the warning says.
+    assert resumed.state.epoch == 2 and network.norm.num_batches_tracked == 5
 
 
 def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):

@@ -2,7 +2,8 @@
 
 The checkpoint (``latest_checkpoint.pt`` in the checkpoint folder) holds:
 
-- the network's trainable state (LoRA adapters and any other parameter with ``requires_grad``) and a fingerprint of
+- the network's trainable state (LoRA adapters and any other parameter with ``requires_grad``, and the buffers, such
+  as batch normalisation's running statistics, which training changes without a gradient) and a fingerprint of
   the frozen weights, which are not saved again: they come from the base checkpoint (or the seeded random init) and
   the fingerprint proves the resumed run rebuilt the same ones;
 - the optimiser, the learning-rate scheduler, the AMP gradient scaler;
@@ -48,7 +49,14 @@ from scripts.atomic import save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, first_line, is_real_number
 
-__all__ = ["CHECKPOINT_FORMAT", "ResumeError", "TrainingCheckpoint", "frozen_fingerprint", "keep_earlier_run"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ResumeError",
+    "TrainingCheckpoint",
+    "frozen_fingerprint",
+    "keep_earlier_run",
+    "resumable_state",
+]
 
 CHECKPOINT_FORMAT = "sam2lora-training/1"
 
@@ -90,6 +98,22 @@ def frozen_fingerprint(network: nn.Module) -> str:
             f"{name}{tuple(values.shape)}{float(values.sum()):.10e}{float((values * weights).sum()):.10e}".encode()
         )
     return digest.hexdigest()
+
+
+def resumable_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """What a resume restores of the network: its trainable parameters and its saved buffers (batch normalisation's
+    running statistics move with training, though no gradient reaches them; the others are a few hundred numbers).
+
+    Args:
+        network: the network (unwrapped or wrapped by DistributedDataParallel).
+
+    Returns:
+        Those entries of the network's state dict, on the CPU.
+    """
+    network = unwrap_network(network)
+    wanted = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+    wanted |= {name for name, _ in network.named_buffers()}
+    return {key: value.detach().cpu() for key, value in network.state_dict().items() if key in wanted}
 
 
 def _parse_resume(resume: bool | str) -> str:
@@ -191,13 +215,11 @@ class TrainingCheckpoint:
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Everything the checkpoint holds, for ``engine`` at its current iteration."""
-        network = unwrap_network(self.network)
-        trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
         content: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "settings": self.settings,
             "frozen_fingerprint": self._fingerprint,
-            "network_trainable": {k: v.detach().cpu() for k, v in network.state_dict().items() if k in trainable},
+            "network_trainable": resumable_state(self.network),
             "optimizer": self.optimizer.state_dict(),
             "trainer": engine.state_dict(),
             "extra": {name: dict(provider()) for name, provider in self.extra_state.items()},
@@ -296,10 +318,17 @@ class TrainingCheckpoint:
             return
         content = self.resumed
         network = unwrap_network(self.network)
-        missing = set(content["network_trainable"]) ^ {n for n, p in network.named_parameters() if p.requires_grad}
-        if missing:
+        saved, expected = set(content["network_trainable"]), set(resumable_state(network))
+        buffers = {name for name, _ in network.named_buffers()}
+        differing = saved ^ expected
+        if differing - buffers:
             raise ResumeError(
-                f"Cannot resume from {self.path}: trainable parameters differ ({sorted(missing)[:3]}...)."
+                f"Cannot resume from {self.path}: trainable parameters differ ({sorted(differing - buffers)[:3]}...)."
+            )
+        if differing:  # a checkpoint of bundle 0.3.10 or earlier held the parameters alone
+            logger.warning(
+                f"Resuming from {self.path}: it lacks {len(differing)} buffers ({min(differing)}, ...); "
+                "batch normalisation's running statistics restart from their initial values."
             )
         network.load_state_dict(content["network_trainable"], strict=False)
         self.optimizer.load_state_dict(content["optimizer"])
