@@ -169,6 +169,7 @@ class AdaptedNetwork:
         decoder: nn.Module,
         new_modules: Sequence[nn.Module] = (),
         base_weights: str = "meta",
+        never_run: Sequence[nn.Module | nn.Parameter] = (),
     ) -> None:
         """Choose what trains, and remember which weights are Meta's untouched ones.
 
@@ -180,6 +181,9 @@ class AdaptedNetwork:
             base_weights: where the base's weights come from, recorded with the model: ``"meta"`` (a checkpoint of
                 Meta's), ``"random"`` (``lora`` then adapts noise: warned about) or ``"follows"`` (a trained model's,
                 loaded next, whose record then replaces this one).
+            never_run: parts of the base the network never runs (SAM 2's video memory, its object-score head),
+                frozen in every mode: DistributedDataParallel waits for a gradient of every trainable weight in each
+                step, and the trainable count is then what trains.
         """
         self.settings["base_weights"] = base_weights
         network: nn.Module = self  # type: ignore[assignment]
@@ -192,6 +196,8 @@ class AdaptedNetwork:
                 layer.lora_B.requires_grad_(True)
         if finetune == "lora+decoder":
             decoder.requires_grad_(True)
+        for part in never_run:
+            part.requires_grad_(False)
         if base_weights == "random" and finetune == "lora":
             logger.warning(
                 "finetune='lora' on a randomly initialised SAM 2 adapts random weights: the adapters have almost "

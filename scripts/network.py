@@ -190,9 +190,23 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
             base="sam2",
             decoder=self.sam2.sam_mask_decoder,
             base_weights=base_weights_source(random_init, weights_follow),
+            never_run=self._never_run(),
         )
         if adapter_checkpoint is not None:
             self.load_adapters(adapter_checkpoint)
+
+    def _never_run(self) -> list[nn.Module | nn.Parameter]:
+        """SAM 2's parts that one image's segmentation does not run: the video memory and object pointers, the
+        encoding of mask prompts, and the object-score head, whose output nothing reads."""
+        runs = {"image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "no_mem_embed"}
+        parts: list[nn.Module | nn.Parameter] = [
+            part
+            for name, part in [*self.sam2.named_children(), *self.sam2.named_parameters(recurse=False)]
+            if name not in runs
+        ]
+        parts.append(self.sam2.sam_prompt_encoder.mask_downscaling)
+        score_head = getattr(self.sam2.sam_mask_decoder, "pred_obj_score_head", None)
+        return parts if score_head is None else [*parts, score_head]
 
     def forward(
         self,

@@ -20,7 +20,10 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=10, size=128)["vessels"]
     models, output = tmp_path / "models", tmp_path / "eval"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    overrides = {**FAST, **SAM_LORA, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
+    # lora+decoder trains weights that a step may leave without a gradient (the decoder's multimask outputs, its
+    # object-score head): DistributedDataParallel must be told to look for them.
+    paper_head = {**SAM_LORA, "finetune": "lora+decoder"}
+    overrides = {**FAST, **paper_head, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
     command = bundle_command("training", [TRAIN, QUICKSTART, MULTI_GPU], launcher=torchrun, **overrides)
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, fail_message(result)

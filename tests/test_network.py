@@ -185,6 +185,28 @@ def test_only_adapters_train_and_a_step_changes_only_them(fresh):
     assert any(name.endswith(".lora_B") for name in changed)
 
 
+@pytest.mark.parametrize("finetune", ["lora", "lora+decoder", "full"])
+def test_every_trainable_weight_gets_a_gradient_from_a_training_step(finetune):
+    """DistributedDataParallel waits for a gradient of each trainable weight in every step (a weight left without
+    one stops a multi-GPU run), and the trainable count should be what trains: SAM 2's video memory, mask-prompt
+    encoder and object-score head, which one image's segmentation never runs, stay frozen in every mode."""
+    torch.manual_seed(0)
+    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=64, finetune=finetune).train()
+    prompted = network(
+        torch.randn(2, 3, 64, 64),
+        point_coords=torch.tensor([[[10.0, 20.0], [30.0, 30.0]], [[5.0, 5.0], [0.0, 0.0]]]),
+        point_labels=torch.tensor([[1, 2], [0, -1]]),
+    )
+    (prompted.mean() + network.latest_iou_predictions.mean()).backward()  # the loss reads both, as training's does
+    without = [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]
+    assert not without, without
+    frozen = {name for name, p in network.named_parameters() if not p.requires_grad}
+    assert any(name.startswith("sam2.memory_encoder.") for name in frozen)
+    assert any(".pred_obj_score_head." in name for name in frozen)
+    if finetune == "full":
+        assert not any(name.startswith(("sam2.image_encoder.", "sam2.sam_mask_decoder.transformer.")) for name in frozen)
+
+
 def test_batch_independence_with_per_image_prompts(network):
     torch.manual_seed(5)
     images = torch.randn(3, 3, 96, 80)
