@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -10,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.data import MetaTensor
 from PIL import Image
 from scipy import ndimage
 
 from scripts.adapters import ModelFileError
 from scripts.errors import user_error
+from scripts.handlers import FundusMetricsWriter, MeasurementAgreement
 from scripts.prompts import oracle_prompt
 from scripts.synthetic import write_dataset
 from tests.helpers import (
@@ -408,3 +411,25 @@ def test_large_files_name_metas_checkpoints():
     train = json.loads(Path(TRAIN).read_text())
     assert "sam2.1_hiera_" in train["base_checkpoint"], "train.json looks for the base weights where they land"
     assert os.path.basename("models/sam2.1_hiera_large.pt") in files
+
+
+def test_evaluation_scores_inside_the_files_own_field_of_view(drive_dir, tmp_path):
+    """In ``resize`` mode the photograph and its FOV go to the network's size; the metrics and the measurements must
+    read the FOV mask as the dataset distributes it, not one resized there and back (1500 pixels off on DRIVE)."""
+    model = write_model_file(tmp_path / "model.pt", image_size=256)
+    datalist = tmp_path / "datalist.json"
+    prepare_dataset("DRIVE", drive_dir, datalist)
+    parser = ConfigParser()
+    parser.read_config([TRAIN, EVALUATE])
+    parser.update({"ckpt_path": str(model), "datalist": str(datalist), "bundle_root": str(REPO / "bundle")})
+    item = parser.get_parsed_content("validate#dataset")[0]
+    assert item["image"].shape[1:] == (256, 256) and item["fov"].shape[1:] == (256, 256)
+    item["pred"] = MetaTensor(torch.rand(1, 256, 256))
+    item["pred"].applied_operations = copy.deepcopy(item["image"].applied_operations)
+    out = parser.get_parsed_content("validate#postprocessing")(item)
+    handlers = parser.get_parsed_content("validate#handlers")
+    fov_keys = {h.fov_key for h in handlers if isinstance(h, (FundusMetricsWriter, MeasurementAgreement))}
+    assert len(fov_keys) == 1, "both read one FOV"
+    truth = np.asarray(Image.open(drive_dir / "test" / "mask" / "01_test_mask.gif")) > 0
+    assert out["pred"].shape[1:] == truth.shape
+    assert np.array_equal(np.asarray(out[fov_keys.pop()])[0] > 0.5, truth)

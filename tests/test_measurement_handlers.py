@@ -16,6 +16,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from scipy.stats import rankdata
 
 from scripts.fundus_io import write_png
 from scripts.handlers import InferenceReport, MeasurementAgreement
@@ -129,8 +130,19 @@ def test_low_predicted_quality_is_flagged(evaluation):
     assert sorted(float(row["predicted_iou"]) for row in per_image) == pytest.approx(sorted(i["iou"] for i in images))
     flagged = json.loads((folder / "measurement_agreement.json").read_text())["all"]["flagged"]
     assert sorted(flagged) == sorted(item["name"] for item in images if item["iou"] < 0.5)
-    # Every disc matches its reference (Dice 1): a rank correlation with constant Dice is undefined, not a number.
-    assert np.isnan(engine.state.metrics["quality_spearman"])
+    # The predicted IoU is the lowest channel's, so it ranks the lowest channel's Dice (here the cup's: every disc
+    # matches its reference), inside the field of view.
+    fov = fundus_fov()
+    lowest = {
+        item["name"]: min(2 * (p & r & fov).sum() / ((p & fov).sum() + (r & fov).sum())
+                          for p, r in zip(item["prediction"], item["reference"]))
+        for item in images
+    }
+    assert [float(row["dice"]) for row in per_image] == pytest.approx([lowest[row["image"]] for row in per_image])
+    names = sorted(lowest)
+    iou_ranks = ranks(np.array([next(i["iou"] for i in images if i["name"] == n) for n in names]))
+    dice_ranks = rankdata([lowest[n] for n in names])  # two cups tie: average ranks
+    assert engine.state.metrics["quality_spearman"] == pytest.approx(np.corrcoef(iou_ranks, dice_ranks)[0, 1])
     for row in per_image:
         assert ("low predicted quality" in row["flags"]) == (float(row["predicted_iou"]) < 0.5)
 

@@ -178,6 +178,7 @@ class MeasurementAgreement:
         threshold: probabilities ``>= threshold`` are foreground, as for the evaluation's metrics (:mod:`scripts.metrics`).
         quality_threshold: predicted IoU under which an image is flagged.
         pixel_size_mm: the side of a pixel in millimetres (None: pixels only).
+        fov_key: the field of view at the image's own size, where the vessel measures are taken.
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class MeasurementAgreement:
         threshold: float = 0.5,
         quality_threshold: float = 0.5,
         pixel_size_mm: float | None = None,
+        fov_key: str = "fov",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.channel_names = list(channel_names)
@@ -195,6 +197,7 @@ class MeasurementAgreement:
         self.threshold = threshold
         self.quality_threshold = quality_threshold
         self.pixel_size_mm = pixel_size_mm
+        self.fov_key = fov_key
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -209,14 +212,15 @@ class MeasurementAgreement:
         for output, item, ious in zip(outputs, engine.state.batch, _ious(self.inferer, len(outputs), channels)):
             prediction = binarise(torch.as_tensor(output["pred"]).detach().float().cpu().numpy()[:channels], self.threshold)
             reference = torch.as_tensor(output["label"]).detach().cpu().numpy() > 0.5
-            fov = item.get("fov", output.get("fov"))
+            fov = item.get(self.fov_key, output.get(self.fov_key))
             fov = np.ones(reference.shape[1:], bool) if fov is None else torch.as_tensor(fov).cpu().numpy()[0] > 0.5
             name = Path(str(getattr(output["pred"], "meta", {}).get("filename_or_obj", f"case_{len(self.rows)}"))).name
             row: dict[str, Any] = {"image": name, "dataset": str(item.get("dataset", UNKNOWN_DATASET))}
             for side, masks in (("pred", prediction), ("ref", reference)):
                 measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm)
                 row.update({f"{side}_{key}": value for key, value in measured.items()})
-            row["dice"] = _dice(prediction[0] & fov, reference[0] & fov)
+            # The lowest channel's Dice, as the predicted IoU is the lowest channel's: Spearman ranks like with like.
+            row["dice"] = min(_dice(pred & fov, ref & fov) for pred, ref in zip(prediction, reference))
             row["predicted_iou"] = min(ious) if ious else math.nan
             row["flags"] = image_flags(float(fov.mean()), None if ious is None else min(ious), self.quality_threshold)
             self.rows.append(row)
