@@ -30,8 +30,9 @@ import numbers
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import label
 from skimage.morphology import skeletonize
+
+from scripts.masks import bounding_slices
 
 __all__ = [
     "MEASURE_UNITS",
@@ -123,20 +124,35 @@ def _check_pixel_size(pixel_size_mm: float | None) -> float | None:
     return float(pixel_size_mm)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of ``mask`` (the first of equal ones); an empty mask stays empty."""
-    labels = label(mask, connectivity=2)
-    if labels.max() == 0:
-        return mask.copy()
+def _main_structure(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The largest 8-connected component of ``mask`` with the pieces near it, and how many pixels were left out.
+
+    A vessel crossing the disc can split a disc or cup mask in two: a piece within a quarter of the largest
+    component's equivalent radius of it is part of the structure. A piece further away is a stray speck, which
+    would otherwise stretch the diameters the ratios divide.
+    """
+    labels, count = ndimage.label(mask, _EIGHT_CONNECTED)
+    if count <= 1:
+        return mask.copy(), 0
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    largest = labels == int(np.argmax(sizes))
+    reach = max(2.0, 0.25 * math.sqrt(sizes.max() / math.pi))
+    rows, cols = bounding_slices(largest)
+    margin = math.ceil(reach) + 1
+    window = (
+        slice(max(rows.start - margin, 0), rows.stop + margin),
+        slice(max(cols.start - margin, 0), cols.stop + margin),
+    )
+    near = ndimage.distance_transform_edt(~largest[window]) <= reach
+    kept = np.unique(labels[window][near & mask[window]])
+    structure = np.isin(labels, kept[kept > 0])
+    return structure, int(np.count_nonzero(mask)) - int(np.count_nonzero(structure))
 
 
-def _extent(mask: np.ndarray, axis: int) -> int:
-    """Rows (``axis=0``) or columns (``axis=1``) spanned by a non-empty mask, ends included."""
-    occupied = np.flatnonzero(mask.any(axis=1 - axis))
-    return int(occupied[-1] - occupied[0] + 1)
+def _diameter(mask: np.ndarray, axis: int) -> int:
+    """REFUGE's diameter of a mask: the most pixels in one column (``axis=0``, vertical) or one row (``axis=1``)."""
+    return int(mask.sum(axis=axis).max())
 
 
 def disc_cup_measurements(
@@ -144,12 +160,13 @@ def disc_cup_measurements(
 ) -> dict[str, float | str]:
     """Cup-to-disc ratios, disc, cup and rim areas, and the cup's offset in its disc.
 
-    Each mask is reduced to its largest 8-connected component first: a stray speck away from the disc would
-    otherwise stretch the extents the ratios divide.
+    Each mask is reduced to its largest 8-connected component and the pieces near it (a vessel may split a disc
+    or cup): a stray speck away from the disc would otherwise stretch the diameters the ratios divide. Leaving out
+    more than 1% of a mask's pixels so is noted.
 
-    - ``vertical_cdr``: rows spanned by the cup (``max_row - min_row + 1``) over rows spanned by the disc, the
-      vertical cup-to-disc ratio REFUGE scores (Orlando et al., MedIA 2020);
-    - ``horizontal_cdr``: the same with columns;
+    - ``vertical_cdr``: the cup's vertical diameter over the disc's, the vertical cup-to-disc ratio REFUGE scores
+      (Orlando et al., MedIA 2020), with the diameter of its evaluation code: the most pixels in one column;
+    - ``horizontal_cdr``: the same with the most pixels in one row;
     - ``area_cdr``: area of the cup inside the disc over the disc's area;
     - ``disc_area_px``, ``cup_area_px``: the components' pixel counts (the cup as segmented, even where it leaves
       the disc); ``rim_area_px``: the disc's area less that of the cup inside it (the neuroretinal rim);
@@ -161,7 +178,8 @@ def disc_cup_measurements(
     - an empty disc: every ratio and offset is NaN;
     - an empty cup in a non-empty disc: the ratios are 0 (a disc without a visible cup) and the offsets NaN;
     - a cup partly outside the disc: measured clipped to the disc;
-    - a cup wholly outside the disc: every ratio and offset is NaN.
+    - a cup wholly outside the disc: every ratio and offset is NaN;
+    - a disc touching the picture's border: measured as it is, with a note (it may be cut off, and its ratios).
 
     Args:
         disc: ``(H, W)`` optic disc mask.
@@ -182,8 +200,8 @@ def disc_cup_measurements(
     _same_shape(disc_mask, "disc", cup_mask, "cup")
     pixel_size = _check_pixel_size(pixel_size_mm)
 
-    disc_region = _largest_component(disc_mask)
-    cup_region = _largest_component(cup_mask)
+    disc_region, disc_left_out = _main_structure(disc_mask)
+    cup_region, cup_left_out = _main_structure(cup_mask)
     inside = cup_region & disc_region
     disc_area = int(np.count_nonzero(disc_region))
     cup_area = int(np.count_nonzero(cup_region))
@@ -204,6 +222,12 @@ def disc_cup_measurements(
     record["cup_offset_y"] = math.nan
 
     notes = []
+    for name, left_out, region in (("disc", disc_left_out, disc_region), ("cup", cup_left_out, cup_region)):
+        if left_out > 0.01 * (left_out + np.count_nonzero(region)):
+            share = 100.0 * left_out / (left_out + np.count_nonzero(region))
+            notes.append(f"{name}: {left_out} px ({share:.1f}%) of pieces away from the {name} left out")
+    if disc_area and (disc_region[[0, -1]].any() or disc_region[:, [0, -1]].any()):
+        notes.append("disc touches the picture's border: it may be cut off, and its ratios with it")
     if disc_area == 0:
         notes.append("disc mask is empty" + (" (the cup mask is not)" if cup_area else ""))
     elif cup_area == 0:
@@ -215,12 +239,13 @@ def disc_cup_measurements(
         if inside_area < cup_area:
             outside = 100.0 * (cup_area - inside_area) / cup_area
             notes.append(f"cup extends outside the disc ({outside:.1f}% of its pixels); measured inside the disc")
-        disc_height, disc_width = _extent(disc_region, 0), _extent(disc_region, 1)
+        disc_rows, disc_cols = bounding_slices(disc_region)
+        disc_height, disc_width = disc_rows.stop - disc_rows.start, disc_cols.stop - disc_cols.start
         disc_row, disc_col = ndimage.center_of_mass(disc_region)
         cup_row, cup_col = ndimage.center_of_mass(inside)
         record.update(
-            vertical_cdr=_extent(inside, 0) / disc_height,
-            horizontal_cdr=_extent(inside, 1) / disc_width,
+            vertical_cdr=_diameter(inside, 0) / _diameter(disc_region, 0),
+            horizontal_cdr=_diameter(inside, 1) / _diameter(disc_region, 1),
             area_cdr=inside_area / disc_area,
             cup_offset_x=float(cup_col - disc_col) / disc_width,
             cup_offset_y=float(cup_row - disc_row) / disc_height,

@@ -344,7 +344,7 @@ def test_centred_cup_of_half_the_radius_has_cdr_one_half() -> None:
     assert record["notes"] == ""
 
 
-def test_vertical_and_horizontal_ratios_use_rows_and_columns() -> None:
+def test_vertical_and_horizontal_ratios_use_columns_and_rows() -> None:
     disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
     cup = np.zeros(SHAPE, dtype=bool)
     cup[ellipse(*CENTRE, 40, 20, shape=SHAPE)] = True  # tall and narrow
@@ -352,6 +352,54 @@ def test_vertical_and_horizontal_ratios_use_rows_and_columns() -> None:
     assert record["vertical_cdr"] == _extent(cup, 0) / _extent(disc, 0)
     assert record["horizontal_cdr"] == _extent(cup, 1) / _extent(disc, 1)
     assert record["vertical_cdr"] > 1.8 * record["horizontal_cdr"]
+
+
+def _refuge_diameter(mask: np.ndarray, axis: int) -> float:
+    """As REFUGE's evaluation code measures a vertical diameter (axis 0): the largest column sum."""
+    return float(np.max(np.sum(mask, axis=axis)))
+
+
+def test_a_tilted_cup_has_refuges_vertical_diameter_not_its_bounding_box() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = np.zeros(SHAPE, dtype=bool)
+    cup[ellipse(*CENTRE, 40, 20, shape=SHAPE, rotation=math.radians(30))] = True
+    record = disc_cup_measurements(disc, cup)
+    assert record["vertical_cdr"] == _refuge_diameter(cup, 0) / _refuge_diameter(disc, 0)
+    assert record["horizontal_cdr"] == _refuge_diameter(cup, 1) / _refuge_diameter(disc, 1)
+    assert record["vertical_cdr"] < _extent(cup, 0) / _extent(disc, 0) - 0.02, "no column crosses the whole tilt"
+
+
+def test_a_disc_and_cup_split_by_a_vessel_are_measured_whole() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    intact = disc_cup_measurements(disc, cup)
+    disc[92:95, :] = cup[92:95, :] = False  # a vessel 3 px wide across both, above the cup's centre
+    split = disc_cup_measurements(disc, cup)
+    assert split["cup_area_px"] == np.count_nonzero(cup) and split["disc_area_px"] == np.count_nonzero(disc)
+    assert split["vertical_cdr"] == _refuge_diameter(cup, 0) / _refuge_diameter(disc, 0)
+    # The vessel's 3 px leave every column of both (REFUGE's formula counts pixels); the largest piece alone gave
+    # 0.35 against the intact 0.50.
+    assert split["vertical_cdr"] == pytest.approx(intact["vertical_cdr"], abs=0.02)
+    assert split["notes"] == ""
+
+
+def test_a_large_piece_far_from_the_disc_is_left_out_with_a_note() -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    clean = disc_cup_measurements(disc, cup)
+    blob = _disc(SHAPE, (20, 200), 12)  # 2% of the disc, 100 px from it
+    record = disc_cup_measurements(disc | blob, cup)
+    assert record["vertical_cdr"] == clean["vertical_cdr"] and record["disc_area_px"] == clean["disc_area_px"]
+    share = 100 * np.count_nonzero(blob) / np.count_nonzero(disc | blob)
+    assert record["notes"] == f"disc: {np.count_nonzero(blob)} px ({share:.1f}%) of pieces away from the disc left out"
+
+
+def test_a_disc_cut_by_the_pictures_border_is_noted() -> None:
+    disc = _disc(SHAPE, (20, 110), DISC_RADIUS)
+    cup = _disc(SHAPE, (20, 110), DISC_RADIUS / 2)
+    record = disc_cup_measurements(disc, cup)
+    assert "disc touches the picture's border" in record["notes"]
+    assert math.isfinite(record["vertical_cdr"])
 
 
 def test_cup_offset_is_right_and_down_in_fractions_of_the_disc() -> None:
