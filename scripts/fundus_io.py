@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from scripts.atomic import atomic_path
@@ -66,7 +66,8 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
         path: image file, optionally gzip-compressed (``.gz``).
 
     Returns:
-        the fully loaded PIL image, detached from the file.
+        the fully loaded PIL image, detached from the file, turned upright as its EXIF orientation says (what a
+        viewer shows, and where a person clicks a prompt).
 
     Raises:
         FundusImageError: when the file is missing, of an unsupported suffix, or cannot be decoded.
@@ -85,8 +86,10 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
         with Image.open(io.BytesIO(raw)) as opened:
             opened.load()
             # A multi-frame file (animated gif, tiff stack) is read as its first frame.
-            image = opened.copy()
-    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile) as error:
+            image = ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        raise FundusImageError(f"cannot read image {path}: not an image file PIL recognises") from None
+    except (OSError, EOFError, ValueError, SyntaxError, gzip.BadGzipFile) as error:
         reason = str(error) or type(error).__name__
         raise FundusImageError(f"cannot read image {path}: {reason}") from None
     except Image.DecompressionBombError as error:
@@ -106,11 +109,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     (:func:`read_image` then says why, when the picture is read)."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".gz":
-            with Image.open(io.BytesIO(gzip.decompress(path.read_bytes()))) as opened:
-                return opened.size
-        with Image.open(path) as opened:
-            return opened.size
+        source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
+        with Image.open(source) as opened:
+            width, height = opened.size
+            # EXIF orientations 5 to 8 turn the picture a quarter: it is read upright (_open_decoded).
+            turned = opened.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            return (height, width) if turned else (width, height)
     except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile):
         return None
 
@@ -145,7 +149,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a segmentation mask as raw 8-bit values.
 
     RGB(A) masks give their first channel, palette masks the gray level of their palette colours, 16-bit masks are
-    rescaled to ``0..255``. No thresholding happens here: datasets disagree on their foreground values
+    rescaled to ``0..255`` (unless their values are all within ``0..255``, which are kept). No thresholding happens here: datasets disagree on their foreground values
     (255, 1, 128...), so callers decide.
 
     Args:
@@ -162,6 +166,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 def _mask_values(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        # A 16-bit file often holds 8-bit levels (0/1, 0/128/255): scaled by 255/65535 they would round to 0.
+        if values.max(initial=0) <= 255:
+            return np.clip(values, 0, 255).astype(np.uint8)
         return np.round(_sixteen_bit_to_float(image) * 255.0).astype(np.uint8)
     if image.mode == "F":
         raise FundusImageError(f"unsupported mask {path}: floating-point samples (mode F) have no defined range")

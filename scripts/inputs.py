@@ -137,6 +137,7 @@ def load_split(
     split: str,
     channels: int | None = None,
     require_labels: bool = True,
+    size_check: Callable[[tuple[int, int]], str | None] | None = None,
 ) -> list[dict]:
     """The entries of one split of a datalist, checked and with paths resolved against the datalist's folder.
 
@@ -148,6 +149,8 @@ def load_split(
             that many masks (one path for one channel, a list for several: disc and cup).
         require_labels: entries must have a ``label``; its masks are read until one has foreground (a split whose
             labels are all empty cannot train or be evaluated, and a mask format the loader misreads shows here).
+        size_check: why a photograph of this ``(height, width)`` cannot be used, or None
+            (:func:`scripts.inferers.window_fit`: smaller than a training window).
 
     Returns:
         The entries, with ``image``, ``label`` (one path or a list of paths) and ``fov`` made absolute and normalised.
@@ -155,8 +158,8 @@ def load_split(
     Raises:
         InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
             object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, an image is
-            smaller than 32 pixels per side, a label has another number of masks than ``channels``, or every label is
-            empty.
+            smaller than 32 pixels per side or ``size_check`` refuses it, a label has another number of masks than
+            ``channels``, or every label is empty.
     """
     path = Path(datalist)
     content = read_datalist(path)
@@ -197,16 +200,24 @@ def load_split(
         raise InputError(
             f"Datalist {path} names {len(missing)} missing files in '{split}', e.g. " + "; ".join(missing[:3])
         )
+    sizes = [image_size(entry["image"]) for entry in entries]  # (width, height) from the headers; None: unreadable
     small = [
         f"entry {index} {entry['image']} ({size[0]}x{size[1]})"
-        for index, entry in enumerate(entries)
-        if (size := image_size(entry["image"])) is not None and min(size) < MIN_IMAGE_SIDE
+        for index, (entry, size) in enumerate(zip(entries, sizes))
+        if size is not None and min(size) < MIN_IMAGE_SIDE
     ]
     if small:
         raise InputError(
             f"Datalist {path}: {len(small)} images in '{split}' are too small for a fundus photograph (at least "
             f"{MIN_IMAGE_SIDE} pixels per side), e.g. " + "; ".join(small[:3])
         )
+    refused = [
+        f"entry {index} {entry['image']}: {problem}"
+        for index, (entry, size) in enumerate(zip(entries, sizes))
+        if size is not None and size_check is not None and (problem := size_check((size[1], size[0])))
+    ]
+    if refused:
+        raise InputError(f"Datalist {path}: {len(refused)} images in '{split}' cannot be used, e.g. " + "; ".join(refused[:2]))
     if channels is not None and require_labels:
         wrong = next((entry for entry in entries if len(_as_list(entry["label"])) != channels), None)
         if wrong is not None:
@@ -230,7 +241,7 @@ def _require_foreground(path: Path, split: str, entries: Sequence[Mapping[str, A
                 return
     raise InputError(
         f"Datalist {path}: every label of '{split}' is empty (no foreground pixel in {len(entries)} entries); masks "
-        "must be 0 for background and non-zero (1 or 255) for the structure."
+        "must be 0 for background and, for the structure, 1 in a 0/1 mask or 128-255 otherwise."
     )
 
 
@@ -340,9 +351,9 @@ class ImageFolder:
         for image in images:
             try:
                 self.sizes[Path(image).name] = _photograph_size(image, size_check)
-            except FundusImageError as error:
-                self.unreadable.append(f"{image}: {error}")
-                logger.error(f"Left out {image}: {error}")
+            except FundusImageError as error:  # its message names the image
+                self.unreadable.append(str(error))
+                logger.error(f"Left out: {error}")
                 continue
             self.entries.append({"image": image})
         if not self.entries:
@@ -363,16 +374,17 @@ def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | N
     """The ``(height, width)`` of an image that can be segmented.
 
     Raises:
-        FundusImageError: the image cannot be read, is too small to be a photograph, or ``size_check`` refuses it.
+        FundusImageError: the image cannot be read, is too small to be a photograph, or ``size_check`` refuses it;
+            the message names the image.
     """
     height, width = read_image(image).shape[:2]
     if min(height, width) < MIN_IMAGE_SIDE:
         raise FundusImageError(
-            f"{width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
+            f"{image}: {width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"
         )
     problem = size_check((height, width)) if size_check is not None else None
     if problem:
-        raise FundusImageError(problem)
+        raise FundusImageError(f"{image}: {problem}")
     return height, width
 
 

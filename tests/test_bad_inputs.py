@@ -25,7 +25,7 @@ from scripts.errors import ConfigError, FundusError, user_error
 from scripts.fundus_io import write_png
 from scripts.handlers import GradientClipping, TrainingTimeLimit
 from scripts.handlers.checkpoint import keep_earlier_run
-from scripts.inferers import FundusInferer, check_input_mode
+from scripts.inferers import FundusInferer, check_input_mode, window_fit
 from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
 from scripts.lora import LoRALinear
 from scripts.network import build_network
@@ -150,6 +150,11 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
             ),
             {},
         ),
+        "photographs smaller than a training window": (
+            {"training": [good]},
+            ("1 images in 'training' cannot be used", "is smaller than the 1024-pixel window", "input_mode 'resize'"),
+            {"size_check": window_fit("sliding_window", 1024)},
+        ),
     }
 
 
@@ -165,6 +170,7 @@ CASE_NAMES = [
     "every label empty",
     "a colour label (green vessels on black)",
     "a 1x1 image",
+    "photographs smaller than a training window",
 ]
 
 

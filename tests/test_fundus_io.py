@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from scripts.atomic import OutputError
-from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_mask, write_png
+from scripts.fundus_io import (
+    FundusImageError,
+    estimate_fov,
+    image_size,
+    read_image,
+    read_label_mask,
+    read_mask,
+    write_png,
+)
 
 
 @pytest.fixture
@@ -107,6 +115,30 @@ def test_read_mask_raw_values(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mask, values)
     bilevel = read_mask(_save(tmp_path / "b.png", values > 100, mode="1"))
     np.testing.assert_array_equal(bilevel, np.where(values > 100, 255, 0))
+
+
+def test_16bit_masks_holding_8bit_levels_keep_them(tmp_path: Path) -> None:
+    """A 16-bit PNG of 0/1 (or 0/128/255) levels: scaled by 255/65535 every level under 129 rounded to 0."""
+    levels = np.array([[0, 1, 128, 255]] * 3, np.uint16)
+    np.testing.assert_array_equal(read_mask(_save(tmp_path / "levels.png", levels, mode="I;16")), levels)
+    full_range = np.array([[0, 257, 32896, 65535]], np.uint16)  # a full-range mask is still scaled
+    np.testing.assert_array_equal(read_mask(_save(tmp_path / "full.png", full_range, mode="I;16")), [[0, 1, 128, 255]])
+    assert read_label_mask(_save(tmp_path / "binary.png", (levels > 0).astype(np.uint16), mode="I;16")).sum() == 9
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path: Path) -> None:
+    """A camera stores a portrait shot landscape with EXIF Orientation 6 (turn 90 degrees clockwise to view)."""
+    stored = np.zeros((100, 200, 3), np.uint8)
+    stored[:10, :, 0] = 255  # a red band along the stored top edge
+    path = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    shown = read_image(path)
+    assert shown.shape == (200, 100, 3)
+    assert shown[:, -10:, 0].mean() > 0.9 and shown[:, :10, 0].mean() < 0.1, "the top edge turned to the right"
+    assert read_mask(path).shape == (200, 100)
+    assert image_size(path) == (100, 200)  # (width, height), as shown
 
 
 def _assert_clean_error(error: pytest.ExceptionInfo, path: Path, words: str) -> None:
