@@ -21,9 +21,10 @@ auc           rank statistic equal to MONAI's ``compute_roc_auc``        NaN whe
 sensitivity   ``compute_confusion_matrix_metric("sensitivity")``         NaN when the label is empty
 specificity   ``compute_confusion_matrix_metric("specificity")``         NaN when the label fills the region
 accuracy      ``compute_confusion_matrix_metric("accuracy")``            always defined
-precision     ``compute_confusion_matrix_metric("precision")``           NaN when the prediction is empty
-mcc           ``compute_confusion_matrix_metric("mcc")``                 NaN when any row or column of the
-                                                                         confusion matrix is empty
+precision     ``compute_confusion_matrix_metric("precision")``           0 when the prediction is empty and the
+                                                                         label is not; NaN when both are empty
+mcc           ``compute_confusion_matrix_metric("mcc")``                 0 when the prediction is constant and
+                                                                         the label is not; NaN when the label is
 hd95          as ``compute_hausdorff_distance(percentile=95)``, pixels   0 when both are empty; NaN when exactly
                                                                          one is empty (no distance to nothing)
 cldice        here (Shit et al., CVPR 2021), only with ``topology``      1 when both are empty; 0 when one is
@@ -321,10 +322,17 @@ def evaluate_case(
         per_region[region_name] = []
         for channel in channels:
             values = {metric: float(per_channel[channel]) for metric, per_channel in from_counts.items()}
-            tp, fp, _, fn = counts[channel].tolist()
+            tp, fp, tn, fn = counts[channel].tolist()
             if tp + fp + fn == 0:
                 # Nothing to find and nothing found: perfect overlap, where MONAI's ratio would be 0/0.
                 values["dice"] = values["iou"] = 1.0
+            # A structure missed entirely scores 0 (scikit-learn's value) where MONAI's ratio is 0/0: as NaN it
+            # would be left out of the means, and a model that misses structures would read better than one that
+            # finds them badly.
+            if tp + fp == 0 and tp + fn > 0:
+                values["precision"] = 0.0
+            if tp + fn > 0 and tn + fp > 0 and (tp + fp == 0 or tn + fn == 0):
+                values["mcc"] = 0.0  # a reference of both classes against a constant prediction
             per_region[region_name].append(values)
 
     jobs = [(region_name, channel) for region_name in regions for channel in channels]

@@ -171,8 +171,18 @@ def test_empty_prediction_with_label():
     assert record["vessels/image/sensitivity"] == 0.0
     assert record["vessels/image/cldice"] == 0.0
     assert record["vessels/image/auc"] == 0.5
-    for metric in ("precision", "hd95", "mcc"):
-        assert math.isnan(record[f"vessels/image/{metric}"]), metric
+    # A missed structure scores 0, as scikit-learn scores it, rather than NaN, which the means would leave out.
+    flat_label, nothing = label.ravel().astype(bool), np.zeros(64, bool)
+    assert record["vessels/image/precision"] == precision_score(flat_label, nothing, zero_division=0) == 0.0
+    assert record["vessels/image/mcc"] == matthews_corrcoef(flat_label, nothing) == 0.0
+    assert math.isnan(record["vessels/image/hd95"]), "no distance to nothing"
+    everything = evaluate_case(np.full((1, 8, 8), 0.9), label)
+    assert everything["vessels/image/mcc"] == matthews_corrcoef(flat_label, ~nothing) == 0.0
+    assert everything["vessels/image/precision"] == precision_score(flat_label, ~nothing) == 4 / 64
+    # Against an empty reference a correlation is undefined, as the AUC is; nothing to find and nothing found has
+    # no precision.
+    neither = evaluate_case(np.full((1, 8, 8), 0.1), np.zeros((1, 8, 8)))
+    assert math.isnan(neither["vessels/image/mcc"]) and math.isnan(neither["vessels/image/precision"])
 
 
 def test_cldice_penalises_a_gap_in_a_line():
