@@ -36,6 +36,7 @@ from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
     POINT_PADDING,
+    PROMPT_EROSION_PX,
     PROMPT_SOURCES,
     Prompt,
     auto_prompts,
@@ -317,7 +318,9 @@ class FundusInferer(Inferer):
             if label is None:
                 raise ConfigError(f"Prompt mode {oracle[0]!r} draws its prompts from the reference mask: evaluate with labels.")
             reference = torch.as_tensor(label[index, 0]).detach().cpu().numpy() > 0.5
-            prompts.update(oracle_prompts(reference, oracle, name, self.seed))
+            # Training's erosion is in the network's pixels; the reference is at the photograph's size.
+            scale = (size[0] / side[0] + size[1] / side[1]) / 2
+            prompts.update(oracle_prompts(reference, oracle, name, self.seed, round(PROMPT_EROSION_PX * scale)))
         if "given" in modes:
             prompts["given"] = self.prompts[name]
         return {mode: prompts.get(mode, Prompt()) for mode in modes}

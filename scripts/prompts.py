@@ -9,9 +9,10 @@ Modes (``PROMPT_MODES``):
 
 - ``none``: SAM 2's prompt-free input;
 - oracle modes, drawn from the reference mask as SAM2LoRA's evaluation does: ``1_point``, ``2_points``,
-  ``5_points`` (positive points inside the structure eroded by ``EROSION_RADIUS`` pixels), ``box`` (its bounding
-  box) and ``5_points_box``. They are seeded by the image's file name and the mode, so every run and every model
-  sees the same prompts for the same image;
+  ``5_points`` (positive points inside the structure eroded as training's are, :data:`PROMPT_EROSION_PX`), ``box``
+  (its bounding box) and ``5_points_box``. They are seeded by the image's file name, so every run and every model
+  sees the same prompts for the same image, and nested: ``1_point``'s point is the first of ``2_points``', which
+  are the first of ``5_points``', the points of ``5_points_box``;
 - automatic modes, needing no person and no reference: ``auto_box`` (the bounding box, with a margin, of the
   largest connected component of a first prompt-free pass) and ``auto_points`` (the most confident locations of
   that pass, optionally with negatives far outside it).
@@ -46,6 +47,7 @@ __all__ = [
     "POINT_NEGATIVE",
     "POINT_PADDING",
     "POINT_POSITIVE",
+    "PROMPT_EROSION_PX",
     "PROMPT_MODES",
     "PROMPT_SOURCES",
     "Prompt",
@@ -67,8 +69,10 @@ PROMPT_MODES = ("none", *ORACLE_MODES, *AUTO_MODES)
 PROMPT_SOURCES = ("none", *AUTO_MODES)
 """What inference does for an image without a prompt of its own."""
 
-EROSION_RADIUS = 3
-"""Oracle points keep this many pixels away from the structure's border, where the reference itself is uncertain."""
+PROMPT_EROSION_PX = 2
+"""Points drawn from a reference keep this many pixels of the network's input away from the structure's border,
+where the reference itself is uncertain: in training (:class:`scripts.transforms.SamplePromptsd`) and, scaled to
+the photograph, in evaluation's oracle modes."""
 
 POINT_POSITIVE, POINT_NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POINT_PADDING = 1, 0, 2, 3, -1
 """SAM's point labels: a positive or negative click, a box's corners, and a point that only fills a batch."""
@@ -182,9 +186,9 @@ def mode_channel_names(channel_names: Sequence[str], modes: Sequence[str]) -> li
     return [f"{name}@{mode}" for mode in modes for name in channel_names]
 
 
-def _seed(name: str, mode: str, seed: int) -> np.random.Generator:
+def _seeded(name: str, seed: int) -> np.random.Generator:
     # crc32 of the file name, not of the path: the same image gets the same prompts wherever it lies.
-    return np.random.default_rng([seed, zlib.crc32(Path(name).name.encode()), PROMPT_MODES.index(mode)])
+    return np.random.default_rng([seed, zlib.crc32(Path(name).name.encode())])
 
 
 def _box_of(window: tuple[slice, slice]) -> tuple[float, float, float, float]:
@@ -192,16 +196,22 @@ def _box_of(window: tuple[slice, slice]) -> tuple[float, float, float, float]:
     return float(cols.start), float(rows.start), float(cols.stop - 1), float(rows.stop - 1)
 
 
-def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int = 0) -> dict[str, Prompt]:
+def oracle_prompts(
+    mask: np.ndarray, modes: Sequence[str], name: str, seed: int = 0, erosion_px: int = PROMPT_EROSION_PX
+) -> dict[str, Prompt]:
     """The prompts of oracle modes, drawn from one reference mask, the same for the same image name and seed.
 
-    The structure's eroded core and bounding box are computed once for all ``modes``.
+    The points of every mode come from one draw of the structure's eroded core in random order, each mode taking
+    as many as it needs from its start: more points add to fewer, so modes differ only by what they add. A core
+    of fewer pixels than a mode needs gives them again. The core and the bounding box are computed once.
 
     Args:
         mask: ``(H, W)`` reference mask (bool) of the structure prompted for.
         modes: any of :data:`ORACLE_MODES`, and ``none``.
-        name: the image's file name (with the mode and ``seed``, it seeds each mode's draw).
+        name: the image's file name (with ``seed``, it seeds the draw).
         seed: the evaluation's seed.
+        erosion_px: pixels of the mask's own to erode before drawing points (the inferer scales
+            :data:`PROMPT_EROSION_PX` from the network's input to the photograph).
 
     Returns:
         ``{mode: prompt}``; a prompt is empty when the reference has no foreground (nothing to point at).
@@ -217,32 +227,32 @@ def oracle_prompts(mask: np.ndarray, modes: Sequence[str], name: str, seed: int 
     if not mask.any():
         return {**prompts, **{mode: Prompt(_note="empty reference: no prompt") for mode in drawn}}
     window = bounding_slices(mask)
-    candidates = None
+    drawn_order = None
     for mode in drawn:
         count = {"1_point": 1, "2_points": 2, "5_points": 5, "box": 0, "5_points_box": 5}[mode]
         points: tuple[tuple[float, float, int], ...] = ()
         if count:
-            if candidates is None:
-                candidates = _core_pixels(mask[window]) + (window[0].start, window[1].start)
-            chosen = _seed(name, mode, seed).choice(len(candidates), size=count, replace=len(candidates) < count)
-            points = tuple((float(col), float(row), POINT_POSITIVE) for row, col in candidates[chosen])
+            if drawn_order is None:
+                core = _core_pixels(mask[window], erosion_px) + (window[0].start, window[1].start)
+                drawn_order = core[_seeded(name, seed).permutation(len(core))]
+            points = tuple((float(col), float(row), POINT_POSITIVE) for row, col in np.resize(drawn_order, (count, 2)))
         prompts[mode] = Prompt(points, _box_of(window) if mode in ("box", "5_points_box") else None)
     return prompts
 
 
-def _core_pixels(structure: np.ndarray) -> np.ndarray:
-    """``(row, col)`` in raster order of the structure eroded by :data:`EROSION_RADIUS` (all of it if that is empty).
+def _core_pixels(structure: np.ndarray, erosion_px: int) -> np.ndarray:
+    """``(row, col)`` in raster order of the structure eroded by ``erosion_px`` (all of it if that is empty).
 
     Eroding only the structure's bounding box gives the whole picture's result: scipy counts what lies outside the
     array as background, as the picture around the box is, and a disc is a small part of a 1024 px picture.
     """
-    core = ndimage.binary_erosion(structure, iterations=EROSION_RADIUS)
+    core = ndimage.binary_erosion(structure, iterations=erosion_px) if erosion_px > 0 else structure
     return np.argwhere(core if core.any() else structure)
 
 
-def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0) -> Prompt:
+def oracle_prompt(mask: np.ndarray, mode: str, name: str, seed: int = 0, erosion_px: int = PROMPT_EROSION_PX) -> Prompt:
     """The prompt of one oracle mode (or ``none``): :func:`oracle_prompts` for a single mode."""
-    return oracle_prompts(mask, [mode], name, seed)[mode]
+    return oracle_prompts(mask, [mode], name, seed, erosion_px)[mode]
 
 
 def auto_prompts(

@@ -54,7 +54,14 @@ from torchvision.transforms.v2.functional import adjust_hue
 from scripts.errors import ConfigError, is_real_number, is_whole_number
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
-from scripts.prompts import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, POINT_NEGATIVE, POINT_PADDING, POINT_POSITIVE
+from scripts.prompts import (
+    BOX_BOTTOM_RIGHT,
+    BOX_TOP_LEFT,
+    POINT_NEGATIVE,
+    POINT_PADDING,
+    POINT_POSITIVE,
+    PROMPT_EROSION_PX,
+)
 
 # Masks resample with "nearest-exact", which samples each output pixel's centre as bilinear does; torch's legacy
 # "nearest" samples its top-left corner, moving every mask about half a pixel down and right of its photograph.
@@ -446,7 +453,7 @@ class SamplePromptsd(RandomizableTransform, MapTransform):
         num_positive: int = 1,
         num_negative: int = 0,
         use_box: bool = False,
-        erosion_radius: int = 2,
+        erosion_radius: int = PROMPT_EROSION_PX,
         box_noise: float = 0.1,
         box_noise_bound: float = 20.0,
         no_prompt_prob: float = 0.0,

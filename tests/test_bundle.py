@@ -19,7 +19,7 @@ from scipy import ndimage
 from scripts.adapters import ModelFileError
 from scripts.errors import user_error
 from scripts.handlers import FundusMetricsWriter, MeasurementAgreement
-from scripts.prompts import oracle_prompt
+from scripts.prompts import PROMPT_EROSION_PX, oracle_prompt
 from scripts.synthetic import write_dataset
 from tests.helpers import (
     BUNDLE,
@@ -192,10 +192,13 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     assert used["none"] == {"points": []}
     rows, cols = np.nonzero(disc)
     assert used["box"] == {"points": [], "box": [cols.min(), rows.min(), cols.max(), rows.max()]}
+    # Training's erosion, 2 px of the network's 64 px input, is 3 px of the 96 px photograph.
+    assert disc.shape == (96, 96) and round(PROMPT_EROSION_PX * 96 / 64) == 3
     core = ndimage.binary_erosion(disc, iterations=3)
     points = used["5_points"]["points"]
     assert len(points) == 5 and all(label == 1 and core[int(y), int(x)] for x, y, label in points)
-    assert points == oracle_prompt(disc, "5_points", name).to_json()["points"], "seeded by the image's name"
+    expected = oracle_prompt(disc, "5_points", name, erosion_px=3).to_json()["points"]
+    assert points == expected, "seeded by the image's name"
     assert "box" in used["auto_box"] or used["auto_box"]["points"] == [], used["auto_box"]
 
 

@@ -14,6 +14,7 @@ from scipy import ndimage
 from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
+    PROMPT_EROSION_PX,
     Prompt,
     PromptError,
     _most_confident_first,
@@ -32,12 +33,30 @@ def disc(center: tuple[int, int], radius: int) -> np.ndarray:
     return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius**2
 
 
-def test_oracle_prompts_are_seeded_by_image_mode_and_seed():
+def test_oracle_prompts_are_seeded_by_image_and_seed():
     mask = disc((60, 90), 25)
     first = oracle_prompt(mask, "5_points", "a.png", seed=0)
     assert first == oracle_prompt(mask, "5_points", "a.png", seed=0), "the same image and seed: the same prompt"
     assert first != oracle_prompt(mask, "5_points", "b.png", seed=0)
     assert first != oracle_prompt(mask, "5_points", "a.png", seed=1)
+
+
+def test_oracle_points_of_more_points_add_to_those_of_fewer():
+    """Comparing modes then compares what a mode adds, not two draws: 1 point is the first of 2, 2 the first of 5,
+    and 5 points with a box are the 5 points, whatever modes are asked for together and in what order."""
+    mask = disc((60, 90), 25)
+    together = oracle_prompts(mask, ["5_points_box", "1_point", "5_points", "2_points"], "eye.png")
+    alone = {mode: oracle_prompt(mask, mode, "eye.png") for mode in ("1_point", "2_points", "5_points")}
+    assert {mode: together[mode] for mode in alone} == alone
+    assert together["2_points"].points[:1] == together["1_point"].points
+    assert together["5_points"].points[:2] == together["2_points"].points
+    assert together["5_points_box"].points == together["5_points"].points
+    assert len(set(together["5_points"].points)) == 5
+    # A core of fewer pixels than a mode needs gives its points again.
+    speck = np.zeros((HEIGHT, WIDTH), bool)
+    speck[10, 10:13] = True
+    points = oracle_prompt(speck, "5_points", "eye.png").points
+    assert set(points) == {(10.0, 10.0, 1), (11.0, 10.0, 1), (12.0, 10.0, 1)} and points[3:] == points[:2]
 
 
 @pytest.mark.parametrize("mode, points, has_box", [("1_point", 1, False), ("2_points", 2, False), ("5_points", 5, False),
@@ -46,7 +65,7 @@ def test_oracle_points_lie_in_the_eroded_structure_and_the_box_bounds_it(mode, p
     mask = disc((60, 90), 25)
     prompt = oracle_prompt(mask, mode, "case.png")
     assert len(prompt.points) == points
-    core = ndimage.binary_erosion(mask, iterations=3)
+    core = ndimage.binary_erosion(mask, iterations=PROMPT_EROSION_PX)
     for x, y, label in prompt.points:
         assert label == 1 and core[int(y), int(x)], (x, y)
     rows, cols = np.nonzero(mask)
@@ -119,7 +138,7 @@ def test_prompts_of_a_structure_moved_within_a_larger_picture_move_with_it():
     for mode in ORACLE_MODES:
         here, there = oracle_prompt(structure, mode, "a.png"), oracle_prompt(moved_structure, mode, "a.png")
         assert moved(here) == (there.points, there.box), mode
-    core = ndimage.binary_erosion(moved_structure, iterations=3)
+    core = ndimage.binary_erosion(moved_structure, iterations=PROMPT_EROSION_PX)
     assert all(core[int(y), int(x)] for x, y, _ in oracle_prompt(moved_structure, "5_points", "a.png").points)
     for mode, settings in (("auto_points", {"points": 4}), ("auto_box", {"box_margin": 0.0})):
         here, there = auto_prompt(probability, mode, **settings), auto_prompt(moved_probability, mode, **settings)
