@@ -200,11 +200,34 @@ def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor
             "the file is corrupt or truncated: download it again."
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
-            f"SAM 2 checkpoint {path} is not in Meta's format {{'model': state_dict}} (found {found})."
+            f"SAM 2 checkpoint {path} is not in Meta's format {{'model': state_dict}}: {_kind_of(payload)}."
         )
+    if _is_bundle_model(payload["model"]):
+        raise CheckpointError(f"SAM 2 checkpoint {path} is a model trained with this bundle: {_BUNDLE_MODEL_HINT}.")
     return payload["model"]
+
+
+_BUNDLE_MODEL_HINT = (
+    "give it as --ckpt_path (inference, evaluation), and Meta's sam2.1_hiera_<size>.pt as the setting 'checkpoint'"
+)
+
+
+def _is_bundle_model(content: dict) -> bool:
+    """Whether a state dict is a model this bundle wrote (its networks keep SAM 2 under ``sam2.`` or ``encoder.``)."""
+    return "_extra_state" in content or any(str(key).startswith(("sam2.", "encoder.trunk.")) for key in content)
+
+
+def _kind_of(payload: object) -> str:
+    """What a file that is not Meta's checkpoint holds, in a few words, with the fix where one is known."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}"
+    if _is_bundle_model(payload):
+        return f"it is a model trained with this bundle; {_BUNDLE_MODEL_HINT}"
+    keys = sorted(str(key) for key in payload)
+    if any(key.startswith("image_encoder.") for key in keys):
+        return "it is a bare state dict; save it as torch.save({'model': state_dict}, path)"
+    return f"it holds the keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
 
 
 def load_meta_checkpoint(

@@ -12,7 +12,7 @@ from PIL import Image
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
-from scripts.adapters import ModelFileError, tensor_state
+from scripts.adapters import ModelFileError, read_model_file, tensor_state
 from scripts.inferers import FundusInferer
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
@@ -339,6 +339,25 @@ def test_corrupt_checkpoint_is_named(meta_checkpoint, tmp_path):
     torch.save({"state_dict": {}}, not_meta)
     with pytest.raises(CheckpointError, match=f"{not_meta}.*Meta's format"):
         SAM2LoRA("tiny", checkpoint=not_meta, image_size=IMAGE_SIZE)
+
+
+def test_a_model_file_given_for_the_other_setting_says_which_setting_takes_it(meta_checkpoint, network, tmp_path):
+    """Meta's base checkpoint and a trained model.pt are both .pt files: a user gives one for the other."""
+    path, base_state = meta_checkpoint
+    trained = tmp_path / "model.pt"
+    torch.save(network.state_dict(), trained)
+    for given in (trained, tmp_path / "wrapped.pt"):
+        if given.name == "wrapped.pt":
+            torch.save({"model": network.state_dict()}, given)
+        with pytest.raises(CheckpointError, match=f"{given}.*trained with this bundle.*--ckpt_path") as error:
+            SAM2LoRA("tiny", checkpoint=given, image_size=IMAGE_SIZE)
+        assert len(str(error.value)) < 300, "one line, not every key"
+    bare = tmp_path / "bare.pt"
+    torch.save(base_state, bare)
+    with pytest.raises(CheckpointError, match=r"bare state dict; save it as torch.save\(\{'model'"):
+        SAM2LoRA("tiny", checkpoint=bare, image_size=IMAGE_SIZE)
+    with pytest.raises(ModelFileError, match=f"{path} is a SAM 2 base checkpoint.*'checkpoint'"):
+        read_model_file(path)
 
 
 def test_checkpoint_of_another_hiera_size_is_named(tmp_path):
