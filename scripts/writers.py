@@ -31,7 +31,7 @@ def output_stem(source: str | os.PathLike) -> str:
     """The name an image's outputs start with: its file name without the image suffix (and ``.gz``).
 
     Only the suffix goes: ``scan.v1.png`` and ``scan.v2.png`` keep apart, while ``eye.png`` and ``eye.jpg`` collide
-    (:func:`scripts.inputs.image_folder_datalist` refuses such a pair before the run).
+    (:class:`scripts.inputs.ImageFolder` refuses such a pair before the run).
     """
     name = Path(source).name
     name = name[: -len(".gz")] if name.lower().endswith(".gz") else name

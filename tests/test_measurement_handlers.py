@@ -48,8 +48,9 @@ def fundus_fov(size: int = SIZE) -> np.ndarray:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV, keyed by column names without their units (``disc_area_px [px²]``: ``disc_area_px``)."""
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        return [{key.split(" [")[0]: value for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -119,7 +120,10 @@ def test_agreement_matches_numpy_per_dataset_and_overall(evaluation):
     assert engine.state.metrics["vertical_cdr_mae"] == pytest.approx(agreement["all"]["vertical_cdr"]["mae"])
     assert engine.state.metrics["vertical_cdr_pearson_r"] == pytest.approx(agreement["all"]["vertical_cdr"]["pearson_r"])
 
+    header = (folder / "measurements_per_image.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert "pred_vertical_cdr [ratio]" in header and "ref_disc_area_px [px²]" in header
     summary = read_csv(folder / "measurement_agreement.csv")
+    assert {(r["measure"], r["unit"]) for r in summary} >= {("vertical_cdr", "ratio"), ("disc_area_px", "px²")}
     refuge = next(r for r in summary if r["dataset"] == "REFUGE" and r["measure"] == "vertical_cdr")
     assert float(refuge["mae"]) == pytest.approx(agreement["datasets"]["REFUGE"]["vertical_cdr"]["mae"])
 
@@ -238,8 +242,8 @@ def test_inference_report_writes_csv_after_each_batch_and_the_report_at_the_end(
     assert "vertical_cdr [ratio]" in header and "disc_area_px [px²]" in header
     assert "predicted_iou_disc" in header and "predicted_iou_cup" in header
     rows = {row["image"]: row for row in read_csv(tmp_path / InferenceReport.CSV_NAME)}
-    assert float(rows["eye_a.png"]["vertical_cdr [ratio]"]) == pytest.approx(0.5)
-    assert float(rows["eye_c.png"]["vertical_cdr [ratio]"]) == pytest.approx(0.7)
+    assert float(rows["eye_a.png"]["vertical_cdr"]) == pytest.approx(0.5)
+    assert float(rows["eye_c.png"]["vertical_cdr"]) == pytest.approx(0.7)
     assert rows["eye_a.png"]["flags"] == ""
     assert "no dark border" in rows["eye_b.png"]["flags"]
     assert rows["eye_c.png"]["flags"].startswith("low predicted quality (IoU 0.20 < 0.5)")

@@ -71,10 +71,17 @@ def _ious(inferer: Any, batch_size: int, channels: int) -> list[list[float] | No
     return torch.as_tensor(latest).detach().float().cpu()[:, :channels].tolist()
 
 
+def _unit(column: str) -> str:
+    """The unit of a measure's column, ``pred_`` and ``ref_`` ones included ("" for other columns)."""
+    for side in ("pred_", "ref_"):
+        column = column.removeprefix(side)
+    return MEASURE_UNITS.get(column, "")
+
+
 def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([f"{column} [{MEASURE_UNITS[column]}]" if MEASURE_UNITS.get(column) else column for column in columns])
+    writer.writerow([f"{column} [{_unit(column)}]" if _unit(column) else column for column in columns])
     for row in rows:
         writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in (row.get(c, "") for c in columns)])
     return buffer.getvalue()
@@ -262,9 +269,11 @@ class MeasurementAgreement:
         columns += [f"{side}_{m}" for m in self._measures() for side in ("pred", "ref")] + ["pred_notes", "ref_notes"]
         write_text_atomic(self.output_dir / "measurements_per_image.csv", _csv(self.rows, columns))
         write_text_atomic(self.output_dir / "measurement_agreement.json", json.dumps(json_safe(agreement), indent=2) + "\n")
-        summary = [["dataset", "measure", "mae", "pearson_r", "n"]]
+        summary = [["dataset", "measure", "unit", "mae", "pearson_r", "n"]]  # the MAE is in the measure's unit
         for dataset, result in [*agreement["datasets"].items(), ("all", agreement["all"])]:
-            summary += [[dataset, m, result[m]["mae"], result[m]["pearson_r"], result[m]["n"]] for m in self._measures()]
+            summary += [
+                [dataset, m, _unit(m), result[m]["mae"], result[m]["pearson_r"], result[m]["n"]] for m in self._measures()
+            ]
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(summary)
         write_text_atomic(self.output_dir / "measurement_agreement.csv", buffer.getvalue())
