@@ -257,13 +257,15 @@ def disc_cup_measurements(
 def fractal_dimension(mask: np.ndarray, box_sizes: list[int] | tuple[int, ...] | None = None) -> float:
     """Box-counting (Minkowski-Bouligand) dimension of a binary mask, as AutoMorph measures vessel maps.
 
-    For each box side ``s`` the mask is padded with background to a multiple of ``s`` and tiled with ``s x s``
-    boxes; ``N(s)`` counts the boxes holding at least one foreground pixel. The dimension is the least-squares
-    slope of ``log N(s)`` against ``log(1 / s)``.
+    For each box side ``s`` the mask is padded with background and tiled with ``s x s`` boxes; ``N(s)`` counts the
+    boxes holding at least one foreground pixel, the fewest of four grids shifted by half a box along each axis
+    (so that where a grid happens to fall matters little). The dimension is the least-squares slope of
+    ``log N(s)`` against ``log(1 / s)``.
 
     The fit covers a finite range of scales, so a shape only a few of the largest boxes across measures less than
-    its dimension (a 200 px square in a 256 px mask measures 1.83 with the default sides, a 210 px segment of a
-    line 0.93): compare values measured with the same box sides on masks of similar size, as a study does.
+    its dimension (a 200 px square in a 256 px mask measures 1.87 with the default sides, a 210 px segment of a
+    line 0.93), and a vessel map's value depends on its resolution: compare values measured with the same box
+    sides on masks of similar size, as a study does.
 
     Args:
         mask: ``(H, W)`` binary mask.
@@ -291,12 +293,19 @@ def fractal_dimension(mask: np.ndarray, box_sizes: list[int] | tuple[int, ...] |
         return math.nan
     counts = []
     for size in sizes:
-        rows, cols = (-extent % size for extent in binary.shape)
-        padded = np.pad(binary, ((0, rows), (0, cols)))
-        boxes = padded.reshape(padded.shape[0] // size, size, padded.shape[1] // size, size).any(axis=(1, 3))
-        counts.append(np.count_nonzero(boxes))
+        # The fewest boxes of four grids, shifted by half a box along each axis: where one grid falls moved a
+        # 200 px square's dimension from 1.83 to 1.87, and a DRIVE vessel map's by up to 0.012.
+        shifts = sorted({0, size // 2})
+        counts.append(min(_occupied_boxes(binary, size, row, col) for row in shifts for col in shifts))
     slope, _ = np.polyfit(-np.log(sizes), np.log(counts), 1)
     return float(slope)
+
+
+def _occupied_boxes(mask: np.ndarray, size: int, row_shift: int, col_shift: int) -> int:
+    """Boxes of ``size`` holding foreground, the grid shifted down and right by the given pixels."""
+    rows, cols = mask.shape
+    padded = np.pad(mask, ((row_shift, -(rows + row_shift) % size), (col_shift, -(cols + col_shift) % size)))
+    return int(np.count_nonzero(padded.reshape(padded.shape[0] // size, size, -1, size).any(axis=(1, 3))))
 
 
 def _m_adjacency(skeleton: np.ndarray) -> np.ndarray:

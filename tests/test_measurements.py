@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 from skimage.draw import circle_perimeter, disk, ellipse, line
 from skimage.measure import regionprops
@@ -131,6 +133,20 @@ def test_fractal_dimension_of_the_sierpinski_carpet() -> None:
     assert fractal_dimension(carpet, box_sizes=[3, 9, 27, 81]) == pytest.approx(SIERPINSKI, abs=1e-9)
     # With the default powers of two the boxes straddle the holes: measured 1.869.
     assert fractal_dimension(carpet) == pytest.approx(SIERPINSKI, abs=0.05)
+
+
+def test_fractal_dimension_hardly_depends_on_where_the_box_grid_falls(drive_dir: Path) -> None:
+    """The same square at four places, and a DRIVE vessel map shifted by 0 to 6 px: with a single grid the square
+    measured 1.831 to 1.870 and the vessel map varied by 0.012."""
+    squares = []
+    for offset in (0, 20, 28, 56):
+        mask = np.zeros((256, 256), dtype=bool)
+        mask[offset : offset + 200, offset : offset + 200] = True
+        squares.append(fractal_dimension(mask))
+    assert max(squares) - min(squares) < 1e-9
+    vessels = np.asarray(Image.open(drive_dir / "test" / "1st_manual" / "01_manual1.gif")) > 0
+    shifted = [fractal_dimension(np.pad(vessels, ((row, 6 - row), (col, 6 - col)))) for row in (0, 2, 4, 6) for col in (0, 2, 4, 6)]
+    assert max(shifted) - min(shifted) < 0.006, shifted
 
 
 def test_fractal_dimension_of_an_empty_mask_is_nan() -> None:
