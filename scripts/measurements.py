@@ -62,7 +62,7 @@ MEASURE_UNITS: dict[str, str] = {
     "cup_offset_y": "disc height",
     "vessel_density": "ratio",
     "skeleton_density": "ratio",
-    "fractal_dimension": "1",
+    "fractal_dimension": "",  # dimensionless, unlike the ratios it is no quotient of two measures
     "tortuosity_mean": "ratio",
     "tortuosity_median": "ratio",
     "calibre_mean_px": "px",

@@ -38,13 +38,13 @@ class ReportColumn:
         key: the key of the value in each row.
         title: header text.
         unit: shown in the header, e.g. ``"px²"``; empty for none.
-        decimals: digits after the decimal point for floats.
+        digits: significant digits shown of a fractional value (whole numbers, such as counts, show whole).
     """
 
     key: str
     title: str
     unit: str = ""
-    decimals: int = 3
+    digits: int = 4
 
 
 _STYLE = """
@@ -137,14 +137,17 @@ def _is_numeric_column(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
     return all(_is_number(row.get(key)) or _is_missing(row.get(key)) for row in rows)
 
 
-def _cell(value: Any, numeric: bool, decimals: int = 3) -> str:
+def _cell(value: Any, numeric: bool, digits: int = 4) -> str:
     """A table cell: the value formatted for reading, and its raw value in ``data-value`` for sorting."""
     if _is_missing(value):
         return f'<td class="{"number missing" if numeric else "missing"}" data-value="">n/a</td>'
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
         text = raw = str(int(value))
     elif _is_number(value):
-        text = f"{float(value):.{decimals}f}"
+        number = float(value)
+        # Counts are floats so that they can be NaN; a calibre of 0.0303 mm needs its digits, not 3 decimals.
+        whole = math.isfinite(number) and number.is_integer()
+        text = str(int(number)) if whole else np.format_float_positional(number, digits, False, False, trim="-")
         # repr round-trips every float; JavaScript's Number() reads "Infinity", not Python's "inf".
         raw = repr(float(value)) if math.isfinite(value) else ("Infinity" if value > 0 else "-Infinity")
     else:
@@ -209,7 +212,7 @@ def write_html_report(
         flags = str(row.get(flag_key) or "")
         flagged += bool(flags)
         cells = [_cell(name, False), _thumbnail_cell(name, thumbnails)]
-        cells += [_cell(row.get(column.key), numeric, column.decimals) for column, numeric in measured]
+        cells += [_cell(row.get(column.key), numeric, column.digits) for column, numeric in measured]
         cells.append(f'<td class="flag" data-value="{html.escape(flags)}">{html.escape(flags)}</td>')
         body.append(('<tr class="flagged">' if flags else "<tr>") + "".join(cells) + "</tr>")
 

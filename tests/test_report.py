@@ -18,9 +18,9 @@ from PIL import Image
 from scripts.report import ReportColumn, thumbnail_png, write_html_report
 
 COLUMNS = [
-    ReportColumn("vessel_density", "Vessel density", "%", decimals=1),
+    ReportColumn("vessel_density", "Vessel density", "%", digits=3),
     ReportColumn("fov_area", "Field of view", "px²"),
-    ReportColumn("predicted_iou", "Predicted IoU", decimals=2),
+    ReportColumn("predicted_iou", "Predicted IoU", digits=2),
 ]
 # Orders differ on purpose: as strings "11.25" < "11.5" < "9.5", in natural order (digit runs read as numbers, as
 # for file names) 9.5 < 11.5 < 11.25; only a numeric sort passes. Names: "fundus_10" < "fundus_2" as strings.
@@ -273,7 +273,7 @@ def test_hostile_text_is_escaped_and_the_page_is_self_contained(tmp_path):
     assert hostile_row[2:4] == [({"class": "number missing", "data-value": ""}, "n/a")] * 2
     assert hostile_row[4][1] == attribute and hostile_row[-1][1] == f"odd name {attribute}"
     assert plain_row[1] == ({"class": "thumb missing"}, "no picture"), "an image without a thumbnail"
-    assert plain_row[2] == ({"class": "number", "data-value": "12.0"}, "12.0")
+    assert plain_row[2] == ({"class": "number", "data-value": "12.0"}, "12"), "a whole number shows whole"
     assert '<span id="flagged-count">1 flagged</span>' in text
     assert [attributes.get("class") for tag, attributes in page.tags if tag == "tr"].count("flagged") == 1
 
@@ -293,3 +293,12 @@ def test_thumbnails_keep_the_aspect_ratio_within_the_maximum_side():
     assert green.shape == (256, 256, 3) and np.all(green == (0, 255, 0)), "float [0, 1] becomes uint8 0-255"
     with pytest.raises(ValueError, match="shape"):
         thumbnail_png(np.zeros((10, 10, 4), dtype=np.uint8))
+
+
+def test_numbers_show_their_significant_digits_and_counts_show_whole(tmp_path):
+    columns = [ReportColumn("calibre_mean_mm", "Calibre", "mm"), ReportColumn("segments", "Segments")]
+    rows = [{"image": "eye.png", "calibre_mean_mm": 0.030349, "segments": 387.0, "flags": ""}]
+    page = ParsedPage(write_html_report(tmp_path / "report.html", rows, columns, {}, {}).read_text(encoding="utf-8"))
+    (row,) = page.rows
+    assert row[2] == ({"class": "number", "data-value": "0.030349"}, "0.03035"), "not 0.030 at 3 decimals"
+    assert row[3] == ({"class": "number", "data-value": "387.0"}, "387"), "not 387.000"
