@@ -58,6 +58,8 @@ class LoRALinear(nn.Linear):
     ) -> None:
         if not (is_whole_number(rank) and rank >= 1):
             raise ConfigError(f"Setting 'lora_rank' must be a positive whole number; got {rank!r}.")
+        if not (is_real_number(alpha) and alpha > 0):
+            raise ConfigError(f"Setting 'lora_alpha' must be a positive number (the paper's: twice the rank); got {alpha!r}.")
         if not (is_real_number(dropout) and 0.0 <= dropout < 1.0):
             raise ConfigError(f"Setting 'lora_dropout' must be at least 0 and below 1; got {dropout!r}.")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

@@ -467,6 +467,10 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
             "Setting 'lora_dropout' must be at least 0 and below 1; got '0.1'.",
         ),
         (
+            lambda: LoRALinear(4, 4, rank=2, alpha=0),
+            "Setting 'lora_alpha' must be a positive number (the paper's: twice the rank); got 0.",
+        ),
+        (
             lambda: SamplePromptsd(no_prompt_prob="half"),
             "Setting 'prompt_free_probability' must be a probability in [0, 1]; got 'half'.",
         ),
@@ -485,7 +489,8 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
     ],
     ids=[
         "finetune", "architecture", "input_mode", "pixel_scale", "max_training_minutes", "max_training_minutes_text",
-        "gradient_clip_norm_text", "window_overlap_text", "lora_dropout_text", "prompt_free_probability_text",
+        "gradient_clip_norm_text", "window_overlap_text", "lora_dropout_text", "lora_alpha_zero",
+        "prompt_free_probability_text",
         "no_prompt_slot", "prompt_source_for_unet", "prompts_file_for_unet",
     ],
 )
