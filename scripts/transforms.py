@@ -6,7 +6,8 @@ MONAI's own transforms are used wherever they fit (``Resized``, ``Invertd``, ``R
 - :class:`LoadFundusd`: image, label(s) and field of view as channel-first MetaTensors, in (H, W) order;
 - :class:`SamNormalized`: SAM's ImageNet normalisation;
 - :class:`RandHueShiftd`: the hue part of colour jitter;
-- :func:`network_size`: photographs brought to what the network sees (resized, or scaled for windows);
+- :func:`network_size`: photographs brought to what the network sees (resized, or scaled for windows), anti-aliased
+  where they shrink (:class:`AntiAliasedResized`);
 - :func:`training_crops`: windows cut for training at the scale of inference, vessel-rich ones favoured;
 - :func:`training_augmentations`: the SAM2LoRA paper's augmentation, as one ``Compose``;
 - :class:`SamplePromptsd`: SAM point and box prompts drawn from the ground truth.
@@ -25,12 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
-    GaussianSmoothd,
     Identityd,
+    InvertibleTransform,
     MapTransform,
     NormalizeIntensityd,
     OneOf,
@@ -71,6 +73,7 @@ __all__ = [
     "MASK_RESAMPLING",
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
+    "AntiAliasedResized",
     "LoadFundusd",
     "RandHueShiftd",
     "SamNormalized",
@@ -267,7 +270,8 @@ def network_size(
             ``"sliding_window"``: pictures keep their shape at ``pixel_scale`` times their resolution.
         image_size: the network's side.
         pixel_scale: the scale of ``"sliding_window"`` (1.0: native resolution).
-        keys: the image first (bilinear, smoothed first where it shrinks), then masks (:data:`MASK_RESAMPLING`);
+        keys: the image first (bilinear, anti-aliased where it shrinks: :class:`AntiAliasedResized`), then masks
+            (:data:`MASK_RESAMPLING`);
             absent keys are skipped.
 
     Returns:
@@ -276,15 +280,46 @@ def network_size(
     """
     check_input_mode(input_mode, pixel_scale)
     modes = ["bilinear"] + [MASK_RESAMPLING] * (len(keys) - 1)
-    # A photograph that shrinks is low-passed first (skimage's sigma, (factor - 1) / 2), or a one-pixel vessel keeps or
-    # loses its contrast depending on where it falls between samples. The inverse only enlarges predictions.
     if input_mode == "resize":
-        smoothing = [True] + [False] * (len(keys) - 1)
-        return [Resized(keys, (image_size, image_size), mode=modes, anti_aliasing=smoothing, allow_missing_keys=True)]
+        return [AntiAliasedResized(Resized(keys, (image_size, image_size), mode=modes, allow_missing_keys=True), keys[0])]
     if pixel_scale == 1:
         return [Resized(keys, (-1, -1), mode=modes, allow_missing_keys=True)]
-    zoom = Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True)
-    return [GaussianSmoothd(keys[0], sigma=(1 / pixel_scale - 1) / 2), zoom] if pixel_scale < 1 else [zoom]
+    return [AntiAliasedResized(Zoomd(keys, zoom=pixel_scale, mode=modes, keep_size=False, allow_missing_keys=True), keys[0])]
+
+
+class AntiAliasedResized(MapTransform, InvertibleTransform):
+    """``resize`` (MONAI's ``Resized`` or ``Zoomd`` of a photograph and its masks), the photograph's pixels taken from
+    torch's anti-aliased resize wherever it shrinks, as SAM 2's own preprocessing (torchvision's) makes them.
+
+    Without it a one-pixel vessel keeps or loses its contrast depending on where it falls between the samples.
+    MONAI's own ``anti_aliasing`` (a Gaussian over every input pixel) took 1.25 s for a 3504 x 2336 photograph,
+    against 0.05 s here. ``resize`` still records the geometry, so ``Invertd`` undoes it as before.
+
+    Args:
+        resize: the resize of the photograph and its masks.
+        image_key: the photograph's key.
+    """
+
+    def __init__(self, resize: Resized | Zoomd, image_key: str = "image") -> None:
+        super().__init__(resize.keys, allow_missing_keys=True)
+        self.resize = resize
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        source = data.get(self.image_key)
+        d = self.resize(data)
+        if source is None:
+            return d
+        image = d[self.image_key]
+        size = tuple(image.shape[-2:])
+        if any(new < old for new, old in zip(size, source.shape[-2:])):
+            pixels = torch.as_tensor(source.as_tensor() if isinstance(source, MetaTensor) else source, dtype=torch.float32)
+            with torch.no_grad():
+                image.copy_(F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.resize.inverse(data)
 
 
 def training_crops(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, Invertd
 from PIL import Image
@@ -189,6 +190,15 @@ def test_a_shrinking_photograph_is_smoothed_first_so_thin_vessels_do_not_alias()
     windows = Compose(network_size("sliding_window", 256, 0.3, keys=("image",)))
     contrasts = [1.0 - float(windows({"image": _line_image(column)})["image"][0, 10].min()) for column in range(500, 508)]
     assert min(contrasts) > 0.1 and max(contrasts) < 0.4, contrasts  # without the filter: 0.0 to 0.83
+
+
+def test_the_low_pass_gives_the_anti_aliased_resize_of_sam_2s_own_preprocessing() -> None:
+    """Resized through the low pass, a photograph is what torch's anti-aliased resize (torchvision's, which SAM 2's
+    SAM2Transforms use) makes of it, but for the float rounding of the round trip."""
+    photograph = torch.rand(3, 700, 1100, generator=torch.Generator().manual_seed(0))
+    resized = Compose(network_size("resize", 256, keys=("image",)))({"image": photograph})["image"]
+    expected = F.interpolate(photograph[None], size=(256, 256), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert float((resized - expected).abs().max()) < 1e-4
 
 
 def _line_image(column: int) -> torch.Tensor:
