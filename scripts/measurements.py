@@ -127,9 +127,10 @@ def _check_pixel_size(pixel_size_mm: float | None) -> float | None:
 def _main_structure(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """The largest 8-connected component of ``mask`` with the pieces near it, and how many pixels were left out.
 
-    A vessel crossing the disc can split a disc or cup mask in two: a piece within a quarter of the largest
-    component's equivalent radius of it is part of the structure. A piece further away is a stray speck, which
-    would otherwise stretch the diameters the ratios divide.
+    A vessel crossing the disc can split a disc or cup mask in two, and a central vessel is up to about 0.4 of the
+    cup's radius wide: a piece within three quarters of the whole mask's equivalent radius of the largest is part
+    of the structure. A piece further away is a stray speck, which would otherwise stretch the diameters the ratios
+    divide.
     """
     labels, count = ndimage.label(mask, _EIGHT_CONNECTED)
     if count <= 1:
@@ -137,7 +138,7 @@ def _main_structure(mask: np.ndarray) -> tuple[np.ndarray, int]:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     largest = labels == int(np.argmax(sizes))
-    reach = max(2.0, 0.25 * math.sqrt(sizes.max() / math.pi))
+    reach = max(2.0, 0.75 * math.sqrt(sizes.sum() / math.pi))
     rows, cols = bounding_slices(largest)
     margin = math.ceil(reach) + 1
     window = (
@@ -491,7 +492,8 @@ def _calibre(vessels: np.ndarray, skeleton: np.ndarray, segments: list[np.ndarra
     # From an end pixel's centre to the edge is its distance less half a pixel; an isolated pixel has two ends.
     length += float((distance[skeleton & (degree == 1)] - 0.5).sum())
     length += float((2.0 * distance[skeleton & (degree == 0)] - 1.0).sum())
-    return float(np.count_nonzero(vessels)) / length
+    # A skeleton of junction pixels alone (a blob too thick to thin) has no segment and no end: no length.
+    return float(np.count_nonzero(vessels)) / length if length > 0 else math.nan
 
 
 def vessel_skeleton(vessels: np.ndarray) -> np.ndarray:
