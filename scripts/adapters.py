@@ -302,6 +302,16 @@ class AdaptedNetwork:
             raise ModelFileError(f"Adapter checkpoint {path} was made for other settings ({'; '.join(differences)}).")
         tensors = payload["state_dict"]
         expected = set(self.adapter_state_dict())
+        # Until 0.3.10 lora+decoder also saved the object-score head, which no step changes and which is now frozen.
+        frozen_since = sorted(set(tensors) & self._base_keys)
+        if frozen_since:
+            logger.warning(
+                "Adapter checkpoint %s holds %d weights of parts this network never runs (%s, ...): left out.",
+                path,
+                len(frozen_since),
+                frozen_since[0],
+            )
+            tensors = {key: value for key, value in tensors.items() if key not in self._base_keys}
         if set(tensors) != expected:
             raise ModelFileError(
                 f"Adapter checkpoint {path} holds {len(tensors)} tensors where the network expects {len(expected)}; "

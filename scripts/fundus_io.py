@@ -59,6 +59,10 @@ def _image_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+_TURNED: set[str] = set()
+"""Pictures turned by their EXIF orientation that were named in the log already (once per file, not per epoch)."""
+
+
 def _open_decoded(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` with PIL and decode every pixel now, so that truncated or corrupt files fail here.
 
@@ -85,6 +89,15 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
         raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
         with Image.open(io.BytesIO(raw)) as opened:
             opened.load()
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+            if orientation not in (1, None) and str(path) not in _TURNED:
+                _TURNED.add(str(path))
+                logger.warning(
+                    "%s is turned upright as its EXIF orientation (%s) says, as a viewer shows it: its masks, prompts "
+                    "and outputs are in that frame.",
+                    path,
+                    orientation,
+                )
             # A multi-frame file (animated gif, tiff stack) is read as its first frame.
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:

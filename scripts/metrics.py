@@ -23,8 +23,8 @@ specificity   ``compute_confusion_matrix_metric("specificity")``         NaN whe
 accuracy      ``compute_confusion_matrix_metric("accuracy")``            always defined
 precision     ``compute_confusion_matrix_metric("precision")``           0 when the prediction is empty and the
                                                                          label is not; NaN when both are empty
-mcc           ``compute_confusion_matrix_metric("mcc")``                 0 when the prediction is constant and
-                                                                         the label is not; NaN when the label is
+mcc           ``compute_confusion_matrix_metric("mcc")``                 0 when the prediction is constant and the
+                                                                         label is not; NaN when the label is constant
 hd95          as ``compute_hausdorff_distance(percentile=95)``, pixels   0 when both are empty; NaN when exactly
                                                                          one is empty (no distance to nothing)
 cldice        here (Shit et al., CVPR 2021), only with ``topology``      1 when both are empty; 0 when one is
@@ -309,6 +309,7 @@ def evaluate_case(
     pred_mask = binarise(prob_array, threshold)
     channels = range(len(names))
     if topology:  # one pool for both: a single channel's two skeletons also run side by side
+        # skimage's default thinning (Zhang's), as clDice's authors use it; the measurements thin by Lee's method.
         skeletons = _map_on_cores(skeletonize, [*pred_mask, *label_mask])
         pred_skeletons, label_skeletons = skeletons[: len(names)], skeletons[len(names) :]
 

@@ -146,8 +146,10 @@ def _cell(value: Any, numeric: bool, digits: int = 4) -> str:
     elif _is_number(value):
         number = float(value)
         # Counts are floats so that they can be NaN; a calibre of 0.0303 mm needs its digits, not 3 decimals.
-        whole = math.isfinite(number) and number.is_integer()
-        text = str(int(number)) if whole else np.format_float_positional(number, digits, False, False, trim="-")
+        if not math.isfinite(number) or number.is_integer() or abs(number) >= 10 ** (digits - 1):
+            text = f"{number:.0f}"  # whole numbers, and the integer part of large ones, in full
+        else:
+            text = np.format_float_positional(number, digits, False, False, trim="-")
         # repr round-trips every float; JavaScript's Number() reads "Infinity", not Python's "inf".
         raw = repr(float(value)) if math.isfinite(value) else ("Infinity" if value > 0 else "-Infinity")
     else:

@@ -20,8 +20,8 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=10, size=128)["vessels"]
     models, output = tmp_path / "models", tmp_path / "eval"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    # lora+decoder trains weights that a step may leave without a gradient (the decoder's multimask outputs, its
-    # object-score head): DistributedDataParallel must be told to look for them.
+    # lora+decoder trains SAM's whole mask decoder: DistributedDataParallel waits for a gradient of every trainable
+    # weight in each step, so the parts one image never runs (the object-score head) must stay frozen.
     paper_head = {**SAM_LORA, "finetune": "lora+decoder"}
     overrides = {**FAST, **paper_head, "datalist": datalist, "ckpt_dir": models, "output_dir": output, "tracking": "mlflow"}
     command = bundle_command("training", [TRAIN, QUICKSTART, MULTI_GPU], launcher=torchrun, **overrides)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_16bit_masks_holding_8bit_levels_keep_them(tmp_path: Path) -> None:
     assert read_label_mask(_save(tmp_path / "binary.png", (levels > 0).astype(np.uint16), mode="I;16")).sum() == 9
 
 
-def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path: Path) -> None:
+def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path: Path, caplog) -> None:
     """A camera stores a portrait shot landscape with EXIF Orientation 6 (turn 90 degrees clockwise to view)."""
     stored = np.zeros((100, 200, 3), np.uint8)
     stored[:10, :, 0] = 255  # a red band along the stored top edge
@@ -134,11 +135,14 @@ def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(path, quality=95, exif=exif)
-    shown = read_image(path)
+    with caplog.at_level(logging.WARNING):
+        shown = read_image(path)
+        read_image(path)
     assert shown.shape == (200, 100, 3)
     assert shown[:, -10:, 0].mean() > 0.9 and shown[:, :10, 0].mean() < 0.1, "the top edge turned to the right"
     assert read_mask(path).shape == (200, 100)
     assert image_size(path) == (100, 200)  # (width, height), as shown
+    assert caplog.text.count("turned upright as its EXIF orientation (6) says") == 1, "named once, not per read"
 
 
 def _assert_clean_error(error: pytest.ExceptionInfo, path: Path, words: str) -> None:

@@ -308,6 +308,27 @@ def test_adapter_only_round_trip(meta_checkpoint, tmp_path):
         other_rank.load_adapters(path)
 
 
+def test_an_adapter_file_of_0_3_10_with_the_object_score_head_still_loads(meta_checkpoint, tmp_path, caplog):
+    """lora+decoder files of 0.3.10 and earlier also held the object-score head, which got no gradient and is
+    frozen since: its weights (Meta's, unchanged) are left out with a warning instead of refusing the file."""
+    path, _ = meta_checkpoint
+    trained = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, finetune="lora+decoder").eval()
+    randomise_adapters(trained, seed=3)
+    payload = torch.load(trained.save_adapters(tmp_path / "adapters.pt"), weights_only=True)
+    head = {k: v for k, v in trained.state_dict().items() if ".pred_obj_score_head." in k}
+    assert head and not set(head) & set(payload["state_dict"]), "0.3.11 files leave the frozen head out"
+    payload["state_dict"].update(head)
+    old_file = tmp_path / "adapters_0.3.10.pt"
+    torch.save(payload, old_file)
+    with caplog.at_level(logging.WARNING):
+        restored = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, finetune="lora+decoder",
+                            adapter_checkpoint=old_file).eval()
+    assert f"holds {len(head)} weights of parts this network never runs" in caplog.text
+    images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(trained(images), restored(images))
+
+
 def test_full_state_dict_round_trip_preserves_merged_state(network):
     trained = copy.deepcopy(network)
     randomise_adapters(trained)

@@ -327,8 +327,8 @@ class TrainingCheckpoint:
             )
         if differing:  # a checkpoint of bundle 0.3.10 or earlier held the parameters alone
             logger.warning(
-                f"Resuming from {self.path}: it lacks {len(differing)} buffers ({min(differing)}, ...); "
-                "batch normalisation's running statistics restart from their initial values."
+                f"Resuming from {self.path}: it lacks {len(differing)} buffers ({min(differing)}, ...), which keep "
+                "this run's values (batch normalisation's running statistics restart from their initial values)."
             )
         network.load_state_dict(content["network_trainable"], strict=False)
         self.optimizer.load_state_dict(content["optimizer"])
