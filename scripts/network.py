@@ -258,7 +258,8 @@ class SAM2LoRA(AdaptedNetwork, nn.Module):
         height, width = images.shape[-2:]
         side = self.image_size
         if (height, width) != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+            # Anti-aliased, as SAM 2's own preprocessing and the bundle's transforms shrink photographs.
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.sam2.forward_image(images)["backbone_fpn"][-self.sam2.num_feature_levels :]

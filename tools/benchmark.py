@@ -504,7 +504,7 @@ def measure_input_modes(
     """Seconds per photograph and peak memory of one input mode; call it in a fresh process for the peak.
 
     ``resize``: the photograph resized to ``image_size`` square, one network pass, the logits resized back (what the
-    bundle's ``Resized`` and ``Invertd`` do). ``sliding_window``: windows of ``image_size`` at native resolution
+    bundle's anti-aliased ``Resized`` and ``Invertd`` do). ``sliding_window``: windows of ``image_size`` at native resolution
     (pixel scale 1), blended with the bundle's overlap, windows wholly outside the circular field of view skipped.
     Both give probabilities at the photograph's size.
 
@@ -542,7 +542,8 @@ def measure_input_modes(
     def segment(photo: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if input_mode == "resize":
-                square = F.interpolate(photo, size=(image_size, image_size), mode="bilinear", align_corners=False)
+                side = (image_size, image_size)
+                square = F.interpolate(photo, size=side, mode="bilinear", align_corners=False, antialias=True)
                 logits = inferer(square, network)
                 return torch.sigmoid(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False))
             return torch.sigmoid(inferer(photo, network, fov=fov))
