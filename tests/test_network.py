@@ -82,13 +82,15 @@ def test_untrained_adapted_model_is_exactly_sam2(network):
         assert torch.equal(network(images, points, labels), plain(images, points, labels))
 
 
-def test_forward_reproduces_sam2_image_predictor(network):
-    """Our decoding path agrees with the sam2 package's own single-image predictor on the same base weights."""
+@pytest.mark.parametrize("height, width", [(IMAGE_SIZE, IMAGE_SIZE), (3 * IMAGE_SIZE - 10, 2 * IMAGE_SIZE + 6)])
+def test_forward_reproduces_sam2_image_predictor(network, height, width):
+    """Our decoding path agrees with the sam2 package's own single-image predictor on the same base weights, also
+    for a photograph larger than the network's input, which both shrink with anti-aliasing."""
     plain = without_adapters(network)
     predictor = SAM2ImagePredictor(plain.sam2)
     predictor._bb_feat_sizes = [(IMAGE_SIZE // s, IMAGE_SIZE // s) for s in (4, 8, 16)]
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     point, label = np.array([[21.0, 37.0]]), np.array([1])
     predictor.set_image(image)
     expected, expected_iou, _ = predictor.predict(point, label, multimask_output=False, return_logits=True)
