@@ -162,8 +162,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a segmentation mask as raw 8-bit values.
 
     RGB(A) masks give their first channel, palette masks the gray level of their palette colours, 16-bit masks are
-    rescaled to ``0..255`` (unless their values are all within ``0..255``, which are kept). No thresholding happens here: datasets disagree on their foreground values
-    (255, 1, 128...), so callers decide.
+    rescaled to ``0..255`` (unless their values are all within ``0..255``, which are kept). No thresholding happens
+    here: datasets disagree on their foreground values (255, 1, 128...), so callers decide.
 
     Args:
         path: mask file, in any format accepted by :func:`read_image`.
