@@ -210,6 +210,14 @@ class AdaptedNetwork:
                 "'lora+decoder', with architecture='unet')."
             )
         trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+        never_run_ids = {
+            id(parameter)
+            for part in never_run
+            for parameter in (part.parameters() if isinstance(part, nn.Module) else [part])
+        }
+        self._never_run_keys = frozenset(
+            name for name, parameter in network.named_parameters() if id(parameter) in never_run_ids
+        )
         prefix = f"{base}."
         self._base_keys = frozenset(
             key
@@ -303,7 +311,7 @@ class AdaptedNetwork:
         tensors = payload["state_dict"]
         expected = set(self.adapter_state_dict())
         # Until 0.3.10 lora+decoder also saved the object-score head, which no step changes and which is now frozen.
-        frozen_since = sorted(set(tensors) & self._base_keys)
+        frozen_since = sorted(set(tensors) & self._never_run_keys)
         if frozen_since:
             logger.warning(
                 "Adapter checkpoint %s holds %d weights of parts this network never runs (%s, ...): left out.",
@@ -311,7 +319,16 @@ class AdaptedNetwork:
                 len(frozen_since),
                 frozen_since[0],
             )
-            tensors = {key: value for key, value in tensors.items() if key not in self._base_keys}
+            tensors = {key: value for key, value in tensors.items() if key not in self._never_run_keys}
+        kept_at_meta = sorted(set(tensors) & self._base_keys)
+        if kept_at_meta:
+            # e.g. a lora+decoder file in a lora network, which would run Meta's decoder instead of the trained one
+            raise ModelFileError(
+                f"Adapter checkpoint {path} was fine-tuned with finetune={payload['settings'].get('finetune')!r} and "
+                f"holds {len(kept_at_meta)} trained weights that this network (finetune="
+                f"{self.settings['finetune']!r}) keeps at Meta's values (e.g. {kept_at_meta[0]}): build the network "
+                f"with finetune={payload['settings'].get('finetune')!r}."
+            )
         if set(tensors) != expected:
             raise ModelFileError(
                 f"Adapter checkpoint {path} holds {len(tensors)} tensors where the network expects {len(expected)}; "

@@ -331,6 +331,17 @@ def test_an_adapter_file_of_0_3_10_with_the_object_score_head_still_loads(meta_c
         assert torch.equal(trained(images), restored(images))
 
 
+def test_a_lora_decoder_adapter_file_is_refused_by_a_lora_network(meta_checkpoint, tmp_path):
+    """A lora network keeps the decoder at Meta's values: loading a lora+decoder file into it would silently run
+    Meta's decoder instead of the trained one."""
+    path, _ = meta_checkpoint
+    trained = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, finetune="lora+decoder")
+    adapter_file = trained.save_adapters(tmp_path / "adapters.pt")
+    lora_only = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, finetune="lora")
+    with pytest.raises(ModelFileError, match=r"finetune='lora\+decoder'.*keeps at Meta's values.*sam_mask_decoder"):
+        lora_only.load_adapters(adapter_file)
+
+
 def test_full_state_dict_round_trip_preserves_merged_state(network):
     trained = copy.deepcopy(network)
     randomise_adapters(trained)
