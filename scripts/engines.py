@@ -12,23 +12,25 @@ from torch.utils.data import DataLoader
 __all__ = ["all_ranks", "count_parameters", "optimizer_steps_now", "stop_loader_workers", "unwrap_network"]
 
 
-def optimizer_steps_now(engine: Engine) -> bool:
-    """Whether MONAI's ``SupervisedTrainer`` steps the optimiser after the current iteration.
+def optimizer_steps_now(engine: Engine, iteration: int | None = None) -> bool:
+    """Whether MONAI's ``SupervisedTrainer`` steps the optimiser after the current iteration (or after ``iteration``).
 
     Its gradient-accumulation rule: with ``accumulation_steps`` k > 1 the optimiser steps after every k-th iteration
     of an epoch and after the epoch's last one, so no gradient is left pending at an epoch's end.
 
     Args:
         engine: the trainer, during or right after an iteration.
+        iteration: another iteration of the run (counted from 1 over all epochs), e.g. the previous one.
 
     Returns:
-        True when no gradient is pending after this iteration.
+        True when no gradient is pending after that iteration.
     """
     steps = getattr(engine, "accumulation_steps", 1)
     if steps <= 1:
         return True
+    iteration = engine.state.iteration if iteration is None else iteration
     epoch_length = engine.state.epoch_length
-    position = (engine.state.iteration - 1) % epoch_length + 1 if epoch_length else engine.state.iteration
+    position = (iteration - 1) % epoch_length + 1 if epoch_length else iteration
     return position % steps == 0 or position == epoch_length
 
 

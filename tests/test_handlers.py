@@ -10,7 +10,13 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from scripts.handlers import GradientClipping, TrainingLog, read_training_log, training_throughput
+from scripts.handlers import (
+    GradientClipping,
+    LrSchedulePerOptimizerStep,
+    TrainingLog,
+    read_training_log,
+    training_throughput,
+)
 
 
 def run_trainer(accumulation_steps: int, max_norm: float, iterations: int = 4):
@@ -56,6 +62,37 @@ def test_with_accumulation_only_the_summed_gradient_is_clipped():
 def test_max_norm_must_be_positive():
     with pytest.raises(ValueError, match="max_norm"):
         GradientClipping(0)
+
+
+def test_the_learning_rate_schedule_counts_optimiser_steps_and_the_logged_rate_is_the_one_used():
+    """Accumulation 4 over epochs of 6 iterations: the optimiser steps after iterations 4, 6 (the epoch's end), 10
+    and 12. A cosine schedule restarting every 2 steps (no floor) gives those steps 1, 1/2, 1, 1/2."""
+    network = nn.Linear(4, 1)
+    optimiser = torch.optim.SGD(network.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimiser, T_0=2)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=[{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(6)],
+        network=network,
+        optimizer=optimiser,
+        loss_function=nn.MSELoss(),
+        accumulation_steps=4,
+        train_handlers=[LrSchedulePerOptimizerStep(schedule)],
+    )
+    stepped: dict[int, float] = {}
+    original_step = optimiser.step
+    optimiser.step = lambda *args, **kwargs: (  # type: ignore[method-assign]
+        stepped.__setitem__(trainer.state.iteration, optimiser.param_groups[0]["lr"]), original_step(*args, **kwargs)
+    )
+    logged: dict[int, float] = {}  # read at each iteration's end, where the training log and MLflow read it
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda engine: logged.__setitem__(engine.state.iteration, optimiser.param_groups[0]["lr"])
+    )
+    trainer.run()
+    assert stepped == pytest.approx({4: 1.0, 6: 0.5, 10: 1.0, 12: 0.5})
+    assert all(logged[iteration] == lr for iteration, lr in stepped.items())
+    assert schedule.last_epoch == 3, "the step after the run's last update is the next run's (or resume's) first"
 
 
 class SlowBatches:

@@ -89,7 +89,7 @@ def test_training_with_tracking_mlflow_records_the_run_in_the_default_sqlite_sto
         "loss_weights.iou": "0.1",
         "learning_rate": "0.001",
         "lr_schedule": "CosineAnnealingWarmRestarts",
-        "lr_restart_iterations": "1000",
+        "lr_restart_steps": "1000",
         "batch_size": "2",
         "accumulation_steps": "1",
         "seed": "0",

@@ -1,6 +1,6 @@
 """Ignite handlers the bundle's workflows attach to MONAI's engines, referenced as ``scripts.handlers.<Name>``.
 
-Training: :class:`GradientClipping`, :class:`TrainingTimeLimit`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
+Training: :class:`LrSchedulePerOptimizerStep`, :class:`GradientClipping`, :class:`TrainingTimeLimit`, :class:`TrainingLog` (the run's record), :class:`TrainingPictures` (drawn from
 the log), :class:`TrainingCheckpoint` (resumable checkpoints), :class:`AtomicCheckpointSaver` (``model.pt`` and
 ``model_best.pt``). Inference and evaluation: :class:`MergeAdapters`, :class:`InferenceReport` and :class:`MeasurementAgreement`
 (measurements, flags, the report),
@@ -11,6 +11,7 @@ from scripts.handlers.checkpoint import ResumeError, TrainingCheckpoint
 from scripts.handlers.errors import ReportErrors
 from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter
 from scripts.handlers.gradient_clipping import GradientClipping
+from scripts.handlers.lr_schedule import LrSchedulePerOptimizerStep
 from scripts.handlers.measurement import InferenceReport, MeasurementAgreement
 from scripts.handlers.merge_adapters import MergeAdapters
 from scripts.handlers.model_saver import AtomicCheckpointSaver
@@ -24,6 +25,7 @@ __all__ = [
     "FundusMetricsWriter",
     "GradientClipping",
     "InferenceReport",
+    "LrSchedulePerOptimizerStep",
     "MeasurementAgreement",
     "MergeAdapters",
     "ReportErrors",
