@@ -15,11 +15,17 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import MeanAbsoluteError
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import LrScheduleHandler, ValidationHandler
+from monai.handlers import ValidationHandler
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
-from scripts.handlers import AtomicCheckpointSaver, ResumeError, TrainingCheckpoint, read_training_log
+from scripts.handlers import (
+    AtomicCheckpointSaver,
+    LrSchedulePerOptimizerStep,
+    ResumeError,
+    TrainingCheckpoint,
+    read_training_log,
+)
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.synthetic import write_dataset
 from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
@@ -54,7 +60,7 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(5)]
-    handlers = [LrScheduleHandler(scheduler, epoch_level=False, print_lr=False)]
+    handlers = [LrSchedulePerOptimizerStep(scheduler)]
     if validate:
         generator = torch.Generator().manual_seed(7)
         validation = [{"image": torch.randn(2, 4, generator=generator), "label": torch.randn(2, 1, generator=generator)}
@@ -215,6 +221,37 @@ def test_a_run_stopped_during_a_validation_redoes_it_and_checks_the_best_model_o
     assert f"the best model {best} recorded by the interrupted run cannot be loaded" in caplog.text
     assert "adapter.weight" in torch.load(best, weights_only=True), "a new best model replaced the damaged one"
     assert checkpoint.validator.state.best_metric_epoch >= 2
+
+
+def test_a_best_model_saved_after_the_checkpoint_is_kept_aside_on_resume(tmp_path, caplog):
+    """Killed between epoch 2's validation (which saved a new model_best.pt) and epoch 2's checkpoint: the checkpoint
+    holds epoch 1's best score, not the newer file's, which the resumed run keeps aside (nothing lost) instead of
+    passing it off as the best of a score it never had."""
+    trainer, *_, checkpoint = _trainer(tmp_path, "false", seed=0, validate=True)
+    best = tmp_path / "model_best.pt"
+    saved_in_epoch = {}
+
+    def kill_after_a_new_best(_):
+        saved_in_epoch[trainer.state.epoch] = best.stat().st_mtime_ns
+        if trainer.state.epoch == 2:
+            raise RuntimeError("killed after the validation of epoch 2")
+
+    checkpoint.validator.add_event_handler(Events.COMPLETED, kill_after_a_new_best)
+    with pytest.raises(RuntimeError, match="killed after the validation of epoch 2"):
+        trainer.run()
+    assert saved_in_epoch[2] != saved_in_epoch[1], "epoch 2's validation saved a new best model"
+    newer = best.read_bytes()
+    assert torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 5
+
+    resumed, *_, checkpoint = _trainer(tmp_path, "true", seed=1, validate=True)
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    aside = tmp_path / "model_best.unrecorded.pt"
+    assert f"{best} was saved after the checkpoint" in caplog.text and f"kept as {aside}" in caplog.text
+    assert aside.read_bytes() == newer
+    assert checkpoint.validator.state.best_metric_epoch >= 2 and best.is_file(), "a new best model of its own"
+    saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)
+    assert saved["best_model_files"] == [[best.stat().st_size, best.stat().st_mtime_ns]]
 
 
 WRITER = textwrap.dedent(

@@ -8,7 +8,9 @@ The checkpoint (``latest_checkpoint.pt`` in the checkpoint folder) holds:
   the fingerprint proves the resumed run rebuilt the same ones;
 - the optimiser, the learning-rate scheduler, the AMP gradient scaler;
 - the trainer's position (epoch, iteration, epoch length) and the best validation metric so far, so that
-  ``model_best.pt`` is only replaced by a better model after a resume;
+  ``model_best.pt`` is only replaced by a better model after a resume, and the identity of that ``model_best.pt``
+  (size and modification time): one written after the checkpoint, by a validation whose checkpoint a kill
+  prevented, has no recorded score, so a resume keeps it aside and saves a new best model;
 - the run's settings, so that a resume with different hyper-parameters or data is refused instead of silently
   mixing two experiments; and any extra state registered by other components (the MLflow run id).
 
@@ -235,7 +237,21 @@ class TrainingCheckpoint:
                 "best_metric_epoch": getattr(self.validator.state, "best_metric_epoch", None),
             }
         content["best_model_savers"] = [saver.state_dict() for saver in self.best_model_savers]
+        content["best_model_files"] = [
+            _file_identity(path) for path in self._best_model_paths([saver.state_dict() for saver in self.best_model_savers])
+        ]
         return content
+
+    def _best_model_paths(self, recorded: Sequence[Mapping[str, Any]]) -> list[Path | None]:
+        """The best model file of each saver, as its record (ignite's ``{"_saved": [(priority, filename), ...]}``)
+        names it; None where it saved none."""
+        paths: list[Path | None] = []
+        for saver, state in zip(self.best_model_savers, recorded):
+            saved = state.get("_saved") or []
+            handler = saver.save_handler
+            name = getattr(handler, "filename", None) or (saved[-1][1] if saved else None)
+            paths.append(Path(handler.dirname) / name if saved and name else None)
+        return paths
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint for ``engine``'s current iteration (once per iteration), atomically."""
@@ -294,21 +310,28 @@ class TrainingCheckpoint:
                 "(another base checkpoint, or another seed with random_init)."
             )
 
-    def _best_model_is_whole(self, recorded: Sequence[Mapping[str, Any]]) -> bool:
-        """Whether every best model the interrupted run recorded as saved (``recorded``: its savers' states, ignite's
-        ``{"_saved": [(priority, filename), ...]}``) is on disk and loads."""
-        for saver, state in zip(self.best_model_savers, recorded):
-            saved = state.get("_saved") or []
-            if not saved:
+    def _best_model_is_whole(self, recorded: Sequence[Mapping[str, Any]], identities: Sequence[Any] | None) -> bool:
+        """Whether every best model the interrupted run recorded as saved (``recorded``: its savers' states) is on
+        disk, loads, and is the file the checkpoint describes (``identities``; None in checkpoints of 0.3.11 and
+        earlier). A newer file, saved by a validation after the checkpoint, has no recorded score: it is kept aside
+        as ``<name>.unrecorded.pt``."""
+        for index, path in enumerate(self._best_model_paths(recorded)):
+            if path is None:
                 continue
-            handler = saver.save_handler
-            path = Path(handler.dirname) / (getattr(handler, "filename", None) or saved[-1][1])
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # missing, truncated or damaged: torch raises many kinds
                 logger.warning(
                     f"Resuming: the best model {path} recorded by the interrupted run cannot be loaded "
                     f"({type(error).__name__}); the next validation saves a new best model."
+                )
+                return False
+            if identities is not None and _file_identity(path) != identities[index]:
+                aside = path.with_name(f"{path.stem}.unrecorded{path.suffix}")
+                os.replace(path, aside)
+                logger.warning(
+                    f"Resuming: {path} was saved after the checkpoint (by a validation of the interrupted run whose "
+                    f"score the checkpoint does not hold); kept as {aside}. The next validation saves a new best model."
                 )
                 return False
         return True
@@ -349,7 +372,7 @@ class TrainingCheckpoint:
             self.validator.state.best_metric = content["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = content["validator"]["best_metric_epoch"]
         recorded = content.get("best_model_savers", [])
-        if self._best_model_is_whole(recorded):
+        if self._best_model_is_whole(recorded, content.get("best_model_files")):
             for saver, state in zip(self.best_model_savers, recorded):
                 saver.load_state_dict(state)
         elif self.validator is not None:
@@ -361,6 +384,15 @@ class TrainingCheckpoint:
             f"Resumed from {self.path}: epoch {engine.state.epoch + 1} goes on after iteration {engine.state.iteration} "
             f"of {engine.state.max_epochs * engine.state.epoch_length}."
         )
+
+
+def _file_identity(path: Path | None) -> list[int] | None:
+    """Size and modification time (ns) of ``path``: every save gives a new one, and a copy that keeps times (a
+    checkpoint folder moved to another machine with ``rsync -a``) keeps it. None: no file."""
+    if path is None or not path.is_file():
+        return None
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _plain(value: Any) -> Any:
