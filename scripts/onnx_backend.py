@@ -1,21 +1,25 @@
 """The prompt-free network as ONNX, run by onnxruntime: the fast CPU inference path (``--backend onnxruntime``).
 
 The network, adapters merged, is exported once with ``torch.onnx.export(dynamo=True)`` and cached next to the model
-file; each later run checks that the cached file was built from the same weights and settings (a SHA-256 of the
-merged weights, the image size, the opset, int8 or not and how) and rebuilds it, with a log line, when it was not, or when
-onnxruntime cannot load it. ``onnx_int8`` adds onnxruntime's dynamic int8 quantization of the matrix products
+file; each later run checks that the cached file was built from the same weights, code and settings (a SHA-256 of
+the merged weights, one of the code that defines the network, the versions of the libraries that export and run it,
+the image size, the opset, int8 or not and how) and that the file is the one its record describes (its own SHA-256),
+and rebuilds it, with a log line, when it was not, or when onnxruntime cannot load it. ``onnx_int8`` adds onnxruntime's dynamic int8 quantization of the matrix products
 (weights stored as int8 with a scale per output channel, activations quantized on the fly; convolutions and
 attention stay float32).
 
-The export takes images already resized to ``image_size`` and SAM-normalised (the bundle's preprocessing), has a
-dynamic batch dimension and returns mask logits (B, C, image_size, image_size). Height and width are fixed:
+The export takes ``image_size`` squares of SAM-normalised RGB (the bundle's preprocessing: the photograph resized,
+or windows of it), has a dynamic batch dimension and returns mask logits (B, C, image_size, image_size). Height and width are fixed:
 SAM 2's code branches in Python on the input size, so torch.export specialises them; sliding-window inference
 feeds windows of exactly that size. Prompts are not part of the exported function.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ from torch import nn
 from scripts.atomic import OutputError, atomic_path, write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError, FundusError
+from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +43,9 @@ __all__ = [
     "OnnxBackend",
     "PromptFreeSegmenter",
     "check_onnx",
+    "code_fingerprint",
+    "export_checked_onnx",
+    "export_description",
     "export_onnx",
     "inference_backend",
     "onnx_cache_path",
@@ -101,31 +109,87 @@ def batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
+def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
+    """What a pipeline needs to feed an export and read its output, as the ONNX file's ``metadata_props``
+    (onnxruntime: ``session.get_modelmeta().custom_metadata_map``): the input's preparation and the settings the
+    trained model records, values as JSON."""
+    settings = model.network.settings
+    recorded = settings.get("recorded", {})
+    description = {
+        "input": "image (batch, 3, image_size, image_size): RGB in [0, 1], minus mean, over std, per channel",
+        "mean": SAM_PIXEL_MEAN,
+        "std": SAM_PIXEL_STD,
+        "output": "logits (batch, channels, image_size, image_size): sigmoid, then threshold, per channel",
+        "input_mode": recorded.get("input_mode", "resize"),
+        "pixel_scale": recorded.get("pixel_scale", 1.0),
+        **{key: settings[key] for key in ("image_size", "channel_names", "architecture", "model_size") if key in settings},
+    }
+    return {f"sam2lora.{key}": json.dumps(value) for key, value in description.items()}
+
+
 def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically.
+    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically, described by
+    :func:`export_description` in its ``metadata_props``.
 
     Raises:
         DeployError: the export failed; the message says why.
     """
     path = Path(path)
     try:
+        program = torch.onnx.export(
+            model,
+            (model.example(),),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: batch_dim()}},
+        )
+        program.model.metadata_props.update(export_description(model))
         with atomic_path(path) as partial:
-            torch.onnx.export(
-                model,
-                (model.example(),),
-                str(partial),
-                dynamo=True,
-                external_data=False,
-                opset_version=opset,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_shapes={"images": {0: batch_dim()}},
-            )
+            program.save(str(partial), external_data=False)
     except OutputError:
         raise
     except Exception as error:  # the exporter raises many kinds of errors
         raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
     return path
+
+
+def export_checked_onnx(
+    model: PromptFreeSegmenter,
+    path: Path,
+    destination: Path | None = None,
+    opset: int = OPSET,
+    images: torch.Tensor | None = None,
+) -> float:
+    """Export ``model`` to ``path`` and check it against PyTorch on ``images`` (default: one random image).
+
+    Args:
+        model: the network to export.
+        path: the file to write (a temporary one while it is checked).
+        destination: the file the export is for, named in errors (default ``path``).
+        opset: the ONNX opset.
+        images: the inputs of the check.
+
+    Returns:
+        The largest logit difference to PyTorch.
+
+    Raises:
+        DeployError: the export failed, or its logits differ from PyTorch's by more than ``EXPORT_TOLERANCE``.
+    """
+    destination = destination or path
+    try:
+        export_onnx(model, path, opset)
+    except DeployError as error:  # named after the destination, not a temporary file
+        cause = error.__cause__
+        raise DeployError(f"ONNX export to {destination} failed ({type(cause).__name__}: {cause}).") from cause
+    difference = check_onnx(path, model, model.example(batch=1) if images is None else images)
+    if not difference <= EXPORT_TOLERANCE:
+        raise DeployError(
+            f"The float32 export for {destination} disagrees with PyTorch: largest logit difference "
+            f"{difference:.3g} on random images (at most {EXPORT_TOLERANCE} expected); it was not kept."
+        )
+    return difference
 
 
 def weights_fingerprint(network: nn.Module) -> str:
@@ -139,6 +203,37 @@ def weights_fingerprint(network: nn.Module) -> str:
         values = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy() if values.numel() else b"")
+    return digest.hexdigest()
+
+
+def code_fingerprint(network: nn.Module) -> str:
+    """SHA-256 over the code an export of ``network`` is made from: the bundle's ``scripts`` package, the source file
+    of every other module class in the network (SAM 2's, MONAI's, torch's), and the versions of the libraries that
+    export and run it. Changes when a ``git pull`` or an upgrade changes what the network computes."""
+    own = Path(__file__).parent
+    files = sorted(own.glob("*.py")) + sorted(own.glob("*/*.py"))
+    for module in network.modules():
+        source = inspect.getsourcefile(type(module))
+        if source is not None and Path(source) not in files:
+            files.append(Path(source))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(own) if file.is_relative_to(own) else file.name}:".encode())
+        digest.update(file.read_bytes())
+    for library in ("torch", "sam2", "monai", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            digest.update(f"{library}=={importlib.metadata.version(library)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{library} absent;".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (an export of Hiera-large is about 1 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
@@ -203,7 +298,7 @@ class OnnxBackend:
             "opset": OPSET,
             # An int8 export records how it was quantized (a float32 one: False).
             "int8": INT8_QUANTIZATION if self.int8 else False,
-            "torch": torch.__version__,
+            "code_sha256": code_fingerprint(model),
         }
 
     def _load_or_build(self, network: nn.Module) -> Any:
@@ -226,8 +321,8 @@ class OnnxBackend:
         self.rebuilt = True
         # The record goes first: an export killed or refused half-way must not pass later for the one it describes.
         sidecar.unlink(missing_ok=True)
-        session = self._build(network)
-        write_json_atomic(sidecar, wanted)
+        session, onnx_sha256 = self._build(network)
+        write_json_atomic(sidecar, {**wanted, "onnx_sha256": onnx_sha256})
         return session
 
     def _stale_reason(self, sidecar: Path, wanted: dict[str, Any]) -> str | None:
@@ -237,26 +332,36 @@ class OnnxBackend:
             recorded = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             return f"its record {sidecar.name} cannot be read ({type(error).__name__})"
+        if not isinstance(recorded, dict):
+            return f"its record {sidecar.name} is not a record of an export"
         changed = [key for key in wanted if recorded.get(key) != wanted[key]]
         if changed:
-            what = "other weights" if "weights_sha256" in changed else ", ".join(f"another {key}" for key in changed)
-            return f"it was built from {what}"
+            names = {"weights_sha256": "other weights", "code_sha256": "other code or library versions"}
+            return f"it was built from {', '.join(names.get(key, f'another {key}') for key in changed)}"
+        # Another process's build, or a copy over the file, may have replaced it after its record was written.
+        if recorded.get("onnx_sha256") != file_sha256(self.cache_path):
+            return f"it is not the file its record {sidecar.name} describes"
         return None
 
-    def _build(self, network: nn.Module) -> Any:
-        model = PromptFreeSegmenter(network)
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.int8:
-            self._export_checked(model, self.cache_path)
-            return _session(self.cache_path)
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    def _build(self, network: nn.Module) -> tuple[Any, str]:
+        """Export (and quantize) into a file of this build's own, load it and hash it, then move it into place: two
+        processes building one cache at once never check, quantize or describe each other's file.
 
-        # The float32 step gets a folder of its own per build: two processes building one int8 cache at once must
-        # not quantize, or delete, each other's intermediate file.
-        with tempfile.TemporaryDirectory(prefix=f".{self.cache_path.stem}.", dir=self.cache_path.parent) as work:
-            float_path = Path(work) / "float32.onnx"
-            self._export_checked(model, float_path)
-            with atomic_path(self.cache_path) as partial:
+        Returns:
+            The onnxruntime session and the SHA-256 of the file it was loaded from.
+        """
+        on_cpu = next(network.parameters()).device.type == "cpu"
+        # The export traces a CPU copy: onnxruntime runs on the CPU, and a trace on CUDA may pick CUDA-only kernels.
+        model = PromptFreeSegmenter(network if on_cpu else copy.deepcopy(network).to("cpu"))
+        with atomic_path(self.cache_path) as partial:
+            if not self.int8:
+                export_checked_onnx(model, partial, self.cache_path)
+                return _session(partial), file_sha256(partial)
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with tempfile.TemporaryDirectory(prefix=f".{self.cache_path.stem}.", dir=self.cache_path.parent) as work:
+                float_path = Path(work) / "float32.onnx"
+                export_checked_onnx(model, float_path, self.cache_path)
                 quantize_dynamic(
                     str(float_path),
                     str(partial),
@@ -264,16 +369,8 @@ class OnnxBackend:
                     per_channel=INT8_QUANTIZATION["per_channel"],
                     op_types_to_quantize=INT8_QUANTIZATION["op_types"],
                 )
-        return _session(self.cache_path)
+            return _session(partial), file_sha256(partial)
 
-    def _export_checked(self, model: PromptFreeSegmenter, path: Path) -> None:
-        export_onnx(model, path)
-        difference = check_onnx(path, model, model.example(batch=1))
-        if not difference <= EXPORT_TOLERANCE:
-            raise DeployError(
-                f"The float32 export for {self.cache_path} disagrees with PyTorch: largest logit difference "
-                f"{difference:.3g} on a random image (at most {EXPORT_TOLERANCE} expected); use backend 'torch'."
-            )
 
 
 def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = False) -> OnnxBackend | None:

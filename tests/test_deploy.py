@@ -3,6 +3,7 @@ MONAI's ckpt_export, torch.export programs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 from torch.overrides import TorchFunctionMode
 
+from scripts import onnx_backend
 from scripts.network import SAM2LoRA
+from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from tests.helpers import write_model_file
 from tools.deploy import OPSET, PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 
@@ -59,6 +62,15 @@ def test_onnx_matches_pytorch_on_drive_images_with_a_dynamic_batch(trained, segm
     path = export_onnx(segmenter, tmp_path / "model.onnx")
     assert not list(tmp_path.glob(".*partial*")), "the partial file was renamed into place"
     import onnxruntime
+
+    # The file says how to feed it: the bundle's normalisation and the model's record.
+    described = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    description = {key: json.loads(value) for key, value in described.get_modelmeta().custom_metadata_map.items()}
+    settings = segmenter.network.settings
+    assert description["sam2lora.mean"] == list(SAM_PIXEL_MEAN) and description["sam2lora.std"] == list(SAM_PIXEL_STD)
+    assert description["sam2lora.image_size"] == IMAGE_SIZE == settings["image_size"]
+    assert description["sam2lora.channel_names"] == list(settings["channel_names"])
+    assert description["sam2lora.input_mode"] == settings["recorded"].get("input_mode", "resize")
 
     for cases in (["01", "02", "03"], ["04"]):  # exported with a batch of 2: both other sizes must work
         images = drive_batch(drive_dir, cases, trained)
@@ -158,6 +170,18 @@ def test_cli_keeps_an_existing_output_unless_told_to_replace_it(trained, tmp_pat
         capsys.readouterr().err
     )
     assert existing.read_bytes() == b"an earlier export"
+
+
+def test_an_onnx_export_that_disagrees_with_pytorch_is_not_kept(trained, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"an earlier export")
+    monkeypatch.setattr(onnx_backend, "check_onnx", lambda path, model, images: 0.5)  # a mistranslated network
+    status = main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(existing), "--overwrite"])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert f"The float32 export for {existing} disagrees with PyTorch: largest logit difference 0.5" in error
+    assert existing.read_bytes() == b"an earlier export"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "no partial file is left"
 
 
 def test_onnx_of_the_unet_head_matches_pytorch(tmp_path):

@@ -95,9 +95,20 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
     torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
     assert (logits - torch_logits(network, images)).abs().max() > 1e-3, "the old export would answer otherwise"
 
+    def record_the_file_as_it_is(_) -> None:  # e.g. an export made for a newer onnxruntime than the installed one
+        record = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**record, "onnx_sha256": onnx_backend.file_sha256(cache)}))
+
     for damage, message in (
-        (lambda: cache.write_bytes(cache.read_bytes()[:1000]), "onnxruntime cannot load it"),
+        # e.g. another process's build of other weights, moved in after this one's record was written
+        (lambda: cache.write_bytes(exported.cache_path.read_bytes()), "it is not the file its record"),
+        (lambda: cache.write_bytes(cache.read_bytes()[:1000]), "it is not the file its record"),
+        (lambda: record_the_file_as_it_is(cache.write_bytes(cache.read_bytes()[:1000])), "onnxruntime cannot load it"),
         (lambda: sidecar.unlink(), "its record model.onnxruntime.onnx.json cannot be read"),
+        (lambda: sidecar.write_text("null"), "its record model.onnxruntime.onnx.json is not a record of an export"),
+        # a git pull or an upgrade that changes the network's code or the exporter
+        (lambda: monkeypatch.setattr(onnx_backend, "code_fingerprint", lambda network: "0" * 64),
+         "it was built from other code or library versions"),
     ):
         damage()
         caplog.clear()
@@ -112,10 +123,31 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
         self.cache_path.write_bytes(b"half of another export")
         raise DeployError("refused")
 
+    monkeypatch.undo()
     monkeypatch.setattr(OnnxBackend, "_build", refused)
     with pytest.raises(DeployError):
         OnnxBackend(cache)(images, network)  # the original weights: the cache of the retrained ones is stale
     assert not sidecar.exists()
+
+
+def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(network, monkeypatch):
+    first = onnx_backend.code_fingerprint(network)
+    assert onnx_backend.code_fingerprint(copy.deepcopy(network)) == first
+    version = onnx_backend.importlib.metadata.version
+    monkeypatch.setattr(
+        onnx_backend.importlib.metadata, "version", lambda name: "9.9" if name == "onnxscript" else version(name)
+    )
+    assert onnx_backend.code_fingerprint(network) != first
+    monkeypatch.undo()
+    # a module class defined outside the bundle's scripts brings its source file in
+    extended = copy.deepcopy(network)
+    extended.extra = torch.nn.Identity()
+    extra_file = onnx_backend.inspect.getsourcefile(torch.nn.Identity)
+    read = []
+    real_read = onnx_backend.Path.read_bytes
+    monkeypatch.setattr(onnx_backend.Path, "read_bytes", lambda path: read.append(str(path)) or real_read(path))
+    onnx_backend.code_fingerprint(extended)
+    assert extra_file in read and any(name.endswith("scripts/network.py") for name in read)
 
 
 def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported, tmp_path):
@@ -249,3 +281,11 @@ def test_bundle_evaluation_measures_the_onnxruntime_backend(tmp_path):
                         output_dir=tmp_path / "prompted", backend="onnxruntime", prompt_modes=["none", "box"], **FAST)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "Prompts need backend 'torch'" in log and "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_network_on_the_gpu_is_exported_from_a_cpu_copy(network, images, tmp_path):
+    on_gpu = copy.deepcopy(network).cuda()
+    logits = OnnxBackend(tmp_path / "model.onnxruntime.onnx")(images.as_tensor().cuda(), on_gpu)
+    assert logits.device.type == "cuda" and next(on_gpu.parameters()).device.type == "cuda"
+    torch.testing.assert_close(logits.cpu(), torch_logits(network, images), atol=1e-4, rtol=1e-4)

@@ -4,9 +4,10 @@
 
 The network (head, Hiera size, image size, channels...) is built from the settings the model file records.
 
-Every export takes images already resized to the network's ``image_size`` and SAM-normalised (the bundle's
-preprocessing), has a dynamic batch dimension, and returns mask logits (B, C, image_size, image_size). What works
-and what does not, measured with torch 2.15:
+Every export takes ``image_size`` squares of SAM-normalised RGB (the whole photograph resized, or sliding windows at
+``pixel_scale``, as the model's ``input_mode`` says; docs/distribution.md), has a dynamic batch dimension, and
+returns mask logits (B, C, image_size, image_size); ONNX files record how to feed them in their metadata. What
+works and what does not, measured with torch 2.15:
 
 - ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript): works, dynamic batch; checked
   against PyTorch with onnxruntime after writing. Height and width are fixed: SAM 2's code branches in Python
@@ -32,7 +33,15 @@ import torch
 
 from scripts.atomic import OutputError, atomic_path
 from scripts.errors import command_line
-from scripts.onnx_backend import OPSET, DeployError, PromptFreeSegmenter, batch_dim, check_onnx, export_onnx
+from scripts.onnx_backend import (
+    OPSET,
+    DeployError,
+    PromptFreeSegmenter,
+    batch_dim,
+    check_onnx,
+    export_checked_onnx,
+    export_onnx,
+)
 from tools.export import load_model
 
 __all__ = [
@@ -122,9 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = check_output_name(args.format, args.output, args.overwrite)
     model = load_segmenter(args.ckpt_path)
     if args.format == "onnx":
-        path = export_onnx(model, output, opset=args.opset)
-        difference = check_onnx(path, model, model.example(batch=3))
+        # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
+        with atomic_path(output) as partial:
+            difference = export_checked_onnx(model, partial, output, args.opset, model.example(batch=3))
         logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
+        path = output
     else:
         path = export_program(model, output)
     print(path)
