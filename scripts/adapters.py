@@ -249,6 +249,15 @@ class AdaptedNetwork:
         """Undo :meth:`merge_adapters`, e.g. to go on training."""
         unmerge_lora(self)  # type: ignore[arg-type]
 
+    def train(self, mode: bool = True) -> AdaptedNetwork:
+        """Set training (or evaluation) mode, as ``nn.Module.train`` does; adapters merged into the base weights
+        (a model file saved merged, e.g. by ``tools.export --weights merged``) are unmerged first, since training
+        updates them apart from the base."""
+        if mode and any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+            logger.info("Unmerging the adapters to train: the weights were loaded with them merged.")
+            self.unmerge_adapters()
+        return super().train(mode)  # type: ignore[misc]
+
     def get_extra_state(self) -> dict[str, Any]:
         """The settings record saved with the weights (``_extra_state`` of the state dict)."""
         return {"format": MODEL_FORMAT, **_plain(self.settings)}

@@ -162,11 +162,17 @@ def test_adapters_change_the_output(fresh):
     assert (adapted - untrained).abs().max() > 1e-3
 
 
-def test_training_a_merged_network_is_refused(fresh):
+def test_a_merged_layer_refuses_to_train_unless_its_network_unmerges_it(fresh):
+    """A LoRA layer switched to training on its own while merged refuses (its gradient would reach the merged
+    weight, not the adapters); the network's ``train()`` unmerges its layers first."""
     network = fresh
     network.merge_adapters()
+    _, layer = next(iter(lora_modules(network)))
+    layer.train()
     with pytest.raises(RuntimeError, match="unmerge"):
-        network.train()(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        layer(torch.randn(2, layer.in_features))
+    network.train()(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert not layer.merged
 
 
 def test_only_adapters_train_and_a_step_changes_only_them(fresh):
@@ -355,6 +361,23 @@ def test_full_state_dict_round_trip_preserves_merged_state(network):
     trained.unmerge_adapters()
     torch.testing.assert_close(tensor_state(restored), tensor_state(trained))
     assert restored.state_dict()["_extra_state"] == trained.state_dict()["_extra_state"]
+
+
+def test_weights_loaded_merged_unmerge_to_train(network):
+    """A merged archive's model.pt (MONAI Label trains the model it serves): training mode unmerges the adapters,
+    and the step trains them apart from the base weights."""
+    trained = copy.deepcopy(network)
+    randomise_adapters(trained)
+    unmerged_state = {key: value.clone() for key, value in tensor_state(trained).items()}
+    trained.merge_adapters()
+    restored = copy.deepcopy(network)
+    restored.load_state_dict(trained.state_dict())
+    assert all(layer.merged for _, layer in lora_modules(restored))
+    restored.train()
+    assert not any(layer.merged for _, layer in lora_modules(restored))
+    torch.testing.assert_close(tensor_state(restored), unmerged_state, atol=1e-6, rtol=0)
+    restored(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)).sum().backward()
+    assert all(layer.lora_B.grad is not None for _, layer in lora_modules(restored))
 
 
 def test_missing_checkpoint_is_named(tmp_path):
