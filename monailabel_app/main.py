@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.class_utils import unload_module
 from monailabel.utils.others.generic import strtobool
+from PIL import ExifTags, Image
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +170,11 @@ class FundusInferTask(BundleInferTask):
     """
 
     def __init__(self, path: str, conf: dict[str, str], type: InferType = InferType.SEGMENTATION) -> None:
-        # The onnxruntime backend serving the current model file: ((path, mtime), backend).
-        self._served_backend: tuple[tuple[str, float], Any] | None = None
+        # The onnxruntime backend serving the current model file: (file_identity, backend).
+        self._served_backend: tuple[tuple[Any, ...], Any] | None = None
+        # Held by a request from its first transform to its label: the served network is reloaded and merged in
+        # place, and MONAI_LABEL_INFER_CONCURRENCY > 0 runs requests on a thread pool.
+        self._serving = threading.Lock()
         # add_post_restore=False: MONAI Label's Restored assumes a channel axis and the (W, H) layout; the bundle's
         # Invertd already brings the prediction back to the image's size.
         super().__init__(path, conf, type=type, add_post_restore=False, load_strict=True)
@@ -194,6 +199,13 @@ class FundusInferTask(BundleInferTask):
     def _backend_settings(self, conf: Mapping[str, str]) -> dict[str, Any]:
         return backend_settings(conf)
 
+    def __call__(self, request: Any, callbacks: Any = None) -> Any:
+        image = request.get("image") if isinstance(request, Mapping) else None
+        if isinstance(image, str) and exif_turned(image):
+            raise HTTPException(status_code=422, detail=turned_message(image))
+        with self._serving:
+            return super().__call__(request, callbacks)
+
     def _check_inferer(self, path: str) -> None:
         """Build the bundle's inferer now, so that a setting it refuses (``--conf backend``, ``onnx_int8``, a missing
         onnxruntime) stops the server at start-up with the bundle's own message rather than failing each request."""
@@ -215,7 +227,7 @@ class FundusInferTask(BundleInferTask):
         if backend is None:
             return inferer
         path = self._model_path(data)
-        served = (path, os.stat(path).st_mtime)
+        served = file_identity(path)
         if self._served_backend is None or self._served_backend[0] != served:
             self._served_backend = (served, backend.for_model(path))
         inferer = copy.copy(inferer)
@@ -233,11 +245,11 @@ class FundusInferTask(BundleInferTask):
         every device it serves, so a CPU server would hold the weights twice (Hiera-large: about 0.9 GB each). Here
         the network built at start-up is the one served, and a model file that changed since it was loaded
         (training replaced it, or a request names another file of ``models/`` as ``model_filename``) is loaded into
-        it in place. MONAI Label runs inference requests one after another on its event loop, so no request sees
-        weights half replaced. A second device gets a copy of its own.
+        it in place; a request holds the task's lock (shared with the click task) from start to end, so none sees
+        weights half replaced, whatever MONAI Label's concurrency. A second device gets a copy of its own.
         """
         path = self._model_path(data)
-        loaded = (path, os.stat(path).st_mtime)
+        loaded = file_identity(path)
         cached = self._networks.get(device)
         if cached is not None and cached[1] == loaded:
             return cached[0]
@@ -292,6 +304,7 @@ class FundusInteractiveTask(FundusInferTask):
         # Set first: MONAI Label's `preload` setting asks for the network while the task is being built.
         self.automatic = automatic
         super().__init__(path, conf, type=InferType.DEEPGROW)
+        self._serving = automatic._serving  # one network, one lock
         self.description = "Click-to-segment: foreground/background clicks and an optional ROI box as SAM 2 prompts"
 
     @staticmethod
@@ -324,8 +337,37 @@ class FundusInteractiveTask(FundusInferTask):
             raise HTTPException(status_code=422, detail=str(error)) from None
 
 
+def exif_turned(path: str) -> bool:
+    """Whether the picture at ``path`` carries an EXIF orientation other than upright (False where PIL cannot open it:
+    the bundle's reader then names the problem)."""
+    try:
+        with Image.open(path) as picture:
+            return picture.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
+    except Exception:  # PIL raises many kinds for files it cannot open
+        return False
+
+
+def turned_message(path: str) -> str:
+    return (
+        f"{os.path.basename(path)} carries an EXIF orientation: MONAI Label's viewers show it as stored, while the "
+        "bundle reads it turned upright, so labels and clicks would not line up with it. Save it upright (e.g. "
+        "PIL.ImageOps.exif_transpose, or exiftool) and add it again."
+    )
+
+
+def file_identity(path: str) -> tuple[Any, ...]:
+    """What tells one version of a model file from another: its path, inode, size and modification and change times
+    in nanoseconds. The modification time alone is not enough: ``tools.export`` dates every archive entry
+    2020-01-01, so a ``model.pt`` unzipped from another archive and moved over the served one keeps it."""
+    status = os.stat(path)
+    return path, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
 def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
     """MONAI Label's click fields as a prompt in the bundle's prompts-file form (points ``[x, y, label]``, box).
+
+    ``roi`` is ``[x0, y0, x1, y1]``, or MONAI Label's 3D form ``[x0, y0, x1, y1, z0, z1]`` (its SAM 2 task's) with a
+    slice range that holds slice 0.
 
     Raises:
         HTTPException: 422, a field that is not a list of ``[x, y]`` points or a ``[x0, y0, x1, y1]`` box.
@@ -344,6 +386,12 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
     prompt: dict[str, Any] = {"points": points}
     roi = request.get("roi")
     if roi:
+        if isinstance(roi, list) and len(roi) == 6:
+            if not (isinstance(roi[4], (int, float)) and isinstance(roi[5], (int, float)) and roi[4] <= 0 <= roi[5]):
+                raise HTTPException(
+                    status_code=422, detail=f"'roi' {roi!r}: a 2D image has slice 0 only; its slice range must hold 0."
+                )
+            roi = roi[:4]
         prompt["box"] = roi
     return prompt
 
@@ -385,6 +433,9 @@ class FundusTrainTask(BundleTrainTask):
                 "No image in the datastore has a final label: save corrected labels first "
                 "(PUT /datastore/label?image=<id>&tag=final, or Submit Label in the viewer).",
             )
+        turned = [entry["image"] for entry in datalist if exif_turned(entry["image"])]
+        if turned:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{len(turned)} images: {turned_message(turned[0])}")
         # The bundle reads 2D masks (PNG, TIFF...); a volume label (3D Slicer's default .nii.gz) would fail deep in
         # the data loader, so it is named here.
         unreadable = [entry["label"] for entry in datalist if not entry["label"].lower().endswith(LABEL_SUFFIXES)]

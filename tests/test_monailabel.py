@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
-from scripts.network import SAM2LoRA
+from scripts.network import SAM2LoRA, load_trained
 from scripts.synthetic import write_dataset
 from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, export_bundle
@@ -160,6 +160,11 @@ def setup(module_folder) -> dict:
         # A grader's corrected label as MONAI Label's clients send it: PNG, 0 background, 1 vessel.
         label = (np.asarray(Image.open(mask).resize((WIDTH, HEIGHT), Image.NEAREST)) > 127).astype(np.uint8)
         Image.fromarray(label).save(corrected / f"{name.split('.')[0]}.png")
+    # A phone's picture stored sideways with an EXIF orientation, which viewers and the bundle read differently.
+    turned = Image.open(sources[2]).convert("RGB").resize((WIDTH, HEIGHT))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    turned.save(studies / "turned.jpg", exif=exif)
     model = served_model(root / "model.pt")
     result = export_bundle(root / "dist", model, weights="full")
     assert result.weights == "full", result.reason
@@ -302,6 +307,8 @@ def test_clicks_segment_as_the_bundle_segments_the_same_prompts(setup, tmp_path)
                            "roi": [max(x - radius, 0), max(y - radius, 0), min(x + radius, WIDTH - 1),
                                    min(y + radius, HEIGHT - 1)]},
     }
+    # MONAI Label's SAM 2 task sends a 3D roi [x0, y0, x1, y1, z0, z1]: on a 2D image, the same box
+    clicks["moved_with_3d_box"] = {**clicks["moved_with_box"], "roi": [*clicks["moved_with_box"]["roi"], 0, 0]}
     # The same photograph under one name per click set, each with its own entry in one prompts file.
     images = tmp_path / "images"
     images.mkdir()
@@ -309,7 +316,7 @@ def test_clicks_segment_as_the_bundle_segments_the_same_prompts(setup, tmp_path)
     for name, fields in clicks.items():
         (images / f"{name}.png").write_bytes((setup["studies"] / "wide.png").read_bytes())
         points = [[*p, 1] for p in fields.get("foreground", [])] + [[*p, 0] for p in fields.get("background", [])]
-        prompts[f"{name}.png"] = {"points": points, **({"box": fields["roi"]} if "roi" in fields else {})}
+        prompts[f"{name}.png"] = {"points": points, **({"box": fields["roi"][:4]} if "roi" in fields else {})}
     prompts_file = tmp_path / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     bundle_inference(setup["bundle"], images, tmp_path / "bundle_inference", prompts_file)
@@ -372,8 +379,21 @@ def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
         "os.remove(os.path.join(models, 'model_best.pt'))\n"
         "again = clicks._get_network('cpu', {})\n"
         "report.update(back=merged_as_in('model.pt'), back_same=again is network, back_alive=alive())\n"
+        # another archive's model.pt, unzipped (every entry dated 2020-01-01) and moved over the served one
+        "served = os.path.join(models, 'model.pt')\n"
+        "def unzip_over_served(content):\n"
+        "    torch.save(content, served + '.unzipped')\n"
+        "    os.utime(served + '.unzipped', ns=(1577836800 * 10**9, 1577836800 * 10**9))\n"
+        "    os.replace(served + '.unzipped', served)\n"
+        "    clicks._get_network('cpu', {})\n"
+        "    return os.stat(served)\n"
+        "before = unzip_over_served(state)\n"
+        "after = unzip_over_served({k: v * 2 if k.endswith('lora_B') else v for k, v in state.items()})\n"
+        "report.update(same_date=after.st_mtime_ns == before.st_mtime_ns,"
+        " swapped=merged_as_in('model.pt'))\n"
         "preloaded = main.FundusInferTask(bundle, {'preload': 'true'})\n"
         "preloaded_clicks = main.FundusInteractiveTask(bundle, {'preload': 'true'}, preloaded)\n"
+        "report.update(one_lock=clicks._serving is automatic._serving)\n"
         "report.update(preloaded=list(preloaded._networks) == ['cpu']"
         " and preloaded_clicks._get_network('cpu', {}) is preloaded.network)\n"
         "print(json.dumps(report))\n",
@@ -382,7 +402,8 @@ def test_served_weights_are_held_once_and_reloaded_in_place(setup, tmp_path):
     assert report == {
         "built": 1, "served": 1, "same": True, "model": True,
         "best": True, "best_same": True, "best_alive": 1,
-        "back": True, "back_same": True, "back_alive": 1, "preloaded": True}
+        "back": True, "back_same": True, "back_alive": 1, "same_date": True, "swapped": True,
+        "one_lock": True, "preloaded": True}
 
 
 def test_automatic_model_on_onnxruntime_follows_the_served_model_file(setup, tmp_path):
@@ -440,11 +461,22 @@ def test_bad_backend_settings_stop_the_app_with_one_line(setup, tmp_path):
     assert all("\n" not in message for message in (unknown, int8_on_torch, not_a_flag))
 
 
+def test_a_picture_with_an_exif_orientation_is_refused_in_one_line(setup):
+    server = setup["server"]
+    for model in (BUNDLE_NAME, INTERACTIVE):
+        body, headers = form({"params": "{}"})
+        status, answer, _ = request(f"{server.url}/infer/{model}?image=turned&output=image", "POST", body, headers)
+        assert status == 422, f"{model}: {status}: {answer[:500]!r}"
+        detail = json.loads(answer)["detail"]
+        assert detail.startswith("turned.jpg carries an EXIF orientation") and "Save it upright" in detail, detail
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"foreground": [[WIDTH + 5, 10]]}, f"lies outside the {WIDTH}x{HEIGHT} image"),
         ({"roi": [50, 10, 20, 40]}, "needs x0 <= x1 and y0 <= y1"),
+        ({"roi": [5, 6, 50, 60, 1, 2]}, "a 2D image has slice 0 only"),
         ({"background": [[10, 10, 3]]}, "a point of a 2D image is [x, y]"),
         ({"foreground": "10,10"}, "'foreground' must be a list of [x, y] points"),
     ],
@@ -476,6 +508,13 @@ def test_train_on_labels_saved_through_the_api(setup, tmp_path):
         assert json.loads(answer) == {"image": image_id, "label": image_id}
     saved = Image.open(setup["studies"] / "labels" / "final" / "wide.png")
     assert saved.size == (WIDTH, HEIGHT)
+
+    # The served model as an archive of `tools.export --weights merged` holds it: training unmerges the adapters.
+    merged = load_trained(model)
+    merged.merge_adapters()
+    torch.save(merged.state_dict(), model)
+    assert any(bool(value) for key, value in torch.load(model, weights_only=True).items() if key.endswith("lora_merged"))
+    before = sha256(model)
 
     settings = {"max_epochs": 1, "num_workers": 0, "batch_size": 1, "accumulation_steps": 1, "val_split": 0.5}
     task = train(server, settings)
