@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,9 @@ class PromptFreeSegmenter(nn.Module):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         network.merge_adapters()
-        self.network = network.eval()
+        self.network = network
         self.image_size = network.settings["image_size"]
+        self.eval()  # the wrapper too: exporters warn about a module left in training mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
@@ -213,7 +214,9 @@ def code_fingerprint(network: nn.Module) -> str:
     own = Path(__file__).parent
     files = sorted(own.glob("*.py")) + sorted(own.glob("*/*.py"))
     for module in network.modules():
-        source = inspect.getsourcefile(type(module))
+        # The class's module's file, not inspect.getsourcefile: MONAI Label unloads the bundle's modules between
+        # requests, and inspect refuses a class whose module is no longer in sys.modules.
+        source = getattr(sys.modules.get(type(module).__module__), "__file__", None)
         if source is not None and Path(source) not in files:
             files.append(Path(source))
     digest = hashlib.sha256()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -95,15 +96,18 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
     torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
     assert (logits - torch_logits(network, images)).abs().max() > 1e-3, "the old export would answer otherwise"
 
-    def record_the_file_as_it_is(_) -> None:  # e.g. an export made for a newer onnxruntime than the installed one
-        record = json.loads(sidecar.read_text())
-        sidecar.write_text(json.dumps({**record, "onnx_sha256": onnx_backend.file_sha256(cache)}))
+    # Each other reason is detected, from the record alone (rebuilding for each would cost an export).
+    rebuilt_file, rebuilt_record = cache.read_bytes(), sidecar.read_bytes()
 
+    def stale_reason() -> str | None:
+        backend = OnnxBackend(cache)
+        return backend._stale_reason(sidecar, backend._settings(retrained))
+
+    assert stale_reason() is None
     for damage, message in (
         # e.g. another process's build of other weights, moved in after this one's record was written
         (lambda: cache.write_bytes(exported.cache_path.read_bytes()), "it is not the file its record"),
-        (lambda: cache.write_bytes(cache.read_bytes()[:1000]), "it is not the file its record"),
-        (lambda: record_the_file_as_it_is(cache.write_bytes(cache.read_bytes()[:1000])), "onnxruntime cannot load it"),
+        (lambda: cache.write_bytes(rebuilt_file[:1000]), "it is not the file its record"),
         (lambda: sidecar.unlink(), "its record model.onnxruntime.onnx.json cannot be read"),
         (lambda: sidecar.write_text("null"), "its record model.onnxruntime.onnx.json is not a record of an export"),
         # a git pull or an upgrade that changes the network's code or the exporter
@@ -111,19 +115,26 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
          "it was built from other code or library versions"),
     ):
         damage()
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
-            backend = OnnxBackend(cache)
-            logits = backend(images, retrained)
-        assert backend.rebuilt and message in caplog.text
-        torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
+        assert message in stale_reason()
+        cache.write_bytes(rebuilt_file)
+        sidecar.write_bytes(rebuilt_record)
+        monkeypatch.undo()
+
+    # A file its record describes that onnxruntime cannot load (e.g. made for a newer onnxruntime) is rebuilt.
+    cache.write_bytes(rebuilt_file[:1000])
+    sidecar.write_text(json.dumps({**json.loads(rebuilt_record), "onnx_sha256": onnx_backend.file_sha256(cache)}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
+        backend = OnnxBackend(cache)
+        logits = backend(images, retrained)
+    assert backend.rebuilt and "onnxruntime cannot load it" in caplog.text
+    torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
 
     # A rebuild refused (or killed) half-way leaves no record: its file never passes for the export it replaced.
     def refused(self, network):
         self.cache_path.write_bytes(b"half of another export")
         raise DeployError("refused")
 
-    monkeypatch.undo()
     monkeypatch.setattr(OnnxBackend, "_build", refused)
     with pytest.raises(DeployError):
         OnnxBackend(cache)(images, network)  # the original weights: the cache of the retrained ones is stale
@@ -142,12 +153,16 @@ def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(n
     # a module class defined outside the bundle's scripts brings its source file in
     extended = copy.deepcopy(network)
     extended.extra = torch.nn.Identity()
-    extra_file = onnx_backend.inspect.getsourcefile(torch.nn.Identity)
+    extra_file = sys.modules[torch.nn.Identity.__module__].__file__
     read = []
     real_read = onnx_backend.Path.read_bytes
     monkeypatch.setattr(onnx_backend.Path, "read_bytes", lambda path: read.append(str(path)) or real_read(path))
     onnx_backend.code_fingerprint(extended)
     assert extra_file in read and any(name.endswith("scripts/network.py") for name in read)
+    # MONAI Label unloads the bundle's modules between requests: the bundle's own files still count
+    read.clear()
+    monkeypatch.delitem(sys.modules, "scripts.network")
+    assert onnx_backend.code_fingerprint(network) == first and any(name.endswith("scripts/network.py") for name in read)
 
 
 def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported, tmp_path):
