@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -49,7 +50,7 @@ class _Frozen(nn.Module):
 
 
 def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, validate: bool = False,
-             **kwargs) -> tuple:
+             accumulation_steps: int = 1, settings: dict | None = None, **kwargs) -> tuple:
     """A small trainer with the bundle's checkpoint; ``validate``: validated after every epoch, the best model saved
     to ``model_best.pt`` as train.json does (the checkpoint's ``validator``)."""
     torch.manual_seed(seed)
@@ -78,7 +79,7 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
         network,
         optimizer,
         scheduler,
-        settings={"lr": 0.1, "max_epochs": max_epochs},
+        settings={"lr": 0.1, "max_epochs": max_epochs, **(settings or {})},
         resume=resume,
         **kwargs,
     )
@@ -90,6 +91,7 @@ def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, 
         optimizer=optimizer,
         loss_function=nn.MSELoss(),
         train_handlers=[*handlers, checkpoint],
+        accumulation_steps=accumulation_steps,
     )
     return trainer, network, optimizer, scheduler, checkpoint
 
@@ -130,6 +132,57 @@ def test_resume_restores_the_trainable_state_optimiser_scheduler_and_position(tm
     assert seen["step"] == 7 and seen["lr"] == pytest.approx(saved["lr_scheduler"]["_last_lr"][0])
     assert seen["epoch"] == 1 and seen["first"] == 8, "goes on with iteration 8, the third of epoch 2"
     assert resumed.state.iteration == 15 and resumed.state.epoch == 3
+
+
+def test_the_learning_rate_goes_on_across_a_resume_as_without_one(tmp_path):
+    """Accumulation 2 over epochs of 5 iterations (updates after iterations 2, 4, 5, 7, 9, 10, ...): a run killed
+    after a checkpoint mid-epoch and resumed uses, iteration by iteration, the learning rates of a run never
+    killed (the pending schedule step is taken once, by the resumed run's first iteration)."""
+    def rates(trainer, optimizer) -> dict[int, float]:
+        used: dict[int, float] = {}
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda engine: used.__setitem__(engine.state.iteration, optimizer.param_groups[0]["lr"]))
+        return used
+
+    whole, _, optimizer, *_ = _trainer(tmp_path / "whole", "false", seed=0, accumulation_steps=2)
+    expected = rates(whole, optimizer)
+    whole.run()
+
+    killed, _, optimizer, *_ = _trainer(tmp_path / "killed", "false", seed=0, accumulation_steps=2, interval=2)
+    first = rates(killed, optimizer)
+
+    def kill(engine):
+        if engine.state.iteration == 9:
+            raise RuntimeError("killed in iteration 9")
+
+    killed.add_event_handler(Events.ITERATION_STARTED, kill)
+    with pytest.raises(RuntimeError, match="killed in iteration 9"):
+        killed.run()
+    assert torch.load(tmp_path / "killed" / "latest_checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 7
+    resumed, _, optimizer, *_ = _trainer(tmp_path / "killed", "true", seed=1, accumulation_steps=2, interval=2)
+    second = rates(resumed, optimizer)
+    resumed.run()
+    assert len(set(expected.values())) == 3, "the schedule (3 steps a cycle) moves over the run"
+    assert {**{i: lr for i, lr in first.items() if i <= 7}, **second} == pytest.approx(expected)
+
+
+def test_a_checkpoint_of_0_3_11_resumes_its_learning_rate_schedule_with_a_warning(tmp_path, caplog):
+    """0.3.11 named the schedule's period lr_restart_iterations (it counted micro-batches)."""
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1, settings={"lr_restart_steps": 3})
+    trainer.run()
+    path = tmp_path / "latest_checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["settings"]["lr_restart_iterations"] = saved["settings"].pop("lr_restart_steps")
+    torch.save(saved, path)
+    resumed, *_ = _trainer(tmp_path, "true", seed=1, max_epochs=2, settings={"lr_restart_steps": 3})
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    assert "written by bundle 0.3.11 or earlier: its learning-rate schedule counted micro-batches" in caplog.text
+    assert resumed.state.epoch == 2
+    saved["settings"]["lr_restart_iterations"] = 4  # another period is another run
+    torch.save(saved, path)
+    with pytest.raises(ResumeError, match="lr_restart_steps: checkpoint 4, now 3"):
+        _trainer(tmp_path, "true", seed=1, max_epochs=2, settings={"lr_restart_steps": 3})
 
 
 def test_a_checkpoint_without_buffers_resumes_with_a_warning(tmp_path, caplog):
@@ -243,15 +296,62 @@ def test_a_best_model_saved_after_the_checkpoint_is_kept_aside_on_resume(tmp_pat
     newer = best.read_bytes()
     assert torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 5
 
+    recorded = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["best_model_files"][0]
+    assert recorded["sha256"] != hashlib.sha256(newer).hexdigest(), "the checkpoint describes epoch 1's best model"
+
     resumed, *_, checkpoint = _trainer(tmp_path, "true", seed=1, validate=True)
     with caplog.at_level(logging.WARNING):
         resumed.run()
-    aside = tmp_path / "model_best.unrecorded.pt"
+    (aside,) = tmp_path.glob("model_best.unrecorded-*.pt")
     assert f"{best} was saved after the checkpoint" in caplog.text and f"kept as {aside}" in caplog.text
     assert aside.read_bytes() == newer
     assert checkpoint.validator.state.best_metric_epoch >= 2 and best.is_file(), "a new best model of its own"
+    recorded = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["best_model_files"][0]
+    assert recorded == {"size_mtime": [best.stat().st_size, best.stat().st_mtime_ns],
+                        "sha256": hashlib.sha256(best.read_bytes()).hexdigest()}
+
+
+def test_a_best_model_copied_without_its_time_is_still_the_recorded_one(tmp_path, caplog):
+    trainer, *_, checkpoint = _trainer(tmp_path, "false", seed=0, max_epochs=2, validate=True)
+    trainer.run()
+    best = tmp_path / "model_best.pt"
+    content, written = best.read_bytes(), best.stat().st_mtime_ns
+    best.unlink()
+    best.write_bytes(content)  # as cp -r or scp leave it: the same bytes, a new modification time
+    assert best.stat().st_mtime_ns != written
+    recorded = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["validator"]
+
+    resumed, *_, checkpoint = _trainer(tmp_path, "true", seed=1, max_epochs=3, validate=True)
+    restored = {}
+    resumed.add_event_handler(Events.STARTED, lambda _: restored.update(
+        best_metric=checkpoint.validator.state.best_metric, best_metric_epoch=checkpoint.validator.state.best_metric_epoch))
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    assert "was saved after the checkpoint" not in caplog.text and not list(tmp_path.glob("*.unrecorded-*"))
+    assert restored == recorded and restored["best_metric_epoch"] >= 1, "the recorded best score goes on"
+
+
+def test_a_best_model_saved_before_any_checkpoint_recorded_one_is_kept_aside(tmp_path, caplog):
+    """An interval checkpoint in epoch 1, then epoch 1's validation saves the first model_best.pt, then a kill."""
+    trainer, *_, checkpoint = _trainer(tmp_path, "false", seed=0, validate=True, interval=2)
+    best = tmp_path / "model_best.pt"
+
+    def kill_after_the_first_best(_):
+        if trainer.state.epoch == 1:
+            raise RuntimeError("killed after the validation of epoch 1")
+
+    checkpoint.validator.add_event_handler(Events.COMPLETED, kill_after_the_first_best)
+    with pytest.raises(RuntimeError, match="killed after the validation of epoch 1"):
+        trainer.run()
     saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)
-    assert saved["best_model_files"] == [[best.stat().st_size, best.stat().st_mtime_ns]]
+    assert saved["trainer"]["iteration"] == 4 and saved["best_model_files"] == [None] and best.is_file()
+    first = best.read_bytes()
+
+    resumed, *_ = _trainer(tmp_path, "true", seed=1, validate=True, interval=2)
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    (aside,) = tmp_path.glob("model_best.unrecorded-*.pt")
+    assert aside.read_bytes() == first and f"kept as {aside}" in caplog.text
 
 
 WRITER = textwrap.dedent(

@@ -9,7 +9,7 @@ The checkpoint (``latest_checkpoint.pt`` in the checkpoint folder) holds:
 - the optimiser, the learning-rate scheduler, the AMP gradient scaler;
 - the trainer's position (epoch, iteration, epoch length) and the best validation metric so far, so that
   ``model_best.pt`` is only replaced by a better model after a resume, and the identity of that ``model_best.pt``
-  (size and modification time): one written after the checkpoint, by a validation whose checkpoint a kill
+  (size, modification time, SHA-256): one written after the checkpoint, by a validation whose checkpoint a kill
   prevented, has no recorded score, so a resume keeps it aside and saves a new best model;
 - the run's settings, so that a resume with different hyper-parameters or data is refused instead of silently
   mixing two experiments; and any extra state registered by other components (the MLflow run id).
@@ -189,6 +189,7 @@ class TrainingCheckpoint:
         self.extra_state: dict[str, Callable[[], Mapping[str, Any]]] = {}
         self.resumed: dict[str, Any] | None = None
         self._fingerprint = frozen_fingerprint(network)
+        self._hashed: dict[Path, tuple[list[int], str]] = {}
         self._last_saved_iteration = -1
         self._start_iteration = 0
 
@@ -238,20 +239,33 @@ class TrainingCheckpoint:
             }
         content["best_model_savers"] = [saver.state_dict() for saver in self.best_model_savers]
         content["best_model_files"] = [
-            _file_identity(path) for path in self._best_model_paths([saver.state_dict() for saver in self.best_model_savers])
+            self._identity(path) for path in self._best_model_paths([saver.state_dict() for saver in self.best_model_savers])
         ]
         return content
 
     def _best_model_paths(self, recorded: Sequence[Mapping[str, Any]]) -> list[Path | None]:
-        """The best model file of each saver, as its record (ignite's ``{"_saved": [(priority, filename), ...]}``)
-        names it; None where it saved none."""
+        """The best model file of each saver: its fixed name (``model_best.pt``), or the newest its record (ignite's
+        ``{"_saved": [(priority, filename), ...]}``) names; None where it has neither."""
         paths: list[Path | None] = []
         for saver, state in zip(self.best_model_savers, recorded):
             saved = state.get("_saved") or []
             handler = saver.save_handler
             name = getattr(handler, "filename", None) or (saved[-1][1] if saved else None)
-            paths.append(Path(handler.dirname) / name if saved and name else None)
+            paths.append(Path(handler.dirname) / name if name else None)
         return paths
+
+    def _identity(self, path: Path | None) -> dict[str, Any] | None:
+        """Size, modification time (ns) and SHA-256 of a best model file; None where there is none. The hash is
+        computed once per new file (a best model is written far less often than the checkpoint)."""
+        if path is None or not path.is_file():
+            return None
+        status = path.stat()
+        stamp = [status.st_size, status.st_mtime_ns]
+        known = self._hashed.get(path)
+        if known is None or known[0] != stamp:
+            known = (stamp, _sha256(path))
+            self._hashed[path] = known
+        return {"size_mtime": stamp, "sha256": known[1]}
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint for ``engine``'s current iteration (once per iteration), atomically."""
@@ -293,7 +307,14 @@ class TrainingCheckpoint:
     def _check_compatible(self, content: Any) -> None:
         if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
             raise ResumeError(f"Cannot resume: {self.path} is not a training checkpoint of format {CHECKPOINT_FORMAT}.")
-        saved = content.get("settings", {})
+        saved = dict(content.get("settings", {}))
+        if "lr_restart_iterations" in saved and "lr_restart_steps" not in saved:
+            # 0.3.11 and earlier: the same setting, whose schedule counted micro-batches instead of optimiser steps
+            saved["lr_restart_steps"] = saved.pop("lr_restart_iterations")
+            logger.warning(
+                f"Resuming from {self.path}, written by bundle 0.3.11 or earlier: its learning-rate schedule counted "
+                "micro-batches, and goes on from the position it reached, now counting optimiser steps."
+            )
         differences = [
             f"{key}: checkpoint {saved.get(key)!r}, now {self.settings.get(key)!r}"
             for key in sorted(set(saved) | set(self.settings))
@@ -313,10 +334,18 @@ class TrainingCheckpoint:
     def _best_model_is_whole(self, recorded: Sequence[Mapping[str, Any]], identities: Sequence[Any] | None) -> bool:
         """Whether every best model the interrupted run recorded as saved (``recorded``: its savers' states) is on
         disk, loads, and is the file the checkpoint describes (``identities``; None in checkpoints of 0.3.11 and
-        earlier). A newer file, saved by a validation after the checkpoint, has no recorded score: it is kept aside
-        as ``<name>.unrecorded.pt``."""
+        earlier). Another file there, saved by a validation after the checkpoint, has no recorded score: it is kept
+        aside as ``<name>.unrecorded-<time>.pt``. Only the process that writes the checkpoint looks (the other ranks
+        of a distributed run share its folder)."""
+        if not self.save_enabled:
+            return True
         for index, path in enumerate(self._best_model_paths(recorded)):
             if path is None:
+                continue
+            if not (recorded[index].get("_saved") or []):
+                if identities is not None and path.is_file():  # saved after a checkpoint that recorded no best
+                    self._keep_aside(path)
+                    return False
                 continue
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
@@ -326,15 +355,19 @@ class TrainingCheckpoint:
                     f"({type(error).__name__}); the next validation saves a new best model."
                 )
                 return False
-            if identities is not None and _file_identity(path) != identities[index]:
-                aside = path.with_name(f"{path.stem}.unrecorded{path.suffix}")
-                os.replace(path, aside)
-                logger.warning(
-                    f"Resuming: {path} was saved after the checkpoint (by a validation of the interrupted run whose "
-                    f"score the checkpoint does not hold); kept as {aside}. The next validation saves a new best model."
-                )
+            if identities is not None and not _same_file(self._identity(path), identities[index]):
+                self._keep_aside(path)
                 return False
         return True
+
+    @staticmethod
+    def _keep_aside(path: Path) -> None:
+        aside = path.with_name(f"{path.stem}.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        os.replace(path, aside)
+        logger.warning(
+            f"Resuming: {path} was saved after the checkpoint (by a validation of the interrupted run whose score "
+            f"the checkpoint does not hold); kept as {aside}. The next validation saves a new best model."
+        )
 
     def _apply_resume(self, engine: Engine) -> None:
         if self.resumed is None:
@@ -353,6 +386,8 @@ class TrainingCheckpoint:
                 f"Resuming from {self.path}: it lacks {len(differing)} buffers ({min(differing)}, ...), which keep "
                 "this run's values (batch normalisation's running statistics restart from their initial values)."
             )
+        if hasattr(network, "unmerge_adapters"):  # a network loaded merged: the saved adapters go on its base weights
+            network.unmerge_adapters()
         network.load_state_dict(content["network_trainable"], strict=False)
         self.optimizer.load_state_dict(content["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in content:
@@ -386,13 +421,20 @@ class TrainingCheckpoint:
         )
 
 
-def _file_identity(path: Path | None) -> list[int] | None:
-    """Size and modification time (ns) of ``path``: every save gives a new one, and a copy that keeps times (a
-    checkpoint folder moved to another machine with ``rsync -a``) keeps it. None: no file."""
-    if path is None or not path.is_file():
-        return None
-    status = path.stat()
-    return [status.st_size, status.st_mtime_ns]
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_file(found: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None) -> bool:
+    """Whether a best model file is the one a checkpoint recorded: the same size and time, or, for a copy that did
+    not keep times (``cp -r``, ``scp``), the same content."""
+    if found is None or recorded is None:
+        return found is recorded
+    return found["size_mtime"] == recorded.get("size_mtime") or found["sha256"] == recorded.get("sha256")
 
 
 def _plain(value: Any) -> Any:
