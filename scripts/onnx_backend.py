@@ -16,7 +16,6 @@ feeds windows of exactly that size. Prompts are not part of the exported functio
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.metadata
 import json
@@ -44,6 +43,7 @@ __all__ = [
     "PromptFreeSegmenter",
     "check_onnx",
     "code_fingerprint",
+    "cpu_network",
     "export_checked_onnx",
     "export_description",
     "export_onnx",
@@ -184,7 +184,11 @@ def export_checked_onnx(
     except DeployError as error:  # named after the destination, not a temporary file
         cause = error.__cause__
         raise DeployError(f"ONNX export to {destination} failed ({type(cause).__name__}: {cause}).") from cause
-    difference = check_onnx(path, model, model.example(batch=1) if images is None else images)
+    try:
+        difference = check_onnx(path, model, model.example(batch=1) if images is None else images)
+    except DeployError as error:
+        cause = error.__cause__
+        raise DeployError(f"onnxruntime cannot run the export for {destination} ({type(cause).__name__}: {cause}).") from cause
     if not difference <= EXPORT_TOLERANCE:
         raise DeployError(
             f"The float32 export for {destination} disagrees with PyTorch: largest logit difference "
@@ -231,6 +235,23 @@ def code_fingerprint(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def cpu_network(network: nn.Module) -> nn.Module:
+    """``network`` if it is on the CPU, else a CPU copy of it, built from its settings record and its weights moved
+    tensor by tensor (a deep copy would first double its memory on the GPU). The export traces the CPU copy:
+    onnxruntime runs on the CPU, and a trace on CUDA may pick CUDA-only kernels."""
+    return network if next(network.parameters()).device.type == "cpu" else rebuilt_on_cpu(network)
+
+
+def rebuilt_on_cpu(network: nn.Module) -> nn.Module:
+    """A copy of the bundle's ``network`` on the CPU, built from its settings, with its weights (and merged state)."""
+    from scripts.network import build_network, network_arguments
+
+    copy_on_cpu = build_network(weights_follow=True, **network_arguments(dict(network.settings)))
+    copy_on_cpu.load_state_dict({key: value.cpu() if isinstance(value, torch.Tensor) else value
+                                 for key, value in network.state_dict().items()})
+    return copy_on_cpu.eval()
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, read in blocks (an export of Hiera-large is about 1 GB)."""
     digest = hashlib.sha256()
@@ -255,10 +276,13 @@ def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torc
     return float(np.abs(onnx_logits - torch_logits).max())
 
 
-def _session(path: Path) -> Any:
+def _session(model: Path | bytes) -> Any:
+    """An onnxruntime CPU session of an ONNX file, or of its bytes."""
     import onnxruntime
 
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+    )
 
 
 class OnnxBackend:
@@ -312,10 +336,12 @@ class OnnxBackend:
         network.merge_adapters()
         wanted = self._settings(network)
         sidecar = self.cache_path.with_name(self.cache_path.name + ".json")
-        reason = self._stale_reason(sidecar, wanted)
+        # Read once: the bytes hashed are the bytes loaded, whatever another process moves into place meanwhile.
+        cached = self.cache_path.read_bytes() if self.cache_path.is_file() else None
+        reason = self._stale_reason(sidecar, wanted, cached)
         if reason is None:
             try:
-                session = _session(self.cache_path)
+                session = _session(cached)
                 logger.info("onnxruntime: using the cached export %s.", self.cache_path)
                 return session
             except Exception as error:  # onnxruntime raises its own exception types per failure
@@ -328,8 +354,9 @@ class OnnxBackend:
         write_json_atomic(sidecar, {**wanted, "onnx_sha256": onnx_sha256})
         return session
 
-    def _stale_reason(self, sidecar: Path, wanted: dict[str, Any]) -> str | None:
-        if not self.cache_path.is_file():
+    def _stale_reason(self, sidecar: Path, wanted: dict[str, Any], cached: bytes | None) -> str | None:
+        """Why the cached export (its bytes, ``cached``; None: no file) cannot serve ``wanted``; None if it can."""
+        if cached is None:
             return "no export yet"
         try:
             recorded = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -342,7 +369,7 @@ class OnnxBackend:
             names = {"weights_sha256": "other weights", "code_sha256": "other code or library versions"}
             return f"it was built from {', '.join(names.get(key, f'another {key}') for key in changed)}"
         # Another process's build, or a copy over the file, may have replaced it after its record was written.
-        if recorded.get("onnx_sha256") != file_sha256(self.cache_path):
+        if recorded.get("onnx_sha256") != hashlib.sha256(cached).hexdigest():
             return f"it is not the file its record {sidecar.name} describes"
         return None
 
@@ -353,9 +380,7 @@ class OnnxBackend:
         Returns:
             The onnxruntime session and the SHA-256 of the file it was loaded from.
         """
-        on_cpu = next(network.parameters()).device.type == "cpu"
-        # The export traces a CPU copy: onnxruntime runs on the CPU, and a trace on CUDA may pick CUDA-only kernels.
-        model = PromptFreeSegmenter(network if on_cpu else copy.deepcopy(network).to("cpu"))
+        model = PromptFreeSegmenter(cpu_network(network))
         with atomic_path(self.cache_path) as partial:
             if not self.int8:
                 export_checked_onnx(model, partial, self.cache_path)

@@ -101,7 +101,7 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
 
     def stale_reason() -> str | None:
         backend = OnnxBackend(cache)
-        return backend._stale_reason(sidecar, backend._settings(retrained))
+        return backend._stale_reason(sidecar, backend._settings(retrained), cache.read_bytes())
 
     assert stale_reason() is None
     for damage, message in (
@@ -141,7 +141,7 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
     assert not sidecar.exists()
 
 
-def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(network, monkeypatch):
+def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(network, tmp_path, monkeypatch):
     first = onnx_backend.code_fingerprint(network)
     assert onnx_backend.code_fingerprint(copy.deepcopy(network)) == first
     version = onnx_backend.importlib.metadata.version
@@ -150,19 +150,23 @@ def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(n
     )
     assert onnx_backend.code_fingerprint(network) != first
     monkeypatch.undo()
-    # a module class defined outside the bundle's scripts brings its source file in
+
+    # A module of a class defined in a file the network did not use before: that file's code counts.
+    source = tmp_path / "extra_layers.py"
+    source.write_text("import torch\n\nclass Doubling(torch.nn.Module):\n    def forward(self, x):\n        return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import extra_layers
+
     extended = copy.deepcopy(network)
-    extended.extra = torch.nn.Identity()
-    extra_file = sys.modules[torch.nn.Identity.__module__].__file__
-    read = []
-    real_read = onnx_backend.Path.read_bytes
-    monkeypatch.setattr(onnx_backend.Path, "read_bytes", lambda path: read.append(str(path)) or real_read(path))
-    onnx_backend.code_fingerprint(extended)
-    assert extra_file in read and any(name.endswith("scripts/network.py") for name in read)
-    # MONAI Label unloads the bundle's modules between requests: the bundle's own files still count
-    read.clear()
+    extended.extra = extra_layers.Doubling()
+    with_extra = onnx_backend.code_fingerprint(extended)
+    assert with_extra != first
+    source.write_text(source.read_text().replace("2 * x", "3 * x"))
+    assert onnx_backend.code_fingerprint(extended) != with_extra, "the file's code changed"
+
+    # MONAI Label unloads the bundle's modules between requests: the bundle's own files still count.
     monkeypatch.delitem(sys.modules, "scripts.network")
-    assert onnx_backend.code_fingerprint(network) == first and any(name.endswith("scripts/network.py") for name in read)
+    assert onnx_backend.code_fingerprint(network) == first
 
 
 def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported, tmp_path):
@@ -296,6 +300,16 @@ def test_bundle_evaluation_measures_the_onnxruntime_backend(tmp_path):
                         output_dir=tmp_path / "prompted", backend="onnxruntime", prompt_modes=["none", "box"], **FAST)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "Prompts need backend 'torch'" in log and "Traceback" not in log, log[-2000:]
+
+
+def test_the_cpu_copy_of_a_network_computes_what_it_computes(network, images):
+    """What a network on a GPU is exported from (the GPU case itself runs where there is one, below)."""
+    network.merge_adapters()
+    copy_on_cpu = onnx_backend.rebuilt_on_cpu(network)
+    assert copy_on_cpu is not network and all(layer.merged for _, layer in lora_modules(copy_on_cpu))
+    with torch.no_grad():
+        torch.testing.assert_close(copy_on_cpu(images.as_tensor()), network(images.as_tensor()), atol=1e-5, rtol=0)
+    assert onnx_backend.cpu_network(network) is network
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
