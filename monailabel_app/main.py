@@ -338,11 +338,12 @@ class FundusInteractiveTask(FundusInferTask):
 
 
 def exif_turned(path: str) -> bool:
-    """Whether the picture at ``path`` carries an EXIF orientation other than upright (False where PIL cannot open it:
-    the bundle's reader then names the problem)."""
+    """Whether the picture at ``path`` carries an EXIF orientation that turns it (2 to 8, those PIL's
+    ``exif_transpose`` applies, as the bundle's reader does); False where PIL cannot open it (the bundle's reader then
+    names the problem)."""
     try:
         with Image.open(path) as picture:
-            return picture.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
+            return picture.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
     except Exception:  # PIL raises many kinds for files it cannot open
         return False
 

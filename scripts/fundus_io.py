@@ -90,7 +90,7 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
         with Image.open(io.BytesIO(raw)) as opened:
             opened.load()
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
-            if orientation not in (1, None) and str(path) not in _TURNED:
+            if orientation in range(2, 9) and str(path) not in _TURNED:  # those exif_transpose applies
                 _TURNED.add(str(path))
                 logger.warning(
                     "%s is turned upright as its EXIF orientation (%s) says, as a viewer shows it: its masks, prompts "

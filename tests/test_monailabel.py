@@ -554,6 +554,15 @@ def test_train_on_labels_saved_through_the_api(setup, tmp_path):
     assert "Restored all variables from" not in details
     assert sha256(model) == trained
 
+    # A labelled picture with an EXIF orientation: the bundle would read it turned, its label as stored.
+    body, headers = multipart("label", setup["corrected"] / "wide.png")
+    status, answer, _ = request(f"{server.url}/datastore/label?image=turned&tag=final", "PUT", body, headers)
+    assert status == 200, answer[:500]
+    task = train(server, settings)
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "ERROR" and "turned.jpg carries an EXIF orientation" in details, details[-3000:]
+    assert sha256(model) == trained
+
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
