@@ -1,4 +1,5 @@
-"""Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact.
+"""Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact;
+and recognising a written file later by its content (:func:`file_sha256`).
 
 Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
 and models. A write that fails (a full disk, a folder that cannot be written) raises :class:`OutputError` naming
@@ -7,6 +8,7 @@ the file and its folder, and leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,7 +21,7 @@ import torch
 
 from scripts.errors import FundusError
 
-__all__ = ["OutputError", "atomic_path", "save_torch_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OutputError", "atomic_path", "file_sha256", "save_torch_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 class OutputError(FundusError, OSError):
@@ -95,3 +97,19 @@ def save_torch_atomic(content: Any, path: str | os.PathLike) -> None:
         torch.save(content, handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks (a Hiera-large checkpoint or ONNX export is about 1 GB).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The digest as 64 hexadecimal digits.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

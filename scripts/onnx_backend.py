@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.atomic import OutputError, atomic_path, write_json_atomic
+from scripts.atomic import OutputError, atomic_path, file_sha256, write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError, FundusError
 from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -250,15 +250,6 @@ def rebuilt_on_cpu(network: nn.Module) -> nn.Module:
     copy_on_cpu.load_state_dict({key: value.cpu() if isinstance(value, torch.Tensor) else value
                                  for key, value in network.state_dict().items()})
     return copy_on_cpu.eval()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks (an export of Hiera-large is about 1 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 
-from scripts.atomic import atomic_path, write_json_atomic, write_text_atomic
+from scripts.atomic import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
@@ -22,3 +24,12 @@ def test_temporary_names_keep_the_suffixes(tmp_path):
         assert temporary.name.endswith(".nii.gz") and temporary.parent == tmp_path / "sub"
     write_text_atomic(tmp_path / "a.csv", "x\r\ny\n")
     assert (tmp_path / "a.csv").read_bytes() == b"x\r\ny\n"
+
+
+def test_file_sha256_reads_past_its_first_block(tmp_path):
+    # 16 MiB blocks: a file one block and a bit long checks that the blocks join in order.
+    content = os.urandom(1 << 24) + b"tail"
+    (tmp_path / "model.pt").write_bytes(content)
+    assert file_sha256(tmp_path / "model.pt") == hashlib.sha256(content).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()

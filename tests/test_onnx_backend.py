@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from scripts import onnx_backend
+from scripts.atomic import file_sha256
 from scripts.errors import ConfigError
 from scripts.inferers import FundusInferer
 from scripts.lora import lora_modules
@@ -122,7 +123,7 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
 
     # A file its record describes that onnxruntime cannot load (e.g. made for a newer onnxruntime) is rebuilt.
     cache.write_bytes(rebuilt_file[:1000])
-    sidecar.write_text(json.dumps({**json.loads(rebuilt_record), "onnx_sha256": onnx_backend.file_sha256(cache)}))
+    sidecar.write_text(json.dumps({**json.loads(rebuilt_record), "onnx_sha256": file_sha256(cache)}))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
         backend = OnnxBackend(cache)

@@ -23,7 +23,6 @@ the archive's ``configs/inference.json`` reads them from the weights it ships, a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ import yaml
 
 import scripts
 from scripts.adapters import AdaptedNetwork, ModelFileError, tensor_state
-from scripts.atomic import atomic_path
+from scripts.atomic import atomic_path, file_sha256
 from scripts.errors import FundusError, command_line
 from scripts.network import build_network, load_trained, network_arguments
 from scripts.sam2_models import CheckpointError
@@ -87,14 +86,6 @@ class ExportResult:
     weights: str
     reason: str
     settings: dict[str, Any]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_version(bundle_dir: Path) -> str:
@@ -220,7 +211,7 @@ def _large_files(source: Path, model_size: str, base: Path | None, mode: str) ->
     if not entries:
         raise ExportError(f"{source} names no base checkpoint {name}.")
     # The adapters are only valid on exactly this base: download_large_files refuses any other file.
-    return {"large_files": [{**entries[0], "hash_val": _sha256(base), "hash_type": "sha256"}]}
+    return {"large_files": [{**entries[0], "hash_val": file_sha256(base), "hash_type": "sha256"}]}
 
 
 def _weights_doc(mode: str, reason: str, settings: Mapping[str, Any], version: str, ckpt_sha: str) -> str:
@@ -342,7 +333,7 @@ def export_bundle(
         large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
         (root / "large_files.yml").write_text(yaml.safe_dump(large_files, sort_keys=False), encoding="utf-8")
         (root / "docs" / "weights.md").write_text(
-            _weights_doc(mode, reason, settings, version, _sha256(ckpt)), encoding="utf-8"
+            _weights_doc(mode, reason, settings, version, file_sha256(ckpt)), encoding="utf-8"
         )
         _zip_folder(root, archive)
     logger.info("Wrote %s (%s weights, %.1f MB).", archive, mode, archive.stat().st_size / 1e6)

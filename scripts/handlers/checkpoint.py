@@ -47,7 +47,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
-from scripts.atomic import save_torch_atomic
+from scripts.atomic import file_sha256, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, first_line, is_real_number
 
@@ -263,7 +263,7 @@ class TrainingCheckpoint:
         stamp = [status.st_size, status.st_mtime_ns]
         known = self._hashed.get(path)
         if known is None or known[0] != stamp:
-            known = (stamp, _sha256(path))
+            known = (stamp, file_sha256(path))
             self._hashed[path] = known
         return {"size_mtime": stamp, "sha256": known[1]}
 
@@ -419,14 +419,6 @@ class TrainingCheckpoint:
             f"Resumed from {self.path}: epoch {engine.state.epoch + 1} goes on after iteration {engine.state.iteration} "
             f"of {engine.state.max_epochs * engine.state.epoch_length}."
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _same_file(found: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None) -> bool:
