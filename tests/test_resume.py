@@ -19,6 +19,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from torch import nn
 
+from scripts.adapters import AdaptedNetwork
 from scripts.atomic import save_torch_atomic
 from scripts.handlers import (
     AtomicCheckpointSaver,
@@ -28,6 +29,7 @@ from scripts.handlers import (
     read_training_log,
 )
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
+from scripts.lora import LoRALinear
 from scripts.synthetic import write_dataset
 from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
 from tests.preloaded import preloaded_python
@@ -49,15 +51,27 @@ class _Frozen(nn.Module):
         return self.adapter(self.norm(torch.relu(self.base(x))))
 
 
+class _Adapted(AdaptedNetwork, _Frozen):
+    """:class:`_Frozen` whose frozen layer carries a LoRA adapter, with the bundle's merge and unmerge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = {}
+        self.base = LoRALinear.from_linear(self.base, rank=2, alpha=4)
+        with torch.no_grad():
+            self.base.lora_B.normal_()  # an adapter that changes the function, so that merging shows
+
+
 def _trainer(checkpoint_dir: Path, resume: str, seed: int, max_epochs: int = 3, validate: bool = False,
-             accumulation_steps: int = 1, settings: dict | None = None, **kwargs) -> tuple:
+             accumulation_steps: int = 1, settings: dict | None = None, network_class: type = _Frozen,
+             **kwargs) -> tuple:
     """A small trainer with the bundle's checkpoint; ``validate``: validated after every epoch, the best model saved
     to ``model_best.pt`` as train.json does (the checkpoint's ``validator``)."""
     torch.manual_seed(seed)
-    network = _Frozen()
+    network = network_class()
     if seed != 0:  # the same frozen base as the first run, as a rebuilt SAM 2 base would be
         torch.manual_seed(0)
-        network.base.load_state_dict(_Frozen().base.state_dict())
+        network.base.load_state_dict(network_class().base.state_dict())
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(5)]
@@ -164,6 +178,30 @@ def test_the_learning_rate_goes_on_across_a_resume_as_without_one(tmp_path):
     resumed.run()
     assert len(set(expected.values())) == 3, "the schedule (3 steps a cycle) moves over the run"
     assert {**{i: lr for i, lr in first.items() if i <= 7}, **second} == pytest.approx(expected)
+
+
+def test_a_network_loaded_with_its_adapters_merged_resumes_onto_its_base_weights(tmp_path):
+    trainer, network, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1, network_class=_Adapted)
+    base_weight = network.base.weight.detach().clone()
+    trainer.run()
+    saved = torch.load(tmp_path / "latest_checkpoint.pt", weights_only=True)["network_trainable"]
+    assert {"base.lora_A", "base.lora_B", "base.lora_merged"} <= set(saved)
+
+    resumed, network2, *_ = _trainer(tmp_path, "true", seed=123, max_epochs=2, network_class=_Adapted)
+    with torch.no_grad():  # a model file saved merged (tools.export --weights merged), loaded to go on training
+        network2.base.lora_B.normal_()
+    network2.merge_adapters()
+    seen = {}
+
+    def capture(engine):
+        seen["weight"] = network2.base.weight.detach().clone()
+        seen["lora_B"] = network2.base.lora_B.detach().clone()
+        seen["merged"] = network2.base.merged
+
+    resumed.add_event_handler(Events.STARTED, capture)
+    resumed.run()
+    assert torch.allclose(seen["weight"], base_weight, atol=1e-6), "the merged adapter is taken off the base first"
+    assert torch.equal(seen["lora_B"], saved["base.lora_B"]) and not seen["merged"]
 
 
 def test_a_checkpoint_of_0_3_11_resumes_its_learning_rate_schedule_with_a_warning(tmp_path, caplog):
@@ -357,7 +395,8 @@ def test_a_best_model_saved_before_any_checkpoint_recorded_one_is_kept_aside(tmp
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from scripts.atomic import save_torch_atomic
+    from scripts.adapters import AdaptedNetwork
+from scripts.atomic import save_torch_atomic
     big = torch.zeros(4 * 1024 * 1024)
     step = 0
     while True:
