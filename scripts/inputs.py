@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "ImageFolder",
     "InputError",
     "check_settings",
+    "each_process_gets_one",
     "load_split",
     "read_datalist",
     "warn_about_overlap",
@@ -243,6 +244,33 @@ def _require_foreground(path: Path, split: str, entries: Sequence[Mapping[str, A
         f"Datalist {path}: every label of '{split}' is empty (no foreground pixel in {len(entries)} entries); masks "
         "must be 0 for background and, for the structure, 1 in a 0/1 mask or 128-255 otherwise."
     )
+
+
+def each_process_gets_one(dataset: Sized, split: str, datalist: str | os.PathLike, processes: int) -> Sized:
+    """Check that a split spread over the processes of a torchrun gives each of them an image.
+
+    A validation split is spread without repeats (each image counted once), so a process would be left without an
+    image and MONAI's ``DistributedSampler`` refuses that deep in the config parser.
+
+    Args:
+        dataset: the split's dataset.
+        split: its name in the datalist, for the message.
+        datalist: the datalist, for the message.
+        processes: the number of processes (``torch.distributed.get_world_size()``).
+
+    Returns:
+        ``dataset``, unchanged.
+
+    Raises:
+        InputError: the split has fewer images than there are processes.
+    """
+    if len(dataset) < processes:
+        raise InputError(
+            f"The '{split}' split of {datalist} holds {len(dataset)} image(s), fewer than the {processes} processes "
+            f"torchrun started: each process validates at least one. Add images to the split, or start no more "
+            f"processes than it has images (--nproc_per_node)."
+        )
+    return dataset
 
 
 def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", second: str = "validation") -> None:

@@ -54,3 +54,21 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert by_dataset["images"] == 2, "the per-dataset chart gathers both processes' images"
     assert abs(by_dataset["dice"]["vessels"] - reported[0]) < 1e-3
     assert float(runs[0].data.metrics["val_fov_dice"]) == validation[-1]["metrics"]["val_fov_dice"]
+
+
+def test_a_validation_split_smaller_than_the_processes_is_one_line(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=5, size=128)["vessels"]  # 1 validation image
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    overrides = {**FAST, "datalist": datalist, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval"}
+    command = bundle_command("training", [TRAIN, QUICKSTART, MULTI_GPU], launcher=torchrun, **overrides)
+    result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = re.findall(r"\[rank[01]\]: error: (.*)", result.stderr)
+    assert len(errors) == 2, fail_message(result)
+    assert errors[0] == (
+        f"The 'validation' split of {datalist} holds 1 image(s), fewer than the 2 processes torchrun started: each "
+        "process validates at least one. Add images to the split, or start no more processes than it has images "
+        "(--nproc_per_node)."
+    )
+    assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if line.startswith("[rank"))
+    assert not (tmp_path / "models" / "model.pt").exists()
