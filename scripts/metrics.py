@@ -37,6 +37,10 @@ the whole-image masks with the FOV (skeletonising the cut masks would invent ske
 Summaries average over images (each image weighs the same) and ignore undefined (NaN) values, reporting how many
 there were: a mean HD95 over the images where it is defined says nothing about images where a structure was missed
 entirely, so read it together with its NaN count.
+
+The field of view is the dataset's mask where the datalist gives one, else estimated from the photograph; each record
+says which (``fov_source``: ``"given"`` or ``"estimated"``), and each summary group counts them: FOV metrics over
+estimated fields of view are not those of the dataset's published protocol.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from scripts.atomic import OutputError, write_text_atomic
 from scripts.masks import binarise, bounding_slices
 
 __all__ = [
+    "FOV_SOURCES",
     "METRICS",
     "REGIONS",
     "ReportWriteError",
@@ -79,8 +84,11 @@ REGIONS = ("fov", "image")
 METRICS = ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy", "precision", "mcc", "hd95", "cldice")
 """Metric names, in report order. ``cldice`` is only computed with ``topology=True``."""
 
-IDENTITY_COLUMNS = ("filename", "dataset")
+IDENTITY_COLUMNS = ("filename", "dataset", "fov_source")
 """Record fields that identify an image rather than measure it; every other ``a/b/c`` field is a metric."""
+
+FOV_SOURCES = ("given", "estimated")
+"""Where an image's field of view came from: the dataset's mask, or :func:`scripts.fundus_io.estimate_fov`."""
 
 UNKNOWN_DATASET = "unknown"
 
@@ -394,25 +402,27 @@ def _describe(values: list[float]) -> dict[str, float | int]:
 
 
 def _summarise_group(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
-    """The image count and per-metric statistics of one group of records."""
+    """The image count, the count of each field-of-view source and per-metric statistics of one group of records."""
     metrics = {}
     for key in keys:
         values = [float(record[key]) for record in records if key in record]
         if values:
             metrics[key] = _describe(values)
-    return {"images": len(records), "metrics": metrics}
+    fov_sources = {source: sum(record.get("fov_source") == source for record in records) for source in FOV_SOURCES}
+    return {"images": len(records), "fov_sources": fov_sources, "metrics": metrics}
 
 
 def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Average per-image records per dataset and over all images.
 
     Args:
-        records: records from :func:`evaluate_case`, each optionally with ``"dataset"`` (missing: ``"unknown"``) and
-            ``"filename"``.
+        records: records from :func:`evaluate_case`, each optionally with ``"dataset"`` (missing: ``"unknown"``),
+            ``"filename"`` and ``"fov_source"`` (one of :data:`FOV_SOURCES`).
 
     Returns:
-        ``{"all": group, "datasets": {name: group}}`` where each group is ``{"images": count, "metrics": {key:
-        {"mean", "std", "n", "nan"}}}``: mean and population standard deviation over the images where the value is
+        ``{"all": group, "datasets": {name: group}}`` where each group is ``{"images": count, "fov_sources":
+        {"given": count, "estimated": count}, "metrics": {key: {"mean", "std", "n", "nan"}}}`` (an image without a
+        field of view counts in neither source): mean and population standard deviation over the images where the value is
         defined (``n`` of them), ``nan`` counting the images where it is not. ``"all"`` pools the images of every
         dataset (each image weighs the same, so larger datasets weigh more). A metric missing from a record (e.g.
         FOV metrics for a dataset without FOV masks) is not counted at all.
@@ -437,7 +447,8 @@ def _format_statistic(statistic: Mapping[str, float | int] | None) -> str:
 def format_summary_table(summary: Mapping[str, Any]) -> str:
     """A fixed-width text table of a summary, for logs: one row per dataset, channel and region, mean±std per metric.
 
-    Undefined values that were left out of a mean are listed below the table.
+    Undefined values that were left out of a mean, and groups with estimated fields of view, are listed below the
+    table.
 
     Args:
         summary: output of :func:`summarise`.
@@ -450,6 +461,7 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
         groups.append(("all", summary["all"]))
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
+    estimates: list[str] = []
     for group_name, group in groups:
         metrics = group["metrics"]
         prefixes = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in metrics))
@@ -460,12 +472,17 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
         for key, statistic in metrics.items():
             if statistic["nan"]:
                 notes.append(f"{group_name} {key}: {statistic['nan']} of {statistic['n'] + statistic['nan']} undefined")
+        estimated = group.get("fov_sources", {}).get("estimated", 0)
+        if estimated:
+            estimates.append(f"{group_name}: {estimated} of {group['images']}")
     header = ("dataset", "channel", "region", "images", *METRICS)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if notes:
         lines.append("undefined values (left out of the means): " + "; ".join(notes))
+    if estimates:
+        lines.append("fields of view estimated from the photograph (no FOV mask in the datalist): " + "; ".join(estimates))
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -75,6 +76,19 @@ def test_run_baseline_on_synthetic_data(synthetic_datalist, tmp_path):
     assert result["summary"]["all"]["metrics"]["vessels/fov/dice"]["mean"] > 0.85
     document = json.loads(result["paths"]["summary_json"].read_text())
     assert document["metadata"]["parameters"]["radius"] == 5
+    assert result["summary"]["all"]["fov_sources"] == {"given": 2, "estimated": 0}
+
+
+def test_a_test_split_without_fov_masks_is_scored_in_estimated_fields_of_view(synthetic_datalist, tmp_path):
+    content = json.loads(synthetic_datalist.read_text())
+    content["test"] = [{key: value for key, value in entry.items() if key != "fov"} for entry in content["test"]]
+    synthetic_datalist.write_text(json.dumps(content))
+    result = run_baseline(synthetic_datalist, tmp_path / "out", radii=(5,), sigmas=(1.0,))
+    assert result["summary"]["all"]["fov_sources"] == {"given": 0, "estimated": 2}
+    with open(result["paths"]["per_image_csv"], newline="") as table:
+        assert [row["fov_source"] for row in csv.DictReader(table)] == ["estimated"] * 2
+    # The estimate finds the synthetic disc of retina: the score is that of the drawn field of view.
+    assert result["summary"]["all"]["metrics"]["vessels/fov/dice"]["mean"] > 0.85
 
 
 def test_refuses_to_evaluate_on_training_split(synthetic_datalist, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import shutil
@@ -132,14 +133,18 @@ def test_inference_writes_masks_at_each_images_size(quickstart_run, tmp_path):
 
 
 def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_path):
+    # The test split without its FOV masks, as for CHASE_DB1 or STARE: the field of view is estimated, and said so.
+    generated = json.loads((quickstart_run["data"] / "datalist.json").read_text())
+    datalist = quickstart_run["data"] / "datalist_without_fov.json"
+    datalist.write_text(json.dumps({**generated, "test": [
+        {key: value for key, value in entry.items() if key != "fov"} for entry in generated["test"]
+    ]}))
     output = tmp_path / "metrics"
     result = run_bundle(
         "evaluating",
         [TRAIN, EVALUATE, QUICKSTART],
         cwd=tmp_path,
-        dataset_dir=quickstart_run["data"],
-        synthetic_images=6,
-        synthetic_image_size=128,
+        datalist=datalist,
         ckpt_path=quickstart_run["models"] / "model.pt",
         output_dir=output,
         **FAST,
@@ -150,9 +155,14 @@ def test_evaluation_writes_per_image_and_summary_metrics(quickstart_run, tmp_pat
     for region in ("fov", "image"):
         for metric in ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy", "mcc", "hd95", "cldice"):
             assert f"vessels/{region}/{metric}" in overall, (region, metric)
-    rows = (output / "metrics_per_image.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 1, "one test image in a 6-image synthetic dataset"
-    assert "vessels" in result.stdout + result.stderr, "the summary table is logged"
+    with open(output / "metrics_per_image.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert len(rows) == 1, "one test image in a 6-image synthetic dataset"
+    assert rows[0]["fov_source"] == "estimated"
+    assert summary["summary"]["all"]["fov_sources"] == {"given": 0, "estimated": 1}
+    log = result.stdout + result.stderr
+    assert "vessels" in log, "the summary table is logged"
+    assert "fields of view estimated from the photograph (no FOV mask in the datalist): synthetic: 1 of 1" in log
 
 
 def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
@@ -265,6 +275,9 @@ def test_drive_evaluation_inside_the_fov(drive_run, tmp_path):
     assert len(prepared["test"]) == 20 and len(rows) == 1 + 4, "the datalist's test images are evaluated"
     summary = json.loads((output / "metrics_summary.json").read_text())
     assert "DRIVE" in json.dumps(summary)
+    assert summary["summary"]["datasets"]["DRIVE"]["fov_sources"] == {"given": 4, "estimated": 0}, "DRIVE's masks"
+    with open(output / "metrics_per_image.csv", newline="") as table:
+        assert [row["fov_source"] for row in csv.DictReader(table)] == ["given"] * 4
 
 
 def test_verify_metadata_against_the_model_zoo_schema(tmp_path):

@@ -286,9 +286,11 @@ def test_invalid_inputs_are_reported(prob, label, fov, names, message):
 
 def _records() -> list[dict]:
     return [
-        {"filename": "a.png", "dataset": "DRIVE", "vessels/fov/dice": 0.8, "vessels/fov/hd95": 2.0},
-        {"filename": "b.png", "dataset": "DRIVE", "vessels/fov/dice": 0.6, "vessels/fov/hd95": math.nan},
-        {"filename": "c.png", "dataset": "STARE", "vessels/fov/dice": 0.7, "vessels/fov/hd95": 4.0},
+        {"filename": "a.png", "dataset": "DRIVE", "fov_source": "given", "vessels/fov/dice": 0.8, "vessels/fov/hd95": 2.0},
+        {"filename": "b.png", "dataset": "DRIVE", "fov_source": "given", "vessels/fov/dice": 0.6,
+         "vessels/fov/hd95": math.nan},
+        {"filename": "c.png", "dataset": "STARE", "fov_source": "estimated", "vessels/fov/dice": 0.7,
+         "vessels/fov/hd95": 4.0},
         {"filename": "d.png", "vessels/image/dice": 0.5},
     ]
 
@@ -307,6 +309,9 @@ def test_summarise_groups_by_dataset_and_counts_nan():
     assert overall["vessels/fov/hd95"]["n"] == 2 and overall["vessels/fov/hd95"]["nan"] == 1
     # A metric missing from a record is neither a value nor a NaN.
     assert overall["vessels/image/dice"] == {"mean": 0.5, "std": 0.0, "n": 1, "nan": 0}
+    # d.png has no field of view: it counts in neither source.
+    assert drive["fov_sources"] == {"given": 2, "estimated": 0}
+    assert summary["all"]["fov_sources"] == {"given": 2, "estimated": 1}
 
 
 def test_format_summary_table_lists_groups_and_undefined_values():
@@ -316,6 +321,7 @@ def test_format_summary_table_lists_groups_and_undefined_values():
     assert any(line.startswith("DRIVE") and "0.7000±0.1000" in line for line in lines)
     assert any(line.startswith("all") for line in lines)
     assert "DRIVE vessels/fov/hd95: 1 of 2 undefined" in table
+    assert lines[-1] == "fields of view estimated from the photograph (no FOV mask in the datalist): STARE: 1 of 1; all: 1 of 4"
 
 
 def test_write_reports(tmp_path):
@@ -327,6 +333,7 @@ def test_write_reports(tmp_path):
     assert [row["filename"] for row in rows] == ["a.png", "b.png", "c.png", "d.png"]
     assert rows[1]["dataset"] == "DRIVE" and rows[1]["vessels/fov/hd95"] == "nan"
     assert rows[3]["dataset"] == "" and rows[3]["vessels/fov/dice"] == ""
+    assert [row["fov_source"] for row in rows] == ["given", "given", "estimated", ""]
     assert float(rows[0]["vessels/fov/dice"]) == 0.8
     document = json.loads(paths["summary_json"].read_text())
     assert document["metadata"] == {"threshold": 0.5}

@@ -45,7 +45,7 @@ from skimage.morphology import black_tophat, disk
 from scripts.errors import ConfigError, command_line
 from scripts.fundus_io import estimate_fov, read_image, read_label_mask
 from scripts.inputs import InputError, load_split
-from scripts.metrics import evaluate_case, format_summary_table, summarise, write_reports
+from scripts.metrics import FOV_SOURCES, evaluate_case, format_summary_table, summarise, write_reports
 
 __all__ = [
     "DEFAULT_RADII",
@@ -89,6 +89,7 @@ class VesselCase:
         image: ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
         label: ``(H, W)`` bool vessel mask.
         fov: ``(H, W)`` bool field of view.
+        fov_source: ``"given"`` (the datalist's mask) or ``"estimated"`` (from the photograph).
     """
 
     filename: str
@@ -96,6 +97,7 @@ class VesselCase:
     image: np.ndarray
     label: np.ndarray
     fov: np.ndarray
+    fov_source: str
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
             )
         if not fov.any():
             raise InputError(f"{entry['image']}: the field-of-view mask is empty")
-        yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov)
+        source = FOV_SOURCES[0] if entry.get("fov") else FOV_SOURCES[1]
+        yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov, source)
 
 
 def _fov_scale(fov: np.ndarray) -> float:
@@ -285,14 +288,14 @@ def evaluate_cases(cases: Iterable[VesselCase], parameters: TopHatParameters) ->
         parameters: fitted parameters.
 
     Returns:
-        one :func:`scripts.metrics.evaluate_case` record per case, with ``filename`` and ``dataset``.
+        one :func:`scripts.metrics.evaluate_case` record per case, with ``filename``, ``dataset`` and ``fov_source``.
     """
     records = []
     for case in cases:
         response = vessel_response(case.image, case.fov, parameters.radius, parameters.sigma)
         probability = predict_probability(response, case.fov, parameters.threshold)
         metrics = evaluate_case(probability[None], case.label[None], case.fov, channel_names=["vessels"])
-        records.append({"filename": case.filename, "dataset": case.dataset, **metrics})
+        records.append({"filename": case.filename, "dataset": case.dataset, "fov_source": case.fov_source, **metrics})
     return records
 
 

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
 from scripts.metrics import (
+    FOV_SOURCES,
     METRICS,
     REGIONS,
     UNKNOWN_DATASET,
@@ -156,19 +157,21 @@ class FundusMetricsWriter:
         label = torch.as_tensor(output[self.label_key])
         # With several prompt modes the prediction holds each mode's channels in turn: each is scored on the label.
         label = label.repeat(len(self.channel_names) // label.shape[0], 1, 1)
+        fov = self._lookup(output, item, self.fov_key)
         metrics = evaluate_case(
             output[self.pred_key],
             label,
-            fov=self._lookup(output, item, self.fov_key),
+            fov=fov,
             channel_names=self.channel_names,
             threshold=self.threshold,
             topology=self.topology,
         )
-        return {
-            "filename": self._filename(output, item),
-            "dataset": str(dataset) if dataset is not None else UNKNOWN_DATASET,
-            **metrics,
-        }
+        record = {"filename": self._filename(output, item), "dataset": str(dataset) if dataset is not None else UNKNOWN_DATASET}
+        if fov is not None:
+            # LoadFundusd marks the fields of view it estimated; the flag stays in the mask's meta data.
+            estimated = getattr(fov, "meta", {}).get("fov_estimated", False)
+            record["fov_source"] = FOV_SOURCES[1] if bool(estimated) else FOV_SOURCES[0]
+        return {**record, **metrics}
 
     def _finish(self, engine: Engine) -> None:
         self.summary = summarise(self.records)
