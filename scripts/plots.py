@@ -167,8 +167,9 @@ def plot_bland_altman(
     axis.scatter(mean, difference, s=18, alpha=0.8)
     if difference.size:
         bias, spread = float(difference.mean()), float(difference.std(ddof=1)) if difference.size > 1 else 0.0
-        for value, style, label in ((bias, "-", f"bias {bias:.3g}"), (bias + 1.96 * spread, "--", "+1.96 SD"),
-                                    (bias - 1.96 * spread, "--", "-1.96 SD")):
+        upper, lower = bias + 1.96 * spread, bias - 1.96 * spread
+        for value, style, label in ((bias, "-", f"bias {bias:.3g}"), (upper, "--", f"+1.96 SD {upper:.3g}"),
+                                    (lower, "--", f"-1.96 SD {lower:.3g}")):
             axis.axhline(value, linestyle=style, color="0.3", linewidth=1)
             axis.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
     suffix = f" ({unit})" if unit and unit not in ("1", "ratio") else ""

@@ -251,3 +251,22 @@ def test_inference_report_writes_csv_after_each_batch_and_the_report_at_the_end(
     for name in rows:
         assert name in page
     assert "low predicted quality" in page and "m.pt" in page
+
+
+def test_bland_altman_lines_carry_the_bias_and_limits_of_agreement(tmp_path, monkeypatch):
+    from scripts import plots
+
+    texts: list[str] = []
+    original = plots._save_figure
+
+    def keep_texts(figure, path):
+        texts.extend(text.get_text() for text in figure.axes[0].texts)
+        original(figure, path)
+
+    monkeypatch.setattr(plots, "_save_figure", keep_texts)
+    reference = [0.30, 0.42, 0.35, 0.51, float("nan")]
+    predicted = [0.33, 0.40, 0.41, 0.55, 0.38]  # the last image has no reference value: left out
+    plots.plot_bland_altman(reference, predicted, tmp_path / "ba.png", "vertical CDR")
+    difference = np.array(predicted[:4]) - np.array(reference[:4])
+    bias, spread = difference.mean(), difference.std(ddof=1)
+    assert texts == [f"bias {bias:.3g}", f"+1.96 SD {bias + 1.96 * spread:.3g}", f"-1.96 SD {bias - 1.96 * spread:.3g}"]
