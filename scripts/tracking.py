@@ -437,8 +437,20 @@ class MLflowRecorder:
             trainable_fraction=f"{trainable / max(total, 1):.6f}",
             torch_version=torch.__version__,
         )
-        entities = [mlflow.entities.Param(key, value[:6000]) for key, value in params.items()]
+        params = {key: value[:6000] for key, value in params.items()}
+        entities = [mlflow.entities.Param(key, value) for key, value in params.items()]
         tags = [mlflow.entities.RunTag("resumed", str(resumed).lower())] if resumed else []
+        # A resumed run may change max_epochs or max_training_minutes (or run another torch); MLflow keeps a
+        # parameter's first value, so the value this part of the run trained with goes into a tag beside it.
+        recorded = self.run.data.params
+        changed = {key: value for key, value in params.items() if key in recorded and recorded[key] != value}
+        tags += [mlflow.entities.RunTag(f"resumed.{key}", value) for key, value in changed.items()]
+        if changed:
+            logger.info(
+                "MLflow: parameters keep the first value they were recorded with; this resumed run's "
+                + ", ".join(f"{key}={value} (recorded {recorded[key]})" for key, value in changed.items())
+                + " go into tags named resumed.<parameter>."
+            )
         self.client.log_batch(self.run.info.run_id, params=entities, tags=tags)
 
     def _backfill(self, iteration: int) -> None:
