@@ -34,6 +34,7 @@ __all__ = [
     "read_image",
     "read_label_mask",
     "read_mask",
+    "readable_image_size",
     "write_png",
 ]
 
@@ -148,14 +149,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises:
         FundusImageError: when the file is missing, truncated, corrupt or of an unsupported kind.
     """
-    image = _open_decoded(path)
+    image = _open_photograph(path)
     if image.mode in _SIXTEEN_BIT_MODES:
         gray = _sixteen_bit_to_float(image)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
-    if image.mode == "F":
-        raise FundusImageError(f"unsupported image {path}: floating-point samples (mode F) have no defined range")
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
     return np.ascontiguousarray(rgb)
+
+
+def readable_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """The ``(height, width)`` of a photograph :func:`read_image` can read, checked by decoding every pixel as it
+    does, without its conversion to floats (three quarters of its time on a 3504 x 2336 JPEG).
+
+    Args:
+        path: image file, as for :func:`read_image`.
+
+    Returns:
+        ``(height, width)`` as read (turned upright as its EXIF orientation says).
+
+    Raises:
+        FundusImageError: whenever :func:`read_image` would raise it.
+    """
+    image = _open_photograph(path)
+    return image.height, image.width
+
+
+def _open_photograph(path: str | os.PathLike) -> Image.Image:
+    """:func:`_open_decoded`, refusing pixel kinds a photograph cannot have."""
+    image = _open_decoded(path)
+    if image.mode == "F":
+        raise FundusImageError(f"unsupported image {path}: floating-point samples (mode F) have no defined range")
+    return image
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_image, read_label_mask
+from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_label_mask, readable_image_size
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
@@ -405,7 +405,7 @@ def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | N
         FundusImageError: the image cannot be read, is too small to be a photograph, or ``size_check`` refuses it;
             the message names the image.
     """
-    height, width = read_image(image).shape[:2]
+    height, width = readable_image_size(image)
     if min(height, width) < MIN_IMAGE_SIDE:
         raise FundusImageError(
             f"{image}: {width}x{height} pixels is too small for a fundus photograph (at least {MIN_IMAGE_SIDE} per side)"

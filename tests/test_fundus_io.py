@@ -18,8 +18,13 @@ from scripts.fundus_io import (
     read_image,
     read_label_mask,
     read_mask,
+    readable_image_size,
     write_png,
 )
+
+# ImageFolder checks a folder's photographs with readable_image_size before segmenting any: it must accept and refuse
+# exactly what read_image does.
+READERS = [read_image, readable_image_size]
 
 
 @pytest.fixture
@@ -142,6 +147,7 @@ def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_
     assert shown[:, -10:, 0].mean() > 0.9 and shown[:, :10, 0].mean() < 0.1, "the top edge turned to the right"
     assert read_mask(path).shape == (200, 100)
     assert image_size(path) == (100, 200)  # (width, height), as shown
+    assert readable_image_size(path) == (200, 100)  # (height, width), as read
     assert caplog.text.count("turned upright as its EXIF orientation (6) says") == 1, "named once, not per read"
 
 
@@ -168,28 +174,35 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     _assert_clean_error(error, path, "unsupported")
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("name", ["t.png", "t.gif", "t.tif", "t.jpg", "t.ppm"])
-def test_truncated_file(tmp_path: Path, rgb8: np.ndarray, name: str) -> None:
+def test_truncated_file(tmp_path: Path, rgb8: np.ndarray, name: str, reader) -> None:
     full = _save(tmp_path / ("full" + Path(name).suffix), np.tile(rgb8, (8, 8, 1)))
+    assert readable_image_size(full) == read_image(full).shape[:2] == (96, 136)
     data = full.read_bytes()
     path = tmp_path / name
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FundusImageError) as error:
-        read_image(path)
+        reader(path)
     _assert_clean_error(error, path, "cannot read")
 
 
-def test_garbage_and_bad_gzip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", READERS)
+def test_garbage_bad_gzip_and_float_samples(tmp_path: Path, reader) -> None:
     garbage = tmp_path / "noise.png"
     garbage.write_bytes(b"this is not a picture" * 10)
     with pytest.raises(FundusImageError) as error:
-        read_image(garbage)
+        reader(garbage)
     _assert_clean_error(error, garbage, "cannot read")
     bad_gzip = tmp_path / "im.ppm.gz"
     bad_gzip.write_bytes(b"P6 not gzip at all")
     with pytest.raises(FundusImageError) as error:
-        read_image(bad_gzip)
+        reader(bad_gzip)
     _assert_clean_error(error, bad_gzip, "cannot read")
+    floats = tmp_path / "floats.tif"
+    Image.fromarray(np.full((40, 40), 0.5, np.float32), mode="F").save(floats)
+    with pytest.raises(FundusImageError, match="mode F"):
+        reader(floats)
 
 
 @pytest.mark.parametrize(
