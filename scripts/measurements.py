@@ -157,7 +157,7 @@ def _diameter(mask: np.ndarray, axis: int) -> int:
 
 
 def disc_cup_measurements(
-    disc: np.ndarray, cup: np.ndarray, pixel_size_mm: float | None = None
+    disc: np.ndarray, cup: np.ndarray | None, pixel_size_mm: float | None = None
 ) -> dict[str, float | str]:
     """Cup-to-disc ratios, disc, cup and rim areas, and the cup's offset in its disc.
 
@@ -180,11 +180,13 @@ def disc_cup_measurements(
     - an empty cup in a non-empty disc: the ratios are 0 (a disc without a visible cup) and the offsets NaN;
     - a cup partly outside the disc: measured clipped to the disc;
     - a cup wholly outside the disc: every ratio and offset is NaN;
-    - a disc touching the picture's border: measured as it is, with a note (it may be cut off, and its ratios).
+    - a disc touching the picture's border: measured as it is, with a note (it may be cut off, and its ratios);
+    - no cup mask at all (a model without a cup channel): the disc is measured, with its notes; the cup, rim,
+      ratios and offsets are NaN, and noted.
 
     Args:
         disc: ``(H, W)`` optic disc mask.
-        cup: ``(H, W)`` optic cup mask.
+        cup: ``(H, W)`` optic cup mask, or None where the cup is not segmented.
         pixel_size_mm: side of a pixel in millimetres; when given the areas are also reported in mm².
 
     Returns:
@@ -197,7 +199,7 @@ def disc_cup_measurements(
             positive number.
     """
     disc_mask = _as_mask(disc, "disc")
-    cup_mask = _as_mask(cup, "cup")
+    cup_mask = np.zeros_like(disc_mask) if cup is None else _as_mask(cup, "cup")
     _same_shape(disc_mask, "disc", cup_mask, "cup")
     pixel_size = _check_pixel_size(pixel_size_mm)
 
@@ -231,26 +233,31 @@ def disc_cup_measurements(
         notes.append("disc touches the picture's border: it may be cut off, and its ratios with it")
     if disc_area == 0:
         notes.append("disc mask is empty" + (" (the cup mask is not)" if cup_area else ""))
-    elif cup_area == 0:
-        notes.append("cup mask is empty: ratios are 0 (a disc without a visible cup), the cup offset is undefined")
-        record.update(vertical_cdr=0.0, horizontal_cdr=0.0, area_cdr=0.0)
-    elif inside_area == 0:
-        notes.append("cup lies wholly outside the disc")
-    else:
-        if inside_area < cup_area:
-            outside = 100.0 * (cup_area - inside_area) / cup_area
-            notes.append(f"cup extends outside the disc ({outside:.1f}% of its pixels); measured inside the disc")
-        disc_rows, disc_cols = bounding_slices(disc_region)
-        disc_height, disc_width = disc_rows.stop - disc_rows.start, disc_cols.stop - disc_cols.start
-        disc_row, disc_col = ndimage.center_of_mass(disc_region)
-        cup_row, cup_col = ndimage.center_of_mass(inside)
-        record.update(
-            vertical_cdr=_diameter(inside, 0) / _diameter(disc_region, 0),
-            horizontal_cdr=_diameter(inside, 1) / _diameter(disc_region, 1),
-            area_cdr=inside_area / disc_area,
-            cup_offset_x=float(cup_col - disc_col) / disc_width,
-            cup_offset_y=float(cup_row - disc_row) / disc_height,
-        )
+    elif cup is not None:
+        if cup_area == 0:
+            notes.append("cup mask is empty: ratios are 0 (a disc without a visible cup), the cup offset is undefined")
+            record.update(vertical_cdr=0.0, horizontal_cdr=0.0, area_cdr=0.0)
+        elif inside_area == 0:
+            notes.append("cup lies wholly outside the disc")
+        else:
+            if inside_area < cup_area:
+                outside = 100.0 * (cup_area - inside_area) / cup_area
+                notes.append(f"cup extends outside the disc ({outside:.1f}% of its pixels); measured inside the disc")
+            disc_rows, disc_cols = bounding_slices(disc_region)
+            disc_height, disc_width = disc_rows.stop - disc_rows.start, disc_cols.stop - disc_cols.start
+            disc_row, disc_col = ndimage.center_of_mass(disc_region)
+            cup_row, cup_col = ndimage.center_of_mass(inside)
+            record.update(
+                vertical_cdr=_diameter(inside, 0) / _diameter(disc_region, 0),
+                horizontal_cdr=_diameter(inside, 1) / _diameter(disc_region, 1),
+                area_cdr=inside_area / disc_area,
+                cup_offset_x=float(cup_col - disc_col) / disc_width,
+                cup_offset_y=float(cup_row - disc_row) / disc_height,
+            )
+    if cup is None:
+        notes.append("no cup channel: the cup and the ratios are not measured")
+        unknown = [key for key in record if key.startswith(("cup_", "rim_")) or key.endswith("_cdr")]
+        record.update(dict.fromkeys(unknown, math.nan))
     record["notes"] = "; ".join(notes)
     return record
 
@@ -646,14 +653,7 @@ def measure_structures(
         notes.append(measured.pop("notes"))
         record.update(measured)
     if "disc" in by_name:
-        cup = by_name.get("cup", np.zeros_like(by_name["disc"]))
-        measured = disc_cup_measurements(by_name["disc"], cup, pixel_size_mm)
-        if "cup" not in by_name:
-            unknown = [key for key in measured if key.startswith(("cup_", "rim_")) or key.endswith("_cdr")]
-            measured.update(dict.fromkeys(unknown, math.nan))
-            disc_note = measured["notes"] if measured["disc_area_px"] == 0 else ""
-            cupless = "no cup channel: the cup and the ratios are not measured"
-            measured["notes"] = "; ".join(filter(None, [disc_note, cupless]))
+        measured = disc_cup_measurements(by_name["disc"], by_name.get("cup"), pixel_size_mm)
         notes.append(measured.pop("notes"))
         record.update(measured)
     record["notes"] = "; ".join(note for note in notes if note)

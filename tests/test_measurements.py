@@ -470,6 +470,19 @@ def test_a_disc_only_model_measures_its_disc_and_leaves_the_cup_unknown() -> Non
     assert record["notes"] == "no cup channel: the cup and the ratios are not measured"
     both = measure_structures(np.stack([disc, np.zeros(SHAPE, dtype=bool)]), ["disc", "cup"])
     assert both["vertical_cdr"] == 0.0, "a segmented cup channel that is empty is a disc without a visible cup"
+    # The disc's own notes stay: one touching the border, and a speck away from it.
+    at_border = _disc(SHAPE, (DISC_RADIUS - 5, CENTRE[1]), DISC_RADIUS)
+    speck = np.zeros(SHAPE, dtype=bool)
+    speck[-18:-3, 3:18] = True  # 225 px: over 1% of the disc
+    noted = measure_structures((at_border | speck)[None], ["disc"])["notes"]
+    assert noted == (
+        f"disc: 225 px ({100 * 225 / (225 + np.count_nonzero(at_border)):.1f}%) of pieces away from the disc left out; "
+        "disc touches the picture's border: it may be cut off, and its ratios with it; "
+        "no cup channel: the cup and the ratios are not measured"
+    )
+    assert measure_structures(np.zeros((1, *SHAPE), dtype=bool), ["disc"])["notes"] == (
+        "disc mask is empty; no cup channel: the cup and the ratios are not measured"
+    )
 
 
 def test_cup_partly_outside_the_disc_is_clipped_with_a_reason() -> None:
