@@ -8,11 +8,13 @@ __all__ = ["binarise", "bounding_slices"]
 
 
 def binarise(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Foreground where the probability is at least ``threshold``.
+    """Foreground where the probability is at least ``threshold``, compared in float32.
 
     The written masks, the measurements and the metrics all use this rule, the one of MONAI's
     ``AsDiscrete(threshold=...)`` that training's validation Dice uses, so a pixel at exactly the threshold counts
-    the same everywhere.
+    the same everywhere. The comparison is in float32, the network's probabilities' type, as torch compares a
+    float32 tensor with a number: ``float32(0.7)`` is below 0.7, so a float64 comparison would call background a
+    pixel the masks call foreground.
 
     Args:
         probabilities: probabilities of any shape.
@@ -21,7 +23,7 @@ def binarise(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     Returns:
         A bool array of the same shape.
     """
-    return np.asarray(probabilities) >= threshold
+    return np.asarray(probabilities, dtype=np.float32) >= np.float32(threshold)
 
 
 def bounding_slices(mask: np.ndarray) -> tuple[slice, slice]:

@@ -8,7 +8,8 @@ Every metric is computed per image, per channel (``"vessels"``, or ``"disc"`` an
 Mixing the two is the main inconsistency across published vessel results (the dark border outside the FOV is a
 large, easy true negative that inflates accuracy and specificity), so both are always reported side by side.
 
-Predictions are probabilities binarised with ``prob >= threshold`` (as MONAI's ``AsDiscrete(threshold=...)``). The
+Predictions are probabilities binarised with ``prob >= threshold`` in float32 (as MONAI's ``AsDiscrete(threshold=...)``
+and the written masks: :func:`scripts.masks.binarise`). The
 metrics, their MONAI implementation and their conventions for degenerate cases (an empty label and/or an empty
 prediction inside the region):
 

@@ -12,7 +12,7 @@ from ignite.engine import Engine
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.metrics import compute_hausdorff_distance, compute_roc_auc
-from monai.transforms import Activationsd
+from monai.transforms import Activationsd, AsDiscrete
 from scipy import ndimage
 from skimage.morphology import skeletonize
 from sklearn.metrics import (
@@ -26,6 +26,7 @@ from sklearn.metrics import (
 )
 
 from scripts.handlers import FundusMetricsWriter
+from scripts.masks import binarise
 from scripts.metrics import (
     METRICS,
     ReportWriteError,
@@ -476,3 +477,15 @@ def test_accepts_low_precision_tensors(random_case):
     assert record.keys() == reference.keys()
     for key, value in reference.items():
         assert record[key] == pytest.approx(value, nan_ok=True), key
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.9, 0.45])
+def test_a_pixel_at_a_threshold_float32_rounds_counts_as_the_masks_count_it(threshold):
+    # float32(threshold) differs from threshold: the metrics must binarise as MONAI's AsDiscrete and the masks do.
+    probabilities = np.full((4, 5), np.float32(threshold), np.float32)
+    probabilities[0, 0] = 0.0
+    label = probabilities > 0
+    monai_masks = AsDiscrete(threshold=threshold)(torch.from_numpy(probabilities)[None])[0].numpy() > 0
+    assert np.array_equal(binarise(probabilities, threshold), monai_masks) and monai_masks.sum() == 19
+    record = evaluate_case(probabilities, label, threshold=threshold, topology=False)
+    assert record["vessels/image/dice"] == 1.0 and record["vessels/image/sensitivity"] == 1.0
