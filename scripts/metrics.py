@@ -469,7 +469,9 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
         for prefix in prefixes:
             channel, region = prefix.split("/")
             cells = [_format_statistic(metrics.get(f"{prefix}/{metric}")) for metric in METRICS]
-            rows.append((group_name, channel, region, str(group["images"]), *cells))
+            # The images this row measured: FOV rows leave out those without a field of view.
+            images = max(s["n"] + s["nan"] for key, s in metrics.items() if key.rsplit("/", 1)[0] == prefix)
+            rows.append((group_name, channel, region, str(images), *cells))
         for key, statistic in metrics.items():
             if statistic["nan"]:
                 notes.append(f"{group_name} {key}: {statistic['nan']} of {statistic['n'] + statistic['nan']} undefined")
@@ -488,15 +490,19 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf as None (strict JSON has no NaN), and paths and numpy scalars as plain types."""
+    """``value`` with NaN/inf as None (strict JSON has no NaN), and paths, numpy scalars and arrays as plain types."""
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return value

@@ -489,3 +489,23 @@ def test_a_pixel_at_a_threshold_float32_rounds_counts_as_the_masks_count_it(thre
     assert np.array_equal(binarise(probabilities, threshold), monai_masks) and monai_masks.sum() == 19
     record = evaluate_case(probabilities, label, threshold=threshold, topology=False)
     assert record["vessels/image/dice"] == 1.0 and record["vessels/image/sensitivity"] == 1.0
+
+
+def test_the_table_counts_the_images_each_row_measured():
+    label = np.zeros((20, 20))
+    label[5:9, 5:9] = 1
+    # Three images of one dataset, one of them with a field of view: its FOV row measured one image.
+    records = [
+        {**evaluate_case(label, label, np.ones((20, 20)) if index == 0 else None, topology=False), "dataset": "A"}
+        for index in range(3)
+    ]
+    rows = {tuple(line.split()[1:4]) for line in format_summary_table(summarise(records)).splitlines()[2:]}
+    assert ("vessels", "fov", "1") in rows and ("vessels", "image", "3") in rows
+
+
+def test_reports_take_numpy_values_in_their_metadata(tmp_path):
+    records = _records()
+    metadata = {"flag": np.bool_(True), "thresholds": np.array([0.5, np.nan]), "count": np.int64(3)}
+    paths = write_reports(records, summarise(records), tmp_path, metadata=metadata)
+    written = json.loads(paths["summary_json"].read_text())["metadata"]
+    assert written == {"flag": True, "thresholds": [0.5, None], "count": 3}
