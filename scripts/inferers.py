@@ -243,7 +243,7 @@ class FundusInferer(Inferer):
         """
         self.last_iou = None
         if self.prompted:
-            return self._prompted(inputs, network, label)
+            return self._prompted(inputs, network, label, fov)
         if self.backend is not None:
             network = functools.partial(_run_backend, self.backend, network)
         if self.input_mode == "resize":
@@ -263,7 +263,9 @@ class FundusInferer(Inferer):
         return self.windows(inputs, inside_fov, *args, condition=condition, **kwargs)
 
 
-    def _prompted(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], label: Any) -> torch.Tensor:
+    def _prompted(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], label: Any, fov: Any
+    ) -> torch.Tensor:
         model = unwrap_network(getattr(network, "_orig_mod", network))
         names = _file_names(inputs)
         sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(inputs.meta["spatial_shape"]).reshape(-1, 2)]
@@ -278,7 +280,7 @@ class FundusInferer(Inferer):
                 embeddings.input_size,
             )
             used = self.prompts_used.setdefault(name, {})
-            prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, index)
+            prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, fov, index)
             decoded = _decode_prompts_together(model, one, prompts, size, side, inputs.device)
             for mode, prompt in prompts.items():
                 used[mode] = prompt.to_json()
@@ -302,17 +304,21 @@ class FundusInferer(Inferer):
         side: tuple[int, int],
         free: torch.Tensor,
         label: Any,
+        fov: Any,
         index: int,
     ) -> dict[str, Prompt]:
         """``{mode: prompt}`` of one image, in the photograph's pixels, in the order of ``modes``.
 
         What several modes share (the reference's eroded core, the first pass's largest component) is computed once.
+        ``fov`` (B, 1, H, W), at the network's size as ``free``, keeps automatic negative points on the retina.
         """
         prompts: dict[str, Prompt] = {}
         auto = [mode for mode in modes if mode in AUTO_MODES]
         if auto:
             probability = torch.sigmoid(free[0].float()).cpu().numpy()
-            prompts.update({mode: prompt.rescaled(side, size) for mode, prompt in auto_prompts(probability, auto, **self.auto).items()})
+            retina = None if fov is None else torch.as_tensor(fov[index, 0]).detach().cpu().numpy() > 0.5
+            drawn = auto_prompts(probability, auto, fov=retina, **self.auto)
+            prompts.update({mode: prompt.rescaled(side, size) for mode, prompt in drawn.items()})
         oracle = [mode for mode in modes if mode in ORACLE_MODES]
         if oracle:
             if label is None:

@@ -317,6 +317,7 @@ class ImageFolder:
     Attributes:
         entries: one ``{"image": path}`` per readable image, sorted.
         sizes: file name to ``(height, width)`` of every readable image (prompts are checked against them).
+        left_out: file names of the images left out.
         unreadable: one line per image left out, with the reason.
 
     Raises:
@@ -375,11 +376,13 @@ class ImageFolder:
             )
         self.entries: list[dict[str, str]] = []
         self.sizes: dict[str, tuple[int, int]] = {}
+        self.left_out: list[str] = []
         self.unreadable: list[str] = []
         for image in images:
             try:
                 self.sizes[Path(image).name] = _photograph_size(image, size_check)
             except FundusImageError as error:  # its message names the image
+                self.left_out.append(Path(image).name)
                 self.unreadable.append(str(error))
                 logger.error(f"Left out: {error}")
                 continue

@@ -24,10 +24,11 @@ one prompt locates the disc, and the network reads the cup from its second mask 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ __all__ = [
     "parse_prompt",
     "read_prompts_file",
 ]
+
+logger = logging.getLogger(__name__)
 
 ORACLE_MODES = ("1_point", "2_points", "5_points", "box", "5_points_box")
 AUTO_MODES = ("auto_box", "auto_points")
@@ -150,12 +153,15 @@ def check_prompt_modes(modes: Sequence[str], architecture: str = "sam") -> list[
     """``modes`` as a list if every one is known and the head takes prompts.
 
     Raises:
-        ConfigError: an unknown mode, an empty list, or prompts for the U-Net head.
+        ConfigError: an unknown mode, a repeated one, an empty list, or prompts for the U-Net head.
     """
     modes = [modes] if isinstance(modes, str) else list(modes)
     unknown = [mode for mode in modes if mode not in PROMPT_MODES]
     if not modes or unknown:
         raise ConfigError(f"Setting 'prompt_modes' takes modes among {', '.join(PROMPT_MODES)}; got {modes!r}.")
+    repeated = sorted({mode for mode in modes if modes.count(mode) > 1})
+    if repeated:
+        raise ConfigError(f"Setting 'prompt_modes' names {repeated[0]!r} more than once: {modes!r}.")
     if architecture != "sam" and modes != ["none"]:
         raise ConfigError(f"Prompt modes {modes} need architecture 'sam'; the '{architecture}' head is prompt-free.")
     return modes
@@ -269,8 +275,9 @@ def auto_prompts(
     ``auto_box``: the bounding box of the largest connected component of ``probability > threshold``, widened by
     ``box_margin`` of its size on each side (clipped to the picture). ``auto_points``: the ``points`` most confident
     locations of that component (the first in raster order among equals), at least a tenth of its size apart, and
-    ``negative_points`` of the least confident places inside the field of view, far from it. The component is found
-    once for both modes.
+    ``negative_points`` spread evenly, in raster order, over the places inside the field of view where the
+    probability is below ``1 - threshold`` and that lie over twice that spacing from the component. The component is
+    found once for both modes.
 
     Args:
         probability: ``(H, W)`` prompt-free probabilities of the structure prompted for.
@@ -380,6 +387,8 @@ def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float,
         raise PromptError(f"{where}: a point is [x, y, label]; got {value!r}.")
     x, y, label = value
     height, width = size
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise PromptError(f"{where}: point {value!r} has a coordinate that is not a finite number.")
     if not (0 <= x < width and 0 <= y < height):
         raise PromptError(f"{where}: point {value!r} lies outside the {width}x{height} image.")
     if label not in (POINT_POSITIVE, POINT_NEGATIVE):
@@ -392,6 +401,8 @@ def _box(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, f
         raise PromptError(f"{where}: a box is [x0, y0, x1, y1]; got {value!r}.")
     x0, y0, x1, y1 = (float(v) for v in value)
     height, width = size
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise PromptError(f"{where}: box {value!r} has a coordinate that is not a finite number.")
     if x0 > x1 or y0 > y1:
         raise PromptError(f"{where}: box {value!r} needs x0 <= x1 and y0 <= y1.")
     if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
@@ -419,7 +430,9 @@ def parse_prompt(content: Any, where: str, size: tuple[int, int]) -> Prompt:
     return Prompt(tuple(_point(p, where, size) for p in points), None if box is None else _box(box, where, size))
 
 
-def read_prompts_file(path: str | os.PathLike, image_sizes: Mapping[str, tuple[int, int]]) -> dict[str, Prompt]:
+def read_prompts_file(
+    path: str | os.PathLike, image_sizes: Mapping[str, tuple[int, int]], left_out: Collection[str] = ()
+) -> dict[str, Prompt]:
     """The prompts of a prompts file, checked against the images they name.
 
     The file maps image file names (as in the image folder, e.g. ``"01_test.tif"``) to prompts::
@@ -429,6 +442,8 @@ def read_prompts_file(path: str | os.PathLike, image_sizes: Mapping[str, tuple[i
     Args:
         path: the JSON file.
         image_sizes: file name to ``(height, width)`` of every image of the run.
+        left_out: file names of the folder's images the run leaves out (unreadable, too small): their prompts are
+            not used, with a log line, so that one bad file does not stop the others.
 
     Returns:
         File name to prompt.
@@ -444,9 +459,19 @@ def read_prompts_file(path: str | os.PathLike, image_sizes: Mapping[str, tuple[i
         raise PromptError(f"Prompts file {path} cannot be read as JSON ({error}).") from None
     if not isinstance(content, dict):
         raise PromptError(f"Prompts file {path} must map image file names to prompts; it holds a {type(content).__name__}.")
-    unknown = sorted(set(content) - set(image_sizes))
+    unused = sorted(set(content) & set(left_out))
+    if unused:
+        logger.warning(
+            f"Prompts file {path}: the prompts of {len(unused)} images left out of the run are not used, e.g. "
+            f"{unused[0]!r} (why it is left out is said at the end)."
+        )
+    unknown = sorted(set(content) - set(image_sizes) - set(left_out))
     if unknown:
         raise PromptError(
             f"Prompts file {path} names {len(unknown)} images that are not in the image folder, e.g. {unknown[0]!r}."
         )
-    return {name: parse_prompt(value, f"{path}, image {name}", image_sizes[name]) for name, value in content.items()}
+    return {
+        name: parse_prompt(value, f"{path}, image {name}", image_sizes[name])
+        for name, value in content.items()
+        if name in image_sizes
+    }

@@ -266,6 +266,7 @@ def test_unreadable_images_are_left_out_and_named_one_line_each(tmp_path):
     first, *lines = str(caught.value).splitlines()
     assert first == "2 image(s) could not be segmented (the others were):"
     assert len(lines) == 2 and "broken.png" in lines[0] and "tiny.png: 10x10 pixels is too small" in lines[1]
+    assert images.left_out == ["broken.png", "tiny.png"]
 
 
 class RunsCode:

@@ -399,6 +399,20 @@ def test_prompts_for_a_unet_model_are_refused_before_any_image_is_read(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prompts_file_naming_an_unreadable_photograph_prompts_the_others(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(images / "good.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps({"good.png": {"box": [5, 5, 40, 30]}, "broken.png": {"box": [1, 1, 5, 5]}}))
+    error = refused_inference(images, prompts_file=str(prompts_file), output_dir=str(tmp_path / "out"))
+    assert str(error).startswith("1 image(s) could not be segmented (the others were):") and "broken.png" in str(error)
+    assert (tmp_path / "out" / "good_mask.png").is_file()
+    used = json.loads((tmp_path / "out" / "prompts_used.json").read_text())["images"]
+    assert used == {"good.png": {"given": {"points": [], "box": [5, 5, 40, 30]}}}
+
+
 def test_a_bad_pixel_size_is_refused_before_the_model_runs(tmp_path):
     error = refused_inference(tmp_path, pixel_size_mm=0)
     assert str(error).startswith("Setting 'pixel_size_mm' must be a positive number of millimetres per pixel")

@@ -13,6 +13,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from scripts.adapters import ModelFileError, read_model_file, tensor_state
+from scripts.errors import ConfigError
 from scripts.inferers import FundusInferer
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
@@ -495,6 +496,32 @@ def test_all_eight_prompt_modes_decoded_together_equal_one_call_per_mode(fresh):
             assert len(lengths) == 5  # 1, 2 (box, 2_points, auto_box), 3 (auto_points), 5, 7 points
     # The prompt-free decode of the batch, then per image one call for its seven prompted modes.
     assert calls == [1, 7, 7]
+
+
+def test_automatic_prompts_of_each_image_get_that_images_field_of_view(fresh, monkeypatch):
+    """Automatic negative points go inside the field of view, not into the photograph's black border."""
+    from scripts import inferers
+
+    seen = []
+    draw = inferers.auto_prompts
+    monkeypatch.setattr(inferers, "auto_prompts", lambda *args, **kwargs: seen.append(kwargs["fov"]) or draw(*args, **kwargs))
+    rows, cols = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    fov = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    fov[0, 0] = torch.from_numpy((rows - 32) ** 2 + (cols - 32) ** 2 <= 28**2)
+    fov[1, 0, 8:56, 4:60] = 1
+    images = MetaTensor(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), meta={
+        "filename_or_obj": ["a.png", "b.png"], "spatial_shape": torch.tensor([[50, 70], [50, 70]])})
+    inferer = FundusInferer(image_size=IMAGE_SIZE, prompt_source="auto_points", auto_negative_points=2)
+    with torch.no_grad():
+        inferer(images, fresh, fov=fov)
+    assert len(seen) == 2
+    for index, retina in enumerate(seen):
+        assert np.array_equal(retina, fov[index, 0].numpy() > 0.5), index
+
+
+def test_a_prompt_mode_named_twice_is_refused():
+    with pytest.raises(ConfigError, match="names 'box' more than once"):
+        FundusInferer(image_size=IMAGE_SIZE, prompt_modes=["none", "box", "box"])
 
 
 def test_ignored_points_leave_each_prompt_set_as_it_is_alone(fresh):

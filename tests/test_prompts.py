@@ -99,6 +99,18 @@ def test_auto_points_start_at_the_most_confident_place_and_stay_in_the_region():
     assert len(negatives) == 2 and not any(region[int(y), int(x)] for x, y, _ in negatives)
 
 
+def test_automatic_negative_points_stay_inside_the_field_of_view():
+    region = disc((60, 90), 20)
+    retina = disc((65, 100), 62)  # the photograph's black border lies outside
+    probability = np.where(region, 0.9, 0.05)
+    prompt = auto_prompt(probability, "auto_points", fov=retina, points=1, negative_points=3)
+    negatives = [(int(y), int(x)) for x, y, label in prompt.points if label == 0]
+    assert len(negatives) == 3 and all(retina[row, col] and not region[row, col] for row, col in negatives)
+    assert not retina[0, 0] and (0, 0) in [
+        (int(y), int(x)) for x, y, label in auto_prompt(probability, "auto_points", negative_points=3).points
+    ], "without the field of view the first negative is the picture's corner"
+
+
 def test_nothing_found_keeps_the_prompt_free_result():
     assert auto_prompt(np.full((HEIGHT, WIDTH), 0.2), "auto_box").empty
 
@@ -185,6 +197,9 @@ def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
         ({"a.png": {"points": [[250, 20, 1]]}}, "image a.png: point [250, 20, 1] lies outside the 200x130 image"),
         ({"a.png": {"points": [[10, 20, 5]]}}, "point label must be 1 (positive) or 0 (negative); got 5"),
         ({"a.png": {"box": [30, 2, 10, 40]}}, "box [30, 2, 10, 40] needs x0 <= x1 and y0 <= y1"),
+        # Python's json reads NaN, which every comparison lets through: the network then answered NaN everywhere.
+        ({"a.png": {"box": [float("nan"), 2, 30, 40]}}, "box [nan, 2, 30, 40] has a coordinate that is not a finite"),
+        ({"a.png": {"points": [[10, float("nan"), 1]]}}, "point [10, nan, 1] has a coordinate that is not a finite"),
         ({"a.png": {"circle": [1, 2]}}, "a prompt is an object with 'points' and/or 'box'"),
     ]
     for content, message in cases:
@@ -195,3 +210,12 @@ def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
     path.write_text("{not json")
     with pytest.raises(PromptError, match="cannot be read as JSON"):
         read_prompts_file(path, sizes)
+
+
+def test_prompts_of_an_image_the_run_leaves_out_are_not_used_and_the_others_are(tmp_path, caplog):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"a.png": {"box": [1, 2, 30, 40]}, "broken.png": {"box": [1, 2, 3, 4]}}))
+    with caplog.at_level("WARNING", logger="scripts.prompts"):
+        prompts = read_prompts_file(path, {"a.png": (HEIGHT, WIDTH)}, left_out=["broken.png"])
+    assert list(prompts) == ["a.png"]
+    assert "the prompts of 1 images left out of the run are not used, e.g. 'broken.png'" in caplog.text
