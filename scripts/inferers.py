@@ -123,7 +123,8 @@ class FundusInferer(Inferer):
         prompt_modes: evaluation prompt modes (:data:`scripts.prompts.PROMPT_MODES`).
         prompts: inference: image file name to its prompt (:func:`scripts.prompts.read_prompts_file`).
         prompt_source: inference: ``none``, ``auto_box`` or ``auto_points`` for images without a prompt.
-        seed: seeds the oracle prompts (with each image's name and the mode).
+        seed: seeds the oracle prompts, with each image's name (not the mode: the modes are nested, each adding to
+            the points of the one before).
         auto_box_margin: margin of ``auto_box``, a fraction of the box's size.
         auto_points: positive points of ``auto_points``.
         auto_negative_points: negative points of ``auto_points``.
