@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 
 from scripts.errors import ConfigError, FundusError
-from scripts.masks import bounding_slices
+from scripts.masks import binarise, bounding_slices
 
 __all__ = [
     "AUTO_MODES",
@@ -272,7 +272,7 @@ def auto_prompts(
 ) -> dict[str, Prompt]:
     """The prompts the model makes for itself from its prompt-free pass.
 
-    ``auto_box``: the bounding box of the largest connected component of ``probability > threshold``, widened by
+    ``auto_box``: the bounding box of the largest connected component of ``probability >= threshold``, widened by
     ``box_margin`` of its size on each side (clipped to the picture). ``auto_points``: the ``points`` most confident
     locations of that component (the first in raster order among equals), at least a tenth of its size apart, and
     ``negative_points`` spread evenly, in raster order, over the places inside the field of view where the
@@ -283,7 +283,7 @@ def auto_prompts(
         probability: ``(H, W)`` prompt-free probabilities of the structure prompted for.
         modes: ``auto_box`` and/or ``auto_points``.
         fov: ``(H, W)`` field of view, where negatives may go (the whole picture when None).
-        threshold: probability above which a pixel is found.
+        threshold: probability from which a pixel is found (the masks' rule: :func:`scripts.masks.binarise`).
         box_margin: the box's margin, as a fraction of its width and height.
         points: positive points of ``auto_points``.
         negative_points: negative points of ``auto_points``.
@@ -295,7 +295,7 @@ def auto_prompts(
     if unknown:
         raise ConfigError(f"{unknown[0]!r} is not an automatic prompt mode ({', '.join(AUTO_MODES)}).")
     probability = np.asarray(probability, dtype=np.float32)
-    regions, count = ndimage.label(probability > threshold)
+    regions, count = ndimage.label(binarise(probability, threshold))
     if count == 0:
         return {mode: Prompt(_note="the prompt-free pass found nothing: prompt-free result kept") for mode in modes}
     component = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))

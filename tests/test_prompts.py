@@ -115,6 +115,12 @@ def test_nothing_found_keeps_the_prompt_free_result():
     assert auto_prompt(np.full((HEIGHT, WIDTH), 0.2), "auto_box").empty
 
 
+def test_the_first_pass_finds_what_the_masks_call_foreground():
+    probability = np.full((HEIGHT, WIDTH), 0.2, np.float32)
+    probability[40:60, 50:90] = 0.5  # exactly at the threshold: foreground in the written masks
+    assert auto_prompt(probability, "auto_box", box_margin=0.0).box == (50.0, 40.0, 89.0, 59.0)
+
+
 def test_modes_drawn_together_equal_each_mode_drawn_alone():
     """The inferer draws all of an image's modes in one call, sharing the eroded core and the found region."""
     mask = disc((60, 90), 25)
