@@ -57,7 +57,7 @@ def test_drive_entries_point_at_distributed_files(drive_datalists: tuple[Path, d
             assert entry["fov"] == str(root / folder / "mask" / f"{case}_{suffix}_mask.gif")
             assert entry["dataset"] == "DRIVE" and entry["annotator"] == "first"
             assert _size(entry["image"]) == _size(entry["label"]) == _size(entry["fov"]) == (565, 584)
-    assert not (output / "first" / "DRIVE_derived").exists()
+    assert not (output / "first" / "drive_derived").exists()
 
 
 def test_drive_loads_with_monai(drive_datalists: tuple[Path, dict, dict]) -> None:
@@ -84,7 +84,7 @@ def test_drive_union_uses_both_annotators_on_test_only(
     drive_datalists: tuple[Path, dict, dict], drive_dir: Path
 ) -> None:
     output, first, union = drive_datalists
-    derived = output / "union" / "DRIVE_derived" / "union" / "vessels"
+    derived = output / "union" / "drive_derived" / "union" / "vessels"
     assert union["annotator"] == "union" and "20 of 40 images have no second annotation" in union["annotator_note"]
     assert union["test"] == [
         {**entry, "label": str(derived / f"{entry['case']}.png"), "annotator": "union"}
@@ -109,7 +109,7 @@ def test_drive_second_annotator_rewritten_with_zero_background(drive_dir: Path, 
     assert {e["annotator"] for e in datalist["test"]} == {"second"}
     assert {e["annotator"] for e in datalist["training"] + datalist["validation"]} == {"first"}
     sample = datalist["test"][0]
-    assert sample["label"] == str(tmp_path / "DRIVE_derived" / "second" / "vessels" / "01.png")
+    assert sample["label"] == str(tmp_path / "drive_derived" / "second" / "vessels" / "01.png")
     manual2 = read_mask(drive_dir / "test" / "2nd_manual" / "01_manual2.gif")
     np.testing.assert_array_equal(read_mask(sample["label"]) > 0, manual2 > 128)
 

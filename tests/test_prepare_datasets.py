@@ -120,7 +120,7 @@ def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> N
     for entry in _entries(datalist):
         assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif")
         assert entry["label"].endswith("_manual1.gif") and Path(entry["label"]).is_file()
-    assert not (tmp_path / "out" / "DRIVE_derived").exists()  # everything distributed is used as it is
+    assert not (tmp_path / "out" / "drive_derived").exists()  # everything distributed is used as it is
 
 
 def test_drive_union_falls_back_to_first_on_training(drive_tree: Path, tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_drive_union_falls_back_to_first_on_training(drive_tree: Path, tmp_path:
     for entry in datalist["test"]:
         number = int(entry["case"])
         assert entry["annotator"] == "union"
-        assert Path(entry["label"]) == tmp_path / "out" / "DRIVE_derived" / "union" / "vessels" / f"{entry['case']}.png"
+        assert Path(entry["label"]) == tmp_path / "out" / "drive_derived" / "union" / "vessels" / f"{entry['case']}.png"
         np.testing.assert_array_equal(read_mask(entry["label"]) > 0, _random_mask(number) | _random_mask(100 + number))
 
 
@@ -150,7 +150,7 @@ def test_masks_without_zero_background_are_rewritten(drive_tree: Path, tmp_path:
     _save(drive_tree / "test" / "mask" / "02_test_mask.gif", fov_levels)
     datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "out" / "drive.json", annotator="second")
     entries = {e["case"]: e for e in datalist["test"]}
-    derived = tmp_path / "out" / "DRIVE_derived"
+    derived = tmp_path / "out" / "drive_derived"
     assert entries["01"]["label"].endswith("01_manual2.gif") and entries["01"]["fov"].endswith("01_test_mask.gif")
     assert entries["02"]["label"] == str(derived / "second" / "vessels" / "02.png")
     assert entries["02"]["fov"] == str(derived / "fov" / "02.png")
@@ -305,7 +305,7 @@ def test_papila_contours_two_experts(tmp_path: Path) -> None:
     disc, cup = (read_mask(path) > 0 for path in entry["label"])
     np.testing.assert_array_equal(disc, _box_mask(10, 8, 40, 30) | _box_mask(12, 8, 44, 32))
     np.testing.assert_array_equal(cup, _box_mask(20, 12, 30, 22) | _box_mask(22, 14, 34, 24))
-    assert "PAPILA_derived/union/disc" in entry["label"][0] and "PAPILA_derived/union/cup" in entry["label"][1]
+    assert "union_derived/union/disc" in entry["label"][0] and "union_derived/union/cup" in entry["label"][1]
     disc2 = read_mask(second["test"][0]["label"][0]) > 0
     assert _iou(disc2, _box_mask(12, 8, 44, 32)) > 0.95 and disc.sum() > disc2.sum()
 
@@ -378,6 +378,22 @@ def test_masks_the_bundle_would_misread_are_rewritten(tmp_path: Path) -> None:
         np.testing.assert_array_equal(read_label_mask(entry["label"]), _random_mask(number))
         assert entry["fov"] == str(src / "fov" / f"{entry['case']}.png"), "a 0/1 FOV is read as it is"
         assert read_label_mask(entry["fov"]).all()
+
+
+def test_two_sources_prepared_into_one_folder_keep_their_own_derived_masks(tmp_path: Path) -> None:
+    """Two folder datasets whose masks must be rewritten (0/100) and whose fields of view are estimated."""
+    datalists = {}
+    for name, offset in (("a", 0), ("b", 10)):
+        src = tmp_path / name
+        for number in range(3):
+            _save(src / "images" / f"case{number}.png", _photo(number + offset))
+            _save(src / "masks" / f"case{number}.png", (_random_mask(number + offset) * 100).astype(np.uint8))
+        datalists[name] = prepare_dataset("folder", src, tmp_path / "out" / f"{name}.json")
+    for name, offset in (("a", 0), ("b", 10)):
+        for entry in _entries(datalists[name]):
+            number = int(entry["case"][-1])
+            assert entry["label"].startswith(str(tmp_path / "out" / f"{name}_derived"))
+            np.testing.assert_array_equal(read_label_mask(entry["label"]), _random_mask(number + offset))
 
 
 def test_folder_with_partial_fov(tmp_path: Path) -> None:

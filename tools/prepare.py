@@ -3,7 +3,8 @@
 One generic loader serves every dataset of :mod:`tools.datasets`: it finds the cases a description's patterns
 match under the source folder, splits them (official or seeded), decodes and checks every image and annotation once,
 writes the masks it has to derive (decoded annotations, annotator unions, estimated fields of view) as PNG files into
-``<output folder>/<dataset>_derived/``, and writes the datalist atomically.
+``<output folder>/<datalist name>_derived/`` (each datalist its own: two sources prepared into one folder never
+share a mask), and writes the datalist atomically.
 
 Command line::
 
@@ -565,8 +566,8 @@ def prepare_dataset(
 ) -> dict[str, object]:
     """Prepare one dataset: find, split, check and decode its cases, write derived masks and the datalist.
 
-    Derived masks go to ``<output folder>/<dataset>_derived/{fov,<annotator>/<structure>}/<case>.png``; each file
-    is written atomically, so re-running rewrites them safely.
+    Derived masks go to ``<output folder>/<datalist name>_derived/{fov,<annotator>/<structure>}/<case>.png``
+    (``drive_derived/`` beside ``drive.json``); each file is written atomically, so re-running rewrites them safely.
 
     Args:
         name: dataset name (:data:`tools.datasets.DATASETS`, any letter case) or ``folder``.
@@ -601,7 +602,9 @@ def prepare_dataset(
             f"{description.name} has a single annotator: --annotator {annotator} needs a second one ({having} have it)"
         )
     output = _absolute(output)
-    derived = output.parent / f"{description.name}_derived"
+    # Named after the datalist, not the dataset: two folders prepared as the same dataset (two "folder" sets,
+    # two copies of DRIVE) into one output folder would otherwise overwrite each other's masks.
+    derived = output.parent / f"{output.stem}_derived"
     cases = find_cases(description, src, annotator, ignore=(output, derived))
     parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction, patient_pattern)
     note = None
