@@ -166,5 +166,8 @@ class SaveFundusPredictiond(MapTransform):
 
     @staticmethod
     def _write_nifti(path: Path, labels: np.ndarray) -> None:
+        # Columns first, as MONAI's readers lay out a 2D picture, with the affine ITK writes for a PNG: ITK-based
+        # viewers (ITK-SNAP, 3D Slicer) turn NIfTI's RAS into their LPS by negating x and y, so this places the
+        # label on the photograph as they read it (an identity affine put it 180 degrees round, off the picture).
         with atomic_path(path) as temporary:
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine=np.eye(4)), temporary)
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine=np.diag([-1.0, -1.0, 1.0, 1.0])), temporary)

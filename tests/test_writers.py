@@ -3,6 +3,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from PIL import Image
@@ -43,6 +44,11 @@ def test_writes_mask_probability_overlay_and_nifti(photo, tmp_path):
     assert np.array_equal(overlay[15, 15], [204, 102, 51]), "others keep the photograph's colour"
     volume = np.asarray(nib.load(out / "eye_mask.nii.gz").dataobj)
     assert volume.shape == (30, 20) and np.array_equal(volume.T, (probabilities[0] > 0.5).astype(np.uint8))
+    # As ITK-based viewers read them (ITK's NIfTI and PNG readers, through SimpleITK), the NIfTI label lies on the
+    # photograph: resampled onto the photograph's grid in physical space, it is the PNG mask.
+    on_photograph = sitk.Resample(sitk.ReadImage(str(out / "eye_mask.nii.gz")), sitk.ReadImage(str(photo)),
+                                  sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    assert np.array_equal(sitk.GetArrayFromImage(on_photograph) > 0, mask == 255)
 
     SaveFundusPredictiond("pred", tmp_path / "fov", ["vessels"], restrict_to_fov=True)(
         {"pred": prediction(probabilities, photo)}
