@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import glob
 import json
 import logging
 import os
@@ -343,10 +342,14 @@ class ImageFolder:
                 f"Output folder {output} is the image folder {folder} or inside it: outputs would mix with the images "
                 "and could replace files there. Choose another --output_dir (or pass --allow_output_in_dataset_dir True)."
             )
+        # Not glob.glob(folder + "/*"), which reads a folder named "photos [2024]" as a pattern. Hidden files are
+        # left out as a shell's * leaves them (macOS writes "._eye.jpg" beside "eye.jpg" on foreign disks).
         files = sorted(
-            file
-            for file in glob.glob(str(folder / "*"))
-            if os.path.isfile(file) and file.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
+            str(path)
+            for path in folder.iterdir()
+            if not path.name.startswith(".")
+            and path.is_file()
+            and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
         )
         own_outputs = {name for file in files for name in output_names(file, channel_names, nifti)}
         images = [file for file in files if Path(file).name not in own_outputs]

@@ -56,15 +56,16 @@ def photograph(path: Path, size: int = 40) -> Path:
 
 
 def test_image_folder_lists_the_images_sorted(tmp_path):
-    images = tmp_path / "images"
+    images = tmp_path / "photos [2024]"  # brackets: a glob pattern would match nothing
     images.mkdir()
     for name in ("b.png", "a.png"):
         photograph(images / name)
     (images / "notes.txt").write_text("not an image")
     (images / "sub.png").mkdir()
+    (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     folder = ImageFolder(images, tmp_path / "out")
     assert [Path(e["image"]).name for e in folder.entries] == ["a.png", "b.png"]
-    folder.report_unreadable()  # nothing to report
+    folder.report_unreadable()  # nothing to report: hidden files are not images
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match=f"{empty} holds no image"):
