@@ -408,9 +408,17 @@ def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | N
     """The ``(height, width)`` of an image that can be segmented.
 
     Raises:
-        FundusImageError: the image cannot be read, is too small to be a photograph, or ``size_check`` refuses it;
-            the message names the image.
+        FundusImageError: the file's name is not UTF-8, the image cannot be read, is too small to be a photograph,
+            or ``size_check`` refuses it; the message names the image.
     """
+    try:
+        image.encode("utf-8")
+    except UnicodeEncodeError:  # Linux hands over the bytes of a name written in another encoding (Latin-1...)
+        shown = os.fsencode(image).decode("utf-8", "backslashreplace")
+        raise FundusImageError(
+            f"{shown}: the file name is not UTF-8 (written in another system's encoding), which the reports cannot "
+            "record: rename the file"
+        ) from None
     height, width = readable_image_size(image)
     if min(height, width) < MIN_IMAGE_SIDE:
         raise FundusImageError(

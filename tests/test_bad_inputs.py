@@ -269,6 +269,19 @@ def test_unreadable_images_are_left_out_and_named_one_line_each(tmp_path):
     assert images.left_out == ["broken.png", "tiny.png"]
 
 
+def test_a_photograph_whose_name_is_not_utf8_is_left_out_and_named(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photograph(folder / "good.png")
+    photograph(Path(os.fsdecode(os.fsencode(folder) + b"/Auge_M\xfcller.png")))  # a Latin-1 name
+    images = ImageFolder(folder, tmp_path / "out")
+    assert [Path(e["image"]).name for e in images.entries] == ["good.png"]
+    with pytest.raises(FundusError) as caught:
+        images.report_unreadable()
+    assert "Auge_M\\xfcller.png: the file name is not UTF-8" in str(caught.value)
+    str(caught.value).encode("utf-8")  # the message itself can be printed and recorded
+
+
 class RunsCode:
     """A pickle that runs a command when loaded without weights_only."""
 
