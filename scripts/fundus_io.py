@@ -179,6 +179,13 @@ def _open_photograph(path: str | os.PathLike) -> Image.Image:
     image = _open_decoded(path)
     if image.mode == "F":
         raise FundusImageError(f"unsupported image {path}: floating-point samples (mode F) have no defined range")
+    if image.mode == "I":  # 32-bit integers, as PIL opens 16-bit PNGs too: only 16-bit values have a defined range
+        low, high = image.getextrema()
+        if low < 0 or high > 65535:
+            raise FundusImageError(
+                f"unsupported image {path}: 32-bit integer samples from {low} to {high} have no defined range "
+                "(a photograph has 8 or 16 bits per sample)"
+            )
     return image
 
 

@@ -203,6 +203,10 @@ def test_garbage_bad_gzip_and_float_samples(tmp_path: Path, reader) -> None:
     Image.fromarray(np.full((40, 40), 0.5, np.float32), mode="F").save(floats)
     with pytest.raises(FundusImageError, match="mode F"):
         reader(floats)
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.full((40, 40), 79960, np.int32), mode="I").save(wide)
+    with pytest.raises(FundusImageError, match="32-bit integer samples from 79960 to 79960 have no defined range"):
+        reader(wide)
 
 
 @pytest.mark.parametrize(
