@@ -21,6 +21,7 @@ Typical preprocessing (``Invertd`` with ``orig_keys="image"`` later brings a pre
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -142,8 +143,8 @@ class LoadFundusd(MapTransform):
     def _read_masks(self, paths: str | Sequence[str], image_path: str, image_size: tuple[int, int]) -> np.ndarray:
         """Read one mask per path as a ``(C, H, W)`` float32 stack, checking each against the image size."""
         masks = []
-        for path in [paths] if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence) else paths:
-            mask = read_label_mask(str(path))
+        for path in _path_list(paths):
+            mask = read_label_mask(path)
             if mask.shape != image_size:
                 raise FundusImageError(
                     f"mask {path} is {mask.shape[1]}x{mask.shape[0]} (width x height) but its image {image_path} is "
@@ -167,7 +168,10 @@ class LoadFundusd(MapTransform):
         result[self.image_key] = _as_metatensor(image.transpose(2, 0, 1), image_path, -1, {})
         if data.get(self.label_key) is not None:
             paths = data[self.label_key]
-            first = str(paths) if isinstance(paths, (str, bytes)) else str(paths[0])
+            paths = _path_list(paths)
+            if not paths:
+                raise FundusImageError(f"the label of {image_path} names no mask file")
+            first = paths[0]
             result[self.label_key] = _as_metatensor(self._read_masks(paths, image_path, size), first, 0, {})
         if data.get(self.fov_key) is not None:
             fov_path = str(data[self.fov_key])
@@ -176,7 +180,16 @@ class LoadFundusd(MapTransform):
         elif self.estimate_missing_fov:
             fov = estimate_fov(image)[None].astype(np.float32)
             result[self.fov_key] = _as_metatensor(fov, image_path, 0, {"fov_estimated": True})
+        else:
+            result.pop(self.fov_key, None)  # a None left here would reach the resizing transforms
         return result
+
+
+def _path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A label's mask files: one path, or one per channel (disc and cup)."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    return [os.fspath(path) for path in paths]
 
 
 class SamNormalized(NormalizeIntensityd):

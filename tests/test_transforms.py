@@ -79,6 +79,12 @@ def test_load_shapes_orientation_and_metadata(tiny: dict) -> None:
     assert tuple(image.meta["spatial_shape"]) == (5, 9)
     assert label.meta["filename_or_obj"] == tiny["label"][0]
     assert item["dataset"] == "tiny"
+    # Paths as pathlib objects, one or a list, read the same.
+    as_paths = LoadFundusd()({**tiny, "label": Path(tiny["label"][0]), "fov": Path(tiny["fov"])})
+    assert torch.equal(as_paths["label"], label[:1]) and as_paths["label"].meta["filename_or_obj"] == tiny["label"][0]
+    assert torch.equal(LoadFundusd()({**tiny, "label": [Path(p) for p in tiny["label"]]})["label"], label)
+    with pytest.raises(FundusImageError, match=f"the label of {tiny['image']} names no mask file"):
+        LoadFundusd()({**tiny, "label": []})
 
 
 def test_load_assorted_formats(tmp_path: Path) -> None:
@@ -112,6 +118,7 @@ def test_missing_fov_is_estimated_and_label_optional(tmp_path: Path) -> None:
     assert fov.shape == (1, 40, 50) and fov.meta["fov_estimated"] is True
     assert _dice(fov[0], torch.from_numpy(disc)) > 0.95
     assert "fov" not in LoadFundusd(estimate_missing_fov=False)({"image": str(tmp_path / "photo.jpg")})
+    assert "fov" not in LoadFundusd(estimate_missing_fov=False)({"image": str(tmp_path / "photo.jpg"), "fov": None})
 
 
 def test_mask_size_mismatch_names_both_files(tiny: dict, tmp_path: Path) -> None:
