@@ -131,6 +131,11 @@ class SaveFundusPredictiond(MapTransform):
                 f"{source}: prediction has {probabilities.shape[0]} channels but {len(self.channel_names)} channel "
                 f"names were given ({self.channel_names})."
             )
+        if not np.isfinite(probabilities).all():
+            raise FundusImageError(
+                f"{source}: the prediction holds NaN or infinite values (weights that diverged in training?): nothing "
+                "is written for it."
+            )
         image = read_image(source)
         if image.shape[:2] != probabilities.shape[1:]:
             raise FundusImageError(

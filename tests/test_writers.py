@@ -86,3 +86,11 @@ def test_a_probability_at_the_threshold_is_foreground_in_the_mask_as_in_the_metr
     # The metrics read the same rule: the written mask as the reference gives a perfect score.
     dice = evaluate_case(probabilities, written[None].astype(np.uint8), topology=False)["vessels/image/dice"]
     assert dice == 1.0
+
+
+def test_a_prediction_holding_nan_writes_nothing(photo, tmp_path):
+    probabilities = np.full((1, 20, 30), 0.9, dtype=np.float32)
+    probabilities[0, 3, 4] = np.nan
+    with pytest.raises(FundusImageError, match="the prediction holds NaN or infinite values"):
+        SaveFundusPredictiond("pred", tmp_path / "out", ["vessels"], nifti=True)({"pred": prediction(probabilities, photo)})
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
