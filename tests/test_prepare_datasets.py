@@ -15,7 +15,7 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from scripts.fundus_io import FundusImageError, read_label_mask, read_mask
-from tools.datasets import DatasetError, folder_description, get_description
+from tools.datasets import DatasetError, decode_labelme_json, folder_description, get_description
 from tools.prepare import Case, find_cases, main, pool_datalists, prepare_dataset, split_cases
 
 # Non-square so that a width/height mix-up shows.
@@ -167,6 +167,18 @@ def test_chase_official_is_first_20_and_second_annotator(chase_tree: Path, tmp_p
     assert fov.shape == (HEIGHT, WIDTH) and fov[HEIGHT // 2, WIDTH // 2] and not fov[0, 0]
 
 
+def test_chase_official_split_refuses_a_partial_download_that_would_split_a_child(tmp_path: Path) -> None:
+    src = _make_chase(tmp_path / "chase")
+    for path in src.glob("Image_05R*"):  # one image (and its labels) missing: the 20th image is child 11's left eye
+        path.unlink()
+    with pytest.raises(DatasetError) as caught:
+        prepare_dataset("CHASE_DB1", src, tmp_path / "chase.json")
+    assert "puts images of person 11 in both training and test: 27 images were found" in str(caught.value)
+    seeded = prepare_dataset("CHASE_DB1", src, tmp_path / "chase.json", split="seeded")
+    children = {split: {entry["case"][6:8] for entry in seeded[split]} for split in ("training", "validation", "test")}
+    assert not children["test"] & (children["training"] | children["validation"]), "whole children are drawn"
+
+
 def test_chase_seeded_split_uses_paper_fraction(chase_tree: Path, tmp_path: Path) -> None:
     datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "chase.json", split="seeded", seed=3)
     assert datalist["split"] == "seeded" and datalist["test_fraction"] == 0.27
@@ -267,6 +279,16 @@ def test_labelme_polygons(tmp_path: Path, name: str, disc_label: str, cup_label:
             assert _iou(cup, _box_mask(20, 12, 30, 22)) > 0.8
             # Shoelace area of the 10 x 10 rectangle, within a one-pixel border.
             assert abs(int(cup.sum()) - 100) <= 2 * (10 + 10) + 1
+
+
+def test_a_labelme_file_without_a_disc_is_warned_about_naming_its_labels(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "image_0.json"
+    path.write_text(json.dumps({"shapes": [{"label": "optic_disc", "points": _rectangle(10, 8, 40, 30)},
+                                           {"label": "cup", "points": _rectangle(20, 12, 30, 22)}]}))
+    with caplog.at_level("WARNING", logger="tools.datasets"):
+        disc, cup = decode_labelme_json([path], (HEIGHT, WIDTH))
+    assert not disc.any() and cup.any()
+    assert f"{path} has no disc: its entry's disc mask is empty. Labels found: 'cup', 'optic_disc'" in caplog.text
 
 
 def test_origa_mat_cropped_centred(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ one bool mask per structure of the task (vessels; or optic disc then cup).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ __all__ = [
     "labelme_image_path",
     "read_binary_mask",
 ]
+
+logger = logging.getLogger(__name__)
 
 Template = str | tuple[str, ...]
 """A path template relative to the dataset folder, or a tuple of alternative templates (first existing wins)."""
@@ -342,7 +345,8 @@ def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[n
     """Rasterise the disc and cup polygons of a labelme annotation (G1020, GRAPE).
 
     Shapes labelled ``disc``/``od`` or ``cup``/``oc`` (any case) are filled and OR-ed per structure; other labels
-    are ignored. A structure without a shape stays empty (G1020 leaves the cup out where it is not visible).
+    are ignored. A structure without a shape stays empty (G1020 leaves the cup out where it is not visible); a file
+    without a disc is warned about, naming the labels it has (``optic_disc`` is not one of the disc's names).
 
     Args:
         files: the single labelme JSON file.
@@ -374,6 +378,12 @@ def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[n
         if shape_type != "polygon":
             raise DatasetError(f"{path}: shape {label!r} is a {shape_type!r}; only polygons are supported")
         target |= _rasterise(np.asarray(item.get("points", []), dtype=np.float64), shape, path)
+    if not disc.any():
+        labels = sorted({str(item.get("label", "")) for item in content["shapes"]})
+        logger.warning(
+            "%s has no disc: its entry's disc mask is empty. Labels found: %s (the disc's: %s).",
+            path, ", ".join(repr(label) for label in labels) or "none", ", ".join(sorted(_DISC_LABELS)),
+        )
     return [disc, cup]
 
 

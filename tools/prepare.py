@@ -440,6 +440,15 @@ def split_cases(
     if method == "official":
         summary = rule.summary
         parts = _official_parts(description, cases)
+        # A split by image counts (CHASE_DB1's first 20 / last 8) cuts between people only on a complete download.
+        straddling = {patient_of(case) for case in parts["training"]} & {patient_of(case) for case in parts["test"]}
+        if any(kind == "patient" for kind, _ in straddling):
+            person = min(name for kind, name in straddling if kind == "patient")
+            raise DatasetError(
+                f"{description.name}'s official split ({summary}) puts images of person {person} in both training "
+                f"and test: {len(cases)} images were found under the source, so some are missing. Complete the "
+                "download, or use --split seeded (which draws whole people)"
+            )
     else:
         summary = f"seeded random split, test fraction {test_fraction}"
         people = len(_by_patient(cases, patient_of))
