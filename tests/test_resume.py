@@ -395,8 +395,7 @@ def test_a_best_model_saved_before_any_checkpoint_recorded_one_is_kept_aside(tmp
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from scripts.adapters import AdaptedNetwork
-from scripts.atomic import save_torch_atomic
+    from scripts.atomic import save_torch_atomic
     big = torch.zeros(4 * 1024 * 1024)
     step = 0
     while True:
