@@ -429,7 +429,7 @@ def _bundle_arguments(root: Path, datalist: Path, **overrides) -> list[str]:
 
 def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=128)["vessels"]
-    settings = {"max_epochs": 2, "batch_size": 1, "checkpoint_interval": 1, "tracking": "mlflow"}
+    settings = {"max_epochs": 3, "batch_size": 1, "checkpoint_interval": 1, "tracking": "mlflow"}
     process = preloaded_python().start(_bundle_arguments(tmp_path, datalist, **settings), tmp_path, merge_stderr=True)
     deadline = time.monotonic() + 300
     while "(epoch 1, iteration 2)" not in process.output():
@@ -444,31 +444,31 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert not (tmp_path / "models" / "model.pt").exists(), "the first run never finished"
     logged_before = read_training_log(tmp_path / "eval" / "training_log.jsonl")
 
-    # Resumed with one epoch more: resuming is how a run is extended.
+    # Resumed to stop an epoch sooner: max_epochs may change on resume (as it does to extend a run).
     result = preloaded_python().run(
-        _bundle_arguments(tmp_path, datalist, **{**settings, "max_epochs": 3}, resume="true"), tmp_path, timeout=600
+        _bundle_arguments(tmp_path, datalist, **{**settings, "max_epochs": 2}, resume="true"), tmp_path, timeout=600
     )
     assert result.returncode == 0, fail_message(result)
     log = result.stdout + result.stderr
-    assert f"goes on after iteration {killed_at} of 12" in log
+    assert f"goes on after iteration {killed_at} of 8" in log
     final = torch.load(tmp_path / "models" / "latest_checkpoint.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == 12
+    assert final["trainer"]["iteration"] == 8
     assert (tmp_path / "models" / "model.pt").is_file()
     iterations = [
         r["iteration"] for r in read_training_log(tmp_path / "eval" / "training_log.jsonl") if r["kind"] == "train"
     ]
-    assert iterations == list(range(1, 13)), f"each iteration once across the kill; before it: {logged_before}"
+    assert iterations == list(range(1, 9)), f"each iteration once across the kill; before it: {logged_before}"
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sam2lora_fundus").experiment_id])
     assert len(runs) == 1, "the resumed training goes on in the MLflow run of the killed one"
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags.get("resumed") == "true"
     # MLflow keeps a parameter's first value: the extended run's goes into a tag beside it.
-    assert runs[0].data.params["max_epochs"] == "2" and runs[0].data.tags["resumed.max_epochs"] == "3"
-    assert "max_epochs=3 (recorded 2)" in log
+    assert runs[0].data.params["max_epochs"] == "3" and runs[0].data.tags["resumed.max_epochs"] == "2"
+    assert "max_epochs=2 (recorded 3)" in log
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")})
-    assert steps == list(range(1, 13))
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_fov_dice")) == [1, 2, 3]
+    assert steps == list(range(1, 9))
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_fov_dice")) == [1, 2]
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path):
