@@ -43,6 +43,7 @@ def test_drive_official_split(drive_datalists: tuple[Path, dict, dict]) -> None:
     assert sorted(int(e["case"]) for e in pool) == list(range(21, 41))
     assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == (16, 4, 20)
     assert datalist["validation_split"] == "seeded" and datalist["seed"] == 0 and datalist["val_fraction"] == 0.2
+    assert datalist["completeness_note"] is None  # the distributed DRIVE, all 40 images
 
 
 def test_drive_entries_point_at_distributed_files(drive_datalists: tuple[Path, dict, dict], drive_dir: Path) -> None:

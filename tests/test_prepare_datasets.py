@@ -121,6 +121,14 @@ def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> N
         assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif")
         assert entry["label"].endswith("_manual1.gif") and Path(entry["label"]).is_file()
     assert not (tmp_path / "out" / "drive_derived").exists()  # everything distributed is used as it is
+    assert datalist["completeness_note"].startswith("8 images found where the complete DRIVE has 40: figures measured")
+
+
+def test_a_partial_download_is_warned_about_and_recorded(drive_tree: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "drive.json")
+    assert "DRIVE: 8 images found where the complete DRIVE has 40" in caplog.text
+    assert json.loads((tmp_path / "drive.json").read_text())["completeness_note"] == datalist["completeness_note"]
 
 
 def test_drive_union_falls_back_to_first_on_training(drive_tree: Path, tmp_path: Path) -> None:
@@ -163,6 +171,7 @@ def test_chase_official_is_first_20_and_second_annotator(chase_tree: Path, tmp_p
     assert datalist["split"] == "official" and datalist["numValidation"] == 0
     assert [e["case"] for e in datalist["test"]] == [f"Image_{n}{s}" for n in range(11, 15) for s in "LR"]
     assert len(datalist["training"]) == 20 and all(e["label"].endswith("_2ndHO.png") for e in datalist["training"])
+    assert datalist["completeness_note"] is None  # all 28 images of the distribution
     fov = read_mask(datalist["test"][0]["fov"]) > 0  # estimated: CHASE_DB1 has no FOV masks
     assert fov.shape == (HEIGHT, WIDTH) and fov[HEIGHT // 2, WIDTH // 2] and not fov[0, 0]
 
@@ -692,9 +701,28 @@ def test_labelme_size_and_format_errors(tmp_path: Path) -> None:
     (src / "image_1.json").write_text(json.dumps({"shapes": [], "imageHeight": 100, "imageWidth": WIDTH}))
     with pytest.raises(DatasetError, match=r"image_1.json is for a 64x100 image but its image is 64x48"):
         prepare_dataset("G1020", src, tmp_path / "x.json")
-    (src / "image_1.json").write_text(json.dumps({"version": "5"}))
-    with pytest.raises(DatasetError, match=r"image_1.json is not a labelme annotation"):
+    (src / "image_1.json").write_text('{"shapes": [{"label": "disc", "points": [[1, 2], [3')  # truncated
+    with pytest.raises(DatasetError, match=r"cannot read labelme annotation .*image_1.json"):
         prepare_dataset("G1020", src, tmp_path / "x.json")
+
+
+def test_json_files_that_are_not_labelme_annotations_are_passed_over(tmp_path: Path, caplog) -> None:
+    src = tmp_path / "GRAPE"
+    for number in range(2):
+        _save(src / f"image_{number}.jpg", _photo(number))
+        annotation = {"shapes": [], "imageHeight": HEIGHT, "imageWidth": WIDTH}
+        (src / f"image_{number}.json").write_text(json.dumps(annotation))
+    (src / "metadata.json").write_text(json.dumps({"version": "1.0", "images": 1}))
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        datalist = prepare_dataset("GRAPE", src, tmp_path / "out.json", val_fraction=0)
+    assert sorted(entry["case"] for entry in _entries(datalist)) == ["image_0", "image_1"]
+    assert f"1 file(s) under {src} are not its annotations and were passed over (e.g. {src / 'metadata.json'})" in (
+        caplog.text
+    )
+    for number in range(2):
+        (src / f"image_{number}.json").write_text(json.dumps(["not", "labelme"]))
+    with pytest.raises(DatasetError, match=r"no GRAPE images found .*; 3 file\(s\) there are not GRAPE annotations"):
+        prepare_dataset("GRAPE", src, tmp_path / "out.json")
 
 
 def test_duplicate_copies(drive_tree: Path, tmp_path: Path) -> None:

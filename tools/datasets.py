@@ -48,6 +48,7 @@ __all__ = [
     "decode_soft_maps",
     "folder_description",
     "get_description",
+    "is_labelme_annotation",
     "labelme_image_path",
     "read_binary_mask",
 ]
@@ -124,6 +125,11 @@ class DatasetDescription:
         patient_pattern: regular expression matched (whole, case-insensitively) against the case id whose group
             ``patient`` names the person photographed, where the dataset's names say it (both eyes of one person);
             seeded draws then keep each person's images in one set. None: every image is its own person.
+        is_case: tells whether a file the case pattern matched is one of the dataset's cases (a labelme annotation,
+            not another JSON file of the download); None: every matched file is.
+        distributed_images: how many cases the complete distribution holds, where its publication fixes it;
+            another count found means a partial (or extended) download, on which published figures were not
+            measured. None: not checked.
     """
 
     name: str
@@ -141,6 +147,8 @@ class DatasetDescription:
     test_fraction: float = 0.25
     case_id: str = "{stem}"
     patient_pattern: str | None = None
+    is_case: Callable[[Path], bool] | None = None
+    distributed_images: int | None = None
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -317,15 +325,40 @@ def decode_contour_files(files: Sequence[Path], shape: tuple[int, int]) -> list[
     return masks
 
 
-def _load_labelme(path: Path) -> dict:
-    """Load a labelme annotation and check it has a ``shapes`` list."""
+def _read_json(path: Path) -> object:
+    """Parse a JSON annotation file, naming it when it cannot be read."""
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"cannot read labelme annotation {path}: {error}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
+
+
+def _is_labelme(content: object) -> bool:
+    return isinstance(content, dict) and isinstance(content.get("shapes"), list)
+
+
+def _load_labelme(path: Path) -> dict:
+    """Load a labelme annotation and check it has a ``shapes`` list."""
+    content = _read_json(path)
+    if not _is_labelme(content):
         raise DatasetError(f"{path} is not a labelme annotation: expected a JSON object with a 'shapes' list")
     return content
+
+
+def is_labelme_annotation(path: Path) -> bool:
+    """Whether a JSON file is a labelme annotation, or may be one.
+
+    Args:
+        path: JSON file.
+
+    Returns:
+        False for well-formed JSON that is not an object with a ``shapes`` list (a download's metadata file);
+        True otherwise, unreadable or truncated files included, so that decoding them says what is wrong.
+    """
+    try:
+        return _is_labelme(_read_json(path))
+    except DatasetError:
+        return True
 
 
 def labelme_image_path(path: Path) -> str | None:
@@ -406,6 +439,7 @@ _DRIVE = DatasetDescription(
     official_split=_split_by_folder(
         "training/ (20) is the training pool, test/ (20) the test set", training="training", test="test"
     ),
+    distributed_images=40,
 )
 
 _CHASE_DB1 = DatasetDescription(
@@ -421,6 +455,7 @@ _CHASE_DB1 = DatasetDescription(
     case_id="Image_{stem}",
     # Images NNL and NNR are the left and right eye of child NN.
     patient_pattern=r"Image_(?P<patient>\d+)[LR]",
+    distributed_images=28,
 )
 
 # Cases are anchored on the first annotator's labels: the STARE image archive holds ~400 images, 20 annotated.
@@ -431,6 +466,7 @@ _STARE = DatasetDescription(
     case_pattern=r"labels-ah/(?P<stem>im\d+)\.ah\.ppm",
     image="stare-images/{stem}.ppm",
     annotations={"first": ("labels-ah/{stem}.ah.ppm",), "second": ("labels-vk/{stem}.vk.ppm",)},
+    distributed_images=20,
 )
 
 _HRF = DatasetDescription(
@@ -441,6 +477,7 @@ _HRF = DatasetDescription(
     annotations={"first": ("manual1/{stem}.tif",)},
     fov="mask/{stem}_mask.tif",
     test_fraction=0.27,
+    distributed_images=45,
 )
 
 _FIVES = DatasetDescription(
@@ -452,6 +489,7 @@ _FIVES = DatasetDescription(
     official_split=_split_by_folder("train/ is the training pool, test/ the test set", train="training", test="test"),
     # FIVES numbers train/ and test/ images independently, so stems repeat across the two.
     case_id="{part}_{stem}",
+    distributed_images=800,
 )
 
 
@@ -473,6 +511,7 @@ _DRISHTI_GS = DatasetDescription(
     official_split=_split_by_folder(
         "Training/ is the training pool, Test/ the test set", training="training", test="test"
     ),
+    distributed_images=101,
 )
 
 
@@ -489,6 +528,7 @@ def _labelme_description(name: str) -> DatasetDescription:
         image_hint=labelme_image_path,
         annotations={"first": ("{stem}.json",)},
         decoder=decode_labelme_json,
+        is_case=is_labelme_annotation,
     )
 
 
@@ -499,6 +539,7 @@ _ORIGA = DatasetDescription(
     case_pattern=r"Images/(?P<stem>[^/]+)\.jpg",
     annotations={"first": ("Semi-automatic-annotations/{stem}.mat",)},
     decoder=decode_origa_mat,
+    distributed_images=650,
 )
 
 _PAPILA = DatasetDescription(
@@ -515,6 +556,7 @@ _PAPILA = DatasetDescription(
     decoder=decode_contour_files,
     # RETnnnOD and RETnnnOS are the right and left eye of patient nnn.
     patient_pattern=r"(?P<patient>RET\d+)O[DS]",
+    distributed_images=488,
 )
 
 _REFUGE2 = DatasetDescription(

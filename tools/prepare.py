@@ -31,7 +31,8 @@ Defaults and choices:
 Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov", "dataset",
 "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
 are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
-``annotator``, ``annotator_note``, ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
+``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images were found than the
+complete dataset holds), ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
 ``val_fraction``, ``patient_pattern``, ``patients`` (people per split, where a pattern applies), ``source`` and the
 counts ``numTraining``, ``numValidation``, ``numTest``. Distributed files are
 referenced where they already follow that convention, otherwise rewritten into the derived folder. Images are
@@ -249,9 +250,20 @@ def find_cases(
         problem = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"{description.name} folder {root} {problem}")
     index = _FileIndex(root, ignore)
-    matches = _matches(description, index)
+    matches, skipped = [], []
+    for match, anchor in _matches(description, index):
+        is_case = description.is_case is None or description.is_case(anchor)
+        (matches if is_case else skipped).append((match, anchor))
     if not matches:
-        raise DatasetError(_no_cases_message(description, index))
+        message = _no_cases_message(description, index)
+        if skipped:
+            message += f"; {len(skipped)} file(s) there are not {description.name} annotations (e.g. {skipped[0][1]})"
+        raise DatasetError(message)
+    if skipped:
+        logger.warning(
+            "%s: %d file(s) under %s are not its annotations and were passed over (e.g. %s)",
+            description.name, len(skipped), root, skipped[0][1],
+        )
     required = {"first"}
     if annotator != "first" and "second" not in description.partial_annotators:
         required.add("second")
@@ -615,6 +627,13 @@ def prepare_dataset(
     # two copies of DRIVE) into one output folder would otherwise overwrite each other's masks.
     derived = output.parent / f"{output.stem}_derived"
     cases = find_cases(description, src, annotator, ignore=(output, derived))
+    completeness_note = None
+    if description.distributed_images is not None and len(cases) != description.distributed_images:
+        completeness_note = (
+            f"{len(cases)} images found where the complete {description.name} has {description.distributed_images}: "
+            f"figures measured on this datalist are not comparable with those published on {description.name}"
+        )
+        logger.warning("%s: %s (a partial or extended download?)", description.name, completeness_note)
     parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction, patient_pattern)
     note = None
     if annotator != "first":
@@ -641,6 +660,7 @@ def prepare_dataset(
         "structures": list(description.structures),
         "annotator": annotator,
         "annotator_note": note,
+        "completeness_note": completeness_note,
         **provenance,
         "source": str(_absolute(src)),
         **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
