@@ -149,7 +149,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         if isinstance(content, dict) and any(str(key).startswith("image_encoder.trunk.") for key in content):
             raise ModelFileError(
                 f"{path} is a SAM 2 base checkpoint (Meta's weights), not a model trained with this bundle: give it "
-                "as the setting 'checkpoint' to train from, and a trained model.pt as --ckpt_path."
+                "as --base_checkpoint to train from, and a trained model.pt as --ckpt_path."
             )
         raise ModelFileError(
             f"Trained model {path} records no network settings: it is not a model of this bundle, or was written "

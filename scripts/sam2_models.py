@@ -209,7 +209,7 @@ def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor
 
 
 _BUNDLE_MODEL_HINT = (
-    "give it as --ckpt_path (inference, evaluation), and Meta's sam2.1_hiera_<size>.pt as the setting 'checkpoint'"
+    "give it as --ckpt_path (inference, evaluation), and Meta's sam2.1_hiera_<size>.pt as --base_checkpoint (training)"
 )
 
 

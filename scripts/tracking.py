@@ -14,12 +14,14 @@ dependable:
   end of the run; delivery is retried every ``retry_interval`` seconds and resumes when the server is back.
 
 ``EvaluationRecorder`` does the same for an evaluation: a run of its own, the reports as artifacts, closed at the end.
+A training or evaluation stopped by an error closes its run as FAILED when the process exits.
 
 Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists and the recorders do nothing.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -52,6 +54,7 @@ __all__ = [
     "describe_training_data",
     "flatten_settings",
     "http_retry_settings",
+    "mlflow_metric_name",
     "validation_metric_name",
 ]
 
@@ -61,15 +64,21 @@ logger = logging.getLogger(__name__)
 mlflow, _ = optional_import("mlflow")
 
 
-def validation_metric_name(dataset: str, channel: str) -> str:
-    """The MLflow name of a dataset's validation Dice for a channel, ``val_dice_<dataset>_<channel>``.
+def mlflow_metric_name(name: str) -> str:
+    """``name`` with the characters MLflow refuses in a metric's name replaced by ``_``.
 
     MLflow refuses names with characters other than letters, digits, ``_ . - : /`` and spaces, and a refused batch
-    is taken for a store that is down (every record of the next minute is dropped); a dataset named by
-    ``tools.prepare --name`` may hold any, e.g. ``Clinic A (2024)``. Others become ``_``, and so do ``:`` and ``/``
-    (``/`` would make the name a path).
+    is taken for a store that is down (every record of the next minute is dropped). A dataset named by
+    ``tools.prepare --name`` may hold any (``Clinic A (2024)``), and an evaluation over several prompt modes names
+    its channels ``vessels@box``. ``:`` and ``/`` become ``_`` too (``/`` would make the name a path).
     """
-    return re.sub(r"[^\w.\- ]", "_", f"val_dice_{dataset}_{channel}")
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def validation_metric_name(dataset: str, channel: str) -> str:
+    """The MLflow name of a dataset's validation Dice for a channel, ``val_dice_<dataset>_<channel>``
+    (:func:`mlflow_metric_name`: ``Clinic A (2024)`` gives ``val_dice_Clinic A _2024__vessels``)."""
+    return mlflow_metric_name(f"val_dice_{dataset}_{channel}")
 
 
 class TrackingError(FundusError, RuntimeError):
@@ -196,6 +205,18 @@ class _Delivery:
             abandoned += 1
         return abandoned
 
+    def conclude(self, timeout: float, run_id: str) -> None:
+        """Wait (at most ``timeout`` s) for queued records, then report what was not recorded."""
+        if self.flush(timeout):
+            logger.info(f"MLflow: run {run_id} delivered to {self.where}.")
+        else:
+            abandoned = self.abandon()
+            logger.warning(
+                f"MLflow: {abandoned} deliveries to {self.where} were still waiting after {timeout:.0f} s at the end "
+                "of the run; they are abandoned."
+            )
+        self.report()
+
     def report(self) -> None:
         """Log what was not recorded during the run (nothing: no message)."""
         with self.lock:
@@ -220,7 +241,8 @@ def _steps(metrics: Sequence[Any] = (), params: Sequence[Any] = ()) -> dict[str,
 
 
 class _DeliveringClient:
-    """What MONAI's ``MLFlowHandler`` gets as its ``client``: writes go through the delivery thread.
+    """What MONAI's ``MLFlowHandler`` gets as its ``client``: writes go through the delivery thread, metric names
+    as MLflow takes them (:func:`mlflow_metric_name`).
 
     Other reads pass through to the real ``MlflowClient``; ``get_run`` of the recorded run returns it as opened,
     without a request (MONAI's validator calls it at every validation). Parameters are sent once per key: MLflow
@@ -244,6 +266,12 @@ class _DeliveringClient:
         return self._run
 
     def log_batch(self, run_id: str, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags=(), **_: Any):
+        metrics = [
+            metric
+            if metric.key == mlflow_metric_name(metric.key)
+            else mlflow.entities.Metric(mlflow_metric_name(metric.key), metric.value, metric.timestamp, metric.step)
+            for metric in metrics
+        ]
         new_params = [p for p in params if p.key not in self._logged_params]
         self._logged_params.update({p.key: p.value for p in new_params})
         if not (metrics or new_params or tags):
@@ -273,9 +301,9 @@ def http_retry_settings(retry_interval: float) -> dict[str, str]:
     """mlflow's HTTP settings (environment variables) for a run retrying every ``retry_interval`` seconds.
 
     mlflow retries a failed call seven times, doubling a 2 s wait: about four minutes before an unreachable server
-    gives an error. With two retries waiting ``b`` and ``2b`` seconds, ``b = retry_interval // 4`` (at least 1), a
-    call gives up within about ``retry_interval`` seconds (plus the request timeouts), so the start-up error and the
-    delivery's retries follow ``--tracking_retry_interval``.
+    gives an error. With two retries, urllib3 waiting 0 then ``2b`` seconds, ``b = retry_interval // 4`` (at least
+    1), a call gives up within about half of ``retry_interval`` seconds plus the request timeouts, so the start-up
+    error and the delivery's retries follow ``--tracking_retry_interval``.
     """
     return {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -377,6 +405,8 @@ class MLflowRecorder:
         for name, value in http_retry_settings(self.retry_interval).items():
             os.environ.setdefault(name, value)  # what the user set in the environment stays
         resumed = self.checkpoint.register_state("mlflow", self._state) if self.checkpoint is not None else None
+        # A resumed training whose first part was not tracked holds no run id: a new run, still tagged and backfilled.
+        resuming = self.checkpoint is not None and self.checkpoint.resumed is not None
         experiment = _experiment(handler, where)
         try:
             self.run = self._open_run(handler, experiment, resumed, where)
@@ -395,13 +425,14 @@ class MLflowRecorder:
             # Closing the run is moved after this recorder's own end-of-training records.
             if trainer.has_event_handler(each.close, Events.COMPLETED):
                 trainer.remove_event_handler(each.close, Events.COMPLETED)
-        self._log_settings(resumed is not None)
-        if resumed is not None:
+        self._log_settings(resuming)
+        if resuming:
             self._backfill(self.checkpoint.resumed["trainer"]["iteration"])
         self._log_executed_config()
         if self.log is not None:
             self.log.add_validation_listener(self._log_validation)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
+        atexit.register(self._end_unfinished)
         logger.info(
             f"MLflow: recording run {self.run.info.run_name} ({self.run.info.run_id}) of experiment "
             f"'{experiment.name}' at {where}."
@@ -517,24 +548,27 @@ class MLflowRecorder:
     def _complete(self, engine: Engine) -> None:
         if self.best_model is not None and self.best_model.is_file():
             self.client.log_artifact(self.run.info.run_id, str(self.best_model), "model")
+        self._close("FINISHED")
+
+    def _end_unfinished(self) -> None:
+        """At the exit of a process whose training stopped before completing (an error, Ctrl-C): close the run as
+        FAILED after delivering what is queued, and say what was not recorded (the delivery thread dies with the
+        process). A SIGKILL leaves the run RUNNING, to be resumed."""
+        try:
+            self._close("FAILED")
+        except Exception as error:  # the process is ending: say it, never mask the error that ended it
+            logger.warning(f"MLflow: could not close run {self.run.info.run_id} as FAILED ({first_line(error)}).")
+
+    def _close(self, status: str) -> None:
+        """Deliver what is queued, close the run as ``status`` and report what was not recorded, within
+        ``flush_timeout`` seconds."""
+        atexit.unregister(self._end_unfinished)
+        deadline = time.monotonic() + self.flush_timeout
         self.delivery.flush(self.flush_timeout)  # MONAI's close also releases the SQLite store: deliver first
         for each in self.trainer_handlers:
+            each.run_finish_status = status
             each.close()
-        self.finish()
-
-    def finish(self) -> None:
-        """Wait (at most ``flush_timeout`` s) for queued records, then report what was not recorded."""
-        if self.delivery is None:
-            return
-        if self.delivery.flush(self.flush_timeout):
-            logger.info(f"MLflow: run {self.run.info.run_id} delivered to {self.delivery.where}.")
-        else:
-            abandoned = self.delivery.abandon()
-            logger.warning(
-                f"MLflow: {abandoned} deliveries to {self.delivery.where} were still waiting after "
-                f"{self.flush_timeout:.0f} s at the end of the run; they are abandoned."
-            )
-        self.delivery.report()
+        self.delivery.conclude(max(0.0, deadline - time.monotonic()), self.run.info.run_id)
 
 
 class EvaluationRecorder:
@@ -543,36 +577,80 @@ class EvaluationRecorder:
     MONAI adds its validator ``MLFlowHandler`` to ``validate#handlers``, which logs the evaluator's metrics (Dice and
     the others per channel and region, the measurements' agreement) but would append them to any unfinished run of
     the experiment (a training run still going, or one that was killed) and never closes the run. ``evaluate.json``
-    calls :meth:`start` before the evaluator runs and :meth:`finish` after it.
+    calls :meth:`start` before the evaluator runs and :meth:`finish` after it. Records go through the same
+    background delivery as training's (a server that goes away never stops the evaluation), and an evaluation that
+    stops on an error closes its run as FAILED when the process exits.
 
     Args:
         handlers: the evaluator's handlers (``@validate#handlers``).
         output_dir: the evaluation's output folder: the report files it writes there are logged as artifacts.
+        retry_interval: seconds to wait after a failed delivery before trying again.
+        flush_timeout: seconds to wait at the end for queued records to be delivered.
+        queue_size: records waiting for delivery beyond which new ones are dropped (and reported).
     """
 
-    def __init__(self, handlers: Sequence[Any], output_dir: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        handlers: Sequence[Any],
+        output_dir: str | os.PathLike,
+        retry_interval: float = 60.0,
+        flush_timeout: float = 60.0,
+        queue_size: int = 100_000,
+    ) -> None:
         self.handlers = [h for h in handlers if isinstance(h, MLFlowHandler)]
         self.output_dir = Path(output_dir)
+        self.retry_interval = retry_interval
+        self.flush_timeout = flush_timeout
+        self.queue_size = queue_size
         self.started_at: float | None = None
+        self.deliveries: list[_Delivery] = []
 
     def start(self) -> None:
         """Open a new run (named ``evaluation_<time>`` unless ``--run_name`` is given)."""
+        if not self.handlers:
+            return
         self.started_at = time.time()
+        for name, value in http_retry_settings(self.retry_interval).items():
+            os.environ.setdefault(name, value)  # what the user set in the environment stays
         for handler in self.handlers:
             where = handler.client.tracking_uri
             handler.experiment = _experiment(handler, where)
             run_name = handler.run_name or f"evaluation_{time.strftime('%Y%m%d_%H%M%S')}"
-            handler.cur_run = handler.client.create_run(handler.experiment.experiment_id, run_name=run_name)
-            logger.info(f"MLflow: recording evaluation run {run_name} ({handler.cur_run.info.run_id}) at {where}.")
+            try:
+                run = handler.client.create_run(handler.experiment.experiment_id, run_name=run_name)
+            except Exception as error:  # the store answered for the experiment but fails to create the run
+                raise TrackingError(
+                    f"MLflow tracking at {where} cannot open a run ({type(error).__name__}: {first_line(error)})."
+                ) from None
+            delivery = _Delivery(where, self.retry_interval, self.queue_size)
+            handler.cur_run = run
+            handler.client = _DeliveringClient(handler.client, delivery, run, dict(run.data.params))
+            self.deliveries.append(delivery)
+            logger.info(f"MLflow: recording evaluation run {run_name} ({run.info.run_id}) at {where}.")
+        atexit.register(self._end_unfinished)
 
-    def finish(self) -> None:
-        """Log the report files this evaluation wrote and the executed config, then close the run as finished."""
-        for handler in self.handlers:
+    def finish(self, status: str = "FINISHED") -> None:
+        """Log the report files this evaluation wrote and the executed config, then close the run with ``status``."""
+        atexit.unregister(self._end_unfinished)
+        reports = self._reports()
+        for handler, delivery in zip(self.handlers, self.deliveries):
             if handler.cur_run is None:
                 continue
-            for path in self._reports():
-                handler.client.log_artifact(handler.cur_run.info.run_id, str(path))
+            run_id = handler.cur_run.info.run_id
+            for path in reports:
+                handler.client.log_artifact(run_id, str(path))
+            deadline = time.monotonic() + self.flush_timeout
+            delivery.flush(self.flush_timeout)  # MONAI's close also releases the SQLite store: deliver first
+            handler.run_finish_status = status
             handler.close()
+            delivery.conclude(max(0.0, deadline - time.monotonic()), run_id)
+
+    def _end_unfinished(self) -> None:
+        """At the exit of a process whose evaluation stopped on an error: the reports written so far, run FAILED."""
+        try:
+            self.finish("FAILED")
+        except Exception as error:  # the process is ending: say it, never mask the error that ended it
+            logger.warning(f"MLflow: could not close the evaluation run as FAILED ({first_line(error)}).")
 
     def _reports(self) -> list[Path]:
         """Top-level files of the output folder written since :meth:`start`, and the newest executed config."""

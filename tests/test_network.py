@@ -414,7 +414,7 @@ def test_a_model_file_given_for_the_other_setting_says_which_setting_takes_it(me
     torch.save(base_state, bare)
     with pytest.raises(CheckpointError, match=r"bare state dict; save it as torch.save\(\{'model'"):
         SAM2LoRA("tiny", checkpoint=bare, image_size=IMAGE_SIZE)
-    with pytest.raises(ModelFileError, match=f"{path} is a SAM 2 base checkpoint.*'checkpoint'"):
+    with pytest.raises(ModelFileError, match=f"{path} is a SAM 2 base checkpoint.*--base_checkpoint to train from"):
         read_model_file(path)
 
 

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import MeanAbsoluteError
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import ValidationHandler
+from monai.handlers import MLFlowHandler, ValidationHandler, from_engine
 from torch import nn
 
 from scripts.adapters import AdaptedNetwork
@@ -31,6 +31,7 @@ from scripts.handlers import (
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.lora import LoRALinear
 from scripts.synthetic import write_dataset
+from scripts.tracking import MLflowRecorder
 from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
 from tests.preloaded import preloaded_python
 
@@ -221,6 +222,45 @@ def test_a_checkpoint_of_0_3_11_resumes_its_learning_rate_schedule_with_a_warnin
     torch.save(saved, path)
     with pytest.raises(ResumeError, match="lr_restart_steps: checkpoint 4, now 3"):
         _trainer(tmp_path, "true", seed=1, max_epochs=2, settings={"lr_restart_steps": 3})
+
+
+def test_settings_an_earlier_checkpoint_did_not_record_are_taken_from_this_run_with_a_warning(tmp_path, caplog):
+    """0.3.14 records amp_dtype, tf32, val_interval and window_overlap; a checkpoint of 0.3.13 has none of them."""
+    settings = {"lr_restart_steps": 3, "amp_dtype": "bfloat16", "val_interval": 1}
+    trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1, settings=settings)
+    trainer.run()
+    path = tmp_path / "latest_checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    for key in ("amp_dtype", "val_interval"):
+        del saved["settings"][key]
+    torch.save(saved, path)
+    resumed, *_ = _trainer(tmp_path, "true", seed=1, max_epochs=2, settings=settings)
+    with caplog.at_level(logging.WARNING):
+        resumed.run()
+    assert "written by an earlier bundle that did not record amp_dtype, val_interval: the resumed run takes" in (
+        caplog.text
+    )
+    assert resumed.state.epoch == 2
+    with pytest.raises(ResumeError, match="lr_restart_steps: checkpoint 3, now 4"):  # recorded ones still compared
+        _trainer(tmp_path, "true", seed=1, max_epochs=2, settings={**settings, "lr_restart_steps": 4})
+
+
+def test_a_tracked_resume_of_an_untracked_first_part_is_recorded_as_resumed(tmp_path):
+    """The first part ran without --tracking, so its checkpoint holds no MLflow run: a new run, tagged resumed."""
+    first, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1)
+    first.run()
+    resumed, network, _, _, checkpoint = _trainer(tmp_path, "true", seed=1, max_epochs=2)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name="resumed", output_transform=from_engine("loss", True))
+    handler.attach(resumed)
+    recorder = MLflowRecorder(resumed, [handler, checkpoint], None, {"lr": 0.1}, network, flush_timeout=30)
+    recorder.start()
+    resumed.run()
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    assert run.data.tags["resumed"] == "true" and run.info.status == "FINISHED"
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "Loss")]
+    assert steps == list(range(6, 11)), "epoch 2's iterations, numbered on from the first part's"
 
 
 def test_a_checkpoint_without_buffers_resumes_with_a_warning(tmp_path, caplog):

@@ -137,6 +137,59 @@ def test_delivery_reports_what_was_not_recorded(caplog):
     assert "Not recorded: metric train_loss x3 (steps 7-9)" in caplog.text
 
 
+_STOPPED_RUNS = """
+import sys
+import torch
+from ignite.engine import Engine
+from monai.handlers import MLFlowHandler
+from scripts.tracking import EvaluationRecorder, MLflowRecorder
+
+uri, output = sys.argv[1:]
+
+
+def step(engine, batch):
+    if engine.state.epoch == 2:
+        raise RuntimeError("stopped in epoch 2")
+    engine.state.metrics["vessels@box_fov_dice"] = 0.5  # an evaluation over several prompt modes names it so
+    return 0.25
+
+
+engines = {}
+for kind in ("evaluation", "training"):
+    handler = MLFlowHandler(tracking_uri=uri, experiment_name=kind, output_transform=lambda loss: loss)
+    engines[kind] = Engine(step)
+    handler.attach(engines[kind])
+    if kind == "training":
+        recorder = MLflowRecorder(engines[kind], [handler], None, {"seed": 0}, torch.nn.Linear(2, 2), None, output, 5, 20)
+    else:
+        recorder = EvaluationRecorder([handler], output, retry_interval=5, flush_timeout=20)
+    recorder.start()
+with open(f"{output}/metrics_summary.json", "w") as report:  # a report the evaluation wrote before the error
+    report.write("{}")
+engines["evaluation"].run([0, 1], max_epochs=1)
+engines["training"].run([0, 1], max_epochs=3)
+"""
+
+
+def test_runs_stopped_by_an_error_are_closed_as_failed_with_what_they_recorded(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", _STOPPED_RUNS, uri, str(tmp_path)],
+        check=False, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "stopped in epoch 2" in result.stderr, fail_message(result)
+    client = mlflow.MlflowClient(uri)
+    for kind in ("evaluation", "training"):
+        (run,) = client.search_runs([client.get_experiment_by_name(kind).experiment_id])
+        assert run.info.status == "FAILED", f"{kind}: closed by the exit, not left RUNNING"
+        # Epoch 1's values, delivered by the background thread before the process ended, under a name MLflow takes.
+        assert run.data.metrics["vessels_box_fov_dice"] == 0.5, kind
+    history = client.get_metric_history(run.info.run_id, "Loss")
+    assert [metric.value for metric in history] == [0.25, 0.25], "the training's iterations before the error"
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    assert [artifact.path for artifact in client.list_artifacts(evaluation.info.run_id)] == ["metrics_summary.json"]
+
+
 def test_describe_training_data_and_flatten_settings(tmp_path):
     datalist = tmp_path / "datalist.json"
     entry = {"image": "a.png", "label": "a_label.png", "dataset": "DRIVE", "annotator": "first"}
@@ -306,6 +359,7 @@ def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp
         ckpt_path=tmp_path / "model.pt",
         output_dir=output,
         tracking="mlflow",
+        prompt_modes=["none", "box"],  # channels vessels@none and vessels@box: '@' is no name MLflow takes
         **FAST,
     )
     assert result.returncode == 0, fail_message(result)
@@ -320,7 +374,8 @@ def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp
     summary = json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
     agreement = json.loads((output / "measurement_agreement.json").read_text())["all"]
     metrics = run.data.metrics
-    assert metrics["vessels_fov_dice"] == pytest.approx(summary["vessels/fov/dice"]["mean"])
+    for mode in ("none", "box"):
+        assert metrics[f"vessels_{mode}_fov_dice"] == pytest.approx(summary[f"vessels@{mode}/fov/dice"]["mean"])
     assert metrics["vessel_density_mae"] == pytest.approx(agreement["vessel_density"]["mae"])
     # The report files write an undefined figure (too few images, or no IoU head) as null, MLflow as NaN.
     for name, figure in [

@@ -137,7 +137,7 @@ class TrainingCheckpoint:
         optimizer: its optimiser.
         lr_scheduler: the learning-rate scheduler, stepped by the trainer's handlers.
         settings: the run's hyper-parameters and data description (plain values); a resume requires equal ones,
-            except ``max_epochs``.
+            except those of :data:`CHANGEABLE_ON_RESUME` (``max_epochs``, ``max_training_minutes``).
         resume: ``false`` starts afresh (an earlier run's files are kept by :func:`keep_earlier_run`),
             ``true`` resumes from the checkpoint and fails if there is none, ``auto`` resumes when there is one.
         interval: save every this many iterations (rounded to the next iteration that closes an accumulation
@@ -315,10 +315,18 @@ class TrainingCheckpoint:
                 f"Resuming from {self.path}, written by bundle 0.3.11 or earlier: its learning-rate schedule counted "
                 "micro-batches, and goes on from the position it reached, now counting optimiser steps."
             )
+        unrecorded = sorted(set(self.settings) - set(saved) - CHANGEABLE_ON_RESUME)
+        if unrecorded:
+            # Settings a later bundle records (0.3.14: amp_dtype, tf32, val_interval, window_overlap) cannot be
+            # compared with an earlier checkpoint's: its run is taken to have used this run's values.
+            logger.warning(
+                f"Resuming from {self.path}, written by an earlier bundle that did not record {', '.join(unrecorded)}: "
+                "the resumed run takes this run's values; make sure they are those the first part trained with."
+            )
         differences = [
             f"{key}: checkpoint {saved.get(key)!r}, now {self.settings.get(key)!r}"
             for key in sorted(set(saved) | set(self.settings))
-            if key not in CHANGEABLE_ON_RESUME and saved.get(key) != self.settings.get(key)
+            if key not in CHANGEABLE_ON_RESUME and key not in unrecorded and saved.get(key) != self.settings.get(key)
         ]
         if differences:
             raise ResumeError(
