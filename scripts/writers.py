@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,15 @@ REPORT_FILES = ("measurements.csv", "report.html", "prompts_used.json")
 
 # One colour per output channel for the overlay: vessels / disc in green, cup in magenta.
 CHANNEL_COLOURS = np.array([(0, 255, 64), (255, 0, 255), (0, 160, 255), (255, 200, 0)], dtype=np.float32) / 255
+
+
+def channel_colour(channel: int) -> np.ndarray:
+    """The overlay's RGB colour in ``[0, 1]`` for an output channel: :data:`CHANNEL_COLOURS`, then hues of full
+    saturation, each its own, for channels beyond them (a model given more ``channel_names``)."""
+    if channel < len(CHANNEL_COLOURS):
+        return CHANNEL_COLOURS[channel]
+    hue = ((channel - len(CHANNEL_COLOURS)) * 0.618034) % 1.0  # golden-ratio steps keep neighbours apart
+    return np.asarray(colorsys.hsv_to_rgb(hue, 1.0, 1.0), dtype=np.float32)
 
 
 def output_stem(source: str | os.PathLike) -> str:
@@ -165,7 +175,8 @@ class SaveFundusPredictiond(MapTransform):
 
     def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         image = image.copy()
-        for mask, colour in zip(masks, CHANNEL_COLOURS):
+        for channel, mask in enumerate(masks):
+            colour = channel_colour(channel)
             image[mask] = (1 - self.overlay_opacity) * image[mask] + self.overlay_opacity * colour
         return image
 

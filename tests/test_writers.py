@@ -57,6 +57,18 @@ def test_writes_mask_probability_overlay_and_nifti(photo, tmp_path):
     assert restricted[0, 0] == 0 and restricted[6, 12] == 255
 
 
+def test_every_channel_of_a_model_with_many_gets_its_own_overlay_colour(photo, tmp_path):
+    names = [f"structure{n}" for n in range(7)]
+    probabilities = np.zeros((len(names), 20, 30), dtype=np.float32)
+    for channel in range(len(names)):
+        probabilities[channel, 10, 4 * channel] = 0.9  # one pixel of each, nowhere else
+    SaveFundusPredictiond("pred", tmp_path, names, overlay_opacity=1.0)({"pred": prediction(probabilities, photo)})
+    overlay = np.asarray(Image.open(tmp_path / "eye_overlay.png")).astype(int)
+    painted = [tuple(overlay[10, 4 * channel]) for channel in range(len(names))]
+    background = tuple(overlay[10, 1])
+    assert background not in painted and len(set(painted)) == len(names), painted
+
+
 def test_disc_and_cup_become_one_label_image(photo, tmp_path):
     probabilities = np.zeros((2, 20, 30), dtype=np.float32)
     probabilities[0, 4:16, 8:22] = 0.8  # disc
