@@ -27,9 +27,12 @@ AGREEMENT, FALSE_POSITIVE, MISSED = (0.1, 0.85, 0.1), (0.95, 0.1, 0.1), (0.15, 0
 
 
 def _save_figure(figure: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
+    # Closed even when the write fails: pyplot keeps every open figure, and a run draws charts every epoch.
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def _smoothed(values: np.ndarray, window: int) -> np.ndarray:
@@ -81,7 +84,7 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | os.Pa
 
 
 def plot_dataset_metrics(
-    values: Mapping[str, Mapping[str, float]],
+    values: Mapping[str, Mapping[str, float | None]],
     path: str | os.PathLike,
     title: str,
     counts: Mapping[str, int] | None = None,
@@ -89,7 +92,8 @@ def plot_dataset_metrics(
     """A grouped bar chart: one group per dataset, one bar per metric (or channel).
 
     Args:
-        values: dataset name to ``{metric name: value}``; NaN values are left out.
+        values: dataset name to ``{metric name: value}``; NaN and None values (a mean that is undefined, which
+            ``metrics_summary.json`` writes as null) are left out, their bar labelled "n/a".
         path: the PNG to write (atomically).
         title: the chart's title.
         counts: dataset name to its number of images, shown under the name.
@@ -102,7 +106,7 @@ def plot_dataset_metrics(
     figure, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(datasets) * max(1, len(names)) + 2), 4))
     width = 0.8 / max(1, len(names))
     for index, name in enumerate(names):
-        heights = [values[d].get(name, math.nan) for d in datasets]
+        heights = [math.nan if (value := values[d].get(name)) is None else float(value) for d in datasets]
         positions = np.arange(len(datasets)) + (index - (len(names) - 1) / 2) * width
         bars = axis.bar(positions, np.nan_to_num(heights), width, label=name)
         axis.bar_label(bars, labels=[f"{h:.3f}" if not math.isnan(h) else "n/a" for h in heights], fontsize=8)

@@ -28,11 +28,13 @@ import numpy as np
 from scipy import ndimage, signal
 
 from scripts.atomic import write_json_atomic
-from scripts.fundus_io import FundusImageError, write_png
+from scripts.errors import command_line
+from scripts.fundus_io import write_png
 from scripts.inputs import InputError, read_datalist
 
 __all__ = [
     "MASK_FOLDERS",
+    "MIN_COUNT",
     "SyntheticFundus",
     "ensure_dataset",
     "main",
@@ -47,6 +49,9 @@ MASK_FOLDERS = ("vessels", "disc", "cup", "fov")
 DATASET_NAME = "synthetic"
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 MIN_COUNT = 3
+"""Fewest pictures in a dataset: one for each split."""
+MIN_SIZE = 64
+"""Smallest picture side in pixels."""
 
 # Light absorbed per unit vessel "thickness", per RGB channel: blood absorbs green and blue far more than red, and
 # venous blood (less oxygen) more than arterial blood, which is why veins look darker and arteries redder.
@@ -368,10 +373,9 @@ def render_fundus(size: int = 512, seed: int = 0, index: int = 0) -> SyntheticFu
         the picture and its vessel, disc, cup and field-of-view masks.
 
     Raises:
-        ValueError: when ``size`` is below 64 pixels.
+        ValueError: when ``size`` is below :data:`MIN_SIZE`.
     """
-    if size < 64:
-        raise ValueError(f"size must be at least 64 pixels, got {size}")
+    _check_size(size)
     rng = np.random.default_rng([seed, index])
     shape = (size, size)
     scale = size / 512.0
@@ -434,6 +438,11 @@ def render_fundus(size: int = 512, seed: int = 0, index: int = 0) -> SyntheticFu
     )
 
 
+def _check_size(size: int) -> None:
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
+
+
 def split_indices(count: int, seed: int, fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, list[int]]:
     """Shuffle ``range(count)`` with ``seed`` into training, validation and test lists, none of them empty.
 
@@ -488,10 +497,13 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
         paths of the two datalists: ``{"vessels": .../datalist.json, "disc_cup": .../datalist_disc_cup.json}``.
 
     Raises:
-        ValueError: when ``count`` is below 3, ``size`` is too small, or ``output`` is not a usable folder.
+        ValueError: when ``count`` is below 3, ``size`` is too small, or ``output`` is not a usable folder; checked
+            before anything in ``output`` is touched.
+        OutputError: a file cannot be written.
     """
     output = Path(output)
     splits = split_indices(count, seed)
+    _check_size(size)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a folder")
     try:
@@ -578,6 +590,7 @@ def _matches(datalist: Path, count: int, seed: int, size: int) -> bool:
     return content.get("seed") == seed and content.get("size") == size and listed == count
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: ``python -m scripts.synthetic --output DIR --count N --seed S [--size 512]``.
 
@@ -585,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        the process exit status (0 on success; argparse exits with 2 on bad arguments).
+        the process exit status (0 on success; argparse exits with 2 on bad arguments, and a file that cannot be
+        written is reported in one line with status 1).
     """
     parser = argparse.ArgumentParser(prog="python -m scripts.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, type=Path, help="dataset folder (created if needed)")
@@ -595,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         paths = write_dataset(arguments.output, arguments.count, seed=arguments.seed, size=arguments.size)
-    except (ValueError, FundusImageError) as error:
+    except ValueError as error:  # --output, --count or --size cannot be used
         parser.error(str(error))
     print(f"wrote {arguments.count} synthetic pictures; datalists: {paths['vessels']}, {paths['disc_cup']}")
     return 0

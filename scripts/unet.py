@@ -83,7 +83,6 @@ class HieraEncoder(nn.Module, BaseEncoder):
         lora_alpha: scale numerator; default ``2 * lora_rank`` as in the paper.
         lora_dropout: dropout on the adapters' inputs.
         lora_targets: ``fnmatch`` patterns on the trunk's module names; empty for no adapters.
-        stem_channels: channels of the stride-2 level.
 
     Raises:
         CheckpointError: a checkpoint is missing, unreadable or does not fit.
@@ -101,7 +100,6 @@ class HieraEncoder(nn.Module, BaseEncoder):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.1,
         lora_targets: Sequence[str] = ENCODER_LORA_TARGETS,
-        stem_channels: int = STEM_CHANNELS,
     ) -> None:
         super().__init__()
         if spatial_dims != 2 or in_channels != 3:
@@ -111,8 +109,8 @@ class HieraEncoder(nn.Module, BaseEncoder):
             )
         self.size = resolve_hiera_size(model_size)
         self.stem = nn.Sequential(
-            Convolution(2, 3, stem_channels, strides=2, kernel_size=3, norm="batch", act="relu"),
-            Convolution(2, stem_channels, stem_channels, kernel_size=3, norm="batch", act="relu"),
+            Convolution(2, 3, STEM_CHANNELS, strides=2, kernel_size=3, norm="batch", act="relu"),
+            Convolution(2, STEM_CHANNELS, STEM_CHANNELS, kernel_size=3, norm="batch", act="relu"),
         )
         self.trunk = build_hiera_trunk(self.size.name, sam2_version)
         if pretrained:

@@ -1,13 +1,23 @@
-"""Smoke tests of the benchmark script: it runs and writes a well-formed report. It times nothing itself."""
+"""Tests of the benchmark script: it runs, writes a well-formed report and measures what the bundle runs. It times
+nothing itself."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from scripts.atomic import OutputError
+from scripts.errors import ConfigError
+from scripts.lora import lora_modules
+from scripts.network import SAM2LoRA
 from tools import benchmark
 
 RUN_IN_FRESH_PROCESS = benchmark._in_fresh_process  # kept before the report fixture replaces it
@@ -25,6 +35,15 @@ SMALLEST = [
     "--device", "cpu",
     "--photographs", "150x100", "50x40",
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def logger_levels():
+    """The benchmark quiets loggers for its own processes; run in the tests' process, they are set back after."""
+    levels = {name: logging.getLogger(name).level for name in benchmark.QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +73,8 @@ def test_report_has_every_row_asked_for(report):
     assert configurations == [("LoRA", []), ("full fine-tuning", [])]
     lora, full = content["training"][:2]
     assert 0 < lora["trainable_parameters"] < 0.05 * lora["total_parameters"]
-    assert full["trainable_parameters"] == full["total_parameters"]
+    bundle_full = SAM2LoRA("tiny", random_init=True, image_size=64, finetune="full")
+    assert (full["trainable_parameters"], full["total_parameters"]) == bundle_full.count_parameters()
     for row in content["training"]:
         assert row["step_time_s"] > 0 and row["peak_memory_mib"] >= row["memory_before_steps_mib"] > 0
     for row in content["inference"]:
@@ -146,6 +166,17 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--photographs", "3504"])
     assert "'3504' is not WIDTHxHEIGHT" in capsys.readouterr().err
+    for argument, value, least in (("--data-images", "2", 3), ("--num-workers", "-1", 0)):
+        with pytest.raises(SystemExit):
+            benchmark.main([*SMALLEST, argument, value])
+        assert f"{argument} must be at least {least}, got {value}." in capsys.readouterr().err
+
+
+def test_compile_is_not_timed_without_a_warm_up(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch.compile is measured on CUDA only
+    assert benchmark.main([*SMALLEST, "--device", "cuda", "--switches", "compile"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: --warmup 0 with torch.compile measured") and error.count("\n") == 1, error
 
 
 @pytest.mark.parametrize(
@@ -157,6 +188,7 @@ def test_bad_arguments_are_refused(capsys):
             "error: Setting 'model_size' must be one of base_plus, large, small, tiny; got 'huge'.",
         ),
         (["--output-dir", "{file}"], "error: Output folder {file} cannot be written"),
+        (["--drive-dir", "{file}"], "error: --drive-dir {file}: there is no folder {file}/test/images"),
     ],
 )
 def test_bad_names_are_one_line_before_anything_is_measured(tmp_path, capsys, arguments, message):
@@ -187,3 +219,62 @@ def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measur
     assert len(content["inference"]) == 3
     assert content["training"] == content["prompt_modes"] == content["data_loading"] == []
     assert [row["target"] for row in content["targets"]] == ["merged inference latency / SAM 2 latency"]
+
+
+def test_agreement_photographs_are_the_image_files_of_drive_s_test_folder(tmp_path):
+    images = tmp_path / "test" / "images"
+    images.mkdir(parents=True)
+    (images / "Thumbs.db").write_bytes(b"\x00 not an image")
+    (images / "._01_test.tif").write_bytes(b"macOS resource fork")
+    with pytest.raises(ConfigError, match="holds no photograph"):
+        benchmark._agreement_images(32, str(tmp_path))
+    Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(images / "01_test.tif")
+    pictures, source = benchmark._agreement_images(32, str(tmp_path))
+    assert pictures.shape == (1, 3, 32, 32) and source == "DRIVE test images 01_test.tif"
+
+
+def test_a_report_that_cannot_be_written_is_an_output_error(report, tmp_path):
+    content, _ = report
+    (tmp_path / "benchmark.md").mkdir()  # a folder where the report should go
+    with pytest.raises(OutputError, match="benchmark.md"):
+        benchmark.write_report(content, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["benchmark.json", "benchmark.md"], "no partial file"
+
+
+def test_prompt_modes_are_measured_with_the_adapters_merged(monkeypatch):
+    build, built = benchmark._network, []
+
+    def recorded(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(benchmark, "_network", recorded)
+    benchmark.measure_prompt_modes("tiny", 64, repeats=1, warmup=0, device="cpu", lora_rank=4)
+    (network,) = built
+    layers = [layer for _, layer in lora_modules(network)]
+    assert layers and all(layer.merged for layer in layers), "evaluate.json merges them"
+
+
+def test_the_window_overlap_is_inference_json_s(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(benchmark.BUNDLE_CONFIGS, configs)
+    inference = json.loads((configs / "inference.json").read_text())
+    inference["window_overlap"] = 0.5  # train.json keeps 0.25
+    (configs / "inference.json").write_text(json.dumps(inference))
+    monkeypatch.setattr(benchmark, "BUNDLE_CONFIGS", configs)
+    row = benchmark.measure_input_modes("tiny", 64, (150, 100), "sliding_window", 1, 0, "cpu", lora_rank=4)
+    # 64 px windows overlapping by half: starts every 32 px, the last flush with the edge (MONAI's scan).
+    assert row["windows_total"] == (math.ceil((150 - 64) / 32) + 1) * (math.ceil((100 - 64) / 32) + 1) == 12
+
+
+def test_the_warnings_about_random_weights_are_quieted():
+    benchmark._quiet_logs()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # after _quiet_logs, which replaces the root logger's handlers
+    logging.getLogger().addHandler(handler)
+    try:
+        benchmark._network("tiny", 64, 4)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []

@@ -249,6 +249,25 @@ def test_merged_weights_compute_what_the_adapters_compute(models, tmp_path):
         torch.testing.assert_close(merged(images), unmerged(images), atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_saved_with_merged_adapters_ships_them_merged_and_says_why(models, tmp_path, caplog):
+    """Adapters asked for (the default) of a model.pt saved merged: they cannot be split from the base again."""
+    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, weights_follow=True)
+    network.load_state_dict(torch.load(models["on_base"], weights_only=True))
+    network.merge_adapters()
+    merged = tmp_path / "merged.pt"
+    torch.save(network.state_dict(), merged)
+    with caplog.at_level("WARNING", logger="tools.export"):
+        result = export_bundle(tmp_path / "dist", merged, base_checkpoint=models["base"])
+    assert result.weights == "merged" and "merged into the base weights" in result.reason
+    assert "Exporting merged weights instead of adapters" in caplog.text
+    with zipfile.ZipFile(result.archive) as archive:
+        assert f"{BUNDLE_NAME}/models/adapters.pt" not in archive.namelist()
+        assert "merged into the base weights" in archive.read(f"{BUNDLE_NAME}/docs/weights.md").decode()
+        state = torch.load(archive.open(f"{BUNDLE_NAME}/models/model.pt"), weights_only=True)
+    saved = torch.load(merged, weights_only=True)
+    assert state.keys() == saved.keys() and all(same_entry(state[key], saved[key]) for key in saved)
+
+
 def test_adapters_without_the_base_checkpoint_say_how_to_get_it(models, tmp_path):
     missing = tmp_path / "nowhere" / "sam2.1_hiera_tiny.pt"
     with pytest.raises(ExportError, match="download_large_files") as caught:

@@ -302,3 +302,27 @@ def test_numbers_show_their_significant_digits_and_counts_show_whole(tmp_path):
     (row,) = page.rows
     assert row[2] == ({"class": "number", "data-value": "0.030349"}, "0.03035"), "not 0.030 at 3 decimals"
     assert row[3] == ({"class": "number", "data-value": "387.0"}, "387"), "not 387.000"
+
+
+def test_a_dataset_mean_written_as_null_is_charted_as_undefined(tmp_path):
+    """metrics_summary.json writes an undefined mean (NaN: cup sensitivity when no cup is labelled) as null."""
+    from scripts.handlers import EvaluationChart
+
+    summary = tmp_path / "metrics_summary.json"
+    metrics = {"disc/fov/sensitivity": {"mean": 0.81}, "cup/fov/sensitivity": {"mean": None}}
+    summary.write_text(json.dumps({"summary": {"datasets": {"DRIVE": {"images": 3, "metrics": metrics}}}}))
+    EvaluationChart(summary, tmp_path / "chart.png")(None)
+    assert Image.open(tmp_path / "chart.png").size[0] > 0
+
+
+def test_a_chart_that_cannot_be_written_leaves_no_figure_open(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from scripts.atomic import OutputError
+    from scripts.plots import plot_dataset_metrics
+
+    (tmp_path / "chart.png").mkdir()  # a folder where the chart should go
+    open_before = plt.get_fignums()
+    with pytest.raises(OutputError, match="chart.png"):
+        plot_dataset_metrics({"DRIVE": {"dice": 0.8}}, tmp_path / "chart.png", "means")
+    assert plt.get_fignums() == open_before

@@ -159,6 +159,23 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "at least 3" in capsys.readouterr().err
 
 
+def test_a_bad_size_is_refused_before_an_existing_dataset_is_touched(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    write_dataset(folder, count=3, size=64)
+    before = _files(folder)
+    with pytest.raises(ValueError, match="size must be at least 64"):
+        write_dataset(folder, count=3, size=32)
+    assert _files(folder) == before, "the datalists are still there"
+
+
+def test_command_line_reports_an_unwritable_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocked = tmp_path / "data" / "images" / "synthetic_0000.png"
+    blocked.mkdir(parents=True)  # a folder where the first picture should go
+    assert main(["--output", str(tmp_path / "data"), "--count", "3", "--size", "64"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: Cannot write {blocked}") and error.count("\n") == 1, error
+
+
 def test_ensure_dataset_renders_once_and_reuses(tmp_path):
     from scripts.synthetic import ensure_dataset
 

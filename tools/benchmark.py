@@ -4,18 +4,21 @@ For each Hiera size and image size asked for, it measures:
 
 - inference latency (batch of 1) and throughput (``--batch-size``) of SAM 2 without adapters, of the adapted
   network with its adapters unmerged, and with them merged into the base weights;
-- the training step time (forward, loss, backward, gradient clipping, AdamW step) and the peak memory of LoRA
-  fine-tuning and of full fine-tuning (every SAM 2 weight trainable, no adapters) at the same batch and size,
-  with the trainable parameter counts;
+- the training step time (forward, loss, backward, gradient clipping, an AdamW step every iteration; see
+  :func:`measure_training` for how it differs from the trainer's) and the peak memory of LoRA fine-tuning and of
+  full fine-tuning (``finetune="full"`` as the bundle builds it: every SAM 2 weight the network runs trainable, no
+  adapters) at the same batch and size, with the trainable parameter counts;
 - the bundle's own training data pipeline (``train.json`` + ``quickstart.json``: CacheDataset, augmentation in
   DataLoader workers) run by its SupervisedTrainer: time waiting for a batch against the time of the step,
   after the first epoch;
 - the cost of evaluating one photograph over the paper's eight prompt modes against the prompt-free mode alone
-  (the bundle's ``FundusInferer``: one encoder pass, the mask decoder once prompt-free and once for all prompts);
+  (adapters merged; the bundle's ``FundusInferer``: one encoder pass, the mask decoder once prompt-free and once
+  for all prompts);
 - on the CPU, the merged network in PyTorch eager mode against the onnxruntime backend in float32 and int8:
   latency, and the agreement of their masks and probabilities with PyTorch's on real photographs (``--drive-dir``);
-- the speed switches (channels-last, activation checkpointing, and on CUDA bf16 autocast, TF32 and
-  ``torch.compile``), each against the same configuration without it.
+- the speed switches, each against the same configuration without it: in inference, channels-last and on CUDA
+  bf16 autocast, TF32 and ``torch.compile`` on the merged network; in training, activation checkpointing on LoRA
+  and on full fine-tuning, the others on LoRA. The other parts run without switches.
 
 Every figure is the median over ``--repeats`` runs after ``--warmup`` runs. Each training configuration runs in a
 fresh process, because a process's resident-memory high-water mark never goes down: peak memory is that process's
@@ -100,6 +103,8 @@ BACKEND_TARGETS = (
     ("onnxruntime int8", "speed_up", "onnxruntime int8 speed-up over PyTorch eager (CPU, batch 1)", 2.0),
     ("onnxruntime int8", "mask_dice", "onnxruntime int8 mask agreement with PyTorch (Dice)", 0.97),
 )
+# Loggers that warn about the random weights every case builds on purpose (see _quiet_logs).
+QUIET_LOGGERS = ("scripts.sam2_models", "scripts.adapters")
 # What a run has measured so far, rewritten after each measurement and removed once the full report is written.
 PARTIAL_REPORT = "benchmark.partial.json"
 DATA_TARGET = ("data-loading time / training step time (after the first epoch)", 0.1)
@@ -184,18 +189,37 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 def _quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING, force=True)
-    # The benchmark builds from random weights on purpose; the network's warning about it would repeat per case.
-    logging.getLogger("scripts.network").setLevel(logging.ERROR)
+    # The benchmark builds from random weights on purpose; the warnings about it (random SAM 2 weights, LoRA on
+    # them) would repeat per case.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _network(model_size: str, image_size: int, lora_rank: int, adapters: bool = True, **switches: bool):
-    """A randomly initialised SAM2LoRA with non-zero adapters (as after training), or SAM 2 without adapters."""
+def _network(
+    model_size: str, image_size: int, lora_rank: int, adapters: bool = True, finetune: str = "lora", **switches: bool
+):
+    """A randomly initialised SAM2LoRA with non-zero adapters (as after training), or SAM 2 without adapters.
+
+    Args:
+        model_size: Hiera size.
+        image_size: encoder input side.
+        lora_rank: adapter rank.
+        adapters: False for SAM 2 without adapters (nothing trainable).
+        finetune: the bundle's fine-tuning mode, which decides what trains (``"full"``: no adapters).
+        switches: ``channels_last``, ``activation_checkpointing``.
+
+    Returns:
+        The network, on the CPU.
+    """
     from scripts.lora import lora_modules
     from scripts.network import SAM2LoRA
 
     torch.manual_seed(0)
     targets = {} if adapters else {"lora_targets": ()}
-    network = SAM2LoRA(model_size, random_init=True, image_size=image_size, lora_rank=lora_rank, **targets, **switches)
+    network = SAM2LoRA(
+        model_size, random_init=True, image_size=image_size, lora_rank=lora_rank, finetune=finetune, **targets,
+        **switches,
+    )
     with torch.no_grad():
         for _, layer in lora_modules(network.sam2):
             layer.lora_B.normal_(std=0.02)
@@ -319,17 +343,55 @@ def measure_inference(
     return rows
 
 
+def _drive_photographs(drive_dir: str, count: int = 4) -> list[Path]:
+    """DRIVE's first ``count`` test photographs: the image files of ``<drive_dir>/test/images``, by name.
+
+    Files of other kinds there (``Thumbs.db``) are passed over: only names ending in one of
+    :data:`scripts.fundus_io.SUPPORTED_SUFFIXES` (optionally ``.gz``) are photographs, and hidden files are left out
+    as a shell's ``*`` leaves them (macOS writes ``._01_test.tif`` beside ``01_test.tif`` on foreign disks).
+
+    Args:
+        drive_dir: DRIVE's folder, as ``--drive-dir`` gives it.
+        count: how many photographs, at most.
+
+    Returns:
+        Their paths, sorted by name.
+
+    Raises:
+        ConfigError: the folder is missing or holds no photograph.
+    """
+    from scripts.fundus_io import SUPPORTED_SUFFIXES
+
+    folder = Path(drive_dir) / "test" / "images"
+    if not folder.is_dir():
+        raise ConfigError(f"--drive-dir {drive_dir}: there is no folder {folder} of DRIVE's test photographs.")
+    files = sorted(
+        path
+        for path in folder.iterdir()
+        if not path.name.startswith(".")
+        and path.is_file()
+        and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
+    )
+    if not files:
+        raise ConfigError(
+            f"--drive-dir {drive_dir}: {folder} holds no photograph ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz)."
+        )
+    return files[:count]
+
+
 def _agreement_images(image_size: int, drive_dir: str | None, count: int = 4) -> tuple[torch.Tensor, str]:
     """Photographs resized to ``image_size`` and SAM-normalised: DRIVE's first test images, else synthetic ones."""
     import numpy as np
     from PIL import Image
 
+    from scripts.fundus_io import read_image
     from scripts.synthetic import render_fundus
     from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
     if drive_dir:
-        files = sorted((Path(drive_dir) / "test" / "images").iterdir())[:count]
-        pictures = [Image.open(path).convert("RGB") for path in files]
+        files = _drive_photographs(drive_dir, count)
+        # read_image reads what the bundle reads (gzipped, 16-bit...) or names the file it cannot; PIL resizes 8 bits.
+        pictures = [Image.fromarray(np.round(read_image(path) * 255).astype(np.uint8)) for path in files]
         source = f"DRIVE test images {', '.join(path.name for path in files)}"
     else:
         pictures = [Image.fromarray(render_fundus(512, index=index).image) for index in range(count)]
@@ -421,8 +483,8 @@ def measure_prompt_modes(
     """Seconds per photograph of the evaluation's inferer over the prompt-free mode alone and over all eight modes
     (:data:`scripts.prompts.PROMPT_MODES`), in turns, on one image with a disc-shaped reference for the oracle modes,
     and of the evaluation's metrics of those outputs (:func:`scripts.metrics.evaluate_case`, inside a circular
-    field of view and over the whole image, as the bundle's evaluation computes them). The encoder's pass is shared
-    by the modes; the metrics are computed once per mode.
+    field of view and over the whole image, as the bundle's evaluation computes them). The adapters are merged, as
+    the evaluation merges them; the encoder's pass is shared by the modes; the metrics are computed once per mode.
 
     Args:
         model_size: Hiera size.
@@ -446,6 +508,7 @@ def measure_prompt_modes(
     _quiet_logs()
     target = torch.device(device)
     network = _network(model_size, image_size, lora_rank).to(target).eval()
+    network.merge_adapters()  # as evaluate.json runs it (scripts.handlers.MergeAdapters)
     image = MetaTensor(
         torch.randn(1, 3, image_size, image_size, device=target),
         meta={"filename_or_obj": ["benchmark.png"], "spatial_shape": [[image_size, image_size]]},
@@ -531,7 +594,7 @@ def measure_input_modes(
     network = _network(model_size, image_size, lora_rank).to(target).eval()
     network.merge_adapters()
     width, height = photograph
-    overlap = json.loads((BUNDLE_CONFIGS / "train.json").read_text(encoding="utf-8"))["window_overlap"]
+    overlap = json.loads((BUNDLE_CONFIGS / "inference.json").read_text(encoding="utf-8"))["window_overlap"]
     inferer = FundusInferer(input_mode, image_size=image_size, overlap=overlap)
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, height, width, generator=generator).to(target)
@@ -594,8 +657,13 @@ def measure_training(
 ) -> dict:
     """Step time and peak memory of one training configuration; call it in a fresh process for the peak.
 
-    The step is the bundle's: SAM2LoRA forward with five positive points per image, the paper's composite loss
-    (BCE + Dice + focal Tversky + IoU term), backward, gradient clipping at 1.0, AdamW.
+    One step, timed alone: SAM2LoRA forward on a fixed random batch with ``train.json``'s number of positive points
+    per image, the paper's composite loss (BCE + Dice + focal Tversky + IoU term), backward, gradient clipping at
+    ``train.json``'s norm, then an AdamW step with its learning rate and weight decay. The optimiser steps every
+    iteration and the step runs in float32 (without TF32) unless ``bf16`` or ``tf32`` is among ``switches``; the
+    bundle's trainer instead accumulates gradients over ``train.json``'s ``accumulation_steps`` (4) iterations per
+    optimiser step and, on CUDA, autocasts to bf16 (``amp``) with TF32 on, and its batches come from the data
+    pipeline (see :func:`measure_data_loading`).
 
     Args:
         model_size: Hiera size.
@@ -605,7 +673,8 @@ def measure_training(
         warmup: untimed steps first (they also allocate AdamW's state).
         device: ``cuda`` or ``cpu``.
         lora_rank: adapter rank (LoRA only).
-        full: full fine-tuning (every SAM 2 weight trainable, no adapters) instead of LoRA.
+        full: full fine-tuning (``finetune="full"`` as the bundle builds it: every SAM 2 weight the network runs
+            trainable, no adapters) instead of LoRA.
         switches: ``channels_last``, ``activation_checkpointing``, ``bf16``, ``tf32``, ``compile``.
 
     Returns:
@@ -618,10 +687,8 @@ def measure_training(
     target = torch.device(device)
     _tf32("tf32" in switches)
     network_switches = {name: True for name in ("channels_last", "activation_checkpointing") if name in switches}
-    network = _network(model_size, image_size, lora_rank, adapters=not full, **network_switches)
-    if full:
-        network.requires_grad_(True)
-    network = network.to(target).train()
+    finetune = "full" if full else "lora"
+    network = _network(model_size, image_size, lora_rank, finetune=finetune, **network_switches).to(target).train()
     trainable, total = network.count_parameters()
     parameters = [p for p in network.parameters() if p.requires_grad]
     recipe = training_recipe()
@@ -794,6 +861,11 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _measured_switches(switches: Sequence[str], device: torch.device) -> tuple[str, ...]:
+    """The switches of ``switches`` that are measured on ``device``: the CUDA-only ones are left out on a CPU."""
+    return tuple(s for s in switches if device.type == "cuda" or s not in CUDA_ONLY_SWITCHES)
+
+
 def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] | None = None) -> dict:
     """Measure everything ``settings`` asks for; every training and data configuration in its own process.
 
@@ -806,7 +878,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
         The report: ``machine``, ``settings``, ``inference``, ``training``, ``data_loading``, ``targets`` rows.
     """
     device = _resolve_device(settings.device)
-    measured_switches = tuple(s for s in settings.switches if device.type == "cuda" or s not in CUDA_ONLY_SWITCHES)
+    measured_switches = _measured_switches(settings.switches, device)
     common = {"batch_size": settings.batch_size, "device": str(device)}
     timing = {"repeats": settings.repeats, "warmup": settings.warmup, "lora_rank": settings.lora_rank}
     report: dict[str, Any] = {
@@ -1122,16 +1194,19 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``benchmark.json`` and ``benchmark.md`` into ``output_dir``.
+    """Write ``benchmark.json`` and ``benchmark.md`` into ``output_dir``, each atomically.
 
     Returns:
         The two paths.
+
+    Raises:
+        OutputError: a file cannot be written (the previous one, if any, is left as it was).
     """
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = folder / "benchmark.json", folder / "benchmark.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    markdown_path.write_text(render_markdown(report), encoding="utf-8")
+    markdown = render_markdown(report)  # first: should it fail, neither file is replaced
+    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(markdown_path, markdown)
     return json_path, markdown_path
 
 
@@ -1193,15 +1268,27 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
         },
     }
     settings = replace(settings, **{name: value for name, value in chosen.items() if value is not None})
-    if settings.repeats < 1 or settings.warmup < 0 or settings.batch_size < 1 or settings.data_epochs < 2:
-        parser.error("--repeats and --batch-size must be at least 1, --warmup at least 0, --data-epochs at least 2.")
     from scripts.inputs import writable_folder
     from scripts.sam2_models import resolve_hiera_size
+    from scripts.synthetic import MIN_COUNT
+
+    # --data-images: the data pipeline's synthetic dataset needs an image for each of its three splits.
+    least = {"repeats": 1, "batch_size": 1, "warmup": 0, "data_epochs": 2, "data_images": MIN_COUNT, "num_workers": 0}
+    for name, value in least.items():
+        if getattr(settings, name) < value:
+            parser.error(f"--{name.replace('_', '-')} must be at least {value}, got {getattr(settings, name)}.")
 
     # Checked before anything is measured: a wrong name would otherwise stop the run in its worker, minutes in.
-    _resolve_device(settings.device)
+    device = _resolve_device(settings.device)
+    if settings.warmup < 1 and "compile" in _measured_switches(settings.switches, device):
+        raise ConfigError(
+            "--warmup 0 with torch.compile measured (--switches compile, on CUDA): its compilation would be timed as "
+            "a run; give --warmup 1 or more."
+        )
     for model_size in settings.model_sizes:
         resolve_hiera_size(model_size)
+    if settings.drive_dir is not None:
+        _drive_photographs(settings.drive_dir)
     return settings, Path(writable_folder(arguments.output_dir))
 
 

@@ -11,7 +11,9 @@ Weights (``--weights``):
   in ``large_files.yml`` with its SHA-256 and fetched by ``download_large_files``. Written only after checking
   that the base checkpoint plus the adapters rebuild the trained network bit for bit. A network trained from
   random initialisation, or on another base, has no public base to put the adapters on: the archive then
-  carries the full weights instead, and says why in the log and in ``docs/weights.md``.
+  carries the full weights instead, and says why in the log and in ``docs/weights.md``. A model file saved with
+  its adapters merged into the base weights (``--weights merged`` writes one) cannot be split into base and
+  adapters again bit for bit (float rounding): the archive then carries those merged weights, and says so alike.
 - ``full``: the trained state dict as it is (``models/model.pt``), base and adapters.
 - ``merged``: the full weights with every adapter folded into its base weight, which makes inference as cheap
   as plain SAM 2 (the result equals ``full`` up to float rounding).
@@ -42,6 +44,7 @@ import scripts
 from scripts.adapters import AdaptedNetwork, ModelFileError, tensor_state
 from scripts.atomic import atomic_path, file_sha256
 from scripts.errors import FundusError, command_line
+from scripts.lora import lora_modules
 from scripts.network import build_network, load_trained, network_arguments
 from scripts.sam2_models import CheckpointError
 
@@ -140,7 +143,7 @@ def adapters_reproduce(trained: AdaptedNetwork, base: Path, adapters: Path) -> l
 def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models: Path) -> tuple[str, str]:
     """Write the weights of ``mode`` into ``models``; return the mode used and why it differs from ``mode``."""
     if mode == "adapters":
-        reason = ""
+        reason, fallback = "", "full"
         if trained.settings["base_weights"] == "random":
             reason = (
                 "the model was trained from random initialisation (random_init=True): there is no public base "
@@ -148,6 +151,13 @@ def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models
             )
         elif trained.settings["finetune"] == "full":
             reason = "the model was fine-tuned in full (finetune='full'): every weight changed, so the archive carries them all"
+        elif any(layer.merged for _, layer in lora_modules(trained)):  # type: ignore[arg-type]
+            reason = (
+                "the model file holds its adapters merged into the base weights (as --weights merged writes them): "
+                "float rounding keeps unmerging them from giving the base weights back bit for bit, so the archive "
+                "carries the merged weights"
+            )
+            fallback = "merged"
         elif base is None or not base.is_file():
             raise ExportError(
                 f"Base checkpoint {base} does not exist; it is needed to check that the adapters alone reproduce "
@@ -168,8 +178,8 @@ def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models
                 f"{len(differences)} tensors (e.g. {differences[:3]}): it was not trained on that base, so the "
                 "adapters alone cannot reproduce it and the archive carries the full weights"
             )
-        logger.warning("Exporting full weights instead of adapters: %s.", reason)
-        mode = "full"
+        logger.warning("Exporting %s weights instead of adapters: %s.", fallback, reason)
+        mode = fallback
     else:
         reason = ""
     if mode == "merged":
