@@ -29,6 +29,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "FundusImageError",
     "estimate_fov",
+    "image_files",
     "image_size",
     "label_foreground",
     "read_image",
@@ -116,6 +117,23 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
 def _sixteen_bit_to_float(image: Image.Image) -> np.ndarray:
     """A one-channel 16-bit PIL image as float32 scaled by 65535 into ``[0, 1]``."""
     return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The pictures of a folder, sorted by name: its files whose names end in one of :data:`SUPPORTED_SUFFIXES`
+    (any letter case, optionally ``.gz``), subfolders not searched.
+
+    Listed with ``iterdir``, not ``glob(folder + "/*")``, which reads a folder named ``photos [2024]`` as a pattern.
+    Hidden files are left out as a shell's ``*`` leaves them (macOS writes ``._eye.jpg`` beside ``eye.jpg`` on
+    foreign disks), and so are files of other kinds (``Thumbs.db``).
+    """
+    return sorted(
+        path
+        for path in Path(folder).iterdir()
+        if not path.name.startswith(".")
+        and path.is_file()
+        and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
+    )
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:

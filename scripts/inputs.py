@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, image_size, read_label_mask, readable_image_size
+from scripts.fundus_io import (
+    SUPPORTED_SUFFIXES,
+    FundusImageError,
+    image_files,
+    image_size,
+    read_label_mask,
+    readable_image_size,
+)
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
@@ -342,15 +349,7 @@ class ImageFolder:
                 f"Output folder {output} is the image folder {folder} or inside it: outputs would mix with the images "
                 "and could replace files there. Choose another --output_dir (or pass --allow_output_in_dataset_dir True)."
             )
-        # Not glob.glob(folder + "/*"), which reads a folder named "photos [2024]" as a pattern. Hidden files are
-        # left out as a shell's * leaves them (macOS writes "._eye.jpg" beside "eye.jpg" on foreign disks).
-        files = sorted(
-            str(path)
-            for path in folder.iterdir()
-            if not path.name.startswith(".")
-            and path.is_file()
-            and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
-        )
+        files = [str(path) for path in image_files(folder)]
         own_outputs = {name for file in files for name in output_names(file, channel_names, nifti)}
         images = [file for file in files if Path(file).name not in own_outputs]
         for file in sorted(set(files) - set(images)):

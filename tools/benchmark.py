@@ -344,11 +344,8 @@ def measure_inference(
 
 
 def _drive_photographs(drive_dir: str, count: int = 4) -> list[Path]:
-    """DRIVE's first ``count`` test photographs: the image files of ``<drive_dir>/test/images``, by name.
-
-    Files of other kinds there (``Thumbs.db``) are passed over: only names ending in one of
-    :data:`scripts.fundus_io.SUPPORTED_SUFFIXES` (optionally ``.gz``) are photographs, and hidden files are left out
-    as a shell's ``*`` leaves them (macOS writes ``._01_test.tif`` beside ``01_test.tif`` on foreign disks).
+    """DRIVE's first ``count`` test photographs: the pictures of ``<drive_dir>/test/images``
+    (:func:`scripts.fundus_io.image_files`: other files there, such as ``Thumbs.db``, are passed over).
 
     Args:
         drive_dir: DRIVE's folder, as ``--drive-dir`` gives it.
@@ -360,18 +357,12 @@ def _drive_photographs(drive_dir: str, count: int = 4) -> list[Path]:
     Raises:
         ConfigError: the folder is missing or holds no photograph.
     """
-    from scripts.fundus_io import SUPPORTED_SUFFIXES
+    from scripts.fundus_io import SUPPORTED_SUFFIXES, image_files
 
     folder = Path(drive_dir) / "test" / "images"
     if not folder.is_dir():
         raise ConfigError(f"--drive-dir {drive_dir}: there is no folder {folder} of DRIVE's test photographs.")
-    files = sorted(
-        path
-        for path in folder.iterdir()
-        if not path.name.startswith(".")
-        and path.is_file()
-        and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
-    )
+    files = image_files(folder)
     if not files:
         raise ConfigError(
             f"--drive-dir {drive_dir}: {folder} holds no photograph ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz)."
