@@ -34,6 +34,15 @@ FAST = {"image_size": 64, "max_epochs": 1, "val_interval": 1, "num_workers": 0}
 SAM_LORA = {"architecture": "sam", "finetune": "lora"}
 
 
+def _outside_the_repository(run_id: str, overrides: dict[str, Any]) -> None:
+    """Refuse a test run that would write into the repository's bundle/eval or bundle/models, the defaults, where a
+    user's quick start keeps its results (a new training run moves an earlier run's files away)."""
+    needed = ["output_dir"] + (["ckpt_dir"] if run_id == "training" else [])
+    missing = [name for name in needed if name not in overrides]
+    if missing:
+        raise ValueError(f"a test's {run_id} run must give {' and '.join(missing)} (a temporary folder)")
+
+
 def bundle_command(
     run_id: str,
     configs: Sequence[str],
@@ -54,6 +63,7 @@ def bundle_command(
         launcher: what runs ``-m monai.bundle`` (the interpreter, or torchrun's arguments).
         overrides: ``--key value`` pairs.
     """
+    _outside_the_repository(run_id, overrides)
     config = configs[0] if len(configs) == 1 else str(list(configs))
     command = [*launcher, "-m", "monai.bundle", "run", run_id, "--bundle_root", str(bundle_root)]
     command += ["--meta_file", meta_file, "--config_file", config, "--logging_file", logging_file]
@@ -76,6 +86,7 @@ def fail_message(result: subprocess.CompletedProcess) -> str:
 
 def run_in_process(run_id: str, configs: Sequence[str], **overrides: Any) -> Exception:
     """Run a bundle workflow in this process, expecting it to fail with one of the project's clear errors."""
+    _outside_the_repository(run_id, overrides)
     with pytest.raises(Exception) as caught:
         monai_run(run_id, meta_file=META, config_file=list(configs), bundle_root=str(BUNDLE), **overrides)
     own = user_error(caught.value)

@@ -353,20 +353,23 @@ def test_datalist_naming_missing_files(tmp_path):
     datalist = tmp_path / "datalist.json"
     entry = {"image": "nowhere/a.png", "label": "nowhere/a_label.png", "fov": "nowhere/a_fov.png"}
     datalist.write_text(json.dumps({"training": [entry], "validation": [entry], "test": []}))
-    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path),
+                           output_dir=str(tmp_path / "eval"), **FAST)
     assert str(datalist) in str(error) and "a.png" in str(error) and "missing" in str(error)
 
 
 def test_empty_datalist(tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [], "validation": [], "test": []}))
-    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path),
+                           output_dir=str(tmp_path / "eval"), **FAST)
     assert "'training' list is empty" in str(error)
 
 
 def test_missing_base_checkpoint_says_how_to_get_it(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
-    error = run_in_process("training", [TRAIN], datalist=str(datalist), ckpt_dir=str(tmp_path), **FAST)
+    error = run_in_process("training", [TRAIN], datalist=str(datalist), ckpt_dir=str(tmp_path),
+                           output_dir=str(tmp_path / "eval"), **FAST)
     message = str(error)
     assert "sam2.1_hiera_large.pt" in message and "download_large_files" in message
 
@@ -426,7 +429,8 @@ def test_unwritable_output_folder(tmp_path):
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
     result = run_bundle(
-        "inference", [INFER], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt"
+        "inference", [INFER], cwd=tmp_path, dataset_dir=tmp_path, ckpt_path=tmp_path / "none.pt",
+        output_dir=tmp_path / "out",
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

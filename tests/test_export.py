@@ -241,7 +241,8 @@ def test_merged_weights_compute_what_the_adapters_compute(models, tmp_path):
     assert merged_state["_extra_state"]["image_size"] == IMAGE_SIZE
     merged = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True).eval()
     merged.load_state_dict(merged_state)
-    assert all(layer.merged for layer in merged.sam2.modules() if hasattr(layer, "lora_merged"))
+    adapted = [layer for layer in merged.sam2.modules() if hasattr(layer, "lora_merged")]
+    assert adapted and all(layer.merged for layer in adapted)
     unmerged = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True).eval()
     unmerged.load_state_dict(torch.load(models["on_base"], weights_only=True))
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
 from scripts.prompts import PROMPT_MODES, parse_prompt
 from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
-from tests.helpers import parameters_on_meta_device
+from tests.helpers import TRAIN, parameters_on_meta_device
 
 IMAGE_SIZE = 64  # the smallest size Hiera accepts; keeps every test fast on a CPU
 SAM_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -574,7 +574,7 @@ def test_training_batches_decode_prompt_free_items_as_inference_does(fresh):
         items.append({"image": images[len(items)], "label": label, **sampler({"label": label})})
     batch = list_data_collate(items)
     parser = ConfigParser()
-    parser.read_config("bundle/configs/train.json")
+    parser.read_config(TRAIN)
     parser["architecture"] = "sam"
     inputs, _, _, kwargs = parser.get_parsed_content("train#prepare_batch")(batch, torch.device("cpu"))
     assert sorted(kwargs) == ["ignored_points", "point_coords", "point_labels"]

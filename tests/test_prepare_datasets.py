@@ -487,7 +487,7 @@ def test_seeded_split_deterministic_disjoint_and_by_fraction(chase_tree: Path) -
     assert sorted(all_ids) == sorted(c.case_id for c in cases)
     assert provenance == {
         "split": "seeded",
-        "split_summary": provenance["split_summary"],
+        "split_summary": "seeded random split, test fraction 0.25",
         "validation_split": "seeded",
         "seed": 7,
         "test_fraction": 0.25,

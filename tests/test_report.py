@@ -304,15 +304,20 @@ def test_numbers_show_their_significant_digits_and_counts_show_whole(tmp_path):
     assert row[3] == ({"class": "number", "data-value": "387.0"}, "387"), "not 387.000"
 
 
-def test_a_dataset_mean_written_as_null_is_charted_as_undefined(tmp_path):
+def test_a_dataset_mean_written_as_null_is_charted_as_undefined(tmp_path, monkeypatch):
     """metrics_summary.json writes an undefined mean (NaN: cup sensitivity when no cup is labelled) as null."""
     from scripts.handlers import EvaluationChart
 
     summary = tmp_path / "metrics_summary.json"
     metrics = {"disc/fov/sensitivity": {"mean": 0.81}, "cup/fov/sensitivity": {"mean": None}}
     summary.write_text(json.dumps({"summary": {"datasets": {"DRIVE": {"images": 3, "metrics": metrics}}}}))
+    drawn = []
+    monkeypatch.setattr("scripts.plots.plt.close", drawn.append)  # keep the figure to read its bars' labels
     EvaluationChart(summary, tmp_path / "chart.png")(None)
     assert Image.open(tmp_path / "chart.png").size[0] > 0
+    (figure,) = drawn
+    labels = [text.get_text() for text in figure.axes[0].texts]
+    assert sorted(labels) == ["0.810", "n/a"], labels
 
 
 def test_a_chart_that_cannot_be_written_leaves_no_figure_open(tmp_path):
