@@ -32,7 +32,10 @@ from scripts.writers import REPORT_FILES, output_names
 __all__ = [
     "ImageFolder",
     "InputError",
+    "check_command_line",
     "check_settings",
+    "config_ids",
+    "config_values",
     "each_process_gets_one",
     "load_split",
     "read_datalist",
@@ -473,6 +476,40 @@ RUN_ARGUMENTS = frozenset(
 )
 
 
+# Boolean settings that also take words of their own (resume: true, false or auto), read by their component.
+WORDED_SETTINGS = frozenset({"resume"})
+
+
+def check_command_line(argv: Sequence[str]) -> list[str]:
+    """Check the overrides of a ``python -m monai.bundle run`` command line before anything is built: warn about
+    the unknown ones (:func:`warn_unknown_overrides`) and refuse a boolean written in lower case.
+
+    MONAI's command line reads only ``True`` and ``False`` as booleans; ``--overwrite false`` gives the text
+    ``'false'``, which Python takes as true, so the run would replace earlier outputs.
+
+    Args:
+        argv: the command line (``sys.argv``).
+
+    Returns:
+        The unknown keys.
+
+    Raises:
+        ConfigError: an option whose config default is a boolean is given as another word (``false``, ``yes``...).
+    """
+    unknown = warn_unknown_overrides(argv)
+    options = _command_line_options(argv)
+    if "config_file" in options:
+        defaults = config_values(options["config_file"] or "[]")
+        for key, value in options.items():
+            worded = value is not None and value not in ("True", "False")  # a bare --flag is True to MONAI
+            if isinstance(defaults.get(key), bool) and key not in WORDED_SETTINGS and worded:
+                raise ConfigError(
+                    f"--{key} {value}: write True or False, capitalised. MONAI's command line reads only those as "
+                    f"booleans; {value!r} would reach the setting as text, which counts as true."
+                )
+    return unknown
+
+
 def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
     """Warn about ``--key value`` overrides on the command line that no config defines, suggesting the nearest.
 
@@ -519,23 +556,34 @@ def _command_line_options(argv: Sequence[str]) -> dict[str, str | None]:
 
 def config_ids(config_files: str | Sequence[str]) -> set[str]:
     """Every id (``a``, ``a#b``...) the given config files define; ``config_files`` as ``--config_file`` takes it."""
+    return set(config_values(config_files))
+
+
+def config_values(config_files: str | Sequence[str]) -> dict[str, Any]:
+    """Every id the given config files define, with its value as written (the last file's, where several define it);
+    ``config_files`` as ``--config_file`` takes it: one file, a list, or files separated by commas."""
     if isinstance(config_files, str):
-        config_files = ast.literal_eval(config_files) if config_files.startswith("[") else [config_files]
-    ids: set[str] = set()
+        if config_files.startswith("["):
+            config_files = ast.literal_eval(config_files)
+        elif "," in config_files and not Path(config_files).is_file():  # as MONAI's ConfigParser splits them
+            config_files = config_files.split(",")
+        else:
+            config_files = [config_files]
+    values: dict[str, Any] = {}
     for file in config_files:
         try:
             content = json.loads(Path(file).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        ids.update(_ids(content))
-    return ids
+        values.update(_ids(content))
+    return values
 
 
-def _ids(content: Any, prefix: str = "") -> Iterable[str]:
+def _ids(content: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
     if isinstance(content, dict):
         for key, value in content.items():
             key = key.lstrip("+")
-            yield f"{prefix}{key}"
+            yield f"{prefix}{key}", value
             yield from _ids(value, f"{prefix}{key}#")
     elif isinstance(content, list):
         for index, value in enumerate(content):

@@ -26,13 +26,20 @@ from scripts.fundus_io import write_png
 from scripts.handlers import GradientClipping, TrainingTimeLimit
 from scripts.handlers.checkpoint import keep_earlier_run
 from scripts.inferers import FundusInferer, check_input_mode, window_fit
-from scripts.inputs import ImageFolder, check_settings, load_split, warn_about_overlap, warn_unknown_overrides
+from scripts.inputs import (
+    ImageFolder,
+    check_command_line,
+    check_settings,
+    load_split,
+    warn_about_overlap,
+    warn_unknown_overrides,
+)
 from scripts.lora import LoRALinear
 from scripts.network import build_network
 from scripts.prompts import check_head_takes_prompts
 from scripts.sam2_models import resolve_hiera_size
 from scripts.transforms import SamplePromptsd
-from tests.helpers import QUICKSTART, REPO, TRAIN, write_model_file
+from tests.helpers import INFER, QUICKSTART, REPO, TRAIN, write_model_file
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -360,6 +367,22 @@ def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
     # The same options written --key=value, which MONAI's command line takes as well.
     joined = [*tracked[:3], f"--config_file={configs}", "--tracking=mlflow", "--run_name=first", "--learning_rte=0.5"]
     assert warn_unknown_overrides(joined) == ["learning_rte"]
+    # Files separated by commas, which MONAI's command line takes too.
+    assert warn_unknown_overrides([*argv[:3], "--config_file", f"{TRAIN},{QUICKSTART}", "--datalist", "d.json"]) == []
+
+
+@pytest.mark.parametrize("value", ["false", "true", "no", "0"])
+def test_a_boolean_setting_written_otherwise_than_true_or_false_is_refused(value):
+    """MONAI's command line (fire) reads only True and False as booleans: --overwrite false would reach the run as
+    the text 'false', which counts as true, and replace earlier outputs."""
+    import fire.parser
+
+    assert bool(fire.parser.DefaultParseValue(value)) is (value != "0"), "the reading this check guards against"
+    argv = ["monai.bundle", "run", "inference", "--config_file", INFER, "--overwrite", value]
+    with pytest.raises(ConfigError, match=f"--overwrite {value}: write True or False, capitalised"):
+        check_command_line(argv)
+    for accepted in (["--overwrite", "False"], ["--overwrite=True"], ["--overwrite"], ["--resume", "auto"]):
+        check_command_line([*argv[:5], *accepted])
 
 
 FILLING_WRITE = """
