@@ -48,6 +48,7 @@ for option in "$@"; do
 done
 [ -n "$studies" ] || die "--studies FOLDER is required (the fundus images to label)"
 [ -d "$studies" ] || die "studies folder $studies does not exist"
+studies="$(cd "$studies" && pwd)"  # the server runs in the app folder: a relative path would name another folder
 [ -x "$python" ] || die "$python not found: run 'bash monailabel_app/install.sh' first"
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got $port"
 if [ "$host" != 127.0.0.1 ] && [ "$host" != localhost ] && [ "$host" != ::1 ]; then

@@ -185,6 +185,12 @@ def load_split(
                 f"Datalist {path}: '{split}' entry {index} must be an object with {' and '.join(repr(k) for k in required)} "
                 f"paths; got {json.dumps(entry)[:120]}."
             )
+        for key in CHECKED_KEYS:
+            if key in entry and not _is_path_value(key, entry[key]):
+                expected = {"label": "a path or a list of paths", "fov": "a path or null"}.get(key, "a path")
+                raise InputError(
+                    f"Datalist {path}: '{split}' entry {index} {key} must be {expected}; got {json.dumps(entry[key])[:80]}."
+                )
     keys = Counter(frozenset(entry) for entry in raw)
     if len(keys) > 1:
         (common, _), *_ = keys.most_common()
@@ -196,7 +202,10 @@ def load_split(
     # Only the file keys are resolved: MONAI's load_decathlon_datalist would also turn a value such as
     # "dataset": "DRIVE" into a path whenever a folder of that name lies beside the datalist.
     entries = [
-        {key: _resolve(value, path.parent) if key in CHECKED_KEYS else value for key, value in entry.items()}
+        {
+            key: _resolve(value, path.parent) if key in CHECKED_KEYS and value is not None else value
+            for key, value in entry.items()
+        }
         for entry in raw
     ]
     missing = [
@@ -283,14 +292,17 @@ def each_process_gets_one(dataset: Sized, split: str, datalist: str | os.PathLik
 
 
 def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", second: str = "validation") -> None:
-    """Warn when images of one split are also in another (validation on training images measures nothing)."""
+    """Warn when images of one split are also in another (validation on training images measures nothing).
+
+    What is not a list of entries with an image path is passed over: :func:`load_split` names it afterwards.
+    """
     content = read_datalist(datalist)
     base = Path(datalist).parent
     images = [
         {
             str(_resolve(entry["image"], base))
-            for entry in content.get(name, [])
-            if isinstance(entry, dict) and entry.get("image")
+            for entry in (content.get(name) if isinstance(content.get(name), list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("image"), str) and entry["image"]
         }
         for name in (first, second)
     ]
@@ -430,6 +442,16 @@ def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | N
     if problem:
         raise FundusImageError(f"{image}: {problem}")
     return height, width
+
+
+def _is_path_value(key: str, value: Any) -> bool:
+    """Whether a datalist entry's file value has a kind the workflows read: a path; for a label, also a list of
+    paths (one per channel); for a field of view, also null (estimated from the photograph)."""
+    if isinstance(value, str) and value:
+        return True
+    if key == "label":
+        return isinstance(value, list) and bool(value) and all(isinstance(item, str) and item for item in value)
+    return key == "fov" and value is None
 
 
 def _resolve(value: str | list[str], base: Path) -> str | list[str]:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scripts.fundus_io import write_png
-from scripts.inputs import ImageFolder, InputError, load_split, writable_folder
+from scripts.inputs import ImageFolder, InputError, load_split, warn_about_overlap, writable_folder
 
 
 def write_datalist(folder: Path, entries: list[dict], split: str = "training") -> Path:
@@ -48,6 +49,29 @@ def test_load_split_names_every_problem(tmp_path):
         load_split(datalist, "training")
     with pytest.raises(InputError, match="'training' list is empty"):
         load_split(write_datalist(tmp_path, []), "training")
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"image": 5, "label": "l.png"}, "entry 0 image must be a path; got 5"),
+        ({"image": ["a.png"], "label": "l.png"}, 'entry 0 image must be a path; got ["a.png"]'),
+        ({"image": "a.png", "label": ["l.png", None]}, 'entry 0 label must be a path or a list of paths; got ["l.png", null]'),
+        ({"image": "a.png", "label": "l.png", "fov": 3}, "entry 0 fov must be a path or null; got 3"),
+    ],
+)
+def test_a_datalist_value_of_the_wrong_kind_is_named(tmp_path, entry, named):
+    with pytest.raises(InputError, match=re.escape(f"'training' {named}.")):
+        load_split(write_datalist(tmp_path, [entry]), "training")
+
+
+def test_a_null_field_of_view_is_one_to_estimate_and_a_split_that_is_no_list_is_no_overlap(tmp_path):
+    photograph(tmp_path / "a.png")
+    write_png(tmp_path / "a_label.png", np.eye(40, dtype=bool))
+    (entry,) = load_split(write_datalist(tmp_path, [{"image": "a.png", "label": "a_label.png", "fov": None}]), "training")
+    assert entry["fov"] is None and entry["image"] == str(tmp_path / "a.png")
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": None, "validation": 5}))
+    warn_about_overlap(tmp_path / "datalist.json")  # load_split names what is wrong, not this warning
 
 
 def photograph(path: Path, size: int = 40) -> Path:

@@ -107,7 +107,8 @@ class Server:
         kept = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OMP_NUM_THREADS")
         environment = {key: os.environ[key] for key in kept if key in os.environ}
         environment["HOME"] = str(root)
-        command = ["bash", str(SERVE), "--studies", str(studies), "--bundle", str(archive), "--app", str(self.app),
+        # The studies folder relative to where serve.sh is started, as a user types it (the server runs elsewhere).
+        command = ["bash", str(SERVE), "--studies", os.path.relpath(studies, root), "--bundle", str(archive), "--app", str(self.app),
                    "--port", str(self.port), "--", *options]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT,
