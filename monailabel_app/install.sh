@@ -12,10 +12,14 @@ project="$root/.venv"
 target="$root/.venv-monailabel"
 site_of() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 [ -x "$project/bin/python" ] || { echo "error: $project does not exist; create the project venv first" >&2; exit 1; }
-"$project/bin/python" -c 'import sys; print(sys.base_prefix)' > /dev/null
-base_python="$("$project/bin/python" -c 'import sys, os; print(os.path.join(sys.base_prefix, "bin", "python3"))')"
-rm -rf "$target"
-"$base_python" -m venv "$target"
+# The project venv's own Python version: the layered venv reads packages built for it.
+base_python="$("$project/bin/python" -c 'import os, sys; print(os.path.join(sys.base_prefix, "bin", "python%d.%d" % sys.version_info[:2]))')"
+version() { "$1" -c 'import sys; print(sys.version)'; }
+# Run again, it keeps a working venv and installs what changed: a failed download then leaves it as it was.
+if [ ! -x "$target/bin/python" ] || [ "$(version "$target/bin/python")" != "$(version "$base_python")" ]; then
+    rm -rf "$target"
+    "$base_python" -m venv "$target"
+fi
 site_of "$project" > "$(site_of "$target")/project_venv.pth"
 "$target/bin/pip" install -q --no-deps "monailabel==0.8.5" "pydicom-seg==0.4.1"
 "$target/bin/pip" install -q -r "$root/monailabel_app/requirements.txt"

@@ -45,8 +45,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps ``path``'s suffixes (``.nii.gz``...), for writers that choose a format by name. The
     file gets the permissions a plain ``open`` would give it (``0666`` less the umask): ``mkstemp``'s private
-    ``0600`` would hide the outputs from pipelines running as another user. On any error (a kill included, short
-    of SIGKILL) the temporary file is removed and ``path`` is untouched.
+    ``0600`` would hide the outputs from pipelines running as another user. On an exception (Ctrl-C included) the
+    temporary file is removed; a process killed by a signal it does not handle (SIGKILL, SIGTERM) leaves it, hidden
+    (``.<name>.<random><suffixes>``; ``TrainingCheckpoint`` removes its own when the next run starts). Either way
+    ``path`` is untouched: the old file or the new one, whole.
 
     Args:
         path: the destination; its folder is created.

@@ -61,7 +61,8 @@ def user_error(error: BaseException | None) -> FundusError | None:
     """The first :class:`FundusError` in ``error``'s chain of causes, if any.
 
     MONAI's config parser wraps the error of a component it fails to build in its own RuntimeError; the original,
-    with its useful message, is the cause.
+    with its useful message, is the cause (``raise ... from``). An error raised while one of ours was being handled
+    (its ``__context__``) is not caused by it: that is a bug, and keeps its traceback.
 
     Args:
         error: an exception, typically uncaught.
@@ -74,7 +75,7 @@ def user_error(error: BaseException | None) -> FundusError | None:
         seen.add(id(error))
         if isinstance(error, FundusError):
             return error
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None
 
 

@@ -35,6 +35,25 @@ def test_uncaught_user_errors_print_one_line_and_others_a_traceback():
     assert theirs.returncode == 1 and "Traceback" in theirs.stderr
 
 
+def test_a_bug_raised_while_handling_a_user_error_is_a_bug_and_a_wrapped_user_error_is_the_user_s():
+
+    ours = InputError("settings file x.json is missing")
+    try:
+        try:
+            raise ours
+        except InputError:
+            {}["bug"]  # a programming error in the handler: its context is ours, its cause nothing
+    except KeyError as bug:
+        assert user_error(bug) is None
+    try:
+        try:
+            raise ours
+        except InputError as error:
+            raise RuntimeError("Failed to instantiate component") from error  # how MONAI's config parser wraps
+    except RuntimeError as wrapped:
+        assert user_error(wrapped) is ours
+
+
 def test_importing_the_package_leaves_the_interpreter_s_error_hook_alone():
     # The preloaded interpreter is a fresh one that has imported every module of the package (tests/preloaded.py).
     report = preloaded_python().import_report
