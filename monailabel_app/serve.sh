@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
         --host) host="${2:?--host needs an address}"; shift 2 ;;
         --port) port="${2:?--port needs a number}"; shift 2 ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

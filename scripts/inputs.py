@@ -93,7 +93,7 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     "threshold": (lambda v: is_real_number(v) and 0 < v < 1, "a number between 0 and 1"),
     "pixel_size_mm": (
         lambda v: v is None or _positive_number(v),
-        "a positive number of millimetres per pixel, or null for measurements in pixels",
+        "a positive number of millimetres per pixel, or '$None' on the command line (null in a config) for pixels",
     ),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
 }
