@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -285,6 +286,8 @@ def test_verify_metadata_against_the_model_zoo_schema(tmp_path):
     verify_metadata(meta_file=META, filepath=str(schema))
     metadata = json.loads(Path(META).read_text())
     assert metadata["version"] in metadata["changelog"]
+    packaged = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert packaged and packaged[1] == metadata["version"], "the package and the bundle are released together"
     assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 3
 
 
