@@ -268,11 +268,17 @@ def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torc
 
 
 def _session(model: Path | bytes) -> Any:
-    """An onnxruntime CPU session of an ONNX file, or of its bytes."""
+    """An onnxruntime CPU session of an ONNX file, or of its bytes, running on as many threads as torch does.
+
+    onnxruntime would take every core whatever the process was told (``OMP_NUM_THREADS``, ``torch.set_num_threads``):
+    beside other workers of a clinic's server, or the processes of a pipeline, that oversubscribes the machine.
+    """
     import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     return onnxruntime.InferenceSession(
-        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+        model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
     )
 
 

@@ -319,3 +319,27 @@ def test_a_network_on_the_gpu_is_exported_from_a_cpu_copy(network, images, tmp_p
     logits = OnnxBackend(tmp_path / "model.onnxruntime.onnx")(images.as_tensor().cuda(), on_gpu)
     assert logits.device.type == "cuda" and next(on_gpu.parameters()).device.type == "cuda"
     torch.testing.assert_close(logits.cpu(), torch_logits(network, images), atol=1e-4, rtol=1e-4)
+
+
+def test_sessions_run_on_the_threads_torch_was_given():
+    """Not onnxruntime's default of every core: a process told to share the machine shares it in both."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scripts.onnx_backend import _session
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    onnx.checker.check_model(model)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert _session(model).get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(previous)
