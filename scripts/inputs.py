@@ -501,13 +501,19 @@ RUN_ARGUMENTS = frozenset(
 # Boolean settings that also take words of their own (resume: true, false or auto), read by their component.
 WORDED_SETTINGS = frozenset({"resume"})
 
+# Settings that name a folder or a file, whatever their default's expression evaluates to.
+PATH_SETTING_ENDINGS = ("_dir", "_path", "_file", "_checkpoint", "datalist")
+
 
 def check_command_line(argv: Sequence[str]) -> list[str]:
     """Check the overrides of a ``python -m monai.bundle run`` command line before anything is built: warn about
-    the unknown ones (:func:`warn_unknown_overrides`) and refuse a boolean written in lower case.
+    the unknown ones (:func:`warn_unknown_overrides`), and refuse values that MONAI's command line would turn into
+    something else than what they were written for.
 
-    MONAI's command line reads only ``True`` and ``False`` as booleans; ``--overwrite false`` gives the text
-    ``'false'``, which Python takes as true, so the run would replace earlier outputs.
+    MONAI's command line (``fire``) reads only ``True`` and ``False`` as booleans: ``--overwrite false`` gives the
+    text ``'false'``, which Python takes as true, so the run would replace earlier outputs. It drops a setting
+    given as ``None`` (the default stays). It reads numbers, lists and comma-separated words as Python values:
+    ``--output_dir 2024`` gives the number 2024, which a setting made of text cannot use.
 
     Args:
         argv: the command line (``sys.argv``).
@@ -516,20 +522,64 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
         The unknown keys.
 
     Raises:
-        ConfigError: an option whose config default is a boolean is given as another word (``false``, ``yes``...).
+        ConfigError: an option whose config default is a boolean is given as another word (``false``, ``yes``...),
+            an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), or an
+            option whose default is text (or that names a folder or file) given as a value MONAI's command line
+            reads as a number, a boolean, a list or a tuple.
     """
-    unknown = warn_unknown_overrides(argv)
     options = _command_line_options(argv)
-    if "config_file" in options:
-        defaults = config_values(options["config_file"] or "[]")
-        for key, value in options.items():
-            worded = value is not None and value not in ("True", "False")  # a bare --flag is True to MONAI
-            if isinstance(defaults.get(key), bool) and key not in WORDED_SETTINGS and worded:
-                raise ConfigError(
-                    f"--{key} {value}: write True or False, capitalised. MONAI's command line reads only those as "
-                    f"booleans; {value!r} would reach the setting as text, which counts as true."
-                )
+    if "config_file" not in options:
+        return []
+    defaults = config_values(options["config_file"] or "[]")
+    unknown = _warn_unknown(options, set(defaults))
+    for key, value in options.items():
+        if value is not None and key in defaults:  # a bare --flag is True to MONAI
+            _refuse_worded_boolean(key, value, defaults[key])
+            _refuse_dropped_none(key, value, defaults[key])
+            _refuse_text_read_otherwise(key, value, defaults[key])
     return unknown
+
+
+def _refuse_worded_boolean(key: str, value: str, default: Any) -> None:
+    if isinstance(default, bool) and key not in WORDED_SETTINGS and value not in ("True", "False"):
+        raise ConfigError(
+            f"--{key} {value}: write True or False, capitalised. MONAI's command line reads only those as "
+            f"booleans; {value!r} would reach the setting as text, which counts as true."
+        )
+
+
+def _refuse_dropped_none(key: str, value: str, default: Any) -> None:
+    from fire.parser import DefaultParseValue  # how MONAI's command line reads the value
+
+    if default is not None and DefaultParseValue(value) is None:
+        raise ConfigError(
+            f"--{key} {value}: MONAI's command line drops a setting given as None, so the default ({default!r}) would "
+            f"stay; write --{key} '$None' for no value."
+        )
+
+
+def _refuse_text_read_otherwise(key: str, value: str, default: Any) -> None:
+    from fire.parser import DefaultParseValue
+
+    if not isinstance(default, str):
+        return
+    names_a_path = key.endswith(PATH_SETTING_ENDINGS)
+    if default.startswith(("$", "@", "%")) and not names_a_path:  # an expression: its value may be a number
+        return
+    read = DefaultParseValue(value)
+    if isinstance(read, str):
+        return
+    if isinstance(read, bool):
+        kind = "a boolean"
+    elif isinstance(read, (int, float)):
+        kind = "a number"
+    else:
+        kind = f"a {type(read).__name__} ({read!r})"
+    advice = f"--{key} ./{value}" if names_a_path else f"--{key} \"'{value}'\" (quoted twice)"
+    raise ConfigError(
+        f"--{key} {value}: MONAI's command line reads this as {kind}, not as the text this setting takes; write "
+        f"{advice} to keep it text."
+    )
 
 
 def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
@@ -548,7 +598,12 @@ def warn_unknown_overrides(argv: Sequence[str]) -> list[str]:
     options = _command_line_options(argv)
     if "config_file" not in options:
         return []
-    known = config_ids(options["config_file"] or "[]") | RUN_ARGUMENTS
+    return _warn_unknown(options, config_ids(options["config_file"] or "[]"))
+
+
+def _warn_unknown(options: Mapping[str, str | None], config_keys: set[str]) -> list[str]:
+    """:func:`warn_unknown_overrides` of a command line's options, given the ids its configs define."""
+    known = config_keys | RUN_ARGUMENTS
     if "tracking" in options:  # MONAI adds its tracking settings (tracking_uri, run_name...) to the config
         from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
@@ -597,16 +652,17 @@ def config_values(config_files: str | Sequence[str]) -> dict[str, Any]:
             content = json.loads(Path(file).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        values.update(_ids(content))
+        values.update(_id_values(content))
     return values
 
 
-def _ids(content: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def _id_values(content: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Every ``(id, value)`` pair of a config's content, nested ids joined by ``#``."""
     if isinstance(content, dict):
         for key, value in content.items():
             key = key.lstrip("+")
             yield f"{prefix}{key}", value
-            yield from _ids(value, f"{prefix}{key}#")
+            yield from _id_values(value, f"{prefix}{key}#")
     elif isinstance(content, list):
         for index, value in enumerate(content):
-            yield from _ids(value, f"{prefix}{index}#")
+            yield from _id_values(value, f"{prefix}{index}#")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -383,6 +384,46 @@ def test_a_boolean_setting_written_otherwise_than_true_or_false_is_refused(value
         check_command_line(argv)
     for accepted in (["--overwrite", "False"], ["--overwrite=True"], ["--overwrite"], ["--resume", "auto"]):
         check_command_line([*argv[:5], *accepted])
+
+
+@pytest.mark.parametrize(
+    "configs, key, value, advice",
+    [
+        (INFER, "output_dir", "2024", "./2024"),
+        (INFER, "dataset_dir", "photos,2024", "./photos,2024"),
+        (TRAIN, "experiment_name", "2024", "\"'2024'\""),
+        (TRAIN, "experiment_name", "True", "\"'True'\""),
+    ],
+    ids=["a folder named by a number", "a folder with a comma", "a name that is a number", "a name that is a word"],
+)
+def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(configs, key, value, advice):
+    """MONAI's command line (fire) reads 2024 as a number and a,b as a tuple: --output_dir 2024 would fail deep in
+    the run (a number plus a text), so it is refused with a way of writing it that stays text."""
+    import fire.parser
+
+    assert not isinstance(fire.parser.DefaultParseValue(value), str), "the reading this check guards against"
+    written_so = advice.strip('"')
+    assert isinstance(fire.parser.DefaultParseValue(written_so), str), "the advice keeps it text"
+    argv = ["monai.bundle", "run", "inference", "--config_file", configs, f"--{key}", value]
+    with pytest.raises(ConfigError, match=re.escape(f"--{key} {value}: MONAI's command line reads this as")) as caught:
+        check_command_line(argv)
+    assert f"write --{key} {advice}" in str(caught.value)
+    check_command_line([*argv[:5], f"--{key}", written_so])
+
+
+def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it():
+    """MONAI's command line drops None overrides: --max_training_minutes None would train with the quick start's
+    10-minute limit, not without one."""
+    from monai.bundle.scripts import update_kwargs
+
+    assert update_kwargs(max_training_minutes=None) == {}, "the dropping this check guards against"
+    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART])]
+    with pytest.raises(ConfigError, match=re.escape("--max_training_minutes None: MONAI's command line drops")) as caught:
+        check_command_line([*argv, "--max_training_minutes", "None"])
+    assert "write --max_training_minutes '$None' for no value" in str(caught.value)
+    check_command_line([*argv, "--max_training_minutes", "$None"])
+    # A setting whose default is None already loses nothing.
+    check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, "--pixel_size_mm", "None"])
 
 
 FILLING_WRITE = """
