@@ -35,7 +35,8 @@ class TrainingTimeLimit:
     def __init__(self, minutes: float) -> None:
         if not (is_real_number(minutes) and minutes > 0):
             raise ConfigError(
-                f"Setting 'max_training_minutes' must be positive (or null for no limit); got {minutes!r}."
+                f"Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, "
+                f"'$None' on the command line); got {minutes!r}."
             )
         self.limit_seconds = 60.0 * minutes
         self.started: float | None = None
