@@ -6,10 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-python3 -m venv .venv
+bash install.sh
 . .venv/bin/activate
-SAM2_BUILD_CUDA=0 pip install -q -e ".[dev]"
-bash monailabel_app/install.sh  # the MONAI Label annotation server's own venv (docs/monailabel.md)
 
 bundle=(--bundle_root bundle --meta_file bundle/configs/metadata.json --logging_file bundle/configs/logging.conf)
 python -m monai.bundle run training "${bundle[@]}" \
