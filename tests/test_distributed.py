@@ -15,7 +15,7 @@ from scripts.synthetic import write_dataset
 from tests.helpers import FAST, MULTI_GPU, QUICKSTART, SAM_LORA, TRAIN, bundle_command, fail_message
 
 
-def test_two_gloo_processes_train_like_one(tmp_path):
+def test_two_gloo_processes_write_one_model_one_record_and_agree_on_the_metrics(tmp_path):
     # 10 images: 6 training (3 per process), 2 validation (1 per process).
     datalist = write_dataset(tmp_path / "data", count=10, size=128)["vessels"]
     models, output = tmp_path / "models", tmp_path / "eval"
