@@ -531,14 +531,18 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
         (lambda: check_input_mode("sliding_window", 0), "Setting 'pixel_scale' must be a positive number"),
         (
             lambda: TrainingTimeLimit(0),
-            "Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, '$None' on "
-            "the command line); got 0.",
+            (
+                "Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, '$None' "
+                "on the command line); got 0."
+            ),
         ),
         # A command line's number that is not one arrives as a string: the setting's own line, not a TypeError.
         (
             lambda: TrainingTimeLimit("ten"),
-            "Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, '$None' on "
-            "the command line); got 'ten'.",
+            (
+                "Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, '$None' "
+                "on the command line); got 'ten'."
+            ),
         ),
         (
             lambda: GradientClipping("one"),
