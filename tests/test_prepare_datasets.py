@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import re
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -723,6 +725,52 @@ def test_json_files_that_are_not_labelme_annotations_are_passed_over(tmp_path: P
         (src / f"image_{number}.json").write_text(json.dumps(["not", "labelme"]))
     with pytest.raises(DatasetError, match=r"no GRAPE images found .*; 3 file\(s\) there are not GRAPE annotations"):
         prepare_dataset("GRAPE", src, tmp_path / "out.json")
+
+
+@pytest.mark.parametrize("name", ["G1020", "GRAPE"])
+def test_each_labelme_file_is_read_and_parsed_once_per_preparation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    src = tmp_path / name
+    for number in range(5):
+        _save(src / "Images" / f"image_{number}.jpg", _photo(number))
+        annotation = {"shapes": [{"label": "disc", "points": _rectangle(10, 8, 40, 30)}],
+                      "imagePath": f"image_{number}.jpg", "imageHeight": HEIGHT, "imageWidth": WIDTH}
+        folder = src / "Images"
+        if number == 4:  # kept elsewhere, naming its image: read for the image's path as well
+            annotation["imagePath"] = "../Images/image_4.jpg"
+            folder = src / "json"
+            folder.mkdir()
+        (folder / f"image_{number}.json").write_text(json.dumps(annotation))
+    (src / "metadata.json").write_text(json.dumps({"version": "1.0"}))  # passed over, read to find that out
+    annotations = sorted(src.rglob("*.json"))
+    # Every way a dataset file can be opened (Path.read_text and read_bytes go through io.open) and every JSON parse,
+    # whatever does it, in the decoding threads too.
+    opened, parsed, lock = Counter(), Counter(), threading.Lock()
+    real_open, real_loads = io.open, json.loads
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file).is_relative_to(src):
+            with lock:
+                opened[Path(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    def counting_loads(text, *args, **kwargs):
+        with lock:
+            parsed[text if isinstance(text, str) else bytes(text).decode()] += 1
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(json, "loads", counting_loads)
+    datalist = prepare_dataset(name, src, tmp_path / "out.json", val_fraction=0)
+    assert len(_entries(datalist)) == 5
+    assert {path: count for path, count in opened.items() if path.suffix == ".json"} == dict.fromkeys(annotations, 1)
+    assert parsed == Counter(path.read_text() for path in annotations)
+    # Once per preparation, not once for good: the next one reads the files again (they may have changed).
+    opened.clear()
+    assert len(find_cases(get_description(name), src)) == 5
+    assert opened == dict.fromkeys(annotations, 1)
 
 
 def test_duplicate_copies(drive_tree: Path, tmp_path: Path) -> None:

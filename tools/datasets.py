@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ __all__ = [
     "get_description",
     "is_labelme_annotation",
     "labelme_image_path",
+    "read_annotations_once",
     "read_binary_mask",
 ]
 
@@ -325,22 +327,74 @@ def decode_contour_files(files: Sequence[Path], shape: tuple[int, int]) -> list[
     return masks
 
 
-def _read_json(path: Path) -> object:
-    """Parse a JSON annotation file, naming it when it cannot be read."""
+# The keys of a labelme file that are read: labelme may also embed the whole image (imageData, base64), which a
+# parsed file kept for a whole preparation must not hold on to.
+_LABELME_KEYS = ("shapes", "imagePath", "imageHeight", "imageWidth")
+
+# The labelme files parsed in the preparation under way (see read_annotations_once), by path: the parsed keys, None
+# for JSON that is not labelme, or the error reading it raised. None outside a preparation.
+_parsed_labelme: dict[Path, dict | DatasetError | None] | None = None
+
+
+@contextmanager
+def read_annotations_once() -> Iterator[None]:
+    """Within this context (or a function it decorates), each labelme annotation is read and parsed once.
+
+    Finding a G1020 or GRAPE case reads its JSON file to tell a labelme annotation from another JSON file and to
+    find the image it names, then decoding reads it for its shapes: the first of these parses the file and the others
+    reuse what it found, until the outermost context ends (so that a later preparation reads changed files afresh).
+    The annotations of the other datasets are read by their decoder alone, once.
+
+    Returns:
+        the context, reentrant: an inner one shares the outer one's parsed files.
+    """
+    global _parsed_labelme
+    if _parsed_labelme is not None:
+        yield
+        return
+    _parsed_labelme = {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        yield
+    finally:
+        _parsed_labelme = None
+
+
+def _parse_labelme(path: Path) -> dict | None:
+    """Read and parse a JSON file: its labelme keys (:data:`_LABELME_KEYS`), or None if it is not labelme.
+
+    Raises:
+        DatasetError: when the file cannot be read or is not JSON (truncated), naming it.
+    """
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"cannot read labelme annotation {path}: {error}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
+        return None
+    return {key: content[key] for key in _LABELME_KEYS if key in content}
 
 
-def _is_labelme(content: object) -> bool:
-    return isinstance(content, dict) and isinstance(content.get("shapes"), list)
+def _read_labelme(path: Path) -> dict | None:
+    """:func:`_parse_labelme`, reusing the file's first parse within :func:`read_annotations_once`."""
+    parsed = _parsed_labelme
+    if parsed is None:
+        return _parse_labelme(path)
+    if path not in parsed:
+        try:
+            parsed[path] = _parse_labelme(path)
+        except DatasetError as error:
+            parsed[path] = error
+    found = parsed[path]
+    if isinstance(found, DatasetError):
+        # A fresh exception each time: raising the stored one again would pile up its tracebacks.
+        raise DatasetError(*found.args)
+    return found
 
 
 def _load_labelme(path: Path) -> dict:
-    """Load a labelme annotation and check it has a ``shapes`` list."""
-    content = _read_json(path)
-    if not _is_labelme(content):
+    """Load a labelme annotation, checking it is an object with a ``shapes`` list."""
+    content = _read_labelme(path)
+    if content is None:
         raise DatasetError(f"{path} is not a labelme annotation: expected a JSON object with a 'shapes' list")
     return content
 
@@ -356,7 +410,7 @@ def is_labelme_annotation(path: Path) -> bool:
         True otherwise, unreadable or truncated files included, so that decoding them says what is wrong.
     """
     try:
-        return _is_labelme(_read_json(path))
+        return _read_labelme(path) is not None
     except DatasetError:
         return True
 

@@ -66,6 +66,7 @@ from tools.datasets import (
     Template,
     decode_binary_masks,
     get_description,
+    read_annotations_once,
     read_binary_mask,
 )
 
@@ -227,6 +228,8 @@ def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re
     return image
 
 
+# Telling a case from another file, finding its image and decoding it read the same labelme file: parsed once.
+@read_annotations_once()
 def find_cases(
     description: DatasetDescription, src: str | os.PathLike, annotator: str = "first", ignore: Sequence[Path] = ()
 ) -> list[Case]:
@@ -571,6 +574,7 @@ class _CasePreparer:
         }
 
 
+@read_annotations_once()
 def prepare_dataset(
     name: str,
     src: str | os.PathLike,
