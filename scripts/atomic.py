@@ -46,9 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary name keeps ``path``'s suffixes (``.nii.gz``...), for writers that choose a format by name. The
     file gets the permissions a plain ``open`` would give it (``0666`` less the umask): ``mkstemp``'s private
     ``0600`` would hide the outputs from pipelines running as another user. On an exception (Ctrl-C included) the
-    temporary file is removed; a process killed by a signal it does not handle (SIGKILL, SIGTERM) leaves it, hidden
-    (``.<name>.<random><suffixes>``; ``TrainingCheckpoint`` removes its own when the next run starts). Either way
-    ``path`` is untouched: the old file or the new one, whole.
+    temporary file is removed, as it is on SIGTERM in a bundle run started from the command line, which turns the
+    signal into an exit (:func:`scripts.signals.exit_on_sigterm`). A process killed by a signal it does not handle
+    (SIGKILL; SIGTERM outside such a run) leaves it, hidden (``.<name>.<random><suffixes>``; ``TrainingCheckpoint``
+    removes its own when the next run starts). Either way ``path`` is untouched: the old file or the new one, whole.
 
     Args:
         path: the destination; its folder is created.

@@ -18,13 +18,23 @@ class ReportErrors:
 
     MONAI's ``StatsHandler`` logs every exception an engine raises with its full traceback, and ignite runs only the
     first ``EXCEPTION_RAISED`` handler that re-raises; listed before ``StatsHandler``, this handler keeps the
-    traceback for bugs and drops it for the project's errors, whose message says all (the file, the setting, the fix).
+    traceback for bugs and drops it for the project's errors, whose message says all (the file, the setting, the fix),
+    and for a run asked to stop (Ctrl-C, SIGTERM).
     """
+
+    def __init__(self) -> None:
+        self._reported: BaseException | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
 
-    def __call__(self, engine: Engine, error: Exception) -> None:
+    def __call__(self, engine: Engine, error: BaseException) -> None:
+        if error is self._reported:  # ignite raises an iteration's error twice: from the epoch, then from the run
+            raise error
+        self._reported = error
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM (scripts.signals): asked to stop
+            logger.error(f"{type(engine).__name__} stopped: {str(error) or type(error).__name__}")
+            raise error
         own = user_error(error)
         if own is None:
             logger.exception(f"{type(engine).__name__} stopped by an unexpected error: {error}")
