@@ -1,5 +1,5 @@
 """What several test modules share: the bundle's files, the `python -m monai.bundle run` command line as a user types
-it, and building networks without their memory."""
+it, small networks with trained-looking adapters, and building networks without their memory."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
 from monai.bundle import run as monai_run
 from torch import nn
 
 from scripts.errors import user_error
+from scripts.lora import lora_modules
 from tests.preloaded import preloaded_python
+
+if TYPE_CHECKING:
+    from scripts.network import SAM2LoRA
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -96,8 +101,6 @@ def run_in_process(run_id: str, configs: Sequence[str], **overrides: Any) -> Exc
 
 def write_model_file(path: Path, architecture: str = "sam", image_size: int = 64, **settings: Any) -> Path:
     """A model file as training writes it (random weights), recording `settings` on top of the quick start's."""
-    import torch
-
     from scripts.network import build_network
 
     settings = {
@@ -110,6 +113,49 @@ def write_model_file(path: Path, architecture: str = "sam", image_size: int = 64
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
     return path
+
+
+def randomise_adapters(network: nn.Module, seed: int | torch.Generator = 1) -> None:
+    """Draw the B matrix of every LoRA layer of ``network`` from N(0, 0.05²), as training leaves it.
+
+    B starts at zero, so untrained adapters add nothing: merged and unmerged weights, or a file with and without the
+    adapters, would give the same output whether or not the code under test handles them. 0.05 changes the output
+    clearly and keeps it in a plausible range.
+
+    Args:
+        network: any module holding :class:`scripts.lora.LoRALinear` layers.
+        seed: the seed of a generator of their own, or a generator to draw from (``torch.default_generator``: torch's
+            global random stream).
+    """
+    generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
+    with torch.no_grad():
+        for _, layer in lora_modules(network):
+            layer.lora_B.normal_(0.0, 0.05, generator=generator)
+
+
+def random_adapted_network(
+    image_size: int = 64, seed: int = 0, checkpoint: str | Path | None = None, **settings: Any
+) -> SAM2LoRA:
+    """A Hiera-tiny :class:`scripts.network.SAM2LoRA` with non-zero adapters, as after training.
+
+    The adapters are drawn by :func:`randomise_adapters`: with their B at zero, as built, a merged and an unmerged
+    network, or an export with and without the adapters, would be trivially equal. torch's global random stream is
+    seeded with ``seed``, and the base weights (random, or ``checkpoint``'s), the A matrices and then the B matrices
+    are drawn from it: the same arguments give the same network, and the stream is left in a seeded state.
+
+    Args:
+        image_size: side of the encoder's square input (64 is the smallest Hiera takes).
+        seed: the seed of torch's global random stream.
+        checkpoint: Meta's SAM 2 Hiera-tiny checkpoint to start from; random base weights without one.
+        settings: other :class:`scripts.network.SAM2LoRA` arguments (``channel_names``, ``lora_rank``,
+            ``finetune``, ``channels_last``...).
+    """
+    from scripts.network import SAM2LoRA
+
+    torch.manual_seed(seed)
+    network = SAM2LoRA("tiny", image_size=image_size, checkpoint=checkpoint, random_init=checkpoint is None, **settings)
+    randomise_adapters(network, torch.default_generator)
+    return network
 
 
 @contextmanager

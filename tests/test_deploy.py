@@ -14,9 +14,8 @@ from monai.bundle import ConfigParser, ckpt_export
 from torch.overrides import TorchFunctionMode
 
 from scripts import onnx_backend
-from scripts.network import SAM2LoRA
 from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from tests.helpers import write_model_file
+from tests.helpers import random_adapted_network, write_model_file
 from tools.deploy import OPSET, PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
 
 pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
@@ -30,14 +29,8 @@ IMAGE_SIZE = 64
 @pytest.fixture(scope="module")
 def trained(module_folder) -> Path:
     """A model.pt with non-zero adapters, as training leaves it."""
-    torch.manual_seed(0)
-    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True)
-    with torch.no_grad():
-        for name, parameter in network.named_parameters():
-            if name.endswith("lora_B"):
-                parameter.normal_(0.0, 0.05)
     path = module_folder("model") / "model.pt"
-    torch.save(network.state_dict(), path)
+    torch.save(random_adapted_network(IMAGE_SIZE).state_dict(), path)
     return path
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from scripts.network import SAM2LoRA
 from scripts.sam2_models import build_sam2_base
 from scripts.synthetic import write_dataset
-from tests.helpers import bundle_command
+from tests.helpers import bundle_command, random_adapted_network
 from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, ExportError, export_bundle, main
 
@@ -43,14 +43,7 @@ def same_entry(first, second) -> bool:
 
 def trained_model(path: Path, base: Path | None, seed: int) -> Path:
     """A SAM2LoRA with non-zero adapters, saved as the training workflow saves model.pt."""
-    torch.manual_seed(seed)
-    weights = {"checkpoint": base} if base is not None else {"random_init": True}
-    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, **weights)
-    with torch.no_grad():
-        for name, parameter in network.named_parameters():
-            if name.endswith("lora_B"):
-                parameter.normal_(0.0, 0.05)  # as after training: the adapters change the output
-    torch.save(network.state_dict(), path)
+    torch.save(random_adapted_network(IMAGE_SIZE, seed=seed, checkpoint=base).state_dict(), path)
     return path
 
 

@@ -26,8 +26,9 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from scripts.network import SAM2LoRA, load_trained
+from scripts.network import load_trained
 from scripts.synthetic import write_dataset
+from tests.helpers import random_adapted_network
 from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, export_bundle
 
@@ -83,12 +84,7 @@ def served_model(path: Path) -> Path:
     Seeded so that its prediction on the test images has both vessel and background pixels (checked below):
     a constant label would make the comparison with the bundle's own inference vacuous.
     """
-    torch.manual_seed(2)
-    network = SAM2LoRA("tiny", image_size=IMAGE_SIZE, random_init=True, channel_names=["vessels"])
-    with torch.no_grad():
-        for name, parameter in network.named_parameters():
-            if name.endswith("lora_B"):
-                parameter.normal_(0.0, 0.05)
+    network = random_adapted_network(IMAGE_SIZE, seed=2, channel_names=["vessels"])
     torch.save(network.state_dict(), path)
     return path
 

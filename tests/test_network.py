@@ -19,7 +19,7 @@ from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
 from scripts.prompts import PROMPT_MODES, parse_prompt
 from scripts.sam2_models import HIERA_SIZES, CheckpointError, build_sam2_base, checkpoint_hiera_size
-from tests.helpers import TRAIN, parameters_on_meta_device
+from tests.helpers import TRAIN, parameters_on_meta_device, randomise_adapters
 
 IMAGE_SIZE = 64  # the smallest size Hiera accepts; keeps every test fast on a CPU
 SAM_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -30,13 +30,6 @@ def tiny_network(**kwargs) -> SAM2LoRA:
     torch.manual_seed(0)
     settings = {"model_size": "tiny", "random_init": True, "image_size": IMAGE_SIZE, **kwargs}
     return SAM2LoRA(**settings)
-
-
-def randomise_adapters(network: SAM2LoRA, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(network.sam2):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.05)
 
 
 def without_adapters(network: SAM2LoRA) -> SAM2LoRA:

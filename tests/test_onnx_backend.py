@@ -23,7 +23,16 @@ from scripts.lora import lora_modules
 from scripts.network import SAM2LoRA
 from scripts.onnx_backend import DeployError, OnnxBackend, inference_backend
 from scripts.synthetic import write_dataset
-from tests.helpers import EVALUATE, FAST, INFER, TRAIN, fail_message, run_bundle, write_model_file
+from tests.helpers import (
+    EVALUATE,
+    FAST,
+    INFER,
+    TRAIN,
+    fail_message,
+    random_adapted_network,
+    run_bundle,
+    write_model_file,
+)
 
 pytest.importorskip("onnxruntime", reason="onnx, onnxscript and onnxruntime are the backend's optional dependencies")
 
@@ -33,12 +42,7 @@ IMAGE_SIZE = 64
 @pytest.fixture(scope="module")
 def network() -> SAM2LoRA:
     """A tiny network with non-zero adapters, as after training."""
-    torch.manual_seed(0)
-    network = SAM2LoRA(model_size="tiny", random_init=True, image_size=IMAGE_SIZE).eval()
-    with torch.no_grad():
-        for _, layer in lora_modules(network.sam2):
-            layer.lora_B.normal_(std=0.05)
-    return network
+    return random_adapted_network(IMAGE_SIZE).eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,14 @@ from scripts.adapters import tensor_state
 from scripts.handlers import MergeAdapters
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
+from tests.helpers import random_adapted_network
 
 IMAGE_SIZE = 64
 
 
-def adapted_network(seed: int = 0, **kwargs) -> SAM2LoRA:
-    """A Hiera-tiny network with non-zero adapters, as after training."""
-    torch.manual_seed(seed)
-    network = SAM2LoRA("tiny", random_init=True, image_size=IMAGE_SIZE, **kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, layer in lora_modules(network.sam2):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.05)
-    return network
-
-
 @pytest.fixture(scope="module")
 def network() -> SAM2LoRA:
-    return adapted_network().eval()
+    return random_adapted_network(IMAGE_SIZE).eval()
 
 
 def count_calls(module: nn.Module) -> list[int]:
@@ -46,7 +36,7 @@ def count_calls(module: nn.Module) -> list[int]:
 
 
 def test_image_encoder_runs_once_for_several_prompt_sets_per_image():
-    network = adapted_network().eval()
+    network = random_adapted_network(IMAGE_SIZE).eval()
     encoder_calls = count_calls(network.sam2.image_encoder)
     images = torch.randn(2, 3, 80, 72)
     # three prompt sets per image, image-major: one point, two points (one negative), a box given as corners
@@ -105,7 +95,7 @@ def test_merged_state_follows_a_loaded_state_dict():
 
 
 def test_channels_last_switch_keeps_the_outputs(network):
-    switched = adapted_network(channels_last=True).eval()
+    switched = random_adapted_network(IMAGE_SIZE, channels_last=True).eval()
     assert switched.sam2.image_encoder.trunk.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     points, labels = torch.tensor([[[20.0, 30.0]], [[40.0, 8.0]]]), torch.ones(2, 1)
@@ -130,8 +120,8 @@ def saved_tensor_bytes(network: SAM2LoRA, images: torch.Tensor) -> tuple[int, to
 
 def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    plain = adapted_network(lora_dropout=0.0).train()
-    checkpointed = adapted_network(lora_dropout=0.0, activation_checkpointing=True).train()
+    plain = random_adapted_network(IMAGE_SIZE, lora_dropout=0.0).train()
+    checkpointed = random_adapted_network(IMAGE_SIZE, lora_dropout=0.0, activation_checkpointing=True).train()
     plain_bytes, plain_loss = saved_tensor_bytes(plain, images)
     checkpointed_bytes, checkpointed_loss = saved_tensor_bytes(checkpointed, images)
     assert checkpointed_bytes < 0.7 * plain_bytes

@@ -17,7 +17,7 @@ from scripts.lora import LoRALinear, lora_modules, remove_lora
 from scripts.network import build_network
 from scripts.sam2_models import CheckpointError, build_sam2_base
 from scripts.unet import HieraEncoder, SAM2UNet, register_backbones
-from tests.helpers import QUICKSTART, TRAIN
+from tests.helpers import QUICKSTART, TRAIN, randomise_adapters
 
 SIZE = 64
 
@@ -36,13 +36,6 @@ def meta_checkpoint(module_folder):
 def unet() -> SAM2UNet:
     torch.manual_seed(0)
     return SAM2UNet("tiny", random_init=True, image_size=SIZE).eval()
-
-
-def randomise_adapters(network: torch.nn.Module) -> None:
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in lora_modules(network):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.05)
 
 
 def test_the_four_hiera_sizes_are_registered_and_other_backbones_stay():
@@ -86,7 +79,7 @@ def test_untrained_adapters_leave_the_encoder_output_exactly_unchanged():
     with torch.no_grad():
         for adapted, base in zip(encoder(images), plain(images)):
             assert torch.equal(adapted, base)
-        randomise_adapters(encoder)
+        randomise_adapters(encoder, seed=3)
         assert not torch.equal(encoder(images)[2], plain(images)[2]), "trained adapters do change it"
 
 
@@ -171,7 +164,7 @@ def test_adapter_file_carries_the_new_modules_too(meta_checkpoint, tmp_path):
     path, _ = meta_checkpoint
     torch.manual_seed(2)
     trained = SAM2UNet("tiny", checkpoint=path, image_size=SIZE).eval()
-    randomise_adapters(trained)
+    randomise_adapters(trained, seed=3)
     with torch.no_grad():
         for parameter in trained.decoder.parameters():
             parameter.mul_(1.01)
