@@ -370,11 +370,7 @@ def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndar
         # No clearly dark border: the photo is cropped inside the field of view (or blank).
         return np.ones(brightness.shape, dtype=bool)
     threshold = border_level + relative_threshold * (retina_level - border_level)
-    # A window's median is above the threshold exactly where more than half of its pixels are: the mask of the
-    # median-filtered picture, without filtering every pixel (seconds on an 8-megapixel photograph).
-    above = (brightness > threshold).astype(np.float32)
-    foreground = ndimage.uniform_filter(above, size=_FOV_MEDIAN_SIZE, mode="reflect") > 0.5
-    regions, count = ndimage.label(foreground)
+    regions, count = ndimage.label(_median_filtered_above(brightness, threshold))
     if count == 0:
         return np.ones(brightness.shape, dtype=bool)
     sizes = np.bincount(regions.ravel())
@@ -383,13 +379,25 @@ def estimate_fov(image: np.ndarray, relative_threshold: float = 0.15) -> np.ndar
     return ndimage.binary_fill_holes(largest)
 
 
-def _median_filtered_sample(brightness: np.ndarray) -> np.ndarray:
-    """The median-filtered ``brightness`` (``_FOV_MEDIAN_SIZE`` square windows, edges mirrored as scipy's
-    ``median_filter`` does) at every pixel of a picture of at most ``_FOV_LEVEL_SAMPLES`` pixels, and on a regular
-    grid of about that many pixels of a larger one."""
+def _median_filtered_above(brightness: np.ndarray, threshold: float) -> np.ndarray:
+    """Where ``brightness`` median-filtered (``_FOV_MEDIAN_SIZE`` square windows, edges mirrored as scipy's
+    ``median_filter`` does) is above ``threshold``, without filtering every pixel (seconds on an 8-megapixel
+    photograph): a window's median is above it exactly where more than half of the window's pixels are."""
+    above = (brightness > threshold).astype(np.float32)
+    return ndimage.uniform_filter(above, size=_FOV_MEDIAN_SIZE, mode="reflect") > 0.5
+
+
+def _median_filtered_sample(brightness: np.ndarray, rows_at_once: int = 128) -> np.ndarray:
+    """The median-filtered ``brightness`` (as :func:`_median_filtered_above` filters it) at every pixel of a picture
+    of at most ``_FOV_LEVEL_SAMPLES`` pixels, and on a regular grid of at most that many pixels of a larger one; the
+    windows are gathered ``rows_at_once`` grid rows at a time (25 values per pixel would take 100 bytes each)."""
     stride = max(1, int(np.ceil(np.sqrt(brightness.size / _FOV_LEVEL_SAMPLES))))
-    half = _FOV_MEDIAN_SIZE // 2
+    half, count = _FOV_MEDIAN_SIZE // 2, _FOV_MEDIAN_SIZE**2
     padded = np.pad(brightness, half, mode="symmetric")
     windows = np.lib.stride_tricks.sliding_window_view(padded, (_FOV_MEDIAN_SIZE, _FOV_MEDIAN_SIZE))[::stride, ::stride]
-    values = windows.reshape(-1, _FOV_MEDIAN_SIZE**2)
-    return np.partition(values, values.shape[1] // 2, axis=1)[:, values.shape[1] // 2]
+    medians = np.empty(windows.shape[:2], dtype=brightness.dtype)
+    for start in range(0, windows.shape[0], rows_at_once):
+        values = np.array(windows[start : start + rows_at_once]).reshape(-1, count)  # a copy, sorted here
+        values.partition(count // 2, axis=1)
+        medians[start : start + rows_at_once] = values[:, count // 2].reshape(-1, windows.shape[1])
+    return medians.ravel()

@@ -502,7 +502,7 @@ RUN_ARGUMENTS = frozenset(
 WORDED_SETTINGS = frozenset({"resume"})
 
 # Settings that name a folder or a file, whatever their default's expression evaluates to.
-PATH_SETTING_ENDINGS = ("_dir", "_path", "_file", "_checkpoint", "datalist")
+PATH_SETTING_ENDINGS = ("_dir", "_root", "_path", "_file", "_checkpoint", "datalist")
 
 
 def check_command_line(argv: Sequence[str]) -> list[str]:
@@ -541,6 +541,7 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
 
 
 def _refuse_worded_boolean(key: str, value: str, default: Any) -> None:
+    """Refuse a boolean setting given as another word than ``True`` or ``False`` (``resume`` has words of its own)."""
     if isinstance(default, bool) and key not in WORDED_SETTINGS and value not in ("True", "False"):
         raise ConfigError(
             f"--{key} {value}: write True or False, capitalised. MONAI's command line reads only those as "
@@ -549,25 +550,31 @@ def _refuse_worded_boolean(key: str, value: str, default: Any) -> None:
 
 
 def _refuse_dropped_none(key: str, value: str, default: Any) -> None:
+    """Refuse a setting given as ``None``, which MONAI's command line drops, where that keeps another default (a
+    default that is None, or the word ``none``, loses nothing)."""
     from fire.parser import DefaultParseValue  # how MONAI's command line reads the value
 
-    if default is not None and DefaultParseValue(value) is None:
+    if default is None or (isinstance(default, str) and default.lower() == "none"):
+        return
+    if DefaultParseValue(value) is None:
         raise ConfigError(
             f"--{key} {value}: MONAI's command line drops a setting given as None, so the default ({default!r}) would "
-            f"stay; write --{key} '$None' for no value."
+            f"stay; give the value you mean ('$None' for no value, where the setting takes none)."
         )
 
 
 def _refuse_text_read_otherwise(key: str, value: str, default: Any) -> None:
+    """Refuse a value MONAI's command line reads as a number, a boolean, a list or a tuple for a setting that takes
+    text: one whose default is plain text (not an expression, whose value may be a number), or one that names a
+    folder or file (:data:`PATH_SETTING_ENDINGS`; a default of None included)."""
     from fire.parser import DefaultParseValue
 
-    if not isinstance(default, str):
-        return
     names_a_path = key.endswith(PATH_SETTING_ENDINGS)
-    if default.startswith(("$", "@", "%")) and not names_a_path:  # an expression: its value may be a number
+    plain_text = isinstance(default, str) and not default.startswith(("$", "@", "%"))
+    if not (plain_text or (names_a_path and (default is None or isinstance(default, str)))):
         return
     read = DefaultParseValue(value)
-    if isinstance(read, str):
+    if read is None or isinstance(read, str):  # None: _refuse_dropped_none's
         return
     if isinstance(read, bool):
         kind = "a boolean"

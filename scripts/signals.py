@@ -15,16 +15,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
-__all__ = ["SIGTERM_EXIT_STATUS", "Terminated", "exit_on_sigterm"]
+__all__ = ["REPEAT_IGNORED_SECONDS", "SIGTERM_EXIT_STATUS", "Terminated", "exit_on_sigterm"]
 
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 
-# The process that installed the handler, and whether it is already stopping.
+# A SIGTERM this soon after the one that stopped the run is the same request again (SLURM signals every process of
+# a job step and torchrun forwards its own): it must not cut the cleanups short. A later one is raised again, in case
+# the first was swallowed (raised inside a __del__ or a callback, where Python only prints exceptions).
+REPEAT_IGNORED_SECONDS = 5.0
+
+# The process that installed the handler, and when the run was asked to stop (time.monotonic), if it was.
 _owner: int | None = None
-_stopping = False
+_stopped_at: float | None = None
 
 
 class Terminated(SystemExit):
@@ -46,18 +52,17 @@ def _bundle_command_line(argv: Sequence[str]) -> bool:
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     """The SIGTERM handler (run by Python in the main thread, between two bytecodes)."""
-    global _stopping
+    global _stopped_at
     if os.getpid() != _owner:
-        # A forked child (a DataLoader worker) inherited the handler: it ends at once, as it always did, without
-        # unwinding the copy of its parent's stack (the parent's cleanups are the parent's to run).
+        # A forked child inherited the handler (torch's DataLoader workers set their own): it ends at once, as it
+        # always did, without unwinding the copy of its parent's stack (the parent's cleanups are the parent's).
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    if _stopping:
-        # Already unwinding: a second SIGTERM (torchrun forwards one after SLURM's own) must not cut the cleanups
-        # short. SIGKILL still ends the process at once.
+    now = time.monotonic()
+    if _stopped_at is not None and now - _stopped_at < REPEAT_IGNORED_SECONDS:
         return
-    _stopping = True
+    _stopped_at = now
     if callable(signal.getsignal(signal.SIGCHLD)):
         # The DataLoader's workers got the same SIGTERM where a whole process group or job step is signalled (SLURM
         # does that) and died of it; torch's SIGCHLD handler would raise "DataLoader worker is killed by signal"
@@ -80,8 +85,8 @@ def exit_on_sigterm(argv: Sequence[str]) -> bool:
     - SIGTERM already has a handler other than Python's default action, or is ignored: whoever set it decides.
 
     Torchrun's workers are command-line runs of their own: each gets the handler, and stops with its cleanups when
-    torchrun stops it. A second SIGTERM while the run unwinds is ignored. A forked child that inherits the handler
-    (a DataLoader worker) keeps the default action, and once the run is stopping a SIGCHLD handler (torch's, which
+    torchrun stops it. A SIGTERM within ``REPEAT_IGNORED_SECONDS`` of the first is ignored while the run unwinds; a
+    later one is raised again. A forked child that inherits the handler keeps the default action, and once the run is stopping a SIGCHLD handler (torch's, which
     raises when a worker dies) is reset, so that workers dying of the same SIGTERM cannot interrupt the cleanups.
 
     Args:
@@ -90,11 +95,11 @@ def exit_on_sigterm(argv: Sequence[str]) -> bool:
     Returns:
         Whether the handler is installed.
     """
-    global _owner, _stopping
+    global _owner, _stopped_at
     if not _bundle_command_line(argv) or threading.current_thread() is not threading.main_thread():
         return False
     if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _terminate):
         return False
-    _owner, _stopping = os.getpid(), False
+    _owner, _stopped_at = os.getpid(), None
     signal.signal(signal.SIGTERM, _terminate)
     return True

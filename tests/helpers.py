@@ -149,6 +149,9 @@ def random_adapted_network(
         checkpoint: Meta's SAM 2 Hiera-tiny checkpoint to start from; random base weights without one.
         settings: other :class:`scripts.network.SAM2LoRA` arguments (``channel_names``, ``lora_rank``,
             ``finetune``, ``channels_last``...).
+
+    Returns:
+        the network, in training mode, adapters unmerged.
     """
     from scripts.network import SAM2LoRA
 

@@ -391,10 +391,17 @@ def test_a_boolean_setting_written_otherwise_than_true_or_false_is_refused(value
     [
         (INFER, "output_dir", "2024", "./2024"),
         (INFER, "dataset_dir", "photos,2024", "./photos,2024"),
+        (INFER, "prompts_file", "2024", "./2024"),
         (TRAIN, "experiment_name", "2024", "\"'2024'\""),
         (TRAIN, "experiment_name", "True", "\"'True'\""),
     ],
-    ids=["a folder named by a number", "a folder with a comma", "a name that is a number", "a name that is a word"],
+    ids=[
+        "a folder named by a number",
+        "a folder with a comma",
+        "a file whose default is none",
+        "a name that is a number",
+        "a name that is a word",
+    ],
 )
 def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(configs, key, value, advice):
     """MONAI's command line (fire) reads 2024 as a number and a,b as a tuple: --output_dir 2024 would fail deep in
@@ -420,10 +427,11 @@ def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it
     argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART])]
     with pytest.raises(ConfigError, match=re.escape("--max_training_minutes None: MONAI's command line drops")) as caught:
         check_command_line([*argv, "--max_training_minutes", "None"])
-    assert "write --max_training_minutes '$None' for no value" in str(caught.value)
+    assert "('$None' for no value, where the setting takes none)" in str(caught.value)
     check_command_line([*argv, "--max_training_minutes", "$None"])
-    # A setting whose default is None already loses nothing.
-    check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, "--pixel_size_mm", "None"])
+    # A setting whose default is None, or the word none, loses nothing.
+    for key in ("pixel_size_mm", "prompts_file", "prompt_source"):
+        check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, f"--{key}", "None"])
 
 
 FILLING_WRITE = """

@@ -14,6 +14,8 @@ from scipy import ndimage
 from scripts.atomic import OutputError
 from scripts.fundus_io import (
     FundusImageError,
+    _median_filtered_above,
+    _median_filtered_sample,
     estimate_fov,
     image_size,
     read_image,
@@ -289,10 +291,23 @@ def _fov_by_full_median_filter(image: np.ndarray, relative_threshold: float = 0.
     return ndimage.binary_fill_holes(regions == np.argmax(sizes))
 
 
+def test_the_median_filter_s_threshold_and_values_match_scipy_s_at_every_size_and_edge() -> None:
+    """The box count and the sampled medians mirror the picture's edges as scipy's median_filter does: checked on
+    pictures smaller than the window, where every window reaches past an edge, and on one of many windows."""
+    rng = np.random.default_rng(0)
+    shapes = [(rows, cols) for rows in range(1, 9) for cols in range(1, 9)] + [(37, 53)]
+    for shape in shapes:
+        brightness = rng.random(shape, dtype=np.float32)
+        filtered = ndimage.median_filter(brightness, size=5)
+        for threshold in (0.2, 0.5, 0.8):
+            np.testing.assert_array_equal(_median_filtered_above(brightness, threshold), filtered > threshold)
+        np.testing.assert_array_equal(_median_filtered_sample(brightness, rows_at_once=3), filtered.ravel())
+
+
 @pytest.mark.parametrize("shape", [(90, 120), (1100, 1000)], ids=["every pixel", "sampled levels"])
 def test_estimate_fov_is_the_median_filtered_threshold(shape: tuple[int, int]) -> None:
     # Noise strong enough that the median filter decides the border's pixels; above 2**20 pixels the levels come
-    # from a sample of the filtered picture, so a few pixels at the threshold may differ there.
+    # from a sample of the filtered picture: the threshold can move a little, and the pixels at it with it.
     image, _ = _disc_photo(*shape, min(shape) // 2 - 5)
     image = np.clip(image + np.random.default_rng(1).normal(0, 0.08, image.shape), 0, 1)
     fov, reference = estimate_fov(image), _fov_by_full_median_filter(image)

@@ -18,9 +18,10 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from PIL import Image
 
+from scripts import signals
 from scripts.atomic import atomic_path
 from scripts.handlers import ReportErrors
-from scripts.signals import SIGTERM_EXIT_STATUS, Terminated, exit_on_sigterm
+from scripts.signals import REPEAT_IGNORED_SECONDS, SIGTERM_EXIT_STATUS, Terminated, exit_on_sigterm
 from scripts.synthetic import render_fundus, write_dataset
 from tests.helpers import EVALUATE, INFER, MULTI_GPU, TRAIN, bundle_command, write_model_file
 from tests.preloaded import preloaded_python
@@ -67,7 +68,7 @@ def test_sigterm_unwinds_the_run_and_exits_143(tmp_path, default_sigterm):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # interrupted: the handler runs in this thread as soon as the signal arrives
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM while unwinding leaves the cleanups alone
+            os.kill(os.getpid(), signal.SIGTERM)  # the same request again (SLURM's, then torchrun's): ignored
             time.sleep(0.1)
             cleanups.append("ran")
     assert stopped.value.code == SIGTERM_EXIT_STATUS == 143
@@ -75,6 +76,25 @@ def test_sigterm_unwinds_the_run_and_exits_143(tmp_path, default_sigterm):
     assert cleanups == ["ran"]
     assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL, "workers dying of the same SIGTERM are no news"
     assert list(tmp_path.iterdir()) == [], "neither the file nor its hidden temporary"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed first SIGTERM
+def test_a_later_sigterm_stops_a_run_whose_first_was_swallowed(default_sigterm, monkeypatch):
+    """A SIGTERM raised inside a __del__ or a callback is only printed by Python, and the run goes on: a later one
+    must still stop it."""
+    assert exit_on_sigterm(BUNDLE_ARGV)
+
+    class Swallowing:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    Swallowing()  # its __del__ runs at once: the signal's exception is printed and dropped
+    later = time.monotonic() + REPEAT_IGNORED_SECONDS
+    monkeypatch.setattr(signals.time, "monotonic", lambda: later)
+    with pytest.raises(SystemExit) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert stopped.value.code == SIGTERM_EXIT_STATUS
 
 
 def test_a_forked_child_keeps_sigterms_default_action(default_sigterm):

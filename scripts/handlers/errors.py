@@ -12,6 +12,8 @@ __all__ = ["ReportErrors"]
 
 logger = logging.getLogger(__name__)
 
+_REPORTED = "_reported_by_report_errors"
+
 
 class ReportErrors:
     """Log an engine's exception before it propagates: one line for a :class:`scripts.errors.FundusError`.
@@ -22,16 +24,16 @@ class ReportErrors:
     and for a run asked to stop (Ctrl-C, SIGTERM).
     """
 
-    def __init__(self) -> None:
-        self._reported: BaseException | None = None
-
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
 
     def __call__(self, engine: Engine, error: BaseException) -> None:
-        if error is self._reported:  # ignite raises an iteration's error twice: from the epoch, then from the run
+        # ignite raises an iteration's error twice (from the epoch, then from the run), and a validation's error
+        # stops its trainer too: one report. The mark is on the error, which a handler must not keep (its traceback
+        # holds the batch).
+        if getattr(error, _REPORTED, False):
             raise error
-        self._reported = error
+        setattr(error, _REPORTED, True)
         if isinstance(error, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM (scripts.signals): asked to stop
             logger.error(f"{type(engine).__name__} stopped: {str(error) or type(error).__name__}")
             raise error
