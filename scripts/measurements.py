@@ -299,21 +299,61 @@ def fractal_dimension(mask: np.ndarray, box_sizes: list[int] | tuple[int, ...] |
             raise MeasurementError(f"box_sizes must hold at least two distinct positive sides, got {box_sizes!r}")
     if not binary.any():
         return math.nan
-    counts = []
-    for size in sizes:
-        # The fewest boxes of four grids, shifted by half a box along each axis: where one grid falls moved a
-        # 200 px square's dimension from 1.83 to 1.87, and a DRIVE vessel map's by up to 0.012.
-        shifts = sorted({0, size // 2})
-        counts.append(min(_occupied_boxes(binary, size, row, col) for row in shifts for col in shifts))
+    # The fewest boxes of four grids, shifted by half a box along each axis: where one grid falls moved a 200 px
+    # square's dimension from 1.83 to 1.87, and a DRIVE vessel map's by up to 0.012.
+    if all(size & (size - 1) == 0 for size in sizes):
+        counts = _fewest_boxes_by_halving(binary, sizes)
+    else:
+        counts = [_fewest_boxes(binary, size) for size in sizes]
     slope, _ = np.polyfit(-np.log(sizes), np.log(counts), 1)
     return float(slope)
 
 
-def _occupied_boxes(mask: np.ndarray, size: int, row_shift: int, col_shift: int) -> int:
-    """Boxes of ``size`` holding foreground, the grid shifted down and right by the given pixels."""
+def _fewest_boxes(mask: np.ndarray, size: int) -> int:
+    """Boxes of ``size`` holding foreground, the fewest of the grids shifted by 0 or half a box along each axis."""
+    shifts = sorted({0, size // 2})
+    return min(_occupied(_boxes(mask, size, row, col)) for row in shifts for col in shifts)
+
+
+def _fewest_boxes_by_halving(mask: np.ndarray, sizes: list[int]) -> list[int]:
+    """:func:`_fewest_boxes` for each of ``sizes``, powers of two, from a pyramid of occupied boxes.
+
+    A box of side ``2s`` holds foreground where one of the four ``s`` boxes it covers does, and a grid of ``2s``
+    boxes shifted by half a box pairs the ``s`` boxes from one box earlier: every grid comes from the one below it,
+    instead of each of the 4 x ``len(sizes)`` grids re-reading the whole mask (an 8 MP vessel map: 1.4 s -> 0.05 s).
+    """
+    fewest = {1: _occupied(mask)}
+    level, side = mask, 1  # the unshifted grid of boxes of this side: True where a box holds foreground
+    while side < sizes[-1]:
+        paired_rows = [_pair_up(level, shift) for shift in (0, 1)]
+        grids = [_pair_up(rows.T, shift).T for rows in paired_rows for shift in (0, 1)]
+        level, side = grids[0], 2 * side
+        fewest[side] = min(_occupied(grid) for grid in grids)
+    return [fewest[size] for size in sizes]
+
+
+def _pair_up(boxes: np.ndarray, shift: int) -> np.ndarray:
+    """Rows of boxes merged two by two, the first pair starting ``shift`` (0 or 1) rows before the first row."""
+    parts = []
+    if shift:
+        parts.append(boxes[:1])
+        boxes = boxes[1:]
+    paired = len(boxes) // 2 * 2
+    parts.append(boxes[0:paired:2] | boxes[1:paired:2])
+    if paired < len(boxes):
+        parts.append(boxes[paired:])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _boxes(mask: np.ndarray, size: int, row_shift: int, col_shift: int) -> np.ndarray:
+    """Which boxes of ``size`` hold foreground, the grid shifted down and right by the given pixels."""
     rows, cols = mask.shape
     padded = np.pad(mask, ((row_shift, -(rows + row_shift) % size), (col_shift, -(cols + col_shift) % size)))
-    return int(np.count_nonzero(padded.reshape(padded.shape[0] // size, size, -1, size).any(axis=(1, 3))))
+    return padded.reshape(padded.shape[0] // size, size, -1, size).any(axis=(1, 3))
+
+
+def _occupied(boxes: np.ndarray) -> int:
+    return int(np.count_nonzero(boxes))
 
 
 def _m_adjacency(skeleton: np.ndarray) -> np.ndarray:
@@ -492,15 +532,51 @@ def _calibre(vessels: np.ndarray, skeleton: np.ndarray, segments: list[np.ndarra
     """:func:`mean_calibre` of checked masks, from the skeleton's segments already found."""
     if not skeleton.any():
         return math.nan
-    # Padded with background: at the image's border a vessel pixel lies one pixel from it, as at the vessel's edge.
-    distance = ndimage.distance_transform_edt(np.pad(vessels, 1))[1:-1, 1:-1]
     degree = _CODE_DEGREE[_m_adjacency(skeleton)]
     length = sum(_arc_length(segment, _SAMPLE_STEP) for segment in segments if len(segment) > 1)
     # From an end pixel's centre to the edge is its distance less half a pixel; an isolated pixel has two ends.
-    length += float((distance[skeleton & (degree == 1)] - 0.5).sum())
-    length += float((2.0 * distance[skeleton & (degree == 0)] - 1.0).sum())
+    length += float((_distance_to_background(vessels, skeleton & (degree == 1)) - 0.5).sum())
+    length += float((2.0 * _distance_to_background(vessels, skeleton & (degree == 0)) - 1.0).sum())
     # A skeleton of junction pixels alone (a blob too thick to thin) has no segment and no end: no length.
     return float(np.count_nonzero(vessels)) / length if length > 0 else math.nan
+
+
+def _distance_to_background(
+    mask: np.ndarray, pixels: np.ndarray, reach: int = 16, pixels_at_once: int = 4096
+) -> np.ndarray:
+    """Euclidean distance from each of ``pixels`` to the nearest pixel off ``mask``, as scipy's distance transform.
+
+    Beyond the image's border lies background, so a pixel on the border is one pixel from it. Each pixel's
+    neighbourhood within ``reach`` pixels is searched first: a vessel's end lies a few pixels from its edge, and the
+    distance transform of a whole 8 MP vessel map took 3 s for the few thousand ends the calibre needs.
+
+    Args:
+        mask: ``(H, W)`` bool mask.
+        pixels: ``(H, W)`` bool mask of the pixels to measure, all on ``mask``.
+        reach: half the side of the square searched around each pixel before the whole mask's transform.
+        pixels_at_once: pixels whose squares are searched together (memory: 9 kB each at the default reach).
+
+    Returns:
+        the distances, in the row-major order of ``pixels``.
+    """
+    rows, cols = np.nonzero(pixels)
+    if rows.size == 0:
+        return np.zeros(0)
+    padded = np.pad(mask, reach + 1)  # the border's one background pixel, and room for every square
+    squares = np.lib.stride_tricks.sliding_window_view(padded, (2 * reach + 1, 2 * reach + 1))
+    offsets = np.arange(-reach, reach + 1)
+    to_centre = np.hypot(offsets[:, None], offsets[None, :])
+    distances = np.empty(rows.size)
+    for start in range(0, rows.size, pixels_at_once):  # a noisy mask's isolated pixels can number 10^5
+        chosen = slice(start, start + pixels_at_once)
+        around = squares[rows[chosen] + 1, cols[chosen] + 1]
+        distances[chosen] = np.where(around, np.inf, to_centre).min(axis=(1, 2))
+    # Background nearer than the reach lies in the square; only farther (or no) background needs the whole map.
+    unresolved = distances > reach
+    if unresolved.any():
+        whole = ndimage.distance_transform_edt(padded)[reach + 1 : -reach - 1, reach + 1 : -reach - 1]
+        distances[unresolved] = whole[rows[unresolved], cols[unresolved]]
+    return distances
 
 
 def vessel_skeleton(vessels: np.ndarray) -> np.ndarray:

@@ -149,6 +149,31 @@ def test_fractal_dimension_hardly_depends_on_where_the_box_grid_falls(drive_dir:
     assert max(shifted) - min(shifted) < 0.006, shifted
 
 
+def _fewest_boxes_by_hand(mask: np.ndarray, size: int) -> int:
+    """Boxes of ``size`` holding foreground, the fewest of the grids shifted by 0 or half a box, box by box."""
+    counts = []
+    for row_shift in sorted({0, size // 2}):
+        for col_shift in sorted({0, size // 2}):
+            occupied = set()
+            for row, col in zip(*np.nonzero(mask)):
+                occupied.add(((row + row_shift) // size, (col + col_shift) // size))
+            counts.append(len(occupied))
+    return min(counts)
+
+
+@pytest.mark.parametrize("box_sizes", [[1, 2, 4, 8, 16], [2, 4, 8], [2, 3, 5, 8]], ids=["from_1", "powers_of_2", "mixed"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (17, 16), (37, 53), (64, 129)])
+def test_fractal_dimension_counts_boxes_as_counted_one_by_one(shape: tuple[int, int], box_sizes: list[int]) -> None:
+    """Powers of two are counted from a pyramid of boxes, other sides box by box: both as counted by hand."""
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.002, 0.05, 0.5):
+        mask = rng.random(shape) < density
+        mask.flat[rng.integers(mask.size)] = True
+        counts = [_fewest_boxes_by_hand(mask, size) for size in box_sizes]
+        expected = np.polyfit(-np.log(box_sizes), np.log(counts), 1)[0]
+        assert fractal_dimension(mask, box_sizes=box_sizes) == pytest.approx(expected, abs=1e-12), (density, counts)
+
+
 def test_fractal_dimension_of_an_empty_mask_is_nan() -> None:
     assert math.isnan(fractal_dimension(np.zeros((64, 64), dtype=bool)))
     with pytest.raises(MeasurementError, match="box_sizes"):
@@ -266,6 +291,21 @@ def test_a_bar_across_the_image_has_its_width_up_to_the_border(width: int) -> No
     centre_line[20, :] = True
     assert mean_calibre(vessels, centre_line) == pytest.approx(width, abs=1e-12)
     assert mean_calibre(vessels.T, centre_line.T) == pytest.approx(width, abs=1e-12)
+
+
+def test_calibre_ends_lie_as_far_from_the_edge_as_scipy_measures() -> None:
+    """A skeleton of isolated pixels has only ends: the length is the sum of twice their distances to the
+    background less one, here at the centres of discs of radius 2 to 40 (farther than the 16 px first searched)
+    and on the image's border (one pixel from the background beyond it)."""
+    vessels = np.zeros((200, 260), dtype=bool)
+    centres = [(100, 60), (30, 150), (160, 200), (20, 20), (0, 240)]
+    for centre, radius in zip(centres, (40.0, 12.0, 5.5, 2.0, 6.0)):
+        vessels |= _disc(vessels.shape, centre, radius)
+    skeleton = np.zeros_like(vessels)
+    skeleton[tuple(np.transpose(centres))] = True
+    distance = ndimage.distance_transform_edt(np.pad(vessels, 1))[1:-1, 1:-1]
+    expected = np.count_nonzero(vessels) / (2 * distance[skeleton] - 1).sum()
+    assert mean_calibre(vessels, skeleton) == pytest.approx(expected, rel=1e-12)
 
 
 def test_calibre_without_skeleton_on_the_vessels_is_nan() -> None:
