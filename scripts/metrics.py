@@ -93,6 +93,8 @@ FOV_SOURCES = ("given", "estimated")
 
 UNKNOWN_DATASET = "unknown"
 
+_RESAMPLING_ROUNDING = 1e-6
+
 # Our metric names mapped to MONAI's confusion-matrix metric names.
 _CONFUSION_MATRIX_METRICS = {
     "dice": "f1 score",
@@ -290,11 +292,16 @@ def evaluate_case(
         raise ValueError(f"prob and label shapes differ: {prob_array.shape} and {label_mask.shape}")
     if not np.all(np.isfinite(prob_array)):
         raise ValueError("prob must hold probabilities in [0, 1], found NaN or infinite values")
-    if prob_array.min() < 0.0 or prob_array.max() > 1.0:
+    lowest, highest = prob_array.min(), prob_array.max()
+    if lowest < -_RESAMPLING_ROUNDING or highest > 1.0 + _RESAMPLING_ROUNDING:
         raise ValueError(
-            "prob must hold probabilities in [0, 1] (apply the sigmoid first), "
-            f"found range [{prob_array.min()}, {prob_array.max()}]"
+            f"prob must hold probabilities in [0, 1] (apply the sigmoid first), found range [{lowest}, {highest}]"
         )
+    if lowest < 0.0 or highest > 1.0:
+        # Resampled back to a photograph's size, probabilities can end a rounding step outside [0, 1]: they are the
+        # bound's, which they would otherwise not tie with in the AUC's ranking.
+        prob_given = np.clip(prob_given, 0, 1)
+        prob_array = prob_given.astype(np.float64, copy=False)
     names = list(channel_names)
     if len(names) != prob_array.shape[0] or len(set(names)) != len(names) or any("/" in n or not n for n in names):
         raise ValueError(

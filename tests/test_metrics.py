@@ -104,6 +104,20 @@ def test_network_precisions_give_the_metrics_of_the_same_values_in_float64(rando
         assert record[f"{name}/fov/auc"] == pytest.approx(expected, abs=1e-12)
 
 
+def test_probabilities_a_rounding_step_outside_0_1_are_evaluated_as_their_bound(random_case):
+    """Probabilities resampled to a photograph's size can end a float32 step above 1 or below 0: the record is the
+    one of the clipped values, not an error that stops the evaluation."""
+    prob, label, fov = random_case
+    clipped = prob.astype(np.float32)
+    clipped[0, :3] = 1.0
+    clipped[1, :3] = 0.0
+    overshot = clipped.copy()
+    overshot[0, :3] = np.nextafter(np.float32(1), np.float32(2))
+    overshot[1, :3] = -np.float32(1e-7)
+    record = evaluate_case(overshot, label, fov, channel_names=["disc", "cup"], topology=False)
+    assert record == evaluate_case(clipped, label, fov, channel_names=["disc", "cup"], topology=False)
+
+
 def test_keys_are_named_by_channel_region_metric(random_case):
     prob, label, fov = random_case
     tensors = [torch.from_numpy(array) for array in (prob, label, fov[None])]
@@ -271,6 +285,8 @@ def test_fov_restriction_ignores_errors_outside_the_fov():
     "prob, label, fov, names, message",
     [
         (np.full((1, 4, 4), 1.5), np.zeros((1, 4, 4)), None, ["vessels"], "probabilities"),
+        (np.full((1, 4, 4), 1.0 + 1e-5), np.zeros((1, 4, 4)), None, ["vessels"], "probabilities"),
+        (np.full((1, 4, 4), -1e-5), np.zeros((1, 4, 4)), None, ["vessels"], "probabilities"),
         (np.full((1, 4, 4), np.nan), np.zeros((1, 4, 4)), None, ["vessels"], "probabilities"),
         (np.zeros((1, 4, 4)), np.full((1, 4, 4), 255), None, ["vessels"], "only 0 and 1"),
         (np.zeros((1, 4, 4)), np.zeros((1, 4, 5)), None, ["vessels"], "shapes differ"),
