@@ -137,9 +137,13 @@ def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
 
 
 def test_merge_adapters_handler_merges_for_the_run_only(network):
+    """Merged for every iteration (an evaluator puts a network in training mode back into it after each one,
+    which would unmerge the adapters from the second image on), unmerged and back in its mode afterwards."""
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    network.train()
     with torch.no_grad():
-        expected = network(images)
+        expected = network.eval()(images)
+    network.train()
     unmerged_weights = copy.deepcopy(tensor_state(network))
     seen_merged: list[bool] = []
 
@@ -149,16 +153,17 @@ def test_merge_adapters_handler_merges_for_the_run_only(network):
 
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
-        val_data_loader=[{"image": images, "label": torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)}],
+        val_data_loader=[{"image": images, "label": torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)}] * 3,
         network=network,
         inferer=lambda batch, _: forward(batch),
         val_handlers=[MergeAdapters(network)],
         decollate=False,
     )
     evaluator.run()
-    assert seen_merged == [True]
+    assert seen_merged == [True, True, True]
     torch.testing.assert_close(evaluator.state.output["pred"], expected, atol=1e-4, rtol=1e-4)
     assert not any(layer.merged for _, layer in lora_modules(network.sam2))
+    assert network.training
     for key, value in tensor_state(network).items():
         torch.testing.assert_close(value, unmerged_weights[key], atol=1e-6, rtol=0)
 

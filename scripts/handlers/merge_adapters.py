@@ -14,7 +14,10 @@ class MergeAdapters:
     While merged, every adapted layer costs what the plain SAM 2 layer costs (one matrix product, no low-rank
     path). Attach it after the handler that loads the checkpoint (``CheckpointLoader`` also acts on
     ``STARTED``; ignite calls handlers of one event in the order they were attached), so that the loaded
-    adapters are the ones merged. Unmerging at the end leaves the network trainable again.
+    adapters are the ones merged. The network is put in evaluation mode for the run: MONAI's evaluators put a
+    network found in training mode back into it after every iteration, and training mode unmerges the adapters
+    (:meth:`scripts.adapters.AdaptedNetwork.train`). Unmerging at the end, in the mode it was found in, leaves the
+    network trainable again.
 
     Args:
         network: the adapted network the engine runs (not a ``torch.compile`` wrapper of it); any network with
@@ -23,13 +26,17 @@ class MergeAdapters:
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
+        self._was_training = network.training
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.merge)
         engine.add_event_handler(Events.COMPLETED, self.unmerge)
 
     def merge(self, engine: Engine) -> None:
+        self._was_training = self.network.training
+        self.network.eval()
         self.network.merge_adapters()
 
     def unmerge(self, engine: Engine) -> None:
         self.network.unmerge_adapters()
+        self.network.train(self._was_training)
