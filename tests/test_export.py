@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from monai.bundle import verify_net_in_out
 from PIL import Image
 
 from scripts.network import SAM2LoRA
@@ -205,6 +206,27 @@ def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, cap
     assert large_files == {"large_files": []}, "full weights need no base checkpoint"
 
 
+def test_the_archive_describes_the_exported_models_channels(tmp_path):
+    """The bundle's metadata.json describes its default one-channel vessel model: a disc/cup archive's describes
+    two channels, and MONAI's verify_net_in_out, run on the unpacked archive with MONAI's default sizes, agrees."""
+    model = tmp_path / "disc_cup.pt"
+    torch.save(random_adapted_network(IMAGE_SIZE, seed=4, channel_names=["disc", "cup"]).state_dict(), model)
+    result = export_bundle(tmp_path / "dist", model, weights="full")
+    with zipfile.ZipFile(result.archive) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    root = tmp_path / "unpacked" / BUNDLE_NAME
+    metadata = json.loads((root / "configs" / "metadata.json").read_text())
+    prediction = metadata["network_data_format"]["outputs"]["pred"]
+    assert (prediction["num_channels"], prediction["channel_def"]) == (2, {"0": "disc logit", "1": "cup logit"})
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=str(root / "configs" / "inference.json"),
+        device="cpu",
+        bundle_root=str(root),
+    )
+
+
 def test_adapters_trained_on_another_base_fall_back_to_full_weights(models, tmp_path):
     other_base = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.manual_seed(5)
@@ -271,7 +293,7 @@ def test_adapters_without_the_base_checkpoint_say_how_to_get_it(models, tmp_path
             base_checkpoint=missing,
         )
     assert str(missing) in str(caught.value)
-    assert not list((tmp_path / "dist").glob("*.zip")), "nothing half-written is left"
+    assert not (tmp_path / "dist").exists(), "the output folder made for the archive is removed with it"
 
 
 def test_version_must_have_a_changelog_entry(models, tmp_path):

@@ -1,6 +1,6 @@
 """Package the bundle as one self-contained archive that ``python -m monai.bundle download --url`` can fetch.
 
-``python -m tools.export --output dist --ckpt_path runs/models/model.pt`` writes
+``python -m tools.export --output dist --ckpt_path bundle/models/model.pt`` writes
 ``dist/sam2lora_fundus_<version>.zip`` holding one folder, ``sam2lora_fundus/``, with the configs, the custom
 components (``scripts/``, so the bundle runs without this repository), the fine-tuned weights, the docs, the
 LICENSE and ``large_files.yml``.
@@ -19,7 +19,8 @@ Weights (``--weights``):
   as plain SAM 2 (the result equals ``full`` up to float rounding).
 
 The network settings (head, Hiera size, image size, channels, LoRA rank...) are those the model file records;
-the archive's ``configs/inference.json`` reads them from the weights it ships, as the bundle's own does.
+the archive's ``configs/inference.json`` reads them from the weights it ships, as the bundle's own does, and its
+``configs/metadata.json`` describes the model's output channels.
 """
 
 from __future__ import annotations
@@ -212,6 +213,16 @@ def _inference_config(source: Path, model_size: str, mode: str) -> dict:
     return config
 
 
+def _metadata(source: Path, channel_names: Sequence[str]) -> dict:
+    """The archive's metadata.json: the bundle's, its output described for the exported model's channels (the
+    bundle's describes the default one-channel vessel model; MONAI's ``verify_net_in_out`` checks the count)."""
+    metadata = json.loads(source.read_text(encoding="utf-8"))
+    prediction = metadata["network_data_format"]["outputs"]["pred"]
+    prediction["num_channels"] = len(channel_names)
+    prediction["channel_def"] = {str(index): f"{name} logit" for index, name in enumerate(channel_names)}
+    return metadata
+
+
 def _large_files(source: Path, model_size: str, base: Path | None, mode: str) -> dict:
     if mode != "adapters":
         return {"large_files": []}  # the full weights replace every tensor: nothing needs to be fetched
@@ -272,6 +283,47 @@ def _zip_folder(folder: Path, archive: Path) -> None:
                 shutil.copyfileobj(source, target, 1 << 20)
 
 
+def _package(
+    bundle: Path, version: str, archive: Path, trained: AdaptedNetwork, weights: str, base: Path, ckpt: Path
+) -> tuple[str, str]:
+    """Stage the archive's folder next to ``archive`` and zip it there (:func:`export_bundle`'s work).
+
+    Returns:
+        the weight mode written and the reason when it is not ``weights``.
+    """
+    settings = trained.settings
+    with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".export-") as staging:
+        root = Path(staging) / BUNDLE_NAME
+        root.mkdir()
+        for item in BUNDLE_ITEMS:
+            source = bundle / item
+            if not source.exists():
+                raise ExportError(f"Bundle folder {bundle} lacks {item}.")
+            if source.is_dir():
+                shutil.copytree(source, root / item)
+            else:
+                shutil.copy2(source, root / item)
+        shutil.copytree(
+            Path(scripts.__file__).resolve().parent,
+            root / "scripts",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        models = root / "models"
+        models.mkdir()
+        mode, reason = _write_weights(trained, weights, base, models)
+        inference = _inference_config(bundle / "configs" / "inference.json", settings["model_size"], mode)
+        (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n", encoding="utf-8")
+        metadata = _metadata(bundle / "configs" / "metadata.json", settings["channel_names"])
+        (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
+        large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
+        (root / "large_files.yml").write_text(yaml.safe_dump(large_files, sort_keys=False), encoding="utf-8")
+        (root / "docs" / "weights.md").write_text(
+            _weights_doc(mode, reason, settings, version, file_sha256(ckpt)), encoding="utf-8"
+        )
+        _zip_folder(root, archive)
+    return mode, reason
+
+
 def export_bundle(
     output: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -315,37 +367,17 @@ def export_bundle(
         base_checkpoint = bundle / "models" / f"sam2.1_hiera_{settings['model_size']}.pt"
     base = Path(base_checkpoint)
 
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]  # deepest first
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ExportError(f"Output folder {output_dir} cannot be created ({error.strerror or error}).") from None
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as staging:
-        root = Path(staging) / BUNDLE_NAME
-        root.mkdir()
-        for item in BUNDLE_ITEMS:
-            source = bundle / item
-            if not source.exists():
-                raise ExportError(f"Bundle folder {bundle} lacks {item}.")
-            if source.is_dir():
-                shutil.copytree(source, root / item)
-            else:
-                shutil.copy2(source, root / item)
-        shutil.copytree(
-            Path(scripts.__file__).resolve().parent,
-            root / "scripts",
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-        models = root / "models"
-        models.mkdir()
-        mode, reason = _write_weights(trained, weights, base, models)
-        inference = _inference_config(bundle / "configs" / "inference.json", settings["model_size"], mode)
-        (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n", encoding="utf-8")
-        large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
-        (root / "large_files.yml").write_text(yaml.safe_dump(large_files, sort_keys=False), encoding="utf-8")
-        (root / "docs" / "weights.md").write_text(
-            _weights_doc(mode, reason, settings, version, file_sha256(ckpt)), encoding="utf-8"
-        )
-        _zip_folder(root, archive)
+    try:
+        mode, reason = _package(bundle, version, archive, trained, weights, base, ckpt)
+    except BaseException:
+        for folder in created:  # made for this archive, and empty again now that the staging folder is gone
+            folder.rmdir()
+        raise
     logger.info("Wrote %s (%s weights, %.1f MB).", archive, mode, archive.stat().st_size / 1e6)
     return ExportResult(archive=archive, weights=mode, reason=reason, settings=dict(settings))
 
