@@ -185,12 +185,19 @@ def checkpoint_hiera_size(state_dict: dict[str, torch.Tensor]) -> HieraSize | No
     return None
 
 
+def _download_advice(path: Path) -> str:
+    """How to fetch a missing base checkpoint: with MONAI, where it is one of a bundle's large files."""
+    bundle = path.parent.parent
+    if path.parent.name == "models" and (bundle / "large_files.yml").is_file():
+        return f"`python -m monai.bundle download_large_files --bundle_path {bundle}` fetches it there"
+    return "or `python -m monai.bundle download_large_files --bundle_path <bundle folder>` into a bundle's models/"
+
+
 def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(
             f"SAM 2 checkpoint {path} does not exist. Download Meta's weights from {size.checkpoint_url} "
-            "(in the bundle: `python -m monai.bundle download_large_files --bundle_path bundle`), "
-            "or train from scratch with random_init=True."
+            f"({_download_advice(path)}); a training run can start from scratch instead with random_init=True."
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -376,8 +377,14 @@ def test_weights_loaded_merged_unmerge_to_train(network):
 
 def test_missing_checkpoint_is_named(tmp_path):
     missing = tmp_path / "sam2.1_hiera_tiny.pt"
-    with pytest.raises(CheckpointError, match=f"{missing}.*does not exist"):
+    with pytest.raises(CheckpointError, match=f"{missing}.*does not exist") as caught:
         SAM2LoRA("tiny", checkpoint=missing, image_size=IMAGE_SIZE)
+    assert "--bundle_path <bundle folder>" in str(caught.value)
+    # In a bundle (a downloaded one too), MONAI's command names that bundle's folder.
+    (tmp_path / "large_files.yml").write_text("large_files: []\n")
+    in_bundle = tmp_path / "models" / "sam2.1_hiera_tiny.pt"
+    with pytest.raises(CheckpointError, match=re.escape(f"download_large_files --bundle_path {tmp_path}` fetches it")):
+        SAM2LoRA("tiny", checkpoint=in_bundle, image_size=IMAGE_SIZE)
 
 
 def test_corrupt_checkpoint_is_named(meta_checkpoint, tmp_path):
