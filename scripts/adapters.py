@@ -45,6 +45,7 @@ too; ``full``: every weight, without adapters."""
 
 MODEL_FORMAT = "sam2lora-model/1"
 ADAPTER_FORMAT = "sam2lora-adapters/2"
+CHECKPOINT_FORMAT = "sam2lora-training/1"  # a training run's resumable checkpoint (scripts.handlers.checkpoint)
 
 # Settings that decide what trained weights mean; a model file must agree on each of them with the network it is
 # loaded into. Others (LoRA dropout, speed switches, the fine-tuning mode of a further run) may differ.
@@ -150,6 +151,11 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             raise ModelFileError(
                 f"{path} is a SAM 2 base checkpoint (Meta's weights), not a model trained with this bundle: give it "
                 "as --base_checkpoint to train from, and a trained model.pt as --ckpt_path."
+            )
+        if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+            raise ModelFileError(
+                f"{path} is a training run's checkpoint, which --resume continues from; the trained model is the "
+                f"model.pt (or model_best.pt) the run writes next to it, in {path.parent}."
             )
         raise ModelFileError(
             f"Trained model {path} records no network settings: it is not a model of this bundle, or was written "

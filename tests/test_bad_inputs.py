@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.adapters import check_finetune, read_model_file
+from scripts.adapters import CHECKPOINT_FORMAT, check_finetune, read_model_file
 from scripts.atomic import write_text_atomic
 from scripts.errors import ConfigError, FundusError, user_error
 from scripts.fundus_io import write_png
@@ -318,6 +318,13 @@ def weights_without_record(folder: Path) -> Path:
     return folder / "bare.pt"
 
 
+def training_checkpoint(folder: Path) -> Path:
+    """What TrainingCheckpoint writes (its keys; tensors of no consequence here)."""
+    content = {"format": CHECKPOINT_FORMAT, "network_trainable": {"weight": torch.zeros(2)}, "optimizer": {}}
+    torch.save(content, folder / "latest_checkpoint.pt")
+    return folder / "latest_checkpoint.pt"
+
+
 def garbage(folder: Path) -> Path:
     (folder / "garbage.pt").write_bytes(b"not a model at all")
     return folder / "garbage.pt"
@@ -330,9 +337,10 @@ def garbage(folder: Path) -> Path:
         (garbage, "garbage.pt cannot be read"),
         (pickle_running_code, "unsafe.pt cannot be read"),
         (weights_without_record, "bare.pt records no network settings"),
+        (training_checkpoint, "latest_checkpoint.pt is a training run's checkpoint, which --resume continues from"),
         (lambda folder: folder / "absent.pt", "absent.pt does not exist"),
     ],
-    ids=["truncated", "not a model", "code in the pickle", "weights without our record", "missing"],
+    ids=["truncated", "not a model", "code in the pickle", "weights without our record", "training checkpoint", "missing"],
 )
 def test_damaged_or_unsafe_model_files_are_refused_in_one_line(tmp_path, make, expected):
     path = make(tmp_path)

@@ -47,6 +47,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
+from scripts.adapters import CHECKPOINT_FORMAT
 from scripts.atomic import file_sha256, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, first_line, is_real_number
@@ -59,8 +60,6 @@ __all__ = [
     "keep_earlier_run",
     "resumable_state",
 ]
-
-CHECKPOINT_FORMAT = "sam2lora-training/1"
 
 RESUME_CHOICES = ("false", "true", "auto")
 
