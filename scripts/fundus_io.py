@@ -154,8 +154,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a fundus photograph as an RGB float array.
 
-    Alpha is dropped, palette images are expanded through their palette, grayscale is replicated to three channels,
-    and 8- or 16-bit samples are scaled by the maximum of their bit depth (not by the image's own maximum, so that
+    Transparent pixels are laid over black, as the dark border around a fundus photograph's field of view (a
+    photograph cut out with transparency often keeps white or any colour under it, which would otherwise read as
+    retina), unless the alpha channel hides every pixel (then it is ignored as meaningless); palette images are expanded through their palette, grayscale is replicated to three channels, and 8-
+    or 16-bit samples are scaled by the maximum of their bit depth (not by the image's own maximum, so that
     intensities stay comparable between images).
 
     Args:
@@ -171,6 +173,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
         gray = _sixteen_bit_to_float(image)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / np.float32(255.0)
+        if rgba[..., 3].any():  # an alpha channel that hides the whole picture says nothing: it is ignored
+            return np.ascontiguousarray(rgba[..., :3] * rgba[..., 3:])
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
     return np.ascontiguousarray(rgb)
 

@@ -71,10 +71,33 @@ def test_read_image_gzipped_ppm(tmp_path: Path, rgb8: np.ndarray) -> None:
     np.testing.assert_allclose(read_image(path), rgb8 / 255.0, atol=1e-6)
 
 
-def test_read_image_rgba_drops_alpha(tmp_path: Path, rgb8: np.ndarray) -> None:
-    alpha = np.zeros(rgb8.shape[:2] + (1,), np.uint8)  # fully transparent: colours must survive anyway
+def test_read_image_ignores_an_alpha_channel_that_hides_everything(tmp_path: Path, rgb8: np.ndarray) -> None:
+    alpha = np.zeros(rgb8.shape[:2] + (1,), np.uint8)
     path = _save(tmp_path / "a.png", np.concatenate([rgb8, alpha], axis=-1))
     np.testing.assert_allclose(read_image(path), rgb8 / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_read_image_lays_transparent_pixels_over_black(tmp_path: Path, mode: str) -> None:
+    """A photograph cut out with transparency, white under its transparent corners: they read as the dark border
+    around a field of view, the FOV estimate leaves them out, and half-transparent pixels are half as bright."""
+    size = 120
+    rows, cols = np.mgrid[:size, :size]
+    inside = np.hypot(rows - size / 2, cols - size / 2) < size / 2 - 4
+    retina = np.zeros((size, size, 3), np.uint8)
+    retina[...] = (170, 80, 40)
+    retina[~inside] = 255
+    alpha = np.where(inside, 255, 0).astype(np.uint8)
+    alpha[0, 0] = 128
+    picture = Image.fromarray(np.dstack([retina, alpha]), "RGBA").convert(mode)
+    picture.save(tmp_path / "cut_out.png")
+    image = read_image(tmp_path / "cut_out.png")
+    opaque = np.asarray(picture.convert("RGB"), np.float32) / 255.0
+    np.testing.assert_allclose(image[inside], opaque[inside], atol=1e-6)
+    assert image[~inside][1:].max() == 0.0
+    np.testing.assert_allclose(image[0, 0], opaque[0, 0] * 128 / 255, atol=1e-6)
+    fov = estimate_fov(image)
+    assert not fov[~inside].any() and fov[inside].mean() > 0.95
 
 
 def test_read_image_palette_gif_uses_palette_colours(tmp_path: Path) -> None:
