@@ -66,26 +66,43 @@ def check_input_mode(input_mode: str, pixel_scale: float = 1.0) -> str:
     return input_mode
 
 
-def _smaller_than_window(size: str, image_size: int) -> str:
+def _smaller_than_window(size: str, image_size: int, trained: bool) -> str:
+    if trained:  # the window and the scale are the trained model's: only the photograph or the model can change
+        return (
+            f"{size} is smaller than the model's {image_size}-pixel window (it was trained on windows cut at that "
+            "scale): enlarge the photograph, or segment it with a model trained with input_mode 'resize'"
+        )
     return (
         f"{size} is smaller than the {image_size}-pixel window: lower image_size, raise pixel_scale, or use "
         "input_mode 'resize'"
     )
 
 
-def window_fit(input_mode: str, image_size: int, pixel_scale: float = 1.0) -> Callable[[tuple[int, int]], str | None]:
+def window_fit(
+    input_mode: str, image_size: int, pixel_scale: float = 1.0, trained: bool = False
+) -> Callable[[tuple[int, int]], str | None]:
     """A check of a photograph's ``(height, width)`` before it is read for segmenting: why it cannot be segmented in
     this input mode (smaller than one window once scaled, as ``Zoomd`` scales: floor of side x scale), or None.
 
     An image folder leaves such photographs out and names them after the run (:class:`scripts.inputs.ImageFolder`),
     so one of them does not stop the others.
+
+    Args:
+        input_mode: ``"resize"`` or ``"sliding_window"``.
+        image_size: the window's side.
+        pixel_scale: the scale photographs are read at.
+        trained: the three settings are a trained model's (inference, evaluation), which a run cannot change: the
+            advice is then about the photograph or the model; otherwise (training) about the settings.
+
+    Returns:
+        the check: why a photograph of that size does not fit, or None.
     """
 
     def misfit(size: tuple[int, int]) -> str | None:
         height, width = size
         if input_mode != "sliding_window" or min(math.floor(side * pixel_scale) for side in size) >= image_size:
             return None
-        return _smaller_than_window(f"{width}x{height} pixels at pixel_scale {pixel_scale}", image_size)
+        return _smaller_than_window(f"{width}x{height} pixels at pixel_scale {pixel_scale}", image_size, trained)
 
     return misfit
 
@@ -255,7 +272,7 @@ class FundusInferer(Inferer):
         if min(height, width) < self.image_size:
             names = ", ".join(_file_names(inputs)) or "An image"
             size = f"{width}x{height} pixels after pixel_scale {self.pixel_scale}"
-            raise ConfigError(f"{names}: {_smaller_than_window(size, self.image_size)}.")
+            raise ConfigError(f"{names}: {_smaller_than_window(size, self.image_size, trained=True)}.")
         if fov is None:
             return self.windows(inputs, network, *args, **kwargs)
         inside_fov = _WindowsInsideFov(network, self)

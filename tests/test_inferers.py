@@ -4,6 +4,7 @@ clear errors; checked with a pointwise network whose whole-image answer is known
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,12 @@ def test_windows_outside_the_field_of_view_are_skipped_and_counted():
 def test_an_image_smaller_than_a_window_is_named():
     inferer = FundusInferer("sliding_window", image_size=WINDOW, pixel_scale=0.5)
     image = MetaTensor(torch.rand(1, 3, 50, 100), meta={"filename_or_obj": ["/photos/small_eye.png"]})
-    expected = "small_eye.png: 100x50 pixels after pixel_scale 0.5 is smaller than the 64-pixel window"
-    with pytest.raises(ConfigError, match=expected):
+    expected = (
+        "small_eye.png: 100x50 pixels after pixel_scale 0.5 is smaller than the model's 64-pixel window (it was "
+        "trained on windows cut at that scale): enlarge the photograph, or segment it with a model trained with "
+        "input_mode 'resize'"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         inferer(image, pointwise_network())
 
 
@@ -125,6 +130,11 @@ def test_an_image_folder_leaves_out_photographs_smaller_than_a_window(tmp_path):
         "or use input_mode 'resize'"
     )
     assert window_fit("resize", image_size=1024)((40, 40)) is None
+    # At inference and evaluation the settings are the model's: the advice is about the photograph or the model.
+    assert window_fit("sliding_window", image_size=WINDOW, pixel_scale=0.5, trained=True)((127, 200)) == (
+        "200x127 pixels at pixel_scale 0.5 is smaller than the model's 64-pixel window (it was trained on windows cut "
+        "at that scale): enlarge the photograph, or segment it with a model trained with input_mode 'resize'"
+    )
     for name, size in (("large.png", (130, 140)), ("small.png", (100, 140))):
         write_png(tmp_path / name, np.full((*size, 3), 90, np.uint8))
     images = ImageFolder(tmp_path, tmp_path.parent / "out", size_check=fits)
