@@ -103,7 +103,9 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
             # A multi-frame file (animated gif, tiff stack) is read as its first frame.
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:
-        raise FundusImageError(f"cannot read image {path}: not an image file PIL recognises") from None
+        raise FundusImageError(
+            f"cannot read image {path}: not an image file PIL recognises (damaged, cut short, or another format)"
+        ) from None
     except (OSError, EOFError, ValueError, SyntaxError, gzip.BadGzipFile) as error:
         reason = str(error) or type(error).__name__
         raise FundusImageError(f"cannot read image {path}: {reason}") from None
