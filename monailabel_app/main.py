@@ -26,7 +26,8 @@ Results: ``POST /infer/<model>?image=<id>`` returns a PNG label of the image's w
 image's format (a JPEG label would be lossy). ``POST /infer/<model>_interactive?image=<id>`` (SAM-head bundles)
 does the same with the request's ``foreground``/``background`` clicks and ``roi`` box as the image's prompt.
 ``POST /train/<model>`` fine-tunes ``models/model.pt`` on the images
-that have a ``final`` label in the datastore and replaces it (``model_best.pt`` keeps the best validation Dice).
+that have a ``final`` label in the datastore and replaces it (``model_best.pt`` keeps the best validation Dice); the
+labels are those ``/infer`` returns, corrected (a disc/cup label is split into one mask per channel for the bundle).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import copy
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -59,7 +62,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.class_utils import unload_module
 from monailabel.utils.others.generic import strtobool
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,9 @@ FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
 # Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
+# Where the train task of a bundle of several channels writes the one mask per channel that the bundle reads, split
+# from each final label, under the bundle's eval folder beside its datalist (eval/monailabel_datalist.json).
+SPLIT_LABELS = "monailabel_labels"
 
 
 def bundle_init_error(bundle: str | os.PathLike, error: Exception) -> MONAILabelException:
@@ -397,6 +403,107 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
     return prompt
 
 
+def label_values_text(channel_names: Sequence[str]) -> str:
+    """The label values of a bundle, as its ``/infer`` writes them: ``0 background, 1 disc, 2 cup``."""
+    return ", ".join(["0 background", *(f"{index + 1} {name}" for index, name in enumerate(channel_names))])
+
+
+def read_label_map(path: str) -> np.ndarray:
+    """A final label as saved to the datastore: its ``(H, W)`` integer values, turned upright as its EXIF
+    orientation says (as the bundle's mask reader turns it).
+
+    A palette PNG's values are its palette indices (an annotation tool's label map), not the luminance of its
+    colours; a grey picture stored as RGB gives its grey values.
+
+    Args:
+        path: the label file.
+
+    Returns:
+        ``(H, W)`` array of the label's values.
+
+    Raises:
+        MONAILabelException: the file cannot be read, is a colour picture, or does not hold integer values.
+    """
+    try:
+        with Image.open(path) as opened:
+            picture = ImageOps.exif_transpose(opened)
+            picture.load()
+    except (OSError, UnidentifiedImageError) as error:
+        raise MONAILabelException(
+            MONAILabelError.INVALID_INPUT, f"Final label {path} cannot be read ({error}): save it again as a PNG."
+        ) from None
+    if picture.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+        rgb = np.asarray(picture.convert("RGB"))
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT,
+                f"Final label {path} is a colour picture: a label is one grey index map; save it as /infer returns it.",
+            )
+        return rgb[..., 0]
+    values = np.asarray(picture)
+    if values.dtype == np.bool_:  # mode "1"
+        return values.astype(np.uint8)
+    if values.ndim != 2 or not np.issubdtype(values.dtype, np.integer):
+        raise MONAILabelException(
+            MONAILabelError.INVALID_INPUT,
+            f"Final label {path} does not hold one integer value per pixel (PIL mode {picture.mode}): save it as "
+            "/infer returns it, a uint8 PNG.",
+        )
+    return values
+
+
+def split_label(path: str, channel_names: Sequence[str], folder: Path) -> list[str]:
+    """One binary mask per channel from a final label, the list of mask files the bundle reads for a label of
+    several channels (``label: [disc.png, cup.png]``).
+
+    The label is an index map as :class:`FundusLabeld` writes it: 0 background and ``c + 1`` where channel ``c`` is
+    the highest channel present. The structures of a multi-channel bundle are nested (the cup lies inside the
+    disc), so channel ``c``'s mask is every pixel of value ``c + 1`` or above (disc: rim and cup; cup: value 2),
+    which undoes FundusLabeld exactly. A bundle whose channels were not nested would need another reading, and
+    FundusLabeld could not have written its overlaps either.
+
+    The masks are 0/255 PNGs, in which the bundle's reader (``scripts.fundus_io.read_label_mask``) takes values
+    above 127 as foreground; a 0/1 mask would also read right, but 0/255 ones show as masks in any viewer.
+
+    Args:
+        path: the final label.
+        channel_names: the bundle's channels, in order.
+        folder: where the masks go, one subfolder per channel, each mask named after the label's image.
+
+    Returns:
+        the mask files, one per channel in channel order.
+
+    Raises:
+        MONAILabelException: the label cannot be read, or holds a value above the number of channels (a 0/255
+            mask, or a label of another bundle).
+    """
+    values = read_label_map(path)
+    found = np.unique(values)
+    unexpected = found[(found < 0) | (found > len(channel_names))]
+    if unexpected.size:
+        shown = ", ".join(str(int(value)) for value in found[:12]) + (", ..." if found.size > 12 else "")
+        raise MONAILabelException(
+            MONAILabelError.INVALID_INPUT,
+            f"Final label {path} holds the values {shown}, but a label of this bundle's {len(channel_names)} "
+            f"channels holds only {label_values_text(channel_names)} (the values /infer returns; a 0/255 mask is "
+            "not one): save it again with those values.",
+        )
+    paths = []
+    for index, name in enumerate(channel_names):
+        mask = folder / channel_folder(channel_names, index) / f"{Path(path).stem}.png"
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.where(values >= index + 1, 255, 0).astype(np.uint8)).save(mask)
+        paths.append(str(mask))
+    return paths
+
+
+def channel_folder(channel_names: Sequence[str], index: int) -> str:
+    """The folder name of channel ``index``'s masks: its name (``disc``), or ``channel_<index>`` where the name is not
+    a plain file name (names hold no '/', as the bundle checks, but may hold spaces or be '..')."""
+    name = channel_names[index]
+    return name if re.fullmatch(r"\w[\w.-]*", name) else f"channel_{index}"
+
+
 class FundusTrainTask(BundleTrainTask):
     """The bundle's ``train.json`` workflow on the datastore's labelled images, fine-tuning the served model.
 
@@ -440,12 +547,19 @@ class FundusTrainTask(BundleTrainTask):
         # The bundle reads 2D masks (PNG, TIFF...); a volume label (3D Slicer's default .nii.gz) would fail deep in
         # the data loader, so it is named here.
         unreadable = [entry["label"] for entry in datalist if not entry["label"].lower().endswith(LABEL_SUFFIXES)]
+        channel_names = list(self.network_settings["channel_names"])
         if unreadable:
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT,
                 f"{len(unreadable)} final labels are not 2D mask images ({', '.join(LABEL_SUFFIXES)}), e.g. "
-                f"{unreadable[0]}; save labels as PNG (0 background, 1 vessel).",
+                f"{unreadable[0]}; save labels as PNG ({label_values_text(channel_names)}).",
             )
+        if len(channel_names) > 1:
+            # A label of /infer is one index map (1 disc, 2 cup) where the bundle reads one mask file per channel:
+            # split each into masks the bundle reads, written afresh so that no mask of an earlier run is trained on.
+            folder = Path(self.bundle_path) / "eval" / SPLIT_LABELS
+            shutil.rmtree(folder, ignore_errors=True)
+            datalist = [{**entry, "label": split_label(entry["label"], channel_names, folder)} for entry in datalist]
         return datalist
 
     def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple:
@@ -545,6 +659,28 @@ class FundusApp(MONAILabelApp):
             description="Retinal vessel / optic disc and cup segmentation of colour fundus photographs",
             version=monailabel.__version__,
         )
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's inference, with an image id the datastore lacks answered as a client error.
+
+        MONAI Label 0.8.5 turns an unknown id into the image path ``""`` and runs the task on it, which fails deep in
+        the bundle's reader (HTTP 500, ``image file not found: .``). Its own ``MONAILabelException`` gets no HTTP
+        status of its own either (the server registers no handler for it: 500), so this raises FastAPI's
+        ``HTTPException`` 404, as MONAI Label's datastore endpoints answer an image they do not hold.
+
+        Raises:
+            HTTPException: 404, ``image`` is neither a file on the server nor an image id of the datastore.
+        """
+        image = request.get("image")
+        # MONAI Label reads an existing path as it is (an uploaded file, a session's image): only ids are looked up.
+        is_id = isinstance(image, str) and bool(image) and not os.path.exists(image)
+        if is_id and not (datastore or self.datastore()).get_image_uri(image):
+            raise HTTPException(
+                status_code=404,
+                detail=f"Image '{image}' is not in the datastore: an image's id is its file name without the "
+                "extension (GET /datastore/?output=all lists them); add the picture to the studies folder.",
+            )
+        return super().infer(request, datastore)
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}

@@ -26,6 +26,13 @@ bundle=""
 host=127.0.0.1
 port=8000
 die() { echo "serve.sh: $*" >&2; exit 2; }
+# The refusal of a bundle without models/model.pt: $1 the archive or folder given, $2 its models folder.
+adapters_only() {
+    local held="no models/model.pt"
+    [ ! -f "$2/adapters.pt" ] || held="the LoRA adapters only (models/adapters.pt, no models/model.pt)"
+    echo "$1 holds $held: MONAI Label loads full weights; export with \`python -m tools.export --weights full\`" \
+        "(or merged) and pass that archive. Nothing was installed."
+}
 while [ $# -gt 0 ]; do
     case "$1" in
         --studies) studies="${2:?--studies needs a folder}"; shift 2 ;;
@@ -63,6 +70,7 @@ if [ -n "$bundle" ]; then
     [ ! -e "$target" ] || die "$target already exists (it may hold a fine-tuned model); remove it, or omit --bundle"
     if [ -d "$bundle" ]; then
         [ -f "$bundle/configs/inference.json" ] || die "$bundle is not a bundle folder (no configs/inference.json)"
+        [ -f "$bundle/models/model.pt" ] || die "$(adapters_only "$bundle" "$bundle/models")"
         cp -r "$bundle" "$target"
     elif [ -f "$bundle" ]; then
         # The archive holds one folder, sam2lora_fundus/ (tools.export); extract beside it, then move in place.
@@ -72,6 +80,10 @@ if [ -n "$bundle" ]; then
             || { rm -rf "$staging"; die "$bundle cannot be extracted (not a zip archive of tools.export?)"; }
         [ -f "$staging/$name/configs/inference.json" ] \
             || { rm -rf "$staging"; die "$bundle holds no $name/configs/inference.json (not an export archive?)"; }
+        # Checked before installing: the app refuses a bundle without full weights, and an installed bundle is
+        # kept (it may hold a fine-tuned model), so the right archive would then be refused as well.
+        [ -f "$staging/$name/models/model.pt" ] \
+            || { message="$(adapters_only "$bundle" "$staging/$name/models")"; rm -rf "$staging"; die "$message"; }
         mv "$staging/$name" "$target"
         rm -rf "$staging"
     else

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
+from scripts.fundus_io import read_label_mask
 from scripts.network import load_trained
 from scripts.synthetic import write_dataset
 from tests.helpers import random_adapted_network
@@ -468,6 +470,18 @@ def test_a_picture_with_an_exif_orientation_is_refused_in_one_line(setup):
         assert detail.startswith("turned.jpg carries an EXIF orientation") and "Save it upright" in detail, detail
 
 
+def test_an_image_id_not_in_the_datastore_is_a_404_naming_it(setup):
+    """An unknown id reached the bundle's reader as the path "" (HTTP 500, `image file not found: .`)."""
+    server = setup["server"]
+    for model in (BUNDLE_NAME, INTERACTIVE):
+        body, headers = form({"params": "{}"})
+        status, answer, _ = request(f"{server.url}/infer/{model}?image=nosuch&output=image", "POST", body, headers)
+        assert status == 404, f"{model}: {status}: {answer[:500]!r}"
+        detail = json.loads(answer)["detail"]
+        assert detail.startswith("Image 'nosuch' is not in the datastore") and "\n" not in detail, detail
+    assert infer(server, "wide").shape == (HEIGHT, WIDTH), "the server answers the next request"
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -559,6 +573,98 @@ def test_train_on_labels_saved_through_the_api(setup, tmp_path):
     details = "\n".join(task.get("details", []))
     assert task["status"] == "ERROR" and "turned.jpg carries an EXIF orientation" in details, details[-3000:]
     assert sha256(model) == trained
+
+
+def test_train_a_disc_cup_bundle_on_the_labels_its_infer_returns(setup, tmp_path):
+    """The clinician's loop with a disc/cup bundle: /infer's label (1 disc rim, 2 cup) saved back as the final label
+    trains the bundle, which reads one mask per channel: each label is split into a disc mask (values 1 and 2: the
+    cup lies inside the disc) and a cup mask (value 2). A label with a value above the channel count (a 0/255
+    mask) is refused, naming the file and its values. A server of its own, on a datastore of its own."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("wide.png", "photo.jpg"):
+        shutil.copy(setup["studies"] / name, studies)
+    # Seeded so that the random network's labels hold background, disc rim and cup (checked below).
+    network = random_adapted_network(IMAGE_SIZE, seed=3, channel_names=["disc", "cup"])
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    result = export_bundle(tmp_path / "dist", tmp_path / "model.pt", weights="full")
+    server = Server(tmp_path, result.archive, studies)
+    try:
+        info = server.wait_ready(START_TIMEOUT)
+        assert info["models"][BUNDLE_NAME]["labels"] == {"disc": 1, "cup": 2}
+        bundle = server.app / "model" / BUNDLE_NAME
+        model = bundle / "models" / "model.pt"
+        before = sha256(model)
+        labels = {}
+        for image_id in ("wide", "photo"):
+            labels[image_id] = infer(server, image_id)
+            Image.fromarray(labels[image_id]).save(tmp_path / f"{image_id}.png")
+        assert set(np.unique(labels["wide"])) == {0, 1, 2}, "a label without a cup would make the split vacuous"
+
+        def save_label(image_id: str, path: Path) -> None:
+            body, headers = multipart("label", path)
+            status, answer, _ = request(f"{server.url}/datastore/label?image={image_id}&tag=final", "PUT", body,
+                                        headers)
+            assert status == 200, answer[:500]
+
+        # A vessel grader's 0/255 mask is not a label of this bundle.
+        Image.fromarray((labels["wide"] > 0).astype(np.uint8) * 255).save(tmp_path / "mask_0_255.png")
+        save_label("wide", tmp_path / "mask_0_255.png")
+        settings = {"max_epochs": 1, "num_workers": 0, "batch_size": 1, "accumulation_steps": 1, "val_split": 0.5}
+        task = train(server, settings)
+        details = "\n".join(task.get("details", []))
+        saved = studies / "labels" / "final" / "wide.png"
+        assert task["status"] == "ERROR", f"{task['status']}\n{details}"
+        assert f"Final label {saved} holds the values 0, 255, but a label of this bundle's 2 channels holds only " \
+               "0 background, 1 disc, 2 cup" in details, details[-3000:]
+        assert sha256(model) == before
+
+        for image_id in ("wide", "photo"):
+            save_label(image_id, tmp_path / f"{image_id}.png")
+        task = train(server, settings)
+        details = "\n".join(task.get("details", []))
+        assert task["status"] == "DONE", f"{task['status']}\n{details}\n{server.log_tail()}"
+        assert "Restored all variables from" in details and str(model) in details, "fine-tuned the served model"
+        assert sha256(model) != before, "training replaced models/model.pt"
+
+        datalist = json.loads((bundle / "eval" / "monailabel_datalist.json").read_text())
+        entries = datalist["training"] + datalist["validation"]
+        assert sorted(Path(entry["image"]).name for entry in entries) == ["photo.jpg", "wide.png"]
+        for entry in entries:
+            image_id = Path(entry["image"]).stem
+            masks = [Path(path) for path in entry["label"]]
+            assert masks == [bundle / "eval" / "monailabel_labels" / channel / f"{image_id}.png"
+                             for channel in ("disc", "cup")], entry
+            # As the bundle reads them: the disc holds rim and cup, the cup only the cup.
+            np.testing.assert_array_equal(read_label_mask(masks[0]), labels[image_id] >= 1, err_msg=image_id)
+            np.testing.assert_array_equal(read_label_mask(masks[1]), labels[image_id] == 2, err_msg=image_id)
+    finally:
+        server.stop()
+
+
+def test_serve_script_installs_nothing_from_an_adapters_only_archive(tmp_path):
+    """An adapters-only archive (or folder) is refused before it is installed: installed, the app refused it at
+    start-up and serve.sh then refused the right archive as well, since an installed bundle is kept."""
+    archive = tmp_path / "adapters.zip"
+    with zipfile.ZipFile(archive, "w") as written:
+        written.writestr(f"{BUNDLE_NAME}/configs/inference.json", "{}")
+        written.writestr(f"{BUNDLE_NAME}/models/adapters.pt", "adapters")
+    folder = tmp_path / "adapters_folder"
+    (folder / "configs").mkdir(parents=True)
+    (folder / "configs" / "inference.json").write_text("{}")
+    (folder / "models").mkdir()
+    (folder / "models" / "adapters.pt").write_text("adapters")
+    app = tmp_path / "app"
+    for bundle in (archive, folder):
+        command = ["bash", str(SERVE), "--studies", str(tmp_path), "--app", str(app), "--bundle", str(bundle)]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"serve.sh: {bundle} holds the LoRA adapters only (models/adapters.pt, no models/model.pt): MONAI Label "
+            "loads full weights; export with `python -m tools.export --weights full` (or merged) and pass that "
+            "archive. Nothing was installed."
+        ), result.stderr
+        assert list((app / "model").iterdir()) == [], "nothing installed, no extraction left behind"
 
 
 @pytest.mark.parametrize(
