@@ -16,7 +16,6 @@ prompted modes), not eight.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from scripts.prompts import (
     POINT_PADDING,
     PROMPT_EROSION_PX,
     PROMPT_SOURCES,
+    PROMPTS_RECORD_FORMAT,
     Prompt,
     auto_prompts,
     check_prompt_modes,
@@ -146,7 +146,8 @@ class FundusInferer(Inferer):
         auto_points: positive points of ``auto_points``.
         auto_negative_points: negative points of ``auto_points``.
         prompts_file: where the prompts used are written (None: not written).
-        backend: runs the prompt-free network instead of PyTorch, called as ``backend(images, network)``
+        backend: runs the prompt-free network instead of PyTorch, called as ``backend(images, network)``, leaving
+            SAM's predicted IoU, if it has one, in its ``latest_iou_predictions`` as the network does
             (:func:`scripts.onnx_backend.inference_backend`; None: PyTorch). Prompts need PyTorch.
 
     Attributes:
@@ -229,12 +230,20 @@ class FundusInferer(Inferer):
         return prompted
 
     def attach(self, engine: Engine) -> None:
-        if self.prompts_file is not None and self.prompted:
+        """Write the record of the prompts used when ``engine`` completes, if there is a ``prompts_file``.
+
+        A prompt-free run writes it too (no image in it): an earlier run's record left in the output folder would
+        otherwise name prompts this run never used.
+
+        Args:
+            engine: the engine running this inferer.
+        """
+        if self.prompts_file is not None:
             engine.add_event_handler(Events.COMPLETED, self.write_prompts)
 
     def write_prompts(self, _: Engine | None = None) -> None:
-        """Write the prompts used, per image and mode, to ``prompts_file``."""
-        write_json_atomic(self.prompts_file, {"format": "sam2lora-prompts/1", "images": self.prompts_used})
+        """Write the prompts used, per image and mode, to ``prompts_file`` (:data:`PROMPTS_RECORD_FORMAT`)."""
+        write_json_atomic(self.prompts_file, {"format": PROMPTS_RECORD_FORMAT, "images": self.prompts_used})
 
     def __call__(
         self,
@@ -263,9 +272,10 @@ class FundusInferer(Inferer):
         if self.prompted:
             return self._prompted(inputs, network, label, fov)
         if self.backend is not None:
-            network = functools.partial(_run_backend, self.backend, network)
+            network = _BackendNetwork(self.backend, network)
         if self.input_mode == "resize":
             logits = network(inputs, *args, **kwargs)
+            # The PyTorch network's, or the backend's through _BackendNetwork: the same (B, C) tensor either way.
             self.last_iou = getattr(unwrap_network(network), "latest_iou_predictions", None)
             return logits
         height, width = inputs.shape[-2:]
@@ -350,14 +360,31 @@ class FundusInferer(Inferer):
         return {mode: prompts.get(mode, Prompt()) for mode in modes}
 
 
-def _run_backend(backend: Callable[[torch.Tensor, Any], torch.Tensor], network: Any, images: torch.Tensor) -> torch.Tensor:
-    """``backend``'s logits of ``images``, carrying the images' metadata as the network's own output would."""
-    logits = backend(images, network)
-    if isinstance(images, MetaTensor) and not isinstance(logits, MetaTensor):
-        logits = MetaTensor(logits)
-        logits.is_batch = images.is_batch
-        logits.copy_meta_from(images, copy_attr=not images.is_batch)
-    return logits
+class _BackendNetwork:
+    """The network as a backend runs it, called as the network is: the backend's logits of the images, carrying the
+    images' metadata as the network's own output would, and its predicted IoU of them, kept as the PyTorch network
+    keeps its own (``latest_iou_predictions``), so the measurements and quality flags do not depend on the backend.
+
+    Args:
+        backend: called as ``backend(images, network)``; after each call, its ``latest_iou_predictions`` (B, C), if
+            it has one, is SAM's predicted IoU of those images (:class:`scripts.onnx_backend.OnnxBackend`).
+        network: the PyTorch network the backend runs an export of.
+    """
+
+    def __init__(self, backend: Callable[[torch.Tensor, Any], torch.Tensor], network: Any) -> None:
+        self.backend = backend
+        self.network = network
+        self.latest_iou_predictions: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The backend's logits (B, C, H, W) of ``images`` (B, 3, H, W), a MetaTensor if ``images`` is one."""
+        logits = self.backend(images, self.network)
+        self.latest_iou_predictions = getattr(self.backend, "latest_iou_predictions", None)
+        if isinstance(images, MetaTensor) and not isinstance(logits, MetaTensor):
+            logits = MetaTensor(logits)
+            logits.is_batch = images.is_batch
+            logits.copy_meta_from(images, copy_attr=not images.is_batch)
+        return logits
 
 
 def _decode_prompts_together(

@@ -325,12 +325,16 @@ class ImageFolder:
     - images that cannot be read, or that ``size_check`` refuses, are left out and logged; :meth:`report_unreadable`
       names them after the run, so one bad file does not keep the others from being segmented.
 
+    It writes nothing: :meth:`prepare_output` then creates the output folder, so a refused run leaves none behind.
+
     Args:
         folder: the images.
         output_dir: where the outputs go.
         channel_names: the model's output channels (the outputs' names depend on them).
         nifti: whether NIfTI labels are written too.
-        overwrite: replace outputs of an earlier run.
+        overwrite: replace outputs of an earlier run; those of the same images that this run does not write (a
+            ``<name>_mask.nii.gz`` when ``nifti`` is off) are removed by :meth:`prepare_output`, since they would
+            disagree with this run's.
         allow_output_in_dataset_dir: allow the output folder to be the image folder or inside it.
         size_check: given a photograph's ``(height, width)``, why it cannot be segmented, or None
             (:func:`scripts.inferers.window_fit`).
@@ -340,6 +344,8 @@ class ImageFolder:
         sizes: file name to ``(height, width)`` of every readable image (prompts are checked against them).
         left_out: file names of the images left out.
         unreadable: one line per image left out, with the reason.
+        output_dir: the output folder.
+        stale: with ``overwrite``, the outputs there of an earlier run for these images that this run does not write.
 
     Raises:
         InputError: the folder does not exist or holds no image, or one of the checks above fails.
@@ -391,6 +397,12 @@ class ImageFolder:
                 f"Output folder {output} holds {len(taken)} files this run would replace, e.g. {taken[0].name}: choose "
                 "another --output_dir, or pass --overwrite True to replace them."
             )
+        self.output_dir = output
+        # What this model writes for these images under another setting (a NIfTI label) and this run does not: left
+        # beside the replaced outputs, it would disagree with them.
+        others = {name for image in images for name in output_names(image, channel_names, nifti=True)} - set(planned)
+        candidates = [output / name for name in sorted(others)] if overwrite else []
+        self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
         self.entries: list[dict[str, str]] = []
         self.sizes: dict[str, tuple[int, int]] = {}
         self.left_out: list[str] = []
@@ -406,6 +418,37 @@ class ImageFolder:
             self.entries.append({"image": image})
         if not self.entries:
             self.report_unreadable()
+
+    def prepare_output(self) -> str:
+        """Create the output folder, once every check has passed, and remove the :attr:`stale` outputs there.
+
+        ``inference.json`` calls this last at start-up, after building the inferer (which reads the prompts file
+        against this folder), so a run refused for any of its inputs creates no folder.
+
+        Returns:
+            The output folder.
+
+        Raises:
+            InputError: the folder cannot be created or written, or a stale output cannot be removed.
+        """
+        folder = writable_folder(self.output_dir)
+        for path in self.stale:
+            try:
+                path.unlink()
+            except OSError as error:
+                raise InputError(
+                    f"Output {path} of an earlier run, which this run does not rewrite, cannot be removed "
+                    f"({error.strerror or error}): remove it, or choose another --output_dir."
+                ) from None
+        if self.stale:
+            logger.info(
+                "Removed %d outputs of an earlier run from %s that this run does not write, e.g. %s: they would "
+                "disagree with this run's (--overwrite True).",
+                len(self.stale),
+                folder,
+                self.stale[0].name,
+            )
+        return folder
 
     def report_unreadable(self) -> None:
         """After the run: fail with one line per image that was left out, if any.
@@ -523,9 +566,10 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
 
     Raises:
         ConfigError: an option whose config default is a boolean is given as another word (``false``, ``yes``...),
-            an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), or an
+            an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), an
             option whose default is text (or that names a folder or file) given as a value MONAI's command line
-            reads as a number, a boolean, a list or a tuple.
+            reads as a number, a boolean, a list or a tuple, an option without a value (True to MONAI) whose default
+            is neither a boolean nor an expression, or an empty folder or file name.
     """
     options = _command_line_options(argv)
     if "config_file" not in options:
@@ -533,11 +577,35 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
     defaults = config_values(options["config_file"] or "[]")
     unknown = _warn_unknown(options, set(defaults))
     for key, value in options.items():
-        if value is not None and key in defaults:  # a bare --flag is True to MONAI
-            _refuse_worded_boolean(key, value, defaults[key])
-            _refuse_dropped_none(key, value, defaults[key])
-            _refuse_text_read_otherwise(key, value, defaults[key])
+        if key not in defaults:
+            continue
+        if value is None:
+            _refuse_bare_option(key, defaults[key])
+            continue
+        _refuse_worded_boolean(key, value, defaults[key])
+        _refuse_dropped_none(key, value, defaults[key])
+        _refuse_text_read_otherwise(key, value, defaults[key])
+        _refuse_empty_path(key, value)
     return unknown
+
+
+def _refuse_bare_option(key: str, default: Any) -> None:
+    """Refuse an option given without a value (``--dataset_dir --output_dir out``: an unset shell variable), which
+    MONAI's command line sets to True, unless its default is a boolean or an expression (whose value may be one, as
+    ``amp``'s) for a setting that names no folder or file."""
+    expression = isinstance(default, str) and default.startswith("$")
+    if isinstance(default, bool) or (expression and not key.endswith(PATH_SETTING_ENDINGS)):
+        return
+    raise ConfigError(f"--{key} has no value, and MONAI's command line would set it to True: give one, --{key} VALUE.")
+
+
+def _refuse_empty_path(key: str, value: str) -> None:
+    """Refuse an empty folder or file name (``--dataset_dir "$UNSET"``), which names the folder the run started in."""
+    if key.endswith(PATH_SETTING_ENDINGS) and not value.strip():
+        raise ConfigError(
+            f"--{key} is empty, which would name the folder the run started in: give the folder or file (--{key} ./ "
+            "for that folder)."
+        )
 
 
 def _refuse_worded_boolean(key: str, value: str, default: Any) -> None:

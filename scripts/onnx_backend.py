@@ -3,13 +3,15 @@
 The network, adapters merged, is exported once with ``torch.onnx.export(dynamo=True)`` and cached next to the model
 file; each later run checks that the cached file was built from the same weights, code and settings (a SHA-256 of
 the merged weights, one of the code that defines the network, the versions of the libraries that export and run it,
-the image size, the opset, int8 or not and how) and that the file is the one its record describes (its own SHA-256),
+the image size, the opset, int8 or not and how, the outputs) and that the file is the one its record describes (its own SHA-256),
 and rebuilds it, with a log line, when it was not, or when onnxruntime cannot load it. ``onnx_int8`` adds onnxruntime's dynamic int8 quantization of the matrix products
 (weights stored as int8 with a scale per output channel, activations quantized on the fly; convolutions and
 attention stay float32).
 
 The export takes ``image_size`` squares of SAM-normalised RGB (the bundle's preprocessing: the photograph resized,
-or windows of it), has a dynamic batch dimension and returns mask logits (B, C, image_size, image_size). Height and width are fixed:
+or windows of it), has a dynamic batch dimension and returns mask logits (B, C, image_size, image_size) and, with the
+SAM head, its predicted IoU of each channel's mask (B, C), which inference reports per image (``predicted_iou_*`` in
+``measurements.csv``, the low-quality flag) and evaluation ranks (``quality_spearman``). Height and width are fixed:
 SAM 2's code branches in Python on the input size, so torch.export specialises them; sliding-window inference
 feeds windows of exactly that size. Prompts are not part of the exported function.
 """
@@ -47,6 +49,7 @@ __all__ = [
     "export_checked_onnx",
     "export_description",
     "export_onnx",
+    "export_outputs",
     "inference_backend",
     "onnx_cache_path",
     "weights_fingerprint",
@@ -82,8 +85,17 @@ class DeployError(FundusError, RuntimeError):
     """An export failed or its outputs do not match PyTorch's; the message names the file."""
 
 
+def export_outputs(network: nn.Module) -> list[str]:
+    """The outputs of an ONNX export of ``network``, in order: ``logits``, then ``iou_predictions`` for a network
+    with SAM's IoU head (it keeps them as ``latest_iou_predictions``; the U-Net head has none)."""
+    return ["logits", "iou_predictions"] if hasattr(network, "latest_iou_predictions") else ["logits"]
+
+
 class PromptFreeSegmenter(nn.Module):
     """The network with its adapters merged, as one function of the image batch alone.
+
+    ``forward`` returns the logits, as the network does (TorchScript and ``torch.export`` programs are of it);
+    :meth:`outputs` returns what the ONNX export does, the SAM head's predicted IoU included.
 
     Args:
         network: a trained network of either head; its adapters are merged into the base weights (in place).
@@ -94,15 +106,49 @@ class PromptFreeSegmenter(nn.Module):
         network.merge_adapters()
         self.network = network
         self.image_size = network.settings["image_size"]
+        self.output_names = export_outputs(network)
         self.eval()  # the wrapper too: exporters warn about a module left in training mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B, C, S, S) of ``images`` (B, 3, S, S)."""
         return self.network(images)
+
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ONNX export's outputs for ``images``, in the order of :attr:`output_names`.
+
+        Args:
+            images: (B, 3, S, S), SAM-normalised.
+
+        Returns:
+            ``(logits,)`` for the U-Net head; ``(logits, iou_predictions)`` (B, C, S, S) and (B, C) for the SAM head.
+        """
+        if len(self.output_names) == 1:
+            return (self.network(images),)
+        # predict, not forward: the same computation without storing the IoU on the module while it is traced.
+        output = self.network.predict(images)
+        return output.logits, output.iou_predictions
 
     def example(self, batch: int = 2) -> torch.Tensor:
         """A random input of the exported shape."""
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, 3, self.image_size, self.image_size, generator=generator)
+
+
+class _OnnxOutputs(nn.Module):
+    """What ``torch.onnx.export`` traces: :meth:`PromptFreeSegmenter.outputs` as a module's ``forward``.
+
+    Args:
+        model: the segmenter to export.
+    """
+
+    def __init__(self, model: PromptFreeSegmenter) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The export's outputs for ``images``; see :meth:`PromptFreeSegmenter.outputs`."""
+        return self.model.outputs(images)
 
 
 def batch_dim() -> torch.export.Dim:
@@ -121,6 +167,8 @@ def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
         "mean": SAM_PIXEL_MEAN,
         "std": SAM_PIXEL_STD,
         "output": "logits (batch, channels, image_size, image_size): sigmoid, then threshold, per channel",
+        **({"iou_predictions": "iou_predictions (batch, channels): SAM's predicted IoU of each channel's mask"}
+           if "iou_predictions" in model.output_names else {}),
         "input_mode": recorded.get("input_mode", "resize"),
         "pixel_scale": recorded.get("pixel_scale", 1.0),
         **{key: settings[key] for key in ("image_size", "channel_names", "architecture", "model_size") if key in settings},
@@ -129,8 +177,16 @@ def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
 
 
 def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S), output ``logits``), atomically, described by
-    :func:`export_description` in its ``metadata_props``.
+    """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S); outputs ``logits`` and, with the SAM head,
+    ``iou_predictions`` (batch, C)), atomically, described by :func:`export_description` in its ``metadata_props``.
+
+    Args:
+        model: the network to export.
+        path: the file to write.
+        opset: the ONNX opset.
+
+    Returns:
+        ``path``.
 
     Raises:
         DeployError: the export failed; the message says why.
@@ -138,12 +194,13 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
     path = Path(path)
     try:
         program = torch.onnx.export(
-            model,
+            _OnnxOutputs(model),
             (model.example(),),
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits"],
+            # The batch dimension of every output follows the input's, which is dynamic.
+            output_names=model.output_names,
             dynamic_shapes={"images": {0: batch_dim()}},
         )
         program.model.metadata_props.update(export_description(model))
@@ -173,10 +230,10 @@ def export_checked_onnx(
         images: the inputs of the check.
 
     Returns:
-        The largest logit difference to PyTorch.
+        The largest difference to PyTorch of its logits and, with the SAM head, predicted IoU.
 
     Raises:
-        DeployError: the export failed, or its logits differ from PyTorch's by more than ``EXPORT_TOLERANCE``.
+        DeployError: the export failed, or its outputs differ from PyTorch's by more than ``EXPORT_TOLERANCE``.
     """
     destination = destination or path
     try:
@@ -192,7 +249,8 @@ def export_checked_onnx(
     if not difference <= EXPORT_TOLERANCE:
         raise DeployError(
             f"The float32 export for {destination} disagrees with PyTorch: largest logit difference "
-            f"{difference:.3g} on random images (at most {EXPORT_TOLERANCE} expected); it was not kept."
+            f"{difference:.3g} on random images (over {' and '.join(model.output_names)}; at most {EXPORT_TOLERANCE} "
+            "expected); it was not kept."
         )
     return difference
 
@@ -253,18 +311,27 @@ def rebuilt_on_cpu(network: nn.Module) -> nn.Module:
 
 
 def check_onnx(path: str | os.PathLike, model: PromptFreeSegmenter, images: torch.Tensor) -> float:
-    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``images``; return the largest logit difference.
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``images``.
+
+    Args:
+        path: the ONNX file.
+        model: the network it was exported from.
+        images: (B, 3, S, S) inputs.
+
+    Returns:
+        The largest difference between the two over every output of :attr:`PromptFreeSegmenter.output_names`
+        (logits and, with the SAM head, predicted IoU, which the measurements and quality flags report).
 
     Raises:
-        DeployError: onnxruntime cannot run the file.
+        DeployError: onnxruntime cannot run the file, or it lacks one of those outputs.
     """
     try:
-        (onnx_logits,) = _session(Path(path)).run(["logits"], {"image": images.numpy().astype(np.float32)})
+        onnx_outputs = _session(Path(path)).run(model.output_names, {"image": images.numpy().astype(np.float32)})
     except Exception as error:  # onnxruntime raises its own exception types per failure
         raise DeployError(f"onnxruntime cannot run {path} ({type(error).__name__}: {error}).") from error
     with torch.no_grad():
-        torch_logits = model(images).numpy()
-    return float(np.abs(onnx_logits - torch_logits).max())
+        torch_outputs = model.outputs(images)
+    return max(float(np.abs(ours - theirs.numpy()).max()) for ours, theirs in zip(onnx_outputs, torch_outputs))
 
 
 def _session(model: Path | bytes) -> Any:
@@ -287,7 +354,11 @@ class OnnxBackend:
 
     The first call exports the network it is given (adapters merged) unless the cache holds an export of the same
     weights and settings; later calls reuse the loaded session. A sidecar ``<cache_path>.json`` records what the
-    file was built from.
+    file was built from, its outputs included: an export of the SAM head written before it had ``iou_predictions``
+    is rebuilt, not run without them.
+
+    Each call leaves the SAM head's predicted IoU of its images in :attr:`latest_iou_predictions`, as the PyTorch
+    network does (None for the U-Net head), where :class:`scripts.inferers.FundusInferer` reads it.
 
     Args:
         cache_path: the ONNX file to keep (``model.pt`` -> ``model.onnxruntime.onnx`` in the bundle).
@@ -300,6 +371,7 @@ class OnnxBackend:
         self.session: Any = None
         self.fingerprint: str | None = None
         self.rebuilt = False
+        self.latest_iou_predictions: torch.Tensor | None = None
 
     def for_model(self, ckpt_path: str | os.PathLike) -> OnnxBackend:
         """A backend of the same kind whose export is cached next to ``ckpt_path``: a server whose model file is
@@ -308,12 +380,25 @@ class OnnxBackend:
         return OnnxBackend(onnx_cache_path(ckpt_path, self.int8), self.int8)
 
     def __call__(self, images: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        """Logits of ``images`` (B, 3, S, S) from the export of ``network``; on ``images``' device."""
+        """Logits of ``images`` from the export of ``network``; the SAM head's predicted IoU goes to
+        :attr:`latest_iou_predictions`.
+
+        Args:
+            images: (B, 3, S, S), SAM-normalised.
+            network: the PyTorch network the export is (or is to be) made from.
+
+        Returns:
+            Logits (B, C, S, S) on ``images``' device.
+        """
         if self.session is None:
             self.session = self._load_or_build(unwrap_network(getattr(network, "_orig_mod", network)))
         array = torch.as_tensor(images).detach().to("cpu", torch.float32).numpy()
-        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(array)})
-        return torch.from_numpy(logits).to(images.device)
+        # The session's own outputs, checked against what the network exports when the cache was loaded or built.
+        names = [output.name for output in self.session.get_outputs()]
+        outputs = dict(zip(names, self.session.run(names, {"image": np.ascontiguousarray(array)})))
+        iou = outputs.get("iou_predictions")
+        self.latest_iou_predictions = None if iou is None else torch.from_numpy(iou).to(images.device)
+        return torch.from_numpy(outputs["logits"]).to(images.device)
 
     def _settings(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -322,6 +407,9 @@ class OnnxBackend:
             "opset": OPSET,
             # An int8 export records how it was quantized (a float32 one: False).
             "int8": INT8_QUANTIZATION if self.int8 else False,
+            # The file's outputs: records of exports from before the SAM head's IoU was one have none, and their
+            # files would run without it (no predicted IoU, no quality flags), so they are rebuilt.
+            "outputs": export_outputs(model),
             "code_sha256": code_fingerprint(model),
         }
 
@@ -363,7 +451,11 @@ class OnnxBackend:
             return f"its record {sidecar.name} is not a record of an export"
         changed = [key for key in wanted if recorded.get(key) != wanted[key]]
         if changed:
-            names = {"weights_sha256": "other weights", "code_sha256": "other code or library versions"}
+            names = {
+                "weights_sha256": "other weights",
+                "code_sha256": "other code or library versions",
+                "outputs": f"other outputs than {' and '.join(wanted['outputs'])}",
+            }
             return f"it was built from {', '.join(names.get(key, f'another {key}') for key in changed)}"
         # Another process's build, or a copy over the file, may have replaced it after its record was written.
         if recorded.get("onnx_sha256") != hashlib.sha256(cached).hexdigest():

@@ -48,6 +48,7 @@ __all__ = [
     "POINT_NEGATIVE",
     "POINT_PADDING",
     "POINT_POSITIVE",
+    "PROMPTS_RECORD_FORMAT",
     "PROMPT_EROSION_PX",
     "PROMPT_MODES",
     "PROMPT_SOURCES",
@@ -76,6 +77,10 @@ PROMPT_EROSION_PX = 2
 """Points drawn from a reference keep this many pixels of the network's input away from the structure's border,
 where the reference itself is uncertain: in training (:class:`scripts.transforms.SamplePromptsd`) and, scaled to
 the photograph, in evaluation's oracle modes."""
+
+PROMPTS_RECORD_FORMAT = "sam2lora-prompts/1"
+"""The ``format`` of the record of the prompts a run used (``prompts_used.json``, evaluation's ``prompts.json``):
+``{"format": ..., "images": {image file name: {mode: prompt}}}``, prompts in the photograph's pixels."""
 
 POINT_POSITIVE, POINT_NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POINT_PADDING = 1, 0, 2, 3, -1
 """SAM's point labels: a positive or negative click, a box's corners, and a point that only fills a batch."""
@@ -439,6 +444,11 @@ def read_prompts_file(
 
         {"01_test.tif": {"points": [[292, 310, 1], [120, 40, 0]], "box": [250, 260, 340, 360]}}
 
+    A run's own record of the prompts it used (``prompts_used.json``, :data:`PROMPTS_RECORD_FORMAT`) is read too,
+    so a run can be repeated with the same prompts: its ``given`` prompts (those of the run's prompts file) are
+    taken; those the run drew itself (automatic modes; evaluation's oracle modes) are not, ``prompt_source`` draws
+    automatic ones again.
+
     Args:
         path: the JSON file.
         image_sizes: file name to ``(height, width)`` of every image of the run.
@@ -449,8 +459,9 @@ def read_prompts_file(
         File name to prompt.
 
     Raises:
-        PromptError: the file is missing or not JSON, names an image that is not in the run, or holds a malformed
-            prompt or coordinates outside an image (the message names the file, the image and the value).
+        PromptError: the file is missing or not JSON, names an image that is not in the run, holds a malformed
+            prompt or coordinates outside an image (the message names the file, the image and the value), or is a
+            record of another format.
     """
     path = Path(path)
     try:
@@ -459,6 +470,8 @@ def read_prompts_file(
         raise PromptError(f"Prompts file {path} cannot be read as JSON ({error}).") from None
     if not isinstance(content, dict):
         raise PromptError(f"Prompts file {path} must map image file names to prompts; it holds a {type(content).__name__}.")
+    if "format" in content:  # no image file name is "format": it lacks an image suffix
+        content = _given_prompts_of_record(path, content)
     unused = sorted(set(content) & set(left_out))
     if unused:
         logger.warning(
@@ -475,3 +488,41 @@ def read_prompts_file(
         for name, value in content.items()
         if name in image_sizes
     }
+
+
+def _given_prompts_of_record(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``given`` prompts of a run's record of the prompts it used, as a prompts file maps them.
+
+    Args:
+        path: the record, for messages.
+        record: its content, ``{"format": PROMPTS_RECORD_FORMAT, "images": {name: {mode: prompt}}}``.
+
+    Returns:
+        Image file name to the JSON form of its given prompt, for the images that had one.
+
+    Raises:
+        PromptError: another format, or an ``images`` entry that is not a mapping of modes to prompts.
+    """
+    images = record.get("images")
+    if record["format"] != PROMPTS_RECORD_FORMAT or set(record) != {"format", "images"} or not isinstance(images, dict):
+        raise PromptError(
+            f"Prompts file {path} is not a prompts file nor a run record of format {PROMPTS_RECORD_FORMAT!r} "
+            f"(its 'format' is {record['format']!r}): write one mapping image file names to prompts, e.g. "
+            '{"01_test.tif": {"box": [250, 260, 340, 360]}}.'
+        )
+    odd = next((name for name, modes in images.items() if not isinstance(modes, dict)), None)
+    if odd is not None:
+        raise PromptError(
+            f"Prompts file {path}, image {odd}: a run record maps each image to its prompts per mode; got "
+            f"{json.dumps(images[odd])[:100]}."
+        )
+    given = {name: modes["given"] for name, modes in images.items() if "given" in modes}
+    drawn = sorted(name for name, modes in images.items() if set(modes) - {"given", "none"})
+    skipped = (
+        f"; the prompts the run drew itself (automatic or oracle modes) for {len(drawn)} images (e.g. {drawn[0]!r}) "
+        "are not: --prompt_source draws automatic ones again"
+        if drawn
+        else ""
+    )
+    logger.info(f"Prompts file {path} is a run record: the given prompts of {len(given)} images are used{skipped}.")
+    return given

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.bundle import run as monai_run
 from monai.data import MetaTensor
 from PIL import Image
 from scipy import ndimage
@@ -20,6 +21,7 @@ from scipy import ndimage
 from scripts.adapters import ModelFileError
 from scripts.errors import user_error
 from scripts.handlers import FundusMetricsWriter, MeasurementAgreement
+from scripts.inputs import ImageFolder
 from scripts.prompts import PROMPT_EROSION_PX, oracle_prompt
 from scripts.synthetic import write_dataset
 from tests.helpers import (
@@ -425,10 +427,123 @@ def test_a_bad_pixel_size_is_refused_before_the_model_runs(tmp_path):
 
 
 def test_unwritable_output_folder(tmp_path):
+    photograph(tmp_path / "images" / "eye.png")  # the image folder's checks come first
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    error = refused_inference(tmp_path, output_dir=str(blocker / "out"))
+    error = refused_inference(tmp_path / "images", output_dir=str(blocker / "out"))
     assert f"Output folder {blocker / 'out'} cannot be written" in str(error)
+
+
+def photograph(path: Path, size: tuple[int, int] = (60, 80)) -> Path:
+    """A random RGB photograph of ``(height, width)``: a model of random weights segments anything."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def infer(model: Path, images: Path, output: Path, **settings) -> None:
+    """Run inference in this process (faster than a fresh one), expecting it to succeed."""
+    monai_run(
+        "inference", meta_file=META, config_file=[INFER], bundle_root=str(BUNDLE), ckpt_path=str(model),
+        dataset_dir=str(images), output_dir=str(output), **settings,
+    )
+
+
+@pytest.mark.parametrize("case", ["output inside the images", "no image", "no folder", "bad prompts file"])
+def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
+    """Every input is checked before the output folder is made: a refused run leaves no folder behind, least of all
+    one inside the user's image folder."""
+    model = write_model_file(tmp_path / "model" / "model.pt")
+    images, output = tmp_path / "images", tmp_path / "out"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"other.png": {"box": [1, 1, 5, 5]}}))
+    if case != "no folder":
+        images.mkdir()
+    if case in ("output inside the images", "bad prompts file"):
+        photograph(images / "eye.png")
+    settings, expected = {
+        "output inside the images": ({"output_dir": str(images / "sub")}, "is the image folder"),
+        "no image": ({}, "holds no image"),
+        "no folder": ({}, "does not exist"),
+        "bad prompts file": ({"prompts_file": str(prompts)}, "not in the image folder, e.g. 'other.png'"),
+    }[case]
+    before = sorted(tmp_path.rglob("*"))
+    error = run_in_process(
+        "inference", [INFER], ckpt_path=str(model), dataset_dir=str(images), **{"output_dir": str(output), **settings}
+    )
+    assert expected in str(error)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_refused_evaluation_creates_no_output_folder(tmp_path):
+    model = write_model_file(tmp_path / "model.pt")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": []}))
+    error = run_in_process("evaluating", [TRAIN, EVALUATE], datalist=str(datalist), ckpt_path=str(model),
+                           output_dir=str(tmp_path / "eval"), num_workers=0)
+    assert "'test' list is empty" in str(error)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tmp_path, capsys, monkeypatch):
+    """A run with prompts and NIfTI labels, then one over it with neither: no NIfTI label and no prompt of the first
+    is left to disagree with the second's masks, the user's own file is kept, and the report says what each wrote."""
+    model = write_model_file(tmp_path / "model.pt")
+    images, output = tmp_path / "images", tmp_path / "out"
+    for name in ("a.png", "b.png"):
+        photograph(images / name)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"a.png": {"box": [5, 5, 40, 30]}}))
+    infer(model, images, output, prompts_file=str(prompts), write_nifti=True)
+    assert (output / "b_mask.nii.gz").is_file() and "write_nifti</th><td>True" in (output / "report.html").read_text()
+    (output / "notes.txt").write_text("the user's")
+    # The image folder is checked once, at start-up, and the same one segmented (MONAI keeps what it built).
+    built, check = [], ImageFolder.__init__
+
+    def counted(self: ImageFolder, *args, **kwargs) -> None:
+        built.append(self)
+        check(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFolder, "__init__", counted)
+    capsys.readouterr()
+    infer(model, images, output, overwrite=True)
+    assert len(built) == 1
+    assert "Removed 2 outputs of an earlier run" in capsys.readouterr().out  # the bundle's logging.conf prints it
+    assert not list(output.glob("*.nii.gz")) and (output / "notes.txt").read_text() == "the user's"
+    assert json.loads((output / "prompts_used.json").read_text()) == {"format": "sam2lora-prompts/1", "images": {}}
+    report = (output / "report.html").read_text()
+    for setting in ("<th>write_nifti</th><td>False", "<th>backend</th><td>torch", "<th>onnx_int8</th><td>False"):
+        assert setting in report, setting
+
+
+def test_a_runs_record_of_its_prompts_repeats_its_given_prompts(tmp_path):
+    """prompts_used.json given back as --prompts_file, into the same folder: the image with a prompt of the file gets
+    it again (the same mask), the one whose prompt the run drew itself (auto_box) is left to --prompt_source."""
+    model = write_model_file(tmp_path / "model.pt")
+    images, output = tmp_path / "images", tmp_path / "out"
+    for name in ("a.png", "b.png"):
+        photograph(images / name)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"a.png": {"points": [[20, 30, 1]], "box": [5, 5, 40, 30]}}))
+    infer(model, images, output, prompts_file=str(prompts), prompt_source="auto_box")
+    first = json.loads((output / "prompts_used.json").read_text())["images"]
+    assert set(first["b.png"]) == {"auto_box"}
+    mask = (output / "a_mask.png").read_bytes()
+    infer(model, images, output, prompts_file=str(output / "prompts_used.json"), overwrite=True)
+    again = json.loads((output / "prompts_used.json").read_text())["images"]
+    assert again == {"a.png": first["a.png"], "b.png": {"none": {"points": []}}}
+    assert (output / "a_mask.png").read_bytes() == mask
+
+
+def test_the_report_records_the_backend_and_whether_nifti_was_written(tmp_path):
+    """An int8 onnxruntime report differs from a PyTorch one (evaluation records its backend too)."""
+    parser = ConfigParser()
+    parser.read_config([INFER])
+    parser.update({"ckpt_path": str(write_model_file(tmp_path / "model.pt")), "backend": "onnxruntime",
+                   "onnx_int8": True, "write_nifti": True})
+    (index,) = [i for i, handler in enumerate(parser["handlers"]) if "InferenceReport" in str(handler)]
+    settings = parser.get_parsed_content(f"handlers#{index}#settings")
+    assert (settings["backend"], settings["onnx_int8"], settings["write_nifti"]) == ("onnxruntime", True, True)
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):

@@ -7,8 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scripts.errors import ConfigError
 from scripts.fundus_io import write_png
-from scripts.inputs import ImageFolder, InputError, load_split, warn_about_overlap, writable_folder
+from scripts.inputs import (
+    ImageFolder,
+    InputError,
+    check_command_line,
+    load_split,
+    warn_about_overlap,
+    writable_folder,
+)
+from tests.helpers import INFER, TRAIN
 
 
 def write_datalist(folder: Path, entries: list[dict], split: str = "training") -> Path:
@@ -98,6 +107,39 @@ def test_image_folder_lists_the_images_sorted(tmp_path):
         ImageFolder(tmp_path / "nowhere", tmp_path / "out")
 
 
+def test_the_output_folder_is_created_only_once_the_checks_passed(tmp_path):
+    images = tmp_path / "images"
+    photograph(images / "eye.png")
+    with pytest.raises(InputError, match="or inside it"):
+        ImageFolder(images, images / "sub")
+    assert sorted(path.name for path in images.iterdir()) == ["eye.png"], "a refused run leaves nothing behind"
+    folder = ImageFolder(images, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists(), "checking writes nothing"
+    assert folder.prepare_output() == str(tmp_path / "new" / "out")
+    assert (tmp_path / "new" / "out").is_dir()
+
+
+def test_overwrite_removes_only_the_outputs_of_these_images_this_run_does_not_write(tmp_path, caplog):
+    images = tmp_path / "images"
+    photograph(images / "eye.png")
+    output = tmp_path / "out"
+    output.mkdir()
+    earlier = ["eye_mask.png", "eye_prob.png", "eye_overlay.png", "eye_mask.nii.gz", "prompts_used.json"]
+    others = ["gone_mask.nii.gz", "notes.txt"]  # an image no longer in the folder; the user's own file
+    for name in earlier + others:
+        (output / name).write_bytes(b"earlier")
+    with pytest.raises(InputError, match="holds 4 files this run would replace"):
+        ImageFolder(images, output)  # the NIfTI label is not counted: this run does not write it
+    assert ImageFolder(images, output, nifti=True, overwrite=True).stale == [], "a NIfTI run rewrites it"
+    folder = ImageFolder(images, output, overwrite=True)
+    assert folder.stale == [output / "eye_mask.nii.gz"]
+    assert (output / "eye_mask.nii.gz").exists(), "checking removes nothing"
+    with caplog.at_level("INFO", logger="scripts.inputs"):
+        folder.prepare_output()
+    assert "Removed 1 outputs of an earlier run" in caplog.text and "eye_mask.nii.gz" in caplog.text
+    assert sorted(path.name for path in output.iterdir()) == sorted(set(earlier + others) - {"eye_mask.nii.gz"})
+
+
 def test_writable_folder(tmp_path):
     present = tmp_path / "model.pt"
     present.write_bytes(b"")
@@ -105,3 +147,24 @@ def test_writable_folder(tmp_path):
     assert (tmp_path / "new" / "out").is_dir()
     with pytest.raises(InputError, match="cannot be written"):
         writable_folder(present / "under_a_file")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dataset_dir", "--output_dir", "out"], "--dataset_dir has no value, and MONAI's command line would set it"),
+        (["--output_dir"], "--output_dir has no value"),  # an expression default, but a folder
+        (["--prompts_file"], "--prompts_file has no value"),  # default None
+        (["--dataset_dir", ""], "--dataset_dir is empty, which would name the folder the run started in"),
+        (["--output_dir= "], "--output_dir is empty"),
+    ],
+)
+def test_an_option_without_a_value_or_an_empty_folder_is_refused(options, message):
+    """An unset shell variable (``--dataset_dir $DATA``) gives MONAI True or the folder the run started in."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, *options])
+
+
+def test_an_option_without_a_value_that_may_be_a_boolean_is_accepted():
+    for config, option in ((INFER, "--overwrite"), (TRAIN, "--amp")):  # amp's default is an expression
+        assert check_command_line(["monai.bundle", "run", "x", "--config_file", config, option]) == []

@@ -4,6 +4,7 @@ and clear errors. Exports are of Hiera-tiny at 64 px (seconds); the figures at r
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import sys
@@ -20,8 +21,8 @@ from scripts.atomic import file_sha256
 from scripts.errors import ConfigError
 from scripts.inferers import FundusInferer
 from scripts.lora import lora_modules
-from scripts.network import SAM2LoRA
-from scripts.onnx_backend import DeployError, OnnxBackend, inference_backend
+from scripts.network import SAM2LoRA, build_network
+from scripts.onnx_backend import DeployError, OnnxBackend, PromptFreeSegmenter, inference_backend
 from scripts.synthetic import write_dataset
 from tests.helpers import (
     EVALUATE,
@@ -65,11 +66,77 @@ def torch_logits(network: SAM2LoRA, images: torch.Tensor) -> torch.Tensor:
         return network(images.as_tensor() if isinstance(images, MetaTensor) else images)
 
 
+def torch_iou(network: SAM2LoRA, images: torch.Tensor) -> torch.Tensor:
+    """SAM's predicted IoU (B, C) of ``images`` from the PyTorch network itself."""
+    network.merge_adapters()
+    with torch.no_grad():
+        return network.predict(images.as_tensor() if isinstance(images, MetaTensor) else images).iou_predictions
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
 def test_the_backend_gives_pytorchs_logits_through_the_bundles_inferer(network, images, exported):
     assert exported.rebuilt and exported.cache_path.is_file()
     logits = FundusInferer(image_size=IMAGE_SIZE, backend=exported)(images, network)
     assert isinstance(logits, MetaTensor) and logits.shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
     torch.testing.assert_close(logits.as_tensor(), torch_logits(network, images), atol=1e-4, rtol=1e-4)
+
+
+def test_the_backend_gives_pytorchs_predicted_iou_through_the_bundles_inferer(network, images, exported):
+    """The SAM head's quality measure: what the inferer reports as ``last_iou`` (the measurements' predicted IoU and
+    low-quality flags) is the PyTorch network's, through onnxruntime too, for any batch size."""
+    outputs = {output.name: output.shape for output in exported.session.get_outputs()}
+    assert list(outputs) == ["logits", "iou_predictions"]
+    assert isinstance(outputs["iou_predictions"][0], str) and outputs["iou_predictions"][1:] == [1], "dynamic batch"
+
+    three = MetaTensor(torch.cat([images.as_tensor(), images.as_tensor()[:1].flip(-1)]))  # exported with a batch of 2
+    expected = torch_iou(network, three)
+    assert expected.shape == (3, 1) and expected.std() > 1e-4, "images the head tells apart"
+    by_torch, by_onnxruntime = FundusInferer(image_size=IMAGE_SIZE), FundusInferer(image_size=IMAGE_SIZE, backend=exported)
+    with torch.no_grad():
+        by_torch(three, network)
+        by_onnxruntime(three, network)
+    assert by_torch.last_iou is not None and by_onnxruntime.last_iou is not None
+    torch.testing.assert_close(by_torch.last_iou, expected)
+    torch.testing.assert_close(by_onnxruntime.last_iou, expected, atol=1e-5, rtol=1e-4)
+    assert exported.latest_iou_predictions.shape == (3, 1)
+
+
+def test_an_export_made_before_the_predicted_iou_was_an_output_is_rebuilt(network, images, exported, tmp_path, caplog):
+    """A cache written by a version whose export had the logits alone: its record lacks the outputs, and run as it
+    is it would report no predicted IoU (and flag nothing), so it is rebuilt, with a log line saying why."""
+    cache = tmp_path / exported.cache_path.name
+    sidecar = cache.with_name(cache.name + ".json")
+    old = onnx.load(str(exported.cache_path))
+    del old.graph.output[1:]  # the earlier one-output file: logits only
+    onnx.save(old, str(cache))
+    record = json.loads(exported.cache_path.with_name(exported.cache_path.name + ".json").read_text())
+    assert record.pop("outputs") == ["logits", "iou_predictions"]
+    sidecar.write_text(json.dumps({**record, "onnx_sha256": file_sha256(cache)}))
+    assert [output.name for output in onnx_backend._session(cache).get_outputs()] == ["logits"]
+
+    with caplog.at_level(logging.WARNING, logger="scripts.onnx_backend"):
+        backend = OnnxBackend(cache)
+        logits = backend(images, network)
+    assert backend.rebuilt and "it was built from other outputs than logits and iou_predictions" in caplog.text
+    assert json.loads(sidecar.read_text())["outputs"] == ["logits", "iou_predictions"]
+    torch.testing.assert_close(logits, torch_logits(network, images), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(backend.latest_iou_predictions, torch_iou(network, images), atol=1e-5, rtol=1e-4)
+
+
+def test_the_unet_head_exports_its_logits_alone():
+    """No IoU head, no second output (and no predicted IoU reported)."""
+    unet = build_network("unet", model_size="tiny", image_size=IMAGE_SIZE, channel_names=["vessels"], random_init=True)
+    segmenter = PromptFreeSegmenter(unet.eval())
+    assert segmenter.output_names == onnx_backend.export_outputs(unet) == ["logits"]
+    images = segmenter.example(batch=1)
+    with torch.no_grad():
+        (logits,) = segmenter.outputs(images)
+        torch.testing.assert_close(logits, unet(images), atol=0, rtol=0)
+    assert "sam2lora.iou_predictions" not in onnx_backend.export_description(segmenter)
 
 
 def test_a_later_run_reuses_the_cached_export(network, images, exported, caplog):
@@ -185,6 +252,9 @@ def test_int8_stores_int8_weights_and_keeps_the_masks(network, images, exported,
     dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
     assert dice > 0.9, dice
     assert 0 < (logits - reference).abs().max() < 0.5 * reference.abs().max()
+    # The IoU head's matrix products are quantized too: close to PyTorch's, not equal.
+    iou_difference = (backend.latest_iou_predictions - torch_iou(network, images)).abs().max()
+    assert 0 < iou_difference < 0.05, iou_difference
 
     # One scale per output column of every quantized matrix product's weight (INT8_QUANTIZATION's per_channel).
     graph = onnx.load(str(backend.cache_path)).graph
@@ -271,7 +341,10 @@ def test_bundle_inference_with_the_onnxruntime_backend_writes_pytorchs_masks(tmp
             assert "rebuilding" in log and "no export yet" in log
         if run == "cached":
             assert "using the cached export" in log and "rebuilding" not in log
-    assert (tmp_path / "models" / "model.onnxruntime.onnx").is_file()
+    cached = onnx.load(str(tmp_path / "models" / "model.onnxruntime.onnx"))
+    assert [output.name for output in cached.graph.output] == ["logits"], "the U-Net head has no IoU head"
+    for run in outputs:
+        assert not any("predicted_iou" in column for column in read_csv(outputs[run] / "measurements.csv")[0])
     for name in ("wide", "square"):
         expected = np.asarray(Image.open(outputs["torch"] / f"{name}_prob.png"), dtype=int)
         for run in ("exported", "cached"):
@@ -279,6 +352,48 @@ def test_bundle_inference_with_the_onnxruntime_backend_writes_pytorchs_masks(tmp
             assert probability.shape == expected.shape and np.abs(probability - expected).max() <= 1
             mask = np.asarray(Image.open(outputs[run] / f"{name}_mask.png"))
             assert (mask == np.asarray(Image.open(outputs["torch"] / f"{name}_mask.png"))).mean() > 0.999
+
+
+def test_bundle_runs_of_the_sam_head_report_its_predicted_iou_with_the_onnxruntime_backend(tmp_path):
+    """The SAM head through ``--backend onnxruntime``: inference's ``predicted_iou_<channel>`` columns and
+    low-quality flags, and evaluation's per-image predicted IoU and ``quality_spearman``, are PyTorch's."""
+    model = write_model_file(tmp_path / "models" / "model.pt")  # architecture "sam"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for name, (width, height) in (("wide.png", (90, 70)), ("square.png", (64, 64)), ("tall.png", (60, 80))):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / name)
+    rows, logs = {}, {}
+    for backend in ("torch", "onnxruntime"):
+        output = tmp_path / f"inference-{backend}"
+        # Every predicted IoU is under 1: each image is flagged, its IoU written in the flag.
+        result = run_bundle("inference", [INFER], cwd=tmp_path, dataset_dir=photos, ckpt_path=model,
+                            output_dir=output, backend=backend, quality_threshold=1.0)
+        assert result.returncode == 0, fail_message(result)
+        rows[backend] = {row["image"]: row for row in read_csv(output / "measurements.csv")}
+        logs[backend] = result.stdout + result.stderr
+    assert "3 images, 3 flagged" in logs["torch"] and "3 images, 3 flagged" in logs["onnxruntime"]
+    assert sorted(rows["onnxruntime"]) == sorted(rows["torch"]) and len(rows["torch"]) == 3
+    for image, expected in rows["torch"].items():
+        row = rows["onnxruntime"][image]
+        assert float(row["predicted_iou_vessels"]) == pytest.approx(float(expected["predicted_iou_vessels"]), abs=1e-4)
+        assert "low predicted quality (IoU" in row["flags"] and row["flags"] == expected["flags"]
+
+    datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=2)["vessels"]
+    per_image, agreement = {}, {}
+    for backend in ("torch", "onnxruntime"):  # the export cached by inference serves evaluation too
+        output = tmp_path / f"evaluation-{backend}"
+        # The training split's 4 images: quality_spearman ranks more than two.
+        result = run_bundle("evaluating", [TRAIN, EVALUATE], cwd=tmp_path, datalist=datalist, ckpt_path=model,
+                            output_dir=output, backend=backend, evaluate_split="training", **FAST)
+        assert result.returncode == 0, fail_message(result)
+        per_image[backend] = {row["image"]: float(row["predicted_iou"]) for row in read_csv(output / "measurements_per_image.csv")}
+        agreement[backend] = json.loads((output / "measurement_agreement.json").read_text())["all"]
+    assert len(per_image["torch"]) == 4 and all(np.isfinite(list(per_image["torch"].values())))
+    assert per_image["onnxruntime"] == pytest.approx(per_image["torch"], abs=1e-4)
+    assert np.isfinite(agreement["torch"]["quality_spearman"]), "a ranking to compare"
+    assert agreement["onnxruntime"]["quality_spearman"] == pytest.approx(agreement["torch"]["quality_spearman"])
+    assert agreement["onnxruntime"]["flagged"] == agreement["torch"]["flagged"]
 
 
 def test_bundle_evaluation_measures_the_onnxruntime_backend(tmp_path):
@@ -320,9 +435,12 @@ def test_the_cpu_copy_of_a_network_computes_what_it_computes(network, images):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_a_network_on_the_gpu_is_exported_from_a_cpu_copy(network, images, tmp_path):
     on_gpu = copy.deepcopy(network).cuda()
-    logits = OnnxBackend(tmp_path / "model.onnxruntime.onnx")(images.as_tensor().cuda(), on_gpu)
+    backend = OnnxBackend(tmp_path / "model.onnxruntime.onnx")
+    logits = backend(images.as_tensor().cuda(), on_gpu)
     assert logits.device.type == "cuda" and next(on_gpu.parameters()).device.type == "cuda"
     torch.testing.assert_close(logits.cpu(), torch_logits(network, images), atol=1e-4, rtol=1e-4)
+    assert backend.latest_iou_predictions.device.type == "cuda"
+    torch.testing.assert_close(backend.latest_iou_predictions.cpu(), torch_iou(network, images), atol=1e-5, rtol=1e-4)
 
 
 def test_sessions_run_on_the_threads_torch_was_given():

@@ -15,6 +15,7 @@ from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
     PROMPT_EROSION_PX,
+    PROMPTS_RECORD_FORMAT,
     Prompt,
     PromptError,
     _most_confident_first,
@@ -225,3 +226,34 @@ def test_prompts_of_an_image_the_run_leaves_out_are_not_used_and_the_others_are(
         prompts = read_prompts_file(path, {"a.png": (HEIGHT, WIDTH)}, left_out=["broken.png"])
     assert list(prompts) == ["a.png"]
     assert "the prompts of 1 images left out of the run are not used, e.g. 'broken.png'" in caplog.text
+
+
+def test_a_runs_record_of_its_prompts_is_read_back_as_its_given_prompts(tmp_path, caplog):
+    """prompts_used.json as inference writes it: per image, the prompt of the mode used, in the photograph's pixels."""
+    sizes = {"a.png": (HEIGHT, WIDTH), "b.png": (HEIGHT, WIDTH), "c.png": (HEIGHT, WIDTH)}
+    given = Prompt(points=((10.0, 20.0, 1),), box=(1.0, 2.0, 30.0, 40.0))
+    record = {
+        "format": PROMPTS_RECORD_FORMAT,
+        "images": {
+            "a.png": {"given": given.to_json()},
+            "b.png": {"auto_box": Prompt(box=(5.0, 5.0, 50.0, 60.0)).to_json()},
+            "c.png": {"none": Prompt().to_json()},
+        },
+    }
+    path = tmp_path / "prompts_used.json"
+    path.write_text(json.dumps(record))
+    with caplog.at_level("INFO", logger="scripts.prompts"):
+        assert read_prompts_file(path, sizes) == {"a.png": given}
+    assert "the given prompts of 1 images are used" in caplog.text
+    assert "(automatic or oracle modes) for 1 images (e.g. 'b.png') are not" in caplog.text
+    cases = [
+        ({"format": "sam2lora-prompts/2", "images": {}}, "not a prompts file nor a run record of format"),
+        ({"format": PROMPTS_RECORD_FORMAT}, "not a prompts file nor a run record of format"),
+        ({"format": PROMPTS_RECORD_FORMAT, "images": {"a.png": [1, 2]}}, "image a.png: a run record maps each image"),
+        ({"format": PROMPTS_RECORD_FORMAT, "images": {"d.png": {"given": {"box": [1, 2, 3, 4]}}}}, "e.g. 'd.png'"),
+    ]
+    for content, message in cases:
+        path.write_text(json.dumps(content))
+        with pytest.raises(PromptError) as caught:
+            read_prompts_file(path, sizes)
+        assert str(path) in str(caught.value) and message in str(caught.value), str(caught.value)
