@@ -454,11 +454,13 @@ class ImageFolder:
         """After the run: fail with one line per image that was left out, if any.
 
         Raises:
-            InputError: some images could not be read (the others were segmented and their outputs written).
+            InputError: some images could not be read (the others, if any, were segmented and their outputs
+                written).
         """
         if self.unreadable:
             lines = "\n  ".join(self.unreadable)
-            raise InputError(f"{len(self.unreadable)} image(s) could not be segmented (the others were):\n  {lines}")
+            others = "the others were" if self.entries else "no other image is in the folder"
+            raise InputError(f"{len(self.unreadable)} image(s) could not be segmented ({others}):\n  {lines}")
 
 
 def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | None] | None) -> tuple[int, int]:

@@ -277,6 +277,15 @@ def test_unreadable_images_are_left_out_and_named_one_line_each(tmp_path):
     assert images.left_out == ["broken.png", "tiny.png"]
 
 
+def test_a_folder_of_unreadable_images_alone_is_refused_at_once(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    with pytest.raises(FundusError) as caught:
+        ImageFolder(tmp_path, tmp_path.parent / "out")
+    first, *lines = str(caught.value).splitlines()
+    assert first == "1 image(s) could not be segmented (no other image is in the folder):"
+    assert len(lines) == 1 and "broken.png" in lines[0]
+
+
 def test_a_photograph_whose_name_is_not_utf8_is_left_out_and_named(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

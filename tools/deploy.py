@@ -6,7 +6,8 @@ The network (head, Hiera size, image size, channels...) is built from the settin
 
 Every export takes ``image_size`` squares of SAM-normalised RGB (the whole photograph resized, or sliding windows at
 ``pixel_scale``, as the model's ``input_mode`` says; docs/distribution.md), has a dynamic batch dimension, and
-returns mask logits (B, C, image_size, image_size); ONNX files record how to feed them in their metadata. What
+returns mask logits (B, C, image_size, image_size); a SAM-head ONNX file also returns SAM's predicted IoU
+(``iou_predictions``, (B, C)); ONNX files record how to feed them in their metadata. What
 works and what does not, measured with torch 2.15:
 
 - ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript): works, dynamic batch; checked
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
         with atomic_path(output) as partial:
             difference = export_checked_onnx(model, partial, output, args.opset, model.example(batch=3))
-        logger.info("onnxruntime vs PyTorch on 3 random images: largest logit difference %.2e.", difference)
+        logger.info("onnxruntime vs PyTorch on 3 random images: largest difference %.2e (logits, and IoU).", difference)
         path = output
     else:
         path = export_program(model, output)
