@@ -460,13 +460,17 @@ def test_bad_backend_settings_stop_the_app_with_one_line(setup, tmp_path):
     assert all("\n" not in message for message in (unknown, int8_on_torch, not_a_flag))
 
 
+def refused_inference(server, model: str, image: str, status: int) -> str:
+    """The detail of an ``/infer`` request for ``image`` that ``model`` refuses with ``status``."""
+    body, headers = form({"params": "{}"})
+    answered, answer, _ = request(f"{server.url}/infer/{model}?image={image}&output=image", "POST", body, headers)
+    assert answered == status, f"{model}: {answered}: {answer[:500]!r}"
+    return json.loads(answer)["detail"]
+
+
 def test_a_picture_with_an_exif_orientation_is_refused_in_one_line(setup):
-    server = setup["server"]
     for model in (BUNDLE_NAME, INTERACTIVE):
-        body, headers = form({"params": "{}"})
-        status, answer, _ = request(f"{server.url}/infer/{model}?image=turned&output=image", "POST", body, headers)
-        assert status == 422, f"{model}: {status}: {answer[:500]!r}"
-        detail = json.loads(answer)["detail"]
+        detail = refused_inference(setup["server"], model, "turned", 422)
         assert detail.startswith("turned.jpg carries an EXIF orientation") and "Save it upright" in detail, detail
 
 
@@ -474,10 +478,7 @@ def test_an_image_id_not_in_the_datastore_is_a_404_naming_it(setup):
     """An unknown id reached the bundle's reader as the path "" (HTTP 500, `image file not found: .`)."""
     server = setup["server"]
     for model in (BUNDLE_NAME, INTERACTIVE):
-        body, headers = form({"params": "{}"})
-        status, answer, _ = request(f"{server.url}/infer/{model}?image=nosuch&output=image", "POST", body, headers)
-        assert status == 404, f"{model}: {status}: {answer[:500]!r}"
-        detail = json.loads(answer)["detail"]
+        detail = refused_inference(server, model, "nosuch", 404)
         assert detail.startswith("Image 'nosuch' is not in the datastore") and "\n" not in detail, detail
     assert infer(server, "wide").shape == (HEIGHT, WIDTH), "the server answers the next request"
 
