@@ -400,9 +400,11 @@ class ImageFolder:
         self.output_dir = output
         # What this model writes for these images under another setting (a NIfTI label) and this run does not: left
         # beside the replaced outputs, it would disagree with them.
-        others = {name for image in images for name in output_names(image, channel_names, nifti=True)} - set(planned)
-        candidates = [output / name for name in sorted(others)] if overwrite else []
-        self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
+        self.stale: list[Path] = []
+        if overwrite:
+            others = {name for image in images for name in output_names(image, channel_names, nifti=True)}
+            candidates = [output / name for name in sorted(others - set(planned))]
+            self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
         self.entries: list[dict[str, str]] = []
         self.sizes: dict[str, tuple[int, int]] = {}
         self.left_out: list[str] = []
