@@ -1,5 +1,6 @@
 """Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact;
-and recognising a written file later by its content (:func:`file_sha256`).
+recognising a written file later by its content (:func:`file_sha256`); and a folder of its own for an earlier run's
+files that a new run moves aside (:func:`new_stamped_folder`).
 
 Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
 and models. A write that fails (a full disk, a folder that cannot be written) raises :class:`OutputError` naming
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,15 @@ import torch
 
 from scripts.errors import FundusError
 
-__all__ = ["OutputError", "atomic_path", "file_sha256", "save_torch_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "OutputError",
+    "atomic_path",
+    "file_sha256",
+    "new_stamped_folder",
+    "save_torch_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 class OutputError(FundusError, OSError):
@@ -116,3 +126,23 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def new_stamped_folder(parent: str | os.PathLike) -> Path:
+    """Create a new folder in ``parent`` named by the time (``20261202-031500``), which no other run shares.
+
+    Args:
+        parent: where the folder goes (created if needed).
+
+    Returns:
+        The new, empty folder; ``<time>-2``, ``-3``... when runs started within the same second.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, number = Path(parent) / stamp, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            number += 1
+            folder = Path(parent) / f"{stamp}-{number}"

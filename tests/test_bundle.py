@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from scipy import ndimage
 from scripts.adapters import ModelFileError
 from scripts.errors import user_error
 from scripts.handlers import FundusMetricsWriter, MeasurementAgreement
+from scripts.handlers.evaluation import EVALUATION_OUTPUTS
 from scripts.inputs import ImageFolder
 from scripts.prompts import PROMPT_EROSION_PX, oracle_prompt
 from scripts.synthetic import write_dataset
@@ -213,6 +215,19 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     assert points == expected, "seeded by the image's name"
     assert "box" in used["auto_box"] or used["auto_box"]["points"] == [], used["auto_box"]
 
+    # Each file the evaluation wrote is one the next evaluation moves aside, so that a prompt-free evaluation into
+    # the same folder leaves no prompts or per-mode chart of this one to pass for its own.
+    written = sorted(path.name for path in output.iterdir())
+    assert all(any(fnmatch(name, pattern) for pattern in EVALUATION_OUTPUTS) for name in written), written
+    again = run_bundle("evaluating", [TRAIN, EVALUATE], cwd=tmp_path, datalist=test_set, ckpt_path=model,
+                       output_dir=output, **FAST)
+    assert again.returncode == 0, fail_message(again)
+    assert not (output / "prompts.json").exists() and not (output / "metrics_by_prompt_mode.png").exists()
+    assert "disc/fov/dice" in json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
+    [earlier] = (output / "earlier_evaluations").iterdir()
+    assert sorted(path.name for path in earlier.iterdir()) == written
+    assert json.loads((earlier / "prompts.json").read_text())["images"][name]["box"] == used["box"]
+
 
 @pytest.fixture(scope="module")
 def drive_run(drive_dir, module_folder) -> dict[str, Path]:
@@ -355,13 +370,14 @@ def test_a_setting_conflicting_with_the_model_file_is_refused_before_building(tm
     assert "image_size: trained with 64, this run sets 128" in str(error)
 
 
-def test_datalist_naming_missing_files(tmp_path):
+def test_a_datalist_naming_missing_files_is_refused_before_any_folder_is_created(tmp_path):
     datalist = tmp_path / "datalist.json"
     entry = {"image": "nowhere/a.png", "label": "nowhere/a_label.png", "fov": "nowhere/a_fov.png"}
     datalist.write_text(json.dumps({"training": [entry], "validation": [entry], "test": []}))
-    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path),
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
                            output_dir=str(tmp_path / "eval"), **FAST)
     assert str(datalist) in str(error) and "a.png" in str(error) and "missing" in str(error)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
 
 
 def test_empty_datalist(tmp_path):

@@ -9,7 +9,7 @@ the log), :class:`TrainingCheckpoint` (resumable checkpoints), :class:`AtomicChe
 
 from scripts.handlers.checkpoint import ResumeError, TrainingCheckpoint
 from scripts.handlers.errors import ReportErrors
-from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter
+from scripts.handlers.evaluation import EvaluationChart, FundusMetricsWriter, keep_earlier_evaluation
 from scripts.handlers.gradient_clipping import GradientClipping
 from scripts.handlers.lr_schedule import LrSchedulePerOptimizerStep
 from scripts.handlers.measurement import InferenceReport, MeasurementAgreement
@@ -34,6 +34,7 @@ __all__ = [
     "TrainingLog",
     "TrainingPictures",
     "TrainingTimeLimit",
+    "keep_earlier_evaluation",
     "read_training_log",
     "training_throughput",
 ]

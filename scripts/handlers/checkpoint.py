@@ -32,7 +32,6 @@ epoch are not replayed exactly.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import shutil
@@ -48,7 +47,7 @@ from monai.handlers import CheckpointSaver
 from torch import nn
 
 from scripts.adapters import CHECKPOINT_FORMAT
-from scripts.atomic import file_sha256, save_torch_atomic
+from scripts.atomic import file_sha256, new_stamped_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, first_line, is_real_number
 
@@ -471,14 +470,7 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     found += [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]
     if not found:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = ckpt_dir / "earlier_runs" / stamp
-    for number in itertools.count(2):  # two runs started within a second keep their own folders
-        try:
-            target.mkdir(parents=True)
-            break
-        except FileExistsError:
-            target = ckpt_dir / "earlier_runs" / f"{stamp}-{number}"
+    target = new_stamped_folder(ckpt_dir / "earlier_runs")
     for path in found:
         if path.is_dir():
             shutil.copytree(path, target / path.name, dirs_exist_ok=True)

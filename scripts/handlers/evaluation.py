@@ -1,4 +1,5 @@
-"""Handlers of the evaluation workflow: per-image metrics and reports, and the per-dataset chart."""
+"""Handlers of the evaluation workflow: per-image metrics and reports, and the per-dataset chart; and moving an
+earlier evaluation's reports aside before a new one writes its own (:func:`keep_earlier_evaluation`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
+from scripts.atomic import new_stamped_folder
 from scripts.metrics import (
     FOV_SOURCES,
     METRICS,
@@ -25,9 +27,52 @@ from scripts.metrics import (
 )
 from scripts.plots import plot_dataset_metrics
 
-__all__ = ["EvaluationChart", "FundusMetricsWriter"]
+__all__ = ["EVALUATION_OUTPUTS", "EvaluationChart", "FundusMetricsWriter", "keep_earlier_evaluation"]
 
 logger = logging.getLogger(__name__)
+
+EVALUATION_OUTPUTS = (
+    "metrics_per_image.csv",
+    "metrics_summary.json",
+    "metrics_summary.csv",
+    "metrics_by_dataset.png",
+    "metrics_by_prompt_mode.png",
+    "prompts.json",
+    "measurements_per_image.csv",
+    "measurement_agreement.json",
+    "measurement_agreement.csv",
+    "bland_altman_*.png",
+)
+"""What ``evaluate.json`` writes into its output folder (file names and patterns); which of them a run writes
+depends on its settings (prompt modes, the channels measured)."""
+
+
+def keep_earlier_evaluation(output_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier evaluation's reports out of ``output_dir`` before a new evaluation writes its own.
+
+    A report the new run does not write (``prompts.json`` and ``metrics_by_prompt_mode.png`` of a prompted
+    evaluation, after a prompt-free one) would otherwise sit beside its reports and pass for one of them; moving,
+    not deleting, keeps the earlier figures should the new run fail.
+
+    Args:
+        output_dir: the evaluation's output folder.
+
+    Returns:
+        The folder the earlier reports went to, ``<output_dir>/earlier_evaluations/<time>``, or None when there were
+        none.
+    """
+    output_dir = Path(output_dir)
+    found = sorted({path for pattern in EVALUATION_OUTPUTS for path in output_dir.glob(pattern) if path.is_file()})
+    if not found:
+        return None
+    target = new_stamped_folder(output_dir / "earlier_evaluations")
+    for path in found:
+        path.replace(target / path.name)
+    logger.warning(
+        f"{output_dir} held an earlier evaluation's reports ({', '.join(path.name for path in found)}): moved to "
+        f"{target} before this evaluation writes its own."
+    )
+    return target
 
 
 class FundusMetricsWriter:
