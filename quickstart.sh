@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick start: install, train SAM2-LoRA on generated synthetic fundus photographs, segment them, evaluate,
-# and say where to look. Training stops after 10 minutes; about 17 in all on a 2-core CPU, install included. No
+# and say where to look. Training stops after 10 minutes; about 12 in all on a 2-core CPU, 16 with the install. No
 # download of data or weights is needed. Run again, it trains afresh (the earlier run's files are kept aside) and
 # replaces the quick start's own masks and overlays.
 set -euo pipefail

@@ -465,7 +465,9 @@ def infer(model: Path, images: Path, output: Path, **settings) -> None:
     )
 
 
-@pytest.mark.parametrize("case", ["output inside the images", "no image", "no folder", "bad prompts file"])
+@pytest.mark.parametrize(
+    "case", ["output inside the images", "no image", "no folder", "bad prompts file", "a setting the model contradicts"]
+)
 def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     """Every input is checked before the output folder is made: a refused run leaves no folder behind, least of all
     one inside the user's image folder."""
@@ -475,13 +477,14 @@ def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     prompts.write_text(json.dumps({"other.png": {"box": [1, 1, 5, 5]}}))
     if case != "no folder":
         images.mkdir()
-    if case in ("output inside the images", "bad prompts file"):
+    if case in ("output inside the images", "bad prompts file", "a setting the model contradicts"):
         photograph(images / "eye.png")
     settings, expected = {
         "output inside the images": ({"output_dir": str(images / "sub")}, "is the image folder"),
         "no image": ({}, "holds no image"),
         "no folder": ({}, "does not exist"),
         "bad prompts file": ({"prompts_file": str(prompts)}, "not in the image folder, e.g. 'other.png'"),
+        "a setting the model contradicts": ({"image_size": 128}, "image_size: trained with 64, this run sets 128"),
     }[case]
     before = sorted(tmp_path.rglob("*"))
     error = run_in_process(
@@ -491,14 +494,28 @@ def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_a_refused_evaluation_creates_no_output_folder(tmp_path):
+@pytest.mark.parametrize("case", ["an empty test list", "a setting the model contradicts"])
+def test_a_refused_evaluation_creates_no_output_folder(tmp_path, case):
     model = write_model_file(tmp_path / "model.pt")
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"test": []}))
+    if case == "an empty test list":
+        datalist.write_text(json.dumps({"test": []}))
+        settings, expected = {}, "'test' list is empty"
+    else:
+        datalist = write_dataset(tmp_path / "data", count=3, size=96, seed=4)["vessels"]
+        settings, expected = {"image_size": 128}, "image_size: trained with 64, this run sets 128"
     error = run_in_process("evaluating", [TRAIN, EVALUATE], datalist=str(datalist), ckpt_path=str(model),
-                           output_dir=str(tmp_path / "eval"), num_workers=0)
-    assert "'test' list is empty" in str(error)
+                           output_dir=str(tmp_path / "eval"), num_workers=0, **settings)
+    assert expected in str(error)
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_training_setting_its_network_refuses_creates_no_folder(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
+                           output_dir=str(tmp_path / "eval"), finetune="everything", **FAST)
+    assert "finetune" in str(error) and "everything" in str(error)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
 
 
 def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tmp_path, capsys, monkeypatch):
