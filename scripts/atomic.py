@@ -107,7 +107,15 @@ def save_torch_atomic(content: Any, path: str | os.PathLike) -> None:
         path: the destination; the previous file stays whole until the new one is complete.
     """
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        torch.save(content, handle)
+        try:
+            torch.save(content, handle)
+        except Exception as error:
+            # Interrupted between two records (Ctrl-C, SIGTERM), torch's zip writer fails to close the archive on
+            # the way out and raises its own error ("unexpected pos ...") in place of the interruption, which is
+            # what happened and what the run must stop with.
+            if isinstance(error.__context__, BaseException) and not isinstance(error.__context__, Exception):
+                raise error.__context__ from None
+            raise
         handle.flush()
         os.fsync(handle.fileno())
 

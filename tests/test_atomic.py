@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 
 import pytest
+import torch
 
-from scripts.atomic import atomic_path, file_sha256, write_json_atomic, write_text_atomic
+from scripts import atomic
+from scripts.atomic import atomic_path, file_sha256, save_torch_atomic, write_json_atomic, write_text_atomic
+from scripts.signals import Terminated
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
@@ -17,6 +21,33 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         raise RuntimeError("killed half way")
     assert json.loads(target.read_text()) == {"dice": 0.8}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, Terminated])
+def test_a_checkpoint_write_interrupted_stops_with_the_interruption_and_keeps_the_previous_file(
+    tmp_path, monkeypatch, interruption
+):
+    """Ctrl-C or SIGTERM half way through a record: torch's zip writer then fails to close the archive and raises
+    its own error ("unexpected pos"); the run must stop with the interruption (exit status 143 for SIGTERM, no
+    traceback), the previous file whole."""
+    target = tmp_path / "latest_checkpoint.pt"
+    save_torch_atomic({"epoch": 1}, target)
+
+    class InterruptedFile(io.FileIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:
+            InterruptedFile.writes += 1
+            if InterruptedFile.writes == 3:
+                raise interruption()
+            return super().write(data)
+
+    monkeypatch.setattr(atomic, "open", InterruptedFile, raising=False)
+    with pytest.raises(interruption):
+        save_torch_atomic({f"weight_{i}": torch.ones(1000) for i in range(10)}, target)
+    assert InterruptedFile.writes == 3
+    assert torch.load(target) == {"epoch": 1}
+    assert [path.name for path in tmp_path.iterdir()] == [target.name], "no temporary file is left behind"
 
 
 def test_temporary_names_keep_the_suffixes(tmp_path):

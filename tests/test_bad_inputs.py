@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from scripts.adapters import CHECKPOINT_FORMAT, check_finetune, read_model_file
 from scripts.atomic import write_text_atomic
@@ -114,6 +115,10 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
     green = vessel_label(folder / "green_label.png", colour=(0, 255, 0)).name
     tiny = "tiny.png"
     write_png(folder / tiny, np.full((1, 1, 3), 128, np.uint8))
+    lossy = "lossy_label.jpg"  # a 0/1 mask saved as JPEG: its compression noise is as large as the mask
+    rows, cols = np.mgrid[:48, :64]
+    vessels = (abs(rows - 0.6 * cols - 5) < 2) | (abs(rows + 0.8 * cols - 50) < 1.5) | ((rows - 24) ** 2 + (cols - 40) ** 2 < 36)
+    Image.fromarray(vessels.astype(np.uint8)).save(folder / lossy, quality=75)
     good = {"image": image, "label": label}
     return {
         "a list, not an object": ([good], ("holds a JSON list, not an object",), {}),
@@ -150,6 +155,11 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
             ("green_label.png is a colour picture whose channels differ", "labels must be grayscale masks"),
             {},
         ),
+        "a 0/1 label saved as JPEG": (
+            {"training": [{"image": image, "label": lossy}]},
+            ("lossy_label.jpg has", "a 0/1 mask saved in a lossy format such as JPEG", "save masks losslessly"),
+            {},
+        ),
         "a 1x1 image": (
             {"training": [good, {"image": tiny, "label": label}]},
             (
@@ -177,6 +187,7 @@ CASE_NAMES = [
     "masks for another number of channels",
     "every label empty",
     "a colour label (green vessels on black)",
+    "a 0/1 label saved as JPEG",
     "a 1x1 image",
     "photographs smaller than a training window",
 ]

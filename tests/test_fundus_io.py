@@ -158,6 +158,22 @@ def test_16bit_masks_holding_8bit_levels_keep_them(tmp_path: Path) -> None:
     assert read_label_mask(_save(tmp_path / "binary.png", (levels > 0).astype(np.uint16), mode="I;16")).sum() == 9
 
 
+def test_a_0_1_vessel_mask_saved_as_jpeg_is_refused_and_low_two_level_masks_are_read(drive_dir: Path, tmp_path) -> None:
+    """DRIVE's manual vessels as a 0/1 JPEG come back as 0, 1, 2...: no threshold recovers them (the half-scale one
+    read nothing), so the label is refused, naming it; a lossless 0/2 mask reads as its structure."""
+    vessels = np.asarray(Image.open(drive_dir / "training" / "1st_manual" / "21_manual1.gif")) > 0
+    jpeg = tmp_path / "21_vessels.jpg"
+    Image.fromarray(vessels.astype(np.uint8)).save(jpeg, quality=75)
+    assert 2 < len(np.unique(read_mask(jpeg))) and read_mask(jpeg).max() < 128
+    with pytest.raises(FundusImageError, match=rf"label {jpeg} has \d+ levels from 0 to \d+: a 0/1 mask saved in a lossy"):
+        read_label_mask(jpeg)
+    two_levels = _save(tmp_path / "two.png", vessels.astype(np.uint8) * 2)
+    np.testing.assert_array_equal(read_label_mask(two_levels), vessels)
+    as_255 = tmp_path / "21_vessels_255.jpg"
+    Image.fromarray(vessels.astype(np.uint8) * 255).save(as_255, quality=75)
+    assert (read_label_mask(as_255) == vessels).mean() > 0.99, "a 0/255 JPEG is still thresholded at 127"
+
+
 def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path: Path, caplog) -> None:
     """A camera stores a portrait shot landscape with EXIF Orientation 6 (turn 90 degrees clockwise to view)."""
     stored = np.zeros((100, 200, 3), np.uint8)

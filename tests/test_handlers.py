@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
@@ -13,6 +15,7 @@ from scripts.handlers import (
     GradientClipping,
     LrSchedulePerOptimizerStep,
     TrainingLog,
+    TrainingPictures,
     read_training_log,
     training_throughput,
 )
@@ -225,3 +228,16 @@ def test_a_time_limit_under_a_second_is_a_limit_not_an_error(monkeypatch):
     TrainingTimeLimit(minutes=0.0005).attach(engine)  # 30 ms: crossed in the second iteration
     engine.run(range(100), max_epochs=1)
     assert engine.state.iteration == 2
+
+
+def test_validation_overlays_of_images_with_the_same_name_keep_their_own_files():
+    """Two pooled clinics both number their photographs 001.jpg: neither overlay replaces the other."""
+    pictures = TrainingPictures(overlay_count=4)
+    pictures._reset(None)
+    sources, outputs = [], []
+    for dataset, folder in (("clinicA", "a"), ("clinicB", "b"), ("clinicB", "c")):
+        image = MetaTensor(torch.zeros(3, 8, 8), meta={"filename_or_obj": f"/data/{folder}/001.jpg"})
+        sources.append({"image": image, "dataset": dataset})
+        outputs.append({"image": torch.zeros(3, 8, 8), "pred": torch.ones(1, 8, 8), "label": torch.zeros(1, 8, 8)})
+    pictures._collect_overlays(SimpleNamespace(state=SimpleNamespace(batch=sources, output=outputs)))
+    assert [name for name, _ in pictures._overlays] == ["001", "clinicB_001", "001_2"]

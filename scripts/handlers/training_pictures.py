@@ -71,9 +71,20 @@ class TrainingPictures:
             image = _to_numpy(item["image"]) * np.reshape(SAM_PIXEL_STD, (3, 1, 1))
             image += np.reshape(SAM_PIXEL_MEAN, (3, 1, 1))
             filename = getattr(source.get("image"), "meta", {}).get("filename_or_obj", "")
-            name = Path(str(filename)).stem or f"image_{len(self._overlays)}"
+            name = self._unused_name(Path(str(filename)).stem or "image", source.get("dataset"))
             prediction, label = _to_numpy(item["pred"]).astype(bool), _to_numpy(item["label"]).astype(bool)
             self._overlays.append((name, overlay_errors(image, prediction, label)))
+
+    def _unused_name(self, stem: str, dataset: Any) -> str:
+        """The overlay's file name: the image's, prefixed with its dataset when another validation image has that
+        name (clinics pooled with ``tools.prepare --pool`` both number their photographs ``001.jpg``...), numbered
+        when that too is taken."""
+        taken = {name for name, _ in self._overlays}
+        name = stem if stem not in taken or not dataset else f"{dataset}_{stem}"
+        number = 2
+        while name in taken:
+            name, number = f"{stem}_{number}", number + 1
+        return name
 
     def _draw(self, record: dict[str, Any]) -> None:
         epoch = record["epoch"]
