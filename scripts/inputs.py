@@ -12,6 +12,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -41,12 +42,15 @@ __all__ = [
     "read_datalist",
     "warn_about_overlap",
     "warn_unknown_overrides",
+    "warn_without_validation",
     "writable_folder",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKED_KEYS = ("image", "label", "fov")
+WINDOWS_PATH = re.compile(r"\\|(^|/)[A-Za-z]:/")
+"""A backslash, or a drive letter (``C:/``), in a datalist path as resolved: a datalist written on Windows."""
 # The smallest picture accepted as a photograph: Hiera's patches are 4 pixels and a field of view needs a border.
 MIN_IMAGE_SIDE = 32
 
@@ -177,7 +181,8 @@ def load_split(
         raise InputError(f"Datalist {path} has no '{split}' list.")
     raw = content[split]
     if not raw:
-        raise InputError(f"Datalist {path}: the '{split}' list is empty.")
+        advice = " (tools.prepare writes one with --val-fraction above 0)" if split == "validation" else ""
+        raise InputError(f"Datalist {path}: the '{split}' list is empty{advice}.")
     required = ("image", "label") if require_labels else ("image",)
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or any(not entry.get(key) for key in required):
@@ -208,16 +213,24 @@ def load_split(
         }
         for entry in raw
     ]
-    missing = [
-        f"entry {index} {key}: {file}"
+    missing_files = [
+        (index, key, file)
         for index, entry in enumerate(entries)
         for key in CHECKED_KEYS
         for file in _as_list(entry.get(key))
         if not os.path.isfile(file)
     ]
-    if missing:
+    if missing_files:
+        missing = [f"entry {index} {key}: {file}" for index, key, file in missing_files]
+        windows = any(WINDOWS_PATH.search(file) for _, _, file in missing_files)
+        advice = (
+            ": its paths are written for Windows (backslashes, a drive letter); write them with / and relative to "
+            "the datalist's folder (or absolute on this machine)"
+            if windows
+            else ""
+        )
         raise InputError(
-            f"Datalist {path} names {len(missing)} missing files in '{split}', e.g. " + "; ".join(missing[:3])
+            f"Datalist {path} names {len(missing)} missing files in '{split}', e.g. " + "; ".join(missing[:3]) + advice
         )
     sizes = [image_size(entry["image"]) for entry in entries]  # (width, height) from the headers; None: unreadable
     small = [
@@ -311,6 +324,26 @@ def warn_about_overlap(datalist: str | os.PathLike, first: str = "training", sec
         logger.warning(
             f"Datalist {datalist}: {len(shared)} images are in both '{first}' and '{second}', e.g. {shared[0]}."
         )
+
+
+def warn_without_validation(max_epochs: int, val_interval: int) -> bool:
+    """Warn when a training run will never validate (``val_interval`` beyond ``max_epochs``).
+
+    Args:
+        max_epochs: the run's epochs.
+        val_interval: validation every this many epochs.
+
+    Returns:
+        Whether the warning was given.
+    """
+    if val_interval <= max_epochs:
+        return False
+    logger.warning(
+        f"val_interval {val_interval} is more than max_epochs {max_epochs}: this run will never validate, so it writes "
+        "no model_best.pt, no validation metrics and no training curves (model.pt is the last iteration's); lower "
+        "--val_interval to validate."
+    )
+    return True
 
 
 class ImageFolder:

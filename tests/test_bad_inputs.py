@@ -140,6 +140,11 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
             ("names 1 missing files", "gone.png"),
             {},
         ),
+        "paths written on Windows": (
+            {"training": [{"image": "C:\\eyes\\a.png", "label": label}]},
+            ("names 1 missing files", "its paths are written for Windows", "write them with /"),
+            {},
+        ),
         "masks for another number of channels": (
             {"training": [{"image": image, "label": [label, label]}]},
             ("has 2 label masks but the workflow has 1 output channels", "channel_names"),
@@ -184,6 +189,7 @@ CASE_NAMES = [
     "an entry without label",
     "entries with other keys",
     "a missing file",
+    "paths written on Windows",
     "masks for another number of channels",
     "every label empty",
     "a colour label (green vessels on black)",

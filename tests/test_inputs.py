@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from scripts.inputs import (
     check_command_line,
     load_split,
     warn_about_overlap,
+    warn_without_validation,
     writable_folder,
 )
 from tests.helpers import INFER, TRAIN
@@ -56,8 +58,10 @@ def test_load_split_names_every_problem(tmp_path):
         load_split(datalist, "validation")
     with pytest.raises(InputError, match=r"2 missing files in 'training', e\.g\. entry 0 image: .*missing\.png"):
         load_split(datalist, "training")
-    with pytest.raises(InputError, match="'training' list is empty"):
+    with pytest.raises(InputError, match=r"'training' list is empty\.$"):
         load_split(write_datalist(tmp_path, []), "training")
+    with pytest.raises(InputError, match=r"'validation' list is empty \(tools\.prepare writes one with --val-fraction above 0\)"):
+        load_split(write_datalist(tmp_path, [], split="validation"), "validation")
 
 
 @pytest.mark.parametrize(
@@ -168,3 +172,11 @@ def test_an_option_without_a_value_or_an_empty_folder_is_refused(options, messag
 def test_an_option_without_a_value_that_may_be_a_boolean_is_accepted():
     for config, option in ((INFER, "--overwrite"), (TRAIN, "--amp")):  # amp's default is an expression
         assert check_command_line(["monai.bundle", "run", "x", "--config_file", config, option]) == []
+
+
+def test_a_run_that_will_never_validate_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="scripts.inputs"):
+        assert not warn_without_validation(max_epochs=4, val_interval=4)
+        assert warn_without_validation(max_epochs=1, val_interval=2)
+    assert caplog.text.count("will never validate") == 1
+    assert "val_interval 2 is more than max_epochs 1" in caplog.text and "no model_best.pt" in caplog.text

@@ -327,6 +327,21 @@ def test_resume_refuses_damaged_checkpoints_and_one_past_max_epochs_in_one_line(
         assert path.read_bytes() == damaged, "the damaged file is left for the user to inspect"
 
 
+def test_resuming_a_complete_run_says_so_and_trains_nothing(tmp_path, caplog):
+    trainer, network, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=3)
+    trainer.run()
+    finished = network.adapter.weight.detach().clone()
+    resumed, network2, *_ = _trainer(tmp_path, "true", seed=1, max_epochs=3)
+    iterations = []
+    resumed.add_event_handler(Events.ITERATION_STARTED, lambda engine: iterations.append(engine.state.iteration))
+    with caplog.at_level(logging.INFO, logger="scripts.handlers.checkpoint"):
+        resumed.run()
+    assert iterations == [] and resumed.state.iteration == 15
+    assert torch.equal(network2.adapter.weight, finished)
+    assert "that run is complete (3 epochs, iteration 15 of 15), so nothing is left to train; raise --max_epochs" in caplog.text
+    assert "goes on after iteration" not in caplog.text
+
+
 def test_a_run_stopped_during_a_validation_redoes_it_and_checks_the_best_model_on_resume(tmp_path, caplog):
     trainer, *_, checkpoint = _trainer(tmp_path, "false", seed=0, validate=True)
 

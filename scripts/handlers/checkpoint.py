@@ -421,9 +421,16 @@ class TrainingCheckpoint:
             self.validator.state.best_metric = -1
             self.validator.state.best_metric_epoch = -1
         self._start_iteration = self._last_saved_iteration = engine.state.iteration
+        total = engine.state.max_epochs * engine.state.epoch_length
+        if engine.state.iteration == total:
+            logger.warning(
+                f"Resumed from {self.path}: that run is complete ({engine.state.max_epochs} epochs, iteration "
+                f"{total} of {total}), so nothing is left to train; raise --max_epochs to train on."
+            )
+            return
         logger.info(
             f"Resumed from {self.path}: epoch {engine.state.epoch + 1} goes on after iteration {engine.state.iteration} "
-            f"of {engine.state.max_epochs * engine.state.epoch_length}."
+            f"of {total}."
         )
 
 
