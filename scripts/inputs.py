@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
@@ -623,7 +624,30 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
         _refuse_dropped_none(key, value, defaults[key])
         _refuse_text_read_otherwise(key, value, defaults[key])
         _refuse_empty_path(key, value)
+    if options.get("tracking"):
+        # MONAI takes the store from the environment first (MLFLOW_TRACKING_URI), then from --tracking_uri.
+        environment = os.environ.get("MLFLOW_TRACKING_URI")
+        stores = [("MLFLOW_TRACKING_URI", environment), ("--tracking_uri", options.get("tracking_uri"))]
+        for where, uri in stores:
+            if uri:
+                _refuse_file_store(where, uri)
+                break
     return unknown
+
+
+def _refuse_file_store(where: str, uri: str) -> None:
+    """Refuse an MLflow file store (a folder: ``./mlruns``, ``file:///...``) as the tracking store, which MLflow 3
+    refuses in its own deep error once the run has started, unless ``MLFLOW_ALLOW_FILE_STORE`` lets it."""
+    if urllib.parse.urlparse(uri).scheme not in ("", "file"):
+        return
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return
+    raise ConfigError(
+        f"{where} {uri} is an MLflow file store (a folder), which MLflow 3 no longer accepts: give a database, "
+        "e.g. sqlite:////abs/path/mlruns.db (leave --tracking_uri out for <output_dir>/mlruns.db), or a tracking "
+        "server, http://host:5000; or set MLFLOW_ALLOW_FILE_STORE=true to keep the folder (mlflow "
+        "migrate-filestore moves its runs into a database)."
+    )
 
 
 def _refuse_bare_option(key: str, default: Any) -> None:

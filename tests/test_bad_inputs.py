@@ -452,6 +452,28 @@ def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(c
     check_command_line([*argv[:5], f"--{key}", written_so])
 
 
+@pytest.mark.parametrize("uri", ["file:///data/mlruns", "./mlruns", "/data/mlruns"])
+def test_an_mlflow_file_store_is_refused_before_the_run_unless_mlflow_is_told_to_accept_it(uri, tmp_path, monkeypatch):
+    """MLflow 3 refuses a folder as its store, deep inside the run (two tracebacks): it is named before anything."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(Exception, match="MLFLOW_ALLOW_FILE_STORE"):  # the refusal this check runs ahead of
+        MlflowClient(f"file://{tmp_path}/mlruns").search_experiments()
+    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    with pytest.raises(ConfigError, match=re.escape(f"--tracking_uri {uri} is an MLflow file store (a folder)")) as caught:
+        check_command_line([*argv, "--tracking_uri", uri])
+    assert "sqlite:///" in str(caught.value) and "MLFLOW_ALLOW_FILE_STORE=true" in str(caught.value)
+    for accepted in (f"sqlite:///{tmp_path}/mlruns.db", "http://localhost:5000"):
+        check_command_line([*argv, "--tracking_uri", accepted])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # which MONAI takes over --tracking_uri
+    with pytest.raises(ConfigError, match=re.escape(f"MLFLOW_TRACKING_URI {uri} is an MLflow file store")):
+        check_command_line([*argv, "--tracking_uri", "http://localhost:5000"])
+    check_command_line([*argv[:5], "--tracking_uri", "http://localhost:5000"])  # without --tracking, no store is used
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_command_line([*argv, "--tracking_uri", uri])
+
+
 def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it():
     """MONAI's command line drops None overrides: --max_training_minutes None would train with the quick start's
     10-minute limit, not without one."""
