@@ -16,8 +16,14 @@ import scipy.io
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from scripts.fundus_io import FundusImageError, read_label_mask, read_mask
-from tools.datasets import DatasetError, decode_labelme_json, folder_description, get_description
+from scripts.fundus_io import read_label_mask, read_mask
+from tools.datasets import (
+    DatasetError,
+    decode_binary_masks,
+    decode_labelme_json,
+    folder_description,
+    get_description,
+)
 from tools.prepare import Case, find_cases, main, pool_datalists, prepare_dataset, split_cases
 
 # Non-square so that a width/height mix-up shows.
@@ -396,12 +402,13 @@ def test_folder_disc_cup(tmp_path: Path) -> None:
 
 
 def test_masks_the_bundle_would_misread_are_rewritten(tmp_path: Path) -> None:
-    """A 0/100 label has a foreground the bundle's reader takes for background (1-127 outside 0/1 masks), and a
-    whole-picture FOV stored as 1s has a single level: both reach the datalist as the bundle reads them."""
+    """A 3/253 label (the levels of DRIVE's 2nd_manual GIFs) has a background that is not 0, which the datalist
+    promises and other readers of it would take for structure, and a whole-picture FOV stored as 1s has a single
+    level: both reach the datalist as the bundle reads them."""
     src = tmp_path / "mine"
     for number in range(3):
         _save(src / "images" / f"case{number}.png", _photo(number))
-        _save(src / "masks" / f"case{number}.png", (_random_mask(number) * 100).astype(np.uint8))
+        _save(src / "masks" / f"case{number}.png", (_random_mask(number) * 250 + 3).astype(np.uint8))
         _save(src / "fov" / f"case{number}.png", np.ones((HEIGHT, WIDTH), np.uint8))
     datalist = prepare_dataset("folder", src, tmp_path / "out" / "mine.json", folder_name="mine")
     for entry in _entries(datalist):
@@ -414,13 +421,13 @@ def test_masks_the_bundle_would_misread_are_rewritten(tmp_path: Path) -> None:
 
 
 def test_two_sources_prepared_into_one_folder_keep_their_own_derived_masks(tmp_path: Path) -> None:
-    """Two folder datasets whose masks must be rewritten (0/100) and whose fields of view are estimated."""
+    """Two folder datasets whose masks must be rewritten (3/253) and whose fields of view are estimated."""
     datalists = {}
     for name, offset in (("a", 0), ("b", 10)):
         src = tmp_path / name
         for number in range(3):
             _save(src / "images" / f"case{number}.png", _photo(number + offset))
-            _save(src / "masks" / f"case{number}.png", (_random_mask(number + offset) * 100).astype(np.uint8))
+            _save(src / "masks" / f"case{number}.png", (_random_mask(number + offset) * 250 + 3).astype(np.uint8))
         datalists[name] = prepare_dataset("folder", src, tmp_path / "out" / f"{name}.json")
     for name, offset in (("a", 0), ("b", 10)):
         for entry in _entries(datalists[name]):
@@ -440,6 +447,132 @@ def test_folder_with_partial_fov(tmp_path: Path) -> None:
     assert fovs["case0"] == str(src / "fov" / "case0.png")
     assert fovs["case1"] == str(tmp_path / "out" / "mine_derived" / "fov" / "case1.png")
     assert all(e["dataset"] == "mine" for e in _entries(datalist))
+
+
+def _jpeg_of_zero_one_mask(path: Path, mask: np.ndarray) -> Path:
+    """Save a 0/1 mask as JPEG, as a researcher's script might: compression noise turns it into levels 0, 1, 2..."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8)).save(path, format="JPEG", quality=90)
+    values = read_mask(path)
+    assert 2 <= values.max() < 128 and len(np.unique(values)) > 2, "the picture this test is about"
+    return path
+
+
+def _vessel_lines() -> np.ndarray:
+    """Thin diagonal lines, vessel-like enough that JPEG keeps them (it rounds scattered 0/1 pixels away)."""
+    rows, cols = np.mgrid[0:HEIGHT, 0:WIDTH]
+    return (rows + cols) % 9 < 2
+
+
+def _own_folder(root: Path, count: int = 12) -> Path:
+    """A user's folder of ``count`` good cases, ``c01.png``... with masks of the same names."""
+    for number in range(1, count + 1):
+        _save(root / "images" / f"c{number:02d}.png", _photo(number))
+        _save(root / "masks" / f"c{number:02d}.png", _random_mask(number))
+    return root
+
+
+def test_a_folder_with_good_and_bad_cases_writes_the_good_ones_and_names_every_bad_one(tmp_path: Path, caplog) -> None:
+    src = _own_folder(tmp_path / "mine", count=7)
+    for stem in ("d24", "e25", "f26", "g27", "h28"):
+        _save(src / "images" / f"{stem}.png", _photo(len(stem)))
+    _save(src / "masks" / "d24_mask.png", _random_mask(24))
+    _save(src / "masks" / "e25_manual1.png", _random_mask(25))
+    # f26 has no mask at all; g27's mask is of another size; h28's is a 0/1 mask saved as JPEG.
+    _save(src / "masks" / "g27.png", _random_mask(27, (HEIGHT - 1, WIDTH)))
+    jpeg = _jpeg_of_zero_one_mask(src / "masks" / "h28.jpg", _vessel_lines())
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        datalist = prepare_dataset("folder", src, tmp_path / "out" / "mine.json", folder_name="mine")
+    assert sorted(e["case"] for e in _entries(datalist)) == [f"c{n:02d}" for n in range(1, 8)]
+    reasons = {item["case"]: item["reason"] for item in datalist["left_out"]}
+    assert sorted(reasons) == ["d24", "e25", "f26", "g27", "h28"]
+    assert reasons["d24"].endswith(
+        f"not found: expected {src / 'masks' / 'd24.*'}; found masks/d24_mask.png: rename it d24.png, "
+        "the name the layout expects"
+    )
+    assert "found masks/e25_manual1.png: rename it e25.png" in reasons["e25"]
+    assert reasons["f26"] == f"annotation of image {src / 'images' / 'f26.png'} not found: expected {src / 'masks' / 'f26.*'}"
+    assert reasons["g27"] == f"mask {src / 'masks' / 'g27.png'} is 64x47 pixels but its image is 64x48"
+    assert reasons["h28"].startswith(f"mask {jpeg} has ") and "a 0/1 mask saved in a lossy format" in reasons["h28"]
+    # One warning names them all, with the split they were taken out of.
+    (warning,) = [record.getMessage() for record in caplog.records if "cannot be used" in record.getMessage()]
+    assert warning.startswith("mine: 5 of 12 images cannot be used and were left out of the datalist (")
+    assert "the split (seeded random split, test fraction 0.25) keeps the other images in their sets" in warning
+    assert all(f"\n  {case}: {reason}" in warning for case, reason in reasons.items())
+    assert json.loads((tmp_path / "out" / "mine.json").read_text())["left_out"] == datalist["left_out"]
+    # Mending the files changes nobody else's set: the split was drawn with the bad cases.
+    for stem in ("d24", "e25", "f26", "g27", "h28"):
+        _save(src / "masks" / f"{stem}.png", _random_mask(len(stem)))
+    for misnamed in ("d24_mask.png", "e25_manual1.png", "h28.jpg"):
+        (src / "masks" / misnamed).unlink()
+    mended = prepare_dataset("folder", src, tmp_path / "out" / "mine.json", folder_name="mine")
+    assert mended["left_out"] == []
+    for split in ("training", "validation", "test"):
+        assert {e["case"] for e in datalist[split]} <= {e["case"] for e in mended[split]}
+
+
+def test_a_zero_one_mask_saved_as_jpeg_is_named_and_left_out_as_a_label_and_as_a_field_of_view(tmp_path: Path) -> None:
+    src = _own_folder(tmp_path / "mine", count=6)
+    (src / "masks" / "c02.png").unlink()
+    label = _jpeg_of_zero_one_mask(src / "masks" / "c02.jpg", _vessel_lines())
+    fov = _jpeg_of_zero_one_mask(src / "fov" / "c05.jpg", _box_mask(4, 4, 60, 44))
+    datalist = prepare_dataset("folder", src, tmp_path / "mine.json")
+    assert [item["case"] for item in datalist["left_out"]] == ["c02", "c05"]
+    assert _reason(datalist, "c02").startswith(f"mask {label} has ") and "save masks losslessly" in _reason(datalist, "c02")
+    assert _reason(datalist, "c05").startswith(f"mask {fov} has ")
+    with pytest.raises(DatasetError, match=re.escape(f"mask {label} has ")):
+        decode_binary_masks([label], (HEIGHT, WIDTH))
+
+
+def test_a_folder_of_which_no_case_can_be_used_is_an_error_listing_every_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "mine"
+    for number in range(3):
+        _save(src / "images" / f"x{number}.png", _photo(number))
+        _save(src / "masks" / f"x{number}_mask.png", _random_mask(number))
+    output = tmp_path / "mine.json"
+    assert main(["--dataset", "folder", "--src", str(src), "--output", str(output)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: folder: none of the 3 images under {src} can be used: x0: annotation of image")
+    assert all(f"found masks/x{n}_mask.png: rename it x{n}.png" in error for n in range(3))
+    assert len(error.splitlines()) == 1 and not output.exists()
+
+
+def test_files_a_folder_dataset_does_not_use_are_named(tmp_path: Path, caplog) -> None:
+    src = _own_folder(tmp_path / "mine", count=4)
+    _save(src / "images" / "batch2" / "x.png", _photo(9))
+    _save(src / "images" / "y.webp", _photo(10))
+    _save(src / "masks" / "z.png", _random_mask(11))
+    (src / "notes.txt").write_text("beside the layout, not in its folders: not named")
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        datalist = prepare_dataset("folder", src, tmp_path / "mine.json")
+    assert len(_entries(datalist)) == 4 and datalist["left_out"] == []
+    assert (
+        f"folder: 3 file(s) under {src} are used by no image and were passed over: "
+        "images/batch2/x.png (subfolder images/batch2/ is not part of the layout), "
+        "images/y.webp (suffix .webp is not an image suffix read), masks/z.png (names no image)"
+    ) in caplog.text
+    for number in range(5):  # beyond five, the count and five examples
+        _save(src / "masks" / f"extra{number}.png", _random_mask(number))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        prepare_dataset("folder", src, tmp_path / "mine.json")
+    assert "folder: 8 file(s) under" in caplog.text and "(names no image) and 3 more" in caplog.text
+
+
+def test_a_distribution_s_extra_files_are_not_warned_about(drive_tree: Path, tmp_path: Path, caplog) -> None:
+    (drive_tree / "training" / "images" / "README.txt").write_text("an archive's readme")
+    _save(drive_tree / "training" / "2nd_manual" / "21_manual2.gif", _random_mask(5))
+    with caplog.at_level("WARNING", logger="tools.prepare"):
+        prepare_dataset("DRIVE", drive_tree, tmp_path / "drive.json")
+    assert "passed over" not in caplog.text and "cannot be used" not in caplog.text
+
+
+def test_a_missing_folder_of_a_folder_dataset_is_named_once(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as caught:
+        prepare_dataset("folder", tmp_path / "nowhere", tmp_path / "x.json")
+    assert str(caught.value) == f"folder {tmp_path / 'nowhere'} does not exist"
 
 
 # --------------------------------------------------------------------------------------------- datalist format
@@ -639,18 +772,25 @@ def test_unknown_dataset(tmp_path: Path) -> None:
         prepare_dataset("MESSIDOR", tmp_path, tmp_path / "x.json")
 
 
-def test_missing_manual(drive_tree: Path, tmp_path: Path) -> None:
-    (drive_tree / "training" / "1st_manual" / "23_manual1.gif").unlink()
+def test_missing_manual_leaves_its_image_out(drive_tree: Path, tmp_path: Path) -> None:
     expected = drive_tree / "training" / "1st_manual" / "23_manual1.gif"
-    with pytest.raises(DatasetError, match=f"23_training.tif not found: expected {expected}"):
-        prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+    expected.unlink()
+    datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+    assert sorted(e["case"] for e in _entries(datalist)) == ["01", "02", "03", "21", "22", "24", "25"]
+    image = drive_tree / "training" / "images" / "23_training.tif"
+    (left_out,) = datalist["left_out"]
+    assert left_out["case"] == "23" and left_out["image"] == str(image)
+    assert left_out["reason"] == f"first annotator's annotation of image {image} not found: expected {expected}"
 
 
 def test_second_annotator_missing_is_an_error_where_not_partial(chase_tree: Path, tmp_path: Path) -> None:
     (chase_tree / "Image_03L_2ndHO.png").unlink()
     assert prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "first.json")["numTest"] == 8
-    with pytest.raises(DatasetError, match="second annotator's annotation of image .*Image_03L.jpg not found"):
-        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json", annotator="second")
+    datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json", annotator="second")
+    assert [item["case"] for item in datalist["left_out"]] == ["Image_03L"]
+    assert re.fullmatch("second annotator's annotation of image .*Image_03L.jpg not found: expected .*",
+                        datalist["left_out"][0]["reason"])
+    assert datalist["annotator_note"] is None, "the left-out image is not counted as falling back to the first"
 
 
 def test_second_annotator_on_single_annotator_dataset(tmp_path: Path) -> None:
@@ -658,40 +798,59 @@ def test_second_annotator_on_single_annotator_dataset(tmp_path: Path) -> None:
         prepare_dataset("HRF", tmp_path, tmp_path / "x.json", annotator="union")
 
 
-def test_truncated_image_keeps_existing_output(drive_tree: Path, tmp_path: Path) -> None:
+def test_truncated_images_are_left_out_and_a_refused_run_keeps_existing_output(drive_tree: Path, tmp_path: Path) -> None:
+    def truncate(number: int) -> Path:
+        image = drive_tree / "test" / "images" / f"{number:02d}_test.tif"
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+        return image
+
     output = tmp_path / "drive.json"
+    truncated = truncate(2)
+    datalist = prepare_dataset("DRIVE", drive_tree, output)
+    assert [e["case"] for e in datalist["test"]] == ["01", "03"]
+    assert [(item["case"], item["split"]) for item in datalist["left_out"]] == [("02", "test")]
+    assert str(truncated) in datalist["left_out"][0]["reason"]
+    # Every test image unusable: refused, naming each, and nothing written.
     output.write_text("previous")
-    image = drive_tree / "test" / "images" / "02_test.tif"
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
-    with pytest.raises(FundusImageError, match="02_test.tif"):
+    truncate(1)
+    truncate(3)
+    with pytest.raises(DatasetError, match=r"no image of the test set \(.*\) can be used: 01: .*01_test.tif.*; 02: .*; 03"):
         prepare_dataset("DRIVE", drive_tree, output)
     assert output.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["drive.json", "src"]
 
 
+def _reason(datalist: dict, case: str) -> str:
+    """The reason a datalist records for leaving a case out."""
+    return next(item["reason"] for item in datalist["left_out"] if item["case"] == case)
+
+
 def test_mask_size_differs(chase_tree: Path, tmp_path: Path) -> None:
     _save(chase_tree / "Image_05R_1stHO.png", _random_mask(0, (HEIGHT, WIDTH - 1)))
-    with pytest.raises(DatasetError, match=r"Image_05R_1stHO.png is 63x48 pixels but its image is 64x48"):
-        prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json")
+    datalist = prepare_dataset("CHASE_DB1", chase_tree, tmp_path / "x.json")
+    assert re.search(r"Image_05R_1stHO.png is 63x48 pixels but its image is 64x48", _reason(datalist, "Image_05R"))
+    # The official split (first 20, last 8) keeps every other image where it was, rather than refusing the download.
+    assert [e["case"] for e in datalist["test"]] == [f"Image_{n}{s}" for n in range(11, 15) for s in "LR"]
+    assert datalist["numTraining"] + datalist["numValidation"] == 19
 
 
 def test_fov_size_differs(drive_tree: Path, tmp_path: Path) -> None:
     _save(drive_tree / "test" / "mask" / "01_test_mask.gif", np.ones((HEIGHT + 2, WIDTH), bool))
-    with pytest.raises(DatasetError, match=r"mask .*01_test_mask.gif is 64x50 pixels but its image is 64x48"):
-        prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+    datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "x.json")
+    assert re.search(r"mask .*01_test_mask.gif is 64x50 pixels but its image is 64x48", _reason(datalist, "01"))
 
 
 def test_bad_annotations(tmp_path: Path) -> None:
     src = tmp_path / "ORIGA"
     (src / "Semi-automatic-annotations").mkdir(parents=True)
-    for number in range(3):
+    for number in range(6):
         _save(src / "Images" / f"{number}.jpg", _photo(number))
         scipy.io.savemat(src / "Semi-automatic-annotations" / f"{number}.mat", {"mask": np.zeros((HEIGHT, WIDTH + 4))})
     scipy.io.savemat(src / "Semi-automatic-annotations" / "1.mat", {"other": np.zeros((HEIGHT, WIDTH))})
-    with pytest.raises(DatasetError, match=r"ORIGA annotation .*1.mat has no 2D variable 'mask'"):
-        prepare_dataset("ORIGA", src, tmp_path / "x.json")
-    scipy.io.savemat(src / "Semi-automatic-annotations" / "1.mat", {"mask": np.zeros((HEIGHT, WIDTH - 4))})
-    with pytest.raises(DatasetError, match=r"1.mat is 60x48 pixels, smaller than its image 64x48"):
-        prepare_dataset("ORIGA", src, tmp_path / "x.json")
+    scipy.io.savemat(src / "Semi-automatic-annotations" / "4.mat", {"mask": np.zeros((HEIGHT, WIDTH - 4))})
+    datalist = prepare_dataset("ORIGA", src, tmp_path / "x.json")
+    assert re.search(r"ORIGA annotation .*1.mat has no 2D variable 'mask'", _reason(datalist, "1"))
+    assert re.search(r"4.mat is 60x48 pixels, smaller than its image 64x48", _reason(datalist, "4"))
+    assert sorted(e["case"] for e in _entries(datalist)) == ["0", "2", "3", "5"]
 
 
 def test_labelme_size_and_format_errors(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import scipy.io
 from skimage.draw import polygon as fill_polygon
 
 from scripts.errors import FundusError
-from scripts.fundus_io import SUPPORTED_SUFFIXES, label_foreground, read_mask
+from scripts.fundus_io import SUPPORTED_SUFFIXES, label_foreground, mask_levels_problem, read_mask
 
 __all__ = [
     "ANNOTATORS",
@@ -132,6 +132,9 @@ class DatasetDescription:
         distributed_images: how many cases the complete distribution holds, where its publication fixes it;
             another count found means a partial (or extended) download, on which published figures were not
             measured. None: not checked.
+        reports_unused_files: whether files in the layout's folders that no case uses are named in a warning: a
+            user's own folder holds no file by chance (a subfolder, a ``.webp`` image, a misnamed mask), whereas a
+            distribution's extra files (STARE's unannotated images, a readme) are expected.
     """
 
     name: str
@@ -151,6 +154,7 @@ class DatasetDescription:
     patient_pattern: str | None = None
     is_case: Callable[[Path], bool] | None = None
     distributed_images: int | None = None
+    reports_unused_files: bool = False
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -195,13 +199,19 @@ def read_binary_mask(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bo
     Returns:
         the bool mask, and whether the file can be listed as it is: 0 = background and > 0 = structure, as the
         datalist promises, and read as this mask by the bundle's own reader (which takes 1-127 for background
-        unless the mask is 0/1).
+        in a mask that also holds values above 127).
 
     Raises:
-        DatasetError: when the mask's size differs from the image's.
+        DatasetError: when the mask's size differs from the image's, or its values cannot be read as a mask
+            (:func:`scripts.fundus_io.mask_levels_problem`: a 0/1 mask saved as JPEG), as the bundle's reader refuses
+            it.
+        FundusImageError: when the file cannot be read.
     """
     values = read_mask(path)
     _check_shape(values, shape, path)
+    problem = mask_levels_problem(values)
+    if problem:
+        raise DatasetError(f"mask {path} {problem}")
     mask = binarise(values)
     return mask, bool(np.array_equal(mask, values > 0) and np.array_equal(mask, label_foreground(values)))
 
@@ -671,6 +681,7 @@ def folder_description(task: str = "vessels", name: str = "folder") -> DatasetDe
         annotations={"first": labels},
         fov="fov/{stem}.*",
         fov_required=False,
+        reports_unused_files=True,
     )
 
 

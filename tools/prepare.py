@@ -32,11 +32,12 @@ Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"
 "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
 are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
 ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images were found than the
-complete dataset holds), ``split``, ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``,
-``val_fraction``, ``patient_pattern``, ``patients`` (people per split, where a pattern applies), ``source`` and the
-counts ``numTraining``, ``numValidation``, ``numTest``. Distributed files are
-referenced where they already follow that convention, otherwise rewritten into the derived folder. Images are
-referenced as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
+complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image", "split", "reason"}``;
+they are also named in one warning, and the other cases are prepared), ``split``, ``split_summary``,
+``validation_split``, ``seed``, ``test_fraction``, ``val_fraction``, ``patient_pattern``, ``patients`` (people per
+split, where a pattern applies), ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``.
+Distributed files are referenced where they already follow that convention, otherwise rewritten into the derived
+folder. Images are referenced as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ import argparse
 import json
 import logging
 import os
+import posixpath
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.atomic import write_json_atomic
-from scripts.errors import command_line
+from scripts.errors import FundusError, command_line
 from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
 from tools.datasets import (
     ANNOTATORS,
@@ -105,6 +108,9 @@ class Case:
         annotations: annotator to its annotation files (annotators without files for this image are absent).
         fov: the distributed field-of-view mask, or None.
         groups: the case pattern's named groups (e.g. the distributed split folder).
+        problem: why the case cannot be used (a file it needs is missing or ambiguous), naming the file; None for a
+            case whose files were all found. ``image`` is then the file the case was found by where its image was
+            not found.
     """
 
     case_id: str
@@ -112,6 +118,7 @@ class Case:
     annotations: Mapping[str, tuple[Path, ...]]
     fov: Path | None
     groups: Mapping[str, str]
+    problem: str | None = None
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -209,7 +216,11 @@ def _no_cases_message(description: DatasetDescription, index: _FileIndex) -> str
 
 
 def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re.Match, anchor: Path) -> Path:
-    """The image of a case: the matched file, the file its annotation names, or the image template's file."""
+    """The image of a case: the matched file, the file its annotation names, or the image template's file.
+
+    Raises:
+        DatasetError: when the image is not found, or a ``.*`` template matches several files.
+    """
     if description.image is None:
         return anchor
     groups = _groups(match)
@@ -228,12 +239,133 @@ def _resolve_image(description: DatasetDescription, index: _FileIndex, match: re
     return image
 
 
+def _alternatives(template: Template) -> tuple[str, ...]:
+    """The alternative templates of a template."""
+    return (template,) if isinstance(template, str) else template
+
+
+def _misnamed_hint(index: _FileIndex, template: Template, root: str, groups: Mapping[str, str]) -> str:
+    """Where a missing file seems to be present under another name (``d24_mask.png`` for ``d24.*``), how to rename it.
+
+    Candidates are the image files in the expected folder whose name is the expected one followed by a separator and
+    more (``_mask``, ``-manual1``): a user's naming habit, not another case (``d240`` is one).
+
+    Returns:
+        ``"; found PATH: rename it NAME..."``, or an empty string when no such file is there.
+    """
+    for alternative in _alternatives(template):
+        expected = root + alternative.format(**groups)
+        stem = expected[:-2] if expected.endswith(".*") else expected[: -len(Path(expected).suffix) or None]
+        prefix = stem.lower()
+        found = sorted(
+            path
+            for key, paths in index.by_stem.items()
+            for path in paths
+            if key.startswith(prefix)
+            and len(key) > len(prefix)
+            and not key[len(prefix)].isalnum()
+            and "/" not in key[len(prefix) :]
+        )
+        if found:
+            suffix = Path(_logical_path(found[0].name)).suffix if expected.endswith(".*") else ""
+            new_name = Path(stem).name + suffix if suffix else Path(expected).name
+            listed = ", ".join(path.relative_to(index.root).as_posix() for path in found)
+            which = "it" if len(found) == 1 else "the right one"
+            return f"; found {listed}: rename {which} {new_name}, the name the layout expects"
+    return ""
+
+
+def _locate_case(
+    description: DatasetDescription, index: _FileIndex, match: re.Match, anchor: Path, required: set[str]
+) -> Case:
+    """The files of the case a case-pattern match found; a missing required file is the case's problem, not an error.
+
+    Args:
+        description: the dataset's description.
+        index: the files of the dataset folder.
+        match: the case pattern's match.
+        anchor: the matched file.
+        required: the annotators whose annotation the case needs.
+
+    Returns:
+        the case, with its ``problem`` set where an image, annotation or required FOV file is missing or ambiguous.
+    """
+    groups = _groups(match)
+    root = match["_root"]
+    case_id = description.case_id.format(**groups)
+    image, annotations, fov = anchor, {}, None
+    try:
+        image = _resolve_image(description, index, match, anchor)
+        for name, templates in description.annotations.items():
+            files = [index.resolve(template, root, groups) for template in templates]
+            if all(files):
+                annotations[name] = tuple(files)
+            elif name in required:
+                missing = next(t for t, f in zip(templates, files) if f is None)
+                whose = "annotation" if len(description.annotations) == 1 else f"{name} annotator's annotation"
+                raise DatasetError(
+                    f"{whose} of image {image} not found: expected {index.expected(missing, root, groups)}"
+                    + _misnamed_hint(index, missing, root, groups)
+                )
+        fov = index.resolve(description.fov, root, groups) if description.fov else None
+        if description.fov and fov is None and description.fov_required:
+            raise DatasetError(
+                f"FOV mask of image {image} not found: expected {index.expected(description.fov, root, groups)}"
+                + _misnamed_hint(index, description.fov, root, groups)
+            )
+    except DatasetError as error:
+        return Case(case_id, image, annotations, fov, groups, problem=str(error))
+    return Case(case_id, image, annotations, fov, groups)
+
+
+_UNUSED_EXAMPLES = 5
+"""How many unused files a warning names."""
+
+
+def _unused_files(
+    description: DatasetDescription, index: _FileIndex, matches: Sequence[tuple[re.Match, Path]], cases: Sequence[Case]
+) -> list[str]:
+    """The files in the layout's folders that no case uses, each with why (``images/a.webp (suffix ...)``).
+
+    The layout's folders are those its templates name for the cases found (``images/``, ``masks/``, ``fov/``) and
+    their subfolders; other files (a readme beside them) are not the layout's.
+    """
+    used = {path for case in cases for path in (case.image, case.fov, *sum(case.annotations.values(), ())) if path}
+    folders = set()
+    for match, anchor in matches:
+        root, groups = match["_root"], _groups(match)
+        folders.add(posixpath.dirname(_logical_path(anchor.relative_to(index.root).as_posix()).lower()))
+        templates = [description.image, description.fov, *(t for ts in description.annotations.values() for t in ts)]
+        for template in filter(None, templates):
+            folders.update(posixpath.dirname((root + a.format(**groups)).lower()) for a in _alternatives(template))
+    unused = []
+    for key, path in index.files.items():
+        folder = posixpath.dirname(key)
+        if path in used or not any(folder == f or not f or folder.startswith(f + "/") for f in folders):
+            continue
+        logical = index.logical[key]
+        suffix = posixpath.splitext(logical)[1]
+        if suffix.lower() not in SUPPORTED_SUFFIXES:
+            why = f"suffix {suffix or '(none)'} is not an image suffix read"
+        elif folder not in folders:
+            why = f"subfolder {posixpath.dirname(logical)}/ is not part of the layout"
+        else:
+            why = "names no image"
+        unused.append(f"{logical} ({why})")
+    return unused
+
+
 # Telling a case from another file, finding its image and decoding it read the same labelme file: parsed once.
 @read_annotations_once()
 def find_cases(
     description: DatasetDescription, src: str | os.PathLike, annotator: str = "first", ignore: Sequence[Path] = ()
 ) -> list[Case]:
     """Find every case of a dataset below ``src`` with its image, annotation and FOV files.
+
+    A case missing a file it needs is returned with its ``problem`` set rather than stopping the search, so that every
+    such case is named at once. Where the description says so (``folder`` datasets), files of the layout's folders
+    that no case uses (an image in a subfolder or of another suffix, a mask named after no image) are named in a
+    warning.
 
     Args:
         description: the dataset's description.
@@ -245,13 +377,14 @@ def find_cases(
         the cases in natural order of their ids.
 
     Raises:
-        DatasetError: when ``src`` is not a folder, nothing matches the layout, a case id repeats, or a required file
-            is missing.
+        DatasetError: when ``src`` is not a folder, nothing matches the layout, or a case id repeats.
     """
     root = _absolute(src)
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"{description.name} folder {root} {problem}")
+        # The generic dataset is named "folder": "folder folder X" would repeat it.
+        owner = "folder" if description.name.lower() == "folder" else f"{description.name} folder"
+        raise DatasetError(f"{owner} {root} {problem}")
     index = _FileIndex(root, ignore)
     matches, skipped = [], []
     for match, anchor in _matches(description, index):
@@ -272,32 +405,21 @@ def find_cases(
         required.add("second")
     cases: dict[str, Case] = {}
     for match, anchor in matches:
-        groups = _groups(match)
-        case_id = description.case_id.format(**groups)
-        if case_id in cases:
+        case = _locate_case(description, index, match, anchor, required)
+        if case.case_id in cases:
             raise DatasetError(
-                f"{description.name} image {case_id} found twice: {cases[case_id].image} and {anchor}; "
+                f"{description.name} image {case.case_id} found twice: {cases[case.case_id].image} and {anchor}; "
                 "point --src at one copy of the dataset"
             )
-        image = _resolve_image(description, index, match, anchor)
-        annotations = {}
-        for name, templates in description.annotations.items():
-            files = [index.resolve(template, match["_root"], groups) for template in templates]
-            if all(files):
-                annotations[name] = tuple(files)
-            elif name in required:
-                missing = next(t for t, f in zip(templates, files) if f is None)
-                raise DatasetError(
-                    f"{description.name}: {name} annotator's annotation of image {image} not found: expected "
-                    f"{index.expected(missing, match['_root'], groups)}"
-                )
-        fov = index.resolve(description.fov, match["_root"], groups) if description.fov else None
-        if description.fov and fov is None and description.fov_required:
-            raise DatasetError(
-                f"{description.name}: FOV mask of image {image} not found: expected "
-                f"{index.expected(description.fov, match['_root'], groups)}"
+        cases[case.case_id] = case
+    if description.reports_unused_files:
+        unused = _unused_files(description, index, matches, list(cases.values()))
+        if unused:
+            more = f" and {len(unused) - _UNUSED_EXAMPLES} more" if len(unused) > _UNUSED_EXAMPLES else ""
+            logger.warning(
+                "%s: %d file(s) under %s are used by no image and were passed over: %s%s",
+                description.name, len(unused), root, ", ".join(unused[:_UNUSED_EXAMPLES]), more,
             )
-        cases[case_id] = Case(case_id=case_id, image=image, annotations=annotations, fov=fov, groups=groups)
     return [cases[case_id] for case_id in sorted(cases, key=_natural_key)]
 
 
@@ -514,6 +636,14 @@ def _used_annotators(case: Case, annotator: str) -> tuple[str, tuple[str, ...]]:
     return "union", ("first", "second")
 
 
+@dataclass(frozen=True)
+class _LeftOut:
+    """A case that cannot be used, and why (naming the file)."""
+
+    case: Case
+    reason: str
+
+
 class _CasePreparer:
     """Decodes and checks one case's files and writes the masks it has to derive."""
 
@@ -528,18 +658,30 @@ class _CasePreparer:
         write_png(path, mask)
         return path
 
-    def _labels(self, case: Case, used: tuple[str, ...], recorded: str, shape: tuple[int, int]) -> list[Path]:
-        """The label files of a case: the distributed masks where usable as they are, else derived PNGs."""
-        description = self.description
-        if description.decoder is None and len(used) == 1:
+    def _read_labels(
+        self, case: Case, used: tuple[str, ...], shape: tuple[int, int]
+    ) -> list[Path] | list[list[np.ndarray]]:
+        """The distributed label files where usable as they are, else the decoded masks of each annotator used.
+
+        Raises:
+            FundusError: when an annotation cannot be read or decoded, or does not fit its image.
+        """
+        if self.description.decoder is None and len(used) == 1:
             files = case.annotations[used[0]]
             decoded, usable = zip(*(read_binary_mask(path, shape) for path in files))
-            if all(usable):
-                return list(files)
-            per_annotator = [list(decoded)]
-        else:
-            decoder = description.decoder or decode_binary_masks
-            per_annotator = [decoder(case.annotations[name], shape) for name in used]
+            return list(files) if all(usable) else [list(decoded)]
+        decoder = self.description.decoder or decode_binary_masks
+        return [decoder(case.annotations[name], shape) for name in used]
+
+    def _write_labels(
+        self, case: Case, per_annotator: list[list[np.ndarray]], recorded: str, shape: tuple[int, int]
+    ) -> list[Path]:
+        """Write the union of the annotators' masks of each structure as derived PNGs.
+
+        Raises:
+            DatasetError: when a decoder broke its contract (one mask of the image's size per structure).
+        """
+        description = self.description
         # Guards the contract of the decoders, which a new dataset description may bring.
         for masks in per_annotator:
             if len(masks) != len(description.structures) or any(mask.shape != shape for mask in masks):
@@ -552,26 +694,46 @@ class _CasePreparer:
             for structure, masks in zip(description.structures, zip(*per_annotator))
         ]
 
-    def _fov(self, case: Case, image: np.ndarray) -> Path:
-        """The distributed FOV mask where usable as it is, else a derived PNG (rewritten or estimated)."""
-        if case.fov is None:
-            return self._write(estimate_fov(image), "fov", case.case_id)
-        mask, usable = read_binary_mask(case.fov, image.shape[:2])
-        return case.fov if usable else self._write(mask, "fov", case.case_id)
+    def _read_fov(self, case: Case, image: np.ndarray) -> Path | np.ndarray:
+        """The distributed FOV mask where usable as it is, else the mask to derive (rewritten or estimated).
 
-    def __call__(self, case: Case) -> dict[str, object]:
-        """The datalist entry of a case."""
-        image = read_image(case.image)
+        Raises:
+            FundusError: when the FOV file cannot be read or does not fit its image.
+        """
+        if case.fov is None:
+            return estimate_fov(image)
+        mask, usable = read_binary_mask(case.fov, image.shape[:2])
+        return case.fov if usable else mask
+
+    def __call__(self, case: Case) -> dict[str, object] | _LeftOut:
+        """The datalist entry of a case, or why it cannot be used."""
+        if case.problem is not None:
+            return _LeftOut(case, case.problem)
         recorded, used = _used_annotators(case, self.annotator)
-        labels = [str(path) for path in self._labels(case, used, recorded, image.shape[:2])]
+        try:
+            image = read_image(case.image)
+            shape = image.shape[:2]
+            labels = self._read_labels(case, used, shape)
+            fov = self._read_fov(case, image)
+        except FundusError as error:
+            # One unreadable or misfitting file leaves its case out; the others are still prepared.
+            return _LeftOut(case, str(error))
+        if not isinstance(labels[0], Path):
+            labels = self._write_labels(case, labels, recorded, shape)
+        label_names = [str(path) for path in labels]
         return {
             "image": str(case.image),
-            "label": labels[0] if self.description.task == "vessels" else labels,
-            "fov": str(self._fov(case, image)),
+            "label": label_names[0] if self.description.task == "vessels" else label_names,
+            "fov": str(fov if isinstance(fov, Path) else self._write(fov, "fov", case.case_id)),
             "dataset": self.description.name,
             "case": case.case_id,
             "annotator": recorded,
         }
+
+
+def _reasons(left_out: Sequence[_LeftOut]) -> str:
+    """The left-out cases with their reasons, on one line."""
+    return "; ".join(f"{item.case.case_id}: {item.reason}" for item in left_out)
 
 
 @read_annotations_once()
@@ -594,6 +756,11 @@ def prepare_dataset(
     Derived masks go to ``<output folder>/<datalist name>_derived/{fov,<annotator>/<structure>}/<case>.png``
     (``drive_derived/`` beside ``drive.json``); each file is written atomically, so re-running rewrites them safely.
 
+    A case that cannot be used (a missing or misnamed annotation, an unreadable image or mask, a mask of another size
+    than its image, a 0/1 mask saved as JPEG) is left out rather than stopping the others: every such case is named
+    with its reason in one warning and in the datalist's ``left_out``. The split is drawn with them and they are then
+    taken out, so that each other case keeps its set (the official one included).
+
     Args:
         name: dataset name (:data:`tools.datasets.DATASETS`, any letter case) or ``folder``.
         src: the folder the dataset was unpacked into.
@@ -613,8 +780,9 @@ def prepare_dataset(
         the datalist as written.
 
     Raises:
-        DatasetError: for a bad argument, folder, layout or annotation (the message names the file or folder).
-        FundusImageError: for an unreadable image or mask.
+        DatasetError: for a bad argument, folder or layout, a case id found twice, or when no image can be used or
+            the training or test set is left empty (the message lists every unusable case with its reason); nothing
+            is written then.
     """
     if folder_name is not None and name.lower() != "folder":
         raise DatasetError(f"a dataset name (--name {folder_name}) applies to folder datasets only, not {name}")
@@ -631,6 +799,11 @@ def prepare_dataset(
     # two copies of DRIVE) into one output folder would otherwise overwrite each other's masks.
     derived = output.parent / f"{output.stem}_derived"
     cases = find_cases(description, src, annotator, ignore=(output, derived))
+    if all(case.problem is not None for case in cases):
+        unusable = [_LeftOut(case, case.problem) for case in cases]
+        raise DatasetError(
+            f"{description.name}: none of the {len(cases)} images under {src} can be used: {_reasons(unusable)}"
+        )
     completeness_note = None
     if description.distributed_images is not None and len(cases) != description.distributed_images:
         completeness_note = (
@@ -638,26 +811,54 @@ def prepare_dataset(
             f"figures measured on this datalist are not comparable with those published on {description.name}"
         )
         logger.warning("%s: %s (a partial or extended download?)", description.name, completeness_note)
+    # Split with the unusable cases, then leave them out: each other case keeps its set (the official one, CHASE_DB1's
+    # first 20, the seeded draw), as it will once the bad files are mended.
     parts, provenance = split_cases(description, cases, split, seed, test_fraction, val_fraction, patient_pattern)
     note = None
     if annotator != "first":
-        lacking = [case.case_id for case in cases if "second" not in case.annotations]
-        if len(lacking) == len(cases):
+        located = [case for case in cases if case.problem is None]
+        lacking = [case.case_id for case in located if "second" not in case.annotations]
+        if len(lacking) == len(located):
             raise DatasetError(f"{description.name}: no image under {src} has a second annotation")
         if lacking:
             note = (
-                f"{len(lacking)} of {len(cases)} images have no second annotation (e.g. {lacking[0]}) and use the "
+                f"{len(lacking)} of {len(located)} images have no second annotation (e.g. {lacking[0]}) and use the "
                 "first annotator; their entries record annotator 'first'"
             )
             logger.warning("%s: %s", description.name, note)
     preparer = _CasePreparer(description, annotator, derived)
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         try:
-            entries = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
+            prepared = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
         except BaseException:
-            # Report the first bad file now rather than after decoding the rest of the dataset.
+            # Report an unexpected failure now rather than after decoding the rest of the dataset.
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+    entries = {name: [item for item in items if isinstance(item, dict)] for name, items in prepared.items()}
+    left_out = sorted(
+        ((name, item) for name, items in prepared.items() for item in items if isinstance(item, _LeftOut)),
+        key=lambda pair: _natural_key(pair[1].case.case_id),
+    )
+    if not any(entries.values()):
+        raise DatasetError(
+            f"{description.name}: none of the {len(cases)} images under {src} can be used: "
+            f"{_reasons([item for _, item in left_out])}"
+        )
+    for required_split in ("training", "test"):
+        if not entries[required_split]:
+            raise DatasetError(
+                f"{description.name}: no image of the {required_split} set ({provenance['split_summary']}) can be "
+                f"used: {_reasons([item for name, item in left_out if name == required_split])}"
+            )
+    if left_out:
+        per_split = Counter(name for name, _ in left_out)
+        counts = ", ".join(f"{per_split[name]} {name}" for name in SPLITS if per_split[name])
+        listing = "".join(f"\n  {item.case.case_id}: {item.reason}" for _, item in left_out)
+        logger.warning(
+            "%s: %d of %d images cannot be used and were left out of the datalist (%s); the split (%s) keeps the "
+            "other images in their sets:%s",
+            description.name, len(left_out), len(cases), counts, provenance["split_summary"], listing,
+        )
     datalist: dict[str, object] = {
         "dataset": description.name,
         "task": description.task,
@@ -665,6 +866,10 @@ def prepare_dataset(
         "annotator": annotator,
         "annotator_note": note,
         "completeness_note": completeness_note,
+        "left_out": [
+            {"case": item.case.case_id, "image": str(item.case.image), "split": name, "reason": item.reason}
+            for name, item in left_out
+        ],
         **provenance,
         "source": str(_absolute(src)),
         **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
