@@ -781,8 +781,8 @@ def prepare_dataset(
 
     Raises:
         DatasetError: for a bad argument, folder or layout, a case id found twice, or when no image can be used or
-            the training or test set is left empty (the message lists every unusable case with its reason); nothing
-            is written then.
+            the training or test set is left empty (the message lists every unusable case with its reason); no
+            datalist is written then (the usable images' derived masks may be).
     """
     if folder_name is not None and name.lower() != "folder":
         raise DatasetError(f"a dataset name (--name {folder_name}) applies to folder datasets only, not {name}")
