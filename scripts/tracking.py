@@ -55,6 +55,7 @@ __all__ = [
     "flatten_settings",
     "http_retry_settings",
     "mlflow_metric_name",
+    "settings_in_use",
     "validation_metric_name",
 ]
 
@@ -62,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 # Needed only with ``--tracking mlflow``: a run without it (a clinic's pipeline, a lent GPU) trains without mlflow.
 mlflow, _ = optional_import("mlflow")
+
+ADAPTER_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"})
 
 
 def mlflow_metric_name(name: str) -> str:
@@ -108,6 +111,14 @@ def describe_training_data(datalist: str | os.PathLike, split: str = "training")
         "images": len(entries),
         "digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
     }
+
+
+def settings_in_use(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that shaped the run: those of the adapters are left out of a full fine-tuning, which trains none
+    (MLflow's run comparison would show a LoRA rank for a run without adapters)."""
+    if settings.get("finetune") != "full":
+        return dict(settings)
+    return {key: value for key, value in settings.items() if key not in ADAPTER_SETTINGS}
 
 
 def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -461,7 +472,7 @@ class MLflowRecorder:
 
     def _log_settings(self, resumed: bool) -> None:
         trainable, total = count_parameters(self.network)
-        params = flatten_settings(self.settings)
+        params = flatten_settings(settings_in_use(self.settings))
         params.update(
             trainable_parameters=str(trainable),
             total_parameters=str(total),

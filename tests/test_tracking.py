@@ -22,7 +22,14 @@ from PIL import Image
 
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
-from scripts.tracking import TrackingError, _Delivery, describe_training_data, flatten_settings, http_retry_settings
+from scripts.tracking import (
+    TrackingError,
+    _Delivery,
+    describe_training_data,
+    flatten_settings,
+    http_retry_settings,
+    settings_in_use,
+)
 from tests.helpers import (
     EVALUATE,
     FAST,
@@ -198,6 +205,14 @@ def test_describe_training_data_and_flatten_settings(tmp_path):
     assert described["datasets"] == "DRIVE (1), STARE (1)" and described["annotators"] == "first"
     assert described["images"] == 2 and len(described["digest"]) == 16
     assert flatten_settings({"loss": {"bce": 1.0}, "targets": ["a", "b"]}) == {"loss.bce": "1.0", "targets": "a, b"}
+
+
+def test_a_full_fine_tuning_records_no_adapter_setting():
+    adapters = {"lora_rank": 32, "lora_alpha": 64, "lora_dropout": 0.1, "lora_targets": []}
+    for finetune in ("lora", "lora+decoder"):
+        settings = {"finetune": finetune, "seed": 0, **adapters}
+        assert settings_in_use(settings) == settings
+    assert settings_in_use({"finetune": "full", "seed": 0, **adapters}) == {"finetune": "full", "seed": 0}
 
 
 def test_an_unavailable_tracking_server_is_a_clear_error_after_the_run_s_retries(tmp_path, monkeypatch):
