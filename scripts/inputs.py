@@ -41,6 +41,7 @@ __all__ = [
     "each_process_gets_one",
     "load_split",
     "read_datalist",
+    "warn_about_batch_size",
     "warn_about_overlap",
     "warn_unknown_overrides",
     "warn_without_validation",
@@ -343,6 +344,35 @@ def warn_without_validation(max_epochs: int, val_interval: int) -> bool:
         f"val_interval {val_interval} is more than max_epochs {max_epochs}: this run will never validate, so it writes "
         "no model_best.pt, no validation metrics and no training curves (model.pt is the last iteration's); lower "
         "--val_interval to validate."
+    )
+    return True
+
+
+def warn_about_batch_size(images: int, batch_size: int, accumulation_steps: int, processes: int = 1) -> bool:
+    """Warn when an optimiser step is set to take more images than the training split gives a process.
+
+    The data loader's last batch of an epoch is the images left, and MONAI's trainer steps the optimiser at the end
+    of every epoch, so such a run trains on smaller batches than its settings (and MLflow's record) say.
+
+    Args:
+        images: the training split's images.
+        batch_size: images per batch.
+        accumulation_steps: batches whose gradients are summed before each optimiser step.
+        processes: the processes the split is shared among (torchrun's ``WORLD_SIZE``).
+
+    Returns:
+        Whether the warning was given.
+    """
+    each = -(-images // processes)
+    if batch_size * accumulation_steps <= each:
+        return False
+    setting, lower = f"batch_size {batch_size}", "--batch_size"
+    if accumulation_steps > 1:
+        setting, lower = f"{setting} x accumulation_steps {accumulation_steps}", f"{lower} or --accumulation_steps"
+    split = f"{each} training images per process" if processes > 1 else f"{images} training images"
+    logger.warning(
+        f"{setting} asks for {batch_size * accumulation_steps} images per optimiser step, but the split has {split}: "
+        f"every step takes {each} (one step per epoch). Lower {lower}, or add training images."
     )
     return True
 

@@ -510,6 +510,16 @@ def test_a_refused_evaluation_creates_no_output_folder(tmp_path, case):
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_batch_larger_than_the_training_split_is_warned_about_at_start_up(tmp_path, capsys):
+    datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]  # 4 training images
+    capsys.readouterr()
+    # The network's refusal, which comes after the warning, ends the run before any training.
+    run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
+                   output_dir=str(tmp_path / "eval"), finetune="everything", batch_size=8, **FAST)
+    printed = capsys.readouterr().out  # the bundle's logging.conf prints it
+    assert "batch_size 8 asks for 8 images per optimiser step, but the split has 4 training images" in printed
+
+
 def test_a_training_setting_its_network_refuses_creates_no_folder(tmp_path):
     datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]
     error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),

@@ -15,6 +15,7 @@ from scripts.inputs import (
     InputError,
     check_command_line,
     load_split,
+    warn_about_batch_size,
     warn_about_overlap,
     warn_without_validation,
     writable_folder,
@@ -180,3 +181,17 @@ def test_a_run_that_will_never_validate_is_warned_about(caplog):
         assert warn_without_validation(max_epochs=1, val_interval=2)
     assert caplog.text.count("will never validate") == 1
     assert "val_interval 2 is more than max_epochs 1" in caplog.text and "no model_best.pt" in caplog.text
+
+
+def test_an_optimiser_step_larger_than_the_training_split_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="scripts.inputs"):
+        assert not warn_about_batch_size(images=8, batch_size=2, accumulation_steps=4)
+        assert not warn_about_batch_size(images=20, batch_size=2, accumulation_steps=4, processes=2)
+        assert warn_about_batch_size(images=6, batch_size=8, accumulation_steps=1)
+        assert warn_about_batch_size(images=6, batch_size=2, accumulation_steps=4)
+        assert warn_about_batch_size(images=20, batch_size=4, accumulation_steps=2, processes=4)
+    first, second, third = (record.getMessage() for record in caplog.records)
+    assert first.startswith("batch_size 8 asks for 8 images per optimiser step, but the split has 6 training images")
+    assert "every step takes 6" in first and "Lower --batch_size, or add" in first
+    assert second.startswith("batch_size 2 x accumulation_steps 4 asks for 8 images") and "--accumulation_steps" in second
+    assert "5 training images per process: every step takes 5" in third
