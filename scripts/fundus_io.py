@@ -48,6 +48,9 @@ SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", 
 # PIL modes holding one 16-bit sample per pixel ("I" is how some Pillow versions open 16-bit grayscale PNGs); their
 # true maximum is 65535 whatever values the file happens to use.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# A gray mask may be stored in colour with a faint tint (DRIVE's 2nd_manual GIFs: palette colours 4,2,4 and
+# 252,254,252); a colour drawing (green vessels on black) differs between its channels by far more.
+GRAY_TINT_TOLERANCE = 8
 
 
 class FundusImageError(FundusError, ValueError):
@@ -293,8 +296,8 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a label (or field-of-view) mask as bool, refusing pictures that are not masks.
 
     Foreground as :func:`label_foreground` says: any non-zero value in a mask whose values stay below 128, values
-    above 127 otherwise. A colour picture whose channels differ (green vessels drawn on black) would read as empty
-    from its first channel: it is refused, as is a low-valued mask of more than two levels
+    above 127 otherwise, read from the picture's gray levels. A colour picture whose channels differ by more than a
+    faint tint (:data:`GRAY_TINT_TOLERANCE`; green vessels drawn on black) would read as empty: it is refused, as is a low-valued mask of more than two levels
     (:func:`mask_levels_problem`: a 0/1 mask saved as JPEG). Another mask with more than two levels (a 0/255 JPEG,
     an anti-aliased drawing) is thresholded, with a warning naming the file.
 
@@ -311,7 +314,7 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
     image = _open_decoded(path)
     if image.mode not in (*_SIXTEEN_BIT_MODES, "L", "1", "F"):
         rgb = np.asarray(image.convert("RGB"))
-        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+        if int(np.ptp(rgb, axis=-1).max(initial=0)) > GRAY_TINT_TOLERANCE:
             means = ", ".join(f"{name} {rgb[..., i].mean():.1f}" for i, name in enumerate(("red", "green", "blue")))
             raise FundusImageError(
                 f"label {path} is a colour picture whose channels differ (mean {means}): labels must be grayscale "

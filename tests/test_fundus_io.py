@@ -174,6 +174,23 @@ def test_a_0_1_vessel_mask_saved_as_jpeg_is_refused_and_low_two_level_masks_are_
     assert (read_label_mask(as_255) == vessels).mean() > 0.99, "a 0/255 JPEG is still thresholded at 127"
 
 
+def test_drives_second_observer_masks_read_as_their_structure(drive_dir: Path, tmp_path) -> None:
+    """DRIVE's 2nd_manual GIFs store gray in a faintly tinted palette (4,2,4 and 252,254,252): until 0.3.17 they were
+    refused as colour pictures. The structure is independently the palette entry that is light."""
+    gif = drive_dir / "test" / "2nd_manual" / "01_manual2.gif"
+    with Image.open(gif) as image:
+        assert image.mode == "P"
+        palette = np.asarray(image.getpalette()[:6]).reshape(2, 3)
+        assert 0 < np.ptp(palette, axis=1).max() <= 8, "the tint this test is about"
+        expected = np.asarray(image) == int(np.argmax(palette.sum(axis=1)))
+    np.testing.assert_array_equal(read_label_mask(gif), expected)
+    assert 0.05 < expected.mean() < 0.2
+    green = np.zeros((40, 40, 3), np.uint8)
+    green[10:20, :, 1] = 200  # a colour drawing is still refused
+    with pytest.raises(FundusImageError, match="is a colour picture whose channels differ"):
+        read_label_mask(_save(tmp_path / "green.png", green))
+
+
 def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_path: Path, caplog) -> None:
     """A camera stores a portrait shot landscape with EXIF Orientation 6 (turn 90 degrees clockwise to view)."""
     stored = np.zeros((100, 200, 3), np.uint8)
