@@ -26,6 +26,7 @@ three neighbours and count as junctions.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 
@@ -35,18 +36,22 @@ from skimage.morphology import skeletonize
 
 from scripts.masks import bounding_slices
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "MEASURE_UNITS",
-    "VESSEL_CHANNELS",
+    "STRUCTURE_NAMES",
     "MeasurementError",
     "disc_cup_measurements",
     "fractal_dimension",
     "mean_calibre",
     "measure_structures",
+    "structure_of",
     "tortuosity",
     "vessel_measurements",
     "vessel_segments",
     "vessel_skeleton",
+    "warn_about_unmeasured_channels",
 ]
 
 MEASURE_UNITS: dict[str, str] = {
@@ -752,8 +757,34 @@ def vessel_measurements(
     return record
 
 
-VESSEL_CHANNELS = ("vessels", "vessel")
-"""Channel names measured as retinal vessels; ``disc`` and ``cup`` are measured as the optic disc and cup."""
+STRUCTURE_NAMES: dict[str, frozenset[str]] = {
+    "vessels": frozenset({"vessels", "vessel"}),
+    "disc": frozenset({"disc", "od", "optic disc"}),
+    "cup": frozenset({"cup", "oc", "optic cup"}),
+}
+"""The names, compared lower-case, under which a channel (or a labelme shape) holds each measured structure."""
+
+
+def structure_of(channel_name: str) -> str | None:
+    """The structure a channel holds by its name (``"vessels"``, ``"disc"`` or ``"cup"``), or None: not measured."""
+    name = channel_name.strip().lower()
+    return next((structure for structure, names in STRUCTURE_NAMES.items() if name in names), None)
+
+
+def warn_about_unmeasured_channels(channel_names: list[str] | tuple[str, ...]) -> list[str]:
+    """Log, once for a run, the channels no measurement is taken of (their names are no structure's).
+
+    Returns:
+        Those channels' names.
+    """
+    unmeasured = [name for name in channel_names if structure_of(name) is None]
+    if unmeasured:
+        known = "; ".join(f"{structure}: {', '.join(sorted(names))}" for structure, names in STRUCTURE_NAMES.items())
+        logger.warning(
+            f"Channel(s) {', '.join(map(repr, unmeasured))} are not measured: measurements know a structure by its "
+            f"channel's name, in any case ({known}). Their masks are written as usual."
+        )
+    return unmeasured
 
 
 def measure_structures(
@@ -764,10 +795,11 @@ def measure_structures(
 ) -> dict[str, float | str]:
     """The measurements of a segmentation's structures, chosen by its channels' names.
 
-    A channel named ``vessels`` gets :func:`vessel_measurements` inside ``fov``; channels ``disc`` and ``cup`` get
-    :func:`disc_cup_measurements`; a disc without a cup channel (a disc-only model) gets its disc measures, and NaN
-    for the cup, the rim and the ratios, which it did not segment (not the 0 of a disc without a visible cup).
-    Other channels are not measured.
+    A channel holding the vessels (:func:`structure_of`: ``vessels``, ``Vessel``...) gets
+    :func:`vessel_measurements` inside ``fov``; the disc and cup channels get :func:`disc_cup_measurements`; a disc
+    without a cup channel (a disc-only model) gets its disc measures, and NaN for the cup, the rim and the ratios,
+    which it did not segment (not the 0 of a disc without a visible cup). Other channels are not measured
+    (:func:`warn_about_unmeasured_channels` says so once for a run).
 
     Args:
         masks: ``(C, H, W)`` bool masks, one per channel.
@@ -786,16 +818,17 @@ def measure_structures(
         raise MeasurementError(
             f"masks must be (C, H, W) with one channel per name {list(channel_names)}; got shape {masks.shape}."
         )
-    by_name = dict(zip(channel_names, masks))
+    by_structure: dict[str | None, np.ndarray] = {}
+    for name, mask in zip(channel_names, masks):
+        by_structure.setdefault(structure_of(name), mask)
     record: dict[str, float | str] = {}
     notes = []
-    vessels = next((name for name in VESSEL_CHANNELS if name in by_name), None)
-    if vessels is not None:
-        measured = vessel_measurements(by_name[vessels], fov, pixel_size_mm)
+    if "vessels" in by_structure:
+        measured = vessel_measurements(by_structure["vessels"], fov, pixel_size_mm)
         notes.append(measured.pop("notes"))
         record.update(measured)
-    if "disc" in by_name:
-        measured = disc_cup_measurements(by_name["disc"], by_name.get("cup"), pixel_size_mm)
+    if "disc" in by_structure:
+        measured = disc_cup_measurements(by_structure["disc"], by_structure.get("cup"), pixel_size_mm)
         notes.append(measured.pop("notes"))
         record.update(measured)
     record["notes"] = "; ".join(note for note in notes if note)

@@ -17,7 +17,7 @@ from monai.transforms import MapTransform
 from scripts.atomic import atomic_path
 from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
 from scripts.masks import binarise
-from scripts.measurements import measure_structures
+from scripts.measurements import measure_structures, warn_about_unmeasured_channels
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
 
@@ -114,6 +114,8 @@ class SaveFundusPredictiond(MapTransform):
         self.overlay_opacity = overlay_opacity
         self.measure = measure
         self.pixel_size_mm = pixel_size_mm
+        if measure:
+            warn_about_unmeasured_channels(self.channel_names)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from scripts.measurements import (
     tortuosity,
     vessel_measurements,
     vessel_segments,
+    warn_about_unmeasured_channels,
 )
 
 SIERPINSKI = math.log(8) / math.log(3)
@@ -566,6 +568,24 @@ def test_a_disc_only_model_measures_its_disc_and_leaves_the_cup_unknown() -> Non
     assert measure_structures(np.zeros((1, *SHAPE), dtype=bool), ["disc"])["notes"] == (
         "disc mask is empty; no cup channel: the cup and the ratios are not measured"
     )
+
+
+def test_structures_are_known_by_their_channels_names_in_any_case_and_the_others_are_warned_about(caplog) -> None:
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    expected = disc_cup_measurements(disc, cup)
+    for names in (["disc", "cup"], ["Disc", "Cup"], ["OD", "OC"], ["optic disc", "optic cup"]):
+        assert measure_structures(np.stack([disc, cup]), names) == expected, names
+    vessels = _polyline(SHAPE, (20, 20), (180, 200))
+    assert measure_structures(vessels[None], ["Vessels"]) == vessel_measurements(vessels, None)
+    with caplog.at_level(logging.WARNING, logger="scripts.measurements"):
+        assert warn_about_unmeasured_channels(["Vessels", "disc"]) == []
+        assert not caplog.records
+        assert warn_about_unmeasured_channels(["vessel_mask", "optic_disc", "cup"]) == ["vessel_mask", "optic_disc"]
+    assert measure_structures(np.stack([vessels, disc]), ["vessel_mask", "optic_disc"]) == {"notes": ""}
+    (record,) = caplog.records
+    assert record.getMessage().startswith("Channel(s) 'vessel_mask', 'optic_disc' are not measured:")
+    assert "disc: disc, od, optic disc" in record.getMessage()
 
 
 def test_cup_partly_outside_the_disc_is_clipped_with_a_reason() -> None:

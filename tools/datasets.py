@@ -30,6 +30,7 @@ from skimage.draw import polygon as fill_polygon
 
 from scripts.errors import FundusError
 from scripts.fundus_io import SUPPORTED_SUFFIXES, label_foreground, mask_levels_problem, read_mask
+from scripts.measurements import STRUCTURE_NAMES
 
 __all__ = [
     "ANNOTATORS",
@@ -69,9 +70,9 @@ TASK_STRUCTURES: dict[str, tuple[str, ...]] = {"vessels": ("vessels",), "disc_cu
 ANNOTATORS = ("first", "second", "union")
 """Annotator choices: the first (reference) annotator, the second one, or the pixelwise union of both."""
 
-# labelme shape labels, compared lower-case and stripped.
-_DISC_LABELS = frozenset({"disc", "od", "optic disc"})
-_CUP_LABELS = frozenset({"cup", "oc", "optic cup"})
+# labelme shape labels, compared lower-case and stripped, are the bundle's names of the structures.
+_DISC_LABELS = STRUCTURE_NAMES["disc"]
+_CUP_LABELS = STRUCTURE_NAMES["cup"]
 
 
 class DatasetError(FundusError, ValueError):

@@ -29,7 +29,7 @@ from scipy.stats import pearsonr, spearmanr
 from scripts.atomic import write_text_atomic
 from scripts.fundus_io import read_image
 from scripts.masks import binarise
-from scripts.measurements import MEASURE_UNITS, VESSEL_CHANNELS, measure_structures
+from scripts.measurements import MEASURE_UNITS, measure_structures, structure_of, warn_about_unmeasured_channels
 from scripts.metrics import UNKNOWN_DATASET, json_safe
 from scripts.plots import plot_bland_altman
 from scripts.report import ReportColumn, thumbnail_png, write_html_report
@@ -206,6 +206,7 @@ class MeasurementAgreement:
         self.pixel_size_mm = pixel_size_mm
         self.fov_key = fov_key
         self.rows: list[dict[str, Any]] = []
+        warn_about_unmeasured_channels(self.channel_names)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
@@ -277,8 +278,7 @@ class MeasurementAgreement:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(summary)
         write_text_atomic(self.output_dir / "measurement_agreement.csv", buffer.getvalue())
-        structures = ["vessels"] if any(n in VESSEL_CHANNELS for n in self.channel_names) else []
-        structures += ["disc"] if "disc" in self.channel_names else []
+        structures = [s for s in BLAND_ALTMAN if s in {structure_of(name) for name in self.channel_names}]
         for measure in (m for structure in structures for m in BLAND_ALTMAN[structure]):
             plot_bland_altman(
                 [row[f"ref_{measure}"] for row in self.rows],
