@@ -135,6 +135,8 @@ def _check_pixel_size(pixel_size_mm: float | None) -> float | None:
 # size of the cup: a piece within 0.12 disc diameters of the largest (a fifth more, for the segmentation's blur) is
 # taken for a part of the structure, one further away for a stray speck, which would stretch the diameters.
 SPLIT_GAP_OF_DISC = 0.12
+# Over twice the densest of DRIVE's 40 first-observer vessel maps (0.168 of the field of view; mean 0.126).
+IMPLAUSIBLE_VESSEL_DENSITY = 0.4
 # Below this diameter in pixels, one pixel more or less changes a cup-to-disc ratio by more than 0.05.
 SMALLEST_MEASURABLE_DISC = 20
 
@@ -688,7 +690,8 @@ def vessel_measurements(
       that an undefined count can be NaN).
 
     An empty vessel mask in the FOV gives densities and counts of 0 and NaN for the rest; an empty FOV gives NaN
-    for everything; ``notes`` says so.
+    for everything; ``notes`` says so, and notes a vessel density over :data:`IMPLAUSIBLE_VESSEL_DENSITY` (a mask
+    that is not a vessel map: all foreground, a disc mask given as vessels).
 
     Args:
         vessels: ``(H, W)`` vessel mask.
@@ -732,6 +735,11 @@ def vessel_measurements(
         record["notes"] = "; ".join(notes)
         return record
 
+    if record["vessel_density"] > IMPLAUSIBLE_VESSEL_DENSITY:
+        notes.append(
+            f"vessels cover {record['vessel_density']:.0%} of the FOV, more than a vessel map does (DRIVE's manual "
+            "maps: 9-17%): not a vessel segmentation?"
+        )
     record["fractal_dimension"] = fractal_dimension(cut)
     segments, branch_points, end_points = _skeleton_graph(skeleton)
     record.update(segments=float(len(segments)), branch_points=float(branch_points), end_points=float(end_points))

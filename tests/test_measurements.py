@@ -367,6 +367,16 @@ def test_empty_vessels_give_zero_densities_and_nan_shape_measures() -> None:
         assert "vessel mask is empty" in record["notes"]
 
 
+def test_a_mask_denser_than_any_vessel_map_is_noted() -> None:
+    fov = _disc((64, 64), (32, 32), 30)
+    full = vessel_measurements(np.ones((64, 64), dtype=bool), fov)
+    assert full["vessel_density"] == 1.0
+    assert full["notes"].startswith("vessels cover 100% of the FOV, more than a vessel map does")
+    vessels = np.zeros((64, 64), dtype=bool)
+    vessels[::4] = True  # a quarter of the FOV
+    assert "more than a vessel map does" not in vessel_measurements(vessels, fov)["notes"]
+
+
 def test_an_empty_fov_gives_nan_everywhere() -> None:
     vessels = np.zeros((32, 32), dtype=bool)
     vessels[10, :] = True
