@@ -100,6 +100,21 @@ def bundle_init_error(bundle: str | os.PathLike, error: Exception) -> MONAILabel
     return MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"Bundle {bundle}: {str(cause).splitlines()[-1]}")
 
 
+def bundle_error(error: BaseException | None) -> BaseException | None:
+    """The bundle's own error (its message names the file and the fix) in ``error``'s chain of causes, if any.
+
+    The bundle's ``scripts.errors.user_error`` finds it by class, but MONAI Label loads each bundle's ``scripts``
+    anew, so the app finds it by the name of the bundle's base class.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(kind.__name__ == "FundusError" for kind in type(error).__mro__):
+            return error
+        error = error.__cause__
+    return None
+
+
 def conf_flag(conf: Mapping[str, str], key: str) -> bool:
     """A yes/no ``--conf`` setting, read as MONAI Label reads its own (``preload``): true/false, yes/no, 1/0, on/off.
 
@@ -206,11 +221,21 @@ class FundusInferTask(BundleInferTask):
         return backend_settings(conf)
 
     def __call__(self, request: Any, callbacks: Any = None) -> Any:
+        """MONAI Label's inference of one request, with the bundle's own errors (an unreadable picture, a model file
+        that is not a model) answered as client errors in one line (HTTP 422) instead of a bare 500."""
         image = request.get("image") if isinstance(request, Mapping) else None
         if isinstance(image, str) and exif_turned(image):
             raise HTTPException(status_code=422, detail=turned_message(image))
         with self._serving:
-            return super().__call__(request, callbacks)
+            try:
+                return super().__call__(request, callbacks)
+            except HTTPException:
+                raise
+            except Exception as error:
+                own = bundle_error(error)
+                if own is None:
+                    raise
+                raise HTTPException(status_code=422, detail=str(own).splitlines()[0]) from None
 
     def _check_inferer(self, path: str) -> None:
         """Build the bundle's inferer now, so that a setting it refuses (``--conf backend``, ``onnx_int8``, a missing
@@ -265,8 +290,13 @@ class FundusInferTask(BundleInferTask):
         else:
             network = copy.deepcopy(self.network) if self._networks else self.network
             network.to(torch.device(device))
-        checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
-        network.load_state_dict(checkpoint.get(self.model_state_dict, checkpoint), strict=self.load_strict)
+        state = self._read_state(path, device, network)
+        try:
+            network.load_state_dict(state, strict=self.load_strict)
+        except BaseException:
+            # Tensors that fit were copied before the error: the next request reloads every one of its file's.
+            self._networks.pop(device, None)
+            raise
         network.eval()
         # As the bundle's inference does (MergeAdapters): fold the adapters into the base weights, which is what
         # makes REST results equal to `monai.bundle run inference`. Loading restores the file's unmerged state.
@@ -274,6 +304,48 @@ class FundusInferTask(BundleInferTask):
             network.merge_adapters()
         self._networks[device] = (network, loaded)
         return network
+
+    def _read_state(self, path: str, device: Any, network: torch.nn.Module) -> dict[str, Any]:
+        """The state dict of a model file, checked against the served network before anything is loaded into it.
+
+        ``load_state_dict`` copies every tensor that fits before it reports those that do not, so a file of another
+        network (``latest_checkpoint.pt``, which a request may name as ``model_filename``) would leave the served
+        network half replaced.
+
+        Raises:
+            HTTPException: 422, the file cannot be read, or its tensors are not the served network's.
+        """
+        name = os.path.basename(path)
+        advice = (
+            "name a model.pt or model_best.pt trained with the served model's settings (latest_checkpoint.pt is a "
+            "training checkpoint, which --resume continues from)"
+        )
+        try:
+            checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
+        except Exception as error:  # damaged or unsafe files raise many kinds of errors inside torch.load
+            detail = f"Model file {name} cannot be read ({type(error).__name__}): {advice}."
+            raise HTTPException(status_code=422, detail=detail) from None
+        state = checkpoint.get(self.model_state_dict, checkpoint) if isinstance(checkpoint, dict) else None
+        expected = network.state_dict()
+        if not isinstance(state, dict):
+            raise HTTPException(status_code=422, detail=f"Model file {name} holds no state dict: {advice}.")
+        missing = [key for key in expected if key not in state]
+        unexpected = [key for key in state if key not in expected]
+        reshaped = [
+            key
+            for key, value in expected.items()
+            if isinstance(value, torch.Tensor) and isinstance(state.get(key), torch.Tensor)
+            and state[key].shape != value.shape
+        ]
+        if missing or unexpected or reshaped:
+            found = [
+                f"{what} {len(keys)}, e.g. {keys[0]}"
+                for what, keys in (("lacks", missing), ("holds others", unexpected), ("other shapes", reshaped))
+                if keys
+            ]
+            detail = f"Model file {name} does not fit the served network ({'; '.join(found)}): {advice}."
+            raise HTTPException(status_code=422, detail=detail)
+        return state
 
     def _model_path(self, data: Any) -> str:
         """``models/model.pt``, or the file of ``models/`` a request names as ``model_filename`` (MONAI Label's option,
@@ -661,7 +733,8 @@ class FundusApp(MONAILabelApp):
         )
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        """MONAI Label's inference, with an image id the datastore lacks answered as a client error.
+        """MONAI Label's inference, with an image id the datastore lacks, or a model it does not serve, answered as a
+        client error.
 
         MONAI Label 0.8.5 turns an unknown id into the image path ``""`` and runs the task on it, which fails deep in
         the bundle's reader (HTTP 500, ``image file not found: .``). Its own ``MONAILabelException`` gets no HTTP
@@ -669,8 +742,17 @@ class FundusApp(MONAILabelApp):
         ``HTTPException`` 404, as MONAI Label's datastore endpoints answer an image they do not hold.
 
         Raises:
-            HTTPException: 404, ``image`` is neither a file on the server nor an image id of the datastore.
+            HTTPException: 404, ``image`` is neither a file on the server nor an image id of the datastore, or the
+                ``model`` asked for is not served (MONAI Label's own answer is a bare 500).
         """
+        model = request.get("model")
+        if model and model not in self._infers:
+            raise HTTPException(
+                status_code=404,
+                detail=f"No model '{model}' is served here (GET /info/ lists them: {', '.join(self._infers)}); a "
+                f"bundle with the unet head or sliding-window input has no click-to-segment model "
+                f"(<bundle>{INTERACTIVE_SUFFIX}).",
+            )
         image = request.get("image")
         # MONAI Label reads an existing path as it is (an uploaded file, a session's image): only ids are looked up.
         is_id = isinstance(image, str) and bool(image) and not os.path.exists(image)

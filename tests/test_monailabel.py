@@ -483,6 +483,48 @@ def test_an_image_id_not_in_the_datastore_is_a_404_naming_it(setup):
     assert infer(server, "wide").shape == (HEIGHT, WIDTH), "the server answers the next request"
 
 
+def test_an_unreadable_picture_and_an_unserved_model_are_answered_in_one_line(setup, tmp_path):
+    """Both were a bare HTTP 500: the bundle's own message (naming the file) reached only the server's log, and
+    MONAI Label's answer to an unknown model has no status of its own."""
+    server = setup["server"]
+    bogus = tmp_path / "bogus.png"
+    bogus.write_bytes(b"not a picture")
+    for model in (BUNDLE_NAME, INTERACTIVE):
+        detail = refused_inference(server, model, urllib.request.quote(str(bogus)), 422)
+        assert detail.startswith(f"cannot read image {bogus}") and "\n" not in detail, detail
+    detail = refused_inference(server, "nosuch", "wide", 404)
+    assert detail.startswith("No model 'nosuch' is served here") and INTERACTIVE in detail, detail
+    assert infer(server, "wide").shape == (HEIGHT, WIDTH), "the server answers the next request"
+
+
+def test_a_model_file_that_does_not_fit_is_refused_and_the_served_network_kept(setup):
+    """``model_filename`` may name any file of ``models/``: one whose tensors do not all fit was loaded in part (every
+    tensor that fitted) before torch reported the others, and later requests were served by the mixture."""
+    server, models = setup["server"], setup["bundle"] / "models"
+    before = infer(server, "wide")
+    state = torch.load(models / "model.pt", weights_only=True)
+    changed = {key: value + 1 if value.is_floating_point() else value for key, value in state.items()
+               if isinstance(value, torch.Tensor)}
+    changed["_extra_state"] = state["_extra_state"]
+    del changed[next(key for key in changed if key.endswith("lora_B"))]
+    torch.save(changed, models / "unfit.pt")
+    (models / "damaged.pt").write_bytes(b"PK not a model")
+    try:
+        for name, message in (("unfit.pt", "does not fit the served network (lacks 1, e.g. "),
+                              ("damaged.pt", "cannot be read (")):
+            body, headers = form({"params": json.dumps({"model_filename": name})})
+            status, answer, _ = request(f"{server.url}/infer/{BUNDLE_NAME}?image=wide&output=image", "POST", body,
+                                        headers)
+            assert status == 422, f"{name}: {status}: {answer[:500]!r}"
+            detail = json.loads(answer)["detail"]
+            assert detail.startswith(f"Model file {name} ") and message in detail, detail
+            assert "latest_checkpoint.pt is a training checkpoint" in detail, detail
+        np.testing.assert_array_equal(infer(server, "wide"), before)
+    finally:
+        (models / "unfit.pt").unlink()
+        (models / "damaged.pt").unlink()
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
