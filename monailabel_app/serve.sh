@@ -26,10 +26,11 @@ bundle=""
 host=127.0.0.1
 port=8000
 die() { echo "serve.sh: $*" >&2; exit 2; }
-# The refusal of a bundle without models/model.pt: $1 the archive or folder given, $2 its models folder.
+# The refusal of a bundle without models/model.pt: $1 the archive or folder given, $2 "adapters" when it holds
+# models/adapters.pt.
 adapters_only() {
     local held="no models/model.pt"
-    [ ! -f "$2/adapters.pt" ] || held="the LoRA adapters only (models/adapters.pt, no models/model.pt)"
+    [ "$2" != adapters ] || held="the LoRA adapters only (models/adapters.pt, no models/model.pt)"
     echo "$1 holds $held: MONAI Label loads full weights; export with \`python -m tools.export --weights full\`" \
         "(or merged) and pass that archive. Nothing was installed."
 }
@@ -62,6 +63,44 @@ if [ "$host" != 127.0.0.1 ] && [ "$host" != localhost ] && [ "$host" != ::1 ]; t
     echo "serve.sh: WARNING: listening on $host. MONAI Label 0.8.5 has known path-traversal issues in its datastore" \
         "and session APIs; expose it only behind an authenticating, path-sanitising reverse proxy." >&2
 fi
+# The bundle is checked whole before anything is written: an installed bundle is kept (it may hold a fine-tuned
+# model), so a wrong one would then refuse the right one, and the app refuses a bundle without full weights.
+if [ -d "$bundle" ]; then
+    [ -f "$bundle/configs/inference.json" ] || die "$bundle is not a bundle folder (no configs/inference.json)"
+    held=""; [ ! -f "$bundle/models/adapters.pt" ] || held=adapters
+    [ -f "$bundle/models/model.pt" ] || die "$(adapters_only "$bundle" "$held")"
+elif [ -f "$bundle" ]; then
+    # The archive holds one folder, sam2lora_fundus/ (tools.export).
+    contents='import sys, zipfile
+try:
+    names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+except (OSError, zipfile.BadZipFile):
+    sys.exit(3)
+folder = sys.argv[2]
+if f"{folder}/configs/inference.json" not in names:
+    sys.exit(4)
+if f"{folder}/models/model.pt" not in names:
+    sys.exit(5 if f"{folder}/models/adapters.pt" in names else 6)'
+    status=0; "$python" -c "$contents" "$bundle" "$name" 2>/dev/null || status=$?
+    case "$status" in
+        0) ;;
+        4) die "$bundle holds no $name/configs/inference.json (not an export archive?)" ;;
+        5) die "$(adapters_only "$bundle" adapters)" ;;
+        6) die "$(adapters_only "$bundle" "")" ;;
+        *) die "$bundle cannot be extracted (not a zip archive of tools.export?)" ;;
+    esac
+elif [ -n "$bundle" ]; then
+    die "bundle $bundle does not exist"
+fi
+# Checked before installing anything: a server that cannot listen fails only once the app has started, and the
+# bundle it installed would then refuse the retry (an installed bundle is kept).
+listen='import socket, sys
+for family, kind, proto, _, address in socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_STREAM):
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        probe.bind(address)'
+"$python" -c "$listen" "$host" "$port" 2>/dev/null \
+    || die "cannot listen on $host port $port (in use by another server?): choose another --port"
 mkdir -p "$app/model"
 app="$(cd "$app" && pwd)"
 [ "$app" = "$here" ] || cp "$here/main.py" "$app/main.py"
@@ -69,31 +108,23 @@ target="$app/model/$name"
 if [ -n "$bundle" ]; then
     [ ! -e "$target" ] || die "$target already exists (it may hold a fine-tuned model); remove it, or omit --bundle"
     if [ -d "$bundle" ]; then
-        [ -f "$bundle/configs/inference.json" ] || die "$bundle is not a bundle folder (no configs/inference.json)"
-        [ -f "$bundle/models/model.pt" ] || die "$(adapters_only "$bundle" "$bundle/models")"
         cp -r "$bundle" "$target"
-    elif [ -f "$bundle" ]; then
-        # The archive holds one folder, sam2lora_fundus/ (tools.export); extract beside it, then move in place.
+    else
+        # Extracted beside its place, then moved in: an interrupted extraction leaves no bundle half installed.
         staging="$(mktemp -d "$app/model/.extract.XXXXXX")"
         unzip='import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])'
         "$python" -c "$unzip" "$bundle" "$staging" 2>/dev/null \
-            || { rm -rf "$staging"; die "$bundle cannot be extracted (not a zip archive of tools.export?)"; }
-        [ -f "$staging/$name/configs/inference.json" ] \
-            || { rm -rf "$staging"; die "$bundle holds no $name/configs/inference.json (not an export archive?)"; }
-        # Checked before installing: the app refuses a bundle without full weights, and an installed bundle is
-        # kept (it may hold a fine-tuned model), so the right archive would then be refused as well.
-        [ -f "$staging/$name/models/model.pt" ] \
-            || { message="$(adapters_only "$bundle" "$staging/$name/models")"; rm -rf "$staging"; die "$message"; }
+            || { rm -rf "$staging"; die "$bundle cannot be extracted into $app/model (disk full?)"; }
         mv "$staging/$name" "$target"
         rm -rf "$staging"
-    else
-        die "bundle $bundle does not exist"
     fi
 fi
 [ -f "$target/configs/inference.json" ] \
     || die "no bundle in $target: pass --bundle ARCHIVE.zip (python -m tools.export --weights full)"
-# Fundus images come as JPEG, PNG or TIFF (MONAI Label's default list lacks .jpeg and .tiff).
-export MONAI_LABEL_DATASTORE_FILE_EXT='["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.PNG","*.JPG","*.JPEG","*.TIF"]'
+# Fundus images come as JPEG, PNG or TIFF (MONAI Label's default list lacks .jpeg and .tiff); its patterns are
+# case-sensitive.
+export MONAI_LABEL_DATASTORE_FILE_EXT='["*.png","*.jpg","*.jpeg","*.tif","*.tiff","*.PNG","*.JPG","*.JPEG","*.TIF",'\
+'"*.TIFF","*.Png","*.Jpg","*.Jpeg","*.Tif","*.Tiff"]'
 cd "$app"
 exec "$python" -m monailabel.main start_server --app "$app" --studies "$studies" --host "$host" --port "$port" \
     --conf models "$name" "$@"

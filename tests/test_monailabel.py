@@ -707,7 +707,7 @@ def test_serve_script_installs_nothing_from_an_adapters_only_archive(tmp_path):
             "loads full weights; export with `python -m tools.export --weights full` (or merged) and pass that "
             "archive. Nothing was installed."
         ), result.stderr
-        assert list((app / "model").iterdir()) == [], "nothing installed, no extraction left behind"
+        assert not app.exists(), "nothing installed, no extraction left behind, no app folder"
 
 
 @pytest.mark.parametrize(
@@ -720,15 +720,24 @@ def test_serve_script_installs_nothing_from_an_adapters_only_archive(tmp_path):
         (["--studies", "{tmp}", "--", "--host", "0.0.0.0"], "--host after -- is not passed on"),
         (["--studies", "{tmp}", "--", "--conf", "skip_trainers", "true", "-i", "0.0.0.0"], "-i after -- is not passed on"),
         (["--studies", "{tmp}", "--", "--port=9000"], "--port=9000 after -- is not passed on"),
+        (["--studies", "{tmp}", "--bundle", "{tmp}/absent.zip"], "bundle {tmp}/absent.zip does not exist"),
+        (["--studies", "{tmp}", "--port", "{busy}"], "cannot listen on 127.0.0.1 port {busy} (in use by another"),
     ],
 )
 def test_serve_script_refuses_bad_arguments_in_one_line(tmp_path, arguments, message):
+    """Refused before the app folder is touched (a missing archive created it and copied main.py into it; a port in
+    use was found once the app had started and installed the bundle, which then refused the retry)."""
     (tmp_path / "not_a_zip.zip").write_text("no archive")
-    command = ["bash", str(SERVE), *(argument.format(tmp=tmp_path) for argument in arguments), "--app",
-               str(tmp_path / "app")]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        values = {"tmp": tmp_path, "busy": busy.getsockname()[1]}
+        command = ["bash", str(SERVE), *(argument.format(**values) for argument in arguments), "--app",
+                   str(tmp_path / "app")]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message.format(**values) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "app").exists()
 
 
 def test_serve_script_keeps_an_installed_bundle_and_warns_about_other_hosts(tmp_path):
@@ -738,8 +747,10 @@ def test_serve_script_keeps_an_installed_bundle_and_warns_about_other_hosts(tmp_
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "configs" / "inference.json").write_text("{}")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"another model")
     command = ["bash", str(SERVE), "--studies", str(tmp_path), "--app", str(tmp_path / "app"), "--bundle", str(bundle),
-               "--host", "0.0.0.0"]
+               "--host", "0.0.0.0", "--port", str(free_port())]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     warning, refusal = result.stderr.strip().splitlines()
