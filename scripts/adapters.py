@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
-from scripts.errors import ConfigError, FundusError, first_line
+from scripts.errors import ConfigError, FundusError, unreadable_torch_file
 from scripts.lora import lora_modules, merge_lora, unmerge_lora
 
 __all__ = [
@@ -134,12 +134,12 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not path.is_file():
         raise ModelFileError(
             f"Trained model {path} does not exist. Train one first (python -m monai.bundle run training ...) or point "
-            "--ckpt_path at one."
+            "--ckpt_path at one; a downloaded bundle run from another folder needs --bundle_root <its folder>."
         )
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged or unsafe files raise many kinds of errors inside torch.load
-        raise ModelFileError(f"Trained model {path} cannot be read ({type(error).__name__}: {first_line(error)}).") from None
+        raise ModelFileError(f"Trained model {path} cannot be read ({unreadable_torch_file(error)}).") from None
     if isinstance(content, dict) and content.get("format") == ADAPTER_FORMAT:
         state = content.get("settings")
     else:
@@ -317,7 +317,8 @@ class AdaptedNetwork:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # damaged files raise many different errors inside torch.load
-            raise ModelFileError(f"Adapter checkpoint {path} cannot be read ({type(error).__name__}: {error}).") from None
+            reason = unreadable_torch_file(error)
+            raise ModelFileError(f"Adapter checkpoint {path} cannot be read ({reason}).") from None
         if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
             raise ModelFileError(f"{path} is not an adapter file of this bundle (format {ADAPTER_FORMAT}).")
         differences = _differences(payload["settings"], self.settings, DEFINING_SETTINGS)

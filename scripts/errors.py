@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,7 @@ __all__ = [
     "install_error_hook",
     "is_real_number",
     "is_whole_number",
+    "unreadable_torch_file",
     "user_error",
 ]
 
@@ -55,6 +57,17 @@ def first_line(error: BaseException) -> str:
     """The first line of another library's error message (at most 300 characters), to quote in one of ours: torch's
     unpickling errors, for one, run to several paragraphs."""
     return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def unreadable_torch_file(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` could not read a file, to quote in one of ours.
+
+    Its refusal of anything but tensors and plain values, which also meets a file that is no torch archive at all,
+    advises re-running with ``weights_only=False``: advice to run a stranger's code, which is left out.
+    """
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a file of tensors and plain values: damaged, written by another program, or holding code"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def user_error(error: BaseException | None) -> FundusError | None:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scripts.errors import ConfigError, FundusError
+from scripts.errors import ConfigError, FundusError, unreadable_torch_file
 
 __all__ = [
     "CHECKPOINT_URL",
@@ -203,7 +203,7 @@ def _read_meta_state_dict(path: Path, size: HieraSize) -> dict[str, torch.Tensor
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
         raise CheckpointError(
-            f"SAM 2 checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
+            f"SAM 2 checkpoint {path} cannot be read ({unreadable_torch_file(error)}); "
             "the file is corrupt or truncated: download it again."
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):

@@ -49,7 +49,7 @@ from torch import nn
 from scripts.adapters import CHECKPOINT_FORMAT
 from scripts.atomic import file_sha256, new_stamped_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
-from scripts.errors import FundusError, first_line, is_real_number
+from scripts.errors import FundusError, is_real_number, unreadable_torch_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -298,7 +298,8 @@ class TrainingCheckpoint:
         try:
             content = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many kinds (pickle, zip, EOF...) for a damaged file
-            raise ResumeError(f"Cannot resume: checkpoint {self.path} cannot be read ({first_line(error)}).") from None
+            reason = unreadable_torch_file(error)
+            raise ResumeError(f"Cannot resume: checkpoint {self.path} cannot be read ({reason}).") from None
         self._check_compatible(content)
         return content
 
