@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import threading
 import zipfile
+from collections.abc import Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -100,13 +101,13 @@ def serve_and_download(archive: Path, bundle_dir: Path) -> Path:
     return bundle_dir / BUNDLE_NAME
 
 
-def isolated_python(arguments: list, cwd: Path) -> subprocess.CompletedProcess:
+def isolated_python(arguments: list, cwd: Path, path: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     """Python with the venv's packages but nothing of this repository: ``-S`` skips the site .pth files, among
-    them the editable install's import hook for ``scripts``; PYTHONPATH names site-packages alone."""
+    them the editable install's import hook for ``scripts``; PYTHONPATH names site-packages and ``path`` alone."""
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(cwd),
-        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+        "PYTHONPATH": os.pathsep.join([*map(str, path), sysconfig.get_paths()["purelib"]]),
         # The thread count the repository's runs get (tests/conftest.py): float sums in the same order, same masks.
         **{key: os.environ[key] for key in ("OMP_NUM_THREADS",) if key in os.environ},
     }
@@ -122,12 +123,16 @@ def repository_inference(images: Path, output: Path, ckpt: Path, **overrides) ->
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def downloaded_inference(bundle: Path, images: Path, output: Path) -> str:
-    """Inference as a user runs it from the downloaded bundle's folder (MONAI's convention for `scripts`)."""
-    command = ["-m", "monai.bundle", "run", "inference", "--meta_file", "configs/metadata.json"]
-    command += ["--config_file", "configs/inference.json", "--logging_file", "configs/logging.conf"]
+def downloaded_inference(bundle: Path, images: Path, output: Path, elsewhere: Path | None = None) -> str:
+    """Inference as a user runs it from the downloaded bundle's folder (MONAI's convention for `scripts`), or from
+    the folder ``elsewhere`` as distribution.md says: the bundle on PYTHONPATH and as ``--bundle_root``."""
+    command = ["-m", "monai.bundle", "run", "inference", "--meta_file", bundle / "configs/metadata.json"]
+    command += ["--config_file", bundle / "configs/inference.json", "--logging_file", bundle / "configs/logging.conf"]
     command += ["--dataset_dir", images, "--output_dir", output]
-    result = isolated_python(command, cwd=bundle)
+    if elsewhere is None:
+        result = isolated_python(command, cwd=bundle)
+    else:
+        result = isolated_python([*command, "--bundle_root", bundle], cwd=elsewhere, path=[bundle])
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -187,6 +192,10 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
     from_repository.mkdir()
     repository_inference(images, from_repository, models["on_base"])
     assert_same_masks(from_repository, from_download, images)
+    elsewhere = tmp_path / "pipeline"
+    elsewhere.mkdir()
+    downloaded_inference(bundle, images, tmp_path / "from_elsewhere", elsewhere=elsewhere)
+    assert_same_masks(from_repository, tmp_path / "from_elsewhere", images)
 
 
 def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, caplog):
