@@ -387,8 +387,17 @@ def auto_prompt(probability: np.ndarray, mode: str, fov: np.ndarray | None = Non
     return auto_prompts(probability, [mode], fov, **settings)[mode]
 
 
+def _numbers(value: Any, count: int) -> bool:
+    """Whether ``value`` is a list of ``count`` numbers; JSON's true and false are not (Python reads them as 1, 0)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+    if not _numbers(value, 3):
         raise PromptError(f"{where}: a point is [x, y, label]; got {value!r}.")
     x, y, label = value
     height, width = size
@@ -402,7 +411,7 @@ def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float,
 
 
 def _box(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+    if not _numbers(value, 4):
         raise PromptError(f"{where}: a box is [x0, y0, x1, y1]; got {value!r}.")
     x0, y0, x1, y1 = (float(v) for v in value)
     height, width = size

@@ -533,6 +533,7 @@ def test_a_model_file_that_does_not_fit_is_refused_and_the_served_network_kept(s
         ({"roi": [5, 6, 50, 60, 1, 2]}, "a 2D image has slice 0 only"),
         ({"background": [[10, 10, 3]]}, "a point of a 2D image is [x, y]"),
         ({"foreground": "10,10"}, "'foreground' must be a list of [x, y] points"),
+        ({"foreground": [[True, 3]]}, "a point is [x, y, label]; got [True, 3, 1]"),
     ],
 )
 def test_bad_clicks_get_a_one_line_answer(setup, fields, message):

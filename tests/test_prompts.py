@@ -208,6 +208,9 @@ def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
         ({"a.png": {"box": [float("nan"), 2, 30, 40]}}, "box [nan, 2, 30, 40] has a coordinate that is not a finite"),
         ({"a.png": {"points": [[10, float("nan"), 1]]}}, "point [10, nan, 1] has a coordinate that is not a finite"),
         ({"a.png": {"circle": [1, 2]}}, "a prompt is an object with 'points' and/or 'box'"),
+        # JSON's true is no coordinate (Python reads it as 1).
+        ({"a.png": {"points": [[True, 20, 1]]}}, "a point is [x, y, label]; got [True, 20, 1]"),
+        ({"a.png": {"box": [1, 2, 30, False]}}, "a box is [x0, y0, x1, y1]; got [1, 2, 30, False]"),
     ]
     for content, message in cases:
         path.write_text(json.dumps(content))
