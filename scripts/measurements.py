@@ -36,8 +36,6 @@ from skimage.morphology import skeletonize
 
 from scripts.masks import bounding_slices
 
-logger = logging.getLogger(__name__)
-
 __all__ = [
     "MEASURE_UNITS",
     "STRUCTURE_NAMES",
@@ -53,6 +51,8 @@ __all__ = [
     "vessel_skeleton",
     "warn_about_unmeasured_channels",
 ]
+
+logger = logging.getLogger(__name__)
 
 MEASURE_UNITS: dict[str, str] = {
     "vertical_cdr": "ratio",
