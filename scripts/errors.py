@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -70,12 +71,41 @@ def unreadable_torch_file(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
+# How a data-loader worker's traceback, relayed as text, names one of ours: "scripts.fundus_io.FundusImageError: ...".
+_RELAYED_ERROR = re.compile(r"^scripts\.[\w.]+\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _error_classes(base: type[FundusError] = FundusError) -> dict[str, type[FundusError]]:
+    """:class:`FundusError` and its subclasses (those imported), by name."""
+    classes = {base.__name__: base}
+    for subclass in base.__subclasses__():
+        classes.update(_error_classes(subclass))
+    return classes
+
+
+def _relayed_from_worker(error: BaseException) -> FundusError | None:
+    """One of ours that a torch data-loader worker raised, rebuilt from the text the main process received.
+
+    torch re-raises a worker's error as a new exception holding only the text of the worker's traceback (its type
+    is the outermost error's: MONAI's ``RuntimeError("applying transform ...")``), so the chain of causes is lost.
+    """
+    text = str(error)
+    if "DataLoader worker process" not in text:
+        return None
+    classes = _error_classes()
+    for name, message in reversed(_RELAYED_ERROR.findall(text)):
+        if name in classes:
+            return FundusError(message)
+    return None
+
+
 def user_error(error: BaseException | None) -> FundusError | None:
     """The first :class:`FundusError` in ``error``'s chain of causes, if any.
 
     MONAI's config parser wraps the error of a component it fails to build in its own RuntimeError; the original,
     with its useful message, is the cause (``raise ... from``). An error raised while one of ours was being handled
-    (its ``__context__``) is not caused by it: that is a bug, and keeps its traceback.
+    (its ``__context__``) is not caused by it: that is a bug, and keeps its traceback. One raised in a data-loader
+    worker reaches the main process as text, from which it is rebuilt (with its message, as a :class:`FundusError`).
 
     Args:
         error: an exception, typically uncaught.
@@ -88,6 +118,9 @@ def user_error(error: BaseException | None) -> FundusError | None:
         seen.add(id(error))
         if isinstance(error, FundusError):
             return error
+        relayed = _relayed_from_worker(error)
+        if relayed is not None:
+            return relayed
         error = error.__cause__
     return None
 

@@ -29,6 +29,7 @@ from scripts.fundus_io import (
     read_label_mask,
     readable_image_size,
 )
+from scripts.metrics import FOV_SOURCES
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
@@ -173,8 +174,8 @@ def load_split(
 
     Raises:
         InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
-            object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, an image is
-            smaller than 32 pixels per side or ``size_check`` refuses it, a label has another number of masks than
+            object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, a mask is
+            not the size of its image, an image is smaller than 32 pixels per side or ``size_check`` refuses it, a label has another number of masks than
             ``channels``, or every label is empty.
     """
     path = Path(datalist)
@@ -198,6 +199,11 @@ def load_split(
                 raise InputError(
                     f"Datalist {path}: '{split}' entry {index} {key} must be {expected}; got {json.dumps(entry[key])[:80]}."
                 )
+        if "fov_source" in entry and entry["fov_source"] not in FOV_SOURCES:
+            raise InputError(
+                f"Datalist {path}: '{split}' entry {index} fov_source must be one of {', '.join(FOV_SOURCES)}; got "
+                f"{json.dumps(entry['fov_source'])[:80]}."
+            )
     keys = Counter(frozenset(entry) for entry in raw)
     if len(keys) > 1:
         (common, _), *_ = keys.most_common()
@@ -244,6 +250,22 @@ def load_split(
         raise InputError(
             f"Datalist {path}: {len(small)} images in '{split}' are too small for a fundus photograph (at least "
             f"{MIN_IMAGE_SIDE} pixels per side), e.g. " + "; ".join(small[:3])
+        )
+    # Read from the headers now: found as its image is loaded, in a data-loader worker, it was a traceback (the
+    # worker passes on only the error's text), after every earlier image had been run.
+    mismatched = [
+        f"entry {index} {key} {file} is {mask_size[0]}x{mask_size[1]} but its image {entry['image']} is "
+        f"{size[0]}x{size[1]}"
+        for index, (entry, size) in enumerate(zip(entries, sizes))
+        if size is not None
+        for key in ("label", "fov")
+        for file in _as_list(entry.get(key))
+        if (mask_size := image_size(file)) is not None and mask_size != size
+    ]
+    if mismatched:
+        raise InputError(
+            f"Datalist {path}: {len(mismatched)} masks in '{split}' are not the size of their image (width x height), "
+            "e.g. " + "; ".join(mismatched[:2])
         )
     refused = [
         f"entry {index} {entry['image']}: {problem}"

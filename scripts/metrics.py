@@ -39,8 +39,9 @@ Summaries average over images (each image weighs the same) and ignore undefined 
 there were: a mean HD95 over the images where it is defined says nothing about images where a structure was missed
 entirely, so read it together with its NaN count.
 
-The field of view is the dataset's mask where the datalist gives one, else estimated from the photograph; each record
-says which (``fov_source``: ``"given"`` or ``"estimated"``), and each summary group counts them: FOV metrics over
+The field of view is the dataset's mask where the datalist gives one, else estimated from the photograph (when it is
+read, or by ``tools.prepare`` for a dataset distributed without masks: :func:`entry_fov_source`); each record says
+which (``fov_source``: ``"given"`` or ``"estimated"``), and each summary group counts them: FOV metrics over
 estimated fields of view are not those of the dataset's published protocol.
 """
 
@@ -72,6 +73,7 @@ __all__ = [
     "METRICS",
     "REGIONS",
     "ReportWriteError",
+    "entry_fov_source",
     "evaluate_case",
     "format_summary_table",
     "json_safe",
@@ -90,6 +92,18 @@ IDENTITY_COLUMNS = ("filename", "dataset", "fov_source")
 
 FOV_SOURCES = ("given", "estimated")
 """Where an image's field of view came from: the dataset's mask, or :func:`scripts.fundus_io.estimate_fov`."""
+
+
+def entry_fov_source(entry: Mapping[str, Any]) -> str:
+    """Where a datalist entry's field of view comes from (one of :data:`FOV_SOURCES`).
+
+    Estimated when the entry names no mask (it is estimated from the photograph as it is read), or when it names one
+    that ``tools.prepare`` estimated for a dataset distributed without (its ``"fov_source"`` says so); given
+    otherwise.
+    """
+    if not entry.get("fov") or entry.get("fov_source") == FOV_SOURCES[1]:
+        return FOV_SOURCES[1]
+    return FOV_SOURCES[0]
 
 UNKNOWN_DATASET = "unknown"
 

@@ -57,6 +57,7 @@ from torchvision.transforms.v2.functional import adjust_hue
 from scripts.errors import ConfigError, is_real_number, is_whole_number
 from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
+from scripts.metrics import FOV_SOURCES, entry_fov_source
 from scripts.prompts import (
     BOX_BOTTOM_RIGHT,
     BOX_TOP_LEFT,
@@ -108,7 +109,8 @@ class LoadFundusd(MapTransform):
     Images become ``(3, H, W)`` float32 RGB in ``[0, 1]``, labels ``(C, H, W)`` float32 in ``{0, 1}`` (a list of paths
     stacks one channel per file, in order), the field of view ``(1, H, W)`` in ``{0, 1}``. When an item has no field of
     view (arbitrary photos at inference), it is estimated from the image with :func:`scripts.fundus_io.estimate_fov`
-    and ``fov_estimated`` is set in its metadata.
+    and ``fov_estimated`` is set in its metadata, as it is for a mask ``tools.prepare`` estimated
+    (:func:`scripts.metrics.entry_fov_source`).
 
     Why not ``LoadImaged``: MONAI's 2D readers return ``(W, H)`` arrays by default, read masks as intensities, and
     know nothing of fundus formats (gzipped PPM, 16-bit depth scaling) or of the field of view. This loader reads
@@ -176,7 +178,8 @@ class LoadFundusd(MapTransform):
         if data.get(self.fov_key) is not None:
             fov_path = str(data[self.fov_key])
             fov = self._read_masks(fov_path, image_path, size)
-            result[self.fov_key] = _as_metatensor(fov, fov_path, 0, {"fov_estimated": False})
+            estimated = entry_fov_source(data) == FOV_SOURCES[1]  # a mask tools.prepare estimated
+            result[self.fov_key] = _as_metatensor(fov, fov_path, 0, {"fov_estimated": estimated})
         elif self.estimate_missing_fov:
             fov = estimate_fov(image)[None].astype(np.float32)
             result[self.fov_key] = _as_metatensor(fov, image_path, 0, {"fov_estimated": True})

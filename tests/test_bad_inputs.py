@@ -119,6 +119,8 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
     rows, cols = np.mgrid[:48, :64]
     vessels = (abs(rows - 0.6 * cols - 5) < 2) | (abs(rows + 0.8 * cols - 50) < 1.5) | ((rows - 24) ** 2 + (cols - 40) ** 2 < 36)
     Image.fromarray(vessels.astype(np.uint8)).save(folder / lossy, quality=75)
+    small_fov = "small_fov.png"
+    write_png(folder / small_fov, np.ones((40, 60), np.uint8))
     good = {"image": image, "label": label}
     return {
         "a list, not an object": ([good], ("holds a JSON list, not an object",), {}),
@@ -138,6 +140,19 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
         "a missing file": (
             {"training": [{"image": "gone.png", "label": label}]},
             ("names 1 missing files", "gone.png"),
+            {},
+        ),
+        "a fov_source of another value": (
+            {"training": [{**good, "fov": label, "fov_source": "manual"}]},
+            ("'training' entry 0 fov_source must be one of given, estimated", '"manual"'),
+            {},
+        ),
+        "a mask of another size than its image": (
+            {"training": [{**good, "fov": small_fov}]},
+            (
+                "1 masks in 'training' are not the size of their image",
+                f"entry 0 fov {folder / small_fov} is 60x40 but its image {folder / image} is 64x48",
+            ),
             {},
         ),
         "paths written on Windows": (
@@ -189,6 +204,8 @@ CASE_NAMES = [
     "an entry without label",
     "entries with other keys",
     "a missing file",
+    "a fov_source of another value",
+    "a mask of another size than its image",
     "paths written on Windows",
     "masks for another number of channels",
     "every label empty",

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
+from ignite.engine import Engine
+from monai.data import DataLoader, Dataset
 
 from scripts.errors import command_line, user_error
+from scripts.fundus_io import FundusImageError
+from scripts.handlers import ReportErrors
 from scripts.inputs import InputError
 from tests.helpers import REPO
 from tests.preloaded import preloaded_python
@@ -17,6 +23,40 @@ def test_user_error_is_found_behind_monai_wrappers():
     except RuntimeError as wrapped:
         assert str(user_error(wrapped)) == "Datalist x.json does not exist."
     assert user_error(ValueError("not ours")) is None
+
+
+def _unreadable(item: dict) -> dict:
+    raise FundusImageError(f"cannot read image {item['image']}: image file is truncated")
+
+
+def _buggy(item: dict) -> dict:
+    raise ZeroDivisionError("a bug")
+
+
+def test_a_user_error_raised_in_a_data_loader_worker_is_still_ours(caplog):
+    """torch passes a worker's error on as the text of its traceback, wrapped in MONAI's "applying transform"
+    RuntimeError: until 0.3.17 an unreadable image in an evaluation gave 360 lines of traceback."""
+    messages = {}
+    for transform in (_unreadable, _buggy):
+        loader = DataLoader(Dataset([{"image": "/data/a.png"}], transform=transform), num_workers=1)
+        with pytest.raises(Exception) as caught:
+            next(iter(loader))
+        assert "DataLoader worker process" in str(caught.value)
+        messages[transform.__name__] = caught.value
+    own = user_error(messages["_unreadable"])
+    assert str(own) == "cannot read image /data/a.png: image file is truncated"
+    assert user_error(messages["_buggy"]) is None, "a bug keeps its traceback"
+    # ignite logs the error's text before any handler runs: shortened likewise.
+    engine = Engine(lambda engine, batch: None)
+    ReportErrors().attach(engine)
+    with caplog.at_level(logging.ERROR):
+        engine.logger.error(f"Current run is terminating due to exception: {messages['_unreadable']}")
+        engine.logger.error(f"Current run is terminating due to exception: {messages['_buggy']}")
+    shortened, kept = caplog.records
+    assert shortened.getMessage() == (
+        "Current run is terminating due to exception: cannot read image /data/a.png: image file is truncated"
+    )
+    assert "ZeroDivisionError: a bug" in kept.getMessage() and "Traceback" in kept.getMessage()
 
 
 def test_uncaught_user_errors_print_one_line_and_others_a_traceback():

@@ -126,7 +126,7 @@ def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> N
     assert sorted(e["case"] for e in datalist["training"] + datalist["validation"]) == ["21", "22", "23", "24", "25"]
     assert datalist["numValidation"] == 1  # round(0.2 * 5)
     for entry in _entries(datalist):
-        assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif")
+        assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif") and entry["fov_source"] == "given"
         assert entry["label"].endswith("_manual1.gif") and Path(entry["label"]).is_file()
     assert not (tmp_path / "out" / "drive_derived").exists()  # everything distributed is used as it is
     assert datalist["completeness_note"].startswith("8 images found where the complete DRIVE has 40: figures measured")
@@ -181,6 +181,7 @@ def test_chase_official_is_first_20_and_second_annotator(chase_tree: Path, tmp_p
     assert len(datalist["training"]) == 20 and all(e["label"].endswith("_2ndHO.png") for e in datalist["training"])
     assert datalist["completeness_note"] is None  # all 28 images of the distribution
     fov = read_mask(datalist["test"][0]["fov"]) > 0  # estimated: CHASE_DB1 has no FOV masks
+    assert all(entry["fov_source"] == "estimated" for entry in _entries(datalist)), "evaluation says so"
     assert fov.shape == (HEIGHT, WIDTH) and fov[HEIGHT // 2, WIDTH // 2] and not fov[0, 0]
 
 
@@ -446,6 +447,8 @@ def test_folder_with_partial_fov(tmp_path: Path) -> None:
     fovs = {e["case"]: e["fov"] for e in _entries(datalist)}
     assert fovs["case0"] == str(src / "fov" / "case0.png")
     assert fovs["case1"] == str(tmp_path / "out" / "mine_derived" / "fov" / "case1.png")
+    sources = {e["case"]: e["fov_source"] for e in _entries(datalist)}
+    assert sources == {"case0": "given", **{f"case{number}": "estimated" for number in range(1, 5)}}
     assert all(e["dataset"] == "mine" for e in _entries(datalist))
 
 

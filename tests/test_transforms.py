@@ -119,6 +119,13 @@ def test_missing_fov_is_estimated_and_label_optional(tmp_path: Path) -> None:
     assert _dice(fov[0], torch.from_numpy(disc)) > 0.95
     assert "fov" not in LoadFundusd(estimate_missing_fov=False)({"image": str(tmp_path / "photo.jpg")})
     assert "fov" not in LoadFundusd(estimate_missing_fov=False)({"image": str(tmp_path / "photo.jpg"), "fov": None})
+    # A mask tools.prepare estimated for a dataset distributed without is no dataset's mask either (until 0.3.17 its
+    # evaluation reported it as given).
+    Image.fromarray(disc).save(tmp_path / "fov.png")
+    for source, estimated in ((None, False), ("given", False), ("estimated", True)):
+        entry = {"image": str(tmp_path / "photo.jpg"), "fov": str(tmp_path / "fov.png")}
+        entry.update({} if source is None else {"fov_source": source})
+        assert LoadFundusd()(entry)["fov"].meta["fov_estimated"] is estimated, source
 
 
 def test_mask_size_mismatch_names_both_files(tiny: dict, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from skimage.morphology import black_tophat, disk
 from scripts.errors import ConfigError, command_line
 from scripts.fundus_io import estimate_fov, read_image, read_label_mask
 from scripts.inputs import InputError, load_split
-from scripts.metrics import FOV_SOURCES, evaluate_case, format_summary_table, summarise, write_reports
+from scripts.metrics import entry_fov_source, evaluate_case, format_summary_table, summarise, write_reports
 
 __all__ = [
     "DEFAULT_RADII",
@@ -151,7 +151,7 @@ def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
             )
         if not fov.any():
             raise InputError(f"{entry['image']}: the field-of-view mask is empty")
-        source = FOV_SOURCES[0] if entry.get("fov") else FOV_SOURCES[1]
+        source = entry_fov_source(entry)
         yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov, source)
 
 

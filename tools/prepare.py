@@ -28,8 +28,9 @@ Defaults and choices:
   image is; for other names, ``--patient-pattern REGEX`` (its group ``patient``, matched against the whole case id)
   says it. A drawn set then holds at least its fraction, up to one person's images more.
 
-Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov", "dataset",
-"case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
+Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov",
+"fov_source", "dataset", "case", "annotator"}`` with absolute paths (``fov_source``: ``"given"``, the dataset's mask,
+or ``"estimated"`` from the photograph for a dataset distributed without) (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
 are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
 ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images were found than the
 complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image", "split", "reason"}``;
@@ -60,6 +61,7 @@ import numpy as np
 from scripts.atomic import write_json_atomic
 from scripts.errors import FundusError, command_line
 from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
+from scripts.metrics import FOV_SOURCES
 from tools.datasets import (
     ANNOTATORS,
     DATASETS,
@@ -725,6 +727,8 @@ class _CasePreparer:
             "image": str(case.image),
             "label": label_names[0] if self.description.task == "vessels" else label_names,
             "fov": str(fov if isinstance(fov, Path) else self._write(fov, "fov", case.case_id)),
+            # A mask estimated from the photograph is not the dataset's: evaluation says so (entry_fov_source).
+            "fov_source": FOV_SOURCES[1] if case.fov is None else FOV_SOURCES[0],
             "dataset": self.description.name,
             "case": case.case_id,
             "annotator": recorded,

@@ -15,17 +15,37 @@ logger = logging.getLogger(__name__)
 _REPORTED = "_reported_by_report_errors"
 
 
+class _RelayedErrorsInOneLine(logging.Filter):
+    """Shortens ignite's own log line of an engine's exception when it is one of ours raised in a data-loader worker.
+
+    ignite logs the exception's text before any handler runs, and a worker's error reaches the main process as the
+    text of the worker's whole traceback (:func:`scripts.errors.user_error` rebuilds ours from it).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        marker = message.find("Caught ")
+        if marker < 0 or "DataLoader worker process" not in message:
+            return True
+        own = user_error(RuntimeError(message[marker:]))
+        if own is not None:
+            record.msg, record.args = f"{message[:marker]}{own}", ()
+        return True
+
+
 class ReportErrors:
     """Log an engine's exception before it propagates: one line for a :class:`scripts.errors.FundusError`.
 
     MONAI's ``StatsHandler`` logs every exception an engine raises with its full traceback, and ignite runs only the
     first ``EXCEPTION_RAISED`` handler that re-raises; listed before ``StatsHandler``, this handler keeps the
     traceback for bugs and drops it for the project's errors, whose message says all (the file, the setting, the fix),
-    and for a run asked to stop (Ctrl-C, SIGTERM).
+    and for a run asked to stop (Ctrl-C, SIGTERM). ignite's own log line of the exception is shortened likewise when
+    the error comes from a data-loader worker as the text of its traceback.
     """
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+        engine.logger.addFilter(_RelayedErrorsInOneLine())
 
     def __call__(self, engine: Engine, error: BaseException) -> None:
         # ignite raises an iteration's error twice (from the epoch, then from the run), and a validation's error
