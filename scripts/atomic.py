@@ -38,6 +38,16 @@ class OutputError(FundusError, OSError):
     """An output file cannot be written (full disk, no permission...); the message names the file and its folder."""
 
 
+def _cannot_write(path: Path, error: OSError) -> OutputError:
+    """The error for ``path`` that ``error`` keeps from being written, with its reason as its ``strerror``: an
+    enclosing :func:`atomic_path` (an export written into another's temporary file) names its own file with the same
+    reason, not the temporary file and the reason twice."""
+    reason = str(error.strerror or error)
+    failure = OutputError(f"Cannot write {path} in folder {path.parent} ({reason}).")
+    failure.strerror = reason
+    return failure
+
+
 def _umask() -> int:
     # Linux states it; setting and restoring it would, for a moment, apply umask 0 to files other threads create.
     try:
@@ -77,13 +87,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
         os.close(handle)
     except OSError as error:
-        raise OutputError(f"Cannot write {path} in folder {path.parent} ({error.strerror or error}).") from None
+        raise _cannot_write(path, error) from None
     try:
         yield Path(temporary)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
-        raise OutputError(f"Cannot write {path} in folder {path.parent} ({error.strerror or error}).") from None
+        raise _cannot_write(path, error) from None
     finally:
         Path(temporary).unlink(missing_ok=True)
 

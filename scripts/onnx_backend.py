@@ -431,11 +431,25 @@ class OnnxBackend:
                 return session
             except Exception as error:  # onnxruntime raises its own exception types per failure
                 reason = f"onnxruntime cannot load it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-        logger.warning("onnxruntime: rebuilding %s: %s.", self.cache_path, reason)
         self.rebuilt = True
+        folder = self.cache_path.parent
+        if not os.access(folder, os.W_OK):  # a read-only mount, a shared install: export for this run only
+            logger.warning(
+                "onnxruntime: the model's folder %s cannot be written, so the export is not cached there (%s): this "
+                "run exports the network for itself, and so will every run; make the folder writable, or copy the "
+                "model into one that is.",
+                folder,
+                reason,
+            )
+            with tempfile.TemporaryDirectory(prefix="sam2lora-onnx-") as scratch:
+                return self._build(network, Path(scratch) / self.cache_path.name)[0]
+        if cached is None:
+            logger.info("onnxruntime: exporting the network to %s (first use; later runs reuse it).", self.cache_path)
+        else:
+            logger.warning("onnxruntime: rebuilding %s: %s.", self.cache_path, reason)
         # The record goes first: an export killed or refused half-way must not pass later for the one it describes.
         sidecar.unlink(missing_ok=True)
-        session, onnx_sha256 = self._build(network)
+        session, onnx_sha256 = self._build(network, self.cache_path)
         write_json_atomic(sidecar, {**wanted, "onnx_sha256": onnx_sha256})
         return session
 
@@ -462,23 +476,23 @@ class OnnxBackend:
             return f"it is not the file its record {sidecar.name} describes"
         return None
 
-    def _build(self, network: nn.Module) -> tuple[Any, str]:
-        """Export (and quantize) into a file of this build's own, load it and hash it, then move it into place: two
-        processes building one cache at once never check, quantize or describe each other's file.
+    def _build(self, network: nn.Module, destination: Path) -> tuple[Any, str]:
+        """Export (and quantize) into a file of this build's own, load it and hash it, then move it to
+        ``destination``: two processes building one cache at once never check, quantize or describe each other's file.
 
         Returns:
             The onnxruntime session and the SHA-256 of the file it was loaded from.
         """
         model = PromptFreeSegmenter(cpu_network(network))
-        with atomic_path(self.cache_path) as partial:
+        with atomic_path(destination) as partial:
             if not self.int8:
-                export_checked_onnx(model, partial, self.cache_path)
+                export_checked_onnx(model, partial, destination)
                 return _session(partial), file_sha256(partial)
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            with tempfile.TemporaryDirectory(prefix=f".{self.cache_path.stem}.", dir=self.cache_path.parent) as work:
+            with tempfile.TemporaryDirectory(prefix=f".{destination.stem}.", dir=destination.parent) as work:
                 float_path = Path(work) / "float32.onnx"
-                export_checked_onnx(model, float_path, self.cache_path)
+                export_checked_onnx(model, float_path, destination)
                 quantize_dynamic(
                     str(float_path),
                     str(partial),

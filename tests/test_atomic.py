@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -21,6 +22,16 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         raise RuntimeError("killed half way")
     assert json.loads(target.read_text()) == {"dice": 0.8}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left behind"
+
+
+def test_a_full_disk_under_nested_writes_names_the_destination_once(tmp_path):
+    """An export written into another atomic write's temporary file: the outer error named the hidden temporary file
+    and repeated the inner message ("Cannot write X (Cannot write .X.tmp (No space left on device).)")."""
+    target = tmp_path / "model.onnxruntime.onnx"
+    with pytest.raises(atomic.OutputError) as caught, atomic_path(target) as outer, atomic_path(outer):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert str(caught.value) == f"Cannot write {target} in folder {tmp_path} (No space left on device)."
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, Terminated])

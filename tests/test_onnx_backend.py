@@ -7,7 +7,9 @@ import copy
 import csv
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -203,14 +205,30 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
     torch.testing.assert_close(logits, torch_logits(retrained, images), atol=1e-4, rtol=1e-4)
 
     # A rebuild refused (or killed) half-way leaves no record: its file never passes for the export it replaced.
-    def refused(self, network):
-        self.cache_path.write_bytes(b"half of another export")
+    def refused(self, network, destination):
+        destination.write_bytes(b"half of another export")
         raise DeployError("refused")
 
     monkeypatch.setattr(OnnxBackend, "_build", refused)
     with pytest.raises(DeployError):
         OnnxBackend(cache)(images, network)  # the original weights: the cache of the retrained ones is stale
     assert not sidecar.exists()
+
+
+def test_a_model_folder_that_cannot_be_written_exports_for_the_run_alone(network, images, tmp_path, monkeypatch,
+                                                                          caplog):
+    """A read-only mount or a shared install: the stale record could not be removed, and the run stopped with a
+    traceback. The folder is read-only as os.access reports it (the tests run as root, whom chmod does not stop)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    (folder / "model.onnxruntime.onnx.json").write_text("{}")  # a stale record, left as it is
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with caplog.at_level(logging.INFO, logger="scripts.onnx_backend"):
+        logits = OnnxBackend(folder / "model.onnxruntime.onnx")(images, network)
+    torch.testing.assert_close(logits, torch_logits(network, images), atol=1e-4, rtol=1e-4)
+    assert sorted(path.name for path in folder.iterdir()) == ["model.onnxruntime.onnx.json"], "nothing written there"
+    assert f"the model's folder {folder} cannot be written, so the export is not cached there" in caplog.text
 
 
 def test_the_code_fingerprint_follows_the_libraries_and_the_networks_own_files(network, tmp_path, monkeypatch):
@@ -338,7 +356,7 @@ def test_bundle_inference_with_the_onnxruntime_backend_writes_pytorchs_masks(tmp
         assert result.returncode == 0, fail_message(result)
         log = result.stdout + result.stderr
         if run == "exported":
-            assert "rebuilding" in log and "no export yet" in log
+            assert "exporting the network to" in log and "(first use; later runs reuse it)" in log
         if run == "cached":
             assert "using the cached export" in log and "rebuilding" not in log
     cached = onnx.load(str(tmp_path / "models" / "model.onnxruntime.onnx"))
