@@ -4,6 +4,7 @@ MONAI's ckpt_export, torch.export programs."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,7 @@ def test_an_onnx_export_that_disagrees_with_pytorch_is_not_kept(trained, tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "no partial file is left"
 
 
-def test_onnx_of_the_unet_head_matches_pytorch(tmp_path):
+def test_onnx_of_the_unet_head_matches_pytorch(tmp_path, caplog):
     model = write_model_file(tmp_path / "unet.pt", architecture="unet", image_size=IMAGE_SIZE)
     segmenter = load_segmenter(model)
     path = export_onnx(segmenter, tmp_path / "unet.onnx")
@@ -195,3 +196,6 @@ def test_onnx_of_the_unet_head_matches_pytorch(tmp_path):
     with torch.no_grad():
         assert segmenter(images).shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
     assert check_onnx(path, segmenter, images) < 1e-4
+    with caplog.at_level(logging.INFO, logger="tools.deploy"):
+        assert main(["--format", "onnx", "--ckpt_path", str(model), "--output", str(tmp_path / "cli.onnx")]) == 0
+    assert "largest difference" in caplog.text and "(logits)." in caplog.text, "the U-Net head has no IoU output"

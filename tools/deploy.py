@@ -135,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
         with atomic_path(output) as partial:
             difference = export_checked_onnx(model, partial, output, args.opset, model.example(batch=3))
-        logger.info("onnxruntime vs PyTorch on 3 random images: largest difference %.2e (logits, and IoU).", difference)
+        logger.info(
+            "onnxruntime vs PyTorch on 3 random images: largest difference %.2e (%s).",
+            difference,
+            " and ".join(model.output_names),
+        )
         path = output
     else:
         path = export_program(model, output)
