@@ -52,6 +52,7 @@ __all__ = [
     "export_outputs",
     "inference_backend",
     "onnx_cache_path",
+    "require_onnxruntime",
     "weights_fingerprint",
 ]
 
@@ -517,19 +518,34 @@ def inference_backend(backend: str, ckpt_path: str | os.PathLike, int8: bool = F
         if int8:
             raise ConfigError("onnx_int8 True needs backend 'onnxruntime'.")
         return None
+    require_onnxruntime("backend 'onnxruntime'")
+    return OnnxBackend(onnx_cache_path(ckpt_path, int8), int8)
+
+
+def require_onnxruntime(needed_by: str, opset: int = OPSET) -> None:
+    """Check, before any export, that onnxruntime and the exporter's onnxscript are installed, and that onnxruntime
+    runs ``opset`` (opset 23's ``Attention`` needs 1.23).
+
+    Args:
+        needed_by: what needs them, for the message (``"backend 'onnxruntime'"``).
+        opset: the opset of the exports it will run.
+
+    Raises:
+        ConfigError: either is missing, or onnxruntime is too old; the message says what to install.
+    """
     try:
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as error:
         raise ConfigError(
-            f"backend 'onnxruntime' needs onnxruntime and onnxscript ({error}): pip install onnxruntime onnxscript."
+            f"{needed_by} needs onnxruntime and onnxscript ({error}): pip install onnxruntime onnxscript."
         ) from error
-    if tuple(int(part) for part in re.findall(r"\d+", onnxruntime.__version__)[:2]) < MIN_ONNXRUNTIME:
+    installed = tuple(int(part) for part in re.findall(r"\d+", onnxruntime.__version__)[:2])
+    if opset >= OPSET and installed < MIN_ONNXRUNTIME:
         raise ConfigError(
-            f"backend 'onnxruntime' needs onnxruntime {'.'.join(map(str, MIN_ONNXRUNTIME))} or later (its exports use "
-            f"opset {OPSET}); installed: {onnxruntime.__version__}. pip install -U onnxruntime."
+            f"{needed_by} needs onnxruntime {'.'.join(map(str, MIN_ONNXRUNTIME))} or later (its exports use opset "
+            f"{OPSET}); installed: {onnxruntime.__version__}. pip install -U onnxruntime."
         )
-    return OnnxBackend(onnx_cache_path(ckpt_path, int8), int8)
 
 
 def onnx_cache_path(ckpt_path: str | os.PathLike, int8: bool = False) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,16 @@ def test_cli_reports_a_missing_model(tmp_path, capsys):
     status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")])
     assert status == 1
     assert f"error: Trained model {tmp_path / 'none.pt'} does not exist." in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_without_onnxruntime_says_so_before_exporting(tmp_path, capsys, monkeypatch):
+    """It exported for minutes (at Hiera-large) before the check with onnxruntime failed, with no install hint."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: importing it raises ImportError
+    # A model path that does not exist: its error would come first if the model were read before the check.
+    status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")])
+    assert status == 1
+    assert "error: --format onnx needs onnxruntime and onnxscript" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
 

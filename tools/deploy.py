@@ -42,6 +42,7 @@ from scripts.onnx_backend import (
     check_onnx,
     export_checked_onnx,
     export_onnx,
+    require_onnxruntime,
 )
 from tools.export import load_model
 
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output = check_output_name(args.format, args.output, args.overwrite)
+    if args.format == "onnx":  # it checks the export with onnxruntime: known before minutes of exporting
+        require_onnxruntime("--format onnx", args.opset)
     model = load_segmenter(args.ckpt_path)
     if args.format == "onnx":
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
