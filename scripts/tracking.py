@@ -595,6 +595,8 @@ class EvaluationRecorder:
     Args:
         handlers: the evaluator's handlers (``@validate#handlers``).
         output_dir: the evaluation's output folder: the report files it writes there are logged as artifacts.
+        settings: what was evaluated (model file, datalist, split, prompt modes, backend), logged as parameters, so
+            that runs can be told apart and compared in MLflow's table without opening their reports.
         retry_interval: seconds to wait after a failed delivery before trying again.
         flush_timeout: seconds to wait at the end for queued records to be delivered.
         queue_size: records waiting for delivery beyond which new ones are dropped (and reported).
@@ -604,12 +606,14 @@ class EvaluationRecorder:
         self,
         handlers: Sequence[Any],
         output_dir: str | os.PathLike,
+        settings: Mapping[str, Any] | None = None,
         retry_interval: float = 60.0,
         flush_timeout: float = 60.0,
         queue_size: int = 100_000,
     ) -> None:
         self.handlers = [h for h in handlers if isinstance(h, MLFlowHandler)]
         self.output_dir = Path(output_dir)
+        self.settings = dict(settings or {})
         self.retry_interval = retry_interval
         self.flush_timeout = flush_timeout
         self.queue_size = queue_size
@@ -637,6 +641,8 @@ class EvaluationRecorder:
             handler.cur_run = run
             handler.client = _DeliveringClient(handler.client, delivery, run, dict(run.data.params))
             self.deliveries.append(delivery)
+            params = [mlflow.entities.Param(key, value[:6000]) for key, value in flatten_settings(self.settings).items()]
+            handler.client.log_batch(run.info.run_id, params=params)
             logger.info(f"MLflow: recording evaluation run {run_name} ({run.info.run_id}) at {where}.")
         atexit.register(self._end_unfinished)
 
