@@ -24,8 +24,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,8 @@ OPSET = 23
 # The first onnxruntime that runs opset 23 (pyproject's ``onnx`` extra asks for it; an older one already installed
 # is named here rather than failing inside the export check).
 MIN_ONNXRUNTIME = (1, 23)
+# A build's own temporary files are younger: exporting and quantizing Hiera-large takes minutes.
+LEFTOVER_AGE_S = 24 * 3600
 # The largest batch the dynamic dimension admits; torch.export needs a bound, and 1024 images at 1024 px
 # would not fit any accelerator anyway.
 MAX_BATCH = 1024
@@ -444,6 +448,7 @@ class OnnxBackend:
             )
             with tempfile.TemporaryDirectory(prefix="sam2lora-onnx-") as scratch:
                 return self._build(network, Path(scratch) / self.cache_path.name)[0]
+        self._remove_leftovers()
         if cached is None:
             logger.info("onnxruntime: exporting the network to %s (first use; later runs reuse it).", self.cache_path)
         else:
@@ -476,6 +481,19 @@ class OnnxBackend:
         if recorded.get("onnx_sha256") != hashlib.sha256(cached).hexdigest():
             return f"it is not the file its record {sidecar.name} describes"
         return None
+
+    def _remove_leftovers(self) -> None:
+        """Remove what builds of this cache killed by SIGKILL left in its folder: hidden partial files and int8
+        builds' float32 steps (about a GB at Hiera-large), those older than :data:`LEFTOVER_AGE_S`, so that a build
+        another process is running keeps its own."""
+        old = time.time() - LEFTOVER_AGE_S
+        for path in self.cache_path.parent.glob(f".{self.cache_path.stem}.*"):
+            try:
+                if path.stat().st_mtime < old:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    logger.info("onnxruntime: removed %s, left by a build that was killed.", path)
+            except OSError as error:  # another process removed it first, or it cannot be: the build goes on
+                logger.debug("onnxruntime: cannot remove %s (%s).", path, error)
 
     def _build(self, network: nn.Module, destination: Path) -> tuple[Any, str]:
         """Export (and quantize) into a file of this build's own, load it and hash it, then move it to

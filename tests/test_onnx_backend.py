@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,27 @@ def test_stale_damaged_or_unrecorded_caches_are_rebuilt_with_a_log_line(
     with pytest.raises(DeployError):
         OnnxBackend(cache)(images, network)  # the original weights: the cache of the retrained ones is stale
     assert not sidecar.exists()
+
+
+def test_a_build_removes_what_killed_builds_left_and_no_other_build_s_files(network, images, tmp_path):
+    """SIGKILL during an int8 build left its float32 step (about a GB at Hiera-large) and a hidden partial file,
+    which no later run removed."""
+    cache = tmp_path / "model.onnxruntime-int8.onnx"
+    killed_step = tmp_path / ".model.onnxruntime-int8.abc123"
+    killed_step.mkdir()
+    (killed_step / "float32.onnx").write_bytes(b"half an export")
+    killed_partial = tmp_path / ".model.onnxruntime-int8.onnx.def456.onnx"
+    killed_partial.write_bytes(b"half a quantization")
+    running = tmp_path / ".model.onnxruntime-int8.onnx.ghi789.onnx"  # another process's build, under way
+    running.write_bytes(b"being written")
+    other_cache = tmp_path / ".model.onnxruntime.onnx.jkl012.onnx"  # the float32 cache's: not this build's
+    other_cache.write_bytes(b"another cache's")
+    day_old = time.time() - onnx_backend.LEFTOVER_AGE_S - 60
+    for path in (killed_step, killed_partial, other_cache):
+        os.utime(path, (day_old, day_old))
+    OnnxBackend(cache, int8=True)(images, network)
+    assert not killed_step.exists() and not killed_partial.exists()
+    assert running.exists() and other_cache.exists()
 
 
 def test_a_model_folder_that_cannot_be_written_exports_for_the_run_alone(network, images, tmp_path, monkeypatch,
