@@ -296,9 +296,9 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a label (or field-of-view) mask as bool, refusing pictures that are not masks.
 
     Foreground as :func:`label_foreground` says: any non-zero value in a mask whose values stay below 128, values
-    above 127 otherwise, read from the picture's gray levels. A colour picture whose channels differ by more than a
-    faint tint (:data:`GRAY_TINT_TOLERANCE`; green vessels drawn on black) would read as empty: it is refused, as is a low-valued mask of more than two levels
-    (:func:`mask_levels_problem`: a 0/1 mask saved as JPEG). Another mask with more than two levels (a 0/255 JPEG,
+    above 127 otherwise, read from the picture's gray levels (a colour file's luminance). A colour picture whose
+    channels differ by more than a faint tint (:data:`GRAY_TINT_TOLERANCE`; green vessels drawn on black) is refused,
+    as is a low-valued mask of more than two levels (:func:`mask_levels_problem`: a 0/1 mask saved as JPEG). Another mask with more than two levels (a 0/255 JPEG,
     an anti-aliased drawing) is thresholded, with a warning naming the file.
 
     Args:
@@ -320,7 +320,10 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
                 f"label {path} is a colour picture whose channels differ (mean {means}): labels must be grayscale "
                 "masks, 0 for background and 255 (or 1) for the structure"
             )
-    values = _mask_values(image, path)
+        # Its luminance: a faint tint spreads over the channels (a 0/1 mask tinted green has no red at all).
+        values = np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    else:
+        values = _mask_values(image, path)
     problem = mask_levels_problem(values)
     if problem:
         raise FundusImageError(f"label {path} {problem}")

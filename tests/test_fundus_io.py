@@ -174,6 +174,22 @@ def test_a_0_1_vessel_mask_saved_as_jpeg_is_refused_and_low_two_level_masks_are_
     assert (read_label_mask(as_255) == vessels).mean() > 0.99, "a 0/255 JPEG is still thresholded at 127"
 
 
+def test_a_gray_mask_stored_with_a_faint_tint_reads_as_its_structure(tmp_path: Path) -> None:
+    """Within the tint a gray mask may carry (8 levels), whatever channel carries it: a 0/1 mask tinted green has
+    no red, which alone read it as empty."""
+    mask = np.zeros((40, 60), bool)
+    mask[10:20, 5:50] = True
+    for name, colour in (("green_0_1.png", (0, 1, 0)), ("green_0_8.png", (0, 8, 0)), ("tinted.png", (250, 255, 250))):
+        rgb = np.zeros((40, 60, 3), np.uint8)
+        rgb[mask] = colour
+        np.testing.assert_array_equal(read_label_mask(_save(tmp_path / name, rgb)), mask, err_msg=name)
+    palette = Image.new("P", (60, 40))
+    palette.putdata(mask.astype(np.uint8).ravel().tolist())  # indices 0 and 1
+    palette.putpalette([4, 2, 4, 252, 254, 252] + [0] * 762)  # DRIVE's 2nd_manual palette
+    palette.save(tmp_path / "palette.gif")
+    np.testing.assert_array_equal(read_label_mask(tmp_path / "palette.gif"), mask)
+
+
 def test_drives_second_observer_masks_read_as_their_structure(drive_dir: Path, tmp_path) -> None:
     """DRIVE's 2nd_manual GIFs store gray in a faintly tinted palette (4,2,4 and 252,254,252): until 0.3.17 they were
     refused as colour pictures. The structure is independently the palette entry that is light."""
