@@ -81,6 +81,9 @@ NETWORK_SETTINGS = (
     "lora_dropout",
     "finetune",
 )
+# The bundle's errors (by class name: MONAI Label loads each bundle's `scripts` anew) that a request's input causes,
+# answered as client errors; its other errors (a full disk, missing base weights) are the server's.
+REQUEST_ERRORS = ("FundusImageError", "PromptError", "ModelFileError")
 # Transforms of the bundle's postprocessing that write files of their own (the bundle's prediction writer, by
 # class name because its class lives in the bundle's `scripts` package, which MONAI Label reloads per bundle).
 FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
@@ -221,8 +224,9 @@ class FundusInferTask(BundleInferTask):
         return backend_settings(conf)
 
     def __call__(self, request: Any, callbacks: Any = None) -> Any:
-        """MONAI Label's inference of one request, with the bundle's own errors (an unreadable picture, a model file
-        that is not a model) answered as client errors in one line (HTTP 422) instead of a bare 500."""
+        """MONAI Label's inference of one request, with the bundle's own errors answered in one line instead of a bare
+        HTTP 500: those of the request's input (an unreadable picture, bad clicks, a model file that is not a model)
+        as client errors (422), the others (a full disk) as the server's (500, with the bundle's message)."""
         image = request.get("image") if isinstance(request, Mapping) else None
         if isinstance(image, str) and exif_turned(image):
             raise HTTPException(status_code=422, detail=turned_message(image))
@@ -235,7 +239,8 @@ class FundusInferTask(BundleInferTask):
                 own = bundle_error(error)
                 if own is None:
                     raise
-                raise HTTPException(status_code=422, detail=str(own).splitlines()[0]) from None
+                status = 422 if type(own).__name__ in REQUEST_ERRORS else 500
+                raise HTTPException(status_code=status, detail=str(own).splitlines()[0]) from None
 
     def _check_inferer(self, path: str) -> None:
         """Build the bundle's inferer now, so that a setting it refuses (``--conf backend``, ``onnx_int8``, a missing

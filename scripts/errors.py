@@ -93,10 +93,11 @@ def _relayed_from_worker(error: BaseException) -> FundusError | None:
     if "DataLoader worker process" not in text:
         return None
     classes = _error_classes()
-    for name, message in reversed(_RELAYED_ERROR.findall(text)):
-        if name in classes:
-            return FundusError(message)
-    return None
+    ours = [match for match in _RELAYED_ERROR.finditer(text) if match.group(1) in classes]
+    # An error raised while ours was being handled is a bug, which keeps its traceback (as in the main process).
+    if not ours or "During handling of the above exception" in text[ours[-1].end() :]:
+        return None
+    return FundusError(ours[-1].group(2))
 
 
 def user_error(error: BaseException | None) -> FundusError | None:

@@ -33,19 +33,28 @@ def _buggy(item: dict) -> dict:
     raise ZeroDivisionError("a bug")
 
 
+def _bug_while_handling_ours(item: dict) -> dict:
+    try:
+        _unreadable(item)
+    except FundusImageError:
+        raise ZeroDivisionError("a bug in the handler")  # ours stays its context: "During handling ..."
+
+
 def test_a_user_error_raised_in_a_data_loader_worker_is_still_ours(caplog):
     """torch passes a worker's error on as the text of its traceback, wrapped in MONAI's "applying transform"
     RuntimeError: until 0.3.17 an unreadable image in an evaluation gave 360 lines of traceback."""
     messages = {}
-    for transform in (_unreadable, _buggy):
+    for transform in (_unreadable, _buggy, _bug_while_handling_ours):
         loader = DataLoader(Dataset([{"image": "/data/a.png"}], transform=transform), num_workers=1)
         with pytest.raises(Exception) as caught:
             next(iter(loader))
         assert "DataLoader worker process" in str(caught.value)
         messages[transform.__name__] = caught.value
+    assert "During handling of the above exception" in str(messages["_bug_while_handling_ours"])
     own = user_error(messages["_unreadable"])
     assert str(own) == "cannot read image /data/a.png: image file is truncated"
     assert user_error(messages["_buggy"]) is None, "a bug keeps its traceback"
+    assert user_error(messages["_bug_while_handling_ours"]) is None, "even one raised while ours was handled"
     # ignite logs the error's text before any handler runs: shortened likewise.
     engine = Engine(lambda engine, batch: None)
     ReportErrors().attach(engine)
