@@ -462,7 +462,9 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(clicks, list):
             raise HTTPException(status_code=422, detail=f"'{field}' must be a list of [x, y] points; got {clicks!r}.")
         for click in clicks:
-            if not isinstance(click, list) or len(click) not in (2, 3) or click[2:] not in ([], [0]):
+            well_formed = isinstance(click, list) and len(click) in (2, 3)
+            # JSON's false equals 0 in Python: a slice given as false is no slice number.
+            if not (well_formed and (len(click) == 2 or (click[2] == 0 and not isinstance(click[2], bool)))):
                 raise HTTPException(
                     status_code=422, detail=f"'{field}' point {click!r}: a point of a 2D image is [x, y] (or [x, y, 0])."
                 )
@@ -471,7 +473,9 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
     roi = request.get("roi")
     if roi:
         if isinstance(roi, list) and len(roi) == 6:
-            if not (isinstance(roi[4], (int, float)) and isinstance(roi[5], (int, float)) and roi[4] <= 0 <= roi[5]):
+            slices = roi[4:]
+            numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in slices)
+            if not (numbers and slices[0] <= 0 <= slices[1]):
                 raise HTTPException(
                     status_code=422, detail=f"'roi' {roi!r}: a 2D image has slice 0 only; its slice range must hold 0."
                 )

@@ -93,11 +93,20 @@ elif [ -n "$bundle" ]; then
     die "bundle $bundle does not exist"
 fi
 # Checked before installing anything: a server that cannot listen fails only once the app has started, and the
-# bundle it installed would then refuse the retry (an installed bundle is kept).
+# bundle it installed would then refuse the retry (an installed bundle is kept). Bound as uvicorn's asyncio server
+# binds: every address of the host, a family the machine lacks (IPv6 off) passed over, IPv6 sockets IPv6 only.
 listen='import socket, sys
-for family, kind, proto, _, address in socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_STREAM):
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+for family, kind, proto, _, address in socket.getaddrinfo(
+    sys.argv[1], int(sys.argv[2]), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+):
+    try:
+        probe = socket.socket(family, kind, proto)
+    except OSError:
+        continue
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind(address)'
 "$python" -c "$listen" "$host" "$port" 2>/dev/null \
     || die "cannot listen on $host port $port (in use by another server?): choose another --port"

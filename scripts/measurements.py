@@ -780,12 +780,18 @@ def structure_of(channel_name: str) -> str | None:
 
 
 def warn_about_unmeasured_channels(channel_names: list[str] | tuple[str, ...]) -> list[str]:
-    """Log, once for a run, the channels no measurement is taken of (their names are no structure's).
+    """Log, once for a run, the channels no measurement is taken of: their names are no structure's, or a cup's
+    without a disc channel (the cup is measured in its disc).
 
     Returns:
         Those channels' names.
     """
-    unmeasured = [name for name in channel_names if structure_of(name) is None]
+    structures = [structure_of(name) for name in channel_names]
+    unmeasured = [
+        name
+        for name, structure in zip(channel_names, structures)
+        if structure is None or (structure == "cup" and "disc" not in structures)
+    ]
     if unmeasured:
         known = "; ".join(f"{structure}: {', '.join(sorted(names))}" for structure, names in STRUCTURE_NAMES.items())
         logger.warning(

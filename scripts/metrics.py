@@ -93,18 +93,6 @@ IDENTITY_COLUMNS = ("filename", "dataset", "fov_source")
 FOV_SOURCES = ("given", "estimated")
 """Where an image's field of view came from: the dataset's mask, or :func:`scripts.fundus_io.estimate_fov`."""
 
-
-def entry_fov_source(entry: Mapping[str, Any]) -> str:
-    """Where a datalist entry's field of view comes from (one of :data:`FOV_SOURCES`).
-
-    Estimated when the entry names no mask (it is estimated from the photograph as it is read), or when it names one
-    that ``tools.prepare`` estimated for a dataset distributed without (its ``"fov_source"`` says so); given
-    otherwise.
-    """
-    if not entry.get("fov") or entry.get("fov_source") == FOV_SOURCES[1]:
-        return FOV_SOURCES[1]
-    return FOV_SOURCES[0]
-
 UNKNOWN_DATASET = "unknown"
 
 _RESAMPLING_ROUNDING = 1e-6
@@ -120,8 +108,21 @@ _CONFUSION_MATRIX_METRICS = {
     "mcc": "matthews correlation coefficient",
 }
 
+
 class ReportWriteError(OutputError):
     """The evaluation reports cannot be written into the requested output folder."""
+
+
+def entry_fov_source(entry: Mapping[str, Any]) -> str:
+    """Where a datalist entry's field of view comes from (one of :data:`FOV_SOURCES`).
+
+    Estimated when the entry names no mask (it is estimated from the photograph as it is read), or when it names one
+    that ``tools.prepare`` estimated for a dataset distributed without (its ``"fov_source"`` says so); given
+    otherwise.
+    """
+    if not entry.get("fov") or entry.get("fov_source") == FOV_SOURCES[1]:
+        return FOV_SOURCES[1]
+    return FOV_SOURCES[0]
 
 
 def _map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

@@ -489,9 +489,13 @@ class OnnxBackend:
         old = time.time() - LEFTOVER_AGE_S
         for path in self.cache_path.parent.glob(f".{self.cache_path.stem}.*"):
             try:
-                if path.stat().st_mtime < old:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                    logger.info("onnxruntime: removed %s, left by a build that was killed.", path)
+                if path.stat().st_mtime >= old:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                logger.info("onnxruntime: removed %s, left by a build that was killed.", path)
             except OSError as error:  # another process removed it first, or it cannot be: the build goes on
                 logger.debug("onnxruntime: cannot remove %s (%s).", path, error)
 

@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 # Needed only with ``--tracking mlflow``: a run without it (a clinic's pipeline, a lent GPU) trains without mlflow.
 mlflow, _ = optional_import("mlflow")
 
+# The longest parameter value MLflow stores (6000 characters since MLflow 2.x).
+PARAM_LENGTH = 6000
 ADAPTER_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"})
 
 
@@ -119,6 +121,11 @@ def settings_in_use(settings: Mapping[str, Any]) -> dict[str, Any]:
     if settings.get("finetune") != "full":
         return dict(settings)
     return {key: value for key, value in settings.items() if key not in ADAPTER_SETTINGS}
+
+
+def _mlflow_params(settings: Mapping[str, Any]) -> list[Any]:
+    """``settings`` as MLflow parameters (:func:`flatten_settings`), each value cut to what MLflow stores."""
+    return [mlflow.entities.Param(key, value[:PARAM_LENGTH]) for key, value in flatten_settings(settings).items()]
 
 
 def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -479,7 +486,7 @@ class MLflowRecorder:
             trainable_fraction=f"{trainable / max(total, 1):.6f}",
             torch_version=torch.__version__,
         )
-        params = {key: value[:6000] for key, value in params.items()}
+        params = {key: value[:PARAM_LENGTH] for key, value in params.items()}
         entities = [mlflow.entities.Param(key, value) for key, value in params.items()]
         tags = [mlflow.entities.RunTag("resumed", str(resumed).lower())] if resumed else []
         # A resumed run may change max_epochs or max_training_minutes (or run another torch); MLflow keeps a
@@ -641,8 +648,7 @@ class EvaluationRecorder:
             handler.cur_run = run
             handler.client = _DeliveringClient(handler.client, delivery, run, dict(run.data.params))
             self.deliveries.append(delivery)
-            params = [mlflow.entities.Param(key, value[:6000]) for key, value in flatten_settings(self.settings).items()]
-            handler.client.log_batch(run.info.run_id, params=params)
+            handler.client.log_batch(run.info.run_id, params=_mlflow_params(self.settings))
             logger.info(f"MLflow: recording evaluation run {run_name} ({run.info.run_id}) at {where}.")
         atexit.register(self._end_unfinished)
 

@@ -193,5 +193,6 @@ def test_an_optimiser_step_larger_than_the_training_split_is_warned_about(caplog
     first, second, third = (record.getMessage() for record in caplog.records)
     assert first.startswith("batch_size 8 asks for 8 images per optimiser step, but the split has 6 training images")
     assert "every step takes 6" in first and "Lower --batch_size, or add" in first
-    assert second.startswith("batch_size 2 x accumulation_steps 4 asks for 8 images") and "--accumulation_steps" in second
+    assert second.startswith("batch_size 2 x accumulation_steps 4 asks for 8 images")
+    assert "--accumulation_steps" in second
     assert "5 training images per process: every step takes 5" in third

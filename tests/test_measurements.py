@@ -488,7 +488,8 @@ def test_a_larger_false_cup_outside_the_disc_does_not_replace_the_cup_in_it() ->
     assert record["vertical_cdr"] == clean["vertical_cdr"] == _extent(cup, 0) / _extent(disc, 0)
     assert record["cup_area_px"] == np.count_nonzero(cup)
     share = 100 * np.count_nonzero(false_cup) / np.count_nonzero(cup | false_cup)
-    assert record["notes"] == f"cup: {np.count_nonzero(false_cup)} px ({share:.1f}%) of pieces away from the cup left out"
+    left_out = np.count_nonzero(false_cup)
+    assert record["notes"] == f"cup: {left_out} px ({share:.1f}%) of pieces away from the cup left out"
 
 
 def test_a_disc_too_small_to_measure_is_noted() -> None:
@@ -591,7 +592,10 @@ def test_structures_are_known_by_their_channels_names_in_any_case_and_the_others
     with caplog.at_level(logging.WARNING, logger="scripts.measurements"):
         assert warn_about_unmeasured_channels(["Vessels", "disc"]) == []
         assert not caplog.records
-        assert warn_about_unmeasured_channels(["vessel_mask", "optic_disc", "cup"]) == ["vessel_mask", "optic_disc"]
+        odd = ["vessel_mask", "optic_disc"]
+        assert warn_about_unmeasured_channels([*odd, "cup"]) == [*odd, "cup"], "a cup is measured in its disc"
+        caplog.clear()
+        assert warn_about_unmeasured_channels([*odd, "OC", "OD"]) == odd
     assert measure_structures(np.stack([vessels, disc]), ["vessel_mask", "optic_disc"]) == {"notes": ""}
     (record,) = caplog.records
     assert record.getMessage().startswith("Channel(s) 'vessel_mask', 'optic_disc' are not measured:")

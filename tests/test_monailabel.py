@@ -534,6 +534,8 @@ def test_a_model_file_that_does_not_fit_is_refused_and_the_served_network_kept(s
         ({"background": [[10, 10, 3]]}, "a point of a 2D image is [x, y]"),
         ({"foreground": "10,10"}, "'foreground' must be a list of [x, y] points"),
         ({"foreground": [[True, 3]]}, "a point is [x, y, label]; got [True, 3, 1]"),
+        ({"foreground": [[10, 10, False]]}, "a point of a 2D image is [x, y] (or [x, y, 0])"),
+        ({"roi": [5, 6, 50, 60, False, True]}, "a 2D image has slice 0 only"),
     ],
 )
 def test_bad_clicks_get_a_one_line_answer(setup, fields, message):

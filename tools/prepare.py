@@ -29,14 +29,15 @@ Defaults and choices:
   says it. A drawn set then holds at least its fraction, up to one person's images more.
 
 Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"image", "label", "fov",
-"fov_source", "dataset", "case", "annotator"}`` with absolute paths (``fov_source``: ``"given"``, the dataset's mask,
-or ``"estimated"`` from the photograph for a dataset distributed without) (``label`` is one mask for vessels, ``[disc, cup]`` for disc/cup; masks
-are 0 = background, > 0 = structure), plus the provenance keys ``dataset``, ``task``, ``structures``,
-``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images were found than the
-complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image", "split", "reason"}``;
-they are also named in one warning, and the other cases are prepared), ``split``, ``split_summary``,
-``validation_split``, ``seed``, ``test_fraction``, ``val_fraction``, ``patient_pattern``, ``patients`` (people per
-split, where a pattern applies), ``source`` and the counts ``numTraining``, ``numValidation``, ``numTest``.
+"fov_source", "dataset", "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc,
+cup]`` for disc/cup; masks are 0 = background, > 0 = structure; ``fov_source`` is ``"given"``, the dataset's mask,
+or ``"estimated"`` from the photograph for a dataset distributed without), plus the provenance keys ``dataset``,
+``task``, ``structures``, ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images
+were found than the complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image",
+"split", "reason"}``; they are also named in one warning, and the other cases are prepared), ``split``,
+``split_summary``, ``validation_split``, ``seed``, ``test_fraction``, ``val_fraction``, ``patient_pattern``,
+``patients`` (people per split, where a pattern applies), ``source`` and the counts ``numTraining``,
+``numValidation``, ``numTest``.
 Distributed files are referenced where they already follow that convention, otherwise rewritten into the derived
 folder. Images are referenced as distributed (tif, gif, ppm.gz...): read them with :mod:`scripts.fundus_io`.
 """

@@ -45,7 +45,9 @@ class ReportErrors:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
-        engine.logger.addFilter(_RelayedErrorsInOneLine())
+        # ignite's loggers are one per engine class: one filter each, however many engines attach.
+        if not any(isinstance(each, _RelayedErrorsInOneLine) for each in engine.logger.filters):
+            engine.logger.addFilter(_RelayedErrorsInOneLine())
 
     def __call__(self, engine: Engine, error: BaseException) -> None:
         # ignite raises an iteration's error twice (from the epoch, then from the run), and a validation's error

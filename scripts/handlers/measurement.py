@@ -278,7 +278,8 @@ class MeasurementAgreement:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(summary)
         write_text_atomic(self.output_dir / "measurement_agreement.csv", buffer.getvalue())
-        structures = [s for s in BLAND_ALTMAN if s in {structure_of(name) for name in self.channel_names}]
+        segmented = {structure_of(name) for name in self.channel_names}
+        structures = [structure for structure in BLAND_ALTMAN if structure in segmented]
         for measure in (m for structure in structures for m in BLAND_ALTMAN[structure]):
             plot_bland_altman(
                 [row[f"ref_{measure}"] for row in self.rows],
