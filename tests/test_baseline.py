@@ -91,6 +91,18 @@ def test_a_test_split_without_fov_masks_is_scored_in_estimated_fields_of_view(sy
     assert result["summary"]["all"]["metrics"]["vessels/fov/dice"]["mean"] > 0.85
 
 
+def test_a_field_of_view_tools_prepare_estimated_is_reported_as_estimated(synthetic_datalist, tmp_path):
+    """A mask file named with "fov_source": "estimated" (tools.prepare's, for a dataset without masks) is no
+    dataset's mask: until 0.3.17 its figures passed for the published protocol's."""
+    content = json.loads(synthetic_datalist.read_text())
+    content["test"] = [{**entry, "fov_source": source} for entry, source in zip(content["test"], ("estimated", "given"))]
+    synthetic_datalist.write_text(json.dumps(content))
+    result = run_baseline(synthetic_datalist, tmp_path / "out", radii=(5,), sigmas=(1.0,))
+    assert result["summary"]["all"]["fov_sources"] == {"given": 1, "estimated": 1}
+    with open(result["paths"]["per_image_csv"], newline="") as table:
+        assert [row["fov_source"] for row in csv.DictReader(table)] == ["estimated", "given"]
+
+
 def test_refuses_to_evaluate_on_training_split(synthetic_datalist, tmp_path):
     with pytest.raises(ValueError, match="training split"):
         run_baseline(synthetic_datalist, tmp_path / "out", split="training")
