@@ -176,8 +176,7 @@ def load_split(
         InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
             object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, a mask is
             not the size of its image, an image is smaller than 32 pixels per side or ``size_check`` refuses it, a
-            label has another number of masks than
-            ``channels``, or every label is empty.
+            label has another number of masks than ``channels``, or every label is empty.
     """
     path = Path(datalist)
     content = read_datalist(path)
