@@ -6,6 +6,8 @@ Timings are the benchmark's job (``python -m tools.benchmark``); nothing here me
 from __future__ import annotations
 
 import copy
+import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from scripts.adapters import tensor_state
 from scripts.handlers import MergeAdapters
 from scripts.lora import LoRALinear, lora_modules
 from scripts.network import SAM2LoRA
-from tests.helpers import random_adapted_network
+from tests.helpers import REPO, random_adapted_network
+from tests.preloaded import preloaded_python
 
 IMAGE_SIZE = 64
 
@@ -205,3 +208,39 @@ def test_training_loaders_default_to_the_cores_share():
     parser.read_config(str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"))
     assert parser.get_parsed_content("num_workers") == loader_workers()
     assert parser["train"]["dataloader"]["num_workers"] == parser["validate"]["dataloader"]["num_workers"] == "@num_workers"
+
+
+# Page faults of the second of two 64 MiB tensors, written and freed in turn, in a process of its own.
+_FAULTS_OF_A_REUSED_BLOCK = """
+import json, resource, sys, torch
+from scripts.acceleration import keep_freed_memory
+took = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(json.dumps({"took": took, "faults": faults()}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc (Linux)")
+def test_training_memory_freed_stays_in_the_process_for_reuse():
+    """Without it, a freed 64 MiB block goes back to the kernel and its 16384 pages fault in again when written."""
+    measured = {}
+    for mode in ("default", "keep"):
+        result = preloaded_python().run(["-c", _FAULTS_OF_A_REUSED_BLOCK, mode], cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stderr
+        measured[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+    pages = 64 * 2**20 // 4096
+    assert measured["default"]["faults"] >= pages // 2, measured
+    assert measured["keep"] == {"took": True, "faults": measured["keep"]["faults"]}
+    assert measured["keep"]["faults"] < pages // 20, measured
+
+
+def test_training_keeps_freed_memory_and_inference_does_not():
+    """Training gains from it (docs/performance.md); a long-lived inference server would only hold its peak."""
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    for name, expected in (("train.json", True), ("inference.json", False), ("evaluate.json", False)):
+        initialize = json.loads((configs / name).read_text()).get("initialize", [])
+        assert ("$acceleration.keep_freed_memory()" in initialize) is expected, name

@@ -676,11 +676,13 @@ def measure_training(
         ``step_time_s`` (median), ``peak_memory_mib``, ``memory_before_steps_mib`` (same measure, after the
         network and the batch were built), ``trainable_parameters`` and ``total_parameters``.
     """
+    from scripts.acceleration import keep_freed_memory
     from scripts.losses import CompositeLoss
 
     _quiet_logs()
     target = torch.device(device)
     _tf32("tf32" in switches)
+    keep_freed_memory()  # as train.json's initialize does
     network_switches = {name: True for name in ("channels_last", "activation_checkpointing") if name in switches}
     finetune = "full" if full else "lora"
     network = _network(model_size, image_size, lora_rank, finetune=finetune, **network_switches).to(target).train()
@@ -759,6 +761,8 @@ def measure_data_loading(
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
+    from scripts.acceleration import keep_freed_memory
+
     _quiet_logs()
     with tempfile.TemporaryDirectory(prefix="sam2lora-benchmark-") as folder:
         parser = ConfigParser()
@@ -780,6 +784,7 @@ def measure_data_loading(
             }
         )
         parser.get_parsed_content("datalist")  # render the pictures before the clock starts
+        keep_freed_memory()  # as train.json's initialize does, which this run leaves out
         start = time.perf_counter()
         dataset = parser.get_parsed_content("train#dataset")
         cache_time = time.perf_counter() - start
