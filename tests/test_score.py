@@ -1,0 +1,198 @@
+"""tools.score: predictions made elsewhere, scored as the bundle's evaluation scores, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+from scripts.errors import ConfigError
+from scripts.fundus_io import FundusImageError, read_label_mask, write_png
+from tools.prepare import prepare_dataset
+from tools.score import main, read_probability_map, score_predictions
+
+
+def _case(folder: Path, name: str, seed: int, size: int = 96) -> dict[str, str]:
+    """A photograph with a circular field of view and a random vessel-like label, written as PNG files."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    fov = (rows - size / 2) ** 2 + (cols - size / 2) ** 2 <= (0.45 * size) ** 2
+    label = np.zeros((size, size), dtype=bool)
+    for row in rng.choice(np.arange(10, size - 10, 6), size=4, replace=False):
+        label[row : row + 2, 5:-5] = True
+    label &= fov
+    image = np.where(fov[..., None], 0.6, 0.02) * np.ones((size, size, 3))
+    for kind, array in (("image", image), ("label", label), ("fov", fov)):
+        write_png(folder / f"{name}_{kind}.png", array)
+    return {"image": f"{name}_image.png", "label": f"{name}_label.png", "fov": f"{name}_fov.png", "dataset": "toy"}
+
+
+@pytest.fixture
+def datalist(tmp_path: Path) -> Path:
+    cases = [_case(tmp_path, f"case{i}", i) for i in range(3)]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": cases[:1], "validation": [], "test": cases[1:]}))
+    return path
+
+
+def _noisy_probabilities(label: np.ndarray, seed: int) -> np.ndarray:
+    """Probabilities that rank vessels mostly above background, with errors both ways."""
+    rng = np.random.default_rng(seed)
+    return np.clip(0.35 * label + rng.uniform(0.0, 0.65, label.shape), 0.0, 1.0)
+
+
+def _per_image(output: Path) -> dict[str, dict[str, str]]:
+    with open(output / "metrics_per_image.csv", newline="") as table:
+        return {Path(row["filename"]).name: row for row in csv.DictReader(table)}
+
+
+def test_scores_probability_maps_as_scikit_learn_does(datalist: Path, tmp_path: Path):
+    predictions = tmp_path / "predictions"
+    expected = {}
+    for seed, name in enumerate(("case1", "case2")):
+        label = read_label_mask(tmp_path / f"{name}_label.png")
+        fov = read_label_mask(tmp_path / f"{name}_fov.png")
+        write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, seed))  # run inference's name
+        stored = read_probability_map(predictions / f"{name}_image_prob.png")  # 8-bit, as scored
+        expected[f"{name}_image.png"] = {
+            "vessels/fov/dice": f1_score(label[fov], stored[fov] >= 0.5),
+            "vessels/fov/auc": roc_auc_score(label[fov], stored[fov]),
+            "vessels/image/dice": f1_score(label.ravel(), stored.ravel() >= 0.5),
+        }
+
+    result = score_predictions(datalist, predictions, tmp_path / "scores")
+
+    rows = _per_image(tmp_path / "scores")
+    assert set(rows) == set(expected) and result["left_out"] == {}
+    for name, metrics in expected.items():
+        assert rows[name]["fov_source"] == "given" and rows[name]["dataset"] == "toy"
+        for key, value in metrics.items():
+            assert float(rows[name][key]) == pytest.approx(value, abs=1e-6), (name, key)
+        assert "vessels/fov/cldice" in rows[name]  # vessels get the topology metric
+    summary = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())
+    assert summary["metadata"]["scored"] == 2 and summary["metadata"]["threshold"] == 0.5
+    mean_dice = np.mean([metrics["vessels/fov/dice"] for metrics in expected.values()])
+    assert summary["summary"]["all"]["metrics"]["vessels/fov/dice"]["mean"] == pytest.approx(mean_dice, abs=1e-6)
+
+
+def test_float_tiff_and_16_bit_probabilities_are_read_at_their_precision(tmp_path: Path):
+    probabilities = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray(probabilities, mode="F").save(tmp_path / "float.tif")
+    Image.fromarray(np.round(probabilities * 65535).astype(np.uint16)).save(tmp_path / "sixteen.png")
+    np.testing.assert_array_equal(read_probability_map(tmp_path / "float.tif"), probabilities)
+    np.testing.assert_allclose(read_probability_map(tmp_path / "sixteen.png"), probabilities, atol=0.5 / 65535)
+
+    Image.fromarray(probabilities * 255, mode="F").save(tmp_path / "logits.tif")
+    with pytest.raises(FundusImageError, match=r"logits.tif holds floating-point values from 0 to 255"):
+        read_probability_map(tmp_path / "logits.tif")
+    overlay = np.zeros((48, 64, 3))
+    overlay[..., 1] = probabilities
+    write_png(tmp_path / "overlay.png", overlay)
+    with pytest.raises(FundusImageError, match=r"overlay.png is a colour picture"):
+        read_probability_map(tmp_path / "overlay.png")
+
+
+def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: Path, tmp_path: Path, caplog, capsys):
+    predictions = tmp_path / "predictions"
+    label = read_label_mask(tmp_path / "case1_label.png")
+    write_png(predictions / "case1_image.png", _noisy_probabilities(label, 0))
+    # case2: another method's picture at half size, and nothing at all for a third test entry.
+    write_png(predictions / "case2_image.png", _noisy_probabilities(label[::2, ::2], 1))
+    lists = json.loads(datalist.read_text())
+    lists["test"].append({**lists["test"][0], "image": "case0_image.png"})
+    datalist.write_text(json.dumps(lists))
+
+    with caplog.at_level(logging.INFO):
+        status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output",
+                       str(tmp_path / "scores"), "--pattern", "{stem}.png"])
+
+    assert status == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert any("case2_image.png is 48x48 but photograph" in message and "96x96" in message for message in errors)
+    assert any(message.startswith(f"{predictions / 'case0_image.png'}: no prediction for") for message in errors)
+    assert "2 predictions were left out" in errors[-1]
+    assert set(_per_image(tmp_path / "scores")) == {"case1_image.png"}
+    metadata = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["metadata"]
+    assert metadata["scored"] == 1 and len(metadata["left_out"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_disc_and_cup_predictions_are_found_by_channel(tmp_path: Path):
+    cases = []
+    for index in range(2):
+        case = _case(tmp_path, f"eye{index}", index)
+        disc = read_label_mask(tmp_path / case["fov"])
+        rows, cols = np.mgrid[: disc.shape[0], : disc.shape[1]]
+        cup = (rows - 48) ** 2 + (cols - 48) ** 2 <= (10 + index) ** 2
+        write_png(tmp_path / f"eye{index}_cup.png", cup)
+        cases.append({**case, "label": [case["fov"], f"eye{index}_cup.png"]})
+        write_png(tmp_path / "predictions" / f"eye{index}_image_disc.png", disc)
+        write_png(tmp_path / "predictions" / f"eye{index}_image_cup.png", (rows - 48) ** 2 + (cols - 48) ** 2 <= 100)
+    datalist = tmp_path / "disc_cup.json"
+    datalist.write_text(json.dumps({"test": cases}))
+
+    score_predictions(datalist, tmp_path / "predictions", tmp_path / "scores", channel_names=["disc", "cup"],
+                      pattern="{stem}_{channel}.png")
+
+    rows = _per_image(tmp_path / "scores")
+    assert float(rows["eye0_image.png"]["disc/fov/dice"]) == 1.0
+    assert float(rows["eye0_image.png"]["cup/fov/dice"]) == 1.0  # the same radius-10 disc
+    cup1 = read_label_mask(tmp_path / "eye1_cup.png").ravel()
+    predicted = read_label_mask(tmp_path / "predictions" / "eye1_image_cup.png").ravel()
+    assert float(rows["eye1_image.png"]["cup/fov/dice"]) == pytest.approx(f1_score(cup1, predicted), abs=1e-6)
+    assert "cup/fov/cldice" not in rows["eye0_image.png"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"pattern": "prediction.png"}, re.escape("has no {stem}: every photograph would read the same file")),
+        ({"pattern": "{stem}_{colour}.png"}, re.escape("cannot be filled: use {stem} and {channel} only")),
+        ({"pattern": "{stem}.png", "channel_names": ["disc", "cup"]}, re.escape("has no {channel}")),
+        ({"threshold": 1.0}, re.escape("--threshold 1 is outside (0, 1)")),
+        ({"pattern": "{stem}.tif"}, r"no prediction in .* could be scored against the 2 images of split 'test'"),
+    ],
+)
+def test_settings_that_cannot_score_are_refused_and_nothing_is_written(datalist, tmp_path, settings, message):
+    (tmp_path / "predictions").mkdir()
+    with pytest.raises(ConfigError, match=message):
+        score_predictions(datalist, tmp_path / "predictions", tmp_path / "scores", **settings)
+    assert not (tmp_path / "scores").exists()
+
+
+def test_drive_second_observer_scored_against_the_first_as_scikit_learn_counts(drive_dir: Path, tmp_path: Path):
+    """DRIVE's second annotator (test split) as a method's binary predictions, against the reference annotator."""
+    datalist = tmp_path / "drive.json"
+    prepare_dataset("DRIVE", drive_dir, datalist)
+    predictions = tmp_path / "second"
+    predictions.mkdir()
+    for annotation in sorted((drive_dir / "test" / "2nd_manual").glob("*_manual2.gif")):
+        shutil.copy(annotation, predictions / annotation.name.replace("_manual2", "_test"))
+
+    result = score_predictions(datalist, predictions, tmp_path / "scores", pattern="{stem}.gif")
+
+    rows = _per_image(tmp_path / "scores")
+    assert len(rows) == 20 and result["left_out"] == {}
+    for entry in json.loads(datalist.read_text())["test"][:5]:
+        name = Path(entry["image"]).name
+        fov = read_label_mask(entry["fov"])
+        first = read_label_mask(entry["label"])[fov]
+        second = read_label_mask(predictions / name.replace(".tif", ".gif"))[fov]
+        negatives_right, false_positives, false_negatives, positives_right = confusion_matrix(first, second).ravel()
+        row = rows[name]
+        assert float(row["vessels/fov/sensitivity"]) == pytest.approx(
+            positives_right / (positives_right + false_negatives), abs=1e-6
+        )
+        assert float(row["vessels/fov/specificity"]) == pytest.approx(
+            negatives_right / (negatives_right + false_positives), abs=1e-6
+        )
+        assert float(row["vessels/fov/accuracy"]) == pytest.approx(np.mean(first == second), abs=1e-6)
+        assert float(row["vessels/fov/dice"]) == pytest.approx(f1_score(first, second), abs=1e-6)

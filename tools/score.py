@@ -1,0 +1,281 @@
+"""Score predictions made elsewhere (another method, an earlier run) against a datalist's reference masks.
+
+The same metrics, regions and reports as the bundle's ``run evaluating`` (:mod:`scripts.metrics`): each image inside
+its field of view (the dataset's mask, or one estimated from the photograph where the datalist gives none) and over
+the whole image, at the photograph's own size, with foreground from probability 0.5 unless ``--threshold`` says
+otherwise; clDice for vessels. So a published method's probability maps and the bundle's model are compared by one
+protocol on one split.
+
+Predictions are found by name: ``--pattern`` with ``{stem}`` (the photograph's file name without its suffix) and,
+for several channels, ``{channel}``. By default the names ``run inference`` writes: ``<stem>_prob.png``, or
+``<stem>_prob_<channel>.png`` for several channels. A prediction is a grayscale picture (8-bit 0-255 or 16-bit
+0-65535, read as probabilities from 0 to 1) or a floating-point TIFF holding probabilities from 0 to 1; a binary
+mask is scored too, its AUC then being that of its single operating point (logged). A prediction that is missing,
+unreadable, in colour or of another size than its photograph is named in one line and left out; the others are
+scored and the command exits with status 1, so that a partial comparison is not taken for a whole one.
+
+Command line::
+
+    python -m tools.score --datalist datalists/drive.json --predictions results/other_method \\
+        --output eval/other_method [--split test] [--channels vessels] [--pattern "{stem}.png"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from scripts.errors import ConfigError, FundusError, command_line
+from scripts.fundus_io import GRAY_TINT_TOLERANCE, FundusImageError, estimate_fov, read_image, read_label_mask
+from scripts.inputs import load_split
+from scripts.measurements import structure_of
+from scripts.metrics import entry_fov_source, evaluate_case, format_summary_table, summarise, write_reports
+from scripts.writers import output_names, output_stem
+
+__all__ = ["DEFAULT_THRESHOLD", "check_pattern", "prediction_paths", "read_probability_map", "score_predictions"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+"""Foreground from this probability, as the bundle's evaluation and the field's published figures take it."""
+
+def prediction_paths(image: str | Path, folder: Path, channel_names: Sequence[str], pattern: str | None) -> list[Path]:
+    """The prediction files of one photograph, one per channel.
+
+    Args:
+        image: the photograph's path as the datalist gives it.
+        folder: the predictions' folder.
+        channel_names: the channels, in the datalist's label order.
+        pattern: file name with ``{stem}`` and, for several channels, ``{channel}``; None for ``run inference``'s
+            names.
+
+    Returns:
+        one path per channel.
+    """
+    if pattern is None:
+        return [folder / name for name in output_names(image, channel_names)[1 : 1 + len(channel_names)]]
+    stem = output_stem(image)
+    return [folder / pattern.format(stem=stem, channel=channel) for channel in channel_names]
+
+
+def check_pattern(pattern: str | None, channel_names: Sequence[str]) -> None:
+    """Refuse a ``--pattern`` that cannot name each photograph's (and each channel's) prediction apart.
+
+    Raises:
+        ConfigError: the pattern lacks ``{stem}``, lacks ``{channel}`` for several channels, or holds another field.
+    """
+    if pattern is None:
+        return
+    try:
+        names = {pattern.format(stem="a", channel=channel) for channel in channel_names}
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(
+            f"--pattern {pattern!r} cannot be filled: use {{stem}} and {{channel}} only ({type(error).__name__}: "
+            f"{error})"
+        ) from None
+    if "{stem}" not in pattern:
+        raise ConfigError(f"--pattern {pattern!r} has no {{stem}}: every photograph would read the same file")
+    if len(names) < len(channel_names):
+        raise ConfigError(
+            f"--pattern {pattern!r} has no {{channel}}: the channels {list(channel_names)} would share one file"
+        )
+
+
+def read_probability_map(path: str | Path) -> np.ndarray:
+    """One channel's probabilities from a prediction file.
+
+    Args:
+        path: a grayscale picture (8 or 16 bits, scaled by its bit depth) or a floating-point TIFF in ``[0, 1]``.
+
+    Returns:
+        ``(H, W)`` float32 in ``[0, 1]``.
+
+    Raises:
+        FundusImageError: the file is missing or unreadable, in colour, or holds floats outside ``[0, 1]``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+        try:
+            with Image.open(path) as opened:
+                floating = np.asarray(opened, dtype=np.float32) if opened.mode == "F" else None
+        except (OSError, ValueError):
+            floating = None  # read_image below names what is wrong with the file
+        if floating is not None:
+            if not np.isfinite(floating).all() or floating.min() < 0 or floating.max() > 1:
+                raise FundusImageError(
+                    f"prediction {path} holds floating-point values from {np.nanmin(floating):g} to "
+                    f"{np.nanmax(floating):g} (or non-finite ones): probabilities from 0 to 1 are expected"
+                )
+            return floating
+    picture = read_image(path)
+    # A colour picture is refused, a faintly tinted gray one read, as masks are.
+    if round(float(np.ptp(picture, axis=-1).max()) * 255) > GRAY_TINT_TOLERANCE:
+        raise FundusImageError(
+            f"prediction {path} is a colour picture: a grayscale probability map or mask is expected (an overlay?)"
+        )
+    return np.ascontiguousarray(picture.mean(axis=-1))
+
+
+def _reference(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The entry's reference masks ``(C, H, W)`` and field of view ``(H, W)``, both bool."""
+    labels = entry["label"] if isinstance(entry["label"], list) else [entry["label"]]
+    label = np.stack([read_label_mask(path) for path in labels])
+    fov = read_label_mask(entry["fov"]) if entry.get("fov") else estimate_fov(read_image(entry["image"]))
+    return label, fov
+
+
+def _score_entry(
+    entry: dict[str, Any], paths: list[Path], channel_names: Sequence[str], threshold: float, topology: bool
+) -> tuple[dict[str, Any], bool]:
+    """The entry's metrics record, and whether its prediction is binary (every channel holds two values at most)."""
+    probabilities = np.stack([read_probability_map(path) for path in paths])
+    label, fov = _reference(entry)
+    if probabilities.shape != label.shape:
+        height, width = label.shape[1:]
+        raise FundusImageError(
+            f"prediction {paths[0]} is {probabilities.shape[2]}x{probabilities.shape[1]} but photograph "
+            f"{entry['image']} is {width}x{height}: predictions are scored at the photograph's own size"
+        )
+    metrics = evaluate_case(probabilities, label, fov, channel_names, threshold=threshold, topology=topology)
+    record = {"filename": str(entry["image"]), "dataset": str(entry.get("dataset", "unknown"))}
+    binary = all(len(np.unique(channel)) <= 2 for channel in probabilities)
+    return {**record, "fov_source": entry_fov_source(entry), **metrics}, binary
+
+
+def score_predictions(
+    datalist: str | Path,
+    predictions: str | Path,
+    output_dir: str | Path,
+    split: str = "test",
+    channel_names: Sequence[str] = ("vessels",),
+    pattern: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> dict[str, Any]:
+    """Score every prediction of a split and write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``.csv``.
+
+    Args:
+        datalist: MONAI datalist JSON (``tools.prepare``); its labels give one mask per channel.
+        predictions: the predictions' folder.
+        output_dir: folder for the reports.
+        split: the datalist's list to score.
+        channel_names: one name per label mask, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
+        pattern: prediction file names (:func:`prediction_paths`); None for ``run inference``'s.
+        threshold: probability from which a pixel is foreground.
+
+    Returns:
+        ``{"summary", "metadata", "paths", "left_out"}``: what was written, and the predictions that could not be
+        scored (``{path: why}``).
+
+    Raises:
+        ConfigError: a bad setting, or no prediction could be scored (nothing is written then).
+        InputError: the datalist or its split is unusable (:func:`scripts.inputs.load_split`).
+    """
+    folder = Path(predictions)
+    if not folder.is_dir():
+        raise ConfigError(f"--predictions {folder} is not a folder")
+    if not 0 < threshold < 1:
+        raise ConfigError(f"--threshold {threshold:g} is outside (0, 1)")
+    if len(set(channel_names)) != len(channel_names) or not channel_names:
+        raise ConfigError(f"--channels {list(channel_names)}: one distinct name per label mask is expected")
+    check_pattern(pattern, channel_names)
+    entries = load_split(datalist, split, channels=len(channel_names))
+    topology = [structure_of(name) for name in channel_names] == ["vessels"]
+    records, left_out, binary = [], {}, 0
+    for entry in entries:
+        paths = prediction_paths(entry["image"], folder, channel_names, pattern)
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            left_out[str(missing[0])] = f"no prediction for {entry['image']}"
+            logger.error("%s: no prediction for %s; left out", missing[0], entry["image"])
+            continue
+        try:
+            record, is_binary = _score_entry(entry, paths, channel_names, threshold, topology)
+        except FundusError as error:
+            left_out[str(paths[0])] = str(error)
+            logger.error("%s; left out", error)
+            continue
+        records.append(record)
+        binary += is_binary
+    if not records:
+        raise ConfigError(
+            f"no prediction in {folder} could be scored against the {len(entries)} images of split '{split}' "
+            f"(e.g. {next(iter(left_out))}: {next(iter(left_out.values()))}); --pattern names the files"
+        )
+    if binary:
+        logger.warning(
+            "%d of %d predictions are binary masks: their AUC is that of one operating point, below what their "
+            "probabilities would give",
+            binary,
+            len(records),
+        )
+    summary = summarise(records)
+    metadata = {
+        "predictions": str(folder.absolute()),
+        "pattern": pattern or "run inference's names (<stem>_prob.png, <stem>_prob_<channel>.png)",
+        "datalist": str(Path(datalist).absolute()),
+        "evaluated_split": split,
+        "channel_names": list(channel_names),
+        "threshold": threshold,
+        "scored": len(records),
+        "left_out": left_out,
+    }
+    paths = write_reports(records, summary, output_dir, metadata=metadata)
+    table = format_summary_table(summary)
+    logger.info("%d of %d predictions scored on split %s:\n%s", len(records), len(entries), split, table)
+    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out}
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.score",
+        description="Score predictions made elsewhere against a datalist's reference masks, as run evaluating does.",
+    )
+    parser.add_argument("--datalist", required=True, help="datalist JSON (MONAI format, tools.prepare)")
+    parser.add_argument("--predictions", required=True, help="folder of probability maps or masks")
+    parser.add_argument("--output", required=True, help="folder for the reports")
+    parser.add_argument("--split", default="test", help="the datalist's list to score (default: test)")
+    parser.add_argument("--channels", nargs="+", default=["vessels"], help="one name per label mask (default: vessels)")
+    parser.add_argument("--pattern", help="prediction file name with {stem} (and {channel}); default: inference's")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="foreground from (default 0.5)")
+    return parser.parse_args(argv)
+
+
+@command_line
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        0 when every prediction was scored; 1 when some were left out (the others are scored and reported) or the
+        settings, datalist or output folder are unusable (the error is printed in one line).
+    """
+    arguments = _parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = score_predictions(
+        arguments.datalist,
+        arguments.predictions,
+        arguments.output,
+        arguments.split,
+        arguments.channels,
+        arguments.pattern,
+        arguments.threshold,
+    )
+    logger.info("reports: %s", ", ".join(str(path) for path in result["paths"].values()))
+    if result["left_out"]:
+        left_out = len(result["left_out"])
+        logger.error("%d predictions were left out (named above): the reports cover the others", left_out)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
