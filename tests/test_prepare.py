@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,18 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert len(lines) == 1 and "Traceback" not in failed.stderr
     assert lines[0].startswith("error: no DRIVE images found under") and str(src) in lines[0]
     assert output.read_text() == "kept"
+
+
+def test_completeness_counts_the_images_the_datalist_holds(drive_dir: Path, tmp_path: Path) -> None:
+    """A stray picture without annotations is no extended DRIVE; an image left out for a missing mask makes it partial."""
+    copy = tmp_path / "DRIVE"
+    shutil.copytree(drive_dir, copy, copy_function=os.symlink)
+    shutil.copy(drive_dir / "test" / "images" / "01_test.tif", copy / "test" / "images" / "41_test.tif")
+    complete = prepare_dataset("DRIVE", copy, tmp_path / "complete.json")
+    assert [entry["case"] for entry in complete["left_out"]] == ["41"]
+    assert complete["completeness_note"] is None
+
+    (copy / "test" / "1st_manual" / "07_manual1.gif").unlink()
+    partial = prepare_dataset("DRIVE", copy, tmp_path / "partial.json")
+    assert [entry["case"] for entry in partial["left_out"]] == ["07", "41"]
+    assert partial["completeness_note"].startswith("39 usable images found where the complete DRIVE has 40")

@@ -129,13 +129,13 @@ def test_drive_miniature_in_extra_top_folder_official_split(tmp_path: Path) -> N
         assert "/DRIVE/" in entry["fov"] and entry["fov"].endswith("_mask.gif") and entry["fov_source"] == "given"
         assert entry["label"].endswith("_manual1.gif") and Path(entry["label"]).is_file()
     assert not (tmp_path / "out" / "drive_derived").exists()  # everything distributed is used as it is
-    assert datalist["completeness_note"].startswith("8 images found where the complete DRIVE has 40: figures measured")
+    assert datalist["completeness_note"].startswith("8 usable images found where the complete DRIVE has 40: figures")
 
 
 def test_a_partial_download_is_warned_about_and_recorded(drive_tree: Path, tmp_path: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="tools.prepare"):
         datalist = prepare_dataset("DRIVE", drive_tree, tmp_path / "drive.json")
-    assert "DRIVE: 8 images found where the complete DRIVE has 40" in caplog.text
+    assert "DRIVE: 8 usable images found where the complete DRIVE has 40" in caplog.text
     assert json.loads((tmp_path / "drive.json").read_text())["completeness_note"] == datalist["completeness_note"]
 
 
@@ -364,10 +364,16 @@ def test_refuge2_values_and_official_validation(tmp_path: Path) -> None:
         for stem in stems:
             _save(src / part / "images" / f"{stem}.jpg", _photo(len(stem)))
             _save(src / part / "mask" / f"{stem}{suffix}", values)
+    # Re-encoded elsewhere (0 background, 255 cup): decoded as REFUGE's, its "disc" would cover 97% of the picture.
+    _save(src / "train" / "images" / "n0003.jpg", _photo(5))
+    _save(src / "train" / "mask" / "n0003.bmp", 255 - values)
     datalist = prepare_dataset("REFUGE2", src, tmp_path / "refuge.json")
     assert datalist["validation_split"] == "official" and datalist["val_fraction"] is None
     assert [e["case"] for e in datalist["validation"]] == ["V0001"]
     assert [e["case"] for e in datalist["test"]] == ["T0001", "T0002"] and datalist["numTraining"] == 3
+    (refused,) = datalist["left_out"]
+    assert refused["case"] == "n0003" and "would make a disc of 97% of the picture" in refused["reason"]
+    assert "REFUGE's masks are 255 background, 128 disc rim, 0 cup" in refused["reason"]
     for entry in _entries(datalist):
         disc, cup = (read_mask(path) for path in entry["label"])
         assert set(np.unique(disc)) <= {0, 255}

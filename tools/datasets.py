@@ -231,9 +231,11 @@ def decode_binary_masks(files: Sequence[Path], shape: tuple[int, int]) -> list[n
 
 
 def decode_soft_maps(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
-    """Threshold soft maps (DRISHTI-GS: the fraction of experts marking a pixel) at half their maximum.
+    """Threshold soft maps (DRISHTI-GS: the fraction of experts marking a pixel) above half their maximum.
 
-    Half of the map's own maximum is the experts' majority whatever gray scale the map was saved with.
+    Where some pixel was marked by every expert (255 in DRISHTI-GS's 8-bit maps), this keeps the pixels at least half
+    of the experts marked (two of four, 128, included); a map whose peak is lower (no pixel marked by all) is read
+    relative to that peak, so that a map saved with another gray scale reads alike.
 
     Args:
         files: one soft map per structure.
@@ -255,7 +257,8 @@ def decode_refuge_mask(files: Sequence[Path], shape: tuple[int, int]) -> list[np
     """Decode a REFUGE mask, 0 = cup, 128 = rim, 255 = background, into disc (cup or rim) and cup.
 
     Each pixel is assigned to the nearest of the three values, so that masks that were resampled or saved lossy
-    still decode.
+    still decode. A mask in another encoding (inverted, or 0/1/2 levels) would decode as a disc over most of the
+    picture, where REFUGE's discs cover a few percent: it is refused.
 
     Args:
         files: the single REFUGE mask file.
@@ -263,11 +266,21 @@ def decode_refuge_mask(files: Sequence[Path], shape: tuple[int, int]) -> list[np
 
     Returns:
         ``[disc, cup]`` bool masks.
+
+    Raises:
+        DatasetError: the mask is not the image's size, or its disc would cover half the picture or more.
     """
     (path,) = files
     values = read_mask(path)
     _check_shape(values, shape, path)
-    return [values < 192, values < 64]
+    disc = values < 192
+    if disc.mean() >= 0.5:
+        levels = ", ".join(str(level) for level in np.unique(values)[:5])
+        raise DatasetError(
+            f"mask {path} would make a disc of {disc.mean():.0%} of the picture (levels {levels}...): REFUGE's masks "
+            "are 255 background, 128 disc rim, 0 cup; re-encoded masks (inverted, 0/1/2) cannot be read as REFUGE's"
+        )
+    return [disc, values < 64]
 
 
 def decode_origa_mat(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:

@@ -32,8 +32,8 @@ Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"
 "fov_source", "dataset", "case", "annotator"}`` with absolute paths (``label`` is one mask for vessels, ``[disc,
 cup]`` for disc/cup; masks are 0 = background, > 0 = structure; ``fov_source`` is ``"given"``, the dataset's mask,
 or ``"estimated"`` from the photograph for a dataset distributed without), plus the provenance keys ``dataset``,
-``task``, ``structures``, ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more images
-were found than the complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image",
+``task``, ``structures``, ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more usable
+images were found than the complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image",
 "split", "reason"}``; they are also named in one warning, and the other cases are prepared), ``split``,
 ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``, ``val_fraction``, ``patient_pattern``,
 ``patients`` (people per split, where a pattern applies), ``source`` and the counts ``numTraining``,
@@ -810,10 +810,13 @@ def prepare_dataset(
             f"{description.name}: none of the {len(cases)} images under {src} can be used: {_reasons(unusable)}"
         )
     completeness_note = None
-    if description.distributed_images is not None and len(cases) != description.distributed_images:
+    # The images the datalist will hold: a stray picture without annotations is not a larger dataset, and an image
+    # left out for a missing mask makes a partial one.
+    usable = sum(case.problem is None for case in cases)
+    if description.distributed_images is not None and usable != description.distributed_images:
         completeness_note = (
-            f"{len(cases)} images found where the complete {description.name} has {description.distributed_images}: "
-            f"figures measured on this datalist are not comparable with those published on {description.name}"
+            f"{usable} usable images found where the complete {description.name} has {description.distributed_images}"
+            f": figures measured on this datalist are not comparable with those published on {description.name}"
         )
         logger.warning("%s: %s (a partial or extended download?)", description.name, completeness_note)
     # Split with the unusable cases, then leave them out: each other case keeps its set (the official one, CHASE_DB1's
