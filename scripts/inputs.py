@@ -683,23 +683,47 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
         for where, uri in stores:
             if uri:
                 _refuse_file_store(where, uri)
+                _refuse_unwritable_database(where, uri)
                 break
     return unknown
 
 
 def _refuse_file_store(where: str, uri: str) -> None:
-    """Refuse an MLflow file store (a folder: ``./mlruns``, ``file:///...``) as the tracking store, which MLflow 3
-    refuses in its own deep error once the run has started, unless ``MLFLOW_ALLOW_FILE_STORE`` lets it."""
+    """Refuse an MLflow file store (a folder: ``./mlruns``, ``file:///...``) as the tracking store, which MONAI's
+    MLFlowHandler refuses in its own deep error once the run has started (whatever ``MLFLOW_ALLOW_FILE_STORE``
+    says: MLflow 3 would accept a folder with it, MONAI 1.6 does not)."""
     if urllib.parse.urlparse(uri).scheme not in ("", "file"):
         return
-    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
-        return
     raise ConfigError(
-        f"{where} {uri} is an MLflow file store (a folder), which MLflow 3 no longer accepts: give a database, "
-        "e.g. sqlite:////abs/path/mlruns.db (leave --tracking_uri out for <output_dir>/mlruns.db), or a tracking "
-        "server, http://host:5000; or set MLFLOW_ALLOW_FILE_STORE=true to keep the folder (mlflow "
-        "migrate-filestore moves its runs into a database)."
+        f"{where} {uri} is an MLflow file store (a folder), which MLflow 3 and MONAI no longer accept: give a "
+        "database, e.g. sqlite:////abs/path/mlruns.db (leave --tracking_uri out for <output_dir>/mlruns.db), or a "
+        "tracking server, http://host:5000 (mlflow migrate-filestore moves a folder's runs into a database)."
     )
+
+
+def _refuse_unwritable_database(where: str, uri: str) -> None:
+    """Refuse a SQLite store MLflow cannot create or write, where MLflow would retry for about 100 s and MONAI then
+    fail with a traceback. A folder to be made is checked at its nearest existing parent; nothing is left behind."""
+    if urllib.parse.urlparse(uri).scheme != "sqlite" or not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri[len("sqlite:///") :]).absolute()
+    problem = None
+    if database.is_dir():
+        problem = "it is a folder"
+    elif database.exists():
+        problem = None if os.access(database, os.R_OK | os.W_OK) else "the file cannot be written"
+    else:
+        parent = next(folder for folder in database.parents if folder.exists())
+        try:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as error:
+            problem = f"{parent} cannot be written ({error.strerror or error})"
+    if problem:
+        raise ConfigError(
+            f"{where} {uri}: MLflow cannot keep its database {database} there: {problem}. Give a file in a folder "
+            "you can write, sqlite:////abs/path/mlruns.db (or leave --tracking_uri out for <output_dir>/mlruns.db)."
+        )
 
 
 def _refuse_bare_option(key: str, default: Any) -> None:

@@ -471,25 +471,44 @@ def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(c
 
 
 @pytest.mark.parametrize("uri", ["file:///data/mlruns", "./mlruns", "/data/mlruns"])
-def test_an_mlflow_file_store_is_refused_before_the_run_unless_mlflow_is_told_to_accept_it(uri, tmp_path, monkeypatch):
-    """MLflow 3 refuses a folder as its store, deep inside the run (two tracebacks): it is named before anything."""
-    from mlflow.tracking import MlflowClient
+def test_an_mlflow_file_store_is_refused_before_the_run(uri, tmp_path, monkeypatch):
+    """MONAI's MLFlowHandler refuses a folder as its store deep inside the run (two tracebacks), even where
+    MLFLOW_ALLOW_FILE_STORE would let MLflow accept it: it is named before anything, with no advice to set it."""
+    from monai.handlers import MLFlowHandler
 
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    with pytest.raises(Exception, match="MLFLOW_ALLOW_FILE_STORE"):  # the refusal this check runs ahead of
-        MlflowClient(f"file://{tmp_path}/mlruns").search_experiments()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with pytest.raises(ValueError, match="no longer supports the filesystem"):  # the refusal this check runs ahead of
+        MLFlowHandler(tracking_uri=f"file://{tmp_path}/mlruns")
     argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
     with pytest.raises(ConfigError, match=re.escape(f"--tracking_uri {uri} is an MLflow file store (a folder)")) as caught:
         check_command_line([*argv, "--tracking_uri", uri])
-    assert "sqlite:///" in str(caught.value) and "MLFLOW_ALLOW_FILE_STORE=true" in str(caught.value)
+    assert "sqlite:///" in str(caught.value) and "MLFLOW_ALLOW_FILE_STORE" not in str(caught.value)
     for accepted in (f"sqlite:///{tmp_path}/mlruns.db", "http://localhost:5000"):
         check_command_line([*argv, "--tracking_uri", accepted])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # which MONAI takes over --tracking_uri
     with pytest.raises(ConfigError, match=re.escape(f"MLFLOW_TRACKING_URI {uri} is an MLflow file store")):
         check_command_line([*argv, "--tracking_uri", "http://localhost:5000"])
     check_command_line([*argv[:5], "--tracking_uri", "http://localhost:5000"])  # without --tracking, no store is used
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    check_command_line([*argv, "--tracking_uri", uri])
+
+
+def test_an_sqlite_store_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch):
+    """MLflow retried such a store for about 100 s, then MONAI failed with a traceback (and the earlier run's files
+    had been moved aside for a run that never trained)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    refused = {
+        f"sqlite:///{tmp_path}": "it is a folder",
+        "sqlite:////proc/mlruns.db": "/proc cannot be written",
+        f"sqlite:///{tmp_path}/a_file/mlruns.db": "cannot be written",
+    }
+    (tmp_path / "a_file").write_text("not a folder")
+    for uri, problem in refused.items():
+        expected = re.escape(f"--tracking_uri {uri}: MLflow cannot keep its database")
+        with pytest.raises(ConfigError, match=expected) as caught:
+            check_command_line([*argv, "--tracking_uri", uri])
+        assert problem in str(caught.value)
+    check_command_line([*argv, "--tracking_uri", f"sqlite:///{tmp_path}/new/folders/mlruns.db"])  # MLflow makes them
+    assert [path.name for path in tmp_path.iterdir()] == ["a_file"]  # the check leaves nothing
 
 
 def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it():
