@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -544,3 +545,39 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
         **FAST,
     )
     assert "lora_rank: checkpoint 8, now 32" in str(error) and str(models / "latest_checkpoint.pt") in str(error)
+
+
+def test_a_checkpoint_folder_a_running_training_holds_is_refused_until_that_process_ends(tmp_path):
+    """A second run into a folder still training moved its checkpoints aside and cleared its temporary files mid-write
+    (the first run failed at its next save). The hold goes when its process does, even killed: no stale lock."""
+    from scripts.handlers.checkpoint import RUN_LOCK, ResumeError, claim_checkpoint_folder, release_checkpoint_folder
+
+    ready_read, ready_write = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # another training process, as its initialize claims the folder
+        try:
+            claim_checkpoint_folder(tmp_path)
+            os.write(ready_write, b"held")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_read, 4) == b"held"
+        with pytest.raises(ResumeError, match=f"Checkpoint folder {tmp_path} is in use by a training run still going"
+                           rf" \(process {holder} on .*\): wait for it to end"):
+            claim_checkpoint_folder(tmp_path)
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    claim_checkpoint_folder(tmp_path)  # the killed process let go
+    assert (tmp_path / RUN_LOCK).read_text().startswith(f"process {os.getpid()} on ")
+    release_checkpoint_folder(tmp_path)
+
+
+def test_training_claims_its_checkpoint_folder_before_moving_an_earlier_run_aside():
+    initialize = json.loads(Path(TRAIN).read_text())["initialize"]
+    claim = initialize.index("$handlers.checkpoint.claim_checkpoint_folder(@ckpt_dir)")
+    assert initialize.index("$inputs.writable_folder(@ckpt_dir)") < claim
+    assert claim < initialize.index("$handlers.checkpoint.keep_earlier_run(@ckpt_dir, @output_dir, @resume)")
+    finalize = json.loads(Path(TRAIN).read_text())["finalize"]
+    assert "$handlers.checkpoint.release_checkpoint_folder(@ckpt_dir)" in finalize

@@ -55,8 +55,10 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "ResumeError",
     "TrainingCheckpoint",
+    "claim_checkpoint_folder",
     "frozen_fingerprint",
     "keep_earlier_run",
+    "release_checkpoint_folder",
     "resumable_state",
 ]
 
@@ -69,7 +71,13 @@ CHANGEABLE_ON_RESUME = frozenset({"max_epochs", "max_training_minutes"})
 EARLIER_RUN_MODELS = ("model.pt", "model_best.pt", "latest_checkpoint.pt")
 EARLIER_RUN_OUTPUTS = ("training_log.jsonl", "training_curves.png", "validation_by_dataset.png", "overlays")
 
+# The lock a training run holds on its checkpoint folder for as long as its process lives.
+RUN_LOCK = ".training.lock"
+
 logger = logging.getLogger(__name__)
+
+# The open lock file of this process's run: the kernel releases the lock when the process ends, killed or not.
+_held_locks: dict[Path, Any] = {}
 
 
 class ResumeError(FundusError, ValueError):
@@ -452,6 +460,61 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def claim_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
+    """Hold the checkpoint folder for this training run, refusing a folder another running training holds.
+
+    A second run into the folder of one still training (the same command started twice, a scheduler resubmitting a
+    job that still runs) would move the first run's checkpoints aside and clear its temporary files mid-write: the
+    first run then failed at its next save and ``--resume`` found nothing. The hold is an advisory lock
+    (``flock``) on ``<ckpt_dir>/.training.lock``, which the kernel releases whenever the process ends, killed
+    included, so no stale lock is left to clear; under torchrun, rank 0 holds it. Where ``fcntl`` is missing
+    (Windows), nothing is held.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder, existing (``inputs.writable_folder`` makes it).
+
+    Raises:
+        ResumeError: another process holds the folder; the message names it and what to do.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(ckpt_dir).absolute() / RUN_LOCK
+    if path in _held_locks:
+        return
+    lock = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ResumeError(
+            f"Checkpoint folder {path.parent} is in use by a training run still going ({holder}): wait for it to "
+            "end (or stop it, then --resume true to continue it), or give this run another --ckpt_dir."
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _held_locks[path] = lock
+
+
+def release_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
+    """Let go of the folder :func:`claim_checkpoint_folder` held, at the end of a run whose process goes on (a run
+    started from Python, MONAI Label's); a process that ends lets go by itself.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+    """
+    lock = _held_locks.pop(Path(ckpt_dir).absolute() / RUN_LOCK, None)
+    if lock is not None:
+        lock.close()  # closing the file releases its flock
 
 
 def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
