@@ -676,13 +676,11 @@ def measure_training(
         ``step_time_s`` (median), ``peak_memory_mib``, ``memory_before_steps_mib`` (same measure, after the
         network and the batch were built), ``trainable_parameters`` and ``total_parameters``.
     """
-    from scripts.acceleration import keep_freed_memory
     from scripts.losses import CompositeLoss
 
     _quiet_logs()
     target = torch.device(device)
     _tf32("tf32" in switches)
-    keep_freed_memory()  # as train.json's initialize does
     network_switches = {name: True for name in ("channels_last", "activation_checkpointing") if name in switches}
     finetune = "full" if full else "lora"
     network = _network(model_size, image_size, lora_rank, finetune=finetune, **network_switches).to(target).train()
@@ -761,8 +759,6 @@ def measure_data_loading(
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
-    from scripts.acceleration import keep_freed_memory
-
     _quiet_logs()
     with tempfile.TemporaryDirectory(prefix="sam2lora-benchmark-") as folder:
         parser = ConfigParser()
@@ -784,7 +780,6 @@ def measure_data_loading(
             }
         )
         parser.get_parsed_content("datalist")  # render the pictures before the clock starts
-        keep_freed_memory()  # as train.json's initialize does, which this run leaves out
         start = time.perf_counter()
         dataset = parser.get_parsed_content("train#dataset")
         cache_time = time.perf_counter() - start
@@ -900,10 +895,19 @@ def measure_photograph_io(photograph: tuple[int, int], repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------------- running
 
 
+def _as_the_bundle_runs(function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call ``function`` after the process settings the bundle's workflows make in their ``initialize``."""
+    from scripts.acceleration import keep_freed_memory
+
+    keep_freed_memory()
+    return function(**kwargs)
+
+
 def _in_fresh_process(function: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``function`` in a new (spawned) Python process, so that its peak memory is its own."""
+    """Call ``function`` in a new (spawned) Python process, so that its peak memory is its own, keeping freed memory
+    as the bundle's workflows do."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, **kwargs).result()
+        return pool.submit(_as_the_bundle_runs, function, kwargs).result()
 
 
 def _machine(device: torch.device) -> dict:
