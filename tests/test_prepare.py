@@ -147,9 +147,11 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_completeness_counts_the_images_the_datalist_holds(drive_dir: Path, tmp_path: Path) -> None:
-    """A stray picture without annotations is no extended DRIVE; an image left out for a missing mask makes it partial."""
+    """A stray picture without annotations is no extended DRIVE; an image left out for its missing mask makes a
+    partial one."""
     copy = tmp_path / "DRIVE"
-    shutil.copytree(drive_dir, copy, copy_function=os.symlink)
+    # Links to absolute paths: CI names DRIVE by a relative one, which the links would resolve from their own folder.
+    shutil.copytree(drive_dir.absolute(), copy, copy_function=os.symlink)
     shutil.copy(drive_dir / "test" / "images" / "01_test.tif", copy / "test" / "images" / "41_test.tif")
     complete = prepare_dataset("DRIVE", copy, tmp_path / "complete.json")
     assert [entry["case"] for entry in complete["left_out"]] == ["41"]
