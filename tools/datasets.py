@@ -536,8 +536,8 @@ _CHASE_DB1 = DatasetDescription(
     distributed_images=28,
 )
 
-# Cases are anchored on the first annotator's labels: STARE's full image archive (all-images) holds about 400 photographs,
-# of which the 20 of stare-images are annotated.
+# Cases are anchored on the first annotator's labels: STARE's full image archive (all-images) holds about 400
+# photographs, of which the 20 of stare-images are annotated.
 _STARE = DatasetDescription(
     name="STARE",
     task="vessels",

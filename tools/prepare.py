@@ -33,8 +33,8 @@ Datalist (JSON): ``training``, ``validation`` and ``test`` lists of entries ``{"
 cup]`` for disc/cup; masks are 0 = background, > 0 = structure; ``fov_source`` is ``"given"``, the dataset's mask,
 or ``"estimated"`` from the photograph for a dataset distributed without), plus the provenance keys ``dataset``,
 ``task``, ``structures``, ``annotator``, ``annotator_note``, ``completeness_note`` (set where fewer or more usable
-images were found than the complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case", "image",
-"split", "reason"}``; they are also named in one warning, and the other cases are prepared), ``split``,
+images were found than the complete dataset holds), ``left_out`` (the cases that cannot be used, each ``{"case",
+"image", "split", "reason"}``; they are also named in one warning, and the other cases are prepared), ``split``,
 ``split_summary``, ``validation_split``, ``seed``, ``test_fraction``, ``val_fraction``, ``patient_pattern``,
 ``patients`` (people per split, where a pattern applies), ``source`` and the counts ``numTraining``,
 ``numValidation``, ``numTest``.
