@@ -704,7 +704,7 @@ def _refuse_file_store(where: str, uri: str) -> None:
 def _refuse_unwritable_database(where: str, uri: str) -> None:
     """Refuse a SQLite store MLflow cannot create or write, where MLflow would retry for about 100 s and MONAI then
     fail with a traceback. A folder to be made is checked at its nearest existing parent; nothing is left behind."""
-    if urllib.parse.urlparse(uri).scheme != "sqlite" or not uri.startswith("sqlite:///"):
+    if not uri.startswith("sqlite:///"):
         return
     database = Path(uri[len("sqlite:///") :]).absolute()
     problem = None
