@@ -632,6 +632,8 @@ class EvaluationRecorder:
         if not self.handlers:
             return
         self.started_at = time.time()
+        # Before any run exists: a SIGTERM just after a run was created left it RUNNING.
+        atexit.register(self._end_unfinished)
         for name, value in http_retry_settings(self.retry_interval).items():
             os.environ.setdefault(name, value)  # what the user set in the environment stays
         for handler in self.handlers:
@@ -650,7 +652,6 @@ class EvaluationRecorder:
             self.deliveries.append(delivery)
             handler.client.log_batch(run.info.run_id, params=_mlflow_params(self.settings))
             logger.info(f"MLflow: recording evaluation run {run_name} ({run.info.run_id}) at {where}.")
-        atexit.register(self._end_unfinished)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Log the report files this evaluation wrote and the executed config, then close the run with ``status``."""
