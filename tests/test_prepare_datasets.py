@@ -802,6 +802,16 @@ def test_second_annotator_missing_is_an_error_where_not_partial(chase_tree: Path
     assert datalist["annotator_note"] is None, "the left-out image is not counted as falling back to the first"
 
 
+def test_the_second_annotator_alone_does_not_need_the_first_annotators_file(tmp_path: Path) -> None:
+    src = _make_chase(tmp_path / "chase")
+    (src / "Image_12L_1stHO.png").unlink()
+    second = prepare_dataset("CHASE_DB1", src, tmp_path / "second.json", annotator="second", val_fraction=0)
+    assert second["left_out"] == [] and len(_entries(second)) == 28
+    union = prepare_dataset("CHASE_DB1", src, tmp_path / "union.json", annotator="union", val_fraction=0)
+    (left_out,) = union["left_out"]
+    assert left_out["case"] == "Image_12L" and left_out["reason"].startswith("first annotator's annotation of image")
+
+
 def test_second_annotator_on_single_annotator_dataset(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="HRF has a single annotator: --annotator union needs a second one"):
         prepare_dataset("HRF", tmp_path, tmp_path / "x.json", annotator="union")

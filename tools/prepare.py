@@ -403,9 +403,7 @@ def find_cases(
             "%s: %d file(s) under %s are not its annotations and were passed over (e.g. %s)",
             description.name, len(skipped), root, skipped[0][1],
         )
-    required = {"first"}
-    if annotator != "first" and "second" not in description.partial_annotators:
-        required.add("second")
+    required = _required_annotators(description, annotator)
     cases: dict[str, Case] = {}
     for match, anchor in matches:
         case = _locate_case(description, index, match, anchor, required)
@@ -625,6 +623,16 @@ def split_cases(
         else None,
     }
     return parts, provenance
+
+
+def _required_annotators(description: DatasetDescription, annotator: str) -> set[str]:
+    """The annotators whose annotation every case needs for the chosen ``annotator``.
+
+    A partial second annotator (DRIVE's, test images only) is not required: its cases fall back to the first one.
+    """
+    if annotator == "first" or "second" in description.partial_annotators:
+        return {"first"}
+    return {"second"} if annotator == "second" else {"first", "second"}
 
 
 def _used_annotators(case: Case, annotator: str) -> tuple[str, tuple[str, ...]]:
