@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import re
 import threading
 from collections import Counter
@@ -441,6 +442,21 @@ def test_two_sources_prepared_into_one_folder_keep_their_own_derived_masks(tmp_p
             number = int(entry["case"][-1])
             assert entry["label"].startswith(str(tmp_path / "out" / f"{name}_derived"))
             np.testing.assert_array_equal(read_label_mask(entry["label"]), _random_mask(number + offset))
+
+
+def test_two_photographs_of_one_name_are_left_out_and_the_others_prepared(tmp_path: Path, caplog) -> None:
+    src = tmp_path / "mine"
+    for number in range(5):
+        _save(src / "images" / f"case{number}.png", _photo(number))
+        _save(src / "masks" / f"case{number}.png", _random_mask(number))
+    _save(src / "images" / "case2.jpg", _photo(20))
+    with caplog.at_level(logging.WARNING):
+        datalist = prepare_dataset("folder", src, tmp_path / "out" / "mine.json")
+    (left_out,) = datalist["left_out"]
+    assert left_out["case"] == "case2"
+    assert left_out["reason"] == f"two images named case2 in {src / 'images'}: case2.jpg and case2.png; keep one"
+    assert sorted(entry["case"] for entry in _entries(datalist)) == ["case0", "case1", "case3", "case4"]
+    assert "used by no image" not in caplog.text, "both photographs are named in the left-out reason"
 
 
 def test_folder_with_partial_fov(tmp_path: Path) -> None:

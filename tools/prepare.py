@@ -54,7 +54,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +334,7 @@ def _unused_files(
     their subfolders; other files (a readme beside them) are not the layout's.
     """
     used = {path for case in cases for path in (case.image, case.fov, *sum(case.annotations.values(), ())) if path}
+    used.update(anchor for _, anchor in matches)  # a photograph left out for a twin of another suffix is named there
     folders = set()
     for match, anchor in matches:
         root, groups = match["_root"], _groups(match)
@@ -407,10 +408,18 @@ def find_cases(
     cases: dict[str, Case] = {}
     for match, anchor in matches:
         case = _locate_case(description, index, match, anchor, required)
-        if case.case_id in cases:
+        found = cases.get(case.case_id)
+        if found is not None and found.image.parent != anchor.parent:
             raise DatasetError(
-                f"{description.name} image {case.case_id} found twice: {cases[case.case_id].image} and {anchor}; "
+                f"{description.name} image {case.case_id} found twice: {found.image} and {anchor}; "
                 "point --src at one copy of the dataset"
+            )
+        if found is not None:
+            # One folder holding the same name under two suffixes: no mask can say which photograph it belongs to.
+            case = replace(
+                found,
+                problem=f"two images named {case.case_id} in {anchor.parent}: {found.image.name} and {anchor.name}; "
+                "keep one",
             )
         cases[case.case_id] = case
     if description.reports_unused_files:
