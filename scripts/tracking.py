@@ -445,7 +445,8 @@ class MLflowRecorder:
                 trainer.remove_event_handler(each.close, Events.COMPLETED)
         self._log_settings(resuming)
         if resuming:
-            self._backfill(self.checkpoint.resumed["trainer"]["iteration"])
+            continued = self.run.info.run_id == (resumed or {}).get("run_id")
+            self._backfill(self.checkpoint.resumed["trainer"]["iteration"], continued)
         self._log_executed_config()
         if self.log is not None:
             self.log.add_validation_listener(self._log_validation)
@@ -502,11 +503,16 @@ class MLflowRecorder:
             )
         self.client.log_batch(self.run.info.run_id, params=entities, tags=tags)
 
-    def _backfill(self, iteration: int) -> None:
-        """Send what the killed run logged locally but had not delivered before the kill, up to the checkpoint.
+    def _backfill(self, iteration: int, continued: bool) -> None:
+        """Send what the training logged locally up to the checkpoint but the MLflow run does not have.
 
         Deliveries are asynchronous, so a SIGKILL loses those still queued; the iterations up to the checkpoint are
-        not trained again, and ``training_log.jsonl`` (written before every checkpoint) still has them.
+        not trained again, and ``training_log.jsonl`` (written before every checkpoint) still has them. A new run
+        (the first part was not tracked, or tracked in another store) gets the whole history.
+
+        Args:
+            iteration: the checkpoint's iteration, the last one sent.
+            continued: whether this run is the one the first part recorded into.
         """
         if self.log is None:
             return
@@ -534,7 +540,13 @@ class MLflowRecorder:
             logger.warning(f"MLflow: cannot read the resumed run's history ({first_line(error)}); no backfill.")
             return
         if metrics:
-            logger.info(f"MLflow: sending {len(metrics)} values the killed run logged but had not delivered.")
+            if continued:
+                logger.info(f"MLflow: sending {len(metrics)} values the killed run logged but had not delivered.")
+            else:
+                logger.info(
+                    f"MLflow: sending {len(metrics)} values the training logged before it was resumed "
+                    "(its earlier part was not recorded in this run)."
+                )
             self.client.log_batch(self.run.info.run_id, metrics=metrics)
 
     def _log_executed_config(self) -> None:

@@ -27,6 +27,7 @@ from scripts.handlers import (
     LrSchedulePerOptimizerStep,
     ResumeError,
     TrainingCheckpoint,
+    TrainingLog,
     read_training_log,
 )
 from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
@@ -246,22 +247,32 @@ def test_settings_an_earlier_checkpoint_did_not_record_are_taken_from_this_run_w
         _trainer(tmp_path, "true", seed=1, max_epochs=2, settings={**settings, "lr_restart_steps": 4})
 
 
-def test_a_tracked_resume_of_an_untracked_first_part_is_recorded_as_resumed(tmp_path):
-    """The first part ran without --tracking, so its checkpoint holds no MLflow run: a new run, tagged resumed."""
+def test_a_tracked_resume_of_an_untracked_first_part_is_recorded_as_resumed(tmp_path, caplog):
+    """The first part ran without --tracking, so its checkpoint holds no MLflow run: a new run, tagged resumed, given
+    the first part's losses from the training log."""
     first, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1)
+    TrainingLog(tmp_path).attach(first)
     first.run()
     resumed, network, _, _, checkpoint = _trainer(tmp_path, "true", seed=1, max_epochs=2)
+    log = TrainingLog(tmp_path)
+    log.attach(resumed)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     handler = MLFlowHandler(tracking_uri=uri, experiment_name="resumed", output_transform=from_engine("loss", True))
     handler.attach(resumed)
-    recorder = MLflowRecorder(resumed, [handler, checkpoint], None, {"lr": 0.1}, network, flush_timeout=30)
-    recorder.start()
+    recorder = MLflowRecorder(resumed, [handler, checkpoint, log], None, {"lr": 0.1}, network, flush_timeout=30)
+    with caplog.at_level(logging.INFO):
+        recorder.start()
+    assert "sending 10 values the training logged before it was resumed (its earlier part was not recorded" in (
+        caplog.text
+    ) and "killed run" not in caplog.text
     resumed.run()
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
     assert run.data.tags["resumed"] == "true" and run.info.status == "FINISHED"
     steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "Loss")]
     assert steps == list(range(6, 11)), "epoch 2's iterations, numbered on from the first part's"
+    first_part = [metric.step for metric in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(first_part) == list(range(1, 6))
 
 
 def test_a_checkpoint_without_buffers_resumes_with_a_warning(tmp_path, caplog):
