@@ -71,6 +71,7 @@ from scripts.masks import binarise, bounding_slices
 __all__ = [
     "FOV_SOURCES",
     "METRICS",
+    "METRIC_UNITS",
     "REGIONS",
     "ReportWriteError",
     "entry_fov_source",
@@ -86,6 +87,10 @@ REGIONS = ("fov", "image")
 
 METRICS = ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy", "precision", "mcc", "hd95", "cldice")
 """Metric names, in report order. ``cldice`` is only computed with ``topology=True``."""
+
+METRIC_UNITS = {"hd95": "px"}
+"""Units of the metrics that have one (pixels of the photograph as evaluated); the others are ratios. The reports'
+CSV headers and table say them (``vessels/fov/hd95 [px]``), as the measurement reports do."""
 
 IDENTITY_COLUMNS = ("filename", "dataset", "fov_source")
 """Record fields that identify an image rather than measure it; every other ``a/b/c`` field is a metric."""
@@ -412,6 +417,12 @@ def _metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(keys)
 
 
+def _with_unit(name: str) -> str:
+    """A metric's name or ``a/b/metric`` key with its unit where it has one: ``vessels/fov/hd95 [px]``."""
+    unit = METRIC_UNITS.get(name.rsplit("/", 1)[-1])
+    return f"{name} [{unit}]" if unit else name
+
+
 def _describe(values: list[float]) -> dict[str, float | int]:
     """Mean and population standard deviation of the finite values, with counts of used and undefined values."""
     array = np.asarray(values, dtype=np.float64)
@@ -500,7 +511,7 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
         estimated = group.get("fov_sources", {}).get("estimated", 0)
         if estimated:
             estimates.append(f"{group_name}: {estimated} of {group['images']}")
-    header = ("dataset", "channel", "region", "images", *METRICS)
+    header = ("dataset", "channel", "region", "images", *map(_with_unit, METRICS))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -564,14 +575,18 @@ def write_reports(
     """
     folder = Path(output_dir)
     keys = _metric_keys(records)
-    per_image = [list(IDENTITY_COLUMNS) + keys]
+    per_image = [list(IDENTITY_COLUMNS) + [_with_unit(key) for key in keys]]
     for record in records:
         per_image.append([record.get(c, "") for c in IDENTITY_COLUMNS] + [record.get(k, "") for k in keys])
-    summary_rows: list[list[Any]] = [["dataset", "channel", "region", "metric", "mean", "std", "n", "nan"]]
+    summary_rows: list[list[Any]] = [["dataset", "channel", "region", "metric", "unit", "mean", "std", "n", "nan"]]
     for group_name, group in [*summary["datasets"].items(), ("all", summary["all"])]:
         for key, statistic in group["metrics"].items():
-            summary_rows.append([group_name, *key.split("/"), *(statistic[s] for s in ("mean", "std", "n", "nan"))])
-    document = {"summary": summary, "metadata": dict(metadata or {})}
+            channel, region, metric = key.split("/")
+            summary_rows.append(
+                [group_name, channel, region, metric, METRIC_UNITS.get(metric, ""),
+                 *(statistic[s] for s in ("mean", "std", "n", "nan"))]
+            )
+    document = {"summary": summary, "units": METRIC_UNITS, "metadata": dict(metadata or {})}
     paths = {
         "per_image_csv": folder / f"{prefix}_per_image.csv",
         "summary_json": folder / f"{prefix}_summary.json",

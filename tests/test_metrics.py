@@ -335,6 +335,7 @@ def test_format_summary_table_lists_groups_and_undefined_values():
     table = format_summary_table(summarise(_records()))
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["dataset", "channel", "region", "images"]
+    assert "hd95 [px]" in lines[0]
     assert any(line.startswith("DRIVE") and "0.7000±0.1000" in line for line in lines)
     assert any(line.startswith("all") for line in lines)
     assert "DRIVE vessels/fov/hd95: 1 of 2 undefined" in table
@@ -348,7 +349,7 @@ def test_write_reports(tmp_path):
     with open(paths["per_image_csv"], newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["filename"] for row in rows] == ["a.png", "b.png", "c.png", "d.png"]
-    assert rows[1]["dataset"] == "DRIVE" and rows[1]["vessels/fov/hd95"] == "nan"
+    assert rows[1]["dataset"] == "DRIVE" and rows[1]["vessels/fov/hd95 [px]"] == "nan", "its unit in the header"
     assert rows[3]["dataset"] == "" and rows[3]["vessels/fov/dice"] == ""
     assert [row["fov_source"] for row in rows] == ["given", "given", "estimated", ""]
     assert float(rows[0]["vessels/fov/dice"]) == 0.8
@@ -361,6 +362,8 @@ def test_write_reports(tmp_path):
     overall_dice = [r for r in summary_rows if r["dataset"] == "all" and r["region"] == "fov" and r["metric"] == "dice"]
     assert len(overall_dice) == 1 and float(overall_dice[0]["mean"]) == pytest.approx(0.7)
     assert overall_dice[0]["channel"] == "vessels" and overall_dice[0]["n"] == "3" and overall_dice[0]["nan"] == "0"
+    assert {(r["metric"], r["unit"]) for r in summary_rows} == {("dice", ""), ("hd95", "px")}
+    assert document["units"] == {"hd95": "px"}
     assert sorted(p.name for p in paths["summary_json"].parent.iterdir()) == sorted(p.name for p in paths.values())
 
 
