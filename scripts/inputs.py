@@ -448,6 +448,8 @@ class ImageFolder:
         size_check: Callable[[tuple[int, int]], str | None] | None = None,
     ) -> None:
         folder, output = Path(folder), Path(output_dir)
+        if folder.is_file():
+            raise InputError(f"Image folder {folder} is a file, not a folder: give the folder holding the photographs.")
         if not folder.is_dir():
             raise InputError(f"Image folder {folder} does not exist.")
         inside = output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents
@@ -461,10 +463,23 @@ class ImageFolder:
         images = [file for file in files if Path(file).name not in own_outputs]
         for file in sorted(set(files) - set(images)):
             logger.info(f"Not segmenting {file}: it is named like an output of another image in the folder.")
+        passed_over = _passed_over(folder, {Path(file).name for file in files} | own_outputs)
         if not images:
-            raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}).")
+            there = f"; it holds {_first_few(passed_over)}" if passed_over else ""
+            raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}){there}.")
+        if passed_over:
+            logger.warning(f"Passed over {len(passed_over)} entries of {folder}, not photographs read here: "
+                           f"{_first_few(passed_over)}.")
+        name_max = _longest_name(output)
+        too_long = {
+            image: f"{image}: its output {name} would have a name of {len(os.fsencode(name))} bytes, more than the "
+            f"{name_max} the output folder's file system allows: rename the photograph"
+            for image in images
+            for name in output_names(image, channel_names, nifti)
+            if len(os.fsencode(name)) > name_max
+        }
         planned: dict[str, str] = {}
-        for image in images:
+        for image in (image for image in images if image not in too_long):
             for name in output_names(image, channel_names, nifti):
                 if name in planned:
                     raise InputError(
@@ -497,6 +512,8 @@ class ImageFolder:
         self.unreadable: list[str] = []
         for image in images:
             try:
+                if image in too_long:
+                    raise FundusImageError(too_long[image])
                 self.sizes[Path(image).name] = _photograph_size(image, size_check)
             except FundusImageError as error:  # its message names the image
                 self.left_out.append(Path(image).name)
@@ -549,6 +566,53 @@ class ImageFolder:
             lines = "\n  ".join(self.unreadable)
             others = "the others were" if self.entries else "no other image is in the folder"
             raise InputError(f"{len(self.unreadable)} image(s) could not be segmented ({others}):\n  {lines}")
+
+
+_PASSED_OVER_EXAMPLES = 5
+"""How many passed-over entries of an image folder a message names."""
+
+
+def _passed_over(folder: Path, considered: set[str]) -> list[str]:
+    """The entries of an image folder that are not segmented nor the run's own outputs, each with why.
+
+    Hidden files (``._eye.jpg``, ``.DS_Store``) are not named, as :func:`scripts.fundus_io.image_files` leaves them
+    out as a shell's ``*`` does.
+
+    Args:
+        folder: the image folder.
+        considered: the names the run reads as images, or skips as its own outputs.
+
+    Returns:
+        ``"<name> (<why>)"`` per entry, sorted: subfolders, links to missing files, files of other suffixes.
+    """
+    entries = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith(".") or path.name in considered or path.name in REPORT_FILES:
+            continue
+        if path.is_dir():
+            entries.append(f"{path.name}/ (subfolders are not searched)")
+        elif not path.exists():
+            entries.append(f"{path.name} (a link to a file that does not exist)")
+        elif not path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES):
+            suffix = "".join(path.suffixes[-1:]) or "(none)"
+            entries.append(f"{path.name} (suffix {suffix} is not a photograph's read here: convert it to PNG or TIFF)")
+    return entries
+
+
+def _first_few(entries: Sequence[str]) -> str:
+    """The first :data:`_PASSED_OVER_EXAMPLES` entries joined, and how many more."""
+    shown = ", ".join(entries[:_PASSED_OVER_EXAMPLES])
+    more = len(entries) - _PASSED_OVER_EXAMPLES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _longest_name(output: Path) -> int:
+    """The longest file name, in bytes, the file system of ``output`` (or of its nearest existing folder) allows."""
+    existing = next((folder for folder in (output, *output.parents) if folder.is_dir()), Path.cwd())
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not on POSIX, or the file system does not say
+        return 255
 
 
 def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | None] | None) -> tuple[int, int]:

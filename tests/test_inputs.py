@@ -93,7 +93,7 @@ def photograph(path: Path, size: int = 40) -> Path:
     return path
 
 
-def test_image_folder_lists_the_images_sorted(tmp_path):
+def test_image_folder_lists_the_images_sorted(tmp_path, caplog):
     images = tmp_path / "photos [2024]"  # brackets: a glob pattern would match nothing
     images.mkdir()
     for name in ("b.png", "a.png"):
@@ -101,15 +101,36 @@ def test_image_folder_lists_the_images_sorted(tmp_path):
     (images / "notes.txt").write_text("not an image")
     (images / "sub.png").mkdir()
     (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
-    folder = ImageFolder(images, tmp_path / "out")
+    (images / "gone.png").symlink_to(tmp_path / "moved.png")
+    with caplog.at_level("WARNING", logger="scripts.inputs"):
+        folder = ImageFolder(images, tmp_path / "out")
     assert [Path(e["image"]).name for e in folder.entries] == ["a.png", "b.png"]
     folder.report_unreadable()  # nothing to report: hidden files are not images
+    assert f"Passed over 3 entries of {images}, not photographs read here: gone.png (a link to a file that does " \
+        "not exist), notes.txt (suffix .txt is not a photograph's read here: convert it to PNG or TIFF), sub.png/ " \
+        "(subfolders are not searched)." in caplog.text
+    assert "._a.png" not in caplog.text, "hidden files are not named"
     empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(InputError, match=f"{empty} holds no image"):
+    (empty / "patient1").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"{empty} holds no image .*; it holds patient1/ \\(subfolders are not"):
         ImageFolder(empty, tmp_path / "out")
     with pytest.raises(InputError, match="does not exist"):
         ImageFolder(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(InputError, match="a.png is a file, not a folder: give the folder holding the photographs"):
+        ImageFolder(images / "a.png", tmp_path / "out")
+
+
+def test_a_photograph_whose_outputs_names_would_be_too_long_is_left_out_and_the_others_segmented(tmp_path):
+    images = tmp_path / "images"
+    long_name = "b_" + "x" * 244 + ".png"  # 250 bytes, allowed; b_xxx..._overlay.png would be 258
+    for name in ("a.png", "b.png", "c.png"):
+        photograph(images / name)
+    (images / "b.png").rename(images / long_name)  # written under a short name: its temporary name is longer
+    folder = ImageFolder(images, tmp_path / "out")
+    assert [Path(e["image"]).name for e in folder.entries] == ["a.png", "c.png"]
+    assert folder.left_out == [long_name]
+    with pytest.raises(InputError, match="its output b_x+_overlay.png would have a name of 258 bytes, more than the 255"):
+        folder.report_unreadable()
 
 
 def test_the_output_folder_is_created_only_once_the_checks_passed(tmp_path):
