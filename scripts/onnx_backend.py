@@ -18,6 +18,7 @@ feeds windows of exactly that size. Prompts are not part of the exported functio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,25 @@ def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
     return {f"sam2lora.{key}": json.dumps(value) for key, value in description.items()}
 
 
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+"""The exporter's libraries, which log a line per folded constant and merged initialiser at INFO (about 280 for the
+U-Net head): a run's own INFO lines would drown in them."""
+
+
+@contextlib.contextmanager
+def _exporter_logs_quiet() -> Iterator[None]:
+    """Within the block, the exporter's libraries log warnings and errors only."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(max(each.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
 def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S); outputs ``logits`` and, with the SAM head,
     ``iou_predictions`` (batch, C)), atomically, described by :func:`export_description` in its ``metadata_props``.
@@ -198,16 +219,18 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
     """
     path = Path(path)
     try:
-        program = torch.onnx.export(
-            _OnnxOutputs(model),
-            (model.example(),),
-            dynamo=True,
-            opset_version=opset,
-            input_names=["image"],
-            # The batch dimension of every output follows the input's, which is dynamic.
-            output_names=model.output_names,
-            dynamic_shapes={"images": {0: batch_dim()}},
-        )
+        with _exporter_logs_quiet():
+            program = torch.onnx.export(
+                _OnnxOutputs(model),
+                (model.example(),),
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                input_names=["image"],
+                # The batch dimension of every output follows the input's, which is dynamic.
+                output_names=model.output_names,
+                dynamic_shapes={"images": {0: batch_dim()}},
+            )
         program.model.metadata_props.update(export_description(model))
         with atomic_path(path) as partial:
             program.save(str(partial), external_data=False)
