@@ -232,6 +232,10 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
                 dynamic_shapes={"images": {0: batch_dim()}},
             )
         program.model.metadata_props.update(export_description(model))
+        # Each node's Python stack trace names this machine's files: the export would differ per checkout.
+        for graph in program.model.graphs():
+            for node in graph:
+                node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
         with atomic_path(path) as partial:
             program.save(str(partial), external_data=False)
     except OutputError:
