@@ -10,6 +10,7 @@ evaluation, export and MONAI Label build the network from what the file records 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "base_weights_source",
     "check_finetune",
     "check_fits",
+    "frozen_weights_digest",
     "read_model_file",
     "read_model_settings",
     "tensor_state",
@@ -301,7 +303,13 @@ class AdaptedNetwork:
             raise ModelFileError("Adapters are merged into the base weights; unmerge_adapters() before saving them.")
         if self.settings["finetune"] == "full":
             raise ModelFileError("A network fine-tuned in full has no adapter file: every weight changed.")
-        payload = {"format": ADAPTER_FORMAT, "settings": self.get_extra_state(), "state_dict": self.adapter_state_dict()}
+        payload = {
+            "format": ADAPTER_FORMAT,
+            "settings": self.get_extra_state(),
+            "state_dict": self.adapter_state_dict(),
+            # The adapters are right on these base weights alone: load_adapters refuses others.
+            "base_digest": frozen_weights_digest(self),
+        }
         save_torch_atomic(payload, path)
         return Path(path)
 
@@ -309,7 +317,8 @@ class AdaptedNetwork:
         """Load a file written by :meth:`save_adapters` on top of the base weights.
 
         Raises:
-            ModelFileError: the file is missing, unreadable, not an adapter file, or made for other settings.
+            ModelFileError: the file is missing, unreadable, not an adapter file, made for other settings, or made on
+                other base weights than this network's.
         """
         path = Path(path)
         if not path.is_file():
@@ -351,8 +360,39 @@ class AdaptedNetwork:
                 f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
             )
         self.unmerge_adapters()
+        recorded_base = payload.get("base_digest")
+        if recorded_base is None:  # written by bundle 0.3.19 or earlier
+            logger.warning("Adapter checkpoint %s does not record its base weights: they cannot be checked.", path)
+        elif recorded_base != frozen_weights_digest(self):
+            raise ModelFileError(
+                f"Adapter checkpoint {path} was trained on other base weights than this network's (the base "
+                f"checkpoint's values differ): its adapters would segment wrongly. Use Meta's sam2.1_hiera_"
+                f"{self.settings.get('model_size', '<size>')}.pt the bundle names (python -m monai.bundle "
+                "download_large_files --bundle_path <bundle> fetches it and checks its SHA-256)."
+            )
         self.load_state_dict(tensors, strict=False)  # type: ignore[attr-defined]
         logger.info("Loaded %d fine-tuned tensors from %s.", len(tensors), path)
+
+
+def frozen_weights_digest(network: nn.Module) -> str:
+    """The SHA-256 of the names, shapes, dtypes and exact bytes of the network's frozen parameters.
+
+    Exact, unlike a sum, which a different thread count can round differently: an adapter file records it to be
+    refused on any other base.
+
+    Args:
+        network: the network, on any device.
+
+    Returns:
+        A hex digest; equal for two networks whose frozen weights are bit-identical.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            values = parameter.detach().to("cpu").contiguous()
+            digest.update(f"{name}{tuple(values.shape)}{values.dtype}".encode())
+            digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def tensor_state(network: nn.Module) -> dict[str, torch.Tensor]:

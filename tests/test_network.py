@@ -311,6 +311,29 @@ def test_adapter_only_round_trip(meta_checkpoint, tmp_path):
         other_rank.load_adapters(path)
 
 
+def test_an_adapter_file_is_refused_on_other_base_weights(meta_checkpoint, tmp_path, caplog):
+    """Adapters are right on their base alone: on another file of the same shapes they segmented wrongly, silently."""
+    path, state_dict = meta_checkpoint
+    trained = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE)
+    randomise_adapters(trained, seed=5)
+    adapter_file = trained.save_adapters(tmp_path / "adapters.pt")
+    other = dict(state_dict)
+    key = next(k for k in other if k.startswith("image_encoder.") and k.endswith(".weight"))
+    other[key] = other[key].clone()
+    other[key].view(-1)[0] += 1e-6  # one value of one tensor
+    other_path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": other}, other_path)
+    with pytest.raises(ModelFileError, match=r"adapters\.pt was trained on other base weights than this network's.*"
+                       r"sam2\.1_hiera_tiny\.pt the bundle names .*download_large_files"):
+        SAM2LoRA("tiny", checkpoint=other_path, image_size=IMAGE_SIZE, adapter_checkpoint=adapter_file)
+    payload = torch.load(adapter_file, weights_only=True)
+    del payload["base_digest"]  # as bundle 0.3.19 and earlier wrote them
+    torch.save(payload, tmp_path / "adapters_0.3.19.pt")
+    with caplog.at_level(logging.WARNING):
+        SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, adapter_checkpoint=tmp_path / "adapters_0.3.19.pt")
+    assert "does not record its base weights: they cannot be checked" in caplog.text
+
+
 def test_an_adapter_file_of_0_3_10_with_the_object_score_head_still_loads(meta_checkpoint, tmp_path, caplog):
     """lora+decoder files of 0.3.10 and earlier also held the object-score head, which got no gradient and is
     frozen since: its weights (Meta's, unchanged) are left out with a warning instead of refusing the file."""

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 import scripts
-from scripts.adapters import AdaptedNetwork, ModelFileError, tensor_state
+from scripts.adapters import AdaptedNetwork, ModelFileError, frozen_weights_digest, tensor_state
 from scripts.atomic import atomic_path, file_sha256
 from scripts.errors import FundusError, command_line
 from scripts.lora import lora_modules
@@ -136,8 +136,13 @@ def differing_tensors(first: Mapping[str, torch.Tensor], second: Mapping[str, to
 
 def adapters_reproduce(trained: AdaptedNetwork, base: Path, adapters: Path) -> list[str]:
     """Rebuild the network as the archive's inference config will (Meta's base checkpoint plus the adapter
-    file) and list the tensors that differ from the trained network; an empty list means a faithful archive."""
-    rebuilt = build_network(checkpoint=base, adapter_checkpoint=adapters, **network_arguments(trained.settings)).eval()
+    file) and list the tensors that differ from the trained network; an empty list means a faithful archive.
+    On another base (which the adapter file refuses) the list names the base's differing tensors."""
+    rebuilt = build_network(checkpoint=base, **network_arguments(trained.settings)).eval()
+    if frozen_weights_digest(rebuilt) != frozen_weights_digest(trained):
+        frozen = {name for name, parameter in trained.named_parameters() if not parameter.requires_grad}
+        return [key for key in differing_tensors(tensor_state(trained), tensor_state(rebuilt)) if key in frozen]
+    rebuilt.load_adapters(adapters)
     return differing_tensors(tensor_state(trained), tensor_state(rebuilt))
 
 
