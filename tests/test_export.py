@@ -197,6 +197,16 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
     downloaded_inference(bundle, images, tmp_path / "from_elsewhere", elsewhere=elsewhere)
     assert_same_masks(from_repository, tmp_path / "from_elsewhere", images)
 
+    # Evaluation from the archive builds the same network (its evaluate.json pointed at models/model.pt until 0.3.19).
+    command = ["-m", "monai.bundle", "run", "evaluating", "--meta_file", "configs/metadata.json"]
+    command += ["--config_file", "['configs/train.json','configs/evaluate.json']", "--logging_file", "configs/logging.conf"]
+    command += ["--datalist", images.parent / "synthetic" / "datalist.json", "--output_dir", tmp_path / "evaluated"]
+    evaluated = isolated_python(command, cwd=bundle)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "fine-tuned tensors from models/adapters.pt" in evaluated.stdout + evaluated.stderr
+    summary = json.loads((tmp_path / "evaluated" / "metrics_summary.json").read_text())
+    assert Path(summary["metadata"]["checkpoint"]) == Path("models/adapters.pt")
+
 
 def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="tools.export"):

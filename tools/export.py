@@ -218,6 +218,25 @@ def _inference_config(source: Path, model_size: str, mode: str) -> dict:
     return config
 
 
+def _evaluate_config(source: Path, model_size: str, mode: str) -> dict:
+    """The archive's evaluate.json (read over train.json): the bundle's, pointed at the archive's weights as
+    :func:`_inference_config` points inference; it overrides train.json's network by ``network_def#`` keys."""
+    config = json.loads(source.read_text(encoding="utf-8"))
+    handlers = [handler for handler in config.get("validate#handlers", []) if isinstance(handler, dict)]
+    loaders = [handler for handler in handlers if handler.get("_target_") == "CheckpointLoader"]
+    if len(loaders) != 1:
+        raise ExportError(f"{source} should load the trained model with one CheckpointLoader handler.")
+    if mode == "adapters":
+        config["ckpt_path"] = f"$@ckpt_dir + '/{ADAPTER_FILE}'"
+        config["network_def#weights_follow"] = False
+        config["network_def#checkpoint"] = f"$@ckpt_dir + '/sam2.1_hiera_{model_size}.pt'"
+        config["network_def#adapter_checkpoint"] = "@ckpt_path"
+        loaders[0]["_disabled_"] = True
+    else:
+        config["ckpt_path"] = f"$@ckpt_dir + '/{FULL_FILE}'"
+    return config
+
+
 def _metadata(source: Path, channel_names: Sequence[str]) -> dict:
     """The archive's metadata.json: the bundle's, its output described for the exported model's channels (the
     bundle's describes the default one-channel vessel model; MONAI's ``verify_net_in_out`` checks the count)."""
@@ -318,6 +337,8 @@ def _package(
         mode, reason = _write_weights(trained, weights, base, models)
         inference = _inference_config(bundle / "configs" / "inference.json", settings["model_size"], mode)
         (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n", encoding="utf-8")
+        evaluation = _evaluate_config(bundle / "configs" / "evaluate.json", settings["model_size"], mode)
+        (root / "configs" / "evaluate.json").write_text(json.dumps(evaluation, indent=4) + "\n", encoding="utf-8")
         metadata = _metadata(bundle / "configs" / "metadata.json", settings["channel_names"])
         (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
         large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
