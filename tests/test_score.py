@@ -100,6 +100,19 @@ def test_float_tiff_and_16_bit_probabilities_are_read_at_their_precision(tmp_pat
         read_probability_map(tmp_path / "overlay.png")
 
 
+def test_a_mask_saved_as_0_and_1_is_read_as_a_mask_in_8_and_16_bits(tmp_path: Path):
+    """Many methods save masks as 0/1; read as probabilities of at most 1/255 they scored Dice 0."""
+    mask = np.random.default_rng(0).random((48, 64)) > 0.7
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "zero_one.png")
+    Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "zero_one_16.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "zero_255.png")
+    for name in ("zero_one.png", "zero_one_16.png", "zero_255.png"):
+        np.testing.assert_array_equal(read_probability_map(tmp_path / name), mask.astype(np.float32), err_msg=name)
+    faint = (mask * 2).astype(np.uint8)  # 0 and 2/255: probabilities, all below any threshold
+    Image.fromarray(faint).save(tmp_path / "faint.png")
+    assert read_probability_map(tmp_path / "faint.png").max() == pytest.approx(2 / 255)
+
+
 def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: Path, tmp_path: Path, caplog, capsys):
     predictions = tmp_path / "predictions"
     label = read_label_mask(tmp_path / "case1_label.png")
@@ -108,7 +121,9 @@ def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: 
     write_png(predictions / "case2_image.png", _noisy_probabilities(label[::2, ::2], 1))
     lists = json.loads(datalist.read_text())
     lists["test"].append({**lists["test"][0], "image": "case0_image.png"})
+    lists["test"].append(_case(tmp_path, "case3", 3))
     datalist.write_text(json.dumps(lists))
+    (predictions / "case3_image.TIF").write_bytes(b"saved under another suffix")
 
     with caplog.at_level(logging.INFO):
         status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output",
@@ -118,10 +133,12 @@ def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: 
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert any("case2_image.png is 48x48 but photograph" in message and "96x96" in message for message in errors)
     assert any(message.startswith(f"{predictions / 'case0_image.png'}: no prediction for") for message in errors)
-    assert "2 predictions were left out" in errors[-1]
+    assert any(message.endswith("case3_image.png (found case3_image.TIF: --pattern names the "
+                                "files); left out") for message in errors)
+    assert "3 predictions were left out" in errors[-1]
     assert set(_per_image(tmp_path / "scores")) == {"case1_image.png"}
     metadata = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["metadata"]
-    assert metadata["scored"] == 1 and len(metadata["left_out"]) == 2
+    assert metadata["scored"] == 1 and len(metadata["left_out"]) == 3
     assert "Traceback" not in capsys.readouterr().err
 
 

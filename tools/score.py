@@ -10,7 +10,8 @@ Predictions are found by name: ``--pattern`` with ``{stem}`` (the photograph's f
 for several channels, ``{channel}``. By default the names ``run inference`` writes: ``<stem>_prob.png``, or
 ``<stem>_prob_<channel>.png`` for several channels. A prediction is a grayscale picture (8-bit 0-255 or 16-bit
 0-65535, read as probabilities from 0 to 1) or a floating-point TIFF holding probabilities from 0 to 1; a binary
-mask is scored too, its AUC then being that of its single operating point (logged). A prediction that is missing,
+mask is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
+(logged). A prediction that is missing,
 unreadable, in colour or of another size than its photograph is named in one line and left out; the others are
 scored and the command exits with status 1, so that a partial comparison is not taken for a whole one.
 
@@ -120,7 +121,22 @@ def read_probability_map(path: str | Path) -> np.ndarray:
         raise FundusImageError(
             f"prediction {path} is a colour picture: a grayscale probability map or mask is expected (an overlay?)"
         )
-    return np.ascontiguousarray(picture.mean(axis=-1))
+    gray = np.ascontiguousarray(picture.mean(axis=-1))
+    # A mask saved as 0 and 1 (as many methods write them, and as labels are read) is a mask, not probabilities of
+    # at most 1/255, which would score Dice 0.
+    levels = np.unique(gray)
+    if len(levels) == 2 and levels[0] == 0 and levels[1] <= 1 / 255 + 1e-9:
+        return (gray > 0).astype(np.float32)
+    return gray
+
+
+def _namesake_hint(missing: Path) -> str:
+    """Where a file of the missing prediction's name but another suffix (or letter case) is there, a hint naming it."""
+    stem = missing.stem.lower()
+    if not missing.parent.is_dir():
+        return ""
+    namesakes = sorted(path.name for path in missing.parent.iterdir() if path.stem.lower() == stem)
+    return f" (found {namesakes[0]}: --pattern names the files)" if namesakes else ""
 
 
 def _reference(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,8 +208,8 @@ def score_predictions(
         paths = prediction_paths(entry["image"], folder, channel_names, pattern)
         missing = [path for path in paths if not path.is_file()]
         if missing:
-            left_out[str(missing[0])] = f"no prediction for {entry['image']}"
-            logger.error("%s: no prediction for %s; left out", missing[0], entry["image"])
+            left_out[str(missing[0])] = f"no prediction for {entry['image']}" + _namesake_hint(missing[0])
+            logger.error("%s: %s; left out", missing[0], left_out[str(missing[0])])
             continue
         try:
             record, is_binary = _score_entry(entry, paths, channel_names, threshold, topology)
