@@ -18,6 +18,10 @@
 # benchmark.partial.json after each measurement, so a stopped stage keeps what it measured.
 #
 # Usage: bash tools/gpu_figures.sh DRIVE_DIR OUTPUT_DIR [SECONDS]   (SECONDS: the whole run's budget, default 560)
+# On a machine whose image has torch alone, install the wheels first (built here with `pip wheel --no-deps` for
+# sam2 with SAM2_BUILD_CUDA=0, iopath, antlr4-python3-runtime, monai, pytorch-ignite, hydra-core, omegaconf,
+# nibabel), e.g. `pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site`;
+# it stops at once, measuring nothing, where an import fails or torch sees no CUDA device.
 # OUTPUT_DIR receives small files (logs, JSON, Markdown) in one folder per stage; checkpoints go to a temporary one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,9 @@ out=${2:?output folder second}
 budget=${3:-560}
 mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+ulimit -c 0  # a SIGABRT at a stage's limit must not write a CUDA process's core into the checkout
 
 left() { echo $((budget - SECONDS)); }
 # The smaller of a stage's own limit and the time left (less 5 s to write up).
@@ -36,17 +42,23 @@ limit() { local rest=$(( $(left) - 5 )); echo $(( $1 < rest ? $1 : rest )); }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import os, torch, monai, sam2, ignite, hydra, scripts.network, tools.benchmark; \
+assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__, 'cpus', os.cpu_count())"
 } > "$out/machine.txt" 2>&1
 status=$?
 cat "$out/machine.txt"
 [ $status -eq 0 ] || { echo "the environment is not complete (above): nothing measured"; exit 2; }
+# The datalist first: a wrong DRIVE folder is found before minutes of GPU time are spent.
+timeout 60 python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" \
+    > "$out/prepare.log" 2>&1 || { cat "$out/prepare.log"; exit 1; }
 
 benchmark() {  # benchmark STAGE SECONDS ARGUMENTS...
     local stage=$1 seconds; seconds=$(limit "$2"); shift 2
+    [ "$seconds" -gt 0 ] || { echo "== benchmark $stage skipped: no time left"; return; }
     echo "== benchmark $stage, $seconds s ($(left) s left)"
     mkdir -p "$out/$stage"
-    timeout "$seconds" python3 -m tools.benchmark --device cuda --image-sizes 1024 --repeats 5 --warmup 2 \
+    # SIGABRT: faulthandler prints where a stage stopped at its limit (a compilation?); -k: killed if it hangs on.
+    timeout -s ABRT -k 10 "$seconds" python3 -m tools.benchmark --device cuda --image-sizes 1024 --repeats 5 --warmup 2 \
         --output-dir "$out/$stage" "$@" > "$out/$stage/benchmark.log" 2>&1
     echo "exit $? ($(left) s left)"
     tail -3 "$out/$stage/benchmark.log"
@@ -54,11 +66,10 @@ benchmark() {  # benchmark STAGE SECONDS ARGUMENTS...
 benchmark large_training_compile 240 --model-sizes large --parts training --switches compile
 benchmark prompt_modes 100 --model-sizes tiny large --parts prompt_modes
 
-python3 -m tools.prepare --dataset DRIVE --src "$drive" --output "$work/drive/datalist.json" \
-    > "$out/prepare.log" 2>&1 || { cat "$out/prepare.log"; exit 1; }
 for workers in 2 8; do
     run="$work/train_w$workers"
     seconds=$(limit 80)
+    [ "$seconds" -gt 0 ] || { echo "== bundle trainer, $workers workers, skipped: no time left"; continue; }
     echo "== bundle trainer on DRIVE, $workers workers, $seconds s ($(left) s left)"
     start=$SECONDS
     # The bundle's training workflow (as `monai.bundle run training` runs it) under ignite's HandlersTimeProfiler,
@@ -75,8 +86,16 @@ workflow = ConfigWorkflow(
     final_id="finalize", bundle_root="bundle", datalist=datalist, random_init=True, max_epochs=3, val_interval=3,
     num_workers=int(workers), ckpt_dir=f"{run}/models", output_dir=f"{run}/eval")
 workflow.initialize()
+trainer = workflow.parser.get_parsed_content("train#trainer")
+import torch
+from ignite.engine import Events
+def wait_for_the_gpu(engine):
+    torch.cuda.synchronize()
+# First of the iteration's handlers: the step's GPU time is its own row ("wait_for_the_gpu"), not charged to the
+# first handler that reads a value (the training log's float(loss)). ignite keeps no public way to go first.
+trainer._event_handlers[Events.ITERATION_COMPLETED].insert(0, (wait_for_the_gpu, (trainer,), {}))
 profiler = HandlersTimeProfiler()
-profiler.attach(workflow.parser.get_parsed_content("train#trainer"))
+profiler.attach(trainer)
 workflow.run()
 workflow.finalize()
 results = profiler.get_results()
@@ -97,4 +116,3 @@ print(f"DRIVE, Hiera-large 1024 px, batch 2, {sys.argv[2]} workers, epochs 2 on:
 EOF
 done
 echo "done ($(left) s left)"
-rm -rf "$work"
