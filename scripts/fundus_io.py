@@ -27,6 +27,7 @@ from scripts.errors import FundusError
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
+    "UNREADABLE_KEY",
     "FundusImageError",
     "estimate_fov",
     "image_files",
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pnm", ".bmp")
 """File suffixes (case-insensitive) that :func:`read_image` and :func:`read_mask` accept, each optionally + ``.gz``."""
+
+UNREADABLE_KEY = "unreadable"
+"""Item and metadata key of an inference photograph that could not be read at its turn, holding why (empty for one
+that was read): it goes through the run as a gray stand-in (:class:`scripts.transforms.LoadFundusd`), so that the
+others go on, and nothing is written for it."""
 
 # PIL modes holding one 16-bit sample per pixel ("I" is how some Pillow versions open 16-bit grayscale PNGs); their
 # true maximum is 65535 whatever values the file happens to use.

@@ -20,9 +20,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number
+from monai.data import Dataset
+from monai.transforms import apply_transform
+
+from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number, user_error
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
+    UNREADABLE_KEY,
     FundusImageError,
     image_files,
     image_size,
@@ -33,6 +37,7 @@ from scripts.metrics import FOV_SOURCES
 from scripts.writers import REPORT_FILES, output_names
 
 __all__ = [
+    "FolderDataset",
     "ImageFolder",
     "InputError",
     "check_command_line",
@@ -426,7 +431,8 @@ class ImageFolder:
             (:func:`scripts.inferers.window_fit`).
 
     Attributes:
-        entries: one ``{"image": path}`` per readable image, sorted.
+        entries: one ``{"image": path, "size": [height, width], "unreadable": ""}`` per readable image, sorted
+            (:class:`FolderDataset`).
         sizes: file name to ``(height, width)`` of every readable image (prompts are checked against them).
         left_out: file names of the images left out.
         unreadable: one line per image left out, with the reason.
@@ -520,7 +526,7 @@ class ImageFolder:
                 self.unreadable.append(str(error))
                 logger.error(f"Left out: {error}")
                 continue
-            self.entries.append({"image": image})
+            self.entries.append({"image": image, "size": list(self.sizes[Path(image).name]), UNREADABLE_KEY: ""})
         if not self.entries:
             self.report_unreadable()
 
@@ -613,6 +619,27 @@ def _longest_name(output: Path) -> int:
         return os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # not on POSIX, or the file system does not say
         return 255
+
+
+class FolderDataset(Dataset):
+    """The :attr:`ImageFolder.entries` through the preprocessing, where a photograph that cannot be read at its turn
+    (removed or replaced since start-up: a network share, a folder a sync tool fills) does not stop the run.
+
+    Its item is logged (``Left out: ...``) and loaded as a gray stand-in of the size recorded at start-up, with why
+    under :data:`scripts.fundus_io.UNREADABLE_KEY` in its metadata: the batch goes through the network, the writer
+    writes nothing for it, and :class:`scripts.handlers.InferenceReport` adds it to :attr:`ImageFolder.unreadable`,
+    which the run reports at its end with the images left out at start-up.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as error:  # MONAI wraps a transform's error in its own RuntimeError
+            own = user_error(error)
+            if not isinstance(own, FundusImageError):
+                raise
+            logger.error(f"Left out: {own}")
+            return apply_transform(self.transform, {**self.data[index], UNREADABLE_KEY: str(own)})
 
 
 def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | None] | None) -> tuple[int, int]:

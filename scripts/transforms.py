@@ -55,7 +55,7 @@ from scipy import ndimage
 from torchvision.transforms.v2.functional import adjust_hue
 
 from scripts.errors import ConfigError, is_real_number, is_whole_number
-from scripts.fundus_io import FundusImageError, estimate_fov, read_image, read_label_mask
+from scripts.fundus_io import UNREADABLE_KEY, FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.inferers import check_input_mode
 from scripts.metrics import FOV_SOURCES, entry_fov_source
 from scripts.prompts import (
@@ -119,7 +119,9 @@ class LoadFundusd(MapTransform):
     (``filename_or_obj``, ``spatial_shape`` = original ``(H, W)``, ``original_channel_dim``, identity affine).
 
     Args:
-        image_key: key of the image path.
+        image_key: key of the image path. An item of an inference folder (:class:`scripts.inputs.ImageFolder`) also
+            holds its ``size`` and :data:`scripts.fundus_io.UNREADABLE_KEY`; where the latter says why the image
+            cannot be read, a mid-gray stand-in of that size is loaded, its metadata keeping the reason.
         label_key: key of the label path or list of paths; may be absent (inference).
         fov_key: key of the field-of-view mask path; absent or None means "estimate it".
         estimate_missing_fov: estimate absent fields of view (otherwise they stay absent).
@@ -165,9 +167,18 @@ class LoadFundusd(MapTransform):
         """
         result = dict(data)
         image_path = str(data[self.image_key])
-        image = read_image(image_path)
+        unreadable = result.pop(UNREADABLE_KEY, None)
+        folder_size = result.pop("size", None)
+        if unreadable:
+            # A folder's photograph that could not be read at its turn (scripts.inputs.FolderDataset): a gray
+            # stand-in of its size keeps the batch and the run going; the writer writes nothing for it.
+            image = np.full((*folder_size, 3), 0.5, dtype=np.float32)
+        else:
+            image = read_image(image_path)
         size = image.shape[:2]
-        result[self.image_key] = _as_metatensor(image.transpose(2, 0, 1), image_path, -1, {})
+        # Every item of a folder carries the key, so that a batch's metadata collates.
+        extra = {UNREADABLE_KEY: unreadable or ""} if unreadable is not None else {}
+        result[self.image_key] = _as_metatensor(image.transpose(2, 0, 1), image_path, -1, extra)
         if data.get(self.label_key) is not None:
             paths = data[self.label_key]
             paths = _path_list(paths)

@@ -15,7 +15,14 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.atomic import atomic_path
-from scripts.fundus_io import SUPPORTED_SUFFIXES, FundusImageError, estimate_fov, read_image, write_png
+from scripts.fundus_io import (
+    SUPPORTED_SUFFIXES,
+    UNREADABLE_KEY,
+    FundusImageError,
+    estimate_fov,
+    read_image,
+    write_png,
+)
 from scripts.masks import binarise
 from scripts.measurements import measure_structures, warn_about_unmeasured_channels
 
@@ -87,7 +94,9 @@ class SaveFundusPredictiond(MapTransform):
         nifti: also write the label image as NIfTI.
         overlay_opacity: opacity of the mask colour on the overlay.
         measure: also measure the structures (:func:`scripts.measurements.measure_structures`, vessels inside the
-            estimated field of view) into ``<key>_record``, for the run's ``measurements.csv`` and report.
+            estimated field of view) into ``<key>_record``, for the run's ``measurements.csv`` and report. A
+            prediction for a stand-in (its metadata's :data:`scripts.fundus_io.UNREADABLE_KEY` says why the
+            photograph could not be read) is not written; its record holds the image's name and that reason.
         pixel_size_mm: the side of a pixel in millimetres, for measures in mm (None: pixels only).
         allow_missing_keys: don't raise for missing keys.
     """
@@ -122,7 +131,11 @@ class SaveFundusPredictiond(MapTransform):
         for key in self.key_iterator(d):
             probabilities = d[key]
             source = Path(str(probabilities.meta["filename_or_obj"]))
-            record = self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
+            unreadable = probabilities.meta.get(UNREADABLE_KEY)
+            if unreadable:  # a stand-in for a photograph that could not be read (scripts.inputs.FolderDataset)
+                record = {"image": source.name, UNREADABLE_KEY: unreadable}
+            else:
+                record = self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
             if self.measure:
                 d[f"{key}_record"] = record
         return d

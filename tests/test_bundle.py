@@ -635,3 +635,32 @@ def test_evaluation_scores_inside_the_files_own_field_of_view(drive_dir, tmp_pat
     truth = np.asarray(Image.open(drive_dir / "test" / "mask" / "01_test_mask.gif")) > 0
     assert out["pred"].shape[1:] == truth.shape
     assert np.array_equal(np.asarray(out[fov_keys.pop()])[0] > 0.5, truth)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_photograph_gone_after_start_up_is_left_out_and_the_others_segmented(tmp_path, num_workers):
+    """A photograph removed between the start-up check and its turn (a network share, a folder a sync tool fills)
+    stopped the run there, the later ones unsegmented and no report written. Batch 2: its stand-in shares a batch."""
+    model = write_model_file(tmp_path / "model.pt")
+    source = write_dataset(tmp_path / "data", count=3, size=64)["vessels"].parent / "images"
+    images = tmp_path / "images"
+    shutil.copytree(source, images)
+    names = sorted(path.stem for path in images.iterdir())
+    output = tmp_path / "out"
+    workflow = ConfigWorkflow(config_file=[INFER], meta_file=META, logging_file=LOGGING, workflow_type="infer", run_id="inference",
+                              ckpt_path=str(model), dataset_dir=str(images), output_dir=str(output),
+                              num_workers=num_workers, batch_size=2)
+    workflow.initialize()
+    gone = images / f"{names[0]}.png"
+    gone.unlink()
+    with pytest.raises(Exception) as caught:
+        workflow.run()
+    message = str(user_error(caught.value))
+    assert message.startswith("1 image(s) could not be segmented (the others were):") and str(gone) in message
+    assert not list(output.glob(f"{names[0]}_*")), "nothing is written for it"
+    for name in names[1:]:
+        assert {path.name for path in output.glob(f"{name}_*")} == {f"{name}_mask.png", f"{name}_prob.png",
+                                                                    f"{name}_overlay.png"}
+    with open(output / "measurements.csv", newline="") as table:
+        assert [row["image"] for row in csv.DictReader(table)] == [f"{name}.png" for name in names[1:]]
+    assert (output / "report.html").is_file()

@@ -27,7 +27,7 @@ from monai.metrics import compute_dice
 from scipy.stats import pearsonr, spearmanr
 
 from scripts.atomic import write_text_atomic
-from scripts.fundus_io import read_image
+from scripts.fundus_io import UNREADABLE_KEY, read_image
 from scripts.masks import binarise
 from scripts.measurements import MEASURE_UNITS, measure_structures, structure_of, warn_about_unmeasured_channels
 from scripts.metrics import UNKNOWN_DATASET, json_safe
@@ -102,6 +102,9 @@ class InferenceReport:
         quality_threshold: predicted IoU under which an image is flagged.
         settings: the run's settings, shown in the report.
         record_key: where the prediction writer leaves its records.
+        left_out: where to add why a photograph could not be read at its turn (its record has no measurements:
+            :class:`scripts.inputs.FolderDataset`), e.g. :attr:`scripts.inputs.ImageFolder.unreadable`, which the
+            run reports at its end.
     """
 
     CSV_NAME = "measurements.csv"
@@ -115,6 +118,7 @@ class InferenceReport:
         quality_threshold: float = 0.5,
         settings: Mapping[str, Any] | None = None,
         record_key: str = "pred_record",
+        left_out: list[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.channel_names = list(channel_names)
@@ -122,6 +126,7 @@ class InferenceReport:
         self.quality_threshold = quality_threshold
         self.settings = dict(settings or {})
         self.record_key = record_key
+        self.left_out = left_out if left_out is not None else []
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -133,6 +138,9 @@ class InferenceReport:
         outputs = engine.state.output
         for item, ious in zip(outputs, _ious(self.inferer, len(outputs), len(self.channel_names))):
             record = dict(item[self.record_key])
+            if record.get(UNREADABLE_KEY):
+                self.left_out.append(record[UNREADABLE_KEY])
+                continue
             predicted = {f"predicted_iou_{name}": iou for name, iou in zip(self.channel_names, ious or [])}
             record.update(predicted)
             record["flags"] = image_flags(record["fov_fraction"], min(ious) if ious else None, self.quality_threshold)
