@@ -68,6 +68,10 @@ def unreadable_torch_file(error: BaseException) -> str:
     """
     if isinstance(error, pickle.UnpicklingError):
         return "not a file of tensors and plain values: damaged, written by another program, or holding code"
+    if isinstance(error, KeyError):  # the legacy unpickler's reading of a file that is no torch archive (text)
+        return "not a torch file: neither a zip archive nor a pickle"
+    if "failed finding central directory" in str(error):  # torch's message runs on and is cut mid-word
+        return "a torch archive cut short (its zip directory is missing): damaged, or not fully copied"
     return f"{type(error).__name__}: {first_line(error)}"
 
 

@@ -124,3 +124,24 @@ def test_command_line_entry_points_print_our_errors_in_one_line(capsys):
 
     with pytest.raises(KeyError):
         buggy()
+
+
+def test_torch_files_that_cannot_be_read_are_said_in_words(tmp_path):
+    """A text file read as a model said `KeyError: 101`; a cut-short archive quoted torch's message cut mid-word."""
+    import torch
+
+    from scripts.errors import unreadable_torch_file
+
+    text, archive = tmp_path / "notes.pt", tmp_path / "cut.pt"
+    text.write_text("hello, this is not a model\n")
+    torch.save({"weight": torch.zeros(1000)}, archive)
+    archive.write_bytes(archive.read_bytes()[:2000])
+    reasons = []
+    for path in (text, archive):
+        with pytest.raises(Exception) as caught:
+            torch.load(path, weights_only=True)
+        reasons.append(unreadable_torch_file(caught.value))
+    assert reasons == [
+        "not a torch file: neither a zip archive nor a pickle",
+        "a torch archive cut short (its zip directory is missing): damaged, or not fully copied",
+    ]
