@@ -429,24 +429,29 @@ def network_arguments(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if key not in _RECORD_ONLY}
 
 
-def load_trained(path: str | Path) -> SAM2LoRA | SAM2UNet:
+def load_trained(path: str | Path, base_checkpoint: str | Path | None = None) -> SAM2LoRA | SAM2UNet:
     """The trained network of a ``model.pt`` written by the bundle, built from the settings the file records.
 
     Args:
-        path: a state dict, or a training checkpoint whose ``"model"`` entry is one.
+        path: a state dict, or a training checkpoint whose ``"model"`` entry is one; or an adapter file (an
+            adapters-only archive's ``adapters.pt``), with ``base_checkpoint``.
+        base_checkpoint: Meta's checkpoint an adapter file was trained on; unused for a full model file.
 
     Returns:
         The network in eval mode, with the file's weights (adapters unmerged or merged, as saved).
 
     Raises:
-        ModelFileError: the file is missing, unreadable, an adapter file (which needs Meta's base: build the
-            network with ``checkpoint`` and ``adapter_checkpoint`` instead), or its tensors do not fit its record.
+        ModelFileError: the file is missing, unreadable, an adapter file without ``base_checkpoint`` (or on another
+            base), or its tensors do not fit its record.
     """
     state, settings = read_model_file(path)
     if state.get("format") == ADAPTER_FORMAT:
-        raise ModelFileError(
-            f"{path} holds adapters only; build the network with Meta's base checkpoint and adapter_checkpoint={path}."
-        )
+        if base_checkpoint is None:
+            raise ModelFileError(
+                f"{path} holds adapters only: give Meta's base checkpoint they were trained on with it "
+                f"(sam2.1_hiera_{settings.get('model_size', '<size>')}.pt; --base_checkpoint)."
+            )
+        return build_network(checkpoint=base_checkpoint, adapter_checkpoint=path, **network_arguments(settings)).eval()
     network = build_network(weights_follow=True, **network_arguments(settings))
     try:
         network.load_state_dict(state, strict=True)

@@ -147,6 +147,25 @@ def test_exported_program_with_a_dynamic_batch(segmenter, tmp_path):
             torch.testing.assert_close(program(images), segmenter(images), atol=1e-5, rtol=1e-5)
 
 
+def test_an_adapters_only_archive_s_model_deploys_on_its_base(tmp_path, capsys):
+    """tools.deploy advised giving the base checkpoint but had no option to give it."""
+    from scripts.sam2_models import build_sam2_base
+
+    torch.manual_seed(0)
+    base = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": build_sam2_base("tiny", image_size=IMAGE_SIZE).state_dict()}, base)
+    network = random_adapted_network(IMAGE_SIZE, seed=3, checkpoint=base)
+    adapters = network.save_adapters(tmp_path / "adapters.pt")
+    images = PromptFreeSegmenter(network.eval()).example(batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_segmenter(adapters, base)(images), network(images), atol=0, rtol=0)
+    status = main(["--format", "exported_program", "--ckpt_path", str(adapters), "--output", str(tmp_path / "m.pt2")])
+    assert status == 1 and (
+        f"error: {adapters} holds adapters only: give Meta's base checkpoint they were trained on with it "
+        "(sam2.1_hiera_tiny.pt; --base_checkpoint)." in capsys.readouterr().err
+    )
+
+
 def test_cli_reports_a_missing_model(tmp_path, capsys):
     status = main(["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")])
     assert status == 1

@@ -225,18 +225,35 @@ def test_random_init_model_ships_full_weights_and_says_why(models, tmp_path, cap
     assert large_files == {"large_files": []}, "full weights need no base checkpoint"
 
 
-def test_the_archive_describes_the_exported_models_channels(tmp_path):
-    """The bundle's metadata.json describes its default one-channel vessel model: a disc/cup archive's describes
-    two channels, and MONAI's verify_net_in_out, run on the unpacked archive with MONAI's default sizes, agrees."""
+def test_the_archive_describes_the_exported_model(tmp_path):
+    """The bundle's metadata.json describes its default one-channel vessel model and its own figures: a disc/cup
+    archive's describes two channels, its model and the figures of its own evaluation, and MONAI's verify_net_in_out,
+    run on the unpacked archive with MONAI's default sizes, agrees."""
     model = tmp_path / "disc_cup.pt"
     torch.save(random_adapted_network(IMAGE_SIZE, seed=4, channel_names=["disc", "cup"]).state_dict(), model)
-    result = export_bundle(tmp_path / "dist", model, weights="full")
+    summary = {"summary": {"datasets": {"REFUGE2": {"metrics": {
+        "disc/fov/dice": {"mean": 0.912345, "std": 0.02, "n": 9, "nan": 0},
+        "disc/fov/hd95": {"mean": 7.0, "std": 1.0, "n": 9, "nan": 0},
+        "cup/fov/auc": {"mean": None, "std": None, "n": 0, "nan": 9},
+        "cup/image/dice": {"mean": 0.8, "std": 0.1, "n": 9, "nan": 0}}}}}, "metadata": {"split": "test"}}
+    (tmp_path / "metrics_summary.json").write_text(json.dumps(summary))
+    result = export_bundle(tmp_path / "dist", model, weights="full", evaluation=tmp_path / "metrics_summary.json")
     with zipfile.ZipFile(result.archive) as archive:
         archive.extractall(tmp_path / "unpacked")
     root = tmp_path / "unpacked" / BUNDLE_NAME
     metadata = json.loads((root / "configs" / "metadata.json").read_text())
     prediction = metadata["network_data_format"]["outputs"]["pred"]
     assert (prediction["num_channels"], prediction["channel_def"]) == (2, {"0": "disc logit", "1": "cup logit"})
+    assert metadata["eval_metrics"] == {"REFUGE2_test_disc_fov_dice": 0.9123}, "the model's own, not the bundle's"
+    assert "fetched with download_large_files" not in metadata["description"], "full weights fetch nothing"
+    assert metadata["description"].endswith(
+        f"This archive's model: the sam head on Hiera-tiny, {IMAGE_SIZE} px, channels disc, cup, fine-tuned (lora) "
+        "from random initialisation; it ships the full weights as trained; nothing is fetched (docs/weights.md)."
+    )
+    (tmp_path / "not_a_summary.json").write_text("{}")
+    with pytest.raises(ExportError, match="not_a_summary.json cannot be read .no 'metadata'.: give the "
+                       "metrics_summary.json that `run evaluating` wrote"):
+        export_bundle(tmp_path / "dist2", model, weights="full", evaluation=tmp_path / "not_a_summary.json")
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(root / "configs" / "metadata.json"),

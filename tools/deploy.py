@@ -84,9 +84,12 @@ def export_program(model: PromptFreeSegmenter, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_segmenter(ckpt_path: str | os.PathLike) -> PromptFreeSegmenter:
-    """The trained network of ``ckpt_path`` (full state dict), built from the settings the file records."""
-    return PromptFreeSegmenter(load_model(Path(ckpt_path)))
+def load_segmenter(
+    ckpt_path: str | os.PathLike, base_checkpoint: str | os.PathLike | None = None
+) -> PromptFreeSegmenter:
+    """The trained network of ``ckpt_path`` (a full state dict, or an adapter file on ``base_checkpoint``), built
+    from the settings the file records."""
+    return PromptFreeSegmenter(load_model(Path(ckpt_path), Path(base_checkpoint) if base_checkpoint else None))
 
 
 def check_output_name(export_format: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -119,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
+    parser.add_argument(
+        "--base_checkpoint", default=None, help="Meta's checkpoint, for a --ckpt_path holding adapters only"
+    )
     parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
@@ -133,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = check_output_name(args.format, args.output, args.overwrite)
     if args.format == "onnx":  # it checks the export with onnxruntime: known before minutes of exporting
         require_onnxruntime("--format onnx", args.opset)
-    model = load_segmenter(args.ckpt_path)
+    model = load_segmenter(args.ckpt_path, args.base_checkpoint)
     if args.format == "onnx":
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
         with atomic_path(output) as partial:

@@ -116,15 +116,16 @@ def read_version(bundle_dir: Path) -> str:
     return version
 
 
-def load_model(ckpt_path: Path) -> AdaptedNetwork:
-    """The trained network of ``ckpt_path``, built from the settings the file records.
+def load_model(ckpt_path: Path, base_checkpoint: Path | None = None) -> AdaptedNetwork:
+    """The trained network of ``ckpt_path``, built from the settings the file records (an adapter file on
+    ``base_checkpoint``: :func:`scripts.network.load_trained`).
 
     Raises:
         ExportError: the file is missing, unreadable, or not a model of this bundle.
     """
     try:
-        return load_trained(ckpt_path)
-    except ModelFileError as error:
+        return load_trained(ckpt_path, base_checkpoint)
+    except (ModelFileError, CheckpointError) as error:
         raise ExportError(str(error)) from None
 
 
@@ -237,13 +238,63 @@ def _evaluate_config(source: Path, model_size: str, mode: str) -> dict:
     return config
 
 
-def _metadata(source: Path, channel_names: Sequence[str]) -> dict:
-    """The archive's metadata.json: the bundle's, its output described for the exported model's channels (the
-    bundle's describes the default one-channel vessel model; MONAI's ``verify_net_in_out`` checks the count)."""
+_FETCHED_BASE = " The base SAM 2.1 weights are Meta's and are fetched with download_large_files."
+"""The sentence of the bundle's description that holds for an adapters-only archive alone."""
+
+EVALUATION_METRICS = ("dice", "auc")
+"""The FOV metrics of an evaluation summary that go into an archive's ``eval_metrics``."""
+
+
+def evaluation_metrics(summary_file: Path) -> dict[str, float]:
+    """``eval_metrics`` for an archive from the ``metrics_summary.json`` of the exported model's evaluation:
+    ``<dataset>_<split>_<channel>_fov_<metric>`` per dataset, the means of :data:`EVALUATION_METRICS`.
+
+    Raises:
+        ExportError: the file cannot be read or is not an evaluation summary of this bundle.
+    """
+    try:
+        document = json.loads(summary_file.read_text(encoding="utf-8"))
+        split = document["metadata"]["split"]
+        datasets = document["summary"]["datasets"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else f"no {error}" if isinstance(error, KeyError) else error
+        raise ExportError(
+            f"Evaluation summary {summary_file} cannot be read ({reason}): give the metrics_summary.json that "
+            "`run evaluating` wrote for the exported model."
+        ) from None
+    metrics = {}
+    for dataset, group in datasets.items():
+        for key, statistic in group["metrics"].items():
+            channel, region, metric = key.split("/")
+            if region == "fov" and metric in EVALUATION_METRICS and statistic.get("mean") is not None:
+                metrics[f"{dataset}_{split}_{channel}_fov_{metric}"] = round(float(statistic["mean"]), 4)
+    return metrics
+
+
+def _metadata(source: Path, settings: Mapping[str, Any], mode: str, metrics: Mapping[str, float]) -> dict:
+    """The archive's metadata.json: the bundle's, its description and output made the exported model's, and its
+    ``eval_metrics`` those given (:func:`evaluation_metrics`): the bundle's are its own model's, not this one's.
+
+    The bundle's output describes the default one-channel vessel model; MONAI's ``verify_net_in_out`` checks the
+    channel count."""
     metadata = json.loads(source.read_text(encoding="utf-8"))
+    channel_names = settings["channel_names"]
     prediction = metadata["network_data_format"]["outputs"]["pred"]
     prediction["num_channels"] = len(channel_names)
     prediction["channel_def"] = {str(index): f"{name} logit" for index, name in enumerate(channel_names)}
+    base = "Meta's SAM 2.1 weights" if settings["base_weights"] == "meta" else "random initialisation"
+    shipped = {
+        "adapters": "the LoRA adapters alone; Meta's base is fetched with download_large_files",
+        "full": "the full weights as trained; nothing is fetched",
+        "merged": "the full weights, adapters merged; nothing is fetched",
+    }[mode]
+    description = metadata["description"].replace(_FETCHED_BASE, "")
+    metadata["description"] = (
+        f"{description} This archive's model: the {settings['architecture']} head on Hiera-{settings['model_size']}, "
+        f"{settings['image_size']} px, channels {', '.join(channel_names)}, fine-tuned ({settings['finetune']}) from "
+        f"{base}; it ships {shipped} (docs/weights.md)."
+    )
+    metadata["eval_metrics"] = dict(metrics)
     return metadata
 
 
@@ -308,7 +359,14 @@ def _zip_folder(folder: Path, archive: Path) -> None:
 
 
 def _package(
-    bundle: Path, version: str, archive: Path, trained: AdaptedNetwork, weights: str, base: Path, ckpt: Path
+    bundle: Path,
+    version: str,
+    archive: Path,
+    trained: AdaptedNetwork,
+    weights: str,
+    base: Path,
+    ckpt: Path,
+    metrics: Mapping[str, float],
 ) -> tuple[str, str]:
     """Stage the archive's folder next to ``archive`` and zip it there (:func:`export_bundle`'s work).
 
@@ -339,7 +397,7 @@ def _package(
         (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n", encoding="utf-8")
         evaluation = _evaluate_config(bundle / "configs" / "evaluate.json", settings["model_size"], mode)
         (root / "configs" / "evaluate.json").write_text(json.dumps(evaluation, indent=4) + "\n", encoding="utf-8")
-        metadata = _metadata(bundle / "configs" / "metadata.json", settings["channel_names"])
+        metadata = _metadata(bundle / "configs" / "metadata.json", settings, mode, metrics)
         (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
         large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
         (root / "large_files.yml").write_text(yaml.safe_dump(large_files, sort_keys=False), encoding="utf-8")
@@ -357,6 +415,7 @@ def export_bundle(
     base_checkpoint: str | os.PathLike | None = None,
     bundle_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    evaluation: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Write ``<output>/sam2lora_fundus_<version>.zip``.
 
@@ -368,6 +427,8 @@ def export_bundle(
             ``<bundle_dir>/models/sam2.1_hiera_<model_size>.pt``.
         bundle_dir: the bundle folder to package; default the repository's ``bundle/``.
         overwrite: replace an archive of the same name in ``output`` (otherwise refused, before any work).
+        evaluation: the ``metrics_summary.json`` of the exported model's evaluation, whose FOV Dice and AUC become
+            the archive's ``eval_metrics`` (:func:`evaluation_metrics`); None: the archive states none.
 
     Returns:
         The archive's path, the weight mode used, the reason if it is not the one asked for, and the settings.
@@ -386,6 +447,7 @@ def export_bundle(
     archive = output_dir / f"{BUNDLE_NAME}_{version}.zip"
     if archive.exists() and not overwrite:
         raise ExportError(f"{archive} exists: choose another --output, or pass --overwrite to replace it.")
+    metrics = evaluation_metrics(Path(evaluation)) if evaluation is not None else {}
     ckpt = Path(ckpt_path)
     trained = load_model(ckpt)
     settings = dict(trained.settings)
@@ -399,7 +461,7 @@ def export_bundle(
     except OSError as error:
         raise ExportError(f"Output folder {output_dir} cannot be created ({error.strerror or error}).") from None
     try:
-        mode, reason = _package(bundle, version, archive, trained, weights, base, ckpt)
+        mode, reason = _package(bundle, version, archive, trained, weights, base, ckpt, metrics)
     except BaseException:
         for folder in created:  # made for this archive, and empty again now that the staging folder is gone
             folder.rmdir()
@@ -425,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base_checkpoint", default=None, help="Meta's checkpoint the adapters were trained on")
     parser.add_argument("--bundle_dir", default=None, help="the bundle folder to package (default: bundle/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an archive of the same name in --output")
+    parser.add_argument(
+        "--evaluation", default=None, help="the model's metrics_summary.json (run evaluating): its eval_metrics"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = export_bundle(
@@ -434,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_checkpoint=args.base_checkpoint,
         bundle_dir=args.bundle_dir,
         overwrite=args.overwrite,
+        evaluation=args.evaluation,
     )
     print(result.archive)
     return 0
