@@ -26,12 +26,14 @@ from scripts.atomic import atomic_path
 from scripts.errors import FundusError
 
 __all__ = [
+    "GRAYSCALE_MODES",
     "SUPPORTED_SUFFIXES",
     "UNREADABLE_KEY",
     "FundusImageError",
     "estimate_fov",
     "image_files",
     "image_size",
+    "is_grayscale",
     "label_foreground",
     "mask_levels_problem",
     "read_image",
@@ -146,6 +148,23 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
         and path.is_file()
         and path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES)
     )
+
+
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+"""PIL modes of a picture with one gray channel (a red-free fundus photograph), which :func:`read_image` copies into
+all three channels."""
+
+
+def is_grayscale(path: str | os.PathLike) -> bool:
+    """Whether a picture's header says it has one gray channel (:data:`GRAYSCALE_MODES`), without decoding it;
+    False where it cannot be opened (:func:`read_image` says why when it is read)."""
+    path = Path(path)
+    try:
+        source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
+        with Image.open(source) as opened:
+            return opened.mode in GRAYSCALE_MODES
+    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile):
+        return False
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:

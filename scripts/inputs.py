@@ -30,6 +30,7 @@ from scripts.fundus_io import (
     FundusImageError,
     image_files,
     image_size,
+    is_grayscale,
     read_label_mask,
     readable_image_size,
 )
@@ -529,6 +530,13 @@ class ImageFolder:
             self.entries.append({"image": image, "size": list(self.sizes[Path(image).name]), UNREADABLE_KEY: ""})
         if not self.entries:
             self.report_unreadable()
+        grayscale = [Path(entry["image"]).name for entry in self.entries if is_grayscale(entry["image"])]
+        if grayscale:
+            logger.warning(
+                f"{len(grayscale)} of the {len(self.entries)} photographs of {folder} are grayscale (red-free?), e.g. "
+                f"{grayscale[0]}: the model was trained on colour photographs and reads each as gray in all three "
+                "channels; check their masks."
+            )
 
     def prepare_output(self) -> str:
         """Create the output folder, once every check has passed, and remove the :attr:`stale` outputs there.

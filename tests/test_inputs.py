@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from scripts.errors import ConfigError
 from scripts.fundus_io import write_png
@@ -118,6 +119,20 @@ def test_image_folder_lists_the_images_sorted(tmp_path, caplog):
         ImageFolder(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(InputError, match="a.png is a file, not a folder: give the folder holding the photographs"):
         ImageFolder(images / "a.png", tmp_path / "out")
+
+
+def test_grayscale_photographs_are_warned_about_and_segmented(tmp_path, caplog):
+    """A red-free photograph is read as gray in all three channels; the model was trained on colour ones."""
+    images = tmp_path / "images"
+    photograph(images / "colour.png")
+    write_png(images / "red_free.png", np.full((40, 40), 0.5, dtype=np.float32))
+    Image.fromarray(np.full((40, 40), 1000, dtype=np.uint16)).save(images / "red_free_16.png")
+    with caplog.at_level("WARNING", logger="scripts.inputs"):
+        folder = ImageFolder(images, tmp_path / "out")
+    assert len(folder.entries) == 3
+    assert f"2 of the 3 photographs of {images} are grayscale (red-free?), e.g. red_free.png: the model was " in (
+        caplog.text
+    )
 
 
 def test_a_photograph_whose_outputs_names_would_be_too_long_is_left_out_and_the_others_segmented(tmp_path):
