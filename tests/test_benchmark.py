@@ -3,6 +3,7 @@ nothing itself."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -156,6 +157,21 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     assert "smaller than the 64 px window" in markdown
     assert "Switches measured: none" in markdown
     assert "process peak RSS" in markdown
+    loads = [row["load_average_1min"] for part in ("inference", "training") for row in content[part]]
+    assert all(isinstance(load, float) for load in loads) and "Load average (1 min): " in markdown
+
+
+def test_a_load_above_the_benchmark_s_own_threads_is_cautioned_about(report):
+    """Other jobs on the machine made unmerged adapters read 2.5 x SAM 2's latency instead of 1.08, with no word."""
+    content, _ = report
+    quiet = copy.deepcopy(content)
+    quiet["machine"].update(load_average_at_start=0.1, torch_threads=2)
+    for part in benchmark.PARTS:
+        for row in quiet.get(part, []):
+            row["load_average_1min"] = 1.9
+    assert "other work shared the CPU" not in benchmark.render_markdown(quiet)
+    quiet["inference"][0]["load_average_1min"] = 4.5
+    assert "Above the 2 threads the benchmark keeps busy: other work shared the CPU" in benchmark.render_markdown(quiet)
 
 
 def test_cases_run_in_a_process_of_their_own():

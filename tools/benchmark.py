@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -930,8 +931,16 @@ def _machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "monai": monai.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": _load_average(),
     }
     return machine
+
+
+def _load_average() -> float | None:
+    """The system's load average over the last minute; None where the system does not say (Windows)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
 
 
 def _log(message: str) -> None:
@@ -971,7 +980,9 @@ def run_benchmark(settings: BenchmarkSettings, progress: Callable[[dict], None] 
     }
 
     def add(part: str, rows: list[dict]) -> None:
-        report[part] += rows
+        # The benchmark alone keeps about torch_threads cores busy: a higher load means other work shared the CPU.
+        load = _load_average()
+        report[part] += [{**row, "load_average_1min": load} for row in rows]
         if progress is not None:
             progress(report)
 
@@ -1134,6 +1145,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _load_note(report: dict) -> str:
+    """The load average the parts ran under, and a caution where other work shared the CPU."""
+    machine = report["machine"]
+    loads = [row["load_average_1min"] for part in PARTS for row in report.get(part, []) if row.get("load_average_1min") is not None]
+    start = machine.get("load_average_at_start")
+    if not loads or start is None:
+        return "Load average: not recorded."
+    note = f"Load average (1 min): {start:g} at the start, {min(loads):g}-{max(loads):g} at the end of the parts."
+    busy = max(start, max(loads)) > machine["torch_threads"] + 0.5
+    if busy:
+        note += (
+            f" Above the {machine['torch_threads']} threads the benchmark keeps busy: other work shared the CPU, and "
+            "these figures (their ratios too) are not the machine's."
+        )
+    return note
+
+
 def render_markdown(report: dict) -> str:
     """The report as Markdown: the machine, then one table per measurement and the targets."""
     machine, settings = report["machine"], report["settings"]
@@ -1145,6 +1173,7 @@ def render_markdown(report: dict) -> str:
             f"{machine['torch_threads']} torch threads); Python {machine['python']}, torch {machine['torch']}, "
             f"MONAI {machine['monai']}; {machine['date']}."
         ),
+        _load_note(report),
         (
             f"Medians of {settings['repeats']} runs after {settings['warmup']} warm-up; batch "
             f"{settings['batch_size']}; LoRA rank {settings['lora_rank']}; random weights. Switches measured: "
