@@ -198,11 +198,12 @@ def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models
     return mode, reason
 
 
-def _inference_config(source: Path, model_size: str, mode: str) -> dict:
-    """The archive's inference.json: the bundle's, which reads every network setting from the model file, pointed
-    at the archive's weights."""
+def _pointed_at_weights(source: Path, model_size: str, mode: str, handlers_id: str) -> dict:
+    """An archive's inference.json (``handlers_id`` ``handlers``) or evaluate.json (``validate#handlers``, read over
+    train.json): the bundle's, which reads every network setting from the model file, pointed at the archive's
+    weights."""
     config = json.loads(source.read_text(encoding="utf-8"))
-    handlers = [handler for handler in config.get("handlers", []) if isinstance(handler, dict)]
+    handlers = [handler for handler in config.get(handlers_id, []) if isinstance(handler, dict)]
     loaders = [handler for handler in handlers if handler.get("_target_") == "CheckpointLoader"]
     if len(loaders) != 1:
         raise ExportError(f"{source} should load the trained model with one CheckpointLoader handler.")
@@ -210,28 +211,16 @@ def _inference_config(source: Path, model_size: str, mode: str) -> dict:
         # Meta's base (fetched by download_large_files) plus the adapter file build the trained network; the
         # CheckpointLoader, which expects a full state dict, has nothing to load.
         config["ckpt_path"] = f"$@ckpt_dir + '/{ADAPTER_FILE}'"
-        config["network_def"]["weights_follow"] = False
-        config["network_def"]["checkpoint"] = f"$@ckpt_dir + '/sam2.1_hiera_{model_size}.pt'"
-        config["network_def"]["adapter_checkpoint"] = "@ckpt_path"
-        loaders[0]["_disabled_"] = True
-    else:
-        config["ckpt_path"] = f"$@ckpt_dir + '/{FULL_FILE}'"
-    return config
-
-
-def _evaluate_config(source: Path, model_size: str, mode: str) -> dict:
-    """The archive's evaluate.json (read over train.json): the bundle's, pointed at the archive's weights as
-    :func:`_inference_config` points inference; it overrides train.json's network by ``network_def#`` keys."""
-    config = json.loads(source.read_text(encoding="utf-8"))
-    handlers = [handler for handler in config.get("validate#handlers", []) if isinstance(handler, dict)]
-    loaders = [handler for handler in handlers if handler.get("_target_") == "CheckpointLoader"]
-    if len(loaders) != 1:
-        raise ExportError(f"{source} should load the trained model with one CheckpointLoader handler.")
-    if mode == "adapters":
-        config["ckpt_path"] = f"$@ckpt_dir + '/{ADAPTER_FILE}'"
-        config["network_def#weights_follow"] = False
-        config["network_def#checkpoint"] = f"$@ckpt_dir + '/sam2.1_hiera_{model_size}.pt'"
-        config["network_def#adapter_checkpoint"] = "@ckpt_path"
+        network = {
+            "weights_follow": False,
+            "checkpoint": f"$@ckpt_dir + '/sam2.1_hiera_{model_size}.pt'",
+            "adapter_checkpoint": "@ckpt_path",
+        }
+        for key, value in network.items():
+            if isinstance(config.get("network_def"), dict):
+                config["network_def"][key] = value
+            else:  # evaluate.json overrides train.json's network_def by nested ids
+                config[f"network_def#{key}"] = value
         loaders[0]["_disabled_"] = True
     else:
         config["ckpt_path"] = f"$@ckpt_dir + '/{FULL_FILE}'"
@@ -393,10 +382,9 @@ def _package(
         models = root / "models"
         models.mkdir()
         mode, reason = _write_weights(trained, weights, base, models)
-        inference = _inference_config(bundle / "configs" / "inference.json", settings["model_size"], mode)
-        (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n", encoding="utf-8")
-        evaluation = _evaluate_config(bundle / "configs" / "evaluate.json", settings["model_size"], mode)
-        (root / "configs" / "evaluate.json").write_text(json.dumps(evaluation, indent=4) + "\n", encoding="utf-8")
+        for name, handlers_id in (("inference.json", "handlers"), ("evaluate.json", "validate#handlers")):
+            config = _pointed_at_weights(bundle / "configs" / name, settings["model_size"], mode, handlers_id)
+            (root / "configs" / name).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         metadata = _metadata(bundle / "configs" / "metadata.json", settings, mode, metrics)
         (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
         large_files = _large_files(bundle / "large_files.yml", settings["model_size"], base, mode)
