@@ -115,6 +115,8 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
             # A multi-frame file (animated gif, tiff stack) is read as its first frame.
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:
+        if not raw:
+            raise FundusImageError(f"cannot read image {path}: the file is empty (0 bytes)") from None
         raise FundusImageError(
             f"cannot read image {path}: not an image file PIL recognises (damaged, cut short, or another format)"
         ) from None

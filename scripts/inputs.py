@@ -705,6 +705,8 @@ def writable_folder(path: str | os.PathLike) -> str:
         InputError: the folder cannot be created or written.
     """
     folder = Path(path)
+    if folder.is_file():
+        raise InputError(f"Output folder {folder} is a file, not a folder: name a folder there.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):

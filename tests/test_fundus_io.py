@@ -269,6 +269,10 @@ def test_garbage_bad_gzip_and_float_samples(tmp_path: Path, reader) -> None:
     with pytest.raises(FundusImageError) as error:
         reader(garbage)
     _assert_clean_error(error, garbage, "cannot read")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(FundusImageError, match=r"empty.jpg: the file is empty \(0 bytes\)"):
+        reader(empty)
     bad_gzip = tmp_path / "im.ppm.gz"
     bad_gzip.write_bytes(b"P6 not gzip at all")
     with pytest.raises(FundusImageError) as error:

@@ -188,6 +188,8 @@ def test_writable_folder(tmp_path):
     assert (tmp_path / "new" / "out").is_dir()
     with pytest.raises(InputError, match="cannot be written"):
         writable_folder(present / "under_a_file")
+    with pytest.raises(InputError, match="model.pt is a file, not a folder: name a folder there"):
+        writable_folder(present)
 
 
 @pytest.mark.parametrize(
