@@ -235,7 +235,8 @@ def test_the_archive_describes_the_exported_model(tmp_path):
         "disc/fov/dice": {"mean": 0.912345, "std": 0.02, "n": 9, "nan": 0},
         "disc/fov/hd95": {"mean": 7.0, "std": 1.0, "n": 9, "nan": 0},
         "cup/fov/auc": {"mean": None, "std": None, "n": 0, "nan": 9},
-        "cup/image/dice": {"mean": 0.8, "std": 0.1, "n": 9, "nan": 0}}}}}, "metadata": {"split": "test"}}
+        "cup/image/dice": {"mean": 0.8, "std": 0.1, "n": 9, "nan": 0}}}}}, "metadata": {"split": "test",
+                                                                                    "checkpoint": str(model)}}
     (tmp_path / "metrics_summary.json").write_text(json.dumps(summary))
     result = export_bundle(tmp_path / "dist", model, weights="full", evaluation=tmp_path / "metrics_summary.json")
     with zipfile.ZipFile(result.archive) as archive:
@@ -250,6 +251,12 @@ def test_the_archive_describes_the_exported_model(tmp_path):
         f"This archive's model: the sam head on Hiera-tiny, {IMAGE_SIZE} px, channels disc, cup, fine-tuned (lora) "
         "from random initialisation; it ships the full weights as trained; nothing is fetched (docs/weights.md)."
     )
+    other = tmp_path / "other.pt"
+    torch.save(random_adapted_network(IMAGE_SIZE, seed=5, channel_names=["disc", "cup"]).state_dict(), other)
+    summary["metadata"]["checkpoint"] = str(other)
+    (tmp_path / "other_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ExportError, match=f"is of model {other}, whose content differs from the exported {model}"):
+        export_bundle(tmp_path / "dist2", model, weights="full", evaluation=tmp_path / "other_summary.json")
     (tmp_path / "not_a_summary.json").write_text("{}")
     with pytest.raises(ExportError, match="not_a_summary.json cannot be read .no 'metadata'.: give the "
                        "metrics_summary.json that `run evaluating` wrote"):

@@ -234,12 +234,17 @@ EVALUATION_METRICS = ("dice", "auc")
 """The FOV metrics of an evaluation summary that go into an archive's ``eval_metrics``."""
 
 
-def evaluation_metrics(summary_file: Path) -> dict[str, float]:
+def evaluation_metrics(summary_file: Path, ckpt: Path) -> dict[str, float]:
     """``eval_metrics`` for an archive from the ``metrics_summary.json`` of the exported model's evaluation:
     ``<dataset>_<split>_<channel>_fov_<metric>`` per dataset, the means of :data:`EVALUATION_METRICS`.
 
+    Args:
+        summary_file: the evaluation's summary, which records the model file it evaluated.
+        ckpt: the exported model file.
+
     Raises:
-        ExportError: the file cannot be read or is not an evaluation summary of this bundle.
+        ExportError: the file cannot be read, is not an evaluation summary of this bundle, or evaluated a model file
+            whose content differs from ``ckpt``'s.
     """
     try:
         document = json.loads(summary_file.read_text(encoding="utf-8"))
@@ -251,6 +256,15 @@ def evaluation_metrics(summary_file: Path) -> dict[str, float]:
             f"Evaluation summary {summary_file} cannot be read ({reason}): give the metrics_summary.json that "
             "`run evaluating` wrote for the exported model."
         ) from None
+    evaluated = Path(str(document["metadata"].get("checkpoint", "")))
+    if not evaluated.is_file():
+        logger.warning("Evaluation summary %s names model %s, which is not there: it cannot be checked.", summary_file,
+                       evaluated)
+    elif evaluated.resolve() != ckpt.resolve() and file_sha256(evaluated) != file_sha256(ckpt):
+        raise ExportError(
+            f"Evaluation summary {summary_file} is of model {evaluated}, whose content differs from the exported "
+            f"{ckpt}: its figures are not this model's."
+        )
     metrics = {}
     for dataset, group in datasets.items():
         for key, statistic in group["metrics"].items():
@@ -435,8 +449,8 @@ def export_bundle(
     archive = output_dir / f"{BUNDLE_NAME}_{version}.zip"
     if archive.exists() and not overwrite:
         raise ExportError(f"{archive} exists: choose another --output, or pass --overwrite to replace it.")
-    metrics = evaluation_metrics(Path(evaluation)) if evaluation is not None else {}
     ckpt = Path(ckpt_path)
+    metrics = evaluation_metrics(Path(evaluation), ckpt) if evaluation is not None else {}
     trained = load_model(ckpt)
     settings = dict(trained.settings)
     if base_checkpoint is None:
