@@ -37,6 +37,7 @@ __all__ = [
     "read_model_file",
     "read_model_settings",
     "tensor_state",
+    "update_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -359,10 +360,14 @@ class AdaptedNetwork:
                 f"Adapter checkpoint {path} holds {len(tensors)} tensors where the network expects {len(expected)}; "
                 f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
             )
+        merged = any(layer.merged for _, layer in lora_modules(self))  # type: ignore[arg-type]
         self.unmerge_adapters()
         recorded_base = payload.get("base_digest")
         if recorded_base is None:  # written by bundle 0.3.19 or earlier
             logger.warning("Adapter checkpoint %s does not record its base weights: they cannot be checked.", path)
+        elif merged:  # unmerging does not give the base back bit for bit
+            logger.warning("Adapter checkpoint %s: the base weights cannot be checked on a network that merged its "
+                           "adapters.", path)
         elif recorded_base != frozen_weights_digest(self):
             raise ModelFileError(
                 f"Adapter checkpoint {path} was trained on other base weights than this network's (the base "
@@ -374,11 +379,25 @@ class AdaptedNetwork:
         logger.info("Loaded %d fine-tuned tensors from %s.", len(tensors), path)
 
 
+def update_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Add a tensor's name, dtype, shape and exact bytes to a :mod:`hashlib` digest.
+
+    Args:
+        digest: e.g. ``hashlib.sha256()``.
+        name: the tensor's name in its network.
+        tensor: on any device.
+    """
+    values = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+    digest.update(values.reshape(-1).view(torch.uint8).numpy() if values.numel() else b"")
+
+
 def frozen_weights_digest(network: nn.Module) -> str:
-    """The SHA-256 of the names, shapes, dtypes and exact bytes of the network's frozen parameters.
+    """The SHA-256 of the names, dtypes, shapes and exact bytes of the network's frozen parameters.
 
     Exact, unlike a sum, which a different thread count can round differently: an adapter file records it to be
-    refused on any other base.
+    refused on any other base. Merging adapters changes it (merging and unmerging does not give the weights back
+    bit for bit): take it with the adapters unmerged, as built.
 
     Args:
         network: the network, on any device.
@@ -389,9 +408,7 @@ def frozen_weights_digest(network: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
-            values = parameter.detach().to("cpu").contiguous()
-            digest.update(f"{name}{tuple(values.shape)}{values.dtype}".encode())
-            digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+            update_digest(digest, name, parameter)
     return digest.hexdigest()
 
 

@@ -27,11 +27,23 @@ __all__ = [
     "OutputError",
     "atomic_path",
     "file_sha256",
+    "name_while_written",
     "new_stamped_folder",
     "save_torch_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
+
+
+_TEMPORARY_PREFIX = ".{}."
+"""How :func:`atomic_path` begins a temporary file's name; ``tempfile.mkstemp`` adds 8 random characters, then the
+suffixes."""
+
+
+def name_while_written(name: str) -> str:
+    """The name, random part aside, under which :func:`atomic_path` writes a file named ``name``: the longest name
+    the file system must hold for it (``.<name>.xxxxxxxx<suffixes>``)."""
+    return _TEMPORARY_PREFIX.format(name) + "x" * 8 + "".join(Path(name).suffixes)
 
 
 class OutputError(FundusError, OSError):
@@ -84,7 +96,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+        handle, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX.format(path.name), suffix="".join(path.suffixes),
+                                             dir=path.parent)
         os.close(handle)
     except OSError as error:
         raise _cannot_write(path, error) from None

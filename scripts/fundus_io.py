@@ -152,7 +152,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+GRAYSCALE_MODES = ("1", "L", "LA", *_SIXTEEN_BIT_MODES)
 """PIL modes of a picture with one gray channel (a red-free fundus photograph), which :func:`read_image` copies into
 all three channels."""
 

@@ -31,6 +31,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from scripts.atomic import write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError, is_real_number
+from scripts.fundus_io import UNREADABLE_KEY
 from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
@@ -113,6 +114,14 @@ def _file_names(inputs: Any) -> list[str]:
     # One image given without a collated batch (MONAI Label adds the batch axis itself) names one file.
     files = [files] if isinstance(files, (str, os.PathLike)) else files
     return [Path(str(name)).name for name in files]
+
+
+def _stand_ins(inputs: Any) -> list[bool]:
+    """Which items of a batch stand in for a photograph that could not be read at its turn
+    (:class:`scripts.inputs.FolderDataset`): their prompts are not recorded, since nothing is segmented for them."""
+    reasons = getattr(inputs, "meta", {}).get(UNREADABLE_KEY, [])
+    reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+    return [bool(reason) for reason in reasons] or [False] * len(_file_names(inputs))
 
 
 def _check_prompts_fit(input_mode: str) -> None:
@@ -301,13 +310,13 @@ class FundusInferer(Inferer):
         embeddings = model.encode_images(inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs)
         free = model.decode(embeddings)
         logits, ious = [], []
-        for index, (name, size) in enumerate(zip(names, sizes)):
+        for index, (name, size, stand_in) in enumerate(zip(names, sizes, _stand_ins(inputs))):
             one = type(embeddings)(
                 embeddings.image_embedding[index : index + 1],
                 None if embeddings.high_res_features is None else tuple(h[index : index + 1] for h in embeddings.high_res_features),
                 embeddings.input_size,
             )
-            used = self.prompts_used.setdefault(name, {})
+            used = {} if stand_in else self.prompts_used.setdefault(name, {})
             prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, fov, index)
             decoded = _decode_prompts_together(model, one, prompts, size, side, inputs.device)
             for mode, prompt in prompts.items():

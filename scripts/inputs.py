@@ -23,6 +23,7 @@ from typing import Any
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.atomic import name_while_written
 from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number, user_error
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
@@ -432,8 +433,8 @@ class ImageFolder:
             (:func:`scripts.inferers.window_fit`).
 
     Attributes:
-        entries: one ``{"image": path, "size": [height, width], "unreadable": ""}`` per readable image, sorted
-            (:class:`FolderDataset`).
+        entries: one ``{"image": path, "size": [height, width], "unreadable": ""}`` per image readable at start-up,
+            sorted (:class:`FolderDataset`).
         sizes: file name to ``(height, width)`` of every readable image (prompts are checked against them).
         left_out: file names of the images left out.
         unreadable: one line per image left out, with the reason.
@@ -441,7 +442,7 @@ class ImageFolder:
         stale: with ``overwrite``, the outputs there of an earlier run for these images that this run does not write.
 
     Raises:
-        InputError: the folder does not exist or holds no image, or one of the checks above fails.
+        InputError: the folder does not exist, is a file or holds no image, or one of the checks above fails.
     """
 
     def __init__(
@@ -470,7 +471,11 @@ class ImageFolder:
         images = [file for file in files if Path(file).name not in own_outputs]
         for file in sorted(set(files) - set(images)):
             logger.info(f"Not segmenting {file}: it is named like an output of another image in the folder.")
-        passed_over = _passed_over(folder, {Path(file).name for file in files} | own_outputs)
+        # Outputs (a NIfTI label of an earlier run too) and the output folder, where they are in the image folder.
+        considered = {Path(file).name for file in files}
+        considered |= {name for file in files for name in output_names(file, channel_names, nifti=True)}
+        considered |= {output.name} if output.resolve().parent == folder.resolve() else set()
+        passed_over = _passed_over(folder, considered)
         if not images:
             there = f"; it holds {_first_few(passed_over)}" if passed_over else ""
             raise InputError(f"Image folder {folder} holds no image ({', '.join(sorted(SUPPORTED_SUFFIXES))}){there}.")
@@ -479,11 +484,12 @@ class ImageFolder:
                            f"{_first_few(passed_over)}.")
         name_max = _longest_name(output)
         too_long = {
-            image: f"{image}: its output {name} would have a name of {len(os.fsencode(name))} bytes, more than the "
-            f"{name_max} the output folder's file system allows: rename the photograph"
+            image: f"{_shown(image)}: its output {_shown(name)} is written under a name of "
+            f"{len(os.fsencode(name_while_written(name)))} bytes, more than the {name_max} the output folder's file "
+            "system allows: rename the photograph"
             for image in images
             for name in output_names(image, channel_names, nifti)
-            if len(os.fsencode(name)) > name_max
+            if len(os.fsencode(name_while_written(name))) > name_max
         }
         planned: dict[str, str] = {}
         for image in (image for image in images if image not in too_long):
@@ -513,7 +519,7 @@ class ImageFolder:
             others = {name for image in images for name in output_names(image, channel_names, nifti=True)}
             candidates = [output / name for name in sorted(others - set(planned))]
             self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
-        self.entries: list[dict[str, str]] = []
+        self.entries: list[dict[str, Any]] = []
         self.sizes: dict[str, tuple[int, int]] = {}
         self.left_out: list[str] = []
         self.unreadable: list[str] = []
@@ -528,6 +534,7 @@ class ImageFolder:
                 logger.error(f"Left out: {error}")
                 continue
             self.entries.append({"image": image, "size": list(self.sizes[Path(image).name]), UNREADABLE_KEY: ""})
+        self._left_out_at_start = len(self.unreadable)
         if not self.entries:
             self.report_unreadable()
         grayscale = [Path(entry["image"]).name for entry in self.entries if is_grayscale(entry["image"])]
@@ -578,7 +585,11 @@ class ImageFolder:
         """
         if self.unreadable:
             lines = "\n  ".join(self.unreadable)
-            others = "the others were" if self.entries else "no other image is in the folder"
+            segmented = len(self.entries) - (len(self.unreadable) - self._left_out_at_start)
+            others = (
+                "the others were" if segmented > 0 else "no other image could be" if self.entries
+                else "no other image is in the folder"
+            )
             raise InputError(f"{len(self.unreadable)} image(s) could not be segmented ({others}):\n  {lines}")
 
 
@@ -603,14 +614,20 @@ def _passed_over(folder: Path, considered: set[str]) -> list[str]:
     for path in sorted(Path(folder).iterdir()):
         if path.name.startswith(".") or path.name in considered or path.name in REPORT_FILES:
             continue
+        name = _shown(path.name)
         if path.is_dir():
-            entries.append(f"{path.name}/ (subfolders are not searched)")
+            entries.append(f"{name}/ (subfolders are not searched)")
         elif not path.exists():
-            entries.append(f"{path.name} (a link to a file that does not exist)")
+            entries.append(f"{name} (a link to a file that does not exist)")
         elif not path.name.lower().removesuffix(".gz").endswith(SUPPORTED_SUFFIXES):
-            suffix = "".join(path.suffixes[-1:]) or "(none)"
-            entries.append(f"{path.name} (suffix {suffix} is not a photograph's read here: convert it to PNG or TIFF)")
+            suffix = _shown("".join(path.suffixes[-1:])) or "(none)"
+            entries.append(f"{name} (suffix {suffix} is not a photograph's read here: convert it to PNG or TIFF)")
     return entries
+
+
+def _shown(name: str) -> str:
+    """A file name as a message can print it: the bytes of a name in another encoding than UTF-8 escaped."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _first_few(entries: Sequence[str]) -> str:
@@ -660,10 +677,9 @@ def _photograph_size(image: str, size_check: Callable[[tuple[int, int]], str | N
     try:
         image.encode("utf-8")
     except UnicodeEncodeError:  # Linux hands over the bytes of a name written in another encoding (Latin-1...)
-        shown = os.fsencode(image).decode("utf-8", "backslashreplace")
         raise FundusImageError(
-            f"{shown}: the file name is not UTF-8 (written in another system's encoding), which the reports cannot "
-            "record: rename the file"
+            f"{_shown(image)}: the file name is not UTF-8 (written in another system's encoding), which the reports "
+            "cannot record: rename the file"
         ) from None
     height, width = readable_image_size(image)
     if min(height, width) < MIN_IMAGE_SIDE:

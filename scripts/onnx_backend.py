@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scripts.adapters import update_digest
 from scripts.atomic import OutputError, atomic_path, file_sha256, write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError, FundusError
@@ -292,12 +293,10 @@ def weights_fingerprint(network: nn.Module) -> str:
     records: changes whenever a weight does."""
     digest = hashlib.sha256()
     for name, tensor in network.state_dict().items():
-        if not isinstance(tensor, torch.Tensor):  # the settings record (``_extra_state``)
+        if isinstance(tensor, torch.Tensor):
+            update_digest(digest, name, tensor)
+        else:  # the settings record (``_extra_state``)
             digest.update(f"{name}:{json.dumps(tensor, sort_keys=True, default=str)};".encode())
-            continue
-        values = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
-        digest.update(values.reshape(-1).view(torch.uint8).numpy() if values.numel() else b"")
     return digest.hexdigest()
 
 

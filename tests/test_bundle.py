@@ -647,9 +647,10 @@ def test_a_photograph_gone_after_start_up_is_left_out_and_the_others_segmented(t
     shutil.copytree(source, images)
     names = sorted(path.stem for path in images.iterdir())
     output = tmp_path / "out"
-    workflow = ConfigWorkflow(config_file=[INFER], meta_file=META, logging_file=LOGGING, workflow_type="infer", run_id="inference",
-                              ckpt_path=str(model), dataset_dir=str(images), output_dir=str(output),
-                              num_workers=num_workers, batch_size=2)
+    workflow = ConfigWorkflow(config_file=[INFER], meta_file=META, logging_file=LOGGING, workflow_type="infer",
+                              run_id="inference", ckpt_path=str(model), dataset_dir=str(images),
+                              output_dir=str(output), num_workers=num_workers, batch_size=2,
+                              prompt_source="auto_box")
     workflow.initialize()
     gone = images / f"{names[0]}.png"
     gone.unlink()
@@ -664,3 +665,5 @@ def test_a_photograph_gone_after_start_up_is_left_out_and_the_others_segmented(t
     with open(output / "measurements.csv", newline="") as table:
         assert [row["image"] for row in csv.DictReader(table)] == [f"{name}.png" for name in names[1:]]
     assert (output / "report.html").is_file()
+    used = json.loads((output / "prompts_used.json").read_text())["images"]
+    assert sorted(used) == [f"{name}.png" for name in names[1:]], "no prompt is recorded for what was not segmented"

@@ -199,7 +199,8 @@ def test_adapters_archive_downloaded_over_http_reproduces_the_repository(models,
 
     # Evaluation from the archive builds the same network (its evaluate.json pointed at models/model.pt until 0.3.19).
     command = ["-m", "monai.bundle", "run", "evaluating", "--meta_file", "configs/metadata.json"]
-    command += ["--config_file", "['configs/train.json','configs/evaluate.json']", "--logging_file", "configs/logging.conf"]
+    command += ["--config_file", "['configs/train.json','configs/evaluate.json']"]
+    command += ["--logging_file", "configs/logging.conf"]
     command += ["--datalist", images.parent / "synthetic" / "datalist.json", "--output_dir", tmp_path / "evaluated"]
     evaluated = isolated_python(command, cwd=bundle)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -111,6 +112,12 @@ def test_image_folder_lists_the_images_sorted(tmp_path, caplog):
         "not exist), notes.txt (suffix .txt is not a photograph's read here: convert it to PNG or TIFF), sub.png/ " \
         "(subfolders are not searched)." in caplog.text
     assert "._a.png" not in caplog.text, "hidden files are not named"
+    caplog.clear()
+    (images / "a_mask.nii.gz").write_bytes(b"an earlier run's label")  # outputs in the image folder are not named
+    (images / "out").mkdir()
+    with caplog.at_level("WARNING", logger="scripts.inputs"):
+        ImageFolder(images, images / "out", allow_output_in_dataset_dir=True, overwrite=True)
+    assert "Passed over 3 entries" in caplog.text and "a_mask.nii.gz" not in caplog.text and "out/" not in caplog.text
     empty = tmp_path / "empty"
     (empty / "patient1").mkdir(parents=True)
     with pytest.raises(InputError, match=f"{empty} holds no image .*; it holds patient1/ \\(subfolders are not"):
@@ -137,15 +144,21 @@ def test_grayscale_photographs_are_warned_about_and_segmented(tmp_path, caplog):
 
 def test_a_photograph_whose_outputs_names_would_be_too_long_is_left_out_and_the_others_segmented(tmp_path):
     images = tmp_path / "images"
-    long_name = "b_" + "x" * 244 + ".png"  # 250 bytes, allowed; b_xxx..._overlay.png would be 258
+    # 242 bytes; b_xxx..._overlay.png is 250, allowed, but written as .b_xxx..._overlay.png.<8 random>.png, 264.
+    long_name = "b_" + "x" * 236 + ".png"
     for name in ("a.png", "b.png", "c.png"):
         photograph(images / name)
     (images / "b.png").rename(images / long_name)  # written under a short name: its temporary name is longer
+    photograph(images / "d.png")
+    latin = os.fsencode(images) + b"/d_" + b"\xfc" * 236 + b".png"  # too long, and not UTF-8
+    os.rename(os.fsencode(images / "d.png"), latin)
     folder = ImageFolder(images, tmp_path / "out")
     assert [Path(e["image"]).name for e in folder.entries] == ["a.png", "c.png"]
-    assert folder.left_out == [long_name]
-    with pytest.raises(InputError, match="its output b_x+_overlay.png would have a name of 258 bytes, more than the 255"):
+    assert folder.left_out == [long_name, os.fsdecode(latin).rsplit("/", 1)[1]]
+    with pytest.raises(InputError, match="its output b_x+_overlay.png is written under a name of 264 bytes, more "
+                       "than the 255") as caught:
         folder.report_unreadable()
+    assert "d_\\xfc\\xfc" in str(caught.value) and str(caught.value).encode("utf-8"), "printable: bytes escaped"
 
 
 def test_the_output_folder_is_created_only_once_the_checks_passed(tmp_path):
@@ -234,3 +247,17 @@ def test_an_optimiser_step_larger_than_the_training_split_is_warned_about(caplog
     assert second.startswith("batch_size 2 x accumulation_steps 4 asks for 8 images")
     assert "--accumulation_steps" in second
     assert "5 training images per process: every step takes 5" in third
+
+
+def test_the_end_of_run_report_counts_photographs_lost_during_the_run(tmp_path):
+    """Photographs lost at their turn are added to ``unreadable`` (scripts.handlers.InferenceReport)."""
+    images = tmp_path / "images"
+    for name in ("a.png", "b.png"):
+        photograph(images / name)
+    folder = ImageFolder(images, tmp_path / "out")
+    folder.unreadable.append("a.png: gone")
+    with pytest.raises(InputError, match=r"1 image\(s\) could not be segmented \(the others were\)"):
+        folder.report_unreadable()
+    folder.unreadable.append("b.png: gone")
+    with pytest.raises(InputError, match=r"2 image\(s\) could not be segmented \(no other image could be\)"):
+        folder.report_unreadable()

@@ -1147,13 +1147,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _load_note(report: dict) -> str:
     """The load average the parts ran under, and a caution where other work shared the CPU."""
-    machine = report["machine"]
-    loads = [row["load_average_1min"] for part in PARTS for row in report.get(part, []) if row.get("load_average_1min") is not None]
+    machine, threads = report["machine"], report["machine"]["torch_threads"]
+    # The data pipeline's DataLoader workers are the benchmark's own load too.
+    own = {part: threads + (report["settings"]["num_workers"] if part == "data_loading" else 0) for part in PARTS}
+    rows = [(part, row) for part in PARTS for row in report.get(part, []) if row.get("load_average_1min") is not None]
     start = machine.get("load_average_at_start")
-    if not loads or start is None:
+    if not rows or start is None:
         return "Load average: not recorded."
+    loads = [row["load_average_1min"] for _, row in rows]
     note = f"Load average (1 min): {start:g} at the start, {min(loads):g}-{max(loads):g} at the end of the parts."
-    busy = max(start, max(loads)) > machine["torch_threads"] + 0.5
+    busy = start > threads + 0.5 or any(row["load_average_1min"] > own[part] + 0.5 for part, row in rows)
     if busy:
         note += (
             f" Above the {machine['torch_threads']} threads the benchmark keeps busy: other work shared the CPU, and "

@@ -251,7 +251,10 @@ def evaluation_metrics(summary_file: Path, ckpt: Path) -> dict[str, float]:
         split = document["metadata"]["split"]
         datasets = document["summary"]["datasets"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else f"no {error}" if isinstance(error, KeyError) else error
+        if isinstance(error, OSError):
+            reason = error.strerror
+        else:
+            reason = f"no {error}" if isinstance(error, KeyError) else error
         raise ExportError(
             f"Evaluation summary {summary_file} cannot be read ({reason}): give the metrics_summary.json that "
             "`run evaluating` wrote for the exported model."
@@ -285,7 +288,9 @@ def _metadata(source: Path, settings: Mapping[str, Any], mode: str, metrics: Map
     prediction = metadata["network_data_format"]["outputs"]["pred"]
     prediction["num_channels"] = len(channel_names)
     prediction["channel_def"] = {str(index): f"{name} logit" for index, name in enumerate(channel_names)}
-    base = "Meta's SAM 2.1 weights" if settings["base_weights"] == "meta" else "random initialisation"
+    base = {"meta": "Meta's SAM 2.1 weights", "random": "random initialisation"}.get(
+        settings.get("base_weights"), "base weights it does not record"
+    )
     shipped = {
         "adapters": "the LoRA adapters alone; Meta's base is fetched with download_large_files",
         "full": "the full weights as trained; nothing is fetched",

@@ -36,8 +36,9 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 ulimit -c 0  # a SIGABRT at a stage's limit must not write a CUDA process's core into the checkout
 
 left() { echo $((budget - SECONDS)); }
-# The smaller of a stage's own limit and the time left (less 5 s to write up).
-limit() { local rest=$(( $(left) - 5 )); echo $(( $1 < rest ? $1 : rest )); }
+# The smaller of a stage's own limit and the time left, less 15 s: 10 s for a stage that ignores its SIGABRT until
+# it is killed (timeout -k 10), 5 s to write up.
+limit() { local rest=$(( $(left) - 15 )); echo $(( $1 < rest ? $1 : rest )); }
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -58,8 +59,8 @@ benchmark() {  # benchmark STAGE SECONDS ARGUMENTS...
     echo "== benchmark $stage, $seconds s ($(left) s left)"
     mkdir -p "$out/$stage"
     # SIGABRT: faulthandler prints where a stage stopped at its limit (a compilation?); -k: killed if it hangs on.
-    timeout -s ABRT -k 10 "$seconds" python3 -m tools.benchmark --device cuda --image-sizes 1024 --repeats 5 --warmup 2 \
-        --output-dir "$out/$stage" "$@" > "$out/$stage/benchmark.log" 2>&1
+    timeout -s ABRT -k 10 "$seconds" python3 -m tools.benchmark --device cuda --image-sizes 1024 --repeats 5 \
+        --warmup 2 --output-dir "$out/$stage" "$@" > "$out/$stage/benchmark.log" 2>&1
     echo "exit $? ($(left) s left)"
     tail -3 "$out/$stage/benchmark.log"
 }

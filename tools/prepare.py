@@ -409,17 +409,17 @@ def find_cases(
     for match, anchor in matches:
         case = _locate_case(description, index, match, anchor, required)
         found = cases.get(case.case_id)
-        if found is not None and found.image.parent != anchor.parent:
+        if found is not None and found.image.parent != case.image.parent:
             raise DatasetError(
-                f"{description.name} image {case.case_id} found twice: {found.image} and {anchor}; "
+                f"{description.name} image {case.case_id} found twice: {found.image} and {case.image}; "
                 "point --src at one copy of the dataset"
             )
         if found is not None:
             # One folder holding the same name under two suffixes: no mask can say which photograph it belongs to.
             case = replace(
                 found,
-                problem=f"two images named {case.case_id} in {anchor.parent}: {found.image.name} and {anchor.name}; "
-                "keep one",
+                problem=f"two images named {case.case_id} in {case.image.parent}: {found.image.name} and "
+                f"{case.image.name}; keep one",
             )
         cases[case.case_id] = case
     if description.reports_unused_files:

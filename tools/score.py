@@ -124,8 +124,8 @@ def read_probability_map(path: str | Path) -> np.ndarray:
     gray = np.ascontiguousarray(picture.mean(axis=-1))
     # A mask saved as 0 and 1 (as many methods write them, and as labels are read) is a mask, not probabilities of
     # at most 1/255, which would score Dice 0.
-    levels = np.unique(gray)
-    if len(levels) == 2 and levels[0] == 0 and levels[1] <= 1 / 255 + 1e-9:
+    if 0 < gray.max() <= 1 / 255 + 1e-9 and len(np.unique(gray)) == 2:
+        logger.info("%s holds 0 and 1 only: read as a mask", path)
         return (gray > 0).astype(np.float32)
     return gray
 
