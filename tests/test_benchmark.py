@@ -208,7 +208,7 @@ def test_compile_is_not_timed_without_a_warm_up(monkeypatch, capsys):
             ["--model-sizes", "huge"],
             "error: Setting 'model_size' must be one of base_plus, large, small, tiny; got 'huge'.",
         ),
-        (["--output-dir", "{file}"], "error: Output folder {file} cannot be written"),
+        (["--output-dir", "{file}"], "error: Output folder {file} is a file, not a folder: name a folder there."),
         (["--drive-dir", "{file}"], "error: --drive-dir {file}: there is no folder {file}/test/images"),
     ],
 )
