@@ -109,6 +109,10 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
         lambda v: v is None or _positive_number(v),
         "a positive number of millimetres per pixel, or '$None' on the command line (null in a config) for pixels",
     ),
+    "min_fragment_px": (
+        lambda v: is_whole_number(v) and v >= 0,
+        "0 (measure every piece of a vessel mask) or a positive whole number of pixels",
+    ),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
 }
 

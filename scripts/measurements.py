@@ -76,6 +76,7 @@ MEASURE_UNITS: dict[str, str] = {
     "segments": "count",
     "branch_points": "count",
     "end_points": "count",
+    "small_fragments": "count",
     "notes": "",
 }
 """Unit of every key :func:`disc_cup_measurements` and :func:`vessel_measurements` can return, for CSV headers such
@@ -139,6 +140,15 @@ SPLIT_GAP_OF_DISC = 0.12
 IMPLAUSIBLE_VESSEL_DENSITY = 0.4
 # Below this diameter in pixels, one pixel more or less changes a cup-to-disc ratio by more than 0.05.
 SMALLEST_MEASURABLE_DISC = 20
+
+SMALLEST_VESSEL_FRAGMENT = 10
+"""Default ``min_fragment_px`` of :func:`vessel_measurements`: the counts of segments, branch points and end points
+leave out pieces of a vessel mask under this many pixels. DRIVE's 20 manual training maps hold 9 such pieces in
+all. On the 16 training photographs of tools.prepare's DRIVE split, the top-hat baseline (tools.baseline, fitted on
+them) made 244 per photograph, and leaving them out brought its mean absolute error against the manual maps from
+222 to 121 segments and from 428 to 171 end points (103 branch points either way). Taken out of the other measures
+as well, they moved its density's error from 0.0195 to 0.0199 and its calibre's from 1.03 to 1.20 px, so those
+take every piece."""
 
 
 def _equivalent_diameter(mask: np.ndarray) -> float:
@@ -661,11 +671,22 @@ def vessel_skeleton(vessels: np.ndarray) -> np.ndarray:
     return skeletonize(_as_mask(vessels, "vessels"), method="lee").astype(bool)
 
 
+def _small_fragments(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Labels of ``mask``'s 8-connected pieces of fewer than ``min_pixels`` pixels, 0 elsewhere."""
+    if min_pixels <= 1 or not mask.any():
+        return np.zeros(mask.shape, dtype=np.int32)
+    labels, _ = ndimage.label(mask, _EIGHT_CONNECTED)
+    small = np.bincount(labels.ravel()) < min_pixels
+    small[0] = False  # the background
+    return np.where(small[labels], labels, 0)
+
+
 def vessel_measurements(
     vessels: np.ndarray,
     fov: np.ndarray | None = None,
     pixel_size_mm: float | None = None,
     min_length_px: float = 10.0,
+    min_fragment_px: int = SMALLEST_VESSEL_FRAGMENT,
 ) -> dict[str, float | str]:
     """The vessel measures AutoMorph reports, of a vessel mask inside the field of view, with our definitions.
 
@@ -687,7 +708,12 @@ def vessel_measurements(
       pixels' chord is too coarse for a ratio;
     - ``calibre_mean_px``: :func:`mean_calibre` of the cut vessels, and ``calibre_mean_mm`` with ``pixel_size_mm``;
     - ``segments``, ``branch_points``, ``end_points``: counts of :func:`vessel_segments`' graph (as floats, so
-      that an undefined count can be NaN).
+      that an undefined count can be NaN), leaving out the pieces of the vessel mask (8-connected) under
+      ``min_fragment_px`` pixels: a network's specks, each of which would count as a segment with two end points.
+      A piece's size is taken on the whole mask, so a vessel the FOV's border cuts short counts. The other measures
+      take every piece: on DRIVE's training photographs, the top-hat baseline's specks brought its area density
+      and calibre nearer the manual maps' (see ``SMALLEST_VESSEL_FRAGMENT``);
+    - ``small_fragments``: the pieces the counts leave out that lie (partly) inside the FOV.
 
     An empty vessel mask in the FOV gives densities and counts of 0 and NaN for the rest; an empty FOV gives NaN
     for everything; ``notes`` says so, and notes a vessel density over :data:`IMPLAUSIBLE_VESSEL_DENSITY` (a mask
@@ -698,6 +724,7 @@ def vessel_measurements(
         fov: ``(H, W)`` field-of-view mask, or None for the whole image.
         pixel_size_mm: side of a pixel in millimetres; when given the calibre is also reported in mm.
         min_length_px: shortest arc length, in pixels, of a segment that counts towards the tortuosity.
+        min_fragment_px: fewest pixels of a piece of the vessel mask the counts take; 0 counts every piece.
 
     Returns:
         ``{key: value}`` with the keys above and ``notes``: ``""``, or the reasons joined by ``"; "``. Units are in
@@ -705,7 +732,7 @@ def vessel_measurements(
 
     Raises:
         MeasurementError: a mask is not 2-D or not binary, ``fov`` and ``vessels`` differ in shape, or
-            ``pixel_size_mm`` is not a positive number.
+            ``pixel_size_mm`` is not a positive number, or ``min_fragment_px`` is not a whole number from 0.
     """
     vessel_mask = _as_mask(vessels, "vessels")
     if fov is None:
@@ -714,10 +741,12 @@ def vessel_measurements(
         region = _as_mask(fov, "fov")
         _same_shape(vessel_mask, "vessels", region, "fov")
     pixel_size = _check_pixel_size(pixel_size_mm)
+    if isinstance(min_fragment_px, bool) or not isinstance(min_fragment_px, numbers.Integral) or min_fragment_px < 0:
+        raise MeasurementError(f"min_fragment_px must be a whole number of pixels from 0, got {min_fragment_px!r}")
 
     keys = ["vessel_density", "skeleton_density", "fractal_dimension", "tortuosity_mean", "tortuosity_median"]
     keys += ["calibre_mean_px"] + (["calibre_mean_mm"] if pixel_size is not None else [])
-    keys += ["segments", "branch_points", "end_points"]
+    keys += ["segments", "branch_points", "end_points", "small_fragments"]
     record: dict[str, float | str] = dict.fromkeys(keys, math.nan)
     region_area = int(np.count_nonzero(region))
     if region_area == 0:
@@ -728,6 +757,9 @@ def vessel_measurements(
     skeleton = vessel_skeleton(vessel_mask) & region
     record["vessel_density"] = float(np.count_nonzero(cut)) / region_area
     record["skeleton_density"] = float(np.count_nonzero(skeleton)) / region_area
+    speck_labels = _small_fragments(vessel_mask, int(min_fragment_px))
+    specks = speck_labels > 0
+    record["small_fragments"] = float(len(np.unique(speck_labels[specks & region])))
     notes = []
     if not cut.any():
         notes.append("vessel mask is empty inside the FOV")
@@ -742,7 +774,13 @@ def vessel_measurements(
         )
     record["fractal_dimension"] = fractal_dimension(cut)
     segments, branch_points, end_points = _skeleton_graph(skeleton)
-    record.update(segments=float(len(segments)), branch_points=float(branch_points), end_points=float(end_points))
+    counts = np.array([len(segments), branch_points, end_points], dtype=np.float64)
+    if record["small_fragments"]:
+        # No pixel of one piece is a neighbour of another's, so each count is a sum over pieces: the specks' own
+        # graph is subtracted, which walks only their few pixels again.
+        speck_segments, speck_branch_points, speck_end_points = _skeleton_graph(skeleton & specks)
+        counts -= [len(speck_segments), speck_branch_points, speck_end_points]
+    record.update(segments=counts[0], branch_points=counts[1], end_points=counts[2])
     lengths, values = [], []
     for segment in segments:
         length = _arc_length(segment, _SAMPLE_STEP) if len(segment) > 1 else 0.0
@@ -806,6 +844,7 @@ def measure_structures(
     channel_names: list[str] | tuple[str, ...],
     fov: np.ndarray | None = None,
     pixel_size_mm: float | None = None,
+    min_fragment_px: int = SMALLEST_VESSEL_FRAGMENT,
 ) -> dict[str, float | str]:
     """The measurements of a segmentation's structures, chosen by its channels' names.
 
@@ -820,6 +859,7 @@ def measure_structures(
         channel_names: one name per channel.
         fov: ``(H, W)`` field of view (vessels only; the whole picture when None).
         pixel_size_mm: the side of a pixel in millimetres, for the ``*_mm`` and ``*_mm2`` measures.
+        min_fragment_px: pieces of the vessel mask under this many pixels are left out (:func:`vessel_measurements`).
 
     Returns:
         The measures of every measured structure, and ``notes`` joining their notes.
@@ -838,7 +878,7 @@ def measure_structures(
     record: dict[str, float | str] = {}
     notes = []
     if "vessels" in by_structure:
-        measured = vessel_measurements(by_structure["vessels"], fov, pixel_size_mm)
+        measured = vessel_measurements(by_structure["vessels"], fov, pixel_size_mm, min_fragment_px=min_fragment_px)
         notes.append(measured.pop("notes"))
         record.update(measured)
     if "disc" in by_structure:

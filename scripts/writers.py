@@ -24,7 +24,7 @@ from scripts.fundus_io import (
     write_png,
 )
 from scripts.masks import binarise
-from scripts.measurements import measure_structures, warn_about_unmeasured_channels
+from scripts.measurements import SMALLEST_VESSEL_FRAGMENT, measure_structures, warn_about_unmeasured_channels
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
 
@@ -98,6 +98,7 @@ class SaveFundusPredictiond(MapTransform):
             prediction for a stand-in (its metadata's :data:`scripts.fundus_io.UNREADABLE_KEY` says why the
             photograph could not be read) is not written; its record holds the image's name and that reason.
         pixel_size_mm: the side of a pixel in millimetres, for measures in mm (None: pixels only).
+        min_fragment_px: pieces of a vessel mask under this many pixels are not measured (they are written).
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -112,6 +113,7 @@ class SaveFundusPredictiond(MapTransform):
         overlay_opacity: float = 0.6,
         measure: bool = False,
         pixel_size_mm: float | None = None,
+        min_fragment_px: int = SMALLEST_VESSEL_FRAGMENT,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -123,6 +125,7 @@ class SaveFundusPredictiond(MapTransform):
         self.overlay_opacity = overlay_opacity
         self.measure = measure
         self.pixel_size_mm = pixel_size_mm
+        self.min_fragment_px = min_fragment_px
         if measure:
             warn_about_unmeasured_channels(self.channel_names)
 
@@ -187,7 +190,7 @@ class SaveFundusPredictiond(MapTransform):
             "image": source.name,
             "overlay": overlay_file,
             "fov_fraction": float(fov.mean()),
-            **measure_structures(masks, self.channel_names, fov, self.pixel_size_mm),
+            **measure_structures(masks, self.channel_names, fov, self.pixel_size_mm, self.min_fragment_px),
         }
 
     def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -90,6 +90,8 @@ BAD_SETTINGS = [
     ("threshold", 1.5, "between 0 and 1"),
     ("pixel_size_mm", 0, "a positive number of millimetres per pixel, or '$None' on the command line"),
     ("pixel_size_mm", "0.01mm", "a positive number of millimetres per pixel, or '$None' on the command line"),
+    ("min_fragment_px", -1, "0 (measure every piece of a vessel mask) or a positive whole number of pixels"),
+    ("min_fragment_px", 2.5, "0 (measure every piece of a vessel mask) or a positive whole number of pixels"),
     ("channel_names", [], "a non-empty list of distinct names"),
     ("channel_names", ["disc", "disc"], "a non-empty list of distinct names"),
     ("channel_names", "vessels", "a non-empty list of distinct names"),

@@ -347,11 +347,74 @@ def test_short_segments_do_not_count_towards_tortuosity() -> None:
     vessels[5, 5:10] = True  # a straight 5 px piece
     vessels[10, 20:25] = True
     vessels[11:14, 24] = True  # and an L-shaped 8 px piece that would raise the mean
-    record = vessel_measurements(vessels, min_length_px=10)
+    # The short pieces are smaller than the default smallest fragment: measure every piece to see the length rule.
+    record = vessel_measurements(vessels, min_length_px=10, min_fragment_px=0)
     assert record["segments"] == 3
     assert record["tortuosity_mean"] == pytest.approx(1.0, abs=1e-9)
-    assert vessel_measurements(vessels, min_length_px=1)["tortuosity_mean"] > 1.0
-    assert math.isnan(vessel_measurements(vessels, min_length_px=100)["tortuosity_mean"])
+    assert vessel_measurements(vessels, min_length_px=1, min_fragment_px=0)["tortuosity_mean"] > 1.0
+    assert math.isnan(vessel_measurements(vessels, min_length_px=100, min_fragment_px=0)["tortuosity_mean"])
+
+
+def _thick_y_with_specks(speck_sides: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A 9 px wide Y and, apart from it, square specks of the given sides; returns (with specks, the Y alone)."""
+    tree = ndimage.binary_dilation(_polyline((200, 200), (100, 100), (20, 100), (180, 30), (180, 170)), iterations=4)
+    vessels = tree.copy()
+    for index, side in enumerate(speck_sides):
+        row, col = 10 + 12 * (index // 3), 10 + 12 * (index % 3)
+        vessels[row : row + side, col : col + side] = True
+    assert ndimage.label(vessels, np.ones((3, 3)))[1] == 1 + len(speck_sides)  # no speck touches the Y
+    return vessels, tree
+
+
+def test_specks_under_the_smallest_fragment_are_left_out_of_the_counts_and_counted() -> None:
+    sides = [1, 2, 3, 3, 1, 2]  # 1 to 9 px, all under the default 10 px
+    vessels, tree = _thick_y_with_specks(sides)
+    fov = np.ones(vessels.shape, dtype=bool)
+    record = vessel_measurements(vessels, fov)
+    every_piece = vessel_measurements(vessels, fov, min_fragment_px=0)
+    counts = ("segments", "branch_points", "end_points")
+    assert record["small_fragments"] == len(sides) and every_piece["small_fragments"] == 0
+    assert tuple(record[key] for key in counts) == tuple(vessel_measurements(tree, fov)[key] for key in counts) == (3, 1, 3)
+    # Counted, each speck is a segment: a dot without an end point (an isolated pixel), the others with two.
+    assert every_piece["segments"] == 3 + len(sides) and every_piece["branch_points"] == 1
+    assert every_piece["end_points"] == 3 + 2 * sum(side > 1 for side in sides)
+    # The other measures take every piece.
+    assert {key: value for key, value in record.items() if key not in (*counts, "small_fragments")} == {
+        key: value for key, value in every_piece.items() if key not in (*counts, "small_fragments")
+    }
+    assert record["vessel_density"] == pytest.approx(np.count_nonzero(vessels) / vessels.size, abs=1e-12)
+
+
+def test_a_fragment_of_exactly_the_smallest_size_is_measured_and_one_pixel_less_is_not() -> None:
+    vessels, _ = _thick_y_with_specks([3])  # a 9 px speck
+    assert vessel_measurements(vessels, min_fragment_px=9)["small_fragments"] == 0
+    assert vessel_measurements(vessels, min_fragment_px=10)["small_fragments"] == 1
+    assert vessel_measurements(vessels, min_fragment_px=9)["segments"] == 4
+
+
+def test_a_piece_is_sized_on_the_whole_mask_so_a_vessel_the_fov_cuts_short_counts() -> None:
+    vessel = _polyline((40, 40), (20, 5), (20, 34))  # 30 px, of which the FOV holds the last 5
+    fov = np.zeros(vessel.shape, dtype=bool)
+    fov[:, 30:] = True
+    record = vessel_measurements(vessel, fov)
+    assert (record["small_fragments"], record["segments"], record["end_points"]) == (0, 1, 2)
+    speck = vessel & fov  # the same 5 px, a piece of its own
+    record = vessel_measurements(speck, fov)
+    assert (record["small_fragments"], record["segments"], record["end_points"]) == (1, 0, 0)
+
+
+def test_a_mask_of_specks_alone_counts_no_segment() -> None:
+    vessels, tree = _thick_y_with_specks([2, 3])
+    record = vessel_measurements(vessels & ~tree)
+    assert record["small_fragments"] == 2
+    assert (record["segments"], record["branch_points"], record["end_points"]) == (0, 0, 0)
+    assert record["vessel_density"] == pytest.approx(13 / vessels.size, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "10", True, None])
+def test_a_bad_smallest_fragment_is_named(bad: object) -> None:
+    with pytest.raises(MeasurementError, match="min_fragment_px must be a whole number of pixels from 0"):
+        vessel_measurements(np.zeros((32, 32), dtype=bool), min_fragment_px=bad)
 
 
 def test_empty_vessels_give_zero_densities_and_nan_shape_measures() -> None:

@@ -29,7 +29,13 @@ from scipy.stats import pearsonr, spearmanr
 from scripts.atomic import write_text_atomic
 from scripts.fundus_io import UNREADABLE_KEY, read_image
 from scripts.masks import binarise
-from scripts.measurements import MEASURE_UNITS, measure_structures, structure_of, warn_about_unmeasured_channels
+from scripts.measurements import (
+    MEASURE_UNITS,
+    SMALLEST_VESSEL_FRAGMENT,
+    measure_structures,
+    structure_of,
+    warn_about_unmeasured_channels,
+)
 from scripts.metrics import UNKNOWN_DATASET, json_safe
 from scripts.plots import plot_bland_altman
 from scripts.report import ReportColumn, thumbnail_png, write_html_report
@@ -193,6 +199,7 @@ class MeasurementAgreement:
         threshold: probabilities ``>= threshold`` are foreground, as for the evaluation's metrics (:mod:`scripts.metrics`).
         quality_threshold: predicted IoU under which an image is flagged.
         pixel_size_mm: the side of a pixel in millimetres (None: pixels only).
+        min_fragment_px: pieces of a vessel mask under this many pixels are not measured, on either side.
         fov_key: the field of view at the image's own size, where the vessel measures are taken.
     """
 
@@ -204,6 +211,7 @@ class MeasurementAgreement:
         threshold: float = 0.5,
         quality_threshold: float = 0.5,
         pixel_size_mm: float | None = None,
+        min_fragment_px: int = SMALLEST_VESSEL_FRAGMENT,
         fov_key: str = "fov",
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -212,6 +220,7 @@ class MeasurementAgreement:
         self.threshold = threshold
         self.quality_threshold = quality_threshold
         self.pixel_size_mm = pixel_size_mm
+        self.min_fragment_px = min_fragment_px
         self.fov_key = fov_key
         self.rows: list[dict[str, Any]] = []
         warn_about_unmeasured_channels(self.channel_names)
@@ -233,7 +242,7 @@ class MeasurementAgreement:
             name = Path(str(getattr(output["pred"], "meta", {}).get("filename_or_obj", f"case_{len(self.rows)}"))).name
             row: dict[str, Any] = {"image": name, "dataset": str(item.get("dataset", UNKNOWN_DATASET))}
             for side, masks in (("pred", prediction), ("ref", reference)):
-                measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm)
+                measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm, self.min_fragment_px)
                 row.update({f"{side}_{key}": value for key, value in measured.items()})
             # The lowest channel's Dice, as the predicted IoU is the lowest channel's: Spearman ranks like with like.
             row["dice"] = min(_dice(pred & fov, ref & fov) for pred, ref in zip(prediction, reference))
