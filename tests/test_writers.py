@@ -106,3 +106,18 @@ def test_a_prediction_holding_nan_writes_nothing(photo, tmp_path):
     with pytest.raises(FundusImageError, match="the prediction holds NaN or infinite values"):
         SaveFundusPredictiond("pred", tmp_path / "out", ["vessels"], nifti=True)({"pred": prediction(probabilities, photo)})
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_measured_counts_leave_out_specks_under_min_fragment_px_and_the_mask_keeps_them(photo, tmp_path):
+    probabilities = np.zeros((1, 20, 30), dtype=np.float32)
+    probabilities[0, 10, 8:23] = 0.9  # a 15 px vessel
+    probabilities[0, 5, 10:12] = 0.9  # a 2 px speck: one segment with two end points when counted
+    records = {}
+    for min_fragment_px in (0, 10):
+        out = tmp_path / str(min_fragment_px)
+        writer = SaveFundusPredictiond("pred", out, ["vessels"], measure=True, min_fragment_px=min_fragment_px)
+        records[min_fragment_px] = writer({"pred": prediction(probabilities, photo)})["pred_record"]
+        assert np.array_equal(np.asarray(Image.open(out / "eye_mask.png")) == 255, probabilities[0] > 0.5)
+    assert (records[0]["segments"], records[0]["end_points"], records[0]["small_fragments"]) == (2, 4, 0)
+    assert (records[10]["segments"], records[10]["end_points"], records[10]["small_fragments"]) == (1, 2, 1)
+    assert records[0]["vessel_density"] == records[10]["vessel_density"]
