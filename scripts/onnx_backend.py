@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +164,11 @@ def batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
-def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
+def export_description(model: PromptFreeSegmenter, source: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a pipeline needs to feed an export and read its output, as the ONNX file's ``metadata_props``
     (onnxruntime: ``session.get_modelmeta().custom_metadata_map``): the input's preparation and the settings the
-    trained model records, values as JSON."""
+    trained model records, values as JSON; and, as ``sam2lora.source``, where the export comes from when the
+    caller says (``tools.deploy``: the model file's name and SHA-256, and the exporting release)."""
     settings = model.network.settings
     recorded = settings.get("recorded", {})
     description = {
@@ -180,6 +181,7 @@ def export_description(model: PromptFreeSegmenter) -> dict[str, str]:
         "input_mode": recorded.get("input_mode", "resize"),
         "pixel_scale": recorded.get("pixel_scale", 1.0),
         **{key: settings[key] for key in ("image_size", "channel_names", "architecture", "model_size") if key in settings},
+        **({"source": dict(source)} if source else {}),
     }
     return {f"sam2lora.{key}": json.dumps(value) for key, value in description.items()}
 
@@ -203,7 +205,9 @@ def _exporter_logs_quiet() -> Iterator[None]:
             each.setLevel(level)
 
 
-def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET) -> Path:
+def export_onnx(
+    model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET, source: Mapping[str, str] | None = None
+) -> Path:
     """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S); outputs ``logits`` and, with the SAM head,
     ``iou_predictions`` (batch, C)), atomically, described by :func:`export_description` in its ``metadata_props``.
 
@@ -211,6 +215,7 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
         model: the network to export.
         path: the file to write.
         opset: the ONNX opset.
+        source: where the export comes from, recorded as ``sam2lora.source`` (None: not recorded).
 
     Returns:
         ``path``.
@@ -232,7 +237,7 @@ def export_onnx(model: PromptFreeSegmenter, path: str | os.PathLike, opset: int 
                 output_names=model.output_names,
                 dynamic_shapes={"images": {0: batch_dim()}},
             )
-        program.model.metadata_props.update(export_description(model))
+        program.model.metadata_props.update(export_description(model, source))
         # Each node's Python stack trace names this machine's files: the export would differ per checkout.
         for graph in program.model.graphs():
             for node in graph:
@@ -252,6 +257,7 @@ def export_checked_onnx(
     destination: Path | None = None,
     opset: int = OPSET,
     images: torch.Tensor | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> float:
     """Export ``model`` to ``path`` and check it against PyTorch on ``images`` (default: one random image).
 
@@ -261,6 +267,7 @@ def export_checked_onnx(
         destination: the file the export is for, named in errors (default ``path``).
         opset: the ONNX opset.
         images: the inputs of the check.
+        source: where the export comes from (:func:`export_onnx`).
 
     Returns:
         The largest difference to PyTorch of its logits and, with the SAM head, predicted IoU.
@@ -270,7 +277,7 @@ def export_checked_onnx(
     """
     destination = destination or path
     try:
-        export_onnx(model, path, opset)
+        export_onnx(model, path, opset, source)
     except DeployError as error:  # named after the destination, not a temporary file
         cause = error.__cause__
         raise DeployError(f"ONNX export to {destination} failed ({type(cause).__name__}: {cause}).") from cause

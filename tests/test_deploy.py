@@ -3,6 +3,8 @@ MONAI's ckpt_export, torch.export programs."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import logging
 import sys
@@ -18,7 +20,16 @@ from torch.overrides import TorchFunctionMode
 from scripts import onnx_backend
 from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from tests.helpers import random_adapted_network, write_model_file
-from tools.deploy import OPSET, PromptFreeSegmenter, check_onnx, export_onnx, export_program, load_segmenter, main
+from tools.deploy import (
+    OPSET,
+    PromptFreeSegmenter,
+    check_onnx,
+    export_onnx,
+    export_program,
+    load_segmenter,
+    main,
+    source_record,
+)
 
 pytest.importorskip("onnxruntime", reason="onnx and onnxruntime are dev dependencies of the deployable exports")
 
@@ -117,6 +128,24 @@ def test_every_attention_is_one_onnx_attention_node_and_opset_18_is_on_request(s
     assert main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(older), "--opset", "18"]) == 0
     assert onnx_opset_and_attention_nodes(older) == (18, 0), "opset 18 has no Attention operator"
     assert check_onnx(older, segmenter, segmenter.example(batch=1)) < 1e-4
+    # The command's export says which model file it comes from; the module's own export, made without it, does not.
+    described = {entry.key: entry.value for entry in onnx.load(older, load_external_data=False).metadata_props}
+    assert json.loads(described["sam2lora.source"]) == {
+        "model_file": "model.pt",
+        "model_sha256": hashlib.sha256(trained.read_bytes()).hexdigest(),
+        "exported_by": f"sam2lora-fundus {importlib.metadata.version('sam2lora-fundus')}",
+    }
+    assert "sam2lora.source" not in {entry.key for entry in onnx.load(exported, load_external_data=False).metadata_props}
+
+
+def test_the_source_record_names_an_adapters_only_model_s_base(tmp_path):
+    adapters, base = tmp_path / "adapters.pt", tmp_path / "sam2.1_hiera_tiny.pt"
+    adapters.write_bytes(b"adapters")
+    base.write_bytes(b"base weights")
+    record = source_record(adapters, base)
+    assert (record["model_file"], record["base_checkpoint"]) == ("adapters.pt", "sam2.1_hiera_tiny.pt")
+    assert record["model_sha256"] == hashlib.sha256(b"adapters").hexdigest()
+    assert record["base_sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
 
 def test_torchscript_through_monai_ckpt_export(trained, segmenter, tmp_path):

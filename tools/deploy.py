@@ -7,8 +7,8 @@ The network (head, Hiera size, image size, channels...) is built from the settin
 Every export takes ``image_size`` squares of SAM-normalised RGB (the whole photograph resized, or sliding windows at
 ``pixel_scale``, as the model's ``input_mode`` says; docs/distribution.md), has a dynamic batch dimension, and
 returns mask logits (B, C, image_size, image_size); a SAM-head ONNX file also returns SAM's predicted IoU
-(``iou_predictions``, (B, C)); ONNX files record how to feed them in their metadata. What
-works and what does not, measured with torch 2.15:
+(``iou_predictions``, (B, C)); ONNX files record how to feed them and which model file they come from in their
+metadata. What works and what does not, measured with torch 2.15:
 
 - ONNX through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript): works, dynamic batch; checked
   against PyTorch with onnxruntime after writing. Height and width are fixed: SAM 2's code branches in Python
@@ -24,6 +24,7 @@ works and what does not, measured with torch 2.15:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.atomic import OutputError, atomic_path
+from scripts.atomic import OutputError, atomic_path, file_sha256
 from scripts.errors import command_line
 from scripts.onnx_backend import (
     OPSET,
@@ -55,6 +56,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "main",
+    "source_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,20 @@ def load_segmenter(
     """The trained network of ``ckpt_path`` (a full state dict, or an adapter file on ``base_checkpoint``), built
     from the settings the file records."""
     return PromptFreeSegmenter(load_model(Path(ckpt_path), Path(base_checkpoint) if base_checkpoint else None))
+
+
+def source_record(ckpt_path: str | os.PathLike, base_checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
+    """Where an export comes from, for its ONNX metadata (``sam2lora.source``): the model file's name and SHA-256,
+    the base checkpoint's for an adapters-only model, and the release of this project that exported it. A pipeline
+    can check an ONNX file against the ``model.pt`` it was given with (``sha256sum model.pt``)."""
+    try:
+        release = importlib.metadata.version("sam2lora-fundus")
+    except importlib.metadata.PackageNotFoundError:
+        release = "not installed as a package"
+    record = {"model_file": Path(ckpt_path).name, "model_sha256": file_sha256(ckpt_path)}
+    if base_checkpoint:
+        record.update(base_checkpoint=Path(base_checkpoint).name, base_sha256=file_sha256(base_checkpoint))
+    return {**record, "exported_by": f"sam2lora-fundus {release}"}
 
 
 def check_output_name(export_format: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -143,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "onnx":
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
         with atomic_path(output) as partial:
-            difference = export_checked_onnx(model, partial, output, args.opset, model.example(batch=3))
+            difference = export_checked_onnx(
+                model, partial, output, args.opset, model.example(batch=3), source_record(args.ckpt_path, args.base_checkpoint)
+            )
         logger.info(
             "onnxruntime vs PyTorch on 3 random images: largest difference %.2e (%s).",
             difference,
