@@ -248,6 +248,9 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
     twins = root / "twins"
     photograph(twins / "eye.png")
     photograph(twins / "eye.jpg")
+    cased = root / "cased"
+    photograph(cased / "Eye.png")
+    photograph(cased / "eye.png")
     (root / "linked").mkdir()
     (root / "linked" / "eye_mask.png").symlink_to(images / "eye.png")  # an output name that is the photograph itself
     return {
@@ -262,6 +265,11 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "two images with the same outputs": (
             {"folder": twins, "output_dir": root / "out"},
             ("eye.jpg and", "eye.png would both write eye_mask.png", "rename one of them"),
+        ),
+        "two images whose outputs differ only in case": (
+            {"folder": cased, "output_dir": root / "out"},
+            ("Eye.png and", "eye.png would write Eye_mask.png and eye_mask.png", "differ only in case",
+             "Rename one of them"),
         ),
         "outputs of an earlier run": (
             {"folder": images, "output_dir": root / "done"},
@@ -285,6 +293,7 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "output folder is the image folder",
         "output folder inside the image folder",
         "two images with the same outputs",
+        "two images whose outputs differ only in case",
         "outputs of an earlier run",
         "an output that is an input image, even with --overwrite",
         "a folder that does not exist",
