@@ -237,7 +237,7 @@ def test_an_onnx_export_that_disagrees_with_pytorch_is_not_kept(trained, tmp_pat
     existing.write_bytes(b"an earlier export")
     # A mistranslated network: an export (stood in for by a file, the export itself being tested above) whose logits
     # differ from PyTorch's by 0.5.
-    monkeypatch.setattr(onnx_backend, "export_onnx", lambda model, path, opset: Path(path).write_bytes(b"onnx"))
+    monkeypatch.setattr(onnx_backend, "export_onnx", lambda model, path, opset, source: Path(path).write_bytes(b"onnx"))
     monkeypatch.setattr(onnx_backend, "check_onnx", lambda path, model, images: 0.5)
     status = main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(existing), "--overwrite"])
     assert status == 1
