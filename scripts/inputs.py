@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import unicodedata
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
@@ -418,7 +419,7 @@ class ImageFolder:
     - the output folder must not be the image folder or inside it (``allow_output_in_dataset_dir`` allows it; files
       named like outputs are then not read as images);
     - two images must not share the names of their outputs (``eye.png`` and ``eye.jpg``), nor names that differ only
-      in case (``Eye.png`` and ``eye.png``), which a folder that ignores case takes for one;
+      in case (``Eye.png`` and ``eye.png``) or in an accent's encoding, which a folder that ignores them takes for one;
     - no output may replace a file that is there already, unless ``overwrite`` is set, and never one of the images;
     - images that cannot be read, or that ``size_check`` refuses, are left out and logged; :meth:`report_unreadable`
       names them after the run, so one bad file does not keep the others from being segmented.
@@ -497,8 +498,8 @@ class ImageFolder:
             if len(os.fsencode(name_while_written(name))) > name_max
         }
         planned: dict[str, str] = {}
-        # Keyed by the name without case too: a share or drive that ignores case (Windows', macOS's, exFAT) would
-        # let one photograph's outputs replace the other's.
+        # Keyed as a share or drive that ignores case (Windows', macOS's, exFAT) compares names too, where one
+        # photograph's outputs would replace the other's. macOS also takes a composed and a decomposed accent for one.
         by_folded_name: dict[str, str] = {}
         for image in (image for image in images if image not in too_long):
             for name in output_names(image, channel_names, nifti):
@@ -506,15 +507,17 @@ class ImageFolder:
                     raise InputError(
                         f"Images {planned[name]} and {image} would both write {name} into {output}: rename one of them."
                     )
-                if name.casefold() in by_folded_name:
-                    other = by_folded_name[name.casefold()]
+                folded = unicodedata.normalize("NFC", name).lower()
+                if folded in by_folded_name:
+                    other = by_folded_name[folded]
                     raise InputError(
-                        f"Images {planned[other]} and {image} would write {other} and {name} into {output}, names that "
-                        "differ only in case: where the output folder ignores case (Windows, macOS, exFAT drives), one "
-                        "would replace the other. Rename one of them."
+                        f"Images {planned[other]} and {image} would write {_shown(other)} and {_shown(name)} into "
+                        f"{output}, names that differ only in case or in how an accent is encoded: where the output "
+                        "folder ignores that (Windows, macOS, exFAT drives), one would replace the other. Rename one "
+                        "of them."
                     )
                 planned[name] = image
-                by_folded_name[name.casefold()] = name
+                by_folded_name[folded] = name
         inputs = {Path(image).resolve() for image in images}
         taken = [output / name for name in [*planned, *REPORT_FILES] if (output / name).exists()]
         replaced_inputs = [path for path in taken if path.resolve() in inputs]

@@ -709,7 +709,8 @@ def vessel_measurements(
     - ``calibre_mean_px``: :func:`mean_calibre` of the cut vessels, and ``calibre_mean_mm`` with ``pixel_size_mm``;
     - ``segments``, ``branch_points``, ``end_points``: counts of :func:`vessel_segments`' graph (as floats, so
       that an undefined count can be NaN), leaving out the pieces of the vessel mask (8-connected) under
-      ``min_fragment_px`` pixels: a network's specks, each of which would count as a segment with two end points.
+      ``min_fragment_px`` pixels: a network's specks, each of which would count as a segment (a speck of two pixels
+      or more with two end points).
       A piece's size is taken on the whole mask, so a vessel the FOV's border cuts short counts. The other measures
       take every piece: on DRIVE's training photographs, the top-hat baseline's specks brought its area density
       and calibre nearer the manual maps' (see ``SMALLEST_VESSEL_FRAGMENT``);
@@ -777,7 +778,7 @@ def vessel_measurements(
     counts = np.array([len(segments), branch_points, end_points], dtype=np.float64)
     if record["small_fragments"]:
         # No pixel of one piece is a neighbour of another's, so each count is a sum over pieces: the specks' own
-        # graph is subtracted, which walks only their few pixels again.
+        # graph is subtracted rather than the rest's built again (its walk, in Python, goes over their pixels only).
         speck_segments, speck_branch_points, speck_end_points = _skeleton_graph(skeleton & specks)
         counts -= [len(speck_segments), speck_branch_points, speck_end_points]
     record.update(segments=counts[0], branch_points=counts[1], end_points=counts[2])

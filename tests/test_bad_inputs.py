@@ -251,6 +251,11 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
     cased = root / "cased"
     photograph(cased / "Eye.png")
     photograph(cased / "eye.png")
+    accented = root / "accented"
+    photograph(accented / "caf\u00e9.png")  # composed, as Windows and Linux keep it
+    photograph(accented / "cafe\u0301.png")  # decomposed, as macOS's HFS+ wrote it
+    photograph(root / "german" / "Stra\u00dfe.png")
+    photograph(root / "german" / "Strasse.png")  # another name everywhere: not refused
     (root / "linked").mkdir()
     (root / "linked" / "eye_mask.png").symlink_to(images / "eye.png")  # an output name that is the photograph itself
     return {
@@ -270,6 +275,10 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
             {"folder": cased, "output_dir": root / "out"},
             ("Eye.png and", "eye.png would write Eye_mask.png and eye_mask.png", "differ only in case",
              "Rename one of them"),
+        ),
+        "two images whose outputs differ only in how an accent is encoded": (
+            {"folder": accented, "output_dir": root / "out"},
+            ("would write cafe\u0301_mask.png and caf\u00e9_mask.png", "or in how an accent is encoded"),
         ),
         "outputs of an earlier run": (
             {"folder": images, "output_dir": root / "done"},
@@ -294,6 +303,7 @@ def folder_cases(root: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "output folder inside the image folder",
         "two images with the same outputs",
         "two images whose outputs differ only in case",
+        "two images whose outputs differ only in how an accent is encoded",
         "outputs of an earlier run",
         "an output that is an input image, even with --overwrite",
         "a folder that does not exist",
@@ -305,6 +315,13 @@ def test_image_folders_that_would_lose_or_mix_files_are_refused(tmp_path, case):
     before = snapshot(tmp_path)
     expect_error(lambda: ImageFolder(**arguments), *fragments)
     assert snapshot(tmp_path) == before
+
+
+def test_names_that_only_a_case_mapping_would_join_are_both_segmented(tmp_path):
+    """Straße and Strasse are two names to NTFS, exFAT and APFS alike: comparing them case-folded would refuse them."""
+    folder_cases(tmp_path)
+    folder = ImageFolder(tmp_path / "german", tmp_path / "out")
+    assert sorted(Path(entry["image"]).name for entry in folder.entries) == ["Strasse.png", "Stra\u00dfe.png"]
 
 
 def test_unreadable_images_are_left_out_and_named_one_line_each(tmp_path):

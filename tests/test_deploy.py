@@ -4,7 +4,6 @@ MONAI's ckpt_export, torch.export programs."""
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ from tests.helpers import random_adapted_network, write_model_file
 from tools.deploy import (
     OPSET,
     PromptFreeSegmenter,
+    base_in_use,
     check_onnx,
     export_onnx,
     export_program,
@@ -133,7 +133,7 @@ def test_every_attention_is_one_onnx_attention_node_and_opset_18_is_on_request(s
     assert json.loads(described["sam2lora.source"]) == {
         "model_file": "model.pt",
         "model_sha256": hashlib.sha256(trained.read_bytes()).hexdigest(),
-        "exported_by": f"sam2lora-fundus {importlib.metadata.version('sam2lora-fundus')}",
+        "exported_by": f"sam2lora-fundus {json.loads((CONFIGS / 'metadata.json').read_text())['version']}",
     }
     assert "sam2lora.source" not in {entry.key for entry in onnx.load(exported, load_external_data=False).metadata_props}
 
@@ -193,6 +193,17 @@ def test_an_adapters_only_archive_s_model_deploys_on_its_base(tmp_path, capsys):
         f"error: {adapters} holds adapters only: give Meta's base checkpoint they were trained on with it "
         "(sam2.1_hiera_tiny.pt; --base_checkpoint)." in capsys.readouterr().err
     )
+    # An export records the base only where the model file needs it.
+    assert base_in_use(adapters, base) == base
+    assert base_in_use(adapters, None) is None
+
+
+def test_a_base_given_with_a_full_model_is_said_to_be_unused_and_not_recorded(trained, tmp_path, caplog):
+    base = tmp_path / "sam2.1_hiera_tiny.pt"
+    base.write_bytes(b"not read")
+    with caplog.at_level(logging.WARNING, logger="tools.deploy"):
+        assert base_in_use(trained, base) is None
+    assert f"--base_checkpoint {base} is not used: {trained} holds the whole network." in caplog.text
 
 
 def test_cli_reports_a_missing_model(tmp_path, capsys):

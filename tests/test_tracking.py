@@ -388,7 +388,7 @@ def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("evaluation_")
     # What was evaluated, as parameters to compare runs by (until 0.3.17 only in the reports, as MONAI logs none).
     expected = {"split": "test", "checkpoint": str(tmp_path / "model.pt"), "datalist": str(datalist),
-                "prompt_modes": "none, box", "backend": "torch"}
+                "prompt_modes": "none, box", "backend": "torch", "min_fragment_px": "10"}
     assert {key: run.data.params.get(key) for key in expected} == expected
     summary = json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
     agreement = json.loads((output / "measurement_agreement.json").read_text())["all"]

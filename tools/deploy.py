@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.adapters import ADAPTER_FORMAT, read_model_file
 from scripts.atomic import OutputError, atomic_path, file_sha256
 from scripts.errors import command_line
 from scripts.onnx_backend import (
@@ -45,16 +46,18 @@ from scripts.onnx_backend import (
     export_onnx,
     require_onnxruntime,
 )
-from tools.export import load_model
+from tools.export import ExportError, load_model, read_version
 
 __all__ = [
     "FORMATS",
     "DeployError",
     "PromptFreeSegmenter",
+    "base_in_use",
     "check_onnx",
     "check_output_name",
     "export_onnx",
     "export_program",
+    "exporting_release",
     "main",
     "source_record",
 ]
@@ -94,18 +97,43 @@ def load_segmenter(
     return PromptFreeSegmenter(load_model(Path(ckpt_path), Path(base_checkpoint) if base_checkpoint else None))
 
 
+def exporting_release() -> str:
+    """This checkout's bundle release (``bundle/configs/metadata.json``): an editable install's package metadata
+    keeps the version it was installed at, whatever the code has become since."""
+    try:
+        return f"sam2lora-fundus {read_version(Path(__file__).resolve().parents[1] / 'bundle')}"
+    except ExportError:  # tools installed without the bundle's folder beside them
+        try:
+            return f"sam2lora-fundus {importlib.metadata.version('sam2lora-fundus')}"
+        except importlib.metadata.PackageNotFoundError:
+            return "sam2lora-fundus of an unknown release"
+
+
 def source_record(ckpt_path: str | os.PathLike, base_checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
     """Where an export comes from, for its ONNX metadata (``sam2lora.source``): the model file's name and SHA-256,
-    the base checkpoint's for an adapters-only model, and the release of this project that exported it. A pipeline
-    can check an ONNX file against the ``model.pt`` it was given with (``sha256sum model.pt``)."""
-    try:
-        release = importlib.metadata.version("sam2lora-fundus")
-    except importlib.metadata.PackageNotFoundError:
-        release = "not installed as a package"
+    the base checkpoint's where the model file holds adapters only, and the release that exported it
+    (:func:`exporting_release`). A pipeline can check an ONNX file against the ``model.pt`` it was given with
+    (``sha256sum model.pt``).
+
+    Args:
+        ckpt_path: the model file exported.
+        base_checkpoint: the base checkpoint its adapters were loaded on, or None for a full model file.
+    """
     record = {"model_file": Path(ckpt_path).name, "model_sha256": file_sha256(ckpt_path)}
     if base_checkpoint:
         record.update(base_checkpoint=Path(base_checkpoint).name, base_sha256=file_sha256(base_checkpoint))
-    return {**record, "exported_by": f"sam2lora-fundus {release}"}
+    return {**record, "exported_by": exporting_release()}
+
+
+def base_in_use(ckpt_path: str | os.PathLike, base_checkpoint: str | os.PathLike | None) -> str | os.PathLike | None:
+    """``base_checkpoint`` if the model file holds adapters only (which need it), else None, with a warning when one
+    was given for a full model file, which does not use it."""
+    if base_checkpoint is None:
+        return None
+    if read_model_file(ckpt_path)[0].get("format") == ADAPTER_FORMAT:
+        return base_checkpoint
+    logger.warning(f"--base_checkpoint {base_checkpoint} is not used: {ckpt_path} holds the whole network.")
+    return None
 
 
 def check_output_name(export_format: str, output: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -156,11 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "onnx":  # it checks the export with onnxruntime: known before minutes of exporting
         require_onnxruntime("--format onnx", args.opset)
     model = load_segmenter(args.ckpt_path, args.base_checkpoint)
+    base_checkpoint = base_in_use(args.ckpt_path, args.base_checkpoint)
     if args.format == "onnx":
         # Checked before it replaces --output: an export that disagrees with PyTorch is not kept.
         with atomic_path(output) as partial:
             difference = export_checked_onnx(
-                model, partial, output, args.opset, model.example(batch=3), source_record(args.ckpt_path, args.base_checkpoint)
+                model, partial, output, args.opset, model.example(batch=3), source_record(args.ckpt_path, base_checkpoint)
             )
         logger.info(
             "onnxruntime vs PyTorch on 3 random images: largest difference %.2e (%s).",
