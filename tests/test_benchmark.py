@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 
 import numpy as np
 import pytest
@@ -76,10 +77,14 @@ def test_report_has_every_row_asked_for(report):
     assert 0 < lora["trainable_parameters"] < 0.05 * lora["total_parameters"]
     bundle_full = SAM2LoRA("tiny", random_init=True, image_size=64, finetune="full")
     assert (full["trainable_parameters"], full["total_parameters"]) == bundle_full.count_parameters()
+    repeats = content["settings"]["repeats"]
     for row in content["training"]:
         assert row["step_time_s"] > 0 and row["peak_memory_mib"] >= row["memory_before_steps_mib"] > 0
+        assert len(row["step_samples_s"]) == repeats and row["step_time_s"] == statistics.median(row["step_samples_s"])
     for row in content["inference"]:
         assert row["latency_ms"] > 0 and row["throughput"] > 0
+        assert len(row["latency_samples_ms"]) == repeats
+        assert row["latency_ms"] == pytest.approx(statistics.median(row["latency_samples_ms"]))
     assert [row["prompt_modes"] for row in content["prompt_modes"]] == [1, 8]
     assert all(row["seconds_per_image"] > 0 for row in content["prompt_modes"])
     assert content["prompt_modes"][0]["relative"] == content["prompt_modes"][0]["relative_with_metrics"] == 1.0
@@ -100,6 +105,7 @@ def test_report_has_every_row_asked_for(report):
         row = backends[name]
         assert row["export_s"] > 0 and row["latency_ms"] > 0
         assert row["speed_up"] == pytest.approx(eager["latency_ms"] / row["latency_ms"])
+        assert row["latency_ms"] == pytest.approx(statistics.median(row["latency_samples_ms"]))
         assert row["images"].startswith("synthetic")
     assert backends["onnxruntime float32"]["max_probability_difference"] < 1e-3
     modes = {(row["photograph"], row["input_mode"]): row for row in content["input_modes"]}
@@ -156,6 +162,10 @@ def test_markdown_holds_the_machine_and_a_table_per_measurement(report):
     assert markdown.count("| tiny | 64 |") == 3 + 2 + 2 + 1 + 3 + 4 + 11
     assert "smaller than the 64 px window" in markdown
     assert "Switches measured: none" in markdown
+    # Each timed figure shows the range of its runs beside its median.
+    merged = next(row for row in content["inference"] if row["variant"] == "adapters merged")
+    samples = merged["latency_samples_ms"]
+    assert f"| {merged['latency_ms']:.1f} ({min(samples):.1f}-{max(samples):.1f}) |" in markdown
     assert "process peak RSS" in markdown
     loads = [row["load_average_1min"] for part in ("inference", "training") for row in content[part]]
     assert all(isinstance(load, float) for load in loads) and "Load average (1 min): " in markdown

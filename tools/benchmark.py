@@ -22,7 +22,9 @@ For each Hiera size and image size asked for, it measures:
   bf16 autocast, TF32 and ``torch.compile`` on the merged network; in training, activation checkpointing on LoRA
   and on full fine-tuning, the others on LoRA. The other parts run without switches.
 
-Every figure is the median over ``--repeats`` runs after ``--warmup`` runs. Each training configuration runs in a
+Every figure is the median over ``--repeats`` runs after ``--warmup`` runs; the JSON report keeps each timed run of
+the inference, backend and training figures (``latency_samples_ms``, ``step_samples_s``), and the Markdown shows
+their range. Each training configuration runs in a
 fresh process, because a process's resident-memory high-water mark never goes down: peak memory is that process's
 maximum resident set size on CPU and ``torch.cuda.max_memory_allocated`` on CUDA. Networks start from random
 weights (speed and memory do not depend on the values), with non-zero adapters as after training.
@@ -341,6 +343,7 @@ def measure_inference(
                 "image_size": image_size,
                 "variant": name,
                 "latency_ms": 1000 * latency,
+                "latency_samples_ms": [1000 * seconds for seconds in latencies[name]],
                 "throughput": batch_size / statistics.median(batch_times[name]),
                 "relative_latency": latency / statistics.median(latencies[reference]),
                 "relative_to": reference,
@@ -460,6 +463,7 @@ def measure_backends(
                     "image_size": image_size,
                     "backend": name,
                     "latency_ms": 1000 * latency,
+                    "latency_samples_ms": [1000 * seconds for seconds in latencies[name]],
                     "speed_up": eager_latency / latency,
                     "export_s": exports[name],
                     "mask_dice": overlap,
@@ -719,6 +723,7 @@ def measure_training(
         "mode": "full fine-tuning" if full else "LoRA",
         "switches": list(switches),
         "step_time_s": statistics.median(times),
+        "step_samples_s": times,
         "peak_memory_mib": _peak_memory_mib(target),
         "memory_before_steps_mib": before,
         "trainable_parameters": trainable,
@@ -1165,6 +1170,12 @@ def _load_note(report: dict) -> str:
     return note
 
 
+def _with_range(median: float, samples: Sequence[float], decimals: int) -> str:
+    """A median and the range of the timed runs it is the median of, e.g. ``812.4 (790.1-860.7)``: where the range
+    is wide, the machine was not quiet or the figure is noise."""
+    return f"{median:.{decimals}f} ({min(samples):.{decimals}f}-{max(samples):.{decimals}f})"
+
+
 def render_markdown(report: dict) -> str:
     """The report as Markdown: the machine, then one table per measurement and the targets."""
     machine, settings = report["machine"], report["settings"]
@@ -1188,7 +1199,7 @@ def render_markdown(report: dict) -> str:
                 "Hiera",
                 "px",
                 "variant",
-                "latency (ms, batch 1)",
+                "latency (ms, batch 1; range)",
                 f"throughput (img/s, batch {settings['batch_size']})",
                 "latency ratio",
             ],
@@ -1197,7 +1208,7 @@ def render_markdown(report: dict) -> str:
                     r["model_size"],
                     r["image_size"],
                     r["variant"],
-                    f"{r['latency_ms']:.1f}",
+                    _with_range(r["latency_ms"], r["latency_samples_ms"], 1),
                     f"{r['throughput']:.2f}",
                     f"{r['relative_latency']:.3f} (vs {r['relative_to']})",
                 ]
@@ -1210,7 +1221,7 @@ def render_markdown(report: dict) -> str:
                 "Hiera",
                 "px",
                 "configuration",
-                "step (s)",
+                "step (s; range)",
                 f"peak memory (MiB, {memory})",
                 "before steps (MiB)",
                 "trainable / total parameters",
@@ -1220,7 +1231,7 @@ def render_markdown(report: dict) -> str:
                     r["model_size"],
                     r["image_size"],
                     r["mode"] + "".join(f" + {s}" for s in r["switches"]),
-                    f"{r['step_time_s']:.3f}",
+                    _with_range(r["step_time_s"], r["step_samples_s"], 3),
                     f"{r['peak_memory_mib']:.0f}",
                     f"{r['memory_before_steps_mib']:.0f}",
                     f"{r['trainable_parameters']:,} / {r['total_parameters']:,}",
@@ -1271,10 +1282,11 @@ def render_markdown(report: dict) -> str:
         ),
         "### CPU backends (batch 1; masks and probabilities against PyTorch's)",
         _table(
-            ["Hiera", "px", "backend", "latency (ms)", "speed-up", "export (s)", "mask Dice", "max probability diff.",
-             "images"],
+            ["Hiera", "px", "backend", "latency (ms; range)", "speed-up", "export (s)", "mask Dice",
+             "max probability diff.", "images"],
             [
-                [r["model_size"], r["image_size"], r["backend"], f"{r['latency_ms']:.1f}", f"{r['speed_up']:.2f}",
+                [r["model_size"], r["image_size"], r["backend"], _with_range(r["latency_ms"], r["latency_samples_ms"], 1),
+                 f"{r['speed_up']:.2f}",
                  f"{r['export_s']:.0f}", f"{r['mask_dice']:.4f}", f"{r['max_probability_difference']:.2e}",
                  r["images"]]
                 for r in report.get("backends", [])
