@@ -309,3 +309,10 @@ def test_the_warnings_about_random_weights_are_quieted():
     finally:
         logging.getLogger().removeHandler(handler)
     assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []
+
+
+def test_variants_take_turns_in_an_order_reversed_every_other_round():
+    variants = {"SAM 2": 1, "unmerged": 2, "merged": 3}
+    assert [name for name, _ in benchmark._in_turns(variants, 0)] == ["SAM 2", "unmerged", "merged"]
+    assert [name for name, _ in benchmark._in_turns(variants, 1)] == ["merged", "unmerged", "SAM 2"]
+    assert benchmark._in_turns(variants, 2) == benchmark._in_turns(variants, 0)

@@ -22,7 +22,8 @@ For each Hiera size and image size asked for, it measures:
   bf16 autocast, TF32 and ``torch.compile`` on the merged network; in training, activation checkpointing on LoRA
   and on full fine-tuning, the others on LoRA. The other parts run without switches.
 
-Every figure is the median over ``--repeats`` runs after ``--warmup`` runs; the JSON report keeps each timed run of
+Every figure is the median over ``--repeats`` runs after ``--warmup`` runs, the variants compared in one part taking
+turns in an order reversed every other round; the JSON report keeps each timed run of
 the inference, backend and training figures (``latency_samples_ms``, ``step_samples_s``), and the Markdown shows
 their range. Each training configuration runs in a
 fresh process, because a process's resident-memory high-water mark never goes down: peak memory is that process's
@@ -51,7 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -175,6 +176,14 @@ def _resolve_device(name: str) -> torch.device:
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _in_turns(variants: Mapping[Any, Any], round_index: int) -> list[tuple[Any, Any]]:
+    """The variants of one timed round, in their order in even rounds and reversed in odd ones: whatever running
+    first or after a given variant costs (a cache filled by the one before, a clock still ramping up) falls on each
+    variant alike instead of always on the first."""
+    items = list(variants.items())
+    return items[::-1] if round_index % 2 else items
 
 
 def _timed(function: Callable[..., Any], device: torch.device, *args: Any) -> float:
@@ -327,7 +336,7 @@ def measure_inference(
     latencies: dict[str, list[float]] = {name: [] for name in variants}
     batch_times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(warmup + repeats):
-        for name, run in variants.items():
+        for name, run in _in_turns(variants, round_index):
             one, many = _timed(run, target, single), _timed(run, target, batch)
             if round_index >= warmup:
                 latencies[name].append(one)
@@ -446,7 +455,7 @@ def measure_backends(
             runs[name] = functools.partial(_call_backend, backend, network)
         latencies: dict[str, list[float]] = {name: [] for name in runs}
         for round_index in range(warmup + repeats):
-            for name, run in runs.items():
+            for name, run in _in_turns(runs, round_index):
                 seconds = _timed(run, device, images[:1])
                 if round_index >= warmup:
                     latencies[name].append(seconds)
@@ -532,7 +541,7 @@ def measure_prompt_modes(
     times: dict[int, list[float]] = {count: [] for count in modes}
     metric_times: dict[int, list[float]] = {count: [] for count in modes}
     for round_index in range(warmup + repeats):
-        for count, inferer in inferers.items():
+        for count, inferer in _in_turns(inferers, round_index):
             outputs: list[torch.Tensor] = []
             elapsed = _timed(infer, target, inferer, outputs)
             scored = _timed(score, target, outputs[0], modes[count])
