@@ -112,7 +112,7 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     ),
     "min_fragment_px": (
         lambda v: is_whole_number(v) and v >= 0,
-        "0 (measure every piece of a vessel mask) or a positive whole number of pixels",
+        "0 (count every piece of a vessel mask) or a positive whole number of pixels",
     ),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
 }

@@ -860,7 +860,8 @@ def measure_structures(
         channel_names: one name per channel.
         fov: ``(H, W)`` field of view (vessels only; the whole picture when None).
         pixel_size_mm: the side of a pixel in millimetres, for the ``*_mm`` and ``*_mm2`` measures.
-        min_fragment_px: pieces of the vessel mask under this many pixels are left out (:func:`vessel_measurements`).
+        min_fragment_px: pieces of the vessel mask under this many pixels are left out of its counts
+            (:func:`vessel_measurements`).
 
     Returns:
         The measures of every measured structure, and ``notes`` joining their notes.

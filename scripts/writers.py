@@ -98,7 +98,8 @@ class SaveFundusPredictiond(MapTransform):
             prediction for a stand-in (its metadata's :data:`scripts.fundus_io.UNREADABLE_KEY` says why the
             photograph could not be read) is not written; its record holds the image's name and that reason.
         pixel_size_mm: the side of a pixel in millimetres, for measures in mm (None: pixels only).
-        min_fragment_px: pieces of a vessel mask under this many pixels are not measured (they are written).
+        min_fragment_px: pieces of a vessel mask under this many pixels are not counted as vessel segments,
+            branch or end points (they are written).
         allow_missing_keys: don't raise for missing keys.
     """
 

@@ -347,7 +347,7 @@ def test_short_segments_do_not_count_towards_tortuosity() -> None:
     vessels[5, 5:10] = True  # a straight 5 px piece
     vessels[10, 20:25] = True
     vessels[11:14, 24] = True  # and an L-shaped 8 px piece that would raise the mean
-    # The short pieces are smaller than the default smallest fragment: measure every piece to see the length rule.
+    # The short pieces are under the default smallest fragment, which the counts leave out: count every piece.
     record = vessel_measurements(vessels, min_length_px=10, min_fragment_px=0)
     assert record["segments"] == 3
     assert record["tortuosity_mean"] == pytest.approx(1.0, abs=1e-9)

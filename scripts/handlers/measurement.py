@@ -199,7 +199,8 @@ class MeasurementAgreement:
         threshold: probabilities ``>= threshold`` are foreground, as for the evaluation's metrics (:mod:`scripts.metrics`).
         quality_threshold: predicted IoU under which an image is flagged.
         pixel_size_mm: the side of a pixel in millimetres (None: pixels only).
-        min_fragment_px: pieces of a vessel mask under this many pixels are not measured, on either side.
+        min_fragment_px: pieces of a vessel mask under this many pixels are not counted as vessel segments,
+            branch or end points, on either side.
         fov_key: the field of view at the image's own size, where the vessel measures are taken.
     """
 
