@@ -1,7 +1,7 @@
 """The quick start segments: trained as the README's ``bash quickstart.sh`` trains it, on its own synthetic data, it
 beats the classical top-hat baseline evaluated on the same test split by the same code.
 
-A real run, and the longest test of the suite (about 14 to 19 minutes on one core of a 2-core CPU, which sets the
+A real run, and the longest test of the suite (about 13 to 21 minutes on one core of a 2-core CPU, which sets the
 suite's length): the quick start stops after ten minutes, which would make this test's outcome depend on the
 machine's speed, so the test trains a fixed number of epochs instead, fewer than those ten minutes give on a quiet
 2-core CPU (24 on a fresh clone of 0.3.19, 17 to 19 before its training reused the memory it frees), and evaluates
