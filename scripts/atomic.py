@@ -1,6 +1,6 @@
 """Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact;
 recognising a written file later by its content (:func:`file_sha256`); and a folder of its own for an earlier run's
-files that a new run moves aside (:func:`new_stamped_folder`).
+files that a new run moves aside (:func:`new_stamped_folder`, :func:`move_aside`).
 
 Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
 and models. A write that fails (a full disk, a folder that cannot be written) raises :class:`OutputError` naming
@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "OutputError",
     "atomic_path",
     "file_sha256",
+    "move_aside",
     "name_while_written",
     "new_stamped_folder",
     "save_torch_atomic",
@@ -177,3 +178,19 @@ def new_stamped_folder(parent: str | os.PathLike) -> Path:
         except FileExistsError:
             number += 1
             folder = Path(parent) / f"{stamp}-{number}"
+
+
+def move_aside(paths: Iterable[Path], parent: str | os.PathLike) -> Path:
+    """Move files into a new folder of ``parent`` named by the time (:func:`new_stamped_folder`), keeping their names.
+
+    Args:
+        paths: the files, each in ``parent``'s file system (a move is a rename).
+        parent: where the new folder goes (created if needed).
+
+    Returns:
+        The folder they went to.
+    """
+    target = new_stamped_folder(parent)
+    for path in paths:
+        path.replace(target / path.name)
+    return target

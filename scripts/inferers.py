@@ -32,6 +32,7 @@ from scripts.atomic import write_json_atomic
 from scripts.engines import unwrap_network
 from scripts.errors import ConfigError, is_real_number
 from scripts.fundus_io import UNREADABLE_KEY
+from scripts.inputs import check_settings
 from scripts.prompts import (
     AUTO_MODES,
     ORACLE_MODES,
@@ -108,12 +109,17 @@ def window_fit(
     return misfit
 
 
-def _file_names(inputs: Any) -> list[str]:
-    """The file names of a batch, from the metadata of its MetaTensor (empty without it)."""
+def _file_paths(inputs: Any) -> list[str]:
+    """The files of a batch, as its MetaTensor's metadata names them (empty without it)."""
     files = getattr(inputs, "meta", {}).get("filename_or_obj", [])
     # One image given without a collated batch (MONAI Label adds the batch axis itself) names one file.
     files = [files] if isinstance(files, (str, os.PathLike)) else files
-    return [Path(str(name)).name for name in files]
+    return [str(path) for path in files]
+
+
+def _file_names(inputs: Any) -> list[str]:
+    """The file names of a batch, from the metadata of its MetaTensor (empty without it)."""
+    return [Path(path).name for path in _file_paths(inputs)]
 
 
 def _stand_ins(inputs: Any) -> list[bool]:
@@ -124,9 +130,13 @@ def _stand_ins(inputs: Any) -> list[bool]:
     return [bool(reason) for reason in reasons] or [False] * len(_file_names(inputs))
 
 
-def _check_prompts_fit(input_mode: str) -> None:
+def _check_prompts_fit(input_mode: str, compiled: bool) -> None:
     if input_mode != "resize":
         raise ConfigError("Prompts need input_mode 'resize': windows are segmented without prompts.")
+    if compiled:
+        # MONAI's engines hand a compiled network's inputs over without their metadata, which names each image
+        # and its size: the prompts could not be told apart. The prompted pass runs uncompiled anyway.
+        raise ConfigError("Prompts need compile false: runs with prompts or prompt modes are not compiled.")
 
 
 class FundusInferer(Inferer):
@@ -158,12 +168,19 @@ class FundusInferer(Inferer):
         backend: runs the prompt-free network instead of PyTorch, called as ``backend(images, network)``, leaving
             SAM's predicted IoU, if it has one, in its ``latest_iou_predictions`` as the network does
             (:func:`scripts.onnx_backend.inference_backend`; None: PyTorch). Prompts need PyTorch.
+        compiled: the engine compiles the network (its ``compile`` setting); prompts need it uncompiled.
+
+    Raises:
+        ConfigError: a setting out of its range, or prompts with a setting they cannot run with (``sliding_window``,
+            a backend other than PyTorch, ``compiled``).
 
     Attributes:
         windows_total: windows of the images seen so far (sliding window).
         windows_computed: those actually computed, the others lying wholly outside the field of view.
         last_iou: SAM's predicted IoU of the latest batch's outputs (B, channels), None for the U-Net head and windows.
-        prompts_used: image file name to mode to the prompt used, in the photograph's pixels.
+        prompts_used: image to mode to the prompt used, in the photograph's pixels; the image by its file name in
+            inference (as prompts files name it), by its path with ``prompt_modes`` (evaluation: pooled datasets may
+            number their photographs alike; ``metrics_per_image.csv`` names it so).
     """
 
     def __init__(
@@ -183,19 +200,24 @@ class FundusInferer(Inferer):
         auto_negative_points: int = 0,
         prompts_file: str | os.PathLike | None = None,
         backend: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.input_mode = check_input_mode(input_mode, pixel_scale)
         if not (is_real_number(overlap) and 0 <= overlap < 1):
             raise ConfigError(f"Setting 'window_overlap' must be in [0, 1); got {overlap!r}.")
+        check_settings(
+            auto_box_margin=auto_box_margin, auto_points=auto_points, auto_negative_points=auto_negative_points
+        )
         self.prompt_modes = check_prompt_modes(prompt_modes)
         if prompt_source not in PROMPT_SOURCES:
             raise ConfigError(f"Setting 'prompt_source' must be one of {', '.join(PROMPT_SOURCES)}; got {prompt_source!r}.")
         self.prompts = dict(prompts or {})
         self.prompt_source = prompt_source
         self.prompted = self.prompt_modes != ["none"] or bool(self.prompts) or prompt_source != "none"
+        self.compiled = compiled
         if self.prompted:
-            _check_prompts_fit(input_mode)
+            _check_prompts_fit(input_mode, compiled)
         if self.prompted and backend is not None:
             raise ConfigError("Prompts need backend 'torch': the onnxruntime export is the prompt-free network alone.")
         self.backend = backend
@@ -227,9 +249,9 @@ class FundusInferer(Inferer):
 
         Raises:
             PromptError: a malformed prompt or coordinates outside the image.
-            ConfigError: windows (``sliding_window``) are segmented without prompts.
+            ConfigError: windows (``sliding_window``) and a compiled network are run without prompts.
         """
-        _check_prompts_fit(self.input_mode)
+        _check_prompts_fit(self.input_mode, self.compiled)
         parsed = {name: parse_prompt(value, f"{source}, image {name}", sizes[name]) for name, value in prompts.items()}
         prompted = copy.copy(self)
         prompted.backend = None  # prompts need the PyTorch network's decoder, whatever runs the automatic task
@@ -305,18 +327,19 @@ class FundusInferer(Inferer):
     ) -> torch.Tensor:
         model = unwrap_network(getattr(network, "_orig_mod", network))
         names = _file_names(inputs)
+        recorded_as = _file_paths(inputs) if self.prompt_modes != ["none"] else names
         sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(inputs.meta["spatial_shape"]).reshape(-1, 2)]
         side = tuple(inputs.shape[-2:])
         embeddings = model.encode_images(inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs)
         free = model.decode(embeddings)
         logits, ious = [], []
-        for index, (name, size, stand_in) in enumerate(zip(names, sizes, _stand_ins(inputs))):
+        for index, (name, record, size, stand_in) in enumerate(zip(names, recorded_as, sizes, _stand_ins(inputs))):
             one = type(embeddings)(
                 embeddings.image_embedding[index : index + 1],
                 None if embeddings.high_res_features is None else tuple(h[index : index + 1] for h in embeddings.high_res_features),
                 embeddings.input_size,
             )
-            used = {} if stand_in else self.prompts_used.setdefault(name, {})
+            used = {} if stand_in else self.prompts_used.setdefault(record, {})
             prompts = self._prompts(self._modes_for(name), name, size, side, free.logits[index], label, fov, index)
             decoded = _decode_prompts_together(model, one, prompts, size, side, inputs.device)
             for mode, prompt in prompts.items():

@@ -24,7 +24,7 @@ from typing import Any
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
-from scripts.atomic import name_while_written
+from scripts.atomic import move_aside, name_while_written
 from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number, user_error
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
@@ -87,6 +87,9 @@ def _names(value: Any) -> bool:
     )
 
 
+AMP_DTYPES = ("bfloat16", "float16")
+"""What ``amp_dtype`` may name: the lower precisions torch's autocast runs in."""
+
 # One rule per setting, with what the message says is expected. Settings not listed here are checked by the component
 # that uses them.
 SETTING_RULES: dict[str, tuple[Any, str]] = {
@@ -115,6 +118,14 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
         "0 (count every piece of a vessel mask) or a positive whole number of pixels",
     ),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
+    "quality_threshold": (lambda v: is_real_number(v) and 0 <= v <= 1, "a predicted IoU between 0 and 1"),
+    "amp_dtype": (lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
+    "auto_box_margin": (
+        lambda v: is_real_number(v) and v >= 0,
+        "0 or a positive fraction of the box's size (0.1 widens each side by a tenth)",
+    ),
+    "auto_points": (_positive_int, "a positive whole number"),
+    "auto_negative_points": (lambda v: is_whole_number(v) and v >= 0, "0 or a positive whole number"),
 }
 
 
@@ -433,7 +444,8 @@ class ImageFolder:
         nifti: whether NIfTI labels are written too.
         overwrite: replace outputs of an earlier run; those of the same images that this run does not write (a
             ``<name>_mask.nii.gz`` when ``nifti`` is off) are removed by :meth:`prepare_output`, since they would
-            disagree with this run's.
+            disagree with this run's, and its reports (:data:`scripts.writers.REPORT_FILES`) are moved to
+            ``earlier_reports/<time>/``: until this run writes its own, they would describe other outputs.
         allow_output_in_dataset_dir: allow the output folder to be the image folder or inside it.
         size_check: given a photograph's ``(height, width)``, why it cannot be segmented, or None
             (:func:`scripts.inferers.window_fit`).
@@ -446,6 +458,7 @@ class ImageFolder:
         unreadable: one line per image left out, with the reason.
         output_dir: the output folder.
         stale: with ``overwrite``, the outputs there of an earlier run for these images that this run does not write.
+        earlier_reports: with ``overwrite``, an earlier run's reports there.
 
     Raises:
         InputError: the folder does not exist, is a file or holds no image, or one of the checks above fails.
@@ -534,6 +547,7 @@ class ImageFolder:
         # What this model writes for these images under another setting (a NIfTI label) and this run does not: left
         # beside the replaced outputs, it would disagree with them.
         self.stale: list[Path] = []
+        self.earlier_reports = [output / name for name in REPORT_FILES if (output / name).is_file()] if overwrite else []
         if overwrite:
             others = {name for image in images for name in output_names(image, channel_names, nifti=True)}
             candidates = [output / name for name in sorted(others - set(planned))]
@@ -565,7 +579,8 @@ class ImageFolder:
             )
 
     def prepare_output(self) -> str:
-        """Create the output folder, once every check has passed, and remove the :attr:`stale` outputs there.
+        """Create the output folder, once every check has passed, remove the :attr:`stale` outputs there and move the
+        :attr:`earlier_reports` aside (moved, not removed: a prompts file given back from there is one).
 
         ``inference.json`` calls this last at start-up, after building the inferer (which reads the prompts file
         against this folder), so a run refused for any of its inputs creates no folder.
@@ -574,9 +589,23 @@ class ImageFolder:
             The output folder.
 
         Raises:
-            InputError: the folder cannot be created or written, or a stale output cannot be removed.
+            InputError: the folder cannot be created or written, or a stale output cannot be removed or an earlier
+                report moved.
         """
         folder = writable_folder(self.output_dir)
+        if self.earlier_reports:
+            try:
+                target = move_aside(self.earlier_reports, Path(folder) / "earlier_reports")
+            except OSError as error:
+                raise InputError(
+                    f"The reports of an earlier run in {folder} cannot be moved aside ({error.strerror or error}): "
+                    "move them yourself, or choose another --output_dir."
+                ) from None
+            # An interrupted run would otherwise leave them beside outputs they do not describe.
+            logger.warning(
+                f"{folder} held an earlier run's reports ({', '.join(p.name for p in self.earlier_reports)}): moved "
+                f"to {target} before this run (--overwrite True) writes its own."
+            )
         for path in self.stale:
             try:
                 path.unlink()

@@ -95,6 +95,13 @@ BAD_SETTINGS = [
     ("channel_names", [], "a non-empty list of distinct names"),
     ("channel_names", ["disc", "disc"], "a non-empty list of distinct names"),
     ("channel_names", "vessels", "a non-empty list of distinct names"),
+    ("quality_threshold", "high", "a predicted IoU between 0 and 1"),
+    ("quality_threshold", 1.2, "a predicted IoU between 0 and 1"),
+    ("amp_dtype", "bf16", "one of bfloat16, float16"),
+    ("auto_box_margin", -0.6, "0 or a positive fraction of the box's size"),
+    ("auto_points", 2.5, "a positive whole number"),
+    ("auto_points", 0, "a positive whole number"),
+    ("auto_negative_points", -1, "0 or a positive whole number"),
 ]
 
 

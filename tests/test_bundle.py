@@ -201,7 +201,12 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     entry = json.loads(datalists["disc_cup"].read_text())["test"][0]
     name = Path(entry["image"]).name
     disc = np.asarray(Image.open(data / entry["label"][0])) > 127
-    used = json.loads((output / "prompts.json").read_text())["images"][name]
+    recorded = json.loads((output / "prompts.json").read_text())["images"]
+    # Under each image's path, as metrics_per_image.csv names it: pooled datasets may number photographs alike.
+    with open(output / "metrics_per_image.csv", newline="") as table:
+        assert set(recorded) == {row["filename"] for row in csv.DictReader(table)}
+    [path] = [path for path in recorded if Path(path).name == name]
+    used = recorded[path]
     assert set(used) == set(modes)
     assert used["none"] == {"points": []}
     rows, cols = np.nonzero(disc)
@@ -226,7 +231,7 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     assert "disc/fov/dice" in json.loads((output / "metrics_summary.json").read_text())["summary"]["all"]["metrics"]
     [earlier] = (output / "earlier_evaluations").iterdir()
     assert sorted(path.name for path in earlier.iterdir()) == written
-    assert json.loads((earlier / "prompts.json").read_text())["images"][name]["box"] == used["box"]
+    assert json.loads((earlier / "prompts.json").read_text())["images"][path]["box"] == used["box"]
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +471,18 @@ def infer(model: Path, images: Path, output: Path, **settings) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["output inside the images", "no image", "no folder", "bad prompts file", "a setting the model contradicts"]
+    "case",
+    [
+        "output inside the images",
+        "no image",
+        "no folder",
+        "bad prompts file",
+        "a setting the model contradicts",
+        "prompts with compile",
+        "negative points below 0",
+        "a word for the quality threshold",
+        "an autocast type torch lacks",
+    ],
 )
 def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     """Every input is checked before the output folder is made: a refused run leaves no folder behind, least of all
@@ -477,7 +493,7 @@ def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     prompts.write_text(json.dumps({"other.png": {"box": [1, 1, 5, 5]}}))
     if case != "no folder":
         images.mkdir()
-    if case in ("output inside the images", "bad prompts file", "a setting the model contradicts"):
+    if case not in ("no image", "no folder"):
         photograph(images / "eye.png")
     settings, expected = {
         "output inside the images": ({"output_dir": str(images / "sub")}, "is the image folder"),
@@ -485,6 +501,13 @@ def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
         "no folder": ({}, "does not exist"),
         "bad prompts file": ({"prompts_file": str(prompts)}, "not in the image folder, e.g. 'other.png'"),
         "a setting the model contradicts": ({"image_size": 128}, "image_size: trained with 64, this run sets 128"),
+        "prompts with compile": ({"prompt_source": "auto_box", "compile": True}, "Prompts need compile false"),
+        "negative points below 0": (
+            {"prompt_source": "auto_points", "auto_negative_points": -1},
+            "Setting 'auto_negative_points' must be 0 or a positive whole number; got -1.",
+        ),
+        "a word for the quality threshold": ({"quality_threshold": "high"}, "Setting 'quality_threshold'"),
+        "an autocast type torch lacks": ({"amp_dtype": "bf16"}, "Setting 'amp_dtype' must be one of bfloat16"),
     }[case]
     before = sorted(tmp_path.rglob("*"))
     error = run_in_process(
@@ -494,8 +517,12 @@ def test_a_refused_inference_creates_no_output_folder(tmp_path, case):
     assert sorted(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("case", ["an empty test list", "a setting the model contradicts"])
+@pytest.mark.parametrize(
+    "case", ["an empty test list", "a setting the model contradicts", "prompt modes with compile"]
+)
 def test_a_refused_evaluation_creates_no_output_folder(tmp_path, case):
+    """A refused evaluation creates no folder, and into a folder of an earlier evaluation it moves nothing aside: the
+    inferer's settings are checked before either, as the data's and the network's are."""
     model = write_model_file(tmp_path / "model.pt")
     datalist = tmp_path / "datalist.json"
     if case == "an empty test list":
@@ -503,11 +530,19 @@ def test_a_refused_evaluation_creates_no_output_folder(tmp_path, case):
         settings, expected = {}, "'test' list is empty"
     else:
         datalist = write_dataset(tmp_path / "data", count=3, size=96, seed=4)["vessels"]
-        settings, expected = {"image_size": 128}, "image_size: trained with 64, this run sets 128"
+        settings, expected = {
+            "a setting the model contradicts": ({"image_size": 128}, "image_size: trained with 64, this run sets 128"),
+            "prompt modes with compile": ({"prompt_modes": ["none", "box"], "compile": True}, "need compile false"),
+        }[case]
+    output = tmp_path / "eval"
+    if case == "prompt modes with compile":
+        output.mkdir()
+        (output / "metrics_summary.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
     error = run_in_process("evaluating", [TRAIN, EVALUATE], datalist=str(datalist), ckpt_path=str(model),
-                           output_dir=str(tmp_path / "eval"), num_workers=0, **settings)
+                           output_dir=str(output), num_workers=0, **settings)
     assert expected in str(error)
-    assert not (tmp_path / "eval").exists()
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_batch_larger_than_the_training_split_is_warned_about_at_start_up(tmp_path, capsys):
@@ -557,6 +592,12 @@ def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tmp_path, capsys, 
     report = (output / "report.html").read_text()
     for setting in ("<th>write_nifti</th><td>False", "<th>backend</th><td>torch", "<th>onnx_int8</th><td>False"):
         assert setting in report, setting
+    # The first run's reports are kept aside, moved before the second wrote anything: stopped halfway, the second
+    # would otherwise have left them beside masks they do not describe.
+    [earlier] = (output / "earlier_reports").iterdir()
+    assert sorted(path.name for path in earlier.iterdir()) == ["measurements.csv", "prompts_used.json", "report.html"]
+    assert "write_nifti</th><td>True" in (earlier / "report.html").read_text()
+    assert json.loads((earlier / "prompts_used.json").read_text())["images"]["a.png"]["given"]["box"] == [5, 5, 40, 30]
 
 
 def test_a_runs_record_of_its_prompts_repeats_its_given_prompts(tmp_path):

@@ -160,3 +160,16 @@ def test_bad_settings_are_named():
         FundusInferer("sliding_window", overlap=1.0)
     with pytest.raises(ConfigError, match="Prompts need input_mode 'resize'"):
         FundusInferer("sliding_window", prompt_modes=["box"])
+    with pytest.raises(ConfigError, match="Setting 'auto_negative_points' must be 0 or a positive whole number"):
+        FundusInferer(prompt_source="auto_points", auto_negative_points=-1)
+
+
+def test_prompts_are_refused_with_a_compiled_network():
+    """MONAI's engines pass a compiled network's images on without the metadata naming each image and its size,
+    which prompts are matched and mapped by: refused when built, not an AttributeError at the first image."""
+    for prompted in ({"prompt_modes": ["none", "box"]}, {"prompt_source": "auto_box"}):
+        with pytest.raises(ConfigError, match="Prompts need compile false"):
+            FundusInferer(compiled=True, **prompted)
+    automatic = FundusInferer(compiled=True)  # prompt-free: compiled runs are welcome
+    with pytest.raises(ConfigError, match="Prompts need compile false"):
+        automatic.with_prompts({"eye.png": {"box": [1, 1, 5, 5]}}, {"eye.png": (16, 16)}, "a click")

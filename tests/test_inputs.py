@@ -188,10 +188,15 @@ def test_overwrite_removes_only_the_outputs_of_these_images_this_run_does_not_wr
     folder = ImageFolder(images, output, overwrite=True)
     assert folder.stale == [output / "eye_mask.nii.gz"]
     assert (output / "eye_mask.nii.gz").exists(), "checking removes nothing"
+    assert folder.earlier_reports == [output / "prompts_used.json"]
     with caplog.at_level("INFO", logger="scripts.inputs"):
         folder.prepare_output()
     assert "Removed 1 outputs of an earlier run" in caplog.text and "eye_mask.nii.gz" in caplog.text
-    assert sorted(path.name for path in output.iterdir()) == sorted(set(earlier + others) - {"eye_mask.nii.gz"})
+    assert "held an earlier run's reports (prompts_used.json): moved to" in caplog.text
+    kept = sorted(set(earlier + others) - {"eye_mask.nii.gz", "prompts_used.json"})
+    assert sorted(path.name for path in output.iterdir()) == sorted([*kept, "earlier_reports"])
+    [aside] = (output / "earlier_reports").iterdir()
+    assert (aside / "prompts_used.json").read_bytes() == b"earlier"
 
 
 def test_writable_folder(tmp_path):

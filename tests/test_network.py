@@ -521,6 +521,23 @@ def test_all_eight_prompt_modes_decoded_together_equal_one_call_per_mode(fresh):
     assert calls == [1, 7, 7]
 
 
+def test_an_evaluations_record_keeps_the_prompts_of_photographs_that_share_a_file_name(fresh):
+    """Pooled datasets number their photographs alike (two clinics' 01.png): evaluation records each image's
+    prompts under its path, as metrics_per_image.csv names it, so the second does not replace the first's."""
+    height, width = 50, 70
+    paths = ["/data/DRIVE/images/01.png", "/data/CHASE/images/01.png"]
+    images = MetaTensor(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE),
+                        meta={"filename_or_obj": paths, "spatial_shape": torch.tensor([[height, width]] * 2)})
+    label = torch.zeros(2, 1, height, width)
+    label[0, 0, 10:30, 20:50] = 1
+    label[1, 0, 25:45, 5:30] = 1
+    inferer = FundusInferer(image_size=IMAGE_SIZE, prompt_modes=["none", "box"])
+    with torch.no_grad():
+        inferer(images, fresh.eval(), label=label)
+    assert inferer.prompts_used[paths[0]]["box"]["box"] == [20, 10, 49, 29]
+    assert inferer.prompts_used[paths[1]]["box"]["box"] == [5, 25, 29, 44]
+
+
 def test_automatic_prompts_of_each_image_get_that_images_field_of_view(fresh, monkeypatch):
     """Automatic negative points go inside the field of view, not into the photograph's black border."""
     from scripts import inferers

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
-from scripts.atomic import new_stamped_folder
+from scripts.atomic import move_aside
 from scripts.metrics import (
     FOV_SOURCES,
     METRICS,
@@ -65,9 +65,7 @@ def keep_earlier_evaluation(output_dir: str | os.PathLike) -> Path | None:
     found = sorted({path for pattern in EVALUATION_OUTPUTS for path in output_dir.glob(pattern) if path.is_file()})
     if not found:
         return None
-    target = new_stamped_folder(output_dir / "earlier_evaluations")
-    for path in found:
-        path.replace(target / path.name)
+    target = move_aside(found, output_dir / "earlier_evaluations")
     logger.warning(
         f"{output_dir} held an earlier evaluation's reports ({', '.join(path.name for path in found)}): moved to "
         f"{target} before this evaluation writes its own."
