@@ -111,7 +111,7 @@ def thumbnail_png(image: np.ndarray, max_side: int = 256) -> bytes:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3) or 0 in image.shape:
         raise ValueError(f"expected an (H, W) or (H, W, 3) picture, got shape {image.shape}")
     if np.issubdtype(image.dtype, np.floating):
-        image = np.rint(np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0).astype(np.uint8)
+        image = np.round(np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 or float [0, 1] picture, got dtype {image.dtype}")
     picture = Image.fromarray(np.ascontiguousarray(image))

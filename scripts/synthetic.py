@@ -430,7 +430,7 @@ def render_fundus(size: int = 512, seed: int = 0, index: int = 0) -> SyntheticFu
     fov = from_center <= 1.0
     disc = disc_radius <= 1.0
     return SyntheticFundus(
-        image=np.rint(picture * 255.0).astype(np.uint8),
+        image=np.round(picture * 255.0).astype(np.uint8),
         vessels=vessels & fov,
         disc=disc,
         cup=(cup_radius <= 1.0) & disc,

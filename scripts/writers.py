@@ -177,7 +177,7 @@ class SaveFundusPredictiond(MapTransform):
         masks = binarise(probabilities, self.threshold)
         labels = label_map(masks)
         mask_file, *probability_files, overlay_file = output_names(source, self.channel_names)
-        write_png(self.output_dir / mask_file, np.rint(labels * (255 / len(self.channel_names))).astype(np.uint8))
+        write_png(self.output_dir / mask_file, np.round(labels * (255 / len(self.channel_names))).astype(np.uint8))
         for name, channel in zip(probability_files, probabilities):
             write_png(self.output_dir / name, np.clip(channel, 0, 1))
         # A photograph barely compresses: zlib's level 1 writes an overlay 3.3 x (DRIVE) to 4.7 x (3504 x 2336)

@@ -400,7 +400,7 @@ def _agreement_images(image_size: int, drive_dir: str | None, count: int = 4) ->
     if drive_dir:
         files = _drive_photographs(drive_dir, count)
         # read_image reads what the bundle reads (gzipped, 16-bit...) or names the file it cannot; PIL resizes 8 bits.
-        pictures = [Image.fromarray(np.rint(read_image(path) * 255).astype(np.uint8)) for path in files]
+        pictures = [Image.fromarray(np.round(read_image(path) * 255).astype(np.uint8)) for path in files]
         source = f"DRIVE test images {', '.join(path.name for path in files)}"
     else:
         pictures = [Image.fromarray(render_fundus(512, index=index).image) for index in range(count)]
