@@ -64,6 +64,8 @@ WINDOWS_PATH = re.compile(r"\\|(^|/)[A-Za-z]:/")
 """A backslash, or a drive letter (``C:/``), in a datalist path as resolved: a datalist written on Windows."""
 # The smallest picture accepted as a photograph: Hiera's patches are 4 pixels and a field of view needs a border.
 MIN_IMAGE_SIDE = 32
+EARLIER_REPORTS_FOLDER = "earlier_reports"
+"""The subfolder of the output folder that ``--overwrite True`` moves an earlier run's reports into."""
 
 
 class InputError(FundusError, ValueError):
@@ -494,6 +496,7 @@ class ImageFolder:
         considered = {Path(file).name for file in files}
         considered |= {name for file in files for name in output_names(file, channel_names, nifti=True)}
         considered |= {output.name} if output.resolve().parent == folder.resolve() else set()
+        considered |= {EARLIER_REPORTS_FOLDER} if output.resolve() == folder.resolve() else set()
         passed_over = _passed_over(folder, considered)
         if not images:
             there = f"; it holds {_first_few(passed_over)}" if passed_over else ""
@@ -595,7 +598,7 @@ class ImageFolder:
         folder = writable_folder(self.output_dir)
         if self.earlier_reports:
             try:
-                target = move_aside(self.earlier_reports, Path(folder) / "earlier_reports")
+                target = move_aside(self.earlier_reports, Path(folder) / EARLIER_REPORTS_FOLDER)
             except OSError as error:
                 raise InputError(
                     f"The reports of an earlier run in {folder} cannot be moved aside ({error.strerror or error}): "

@@ -118,6 +118,11 @@ def test_image_folder_lists_the_images_sorted(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="scripts.inputs"):
         ImageFolder(images, images / "out", allow_output_in_dataset_dir=True, overwrite=True)
     assert "Passed over 3 entries" in caplog.text and "a_mask.nii.gz" not in caplog.text and "out/" not in caplog.text
+    caplog.clear()
+    (images / "earlier_reports").mkdir()  # where --overwrite moved an earlier run's reports, the output folder here
+    with caplog.at_level("WARNING", logger="scripts.inputs"):
+        ImageFolder(images, images, allow_output_in_dataset_dir=True, overwrite=True)
+    assert "Passed over 4 entries" in caplog.text and "earlier_reports/" not in caplog.text and "out/" in caplog.text
     empty = tmp_path / "empty"
     (empty / "patient1").mkdir(parents=True)
     with pytest.raises(InputError, match=f"{empty} holds no image .*; it holds patient1/ \\(subfolders are not"):
