@@ -21,6 +21,7 @@ from scripts.fundus_io import read_label_mask, read_mask
 from tools.datasets import (
     DatasetError,
     decode_binary_masks,
+    decode_contour_files,
     decode_labelme_json,
     folder_description,
     get_description,
@@ -900,6 +901,37 @@ def test_labelme_size_and_format_errors(tmp_path: Path) -> None:
     (src / "image_1.json").write_text('{"shapes": [{"label": "disc", "points": [[1, 2], [3')  # truncated
     with pytest.raises(DatasetError, match=r"cannot read labelme annotation .*image_1.json"):
         prepare_dataset("G1020", src, tmp_path / "x.json")
+
+
+def test_malformed_labelme_shapes_leave_their_case_out_naming_the_file_and_the_others_are_prepared(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "G1020"
+    disc = {"label": "disc", "points": _rectangle(10, 8, 40, 30)}
+    malformed = {
+        "not_an_object": (["disc"], 'shape 1 is "disc", not an object'),
+        "ragged": ([{"label": "disc", "points": [[10, 8], [40], [40, 30]]}], "has a point [40] that is not an [x, y]"),
+        "text": ([{"label": "OD", "points": [["a", 8], [40, 8], [40, 30]]}], "shape 'od' has a point [\"a\", 8]"),
+        "nan": ([{"label": "disc", "points": [[float("nan"), 8], [40, 8], [40, 30]]}], "not finite (NaN or infinite)"),
+        "infinite": ([disc, {"label": "cup", "points": [[20, 12], [1e999, 12], [30, 22]]}], "not finite"),
+        "no_points": ([{"label": "disc"}], "shape 'disc' has no 'points'"),
+        "points_null": ([{"label": "disc", "points": None}], "the 'points' of shape 'disc' are null, not a list"),
+    }
+    for name, (shapes, _) in [*((f"good_{n}", ([disc], "")) for n in range(8)), *malformed.items()]:
+        _save(src / f"{name}.png", _photo(len(name)))
+        # json.dumps writes NaN and Infinity, as some tools exporting labelme files do; Python's parser reads them.
+        (src / f"{name}.json").write_text(json.dumps({"shapes": shapes, "imageHeight": HEIGHT, "imageWidth": WIDTH}))
+    datalist = prepare_dataset("G1020", src, tmp_path / "out.json", seed=1)
+    assert sorted(entry["case"] for entry in _entries(datalist)) == [f"good_{n}" for n in range(8)]
+    reasons = {item["case"]: item["reason"] for item in datalist["left_out"]}
+    assert sorted(reasons) == sorted(malformed)
+    for name, (_, expected) in malformed.items():
+        assert reasons[name].startswith(f"{src / name}.json: ") and expected in reasons[name], reasons[name]
+    # Contour files are rasterised by the same rule: a NaN point is named, not an empty mask.
+    contour = tmp_path / "disc.txt"
+    contour.write_text("10 8\nnan 8\n40 30\n")
+    with pytest.raises(DatasetError, match=f"{re.escape(str(contour))}: a polygon has a point that is not finite"):
+        decode_contour_files([contour], (HEIGHT, WIDTH))
 
 
 def test_json_files_that_are_not_labelme_annotations_are_passed_over(tmp_path: Path, caplog) -> None:

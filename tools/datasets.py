@@ -319,9 +319,19 @@ def decode_origa_mat(files: Sequence[Path], shape: tuple[int, int]) -> list[np.n
 
 
 def _rasterise(points: np.ndarray, shape: tuple[int, int], source: Path) -> np.ndarray:
-    """Fill a polygon given as ``(N, 2)`` x, y points into a bool mask of ``shape``."""
+    """Fill a polygon given as ``(N, 2)`` x, y points into a bool mask of ``shape``.
+
+    Raises:
+        DatasetError: when there are fewer than 3 points, or a coordinate is not finite (NaN or infinite, which
+            both JSON and text files can hold: the polygon would fill nothing, silently).
+    """
     if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
         raise DatasetError(f"{source}: a polygon needs at least 3 (x, y) points, got an array of shape {points.shape}")
+    if not np.isfinite(points).all():
+        bad = points[~np.isfinite(points).all(axis=1)][0]
+        raise DatasetError(
+            f"{source}: a polygon has a point that is not finite (NaN or infinite): ({bad[0]:g}, {bad[1]:g})"
+        )
     mask = np.zeros(shape, dtype=bool)
     rows, cols = fill_polygon(points[:, 1], points[:, 0], shape=shape)
     mask[rows, cols] = True
@@ -452,6 +462,43 @@ def labelme_image_path(path: Path) -> str | None:
     return image_path.replace("\\", "/") if isinstance(image_path, str) and image_path else None
 
 
+_EXCERPT_LENGTH = 60
+"""How much of a malformed JSON value an error quotes: enough to recognise it, not a whole embedded list."""
+
+
+def _excerpt(value: object) -> str:
+    """A JSON value as the file writes it, cut to :data:`_EXCERPT_LENGTH` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= _EXCERPT_LENGTH else text[: _EXCERPT_LENGTH - 3] + "..."
+
+
+def _labelme_points(item: Mapping[str, object], label: str, path: Path) -> np.ndarray:
+    """The ``(N, 2)`` x, y points of a labelme shape, checked to be a list of ``[x, y]`` pairs of numbers.
+
+    Checked here, naming the shape, because numpy would otherwise fail on a ragged list with an error that names
+    neither the file nor the shape, and read ``"12"`` as a number. Too few points and non-finite ones are
+    :func:`_rasterise`'s to refuse, for every polygon source alike.
+
+    Raises:
+        DatasetError: when ``points`` is missing, not a list, or holds something other than a pair of numbers.
+    """
+    if "points" not in item:
+        raise DatasetError(f"{path}: shape {label!r} has no 'points'")
+    points = item["points"]
+    if not isinstance(points, list):
+        raise DatasetError(
+            f"{path}: the 'points' of shape {label!r} are {_excerpt(points)}, not a list of [x, y] pairs"
+        )
+    for point in points:
+        pair = isinstance(point, list) and len(point) == 2
+        # bool is an int to Python, but true/false is no coordinate.
+        if not pair or not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in point):
+            raise DatasetError(
+                f"{path}: shape {label!r} has a point {_excerpt(point)} that is not an [x, y] pair of numbers"
+            )
+    return np.array(points, dtype=np.float64).reshape(-1, 2)
+
+
 def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[np.ndarray]:
     """Rasterise the disc and cup polygons of a labelme annotation (G1020, GRAPE).
 
@@ -467,8 +514,9 @@ def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[n
         ``[disc, cup]`` bool masks.
 
     Raises:
-        DatasetError: when the file is not labelme JSON, its recorded image size differs from the image, or a disc or
-            cup shape is not a polygon.
+        DatasetError: when the file is not labelme JSON, a shape is not a JSON object, its recorded image size
+            differs from the image, or a disc or cup shape is not a polygon of at least 3 [x, y] pairs of finite
+            numbers (shapes of other labels are not read).
     """
     (path,) = files
     content = _load_labelme(path)
@@ -480,7 +528,11 @@ def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[n
         )
     disc = np.zeros(shape, dtype=bool)
     cup = np.zeros(shape, dtype=bool)
-    for item in content["shapes"]:
+    for number, item in enumerate(content["shapes"], 1):
+        if not isinstance(item, dict):
+            raise DatasetError(
+                f"{path}: shape {number} is {_excerpt(item)}, not an object with a 'label' and 'points'"
+            )
         label = str(item.get("label", "")).strip().lower()
         target = disc if label in _DISC_LABELS else cup if label in _CUP_LABELS else None
         if target is None:
@@ -488,7 +540,7 @@ def decode_labelme_json(files: Sequence[Path], shape: tuple[int, int]) -> list[n
         shape_type = item.get("shape_type") or "polygon"
         if shape_type != "polygon":
             raise DatasetError(f"{path}: shape {label!r} is a {shape_type!r}; only polygons are supported")
-        target |= _rasterise(np.asarray(item.get("points", []), dtype=np.float64), shape, path)
+        target |= _rasterise(_labelme_points(item, label, path), shape, path)
     if not disc.any():
         labels = sorted({str(item.get("label", "")) for item in content["shapes"]})
         logger.warning(
