@@ -755,6 +755,15 @@ def test_split_argument_errors(drive_tree: Path, chase_tree: Path) -> None:
         split_cases(description, cases, "auto", test_fraction=0.3)
     with pytest.raises(DatasetError, match=r"--val-fraction must be in \[0, 1\), got 1.5"):
         split_cases(description, cases, val_fraction=1.5)
+    # From Python, settings of other types are named too, not a TypeError (or, for a seed of None, a draw that no
+    # recorded seed repeats).
+    for seed in (-1, 1.5, "3", True, None):
+        with pytest.raises(DatasetError, match=re.escape(f"--seed must be a non-negative integer, got {seed!r}")):
+            split_cases(description, cases, "seeded", seed=seed)
+    with pytest.raises(DatasetError, match=r"--val-fraction must be in \[0, 1\), got None"):
+        split_cases(description, cases, val_fraction=None)
+    with pytest.raises(DatasetError, match=r"--test-fraction must be in \(0, 1\), got '0.3'"):
+        split_cases(description, cases, "seeded", test_fraction="0.3")
     stare = get_description("STARE")
     with pytest.raises(DatasetError, match="STARE has no official split"):
         split_cases(stare, cases, "official")
@@ -764,6 +773,18 @@ def test_split_argument_errors(drive_tree: Path, chase_tree: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_a_seed_that_is_not_a_non_negative_integer_is_an_argument_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = ["--dataset", "folder", "--src", str(tmp_path), "--output", str(tmp_path / "x.json")]
+    for seed, shown in (("-1", "-1"), ("1.5", "'1.5'")):
+        with pytest.raises(SystemExit) as stopped:
+            main([*arguments, "--seed", seed])
+        assert stopped.value.code == 2
+        assert f"error: argument --seed: must be a non-negative integer, got {shown}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_src(tmp_path: Path) -> None:

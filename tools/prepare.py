@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.atomic import write_json_atomic
-from scripts.errors import FundusError, command_line
+from scripts.errors import FundusError, command_line, is_real_number, is_whole_number
 from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
 from scripts.metrics import FOV_SOURCES
 from tools.datasets import (
@@ -515,6 +515,12 @@ def _official_parts(description: DatasetDescription, cases: Sequence[Case]) -> d
     return parts
 
 
+def _seed_problem(seed: object) -> str | None:
+    """What is wrong with a seed of the random draws, or None: numpy's ``SeedSequence`` takes non-negative integers
+    only, and None would draw from fresh entropy, a split no seed recorded can repeat."""
+    return None if is_whole_number(seed) and seed >= 0 else f"must be a non-negative integer, got {seed!r}"
+
+
 def split_cases(
     description: DatasetDescription,
     cases: Sequence[Case],
@@ -536,7 +542,7 @@ def split_cases(
         description: the dataset's description.
         cases: the dataset's cases, as returned by :func:`find_cases`.
         method: ``auto`` (official where the dataset has a split, seeded otherwise), ``official`` or ``seeded``.
-        seed: seed of the random draws.
+        seed: seed of the random draws, a non-negative integer.
         test_fraction: seeded test fraction; None for the dataset's default (SAM2LoRA's: 0.27 or 0.25).
         val_fraction: fraction of the training pool used for validation, in ``[0, 1)``.
         patient_pattern: regular expression whose group ``patient`` names the person in a case id (see
@@ -546,16 +552,20 @@ def split_cases(
         the cases per split (natural order), and the split's provenance for the datalist.
 
     Raises:
-        DatasetError: for an invalid method, fraction or patient pattern, an official split the dataset does not
-            have, or too few cases or people.
+        DatasetError: for an invalid method, seed, fraction or patient pattern, an official split the dataset does
+            not have, or too few cases or people.
     """
     if method not in SPLIT_METHODS:
         raise DatasetError(f"unknown split method {method!r}: expected one of {', '.join(SPLIT_METHODS)}")
+    seed_problem = _seed_problem(seed)
+    if seed_problem:
+        raise DatasetError(f"--seed {seed_problem}")
     rule = description.official_split
     if method == "auto":
         method = "official" if rule is not None else "seeded"
-    if not 0 <= val_fraction < 1:
-        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    # is_real_number first: a fraction given as text or None (from Python) would fail the comparison with a TypeError.
+    if not is_real_number(val_fraction) or not 0 <= val_fraction < 1:
+        raise DatasetError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
     if method == "official" and rule is None:
         raise DatasetError(f"{description.name} has no official split: use --split seeded")
     if method == "official" and test_fraction is not None:
@@ -564,8 +574,8 @@ def split_cases(
         )
     if test_fraction is None:
         test_fraction = description.test_fraction if method == "seeded" else None
-    if test_fraction is not None and not 0 < test_fraction < 1:
-        raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if test_fraction is not None and not (is_real_number(test_fraction) and 0 < test_fraction < 1):
+        raise DatasetError(f"--test-fraction must be in (0, 1), got {test_fraction!r}")
     setting = f"{description.name}'s patient pattern" if patient_pattern is None else "--patient-pattern"
     if patient_pattern is None:
         patient_pattern = description.patient_pattern
@@ -973,6 +983,18 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
     return pooled
 
 
+def _seed_option(text: str) -> int:
+    """``--seed``'s value, refused by argparse (naming the option, exit status 2) where :func:`_seed_problem` says."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(_seed_problem(text)) from None
+    problem = _seed_problem(seed)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return seed
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -990,7 +1012,9 @@ def _parser() -> argparse.ArgumentParser:
         "--split", default="auto", help="auto (default: official/conventional where the dataset has one, else seeded), "
         "official, or seeded",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits (default 0)")
+    parser.add_argument(
+        "--seed", type=_seed_option, default=0, help="seed of the random splits, a non-negative integer (default 0)"
+    )
     parser.add_argument("--test-fraction", type=float, help="test fraction of a seeded split (default: 0.27 or 0.25)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the training pool")
     parser.add_argument(
