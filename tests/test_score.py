@@ -173,6 +173,15 @@ def test_disc_and_cup_predictions_are_found_by_channel(tmp_path: Path):
     [
         ({"pattern": "prediction.png"}, re.escape("has no {stem}: every photograph would read the same file")),
         ({"pattern": "{stem}_{colour}.png"}, re.escape("cannot be filled: use {stem} and {channel} only")),
+        # Fields that would fail on the first photograph (AttributeError, TypeError) or name files no method writes.
+        ({"pattern": "{stem.suffix}.png"}, re.escape("'{stem.suffix}.png' cannot be filled: use {stem} and {channel} "
+                                                     "only, as they are, not {stem.suffix}")),
+        ({"pattern": "{stem[a]}.png"}, re.escape("only, as they are, not {stem[a]}")),
+        ({"pattern": "{stem!r}.png"}, re.escape("only, as they are, not {stem!r}")),
+        ({"pattern": "{stem}_{channel:>8}.png", "channel_names": ["disc", "cup"]}, re.escape("not {channel:>8}")),
+        ({"pattern": "{stem}_{channel.upper}.png", "channel_names": ["disc", "cup"]}, re.escape("not {channel.upper}")),
+        ({"pattern": "{{stem}}.png"}, re.escape("'{{stem}}.png' has no {stem}")),  # a literal {stem}, no field
+        ({"pattern": "{stem}}.png"}, re.escape("(Single '}' encountered in format string)")),
         ({"pattern": "{stem}.png", "channel_names": ["disc", "cup"]}, re.escape("has no {channel}")),
         ({"threshold": 1.0}, re.escape("--threshold 1 is outside (0, 1)")),
         ({"pattern": "{stem}.tif"}, r"no prediction in .* could be scored against the 2 images of split 'test'"),

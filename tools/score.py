@@ -28,6 +28,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import numpy as np
@@ -66,24 +67,41 @@ def prediction_paths(image: str | Path, folder: Path, channel_names: Sequence[st
     return [folder / pattern.format(stem=stem, channel=channel) for channel in channel_names]
 
 
+_PATTERN_FIELDS = ("stem", "channel")
+"""The fields a ``--pattern`` may hold, each as it is: ``{stem}``, ``{channel}``."""
+
+
 def check_pattern(pattern: str | None, channel_names: Sequence[str]) -> None:
     """Refuse a ``--pattern`` that cannot name each photograph's (and each channel's) prediction apart.
 
+    The pattern's fields are read as ``str.format`` reads them, and each must be a bare ``{stem}`` or ``{channel}``:
+    an attribute or index (``{stem.suffix}``, ``{stem[0]}``) would fail on the first photograph, and a conversion or
+    format (``{stem!r}``, ``{channel:>8}``) would name files no method writes (quoted, padded).
+
     Raises:
-        ConfigError: the pattern lacks ``{stem}``, lacks ``{channel}`` for several channels, or holds another field.
+        ConfigError: the pattern is not a well-formed ``str.format`` string, holds any other field, lacks ``{stem}``,
+            or lacks ``{channel}`` for several channels.
     """
     if pattern is None:
         return
     try:
-        names = {pattern.format(stem="a", channel=channel) for channel in channel_names}
-    except (KeyError, IndexError, ValueError) as error:
+        fields = [
+            (name, conversion, spec) for _, name, spec, conversion in Formatter().parse(pattern) if name is not None
+        ]
+    except ValueError as error:
         raise ConfigError(
-            f"--pattern {pattern!r} cannot be filled: use {{stem}} and {{channel}} only ({type(error).__name__}: "
-            f"{error})"
+            f"--pattern {pattern!r} cannot be filled: use {{stem}} and {{channel}} only ({error})"
         ) from None
-    if "{stem}" not in pattern:
+    for name, conversion, spec in fields:
+        if name not in _PATTERN_FIELDS or conversion or spec:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(
+                f"--pattern {pattern!r} cannot be filled: use {{stem}} and {{channel}} only, as they are, not {field}"
+            )
+    names = {name for name, _, _ in fields}
+    if "stem" not in names:
         raise ConfigError(f"--pattern {pattern!r} has no {{stem}}: every photograph would read the same file")
-    if len(names) < len(channel_names):
+    if len(channel_names) > 1 and "channel" not in names:
         raise ConfigError(
             f"--pattern {pattern!r} has no {{channel}}: the channels {list(channel_names)} would share one file"
         )
