@@ -168,6 +168,30 @@ def test_disc_and_cup_predictions_are_found_by_channel(tmp_path: Path):
     assert "cup/fov/cldice" not in rows["eye0_image.png"]
 
 
+def test_channels_of_another_size_are_named_with_both_sizes_and_left_out(tmp_path: Path):
+    """A disc map and a cup map of different sizes: before 0.3.22 numpy's stacking stopped the run with a traceback."""
+    cases = []
+    for index in range(2):
+        case = _case(tmp_path, f"eye{index}", index)
+        cases.append({**case, "label": [case["fov"], case["fov"]]})
+        disc = read_label_mask(tmp_path / case["fov"])
+        write_png(tmp_path / "predictions" / f"eye{index}_image_disc.png", disc)
+        write_png(tmp_path / "predictions" / f"eye{index}_image_cup.png", disc[::2] if index == 0 else disc)
+    datalist = tmp_path / "disc_cup.json"
+    datalist.write_text(json.dumps({"test": cases}))
+
+    result = score_predictions(datalist, tmp_path / "predictions", tmp_path / "scores", channel_names=["disc", "cup"],
+                               pattern="{stem}_{channel}.png")
+
+    cup, photograph = tmp_path / "predictions" / "eye0_image_cup.png", tmp_path / "eye0_image.png"
+    why = (
+        f"prediction {cup} is 96x48 but photograph {photograph} is 96x96: predictions are scored at the photograph's "
+        "own size"
+    )
+    assert list(result["left_out"].values()) == [why]
+    assert set(_per_image(tmp_path / "scores")) == {"eye1_image.png"}
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

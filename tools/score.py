@@ -169,14 +169,20 @@ def _score_entry(
     entry: dict[str, Any], paths: list[Path], channel_names: Sequence[str], threshold: float, topology: bool
 ) -> tuple[dict[str, Any], bool]:
     """The entry's metrics record, and whether its prediction is binary (every channel holds two values at most)."""
-    probabilities = np.stack([read_probability_map(path) for path in paths])
     label, fov = _reference(entry)
-    if probabilities.shape != label.shape:
-        height, width = label.shape[1:]
-        raise FundusImageError(
-            f"prediction {paths[0]} is {probabilities.shape[2]}x{probabilities.shape[1]} but photograph "
-            f"{entry['image']} is {width}x{height}: predictions are scored at the photograph's own size"
-        )
+    height, width = label.shape[1:]  # the photograph's: load_split refuses masks of another size than their image
+    maps = []
+    # Each channel's file against the photograph, so that the message names the one of another size (stacked
+    # unchecked, channels of different sizes stopped the run with numpy's error).
+    for path in paths:
+        probability = read_probability_map(path)
+        if probability.shape != (height, width):
+            raise FundusImageError(
+                f"prediction {path} is {probability.shape[1]}x{probability.shape[0]} but photograph "
+                f"{entry['image']} is {width}x{height}: predictions are scored at the photograph's own size"
+            )
+        maps.append(probability)
+    probabilities = np.stack(maps)
     metrics = evaluate_case(probabilities, label, fov, channel_names, threshold=threshold, topology=topology)
     record = {"filename": str(entry["image"]), "dataset": str(entry.get("dataset", "unknown"))}
     binary = all(len(np.unique(channel)) <= 2 for channel in probabilities)
