@@ -74,6 +74,7 @@ __all__ = [
     "METRIC_UNITS",
     "REGIONS",
     "ReportWriteError",
+    "empty_fov_problem",
     "entry_fov_source",
     "evaluate_case",
     "format_summary_table",
@@ -128,6 +129,28 @@ def entry_fov_source(entry: Mapping[str, Any]) -> str:
     if not entry.get("fov") or entry.get("fov_source") == FOV_SOURCES[1]:
         return FOV_SOURCES[1]
     return FOV_SOURCES[0]
+
+
+def empty_fov_problem(fov: np.ndarray, path: str | os.PathLike) -> str | None:
+    """Why a field-of-view mask read from a file cannot be scored, or None when it can.
+
+    A mask without a pixel inside leaves nothing to measure in the ``"fov"`` region (:func:`evaluate_case` refuses it)
+    and no width to scale a filter by. The tools that read a datalist's masks (``tools.score``, ``tools.baseline``)
+    ask this as they read one, so that the message names the file.
+
+    Args:
+        fov: ``(H, W)`` bool field of view, as :func:`scripts.fundus_io.read_label_mask` reads it.
+        path: the mask's file.
+
+    Returns:
+        what is wrong, naming the file; None for a mask with a pixel inside.
+    """
+    if fov.any():
+        return None
+    return (
+        f"field-of-view mask {path} is empty (no pixel inside): nothing to score inside the field of view; a mask is "
+        "0 outside and 255 (or 1) inside, or set the entry's fov to null to estimate it from the photograph"
+    )
 
 
 def _map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

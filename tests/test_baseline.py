@@ -4,12 +4,14 @@ import csv
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scripts.fundus_io import write_png
+from scripts.inputs import InputError
 from tools.baseline import fit_parameters, iter_cases, main, predict_probability, run_baseline, vessel_response
 
 TRAINING_IDS = (21, 22, 23, 24)
@@ -101,6 +103,12 @@ def test_a_field_of_view_tools_prepare_estimated_is_reported_as_estimated(synthe
     assert result["summary"]["all"]["fov_sources"] == {"given": 1, "estimated": 1}
     with open(result["paths"]["per_image_csv"], newline="") as table:
         assert [row["fov_source"] for row in csv.DictReader(table)] == ["estimated", "given"]
+
+
+def test_an_empty_field_of_view_mask_is_named(synthetic_datalist, tmp_path):
+    write_png(tmp_path / "train1_fov.png", np.zeros((300, 300), dtype=bool))
+    with pytest.raises(InputError, match=re.escape(f"field-of-view mask {tmp_path / 'train1_fov.png'} is empty")):
+        list(iter_cases(synthetic_datalist, "training"))
 
 
 def test_refuses_to_evaluate_on_training_split(synthetic_datalist, tmp_path):

@@ -142,6 +142,24 @@ def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: 
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_an_empty_field_of_view_mask_is_named_and_its_case_left_out(datalist: Path, tmp_path: Path):
+    """A mask without a pixel inside leaves nothing to score: before 0.3.22 evaluate_case's error stopped the run."""
+    write_png(tmp_path / "case2_fov.png", np.zeros((96, 96), dtype=bool))
+    predictions = tmp_path / "predictions"
+    for name in ("case1", "case2"):
+        label = read_label_mask(tmp_path / f"{name}_label.png")
+        write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, 0))
+
+    result = score_predictions(datalist, predictions, tmp_path / "scores")
+
+    assert result["left_out"] == {
+        str(predictions / "case2_image_prob.png"): f"field-of-view mask {tmp_path / 'case2_fov.png'} is empty (no "
+        "pixel inside): nothing to score inside the field of view; a mask is 0 outside and 255 (or 1) inside, or set "
+        "the entry's fov to null to estimate it from the photograph"
+    }
+    assert set(_per_image(tmp_path / "scores")) == {"case1_image.png"}
+
+
 def test_disc_and_cup_predictions_are_found_by_channel(tmp_path: Path):
     cases = []
     for index in range(2):

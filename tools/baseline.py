@@ -45,7 +45,14 @@ from skimage.morphology import black_tophat, disk
 from scripts.errors import ConfigError, command_line
 from scripts.fundus_io import estimate_fov, read_image, read_label_mask
 from scripts.inputs import InputError, load_split
-from scripts.metrics import entry_fov_source, evaluate_case, format_summary_table, summarise, write_reports
+from scripts.metrics import (
+    empty_fov_problem,
+    entry_fov_source,
+    evaluate_case,
+    format_summary_table,
+    summarise,
+    write_reports,
+)
 
 __all__ = [
     "DEFAULT_RADII",
@@ -149,8 +156,9 @@ def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
             raise InputError(
                 f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
             )
-        if not fov.any():
-            raise InputError(f"{entry['image']}: the field-of-view mask is empty")
+        problem = empty_fov_problem(fov, entry["fov"]) if entry.get("fov") else None  # an estimate is never empty
+        if problem:
+            raise InputError(problem)
         source = entry_fov_source(entry)
         yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov, source)
 

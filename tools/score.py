@@ -11,9 +11,9 @@ for several channels, ``{channel}``. By default the names ``run inference`` writ
 ``<stem>_prob_<channel>.png`` for several channels. A prediction is a grayscale picture (8-bit 0-255 or 16-bit
 0-65535, read as probabilities from 0 to 1) or a floating-point TIFF holding probabilities from 0 to 1; a binary
 mask is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
-(logged). A prediction that is missing,
-unreadable, in colour or of another size than its photograph is named in one line and left out; the others are
-scored and the command exits with status 1, so that a partial comparison is not taken for a whole one.
+(logged). A prediction that is missing, unreadable, in colour or of another size than its photograph, or whose
+field-of-view mask is empty, is named in one line and left out; the others are scored and the command exits with
+status 1, so that a partial comparison is not taken for a whole one.
 
 Command line::
 
@@ -36,9 +36,16 @@ from PIL import Image
 
 from scripts.errors import ConfigError, FundusError, command_line
 from scripts.fundus_io import GRAY_TINT_TOLERANCE, FundusImageError, estimate_fov, read_image, read_label_mask
-from scripts.inputs import load_split
+from scripts.inputs import InputError, load_split
 from scripts.measurements import structure_of
-from scripts.metrics import entry_fov_source, evaluate_case, format_summary_table, summarise, write_reports
+from scripts.metrics import (
+    empty_fov_problem,
+    entry_fov_source,
+    evaluate_case,
+    format_summary_table,
+    summarise,
+    write_reports,
+)
 from scripts.writers import output_names, output_stem
 
 __all__ = ["DEFAULT_THRESHOLD", "check_pattern", "prediction_paths", "read_probability_map", "score_predictions"]
@@ -161,7 +168,12 @@ def _reference(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The entry's reference masks ``(C, H, W)`` and field of view ``(H, W)``, both bool."""
     labels = entry["label"] if isinstance(entry["label"], list) else [entry["label"]]
     label = np.stack([read_label_mask(path) for path in labels])
-    fov = read_label_mask(entry["fov"]) if entry.get("fov") else estimate_fov(read_image(entry["image"]))
+    if not entry.get("fov"):
+        return label, estimate_fov(read_image(entry["image"]))  # never empty: all of it without a border
+    fov = read_label_mask(entry["fov"])
+    problem = empty_fov_problem(fov, entry["fov"])
+    if problem:
+        raise InputError(problem)
     return label, fov
 
 
