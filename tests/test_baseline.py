@@ -137,6 +137,35 @@ def test_command_line(synthetic_datalist, tmp_path):
     assert main(["--datalist", str(tmp_path / "missing.json"), "--output", str(output)]) == 1
 
 
+def test_a_test_image_unreadable_after_the_fit_is_left_out_and_the_others_reported(synthetic_datalist, tmp_path, caplog):
+    """Before 0.3.22 the first unreadable test image stopped the run after the fit: no report at all."""
+    photograph = tmp_path / "test0.png"
+    content = photograph.read_bytes()
+    photograph.write_bytes(content[: len(content) // 2])  # its header, which the check before the fit reads, is whole
+    output = tmp_path / "cli"
+
+    with caplog.at_level(logging.INFO):
+        status = main(["--datalist", str(synthetic_datalist), "--output", str(output), "--radii", "5", "--sigmas", "1"])
+
+    assert status == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert errors[0] == f"cannot read image {photograph}: image file is truncated; left out"
+    assert errors[-1] == "1 of the 2 images of split 'test' were left out (named above): the reports cover the others"
+    with open(output / "baseline_per_image.csv", newline="") as table:
+        assert [Path(row["filename"]).name for row in csv.DictReader(table)] == ["test1.png"]
+    metadata = json.loads((output / "baseline_summary.json").read_text())["metadata"]
+    assert metadata["left_out"] == {str(photograph): f"cannot read image {photograph}: image file is truncated"}
+
+
+def test_a_test_split_of_which_no_image_can_be_used_is_an_error_and_nothing_is_written(synthetic_datalist, tmp_path):
+    for name in ("test0.png", "test1.png"):
+        content = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(content[: len(content) // 2])
+    with pytest.raises(InputError, match=r"no image of split 'test' of .* could be used \(e\.g\. .*test0\.png: cannot"):
+        run_baseline(synthetic_datalist, tmp_path / "out", radii=(5,), sigmas=(1.0,))
+    assert not (tmp_path / "out").exists()
+
+
 def _drive_entries(drive_dir: Path, folder: Path, split: str, ids: tuple[int, ...]) -> list[dict[str, str]]:
     tag = "training" if split == "training" else "test"
     root = Path(os.path.relpath(drive_dir / split, folder))

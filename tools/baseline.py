@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.special import expit
 from skimage.morphology import black_tophat, disk
 
-from scripts.errors import ConfigError, command_line
+from scripts.errors import ConfigError, FundusError, command_line
 from scripts.fundus_io import estimate_fov, read_image, read_label_mask
 from scripts.inputs import InputError, load_split
 from scripts.metrics import (
@@ -122,7 +122,9 @@ class TopHatParameters:
     threshold: float
 
 
-def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
+def iter_cases(
+    datalist: str | os.PathLike, split: str, left_out: dict[str, str] | None = None
+) -> Iterator[VesselCase]:
     """Load the images, vessel labels and FOV masks of one split of a MONAI datalist, one at a time.
 
     Streaming keeps one image in memory however large the split (FIVES and HRF images are 2048 and 3504 pixels wide).
@@ -132,35 +134,49 @@ def iter_cases(datalist: str | os.PathLike, split: str) -> Iterator[VesselCase]:
     Args:
         datalist: datalist JSON; relative paths are resolved against its folder.
         split: list key, e.g. ``"training"`` or ``"test"``.
+        left_out: where given, a case that cannot be used is named in the log, recorded here (``{image: why}``) and
+            passed over, the others yielded; None: its error is raised.
 
     Yields:
         the split's cases, in datalist order.
 
     Raises:
-        ValueError: when the split is missing or empty, an entry's label is not a single vessel mask (disc/cup
-            datalists list two), image and masks differ in size, or the FOV is empty.
-        FundusImageError: when a file cannot be read.
+        ValueError: when the split is missing or empty; without ``left_out``, also when an entry's label is not a
+            single vessel mask (disc/cup datalists list two), image and masks differ in size, or the FOV is empty.
+        FundusImageError: without ``left_out``, when a file cannot be read.
     """
     datalist = Path(datalist)
-    entries = load_split(datalist, split)
-    for entry in entries:
-        if not isinstance(entry.get("label"), (str, os.PathLike)):
-            raise InputError(
-                f"the baseline segments vessels: entry {entry.get('image')} of {datalist} has label "
-                f"{entry.get('label')!r}, not one vessel mask"
-            )
-        image = read_image(entry["image"])
-        label = read_label_mask(entry["label"])
-        fov = read_label_mask(entry["fov"]) if entry.get("fov") else estimate_fov(image)
-        if label.shape != image.shape[:2] or fov.shape != image.shape[:2]:
-            raise InputError(
-                f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
-            )
-        problem = empty_fov_problem(fov, entry["fov"]) if entry.get("fov") else None  # an estimate is never empty
-        if problem:
-            raise InputError(problem)
-        source = entry_fov_source(entry)
-        yield VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov, source)
+    for entry in load_split(datalist, split):
+        try:
+            case = _load_case(entry, datalist)
+        except FundusError as error:
+            if left_out is None:
+                raise
+            left_out[str(entry["image"])] = str(error)
+            logger.error("%s; left out", error)
+            continue
+        yield case
+
+
+def _load_case(entry: dict[str, Any], datalist: Path) -> VesselCase:
+    """One entry of ``datalist`` (its paths resolved), loaded and checked as :func:`iter_cases` describes."""
+    if not isinstance(entry.get("label"), (str, os.PathLike)):
+        raise InputError(
+            f"the baseline segments vessels: entry {entry.get('image')} of {datalist} has label "
+            f"{entry.get('label')!r}, not one vessel mask"
+        )
+    image = read_image(entry["image"])
+    label = read_label_mask(entry["label"])
+    fov = read_label_mask(entry["fov"]) if entry.get("fov") else estimate_fov(image)
+    if label.shape != image.shape[:2] or fov.shape != image.shape[:2]:
+        raise InputError(
+            f"{entry['image']}: image {image.shape[:2]}, label {label.shape} and fov {fov.shape} differ in size"
+        )
+    problem = empty_fov_problem(fov, entry["fov"]) if entry.get("fov") else None  # an estimate is never empty
+    if problem:
+        raise InputError(problem)
+    source = entry_fov_source(entry)
+    return VesselCase(str(entry["image"]), str(entry.get("dataset", "unknown")), image, label, fov, source)
 
 
 def _fov_scale(fov: np.ndarray) -> float:
@@ -329,10 +345,13 @@ def run_baseline(
         thresholds: candidate thresholds on the normalised response.
 
     Returns:
-        ``{"summary": ..., "metadata": ..., "paths": ...}`` as written.
+        ``{"summary": ..., "metadata": ..., "paths": ..., "left_out": ...}``: what was written, and the evaluated
+        images that could not be used (``{image: why}``), named in the log and passed over so that the fit and the
+        other images' figures are kept.
 
     Raises:
-        ValueError: when ``split`` is the training split, or on datalist problems (see :func:`iter_cases`).
+        ValueError: when ``split`` is the training split, on datalist problems or a training image that cannot be
+            used (see :func:`iter_cases`), or when no image of ``split`` can be (nothing is written then).
     """
     if split == "training":
         raise ConfigError("the baseline is fitted on the training split; evaluate it on another split (--split)")
@@ -343,8 +362,13 @@ def run_baseline(
     fit = fit_parameters(iter_cases(datalist, "training"), radii, sigmas, thresholds)
     logger.info("fitted on %d training images: %s", len(fit.fitted_on), fit.parameters)
     logger.info("training FOV Dice %.4f", fit.training_fov_dice)
-    # The evaluated split is read only now that the parameters are fixed.
-    records = evaluate_cases(iter_cases(datalist, split), fit.parameters)
+    # The evaluated split is read only now that the parameters are fixed. An image that cannot be used then is left
+    # out: stopping there would lose the fit, minutes of work, and the other images' figures.
+    left_out: dict[str, str] = {}
+    records = evaluate_cases(iter_cases(datalist, split, left_out), fit.parameters)
+    if not records:
+        image, why = next(iter(left_out.items()))
+        raise InputError(f"no image of split '{split}' of {datalist} could be used (e.g. {image}: {why})")
     summary = summarise(records)
     metadata = {
         "method": "green-channel black top-hat, normalised by its FOV standard deviation, thresholded",
@@ -356,11 +380,19 @@ def run_baseline(
         "candidates": {"radius": list(radii), "sigma": list(sigmas), "threshold": list(thresholds)},
         "datalist": str(Path(datalist).absolute()),
         "evaluated_split": split,
+        "left_out": left_out,
         "seconds": round(time.monotonic() - started, 1),
     }
     paths = write_reports(records, summary, output_dir, prefix="baseline", metadata=metadata)
     logger.info("baseline on %s split:\n%s", split, format_summary_table(summary))
-    return {"summary": summary, "metadata": metadata, "paths": paths}
+    if left_out:
+        logger.error(
+            "%d of the %d images of split '%s' were left out (named above): the reports cover the others",
+            len(left_out),
+            len(left_out) + len(records),
+            split,
+        )
+    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out}
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -384,13 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        0 on success, 1 when the datalist, images or output folder are unusable (the error is printed in one line).
+        0 when every evaluated image was used; 1 when some were left out (the others are evaluated and reported) or
+        the datalist, images or output folder are unusable (the error is printed in one line).
     """
     arguments = _parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_baseline(arguments.datalist, arguments.output, arguments.split, arguments.radii, arguments.sigmas)
     logger.info("reports: %s", ", ".join(str(path) for path in result["paths"].values()))
-    return 0
+    return 1 if result["left_out"] else 0
 
 
 if __name__ == "__main__":
