@@ -166,6 +166,23 @@ def test_a_test_split_of_which_no_image_can_be_used_is_an_error_and_nothing_is_w
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--radii", "5", "0"], "argument --radii: '0': a disk radius is a whole number of pixels, at least 1"),
+        (["--radii", "2.5"], "argument --radii: '2.5': a disk radius is a whole number of pixels, at least 1"),
+        (["--sigmas", "-1"], "argument --sigmas: '-1': a smoothing is 0 (none) or a positive number of pixels"),
+        (["--sigmas", "nan"], "argument --sigmas: 'nan': a smoothing is 0 (none) or a positive number of pixels"),
+    ],
+)
+def test_radii_and_sigmas_that_are_no_filter_are_refused_naming_the_option(tmp_path, capsys, option, message):
+    """A radius of 0 or less was a disk of radius 1 and a negative smoothing none, fitted without a word."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--datalist", str(tmp_path / "missing.json"), "--output", str(tmp_path / "out"), *option])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def _drive_entries(drive_dir: Path, folder: Path, split: str, ids: tuple[int, ...]) -> list[dict[str, str]]:
     tag = "training" if split == "training" else "test"
     root = Path(os.path.relpath(drive_dir / split, folder))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -395,6 +396,29 @@ def run_baseline(
     return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out}
 
 
+def _radius(text: str) -> int:
+    """A ``--radii`` value: a radius of 0 or less was a disk of radius 1 (:func:`_top_hat`), fitted without a word."""
+    try:
+        radius: int | None = int(text)
+    except ValueError:
+        radius = None
+    if radius is None or radius < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a disk radius is a whole number of pixels, at least 1")
+    return radius
+
+
+def _sigma(text: str) -> float:
+    """A ``--sigmas`` value: 0 (none) or a finite width; a negative or NaN one was no smoothing (:func:`_smoothed_green`)
+    without a word."""
+    try:
+        sigma = float(text)
+    except ValueError:
+        sigma = math.nan
+    if not math.isfinite(sigma) or sigma < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a smoothing is 0 (none) or a positive number of pixels")
+    return sigma
+
+
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.baseline",
@@ -403,8 +427,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--datalist", required=True, help="vessel datalist JSON (MONAI format)")
     parser.add_argument("--output", required=True, help="folder for the reports")
     parser.add_argument("--split", default="test", help="evaluated split (default: test)")
-    parser.add_argument("--radii", type=int, nargs="+", default=list(DEFAULT_RADII), help="candidate disk radii")
-    parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="candidate smoothing")
+    parser.add_argument("--radii", type=_radius, nargs="+", default=list(DEFAULT_RADII), help="candidate disk radii")
+    parser.add_argument("--sigmas", type=_sigma, nargs="+", default=list(DEFAULT_SIGMAS), help="candidate smoothing")
     return parser.parse_args(argv)
 
 
@@ -417,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 when every evaluated image was used; 1 when some were left out (the others are evaluated and reported) or
-        the datalist, images or output folder are unusable (the error is printed in one line).
+        the datalist, images or output folder are unusable (the error is printed in one line); 2 for a bad option.
     """
     arguments = _parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
