@@ -113,6 +113,18 @@ def test_a_mask_saved_as_0_and_1_is_read_as_a_mask_in_8_and_16_bits(tmp_path: Pa
     assert read_probability_map(tmp_path / "faint.png").max() == pytest.approx(2 / 255)
 
 
+def test_8_bit_levels_saved_in_16_bits_are_read_as_8_bit_levels(tmp_path: Path, caplog):
+    """As probabilities of at most 255 / 65535 they would all fall below the threshold: Dice 0, no word."""
+    levels = np.random.default_rng(1).integers(0, 256, (48, 64))
+    Image.fromarray(levels.astype(np.uint16)).save(tmp_path / "levels_16.png")
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "levels_8.png")
+    with caplog.at_level("WARNING", logger="tools.score"):
+        read = read_probability_map(tmp_path / "levels_16.png")
+    np.testing.assert_allclose(read, levels / 255, atol=1e-6)
+    np.testing.assert_allclose(read, read_probability_map(tmp_path / "levels_8.png"), atol=1e-6)
+    assert "levels_16.png is a 16-bit picture holding values up to 255 only" in caplog.text
+
+
 def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: Path, tmp_path: Path, caplog, capsys):
     predictions = tmp_path / "predictions"
     label = read_label_mask(tmp_path / "case1_label.png")

@@ -9,7 +9,8 @@ protocol on one split.
 Predictions are found by name: ``--pattern`` with ``{stem}`` (the photograph's file name without its suffix) and,
 for several channels, ``{channel}``. By default the names ``run inference`` writes: ``<stem>_prob.png``, or
 ``<stem>_prob_<channel>.png`` for several channels. A prediction is a grayscale picture (8-bit 0-255 or 16-bit
-0-65535, read as probabilities from 0 to 1) or a floating-point TIFF holding probabilities from 0 to 1; a binary
+0-65535, read as probabilities from 0 to 1; a 16-bit one holding values up to 255 only is read as 8-bit levels, with a
+warning) or a floating-point TIFF holding probabilities from 0 to 1; a binary
 mask is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
 (logged). A prediction that is missing, unreadable, in colour or of another size than its photograph, or whose
 field-of-view mask is empty, is named in one line and left out; the others are scored and the command exits with
@@ -118,7 +119,8 @@ def read_probability_map(path: str | Path) -> np.ndarray:
     """One channel's probabilities from a prediction file.
 
     Args:
-        path: a grayscale picture (8 or 16 bits, scaled by its bit depth) or a floating-point TIFF in ``[0, 1]``.
+        path: a grayscale picture (8 or 16 bits, scaled by its bit depth; a 16-bit one holding values up to 255
+            only is read as 8-bit levels) or a floating-point TIFF in ``[0, 1]``.
 
     Returns:
         ``(H, W)`` float32 in ``[0, 1]``.
@@ -152,6 +154,12 @@ def read_probability_map(path: str | Path) -> np.ndarray:
     if 0 < gray.max() <= 1 / 255 + 1e-9 and len(np.unique(gray)) == 2:
         logger.info("%s holds 0 and 1 only: read as a mask", path)
         return (gray > 0).astype(np.float32)
+    # Only a 16-bit file can stay at or below 255 / 65535 without being 0 (an 8-bit one's first level is 1 / 255):
+    # 8-bit levels saved in 16 bits, as the readers of masks take them too. As probabilities of at most 1/257 they
+    # would all fall below any threshold (Dice 0).
+    if 0 < gray.max() <= 255 / 65535 + 1e-9:
+        logger.warning("%s is a 16-bit picture holding values up to 255 only: read as 8-bit levels (0-255)", path)
+        return np.minimum(gray * np.float32(65535 / 255), 1).astype(np.float32)
     return gray
 
 
