@@ -136,6 +136,11 @@ def _check_pixel_size(pixel_size_mm: float | None) -> float | None:
 # size of the cup: a piece within 0.12 disc diameters of the largest (a fifth more, for the segmentation's blur) is
 # taken for a part of the structure, one further away for a stray speck, which would stretch the diameters.
 SPLIT_GAP_OF_DISC = 0.12
+# A piece a vessel splits off is a part of the structure's outline cut across, hundreds of pixels at any size a disc
+# is measured at (a cap cut 5 px deep from a 160 px disc is about 190 px, 0.9% of it); a speck the thresholding left
+# beside it (a few pixels) is not, and joined it would stretch a diameter by the whole gap (a 4 px speck 16 px above
+# a 160 px disc moved its vertical CDR by 0.05). Nearby pieces under this share of the largest are left out.
+SMALLEST_SPLIT_PIECE = 0.005
 # Over twice the densest of DRIVE's 40 first-observer vessel maps (0.168 of the field of view; mean 0.126).
 IMPLAUSIBLE_VESSEL_DENSITY = 0.4
 # Below this diameter in pixels, one pixel more or less changes a cup-to-disc ratio by more than 0.05.
@@ -161,7 +166,8 @@ def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = 
 
     Args:
         mask: ``(H, W)`` bool mask.
-        reach: the distance in pixels from the largest component within which a piece joins it (at least 2).
+        reach: the distance in pixels from the largest component within which a piece joins it (at least 2), if
+            it holds at least :data:`SMALLEST_SPLIT_PIECE` of the largest's pixels.
         within: only components overlapping it are candidates for the largest (the cup's pieces in the disc); when
             none does, every component is.
 
@@ -190,7 +196,7 @@ def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = 
     )
     near = ndimage.distance_transform_edt(~largest[window]) <= reach
     kept = np.unique(labels[window][near & mask[window]])
-    kept = kept[kept > 0]
+    kept = kept[(kept > 0) & (sizes[kept] >= SMALLEST_SPLIT_PIECE * sizes[largest_label])]
     structure = np.isin(labels, kept)
     left_out = int(np.count_nonzero(mask)) - int(np.count_nonzero(structure))
     return structure, left_out, len(kept) - 1
@@ -219,9 +225,9 @@ def disc_cup_measurements(
     """Cup-to-disc ratios, disc, cup and rim areas, and the cup's offset in its disc.
 
     Each mask is reduced to its largest 8-connected component (for the cup, the largest in the disc) and the
-    pieces within 0.12 disc diameters of it (:data:`SPLIT_GAP_OF_DISC`: a vessel may split a disc or cup), which is
-    noted: a stray speck away from the disc would otherwise stretch the diameters the ratios divide. Leaving out
-    more than 1% of a mask's pixels so is noted.
+    pieces within 0.12 disc diameters of it (:data:`SPLIT_GAP_OF_DISC`: a vessel may split a disc or cup) holding at
+    least 0.5% of its pixels (:data:`SMALLEST_SPLIT_PIECE`), which is noted: a stray speck would otherwise stretch
+    the diameters the ratios divide. Leaving out more than 1% of a mask's pixels so is noted.
 
     - ``vertical_cdr``: the cup's vertical diameter over the disc's, the vertical cup-to-disc ratio REFUGE scores
       (Orlando et al., MedIA 2020). A diameter is the longest extent in one column, from the structure's first

@@ -542,6 +542,21 @@ def test_a_speck_beyond_a_vessels_width_from_the_disc_is_left_out() -> None:
             assert record["notes"] == "disc: 150 px (1.3%) of pieces away from the disc left out"
 
 
+def test_a_speck_of_a_few_pixels_beside_the_disc_or_cup_is_not_joined_to_it() -> None:
+    """Joined, a 2 x 2 speck within a vessel's width stretched a diameter by the whole gap (vertical CDR 0.05-0.09)."""
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    clean = disc_cup_measurements(disc, cup)
+    top, cup_bottom = CENTRE[0] - DISC_RADIUS, CENTRE[0] + DISC_RADIUS // 2
+    specked_disc, specked_cup = disc.copy(), cup.copy()
+    specked_disc[top - 8 : top - 6, CENTRE[1] : CENTRE[1] + 2] = True  # 6 px above the disc: within its reach
+    specked_cup[cup_bottom + 6 : cup_bottom + 8, CENTRE[1] : CENTRE[1] + 2] = True  # below the cup, in the disc
+    for specked in (disc_cup_measurements(specked_disc, cup), disc_cup_measurements(disc, specked_cup)):
+        assert specked["vertical_cdr"] == clean["vertical_cdr"] == _extent(cup, 0) / _extent(disc, 0)
+        assert specked["notes"] == "", "4 px are under 1% of the mask: left out without a note"
+    assert disc_cup_measurements(specked_disc, cup)["disc_area_px"] == np.count_nonzero(disc)
+
+
 def test_a_larger_false_cup_outside_the_disc_does_not_replace_the_cup_in_it() -> None:
     disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
     cup = _disc(SHAPE, CENTRE, 25)
