@@ -557,6 +557,26 @@ def test_a_speck_of_a_few_pixels_beside_the_disc_or_cup_is_not_joined_to_it() ->
     assert disc_cup_measurements(specked_disc, cup)["disc_area_px"] == np.count_nonzero(disc)
 
 
+def test_holes_in_the_disc_or_cup_are_filled_and_noted() -> None:
+    """A disc mask missing the pale cup took the cup's pixels off its area and set the cup outside the disc."""
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    clean = disc_cup_measurements(disc, cup)
+    hole = _disc(SHAPE, CENTRE, 20)
+    holed = disc_cup_measurements(disc & ~hole, cup & ~hole)
+    assert holed == {**clean, "notes": holed["notes"]}
+    assert clean["area_cdr"] == np.count_nonzero(cup) / np.count_nonzero(disc)
+    share = 100 * np.count_nonzero(hole) / np.count_nonzero(disc)
+    cup_share = 100 * np.count_nonzero(hole) / np.count_nonzero(cup)
+    assert holed["notes"] == (
+        f"disc: holes of {np.count_nonzero(hole)} px ({share:.1f}%) filled; "
+        f"cup: holes of {np.count_nonzero(hole)} px ({cup_share:.1f}%) filled"
+    )
+    pinhole = disc.copy()
+    pinhole[CENTRE] = False
+    assert disc_cup_measurements(pinhole, cup) == clean, "a pixel's hole, under 1%, is filled without a note"
+
+
 def test_a_larger_false_cup_outside_the_disc_does_not_replace_the_cup_in_it() -> None:
     disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
     cup = _disc(SHAPE, CENTRE, 25)
