@@ -419,7 +419,9 @@ def _box(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, f
         raise PromptError(f"{where}: box {value!r} has a coordinate that is not a finite number.")
     if x0 > x1 or y0 > y1:
         raise PromptError(f"{where}: box {value!r} needs x0 <= x1 and y0 <= y1.")
-    if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
+    # x1 = width (y1 = height) is the picture's edge, where a client that ends boxes one past the last pixel (Python
+    # slices, a selection tool's rectangle) puts a box reaching the border.
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise PromptError(f"{where}: box {value!r} reaches outside the {width}x{height} image.")
     return x0, y0, x1, y1
 

@@ -199,11 +199,14 @@ def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"a.png": {"points": [[10, 20, 1]], "box": [1, 2, 30, 40]}}))
     assert read_prompts_file(path, sizes)["a.png"] == Prompt(points=((10.0, 20.0, 1),), box=(1.0, 2.0, 30.0, 40.0))
+    path.write_text(json.dumps({"a.png": {"box": [0, 0, WIDTH, HEIGHT]}}))  # to the edges, ends one past the last
+    assert read_prompts_file(path, sizes)["a.png"].box == (0.0, 0.0, WIDTH, HEIGHT)
     cases = [
         ({"b.png": {"box": [1, 2, 3, 4]}}, "names 1 images that are not in the image folder, e.g. 'b.png'"),
         ({"a.png": {"points": [[250, 20, 1]]}}, "image a.png: point [250, 20, 1] lies outside the 200x130 image"),
         ({"a.png": {"points": [[10, 20, 5]]}}, "point label must be 1 (positive) or 0 (negative); got 5"),
         ({"a.png": {"box": [30, 2, 10, 40]}}, "box [30, 2, 10, 40] needs x0 <= x1 and y0 <= y1"),
+        ({"a.png": {"box": [0, 0, WIDTH + 1, HEIGHT]}}, f"box [0, 0, {WIDTH + 1}, {HEIGHT}] reaches outside the"),
         # Python's json reads NaN, which every comparison lets through: the network then answered NaN everywhere.
         ({"a.png": {"box": [float("nan"), 2, 30, 40]}}, "box [nan, 2, 30, 40] has a coordinate that is not a finite"),
         ({"a.png": {"points": [[10, float("nan"), 1]]}}, "point [10, nan, 1] has a coordinate that is not a finite"),
