@@ -375,6 +375,25 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path):
     assert f"error: Trained model {missing} does not exist." in result.stderr
 
 
+@pytest.mark.parametrize(
+    "summary",
+    [{}, {"metadata": {"split": "test", "checkpoint": "other.pt"}, "summary": {"datasets": {}}}],
+    ids=["not a summary", "a summary of another model"],
+)
+def test_a_missing_model_is_named_before_the_evaluation_given_with_it(summary, tmp_path, capsys, monkeypatch):
+    """The evaluation summary was read first: a bad one hid the missing model, and one naming a model file that
+    exists was checked against the missing model's content, a FileNotFoundError traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.pt").write_bytes(b"the evaluated model")
+    (tmp_path / "metrics_summary.json").write_text(json.dumps(summary))
+    missing = tmp_path / "model.pt"
+    arguments = ["--output", str(tmp_path / "dist"), "--ckpt_path", str(missing), "--evaluation", "metrics_summary.json"]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: Trained model {missing} does not exist.") and error.count("\n") == 1, error
+    assert not (tmp_path / "dist").exists()
+
+
 def test_cli_writes_the_archive(models, tmp_path, capsys):
     status = main(
         [

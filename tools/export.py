@@ -455,8 +455,9 @@ def export_bundle(
     if archive.exists() and not overwrite:
         raise ExportError(f"{archive} exists: choose another --output, or pass --overwrite to replace it.")
     ckpt = Path(ckpt_path)
-    metrics = evaluation_metrics(Path(evaluation), ckpt) if evaluation is not None else {}
+    # The model first: a summary is checked against its content, and a missing model is the error to report.
     trained = load_model(ckpt)
+    metrics = evaluation_metrics(Path(evaluation), ckpt) if evaluation is not None else {}
     settings = dict(trained.settings)
     if base_checkpoint is None:
         base_checkpoint = bundle / "models" / f"sam2.1_hiera_{settings['model_size']}.pt"
