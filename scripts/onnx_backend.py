@@ -57,6 +57,7 @@ __all__ = [
     "export_outputs",
     "inference_backend",
     "onnx_cache_path",
+    "opset_range",
     "require_onnxruntime",
     "weights_fingerprint",
 ]
@@ -69,6 +70,14 @@ BACKENDS = ("torch", "onnxruntime")
 # matrix. At Hiera-large, 1024 px, on the CPU: 10% faster in float32 and 15% faster in int8 than opset 18
 # (docs/performance.md). Runtimes without opset 23 take ``python -m tools.deploy --opset 18``.
 OPSET = 23
+# The oldest opset torch's ONNX exporter (``torch.onnx.export(dynamo=True)``) writes: its operators (torchlib) are
+# opset 18's, and onnxscript's version converter goes no lower. Asked for less, torch 2.14 logs a converter traceback
+# and writes opset 18 all the same.
+MIN_OPSET = 18
+# The newest opset the exporter converts its graph to: onnxscript's version converter stops at 25 (0.7.2, with
+# torch 2.14.1). Asked for more, the file keeps opset 18 with opset 23's Attention nodes, which onnxruntime refuses.
+# The installed onnx and onnxruntime may stop earlier (:func:`opset_range`).
+MAX_EXPORTER_OPSET = 25
 # The first onnxruntime that runs opset 23 (pyproject's ``onnx`` extra asks for it; an older one already installed
 # is named here rather than failing inside the export check).
 MIN_ONNXRUNTIME = (1, 23)
@@ -203,6 +212,35 @@ def _exporter_logs_quiet() -> Iterator[None]:
     finally:
         for each, level in zip(loggers, levels):
             each.setLevel(level)
+
+
+def opset_range() -> tuple[range, str]:
+    """The opsets an ONNX export can be written in and run with the installed libraries, and what bounds them.
+
+    From :data:`MIN_OPSET` to the least of :data:`MAX_EXPORTER_OPSET`, the newest opset the installed onnx defines and
+    the newest onnxruntime runs (the newest version of its operators: each opset changes at least one).
+
+    Returns:
+        The opsets, and a sentence naming each library's newest (``torch's exporter writes 18 to 25; ...``).
+
+    Raises:
+        ImportError: onnx or onnxruntime is not installed (:func:`require_onnxruntime` says so first).
+    """
+    import onnx
+    import onnxruntime
+    from onnxruntime.capi import _pybind_state
+
+    onnxruntime_newest = max(
+        schema.since_version
+        for schema in _pybind_state.get_all_operator_schema()
+        if schema.domain in ("", "ai.onnx")
+    )
+    newest = min(MAX_EXPORTER_OPSET, onnx.defs.onnx_opset_version(), onnxruntime_newest)
+    limits = (
+        f"torch's exporter writes {MIN_OPSET} to {MAX_EXPORTER_OPSET}; onnx {onnx.__version__} defines up to "
+        f"{onnx.defs.onnx_opset_version()}; onnxruntime {onnxruntime.__version__} runs up to {onnxruntime_newest}"
+    )
+    return range(MIN_OPSET, newest + 1), limits
 
 
 def export_onnx(

@@ -17,6 +17,7 @@ from monai.bundle import ConfigParser, ckpt_export
 from torch.overrides import TorchFunctionMode
 
 from scripts import onnx_backend
+from scripts.onnx_backend import MIN_OPSET, opset_range
 from scripts.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from tests.helpers import random_adapted_network, write_model_file
 from tools.deploy import (
@@ -256,6 +257,24 @@ def test_an_onnx_export_that_disagrees_with_pytorch_is_not_kept(trained, tmp_pat
     assert f"The float32 export for {existing} disagrees with PyTorch: largest logit difference 0.5" in error
     assert existing.read_bytes() == b"an earlier export"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "no partial file is left"
+
+
+@pytest.mark.parametrize("beyond", ["below", "above"])
+def test_cli_refuses_an_opset_the_installation_cannot_export(beyond, tmp_path, capsys):
+    """Both were exported: torch's exporter, which cannot convert its graph to them, wrote opset 18, silently for 17,
+    and into 26 (onnxscript 0.7) opset 18 with opset 23's Attention nodes, which onnxruntime refused."""
+    opsets, _ = opset_range()
+    opset = 17 if beyond == "below" else opsets.stop
+    # A model path that does not exist: its error would come first if the model were read before the check.
+    arguments = ["--format", "onnx", "--ckpt_path", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")]
+    with pytest.raises(SystemExit) as stopped:
+        main([*arguments, "--opset", str(opset)])
+    assert stopped.value.code == 2
+    assert (
+        f"error: argument --opset: {opset} is not an opset this installation exports: choose {MIN_OPSET} to "
+        f"{opsets.stop - 1} (torch's exporter writes 18 to " in capsys.readouterr().err
+    )
+    assert not list(tmp_path.iterdir())
 
 
 def test_onnx_of_the_unet_head_matches_pytorch(tmp_path, caplog):

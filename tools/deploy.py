@@ -37,6 +37,7 @@ from scripts.adapters import ADAPTER_FORMAT, read_model_file
 from scripts.atomic import OutputError, atomic_path, file_sha256
 from scripts.errors import command_line
 from scripts.onnx_backend import (
+    MIN_OPSET,
     OPSET,
     DeployError,
     PromptFreeSegmenter,
@@ -44,6 +45,7 @@ from scripts.onnx_backend import (
     check_onnx,
     export_checked_onnx,
     export_onnx,
+    opset_range,
     require_onnxruntime,
 )
 from tools.export import ExportError, load_model, read_version
@@ -175,14 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--opset",
         type=int,
         default=OPSET,
-        help=f"ONNX opset (default {OPSET}, whose Attention operator onnxruntime 1.23+ runs as one kernel; "
-        "18 for runtimes without it)",
+        help=f"ONNX opset, {MIN_OPSET} up to the newest the installed exporter, onnx and onnxruntime all handle "
+        f"(default {OPSET}, whose Attention operator onnxruntime 1.23+ runs as one kernel; {MIN_OPSET} for runtimes "
+        "without it)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    output = check_output_name(args.format, args.output, args.overwrite)
     if args.format == "onnx":  # it checks the export with onnxruntime: known before minutes of exporting
         require_onnxruntime("--format onnx", args.opset)
+        opsets, limits = opset_range()
+        if args.opset not in opsets:
+            parser.error(
+                f"argument --opset: {args.opset} is not an opset this installation exports: choose "
+                f"{opsets.start} to {opsets.stop - 1} ({limits})."
+            )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    output = check_output_name(args.format, args.output, args.overwrite)
     model = load_segmenter(args.ckpt_path, args.base_checkpoint)
     base_checkpoint = base_in_use(args.ckpt_path, args.base_checkpoint)
     if args.format == "onnx":
