@@ -76,7 +76,7 @@ OPSET = 23
 MIN_OPSET = 18
 # The newest opset the exporter converts its graph to: onnxscript's version converter stops at 25 (0.7.2, with
 # torch 2.14.1). Asked for more, the file keeps opset 18 with opset 23's Attention nodes, which onnxruntime refuses.
-# The installed onnx and onnxruntime may stop earlier (:func:`opset_range`).
+# The installed onnx and onnxruntime may stop earlier (:func:`opset_range`); each export's opset is checked anyway.
 MAX_EXPORTER_OPSET = 25
 # The first onnxruntime that runs opset 23 (pyproject's ``onnx`` extra asks for it; an older one already installed
 # is named here rather than failing inside the export check).
@@ -243,8 +243,20 @@ def opset_range() -> tuple[range, str]:
     return range(MIN_OPSET, newest + 1), limits
 
 
+def _file_opset(path: str | os.PathLike) -> int | None:
+    """The opset of the default (``ai.onnx``) domain an ONNX file imports; None where it imports none."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+
+
 def export_onnx(
-    model: PromptFreeSegmenter, path: str | os.PathLike, opset: int = OPSET, source: Mapping[str, str] | None = None
+    model: PromptFreeSegmenter,
+    path: str | os.PathLike,
+    opset: int = OPSET,
+    source: Mapping[str, str] | None = None,
+    destination: Path | None = None,
 ) -> Path:
     """Write ``model`` as ONNX (input ``image`` (batch, 3, S, S); outputs ``logits`` and, with the SAM head,
     ``iou_predictions`` (batch, C)), atomically, described by :func:`export_description` in its ``metadata_props``.
@@ -252,16 +264,19 @@ def export_onnx(
     Args:
         model: the network to export.
         path: the file to write.
-        opset: the ONNX opset.
+        opset: the ONNX opset; a file the exporter writes in another is refused.
         source: where the export comes from, recorded as ``sam2lora.source`` (None: not recorded).
+        destination: the file the export is for, named in errors (default ``path``, which may be a temporary file).
 
     Returns:
         ``path``.
 
     Raises:
-        DeployError: the export failed; the message says why.
+        DeployError: the export failed, or the exporter wrote another opset than ``opset``; the message says why, and
+            ``path`` is left as it was.
     """
     path = Path(path)
+    destination = destination or path
     try:
         with _exporter_logs_quiet():
             program = torch.onnx.export(
@@ -282,10 +297,17 @@ def export_onnx(
                 node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
         with atomic_path(path) as partial:
             program.save(str(partial), external_data=False)
-    except OutputError:
+            # Where it cannot convert to the opset asked for, the exporter keeps its own (18), with a warning at most.
+            written = _file_opset(partial)
+            if written != opset:
+                raise DeployError(
+                    f"ONNX export to {destination} failed: torch's exporter wrote opset {written}, not the {opset} "
+                    f"asked for (torch {torch.__version__}); it was not kept."
+                )
+    except (OutputError, DeployError):
         raise
     except Exception as error:  # the exporter raises many kinds of errors
-        raise DeployError(f"ONNX export to {path} failed ({type(error).__name__}: {error}).") from error
+        raise DeployError(f"ONNX export to {destination} failed ({type(error).__name__}: {error}).") from error
     return path
 
 
@@ -314,11 +336,7 @@ def export_checked_onnx(
         DeployError: the export failed, or its outputs differ from PyTorch's by more than ``EXPORT_TOLERANCE``.
     """
     destination = destination or path
-    try:
-        export_onnx(model, path, opset, source)
-    except DeployError as error:  # named after the destination, not a temporary file
-        cause = error.__cause__
-        raise DeployError(f"ONNX export to {destination} failed ({type(cause).__name__}: {cause}).") from cause
+    export_onnx(model, path, opset, source, destination)
     try:
         difference = check_onnx(path, model, model.example(batch=1) if images is None else images)
     except DeployError as error:

@@ -249,7 +249,9 @@ def test_an_onnx_export_that_disagrees_with_pytorch_is_not_kept(trained, tmp_pat
     existing.write_bytes(b"an earlier export")
     # A mistranslated network: an export (stood in for by a file, the export itself being tested above) whose logits
     # differ from PyTorch's by 0.5.
-    monkeypatch.setattr(onnx_backend, "export_onnx", lambda model, path, opset, source: Path(path).write_bytes(b"onnx"))
+    monkeypatch.setattr(
+        onnx_backend, "export_onnx", lambda model, path, opset, source, destination: Path(path).write_bytes(b"onnx")
+    )
     monkeypatch.setattr(onnx_backend, "check_onnx", lambda path, model, images: 0.5)
     status = main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(existing), "--overwrite"])
     assert status == 1
@@ -275,6 +277,23 @@ def test_cli_refuses_an_opset_the_installation_cannot_export(beyond, tmp_path, c
         f"{opsets.stop - 1} (torch's exporter writes 18 to " in capsys.readouterr().err
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_an_onnx_file_of_another_opset_than_asked_is_not_kept(trained, tmp_path, capsys, monkeypatch):
+    """An opset the exporter cannot convert to gets a file of opset 18, with a logged warning at most: it was kept
+    as the export asked for. Here the exporter is made to write 18 whatever it is asked."""
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"an earlier export")
+    export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: export(*args, **{**kwargs, "opset_version": 18}))
+    status = main(["--format", "onnx", "--ckpt_path", str(trained), "--output", str(existing), "--overwrite"])
+    assert status == 1
+    assert (
+        f"error: ONNX export to {existing} failed: torch's exporter wrote opset 18, not the {OPSET} asked for"
+        in capsys.readouterr().err
+    )
+    assert existing.read_bytes() == b"an earlier export"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"], "no partial file is left"
 
 
 def test_onnx_of_the_unet_head_matches_pytorch(tmp_path, caplog):
