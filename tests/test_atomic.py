@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from scripts import atomic
-from scripts.atomic import atomic_path, file_sha256, save_torch_atomic, write_json_atomic, write_text_atomic
+from scripts.atomic import (
+    FileState,
+    append_text,
+    atomic_path,
+    file_sha256,
+    save_torch_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from scripts.signals import Terminated
 
 
@@ -23,6 +31,50 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     assert json.loads(target.read_text()) == {"dice": 0.8}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary file is left behind"
 
+
+
+@pytest.mark.parametrize("then", ["the rest", "a full disk", "Ctrl-C"])
+def test_appended_text_is_written_whole_or_not_at_all(tmp_path, monkeypatch, then):
+    """``os.write`` takes half of the text; the next call writes the rest, or fails: the file is then cut back."""
+    target = tmp_path / "measurements.csv"
+    write_text_atomic(target, "image,flags\neye_0.png,\n")
+    state, real_write, calls = FileState.of(target), os.write, []
+
+    def half_then(handle: int, data: bytes) -> int:
+        calls.append(bytes(data))
+        if len(calls) == 2 and then == "a full disk":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if len(calls) == 2 and then == "Ctrl-C":
+            raise KeyboardInterrupt
+        return real_write(handle, data[: max(1, len(data) // 2)] if len(calls) == 1 else data)
+
+    monkeypatch.setattr(atomic.os, "write", half_then)
+    added = "eye_1.png,\neye_2.png,low predicted quality\n"
+    if then == "the rest":
+        new_state = append_text(target, added, state)
+        monkeypatch.undo()
+        assert target.read_text() == "image,flags\neye_0.png,\n" + added
+        assert new_state == FileState.of(target) and len(calls) == 2
+        return
+    with pytest.raises(atomic.OutputError if then == "a full disk" else KeyboardInterrupt) as caught:
+        append_text(target, added, state)
+    monkeypatch.undo()
+    assert target.read_text() == "image,flags\neye_0.png,\n", "half a line was left"
+    assert len(calls) == 2
+    if then == "a full disk":
+        assert str(caught.value) == f"Cannot write {target} in folder {tmp_path} (No space left on device)."
+
+
+def test_nothing_is_appended_to_a_file_its_writer_did_not_leave(tmp_path):
+    target = tmp_path / "measurements.csv"
+    write_text_atomic(target, "image,flags\neye_0.png,\n")
+    state = FileState.of(target)
+    target.write_text("image,flags\neye_0.png,?\n")  # edited since: one byte more
+    assert append_text(target, "eye_1.png,\n", state) is None
+    assert target.read_text() == "image,flags\neye_0.png,?\n"
+    target.unlink()
+    assert append_text(target, "eye_1.png,\n", state) is None
+    assert not target.exists(), "not created headless"
 
 def test_a_full_disk_under_nested_writes_names_the_destination_once(tmp_path):
     """An export written into another atomic write's temporary file: the outer error named the hidden temporary file
