@@ -33,6 +33,7 @@ labels are those ``/infer`` returns, corrected (a disc/cup label is split into o
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
@@ -91,6 +92,10 @@ FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
 # Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
+# The structures, outer first, that one label of several channels holds: /infer writes the last channel present
+# (FundusLabeld) and training reads channel c as every value from c + 1 up (split_label), which gives back every
+# channel only when each lies inside the one before it, as the optic cup lies inside the disc.
+NESTED_STRUCTURES = ("disc", "cup")
 # Where the train task of a bundle of several channels writes the one mask per channel that the bundle reads, split
 # from each final label, under the bundle's eval folder beside its datalist (eval/monailabel_datalist.json).
 SPLIT_LABELS = "monailabel_labels"
@@ -134,10 +139,13 @@ def conf_flag(conf: Mapping[str, str], key: str) -> bool:
 
 def served_network_settings(bundle: Path) -> dict[str, Any]:
     """The settings the served model file records, read as the bundle's inference.json reads them (its
-    ``trained_settings``, with the bundle's own ``scripts``), including those its workflow recorded (input mode).
+    ``trained_settings``, with the bundle's own ``scripts``), including those its workflow recorded (input mode);
+    both tasks read them at start-up, so a model whose channels a label cannot hold is refused there
+    (:func:`check_label_channels`).
 
     Raises:
-        MONAILabelException: the model file is missing or records no settings (not a model of this bundle).
+        MONAILabelException: the model file is missing or records no settings (not a model of this bundle), or its
+            channels are several and not the disc then the cup.
     """
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
@@ -146,21 +154,57 @@ def served_network_settings(bundle: Path) -> dict[str, Any]:
     unload_module("scripts")
     try:
         trained = parser.get_parsed_content("trained_settings")
+        # Which structure a channel holds, by the bundle's own reading of its name ('OD' is the disc), from the
+        # scripts the parser has just loaded.
+        structure_of = importlib.import_module("scripts.measurements").structure_of
     except Exception as error:  # the bundle's own error (missing or foreign model file), wrapped by the parser
         raise bundle_init_error(bundle, error) from None
     finally:
         sys.path.remove(str(bundle))
-    return {**{key: trained[key] for key in NETWORK_SETTINGS}, **trained.get("recorded", {})}
+    settings = {**{key: trained[key] for key in NETWORK_SETTINGS}, **trained.get("recorded", {})}
+    check_label_channels(bundle, settings["channel_names"], structure_of)
+    return settings
+
+
+def check_label_channels(
+    bundle: Path, channel_names: Sequence[str], structure_of: Callable[[str], str | None]
+) -> None:
+    """Refuse a model of several channels that one label cannot hold: each channel must lie inside the one before
+    it (:data:`NESTED_STRUCTURES`), or the label hides a channel and training on saved labels reads wrong masks
+    (``['cup', 'disc']``: the disc drawn over the cup, and the cup read as the whole disc).
+
+    Args:
+        bundle: the bundle folder, named in the error.
+        channel_names: the served model's channels, in order.
+        structure_of: the bundle's ``scripts.measurements.structure_of``.
+
+    Raises:
+        MONAILabelException: the channels are several and not the disc then the cup.
+    """
+    structures = [structure_of(name) for name in channel_names]
+    if len(channel_names) < 2 or tuple(structures) == NESTED_STRUCTURES:
+        return
+    found = ", ".join(f"{name!r} ({structure or 'no structure known by this name'})"
+                      for name, structure in zip(channel_names, structures))
+    raise MONAILabelException(
+        MONAILabelError.APP_INIT_ERROR,
+        f"Bundle {bundle}: the model's channels are, in this order, {found}, but a MONAI Label label holds one value "
+        "per pixel, that of the last channel present, which keeps every channel only when each lies inside the one "
+        f"before it: the app serves a model of one channel, or of {' then '.join(NESTED_STRUCTURES)} (channel_names "
+        f"{list(NESTED_STRUCTURES)}, or other names of theirs, e.g. 'OD', 'OC'). Segment with this model through "
+        "`python -m monai.bundle run inference` (one mask per channel), or train one with such channels.",
+    )
 
 
 class FundusLabeld:
     """Probability maps ``(C, H, W)`` to one uint8 label image laid out as MONAI Label's writer expects.
 
     Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel at or above ``threshold``
-    (nested structures: optic disc 1, cup 2), as the bundle's own prediction writer computes its masks
-    (``scripts.masks.binarise``; the app loads a bundle's scripts only inside its tasks). The result is transposed
-    to ``(W, H)``: MONAI Label keeps 2D images in MONAI's ITK-reader layout and its writer transposes back when
-    writing, whereas the bundle's loader keeps the file's ``(H, W)``.
+    (nested structures: optic disc 1, cup 2, the only several channels the app serves, :func:`check_label_channels`),
+    as the bundle's own prediction writer computes its masks (``scripts.masks.binarise``; the app loads a bundle's
+    scripts only inside its tasks). The result is transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's
+    ITK-reader layout and its writer transposes back when writing, whereas the bundle's loader keeps the file's
+    ``(H, W)``.
 
     Args:
         key: the probability map, already brought back to the image's size (the bundle's ``Invertd``).
@@ -541,7 +585,8 @@ def split_label(path: str, channel_names: Sequence[str], folder: Path) -> list[s
     the highest channel present. The structures of a multi-channel bundle are nested (the cup lies inside the
     disc), so channel ``c``'s mask is every pixel of value ``c + 1`` or above (disc: rim and cup; cup: value 2),
     which undoes FundusLabeld exactly. A bundle whose channels were not nested would need another reading, and
-    FundusLabeld could not have written its overlaps either.
+    FundusLabeld could not have written its overlaps either: the app refuses one at start-up
+    (:func:`check_label_channels`).
 
     The masks are 0/255 PNGs, in which the bundle's reader (``scripts.fundus_io.read_label_mask``) takes values
     above 127 as foreground; a 0/1 mask would also read right, but 0/255 ones show as masks in any viewer.

@@ -688,6 +688,48 @@ def test_train_a_disc_cup_bundle_on_the_labels_its_infer_returns(setup, tmp_path
         server.stop()
 
 
+
+def test_a_model_whose_channels_one_label_cannot_hold_is_refused_at_start_up(tmp_path):
+    """A label holds the last channel present, and training reads channel c as every value from c + 1 up: right for
+    the disc then the cup only. Served before 0.3.22, ['cup', 'disc'] gave labels without the cup (the disc written
+    over it) and trained the cup on the whole disc; ['vessels', 'disc', 'cup'] hid the vessels on the disc and
+    trained disc and cup as vessels. Both tasks now refuse such a model at start-up, naming its channels in order;
+    the disc and cup under other names of theirs, and one channel of any name, are served."""
+    network = random_adapted_network(IMAGE_SIZE, seed=3, channel_names=["disc", "cup"])
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    result = export_bundle(tmp_path / "dist", tmp_path / "model.pt", weights="full")
+    with zipfile.ZipFile(result.archive) as archive:
+        archive.extractall(tmp_path / "app")
+    bundle = tmp_path / "app" / BUNDLE_NAME
+    cases = [["cup", "disc"], ["vessels", "disc", "cup"], ["OD", "OC"], ["Vessels"]]
+    answers = run_in_server_python(
+        tmp_path,
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO / 'monailabel_app')!r})\n"
+        "import main\n"
+        f"model = {str(bundle / 'models' / 'model.pt')!r}\n"
+        "state = torch.load(model, map_location='cpu', weights_only=True)\n"
+        "answers = []\n"
+        f"for names in {cases!r}:\n"
+        "    state['_extra_state']['channel_names'] = names\n"
+        "    torch.save(state, model)\n"
+        "    for task in (main.FundusInferTask, main.FundusTrainTask):\n"
+        "        try:\n"
+        f"            answers.append('valid' if task({str(bundle)!r}, {{}}).is_valid() else 'not valid')\n"
+        "        except main.MONAILabelException as error:\n"
+        "            answers.append(error.msg)\n"
+        "print(json.dumps(answers))\n",
+    )
+    cup_disc, vessels_disc_cup, aliases, vessels = (answers[index : index + 2] for index in range(0, 8, 2))
+    for refused, found in ((cup_disc, "'cup' (cup), 'disc' (disc)"),
+                           (vessels_disc_cup, "'vessels' (vessels), 'disc' (disc), 'cup' (cup)")):
+        for message in refused:
+            assert message.startswith(f"Bundle {bundle}: the model's channels are, in this order, {found}, but "), message
+            assert "the app serves a model of one channel, or of disc then cup (channel_names ['disc', 'cup']" in message
+            assert "\n" not in message
+    assert aliases == vessels == ["valid", "valid"]
+
+
 def test_serve_script_installs_nothing_from_an_adapters_only_archive(tmp_path):
     """An adapters-only archive (or folder) is refused before it is installed: installed, the app refused it at
     start-up and serve.sh then refused the right archive as well, since an installed bundle is kept."""
