@@ -688,7 +688,6 @@ def test_train_a_disc_cup_bundle_on_the_labels_its_infer_returns(setup, tmp_path
         server.stop()
 
 
-
 def test_a_model_whose_channels_one_label_cannot_hold_is_refused_at_start_up(tmp_path):
     """A label holds the last channel present, and training reads channel c as every value from c + 1 up: right for
     the disc then the cup only. Served before 0.3.22, ['cup', 'disc'] gave labels without the cup (the disc written
