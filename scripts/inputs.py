@@ -121,6 +121,10 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     ),
     "channel_names": (_names, "a non-empty list of distinct names without '/', e.g. ['vessels'] or ['disc', 'cup']"),
     "quality_threshold": (lambda v: is_real_number(v) and 0 <= v <= 1, "a predicted IoU between 0 and 1"),
+    "report_thumbnails": (
+        lambda v: is_whole_number(v) and v >= 0,
+        "0 (show every overlay from its file) or a positive whole number of overlays report.html embeds",
+    ),
     "amp_dtype": (lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
     "auto_box_margin": (
         lambda v: is_real_number(v) and v >= 0,

@@ -2,8 +2,10 @@
 
 ``report.html`` shows, per image, a thumbnail of its overlay, its measurements and its flags, in a table sortable by
 any column (click a header: ascending, click again: descending; missing values always last), plus the run's settings.
-Everything is inside the one file (pictures as base64 ``data:`` URIs, inline CSS and JS), so it can be opened
-without a server or internet, mailed, or archived with the results.
+It opens from disk without a server or internet: CSS and JS are inline, and thumbnails are embedded as base64 JPEG
+``data:`` URIs, so a report of a few hundred images can be mailed or archived on its own. Pictures not embedded
+(the writer chooses: a run of thousands would make a page no browser opens comfortably) are shown from their files
+beside the page, loaded as they scroll into view.
 
 A link to the report sorted by a column: append ``#sort=<key>`` (ascending) or ``#sort=<key>:desc`` to its address,
 e.g. ``report.html#sort=vessel_density:desc``; clicking a header updates the address to match.
@@ -17,6 +19,7 @@ import io
 import math
 import numbers
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from PIL import Image
 
 from scripts.atomic import write_text_atomic
 
-__all__ = ["ReportColumn", "thumbnail_png", "write_html_report"]
+__all__ = ["ReportColumn", "thumbnail_jpeg", "write_html_report"]
 
 
 @dataclass(frozen=True)
@@ -94,15 +97,19 @@ if (requested) sortBy(decodeURIComponent(requested[1]), requested[2] === "desc")
 """
 
 
-def thumbnail_png(image: np.ndarray, max_side: int = 256) -> bytes:
-    """A picture downscaled (aspect kept, never enlarged) so its longer side is at most ``max_side``, as PNG bytes.
+def thumbnail_jpeg(image: np.ndarray, max_side: int = 256, quality: int = 85) -> bytes:
+    """A picture downscaled (aspect kept, never enlarged) so its longer side is at most ``max_side``, as JPEG bytes.
+
+    JPEG because a fundus photograph barely compresses as PNG (about 110 KB per 256 px thumbnail); its colour is kept
+    at full resolution (no chroma subsampling), which would smear the thin painted vessels.
 
     Args:
         image: ``(H, W, 3)`` RGB or ``(H, W)`` gray array, uint8 or float in ``[0, 1]`` (clipped to it).
         max_side: the longest side of the thumbnail, in pixels.
+        quality: JPEG quality, 1 to 95.
 
     Returns:
-        The PNG file's bytes.
+        The JPEG file's bytes.
 
     Raises:
         ValueError: for another shape, an empty picture or a dtype other than uint8 or float.
@@ -120,7 +127,7 @@ def thumbnail_png(image: np.ndarray, max_side: int = 256) -> bytes:
         size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
         picture = picture.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()
 
 
@@ -164,12 +171,15 @@ def _header(key: str, title: str, numeric: bool, unit: str = "") -> str:
     return f'<th data-key="{html.escape(key)}" data-type="{kind}">{html.escape(title)}{unit_html}</th>'
 
 
-def _thumbnail_cell(name: str, thumbnails: Mapping[str, bytes]) -> str:
-    png = thumbnails.get(name)
-    if not png:
-        return '<td class="thumb missing">no picture</td>'
-    data = base64.b64encode(png).decode("ascii")
-    return f'<td class="thumb"><img src="data:image/png;base64,{data}" alt="overlay of {html.escape(name)}"></td>'
+def _thumbnail_cell(name: str, thumbnails: Mapping[str, bytes], linked: Mapping[str, str]) -> str:
+    alt = f'alt="overlay of {html.escape(name)}"'
+    if thumbnails.get(name):
+        data = base64.b64encode(thumbnails[name]).decode("ascii")
+        return f'<td class="thumb"><img src="data:image/jpeg;base64,{data}" {alt}></td>'
+    if linked.get(name):
+        address = html.escape(urllib.parse.quote(linked[name]))
+        return f'<td class="thumb"><img src="{address}" loading="lazy" {alt}></td>'
+    return '<td class="thumb missing">no picture</td>'
 
 
 def write_html_report(
@@ -181,6 +191,7 @@ def write_html_report(
     title: str = "Fundus segmentation report",
     name_key: str = "image",
     flag_key: str = "flags",
+    linked: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the report page: per image its name, overlay thumbnail, measurements and flags, then the settings.
 
@@ -193,33 +204,42 @@ def write_html_report(
         rows: one mapping per image, holding ``name_key``, ``flag_key`` and the columns' keys (a missing key or
             None, NaN or "" shows as "n/a").
         columns: the measurement columns to show.
-        thumbnails: PNG bytes (see :func:`thumbnail_png`) by image name; an image without one shows "no picture".
+        thumbnails: JPEG bytes (see :func:`thumbnail_jpeg`) by image name, embedded in the page.
         settings: the run's settings, shown as a key/value table.
         title: the page's title and heading.
         name_key: the key of the image's file name in each row, also its key in ``thumbnails``.
         flag_key: the key of the row's flags: "" or None for none, else the reasons as text.
+        linked: by image name, the path of a picture relative to the page's folder (``/``-separated), shown from
+            that file for an image without an embedded thumbnail. An image with neither shows "no picture".
 
     Returns:
         The path written.
     """
+    linked = linked or {}
     measured = [(column, _is_numeric_column(rows, column.key)) for column in columns]
     headers = [_header(name_key, "Image", False), "<th>Overlay</th>"]
     headers += [_header(column.key, column.title, numeric, column.unit) for column, numeric in measured]
     headers.append(_header(flag_key, "Flags", False))
 
     body = []
-    flagged = 0
+    flagged = from_files = 0
     for row in rows:
         name = str(row.get(name_key, ""))
         flags = str(row.get(flag_key) or "")
         flagged += bool(flags)
-        cells = [_cell(name, False), _thumbnail_cell(name, thumbnails)]
+        from_files += not thumbnails.get(name) and bool(linked.get(name))
+        cells = [_cell(name, False), _thumbnail_cell(name, thumbnails, linked)]
         cells += [_cell(row.get(column.key), numeric, column.digits) for column, numeric in measured]
         cells.append(f'<td class="flag" data-value="{html.escape(flags)}">{html.escape(flags)}</td>')
         body.append(('<tr class="flagged">' if flags else "<tr>") + "".join(cells) + "</tr>")
 
     body_html = "\n".join(body)
     images = f"{len(rows)} image" + ("" if len(rows) == 1 else "s")
+    kept_apart = (
+        f" The overlays of {from_files} of them are shown from their files in this page's folder: keep them together."
+        if from_files
+        else ""
+    )
     setting_rows = "".join(
         f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
         for key, value in settings.items()
@@ -233,7 +253,7 @@ def write_html_report(
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{images}, <span id="flagged-count">{flagged} flagged</span>. Click a column header to sort.</p>
+<p>{images}, <span id="flagged-count">{flagged} flagged</span>. Click a column header to sort.{kept_apart}</p>
 <table id="results">
 <thead><tr>{"".join(headers)}</tr></thead>
 <tbody>

@@ -25,6 +25,7 @@ from scripts.fundus_io import (
 )
 from scripts.masks import binarise
 from scripts.measurements import SMALLEST_VESSEL_FRAGMENT, measure_structures, warn_about_unmeasured_channels
+from scripts.report import thumbnail_jpeg
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
 
@@ -94,7 +95,8 @@ class SaveFundusPredictiond(MapTransform):
         nifti: also write the label image as NIfTI.
         overlay_opacity: opacity of the mask colour on the overlay.
         measure: also measure the structures (:func:`scripts.measurements.measure_structures`, vessels inside the
-            estimated field of view) into ``<key>_record``, for the run's ``measurements.csv`` and report. A
+            estimated field of view) into ``<key>_record``, for the run's ``measurements.csv`` and report, with
+            the overlay's thumbnail for the report (``thumbnail``: :func:`scripts.report.thumbnail_jpeg`). A
             prediction for a stand-in (its metadata's :data:`scripts.fundus_io.UNREADABLE_KEY` says why the
             photograph could not be read) is not written; its record holds the image's name and that reason.
         pixel_size_mm: the side of a pixel in millimetres, for measures in mm (None: pixels only).
@@ -182,7 +184,8 @@ class SaveFundusPredictiond(MapTransform):
             write_png(self.output_dir / name, np.clip(channel, 0, 1))
         # A photograph barely compresses: zlib's level 1 writes an overlay 3.3 x (DRIVE) to 4.7 x (3504 x 2336)
         # faster than the default 6, for a file 10-14% larger.
-        write_png(self.output_dir / overlay_file, self._overlay(image, masks), compress_level=1)
+        overlay = self._overlay(image, masks)
+        write_png(self.output_dir / overlay_file, overlay, compress_level=1)
         if self.nifti:
             self._write_nifti(self.output_dir / output_names(source, self.channel_names, nifti=True)[-1], labels)
         if not self.measure:
@@ -190,16 +193,19 @@ class SaveFundusPredictiond(MapTransform):
         return {
             "image": source.name,
             "overlay": overlay_file,
+            # made here from the overlay in memory (0.12 s at 3504 x 2336): read back at the run's end it took 0.56 s
+            "thumbnail": thumbnail_jpeg(overlay),
             "fov_fraction": float(fov.mean()),
             **measure_structures(masks, self.channel_names, fov, self.pixel_size_mm, self.min_fragment_px),
         }
 
     def _overlay(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """The photograph (float ``[0, 1]``) with each channel's mask painted over it, as 8-bit RGB."""
         image = image.copy()
         for channel, mask in enumerate(masks):
             colour = channel_colour(channel)
             image[mask] = (1 - self.overlay_opacity) * image[mask] + self.overlay_opacity * colour
-        return image
+        return np.round(image * 255.0).astype(np.uint8)
 
     @staticmethod
     def _write_nifti(path: Path, labels: np.ndarray) -> None:

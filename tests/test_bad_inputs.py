@@ -97,6 +97,8 @@ BAD_SETTINGS = [
     ("channel_names", "vessels", "a non-empty list of distinct names"),
     ("quality_threshold", "high", "a predicted IoU between 0 and 1"),
     ("quality_threshold", 1.2, "a predicted IoU between 0 and 1"),
+    ("report_thumbnails", -1, "0 (show every overlay from its file) or a positive whole number"),
+    ("report_thumbnails", 2.5, "0 (show every overlay from its file) or a positive whole number"),
     ("amp_dtype", "bf16", "one of bfloat16, float16"),
     ("auto_box_margin", -0.6, "0 or a positive fraction of the box's size"),
     ("auto_points", 2.5, "a positive whole number"),

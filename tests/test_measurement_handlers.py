@@ -7,10 +7,12 @@ cup-to-disc ratio is known by construction.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from scripts.atomic import write_text_atomic
 from scripts.fundus_io import write_png
 from scripts.handlers import InferenceReport, MeasurementAgreement, measurement
 from scripts.measurements import measure_structures
+from scripts.report import thumbnail_jpeg
 
 SIZE = 96
 
@@ -210,8 +213,10 @@ def inference_record(folder: Path, name: str, fov_fraction: float, cup_rows: int
     """A record as the prediction writer leaves it, with the overlay it writes."""
     masks = disc_and_cup(60, cup_rows)
     overlay = f"{Path(name).stem}_overlay.png"
-    write_png(folder / overlay, np.stack([masks[0], masks[1], np.zeros_like(masks[0])], -1).astype(np.uint8) * 255)
-    return {"image": name, "overlay": overlay, "fov_fraction": fov_fraction, **measure_structures(masks, ["disc", "cup"])}
+    picture = np.stack([masks[0], masks[1], np.zeros_like(masks[0])], -1).astype(np.uint8) * 255
+    write_png(folder / overlay, picture)
+    measured = measure_structures(masks, ["disc", "cup"])
+    return {"image": name, "overlay": overlay, "thumbnail": thumbnail_jpeg(picture), "fov_fraction": fov_fraction, **measured}
 
 
 def test_inference_report_writes_csv_after_each_batch_and_the_report_at_the_end(tmp_path):
@@ -323,6 +328,46 @@ def test_inference_report_writes_the_csv_whole_again_when_someone_else_changed_i
 
     assert path.read_text(encoding="utf-8") == measurement._csv(report.rows, report.columns())
     assert [row["image"] for row in read_csv(path)] == ["eye_0.png", "eye_1.png", "eye_2.png"]
+
+
+@pytest.mark.parametrize(
+    ("bound", "expected"),
+    [(2, {"eye_c.png", "eye_d.png"}), (3, {"eye_c.png", "eye_d.png", "eye_a.png"}), (0, set())],
+)
+def test_the_report_embeds_the_flagged_overlays_first_and_shows_the_others_from_their_files(tmp_path, bound, expected):
+    """At 10,000 photographs embedding every overlay made a page of about 1.1 GB; past the bound they are linked."""
+    inferer = LatestIoU()
+    # eye_c has no dark border and eye_d a low predicted IoU: both flagged, after two that are not
+    eyes = [("eye_a.png", 0.7, 0.9), ("eye b#1.png", 0.7, 0.9), ("eye_c.png", 1.0, 0.9), ("eye_d.png", 0.6, 0.2)]
+    thumbnails = {}
+
+    def step(engine: Engine, batch: list) -> list[dict]:
+        inferer.last_iou = torch.tensor([[iou, iou] for *_, iou in batch])
+        records = [inference_record(tmp_path, name, fov, 20) for name, fov, _ in batch]
+        thumbnails.update((record["image"], record["thumbnail"]) for record in records)
+        return [{"pred_record": record} for record in records]
+
+    engine = Engine(step)
+    report = InferenceReport(tmp_path, ["disc", "cup"], inferer=inferer, embedded_thumbnails=bound)
+    report.attach(engine)
+    engine.run([[eye] for eye in eyes], max_epochs=1)
+
+    page = (tmp_path / InferenceReport.REPORT_NAME).read_text(encoding="utf-8")
+    sources = {name: source for source, name in re.findall(r'<img src="([^"]+)"[^>]* alt="overlay of ([^"]+)"', page)}
+    assert len(sources) == 4
+    embedded = {name for name, source in sources.items() if source.startswith("data:image/jpeg;base64,")}
+    assert embedded == expected
+    for name in embedded:
+        assert base64.b64decode(sources[name].split(",", 1)[1]) == thumbnails[name], "the writer's thumbnail"
+    if "eye_a.png" not in embedded:
+        assert sources["eye_a.png"] == "eye_a_overlay.png"
+    assert sources["eye b#1.png"] == "eye%20b%231_overlay.png", "a file name's space and # escaped in the address"
+    assert (tmp_path / "eye b#1_overlay.png").is_file()
+    assert page.count('loading="lazy"') == 4 - len(expected)
+    assert f"The overlays of {4 - len(expected)} of them are shown from their files" in page
+    assert len(report._thumbnails) <= 2 * bound, "held until the end: the first of the flagged and of the others"
+    assert all("thumbnail" not in row for row in read_csv(tmp_path / InferenceReport.CSV_NAME))
+
 
 def test_bland_altman_lines_carry_the_bias_and_limits_of_agreement(tmp_path, monkeypatch):
     from scripts import plots

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.report import ReportColumn, thumbnail_png, write_html_report
+from scripts.report import ReportColumn, thumbnail_jpeg, write_html_report
 
 COLUMNS = [
     ReportColumn("vessel_density", "Vessel density", "%", digits=3),
@@ -101,13 +101,17 @@ def fundus_overlay(vessel_colour: tuple[int, int, int], height: int = 384, width
 
 
 def overlay_thumbnails() -> dict[str, bytes]:
-    """Thumbnails for three of the four rows; fundus_3.png has none, so the browser shows a "no picture" cell too."""
+    """Thumbnails embedded for two of the four rows (fundus_10.png's overlay is shown from its file, fundus_3.png has
+    none, so the browser shows a "no picture" cell too)."""
     return {
-        "fundus_1.png": thumbnail_png(fundus_overlay((0, 255, 0))),
-        "fundus_2.png": thumbnail_png(fundus_overlay((255, 0, 255))),
-        # as float [0, 1], the other input thumbnail_png takes
-        "fundus_10.png": thumbnail_png(fundus_overlay((0, 255, 0)).astype(np.float32) / 255),
+        "fundus_1.png": thumbnail_jpeg(fundus_overlay((0, 255, 0))),
+        # as float [0, 1], the other input thumbnail_jpeg takes
+        "fundus_2.png": thumbnail_jpeg(fundus_overlay((255, 0, 255)).astype(np.float32) / 255),
     }
+
+
+# fundus_10.png's overlay, beside the report under a name an address must escape (a space, "#", "%")
+LINKED = {"fundus_10.png": "overlays of #10 at 100%/fundus_10_overlay.png"}
 
 
 def count(pixels: np.ndarray, colour: str) -> int:
@@ -173,11 +177,16 @@ def render(chromium: str, address: str, folder: Path) -> tuple[np.ndarray, str]:
 def rendered(chromium, module_folder) -> dict[str, tuple[np.ndarray, str]]:
     """Two reports as Chromium shows them (screenshot, DOM); one browser run each, as its start takes seconds.
 
-    ``"overlays"``: the report with its thumbnails, opened at ``#sort=vessel_density:desc``.
+    ``"overlays"``: the report with its thumbnails and its linked overlay, opened at ``#sort=vessel_density:desc``.
     ``"blank"``: the same report without thumbnails, with :data:`CLICKS` added.
     """
     folder = module_folder("rendered")
-    overlays = write_html_report(folder / "overlays" / "report.html", ROWS, COLUMNS, overlay_thumbnails(), SETTINGS)
+    overlays = write_html_report(
+        folder / "overlays" / "report.html", ROWS, COLUMNS, overlay_thumbnails(), SETTINGS, linked=LINKED
+    )
+    linked_file = overlays.parent / LINKED["fundus_10.png"]
+    linked_file.parent.mkdir()
+    Image.fromarray(fundus_overlay((0, 255, 0))).save(linked_file)
     blank = write_html_report(folder / "blank" / "report.html", ROWS, COLUMNS, {}, SETTINGS)
     blank.write_text(blank.read_text(encoding="utf-8").replace("</body>", CLICKS), encoding="utf-8")
     return {
@@ -186,15 +195,16 @@ def rendered(chromium, module_folder) -> dict[str, tuple[np.ndarray, str]]:
     }
 
 
-def test_the_browser_renders_the_embedded_overlays(rendered):
-    decoded = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in overlay_thumbnails().values()]
-    green_in_thumbnails = sum(count(pixels, "green") for pixels in decoded)
-    magenta_in_thumbnails = sum(count(pixels, "magenta") for pixels in decoded)
-    assert green_in_thumbnails > 5000 and magenta_in_thumbnails > 2500, "the vessels survive downscaling"
+def test_the_browser_renders_the_embedded_and_the_linked_overlays(rendered):
+    thumbnails = overlay_thumbnails()
+    decoded = {name: np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")) for name, jpeg in thumbnails.items()}
+    green_embedded, magenta_embedded = count(decoded["fundus_1.png"], "green"), count(decoded["fundus_2.png"], "magenta")
+    assert green_embedded > 2500 and magenta_embedded > 2500, "the vessels survive downscaling and JPEG"
 
     shown, _ = rendered["overlays"]
-    assert count(shown, "green") >= 0.9 * green_in_thumbnails, "both green overlays are drawn, at full size"
-    assert count(shown, "magenta") >= 0.9 * magenta_in_thumbnails, "the magenta overlay is drawn"
+    # The linked overlay is drawn at the thumbnails' size too: as much green as the embedded one, twice in all.
+    assert count(shown, "green") >= 1.8 * green_embedded, "the embedded and the linked green overlays are drawn"
+    assert count(shown, "magenta") >= 0.9 * magenta_embedded, "the magenta overlay is drawn"
     assert count(shown, "flag") > 500, "the flagged row's flag cell is coloured"
     blank, _ = rendered["blank"]
     assert count(blank, "green") == 0 and count(blank, "magenta") == 0, "the page itself has no overlay colours"
@@ -234,7 +244,7 @@ def test_hostile_text_is_escaped_and_the_page_is_self_contained(tmp_path):
         {"image": "plain.png", "vessel_density": 12.0, "fov_area": 1000, "predicted_iou": 0.5, "flags": ""},
     ]
     columns = [*COLUMNS, ReportColumn(attribute, attribute, unit=attribute)]
-    thumbnails = {hostile: thumbnail_png(fundus_overlay((0, 255, 0)))}
+    thumbnails = {hostile: thumbnail_jpeg(fundus_overlay((0, 255, 0)))}
     settings = {attribute: hostile, "output": "</table><script>alert(3)</script>"}
     report = write_html_report(tmp_path / "out" / "report.html", rows, columns, thumbnails, settings, title=hostile)
 
@@ -264,7 +274,7 @@ def test_hostile_text_is_escaped_and_the_page_is_self_contained(tmp_path):
     assert not [name for _, attributes in page.tags for name in attributes if name.startswith("on")]
     linking = [(tag, attributes) for tag, attributes in page.tags if "src" in attributes or "href" in attributes]
     assert [tag for tag, _ in linking] == ["img"], "nothing but the one thumbnail refers to anything"
-    assert linking[0][1]["src"].startswith("data:image/png;base64,"), "embedded, not fetched"
+    assert linking[0][1]["src"].startswith("data:image/jpeg;base64,"), "embedded, not fetched"
     assert "http://" not in text and "https://" not in text and "<link" not in text
     assert page.names() == [hostile, "plain.png"], "the hostile name is shown as text"
     assert f"<h1>{html.escape(hostile)}</h1>" in text
@@ -282,17 +292,41 @@ def test_hostile_text_is_escaped_and_the_page_is_self_contained(tmp_path):
     assert '<span id="flagged-count">0 flagged</span>' in report.read_text(encoding="utf-8"), "replaced"
 
 
+def test_overlays_not_embedded_are_shown_lazily_from_their_escaped_file_address(tmp_path):
+    rows = [{"image": name, "flags": ""} for name in ("embedded.png", "linked.png", "hostile.png", "none.png")]
+    thumbnails = {"embedded.png": thumbnail_jpeg(fundus_overlay((0, 255, 0)))}
+    linked = {
+        "embedded.png": "embedded_overlay.png",  # an embedded thumbnail wins over its file
+        "linked.png": "sub folder/linked_overlay.png",
+        "hostile.png": '" onerror="alert(1)&#.png',
+    }
+    text = write_html_report(tmp_path / "report.html", rows, [], thumbnails, {}, linked=linked).read_text("utf-8")
+    page = ParsedPage(text)
+
+    images = [attributes for tag, attributes in page.tags if tag == "img"]
+    assert images[0]["src"].startswith("data:image/jpeg;base64,") and "loading" not in images[0]
+    assert [(image["src"], image["loading"]) for image in images[1:]] == [
+        ("sub%20folder/linked_overlay.png", "lazy"),
+        ("%22%20onerror%3D%22alert%281%29%26%23.png", "lazy"),
+    ]
+    assert not [name for _, attributes in page.tags for name in attributes if name.startswith("on")]
+    assert page.rows[3][1] == ({"class": "thumb missing"}, "no picture")
+    assert "The overlays of 2 of them are shown from their files in this page's folder" in text
+
+
 def test_thumbnails_keep_the_aspect_ratio_within_the_maximum_side():
     def size(png: bytes) -> tuple[int, int]:
         return Image.open(io.BytesIO(png)).size
 
-    assert size(thumbnail_png(np.zeros((600, 1000, 3), dtype=np.uint8))) == (256, 154)
-    assert size(thumbnail_png(np.zeros((1000, 300), dtype=np.float32), max_side=100)) == (30, 100)
-    assert size(thumbnail_png(np.zeros((40, 60, 3), dtype=np.uint8))) == (60, 40), "never enlarged"
-    green = np.asarray(Image.open(io.BytesIO(thumbnail_png(np.full((512, 512, 3), (0.0, 1.0, 0.0))))))
-    assert green.shape == (256, 256, 3) and np.all(green == (0, 255, 0)), "float [0, 1] becomes uint8 0-255"
+    assert size(thumbnail_jpeg(np.zeros((600, 1000, 3), dtype=np.uint8))) == (256, 154)
+    assert size(thumbnail_jpeg(np.zeros((1000, 300), dtype=np.float32), max_side=100)) == (30, 100)
+    assert size(thumbnail_jpeg(np.zeros((40, 60, 3), dtype=np.uint8))) == (60, 40), "never enlarged"
+    green = Image.open(io.BytesIO(thumbnail_jpeg(np.full((512, 512, 3), (0.0, 1.0, 0.0)))))
+    assert green.format == "JPEG"
+    green_error = np.abs(np.asarray(green).astype(int) - (0, 255, 0)).max()
+    assert np.asarray(green).shape == (256, 256, 3) and green_error <= 2, "float [0, 1] becomes uint8 0-255 (JPEG: ±2)"
     with pytest.raises(ValueError, match="shape"):
-        thumbnail_png(np.zeros((10, 10, 4), dtype=np.uint8))
+        thumbnail_jpeg(np.zeros((10, 10, 4), dtype=np.uint8))
 
 
 def test_numbers_show_their_significant_digits_and_counts_show_whole(tmp_path):

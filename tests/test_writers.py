@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -121,3 +123,16 @@ def test_measured_counts_leave_out_specks_under_min_fragment_px_and_the_mask_kee
     assert (records[0]["segments"], records[0]["end_points"], records[0]["small_fragments"]) == (2, 4, 0)
     assert (records[10]["segments"], records[10]["end_points"], records[10]["small_fragments"]) == (1, 2, 1)
     assert records[0]["vessel_density"] == records[10]["vessel_density"]
+
+
+def test_the_record_carries_a_thumbnail_of_the_overlay_written(photo, tmp_path):
+    probabilities = np.zeros((1, 20, 30), dtype=np.float32)
+    probabilities[0, 8:12, 5:25] = 0.9
+    writer = SaveFundusPredictiond("pred", tmp_path / "out", ["vessels"], measure=True)
+    record = writer({"pred": prediction(probabilities, photo)})["pred_record"]
+    thumbnail = Image.open(io.BytesIO(record["thumbnail"]))
+    assert thumbnail.format == "JPEG" and thumbnail.size == (30, 20), "a small picture is not enlarged"
+    # The overlay file read back and encoded by PIL at the thumbnails' settings: the same picture, pixel for pixel.
+    encoded = io.BytesIO()
+    Image.open(tmp_path / "out" / record["overlay"]).save(encoded, format="JPEG", quality=85, subsampling=0)
+    assert np.array_equal(np.asarray(thumbnail), np.asarray(Image.open(encoded)))

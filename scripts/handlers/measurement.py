@@ -27,7 +27,7 @@ from monai.metrics import compute_dice
 from scipy.stats import pearsonr, spearmanr
 
 from scripts.atomic import FileState, append_text, write_text_atomic
-from scripts.fundus_io import UNREADABLE_KEY, read_image
+from scripts.fundus_io import UNREADABLE_KEY
 from scripts.masks import binarise
 from scripts.measurements import (
     MEASURE_UNITS,
@@ -38,7 +38,7 @@ from scripts.measurements import (
 )
 from scripts.metrics import UNKNOWN_DATASET, json_safe
 from scripts.plots import plot_bland_altman
-from scripts.report import ReportColumn, thumbnail_png, write_html_report
+from scripts.report import ReportColumn, write_html_report
 
 __all__ = ["FOV_RANGE", "InferenceReport", "MeasurementAgreement", "image_flags"]
 
@@ -123,6 +123,10 @@ class InferenceReport:
         left_out: where to add why a photograph could not be read at its turn (its record has no measurements:
             :class:`scripts.inputs.FolderDataset`), e.g. :attr:`scripts.inputs.ImageFolder.unreadable`, which the
             run reports at its end.
+        embedded_thumbnails: how many overlays the report embeds as thumbnails (the records' ``thumbnail``, 25 to 35
+            KB each in the page), the flagged images first, then in the run's order; the others it shows from their files
+            beside it. The bound keeps the page a few MB at any run's size (every one embedded, 10,000 photographs
+            made a page of about 1.1 GB), and the thumbnails held until the end to at most twice that many.
     """
 
     CSV_NAME = "measurements.csv"
@@ -137,7 +141,10 @@ class InferenceReport:
         settings: Mapping[str, Any] | None = None,
         record_key: str = "pred_record",
         left_out: list[str] | None = None,
+        embedded_thumbnails: int = 500,
     ) -> None:
+        if embedded_thumbnails < 0:
+            raise ValueError(f"embedded_thumbnails must be 0 or more, got {embedded_thumbnails}")
         self.output_dir = Path(output_dir)
         self.channel_names = list(channel_names)
         self.inferer = inferer
@@ -145,6 +152,10 @@ class InferenceReport:
         self.settings = dict(settings or {})
         self.record_key = record_key
         self.left_out = left_out if left_out is not None else []
+        self.embedded_thumbnails = embedded_thumbnails
+        # The first embedded_thumbnails of the flagged images' thumbnails and of the others', by image name.
+        self._thumbnails: dict[str, bytes] = {}
+        self._held = {True: 0, False: 0}
         self.rows: list[dict[str, Any]] = []
         # Kept as the rows come, not gathered from them per batch: that too would grow with the square of the run.
         self._keys: dict[str, None] = {}
@@ -161,6 +172,8 @@ class InferenceReport:
         self.rows.clear()
         self._keys.clear()
         self._written = None
+        self._thumbnails.clear()
+        self._held = {True: 0, False: 0}
 
     def _collect(self, engine: Engine) -> None:
         outputs = engine.state.output
@@ -170,9 +183,14 @@ class InferenceReport:
             if record.get(UNREADABLE_KEY):
                 self.left_out.append(record[UNREADABLE_KEY])
                 continue
+            thumbnail = record.pop("thumbnail", None)
             predicted = {f"predicted_iou_{name}": iou for name, iou in zip(self.channel_names, ious or [])}
             record.update(predicted)
             record["flags"] = image_flags(record["fov_fraction"], min(ious) if ious else None, self.quality_threshold)
+            flagged = bool(record["flags"])
+            if thumbnail and self._held[flagged] < self.embedded_thumbnails:
+                self._thumbnails[record["image"]] = thumbnail
+                self._held[flagged] += 1
             added.append(record)
             self._keys.update(dict.fromkeys(key for key in record if key not in ("image", "overlay", "flags", "notes")))
         self.rows.extend(added)
@@ -197,21 +215,34 @@ class InferenceReport:
 
     def write_report(self, _: Engine | None = None) -> None:
         """Write ``report.html``: each image's overlay, measurements and flags, sortable, with the run's settings."""
-        thumbnails = {}
-        for row in self.rows:
-            overlay = self.output_dir / row["overlay"]
-            if overlay.is_file():
-                thumbnails[row["image"]] = thumbnail_png(read_image(overlay))
+        # The flagged first (sorted is stable: in the run's order otherwise): those a reader must look at.
+        flagged_first = sorted(self.rows, key=lambda row: not row["flags"])
+        embedded = [row["image"] for row in flagged_first if row["image"] in self._thumbnails]
+        thumbnails = {name: self._thumbnails[name] for name in embedded[: self.embedded_thumbnails]}
+        linked = {
+            row["image"]: Path(row["overlay"]).as_posix()
+            for row in self.rows
+            if row["image"] not in thumbnails and (self.output_dir / row["overlay"]).is_file()
+        }
         columns = [
             ReportColumn(key, key.replace("_", " "), MEASURE_UNITS.get(key, ""))
             for key in self.columns()
             if key not in ("image", "flags")
         ]
         path = write_html_report(
-            self.output_dir / self.REPORT_NAME, self.rows, columns, thumbnails, self.settings, title="Fundus segmentation"
+            self.output_dir / self.REPORT_NAME,
+            self.rows,
+            columns,
+            thumbnails,
+            self.settings,
+            title="Fundus segmentation",
+            linked=linked,
         )
         flagged = sum(bool(row["flags"]) for row in self.rows)
-        logger.info(f"Wrote {self.output_dir / self.CSV_NAME} and {path}: {len(self.rows)} images, {flagged} flagged.")
+        from_files = f" ({len(linked)} overlays shown from their files, not embedded)" if linked else ""
+        logger.info(
+            f"Wrote {self.output_dir / self.CSV_NAME} and {path}: {len(self.rows)} images, {flagged} flagged{from_files}."
+        )
 
 
 def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
