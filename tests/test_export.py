@@ -262,6 +262,16 @@ def test_the_archive_describes_the_exported_model(tmp_path):
     with pytest.raises(ExportError, match="not_a_summary.json cannot be read .no 'metadata'.: give the "
                        "metrics_summary.json that `run evaluating` wrote"):
         export_bundle(tmp_path / "dist2", model, weights="full", evaluation=tmp_path / "not_a_summary.json")
+    summary["metadata"]["checkpoint"] = str(model)
+    summary["summary"]["datasets"]["REFUGE2"]["metrics"]["dice"] = {"mean": 0.9}
+    (tmp_path / "odd_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ExportError, match="odd_summary.json cannot be read .metric 'dice' of REFUGE2 is not named "
+                       "<channel>/<region>/<metric>.: give the"):
+        export_bundle(tmp_path / "dist2", model, weights="full", evaluation=tmp_path / "odd_summary.json")
+    summary["summary"]["datasets"]["REFUGE2"]["metrics"] = {"disc/fov/dice": 0.9}
+    (tmp_path / "odd_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ExportError, match="odd_summary.json cannot be read"):
+        export_bundle(tmp_path / "dist2", model, weights="full", evaluation=tmp_path / "odd_summary.json")
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(root / "configs" / "metadata.json"),

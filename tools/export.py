@@ -249,8 +249,15 @@ def evaluation_metrics(summary_file: Path, ckpt: Path) -> dict[str, float]:
     try:
         document = json.loads(summary_file.read_text(encoding="utf-8"))
         split = document["metadata"]["split"]
-        datasets = document["summary"]["datasets"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        metrics = {}
+        for dataset, group in document["summary"]["datasets"].items():
+            for key, statistic in group["metrics"].items():
+                if key.count("/") != 2:
+                    raise ValueError(f"metric {key!r} of {dataset} is not named <channel>/<region>/<metric>")
+                channel, region, metric = key.split("/")
+                if region == "fov" and metric in EVALUATION_METRICS and statistic["mean"] is not None:
+                    metrics[f"{dataset}_{split}_{channel}_fov_{metric}"] = round(float(statistic["mean"]), 4)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         if isinstance(error, OSError):
             reason = error.strerror
         else:
@@ -268,12 +275,6 @@ def evaluation_metrics(summary_file: Path, ckpt: Path) -> dict[str, float]:
             f"Evaluation summary {summary_file} is of model {evaluated}, whose content differs from the exported "
             f"{ckpt}: its figures are not this model's."
         )
-    metrics = {}
-    for dataset, group in datasets.items():
-        for key, statistic in group["metrics"].items():
-            channel, region, metric = key.split("/")
-            if region == "fov" and metric in EVALUATION_METRICS and statistic.get("mean") is not None:
-                metrics[f"{dataset}_{split}_{channel}_fov_{metric}"] = round(float(statistic["mean"]), 4)
     return metrics
 
 
