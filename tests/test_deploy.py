@@ -279,6 +279,18 @@ def test_cli_refuses_an_opset_the_installation_cannot_export(beyond, tmp_path, c
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_refuses_an_opset_for_an_exported_program(tmp_path, capsys):
+    """An exported program has no opset: an --opset given with it would be silently ignored."""
+    arguments = ["--format", "exported_program", "--ckpt_path", str(tmp_path / "none.pt"), "--output",
+                 str(tmp_path / "m.pt2"), "--opset", "18"]
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments)
+    assert stopped.value.code == 2
+    assert ("error: argument --opset: --format exported_program has no opset; --opset is for --format onnx."
+            in capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_onnx_file_of_another_opset_than_asked_is_not_kept(trained, tmp_path, capsys, monkeypatch):
     """An opset the exporter cannot convert to gets a file of opset 18, with a logged warning at most: it was kept
     as the export asked for. Here the exporter is made to write 18 whatever it is asked."""

@@ -176,13 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--opset",
         type=int,
-        default=OPSET,
-        help=f"ONNX opset, {MIN_OPSET} up to the newest the installed exporter, onnx and onnxruntime all handle "
-        f"(default {OPSET}, whose Attention operator onnxruntime 1.23+ runs as one kernel; {MIN_OPSET} for runtimes "
+        help=f"--format onnx only: the ONNX opset, {MIN_OPSET} up to the newest the installed exporter, onnx and "
+        f"onnxruntime all handle (default {OPSET}, whose Attention operator onnxruntime 1.23+ runs as one kernel; {MIN_OPSET} for runtimes "
         "without it)",
     )
     args = parser.parse_args(argv)
+    if args.opset is not None and args.format != "onnx":  # an exported program has no opset: it would be ignored
+        parser.error(f"argument --opset: --format {args.format} has no opset; --opset is for --format onnx.")
     if args.format == "onnx":  # it checks the export with onnxruntime: known before minutes of exporting
+        args.opset = OPSET if args.opset is None else args.opset
         require_onnxruntime("--format onnx", args.opset)
         opsets, limits = opset_range()
         if args.opset not in opsets:
