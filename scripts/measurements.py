@@ -161,7 +161,7 @@ def _equivalent_diameter(mask: np.ndarray) -> float:
     return 2.0 * math.sqrt(np.count_nonzero(mask) / math.pi)
 
 
-def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The largest 8-connected component of ``mask`` with the pieces near it.
 
     Args:
@@ -172,11 +172,11 @@ def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = 
             none does, every component is.
 
     Returns:
-        The structure, the pixels of ``mask`` left out, and the number of pieces joined to the largest.
+        The structure, and the number of pieces joined to the largest.
     """
     labels, count = ndimage.label(mask, _EIGHT_CONNECTED)
     if count <= 1:
-        return mask.copy(), 0, 0
+        return mask.copy(), 0
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     candidates = sizes.copy()
@@ -197,26 +197,16 @@ def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = 
     near = ndimage.distance_transform_edt(~largest[window]) <= reach
     kept = np.unique(labels[window][near & mask[window]])
     kept = kept[(kept > 0) & (sizes[kept] >= SMALLEST_SPLIT_PIECE * sizes[largest_label])]
-    structure = np.isin(labels, kept)
-    left_out = int(np.count_nonzero(mask)) - int(np.count_nonzero(structure))
-    return structure, left_out, len(kept) - 1
+    return np.isin(labels, kept), len(kept) - 1
 
 
-def _fill_holes(mask: np.ndarray) -> int:
+def _fill_holes(mask: np.ndarray) -> None:
     """Fill, in place, the holes of a mask (background that no 4-connected path joins to the picture's border, as
-    the 8-connected pieces' outlines enclose it).
-
-    Returns:
-        The number of pixels filled.
-    """
-    if not mask.any():
-        return 0
-    rows, cols = bounding_slices(mask)
-    box = mask[rows, cols]
-    filled = ndimage.binary_fill_holes(box)
-    added = int(np.count_nonzero(filled)) - int(np.count_nonzero(box))
-    box |= filled
-    return added
+    the 8-connected pieces' outlines enclose it)."""
+    if mask.any():
+        rows, cols = bounding_slices(mask)
+        box = mask[rows, cols]
+        box |= ndimage.binary_fill_holes(box)
 
 
 def _diameter(mask: np.ndarray, axis: int) -> int:
@@ -289,18 +279,16 @@ def disc_cup_measurements(
     pixel_size = _check_pixel_size(pixel_size_mm)
 
     # The disc's size before its pieces are told apart: its largest piece alone may be half of it.
-    disc_region, disc_left_out, disc_joined = _main_structure(
-        disc_mask, SPLIT_GAP_OF_DISC * _equivalent_diameter(disc_mask)
-    )
+    disc_region, disc_joined = _main_structure(disc_mask, SPLIT_GAP_OF_DISC * _equivalent_diameter(disc_mask))
     # A disc or cup has no hole: one in the mask (the pale cup missed in a disc's) would take its pixels off the
     # areas, and set a cup there outside its disc.
-    disc_holes = _fill_holes(disc_region)
+    _fill_holes(disc_region)
     # The cup is the largest piece in the disc (a larger false cup outside it would otherwise take its place), with
     # the pieces within the disc's reach.
-    cup_region, cup_left_out, cup_joined = _main_structure(
+    cup_region, cup_joined = _main_structure(
         cup_mask, SPLIT_GAP_OF_DISC * _equivalent_diameter(disc_region if disc_region.any() else cup_mask), disc_region
     )
-    cup_holes = _fill_holes(cup_region)
+    _fill_holes(cup_region)
     inside = cup_region & disc_region
     disc_area = int(np.count_nonzero(disc_region))
     cup_area = int(np.count_nonzero(cup_region))
@@ -321,10 +309,14 @@ def disc_cup_measurements(
     record["cup_offset_y"] = math.nan
 
     notes = []
-    for name, left_out, joined, holes, region in (
-        ("disc", disc_left_out, disc_joined, disc_holes, disc_region),
-        ("cup", cup_left_out, cup_joined, cup_holes, cup_region),
+    for name, mask, joined, region in (
+        ("disc", disc_mask, disc_joined, disc_region),
+        ("cup", cup_mask, cup_joined, cup_region),
     ):
+        # Counted against the mask once the holes are filled: a piece away from the structure that lies in one of its
+        # holes is measured, not left out.
+        holes = int(np.count_nonzero(region & ~mask))
+        left_out = int(np.count_nonzero(mask & ~region))
         if joined:
             notes.append(f"{name}: {joined + 1} pieces measured as one (split by a vessel?)")
         if holes > 0.01 * np.count_nonzero(region):

@@ -577,6 +577,21 @@ def test_holes_in_the_disc_or_cup_are_filled_and_noted() -> None:
     assert disc_cup_measurements(pinhole, cup) == clean, "a pixel's hole, under 1%, is filled without a note"
 
 
+def test_a_piece_of_disc_inside_its_hole_is_measured_not_noted_as_left_out() -> None:
+    """A disc mask that missed the pale cup but kept a speck in its middle: the speck, too far from the ring to join
+    it, lies in the hole that is filled, so it is measured with the disc; the notes said it was left out, and counted
+    its pixels among the holes."""
+    disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
+    cup = _disc(SHAPE, CENTRE, DISC_RADIUS / 2)
+    hole = _disc(SHAPE, CENTRE, 35)
+    speck = _disc(SHAPE, CENTRE, 10)  # 4% of the mask, 25 px from the ring: beyond 0.12 disc diameters
+    record = disc_cup_measurements((disc & ~hole) | speck, cup)
+    clean = disc_cup_measurements(disc, cup)
+    assert record == {**clean, "notes": record["notes"]}
+    filled = np.count_nonzero(hole & ~speck)
+    assert record["notes"] == f"disc: holes of {filled} px ({100 * filled / np.count_nonzero(disc):.1f}%) filled"
+
+
 def test_a_larger_false_cup_outside_the_disc_does_not_replace_the_cup_in_it() -> None:
     disc = _disc(SHAPE, CENTRE, DISC_RADIUS)
     cup = _disc(SHAPE, CENTRE, 25)
