@@ -16,10 +16,13 @@ import gzip
 import io
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL.TiffImagePlugin import IMAGELENGTH, IMAGEWIDTH
 from scipy import ndimage
 
 from scripts.atomic import atomic_path
@@ -73,6 +76,23 @@ def _image_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+_UNREADABLE = (OSError, EOFError, ValueError, SyntaxError, zlib.error, struct.error, Image.DecompressionBombError)
+"""What a damaged, cut-short or forged file raises while it is opened or decoded: besides PIL's own (OSError,
+UnidentifiedImageError among them) and gzip's, zlib's for a damaged ``.gz``, struct's for malformed EXIF, and PIL's
+for a header claiming more pixels than it decodes."""
+
+_ORIENTATION_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""The turn each EXIF orientation asks for, as ``ImageOps.exif_transpose`` applies it. Applied here to the pixels
+alone: exif_transpose also rewrites the EXIF block, and fails on a malformed one that the pixels do not need."""
+
 _TURNED: set[str] = set()
 """Pictures turned by their EXIF orientation that were named in the log already (once per file, not per epoch)."""
 
@@ -102,9 +122,10 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
         with Image.open(io.BytesIO(raw)) as opened:
-            opened.load()
+            # Asked before decoding: PIL's TIFF reader turns the picture itself as it decodes, and drops the tag.
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
-            if orientation in range(2, 9) and str(path) not in _TURNED:  # those exif_transpose applies
+            opened.load()
+            if orientation in _ORIENTATION_TURNS and str(path) not in _TURNED:
                 _TURNED.add(str(path))
                 logger.warning(
                     "%s is turned upright as its EXIF orientation (%s) says, as a viewer shows it: its masks, prompts "
@@ -112,19 +133,19 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
                     path,
                     orientation,
                 )
-            # A multi-frame file (animated gif, tiff stack) is read as its first frame.
-            image = ImageOps.exif_transpose(opened)
+            # The turn still to make once decoded (none where the reader made it). A multi-frame file (animated gif,
+            # tiff stack) is read as its first frame.
+            turn = _ORIENTATION_TURNS.get(opened.getexif().get(ExifTags.Base.Orientation, 1))
+            image = opened.transpose(turn) if turn is not None else opened.copy()
     except UnidentifiedImageError:
         if not raw:
             raise FundusImageError(f"cannot read image {path}: the file is empty (0 bytes)") from None
         raise FundusImageError(
             f"cannot read image {path}: not an image file PIL recognises (damaged, cut short, or another format)"
         ) from None
-    except (OSError, EOFError, ValueError, SyntaxError, gzip.BadGzipFile) as error:
+    except _UNREADABLE as error:
         reason = str(error) or type(error).__name__
         raise FundusImageError(f"cannot read image {path}: {reason}") from None
-    except Image.DecompressionBombError as error:
-        raise FundusImageError(f"cannot read image {path}: {error}") from None
     if image.width == 0 or image.height == 0:
         raise FundusImageError(f"image {path} is empty ({image.width}x{image.height} pixels)")
     return image
@@ -165,7 +186,7 @@ def is_grayscale(path: str | os.PathLike) -> bool:
         source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
         with Image.open(source) as opened:
             return opened.mode in GRAYSCALE_MODES
-    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile):
+    except _UNREADABLE:
         return False
 
 
@@ -177,10 +198,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
         source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
         with Image.open(source) as opened:
             width, height = opened.size
-            # EXIF orientations 5 to 8 turn the picture a quarter: it is read upright (_open_decoded).
+            # EXIF orientations 5 to 8 turn the picture a quarter: it is read upright (_open_decoded). PIL's TIFF
+            # reader gives the turned size already (the size its tags store, swapped).
             turned = opened.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            stored = getattr(opened, "tag_v2", {})
+            if turned and (stored.get(IMAGEWIDTH), stored.get(IMAGELENGTH)) == (height, width):
+                return width, height
             return (height, width) if turned else (width, height)
-    except (OSError, EOFError, ValueError, SyntaxError, UnidentifiedImageError, gzip.BadGzipFile):
+    except _UNREADABLE:
         return None
 
 
@@ -206,12 +231,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_MODES:
         gray = _sixteen_bit_to_float(image)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if _has_alpha(image):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / np.float32(255.0)
         if rgba[..., 3].any():  # an alpha channel that hides the whole picture says nothing: it is ignored
             return np.ascontiguousarray(rgba[..., :3] * rgba[..., 3:])
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
     return np.ascontiguousarray(rgb)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """Whether a PIL image holds transparency: an alpha channel, or a palette's transparent entry."""
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def readable_image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -315,7 +345,8 @@ def mask_levels_problem(values: np.ndarray) -> str | None:
         return None
     return (
         f"has {len(levels)} levels from {levels[0]} to {high}: a 0/1 mask saved in a lossy format such as JPEG, "
-        "whose compression noise cannot be told from the structure; save masks losslessly (PNG, TIFF), 0/1 or 0/255"
+        "whose compression noise cannot be told from the structure, or a map of several classes (0 background, 1 "
+        "disc, 2 cup); save masks losslessly (PNG, TIFF), 0/1 or 0/255, one per structure"
     )
 
 
@@ -325,8 +356,10 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
     Foreground as :func:`label_foreground` says: any non-zero value in a mask whose values stay below 128, values
     above 127 otherwise, read from the picture's gray levels (a colour file's luminance). A colour picture whose
     channels differ by more than a faint tint (:data:`GRAY_TINT_TOLERANCE`; green vessels drawn on black) is refused,
-    as is a low-valued mask of more than two levels (:func:`mask_levels_problem`: a 0/1 mask saved as JPEG). Another mask with more than two levels (a 0/255 JPEG,
-    an anti-aliased drawing) is thresholded, with a warning naming the file.
+    as is a low-valued mask of more than two levels (:func:`mask_levels_problem`: a 0/1 mask saved as JPEG). Another
+    mask with more than two levels (a 0/255 JPEG, an anti-aliased drawing) is thresholded, with a warning naming the
+    file. Transparent pixels are laid over black, as :func:`read_image` lays them (a mask painted on a transparent
+    layer), unless the alpha channel hides every pixel.
 
     Args:
         path: mask file, in any format accepted by :func:`read_image`.
@@ -339,6 +372,10 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
             low-valued mask of more than two levels.
     """
     image = _open_decoded(path)
+    if _has_alpha(image):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+        if rgba[..., 3].any():  # laid over black, as read_image lays a photograph: what is hidden is background
+            image = Image.fromarray(((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8))
     if image.mode not in (*_SIXTEEN_BIT_MODES, "L", "1", "F"):
         rgb = np.asarray(image.convert("RGB"))
         if int(np.ptp(rgb, axis=-1).max(initial=0)) > GRAY_TINT_TOLERANCE:

@@ -4,6 +4,8 @@ import gzip
 import io
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from scripts.fundus_io import (
     _median_filtered_sample,
     estimate_fov,
     image_size,
+    is_grayscale,
     read_image,
     read_label_mask,
     read_mask,
@@ -224,6 +227,87 @@ def test_a_jpeg_turned_by_its_exif_orientation_is_read_as_a_viewer_shows_it(tmp_
     assert image_size(path) == (100, 200)  # (width, height), as shown
     assert readable_image_size(path) == (200, 100)  # (height, width), as read
     assert caplog.text.count("turned upright as its EXIF orientation (6) says") == 1, "named once, not per read"
+
+
+def test_a_tiff_turned_by_its_orientation_tag_is_turned_once(tmp_path: Path, caplog) -> None:
+    """PIL's TIFF reader turns the picture itself as it decodes and gives its turned size when it opens it: the header
+    size was swapped once more, so that a mask of the picture as read was refused, and the turn went unsaid."""
+    stored = np.zeros((40, 64, 3), np.uint8)
+    stored[:5, :, 0] = 255  # a red band along the stored top edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "eye.tif"
+    Image.fromarray(stored).save(path, exif=exif)
+    with caplog.at_level(logging.WARNING):
+        shown = read_image(path)
+    assert shown.shape == (64, 40, 3)
+    assert shown[:, -5:, 0].mean() > 0.9 and shown[:, :5, 0].mean() < 0.1, "the top edge turned to the right once"
+    assert image_size(path) == (40, 64)  # (width, height), as read
+    assert "turned upright as its EXIF orientation (6) says" in caplog.text
+
+
+def test_a_turned_jpeg_with_malformed_exif_is_turned_all_the_same(tmp_path: Path) -> None:
+    """A standard tag of another type than EXIF defines (ResolutionUnit as text): PIL's exif_transpose, which rewrites
+    the EXIF block, raised struct.error, and an inference folder holding the file stopped at start-up."""
+    stored = np.zeros((40, 64, 3), np.uint8)
+    stored[:5, :, 0] = 255
+    entries = [struct.pack("<HHII", 0x0112, 3, 1, 6), struct.pack("<HHI4s", 0x0128, 2, 4, b"inc\0")]
+    block = b"II*\x00" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=b"Exif\x00\x00" + block)
+    shown = read_image(path)
+    assert shown.shape == (64, 40, 3) and shown[:, -5:, 0].mean() > 0.9 and shown[:, :5, 0].mean() < 0.1
+    assert image_size(path) == (40, 64)
+
+
+@pytest.mark.parametrize("reader", [*READERS, read_label_mask])
+def test_a_damaged_gzip_or_a_forged_header_is_one_line(tmp_path: Path, rgb8: np.ndarray, reader) -> None:
+    """zlib's error on a damaged .gz, and PIL's on a header claiming more pixels than it decodes, went out as
+    tracebacks (the header readers let both out: a datalist's check stopped with one)."""
+    gzipped = tmp_path / "im0001.ppm.gz"
+    buffer = io.BytesIO()
+    Image.fromarray(rgb8).save(buffer, "PPM")
+    data = bytearray(gzip.compress(buffer.getvalue()))
+    data[12] ^= 0xFF  # inside the deflate stream, past gzip's header
+    gzipped.write_bytes(bytes(data))
+    forged = tmp_path / "huge.png"
+    header = struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 100)
+    forged.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + b"".join(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+                   for kind, body in ((b"IHDR", header), (b"IDAT", pixels)))
+    )
+    for path in (gzipped, forged):
+        with pytest.raises(FundusImageError) as error:
+            reader(path)
+        _assert_clean_error(error, path, "cannot read")
+        assert image_size(path) is None and is_grayscale(path) is False
+
+
+def test_a_label_painted_on_a_transparent_layer_is_read_over_black(tmp_path: Path) -> None:
+    """Its hidden pixels kept white under a transparent alpha: read as foreground, the whole picture was the label."""
+    painted = np.zeros((64, 64), bool)
+    painted[30:34, :] = True
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = np.where(painted, 255, 0)
+    gray_alpha = rgba[..., [0, 3]]
+    for name, picture in (("rgba.png", Image.fromarray(rgba, "RGBA")), ("la.png", Image.fromarray(gray_alpha, "LA"))):
+        picture.save(tmp_path / name)
+        np.testing.assert_array_equal(read_label_mask(tmp_path / name), painted)
+    rgba[..., 3] = 0  # an alpha that hides everything says nothing: ignored, as for a photograph
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "hidden.png")
+    assert read_label_mask(tmp_path / "hidden.png").all()
+
+
+def test_a_lossless_map_of_several_classes_is_named_as_such(tmp_path: Path) -> None:
+    classes = np.zeros((64, 64), np.uint8)
+    classes[16:48, 16:48] = 1
+    classes[24:40, 24:40] = 2
+    with pytest.raises(FundusImageError, match=r"classes.png has 3 levels from 0 to 2: .* or a map of several "
+                       r"classes \(0 background, 1 disc, 2 cup\); save masks losslessly .* one per structure"):
+        read_label_mask(_save(tmp_path / "classes.png", classes))
 
 
 def _assert_clean_error(error: pytest.ExceptionInfo, path: Path, words: str) -> None:
