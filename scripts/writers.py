@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from scripts.measurements import SMALLEST_VESSEL_FRAGMENT, measure_structures, w
 from scripts.report import thumbnail_jpeg
 
 __all__ = ["REPORT_FILES", "SaveFundusPredictiond", "label_map", "output_names", "output_stem"]
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILES = ("measurements.csv", "report.html", "prompts_used.json")
 """What an inference run writes once into its output folder, beside each image's files."""
@@ -141,21 +144,37 @@ class SaveFundusPredictiond(MapTransform):
             if unreadable:  # a stand-in for a photograph that could not be read (scripts.inputs.FolderDataset)
                 record = {"image": source.name, UNREADABLE_KEY: unreadable}
             else:
-                record = self.write(np.asarray(probabilities.detach().cpu(), dtype=np.float32), source)
+                array = np.asarray(probabilities.detach().cpu(), dtype=np.float32)
+                try:
+                    image = self.photograph(array, source)
+                except FundusImageError as error:
+                    if not self.measure:  # no record to carry it to the run's report
+                        raise
+                    # A photograph removed or replaced since its batch was loaded, or a prediction that cannot be
+                    # written for it: nothing is written for it, and the run goes on and reports it at its end.
+                    logger.error(f"Left out: {error}")
+                    record = {"image": source.name, UNREADABLE_KEY: str(error)}
+                else:
+                    record = self.write(array, source, image)
             if self.measure:
                 d[f"{key}_record"] = record
         return d
 
-    def write(self, probabilities: np.ndarray, source: Path) -> dict[str, Any]:
-        """Write every output for one image.
+    def photograph(self, probabilities: np.ndarray, source: Path) -> np.ndarray:
+        """The photograph ``probabilities`` were predicted from, read again for its overlay and field of view, once
+        the prediction is known to be writable for it.
 
         Args:
             probabilities: (C, H, W) probabilities at the size of ``source``.
             source: the image they were predicted from.
 
         Returns:
-            The image's record: its name, the share of the picture its estimated field of view covers, and, with
-            ``measure``, the measurements of its structures (empty otherwise).
+            ``source`` as :func:`scripts.fundus_io.read_image` reads it.
+
+        Raises:
+            ValueError: the prediction has another number of channels than the writer's channel names.
+            FundusImageError: the prediction holds NaN or infinite values, ``source`` cannot be read, or it is not
+                the prediction's size.
         """
         if probabilities.shape[0] != len(self.channel_names):
             raise ValueError(
@@ -173,6 +192,22 @@ class SaveFundusPredictiond(MapTransform):
                 f"{source} is {image.shape[1]}x{image.shape[0]} but its prediction is {probabilities.shape[2]}x"
                 f"{probabilities.shape[1]}: the prediction was not brought back to the image's size."
             )
+        return image
+
+    def write(self, probabilities: np.ndarray, source: Path, image: np.ndarray | None = None) -> dict[str, Any]:
+        """Write every output for one image.
+
+        Args:
+            probabilities: (C, H, W) probabilities at the size of ``source``.
+            source: the image they were predicted from.
+            image: ``source`` as :meth:`photograph` gave it; None reads it (and checks the prediction) here.
+
+        Returns:
+            The image's record: its name, the share of the picture its estimated field of view covers, and, with
+            ``measure``, the measurements of its structures (empty otherwise).
+        """
+        if image is None:
+            image = self.photograph(probabilities, source)
         fov = estimate_fov(image) if self.restrict_to_fov or self.measure else None
         if self.restrict_to_fov:
             probabilities = probabilities * fov

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from scripts.fundus_io import FundusImageError, write_png
+from scripts.fundus_io import UNREADABLE_KEY, FundusImageError, write_png
 from scripts.metrics import evaluate_case
 from scripts.writers import SaveFundusPredictiond, label_map
 
@@ -108,6 +109,34 @@ def test_a_prediction_holding_nan_writes_nothing(photo, tmp_path):
     with pytest.raises(FundusImageError, match="the prediction holds NaN or infinite values"):
         SaveFundusPredictiond("pred", tmp_path / "out", ["vessels"], nifti=True)({"pred": prediction(probabilities, photo)})
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_photograph_gone_or_changed_since_its_batch_was_loaded_is_left_out(photo, tmp_path, caplog):
+    """The writer reads the photograph again for its overlay: one removed or replaced in between stopped the run, and
+    the photographs after it were not segmented. Measuring (as the bundle's inference does), it is left out with its
+    reason for the run's report, nothing is written for it, and the next photograph is written."""
+    probabilities = np.full((1, 20, 30), 0.9, dtype=np.float32)
+    out = tmp_path / "out"
+    writer = SaveFundusPredictiond("pred", out, ["vessels"], measure=True)
+    replaced = tmp_path / "replaced.png"
+    write_png(replaced, np.zeros((10, 10, 3), np.float32))
+    nan = probabilities.copy()
+    nan[0, 3, 4] = np.nan
+    gone = tmp_path / "gone.png"
+    cases = (
+        (gone, probabilities, "image file not found"),
+        (replaced, probabilities, "is 10x10 but its prediction is 30x20"),
+        (photo, nan, "the prediction holds NaN or infinite values"),
+    )
+    with caplog.at_level(logging.ERROR, logger="scripts.writers"):
+        for source, array, reason in cases:
+            record = writer({"pred": prediction(array, source)})["pred_record"]
+            assert record.keys() == {"image", UNREADABLE_KEY} and record["image"] == source.name
+            assert str(source) in record[UNREADABLE_KEY] and reason in record[UNREADABLE_KEY]
+            assert f"Left out: {record[UNREADABLE_KEY]}" in caplog.text
+    assert not out.exists() or not any(out.iterdir()), "nothing is written for them"
+    assert writer({"pred": prediction(probabilities, photo)})["pred_record"]["image"] == "eye.png"
+    assert (out / "eye_mask.png").is_file() and (out / "eye_overlay.png").is_file()
 
 
 def test_measured_counts_leave_out_specks_under_min_fragment_px_and_the_mask_keeps_them(photo, tmp_path):
