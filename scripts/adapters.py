@@ -175,6 +175,10 @@ class AdaptedNetwork:
     """
 
     settings: dict[str, Any]
+    _base_keys: frozenset[str] = frozenset()
+    # The base weights' digest taken before adapters were first merged into them, since merging and unmerging does
+    # not give them back bit for bit; "" where they were loaded merged (unknowable); None: take it from the weights.
+    _recorded_base_digest: str | None = None
 
     def _configure_training(
         self,
@@ -252,6 +256,8 @@ class AdaptedNetwork:
 
     def merge_adapters(self) -> None:
         """Fold every adapter into its base weight: inference then costs what the network without adapters costs."""
+        if self._recorded_base_digest is None:
+            self._recorded_base_digest = self.base_digest() or ""
         merge_lora(self)  # type: ignore[arg-type]
 
     def unmerge_adapters(self) -> None:
@@ -266,6 +272,24 @@ class AdaptedNetwork:
             logger.info("Unmerging the adapters to train: the weights were loaded with them merged.")
             self.unmerge_adapters()
         return super().train(mode)  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load weights as ``nn.Module.load_state_dict`` does; base weights loaded anew get their digest anew."""
+        loads_base = not self._base_keys.isdisjoint(state_dict)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        if loads_base:
+            merged = any(layer.merged for _, layer in lora_modules(self))  # type: ignore[arg-type]
+            self._recorded_base_digest = "" if merged else None
+        return result
+
+    def base_digest(self) -> str | None:
+        """The :func:`frozen_weights_digest` of the base weights the adapters go on, as loaded, even after a merge
+        and unmerge; None where the weights were loaded with adapters merged into them (then it cannot be known)."""
+        if self._recorded_base_digest is not None:
+            return self._recorded_base_digest or None
+        if any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+            return None
+        return frozen_weights_digest(self)  # type: ignore[arg-type]
 
     def get_extra_state(self) -> dict[str, Any]:
         """The settings record saved with the weights (``_extra_state`` of the state dict)."""
@@ -309,8 +333,11 @@ class AdaptedNetwork:
             "settings": self.get_extra_state(),
             "state_dict": self.adapter_state_dict(),
             # The adapters are right on these base weights alone: load_adapters refuses others.
-            "base_digest": frozen_weights_digest(self),
+            "base_digest": self.base_digest(),
         }
+        if payload["base_digest"] is None:
+            logger.warning("Adapter file %s records no base weights to check them against: the network's were loaded "
+                           "with adapters merged into them, which unmerging does not give back bit for bit.", path)
         save_torch_atomic(payload, path)
         return Path(path)
 
@@ -360,15 +387,15 @@ class AdaptedNetwork:
                 f"Adapter checkpoint {path} holds {len(tensors)} tensors where the network expects {len(expected)}; "
                 f"e.g. missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}."
             )
-        merged = any(layer.merged for _, layer in lora_modules(self))  # type: ignore[arg-type]
+        own_base = self.base_digest()
         self.unmerge_adapters()
         recorded_base = payload.get("base_digest")
-        if recorded_base is None:  # written by bundle 0.3.19 or earlier
+        if recorded_base is None:  # written by bundle 0.3.19 or earlier, or on weights loaded merged
             logger.warning("Adapter checkpoint %s does not record its base weights: they cannot be checked.", path)
-        elif merged:  # unmerging does not give the base back bit for bit
-            logger.warning("Adapter checkpoint %s: the base weights cannot be checked on a network that merged its "
-                           "adapters.", path)
-        elif recorded_base != frozen_weights_digest(self):
+        elif own_base is None:
+            logger.warning("Adapter checkpoint %s: the base weights cannot be checked on a network whose weights were "
+                           "loaded with adapters merged into them.", path)
+        elif recorded_base != own_base:
             raise ModelFileError(
                 f"Adapter checkpoint {path} was trained on other base weights than this network's (the base "
                 f"checkpoint's values differ): its adapters would segment wrongly. Use Meta's sam2.1_hiera_"
@@ -397,7 +424,7 @@ def frozen_weights_digest(network: nn.Module) -> str:
 
     Exact, unlike a sum, which a different thread count can round differently: an adapter file records it to be
     refused on any other base. Merging adapters changes it (merging and unmerging does not give the weights back
-    bit for bit): take it with the adapters unmerged, as built.
+    bit for bit): :meth:`AdaptedNetwork.base_digest` keeps the one taken before the first merge.
 
     Args:
         network: the network, on any device.

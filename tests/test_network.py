@@ -334,6 +334,36 @@ def test_an_adapter_file_is_refused_on_other_base_weights(meta_checkpoint, tmp_p
     assert "does not record its base weights: they cannot be checked" in caplog.text
 
 
+def test_adapters_saved_after_a_merge_and_unmerge_load_on_their_own_base(meta_checkpoint, tmp_path, caplog):
+    """Merging and unmerging changes base weights in their last bits: the adapter file still names the base it
+    was loaded on (it was refused there, as trained on other base weights). A network loaded merged cannot know
+    its base: its file records none, with a warning, and loads with one."""
+    path, _ = meta_checkpoint
+    trained = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE).eval()
+    randomise_adapters(trained, seed=11)
+    before = {key: value.clone() for key, value in tensor_state(trained).items()}
+    trained.merge_adapters()
+    trained.unmerge_adapters()
+    after = tensor_state(trained)
+    assert any(not torch.equal(before[key], after[key]) for key in before), "the round trip should change some bits"
+    adapter_file = trained.save_adapters(tmp_path / "adapters.pt")
+    restored = SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, adapter_checkpoint=adapter_file).eval()
+    assert all(torch.equal(value, trained.adapter_state_dict()[key]) for key, value in restored.adapter_state_dict().items())
+
+    trained.merge_adapters()
+    loaded_merged = SAM2LoRA("tiny", random_init=True, image_size=IMAGE_SIZE).eval()
+    loaded_merged.load_state_dict(trained.state_dict())
+    loaded_merged.unmerge_adapters()
+    with caplog.at_level(logging.WARNING):
+        unknown_base = loaded_merged.save_adapters(tmp_path / "adapters_unknown_base.pt")
+    assert "records no base weights to check them against" in caplog.text
+    assert torch.load(unknown_base, weights_only=True)["base_digest"] is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        SAM2LoRA("tiny", checkpoint=path, image_size=IMAGE_SIZE, adapter_checkpoint=unknown_base)
+    assert "does not record its base weights: they cannot be checked" in caplog.text
+
+
 def test_an_adapter_file_of_0_3_10_with_the_object_score_head_still_loads(meta_checkpoint, tmp_path, caplog):
     """lora+decoder files of 0.3.10 and earlier also held the object-score head, which got no gradient and is
     frozen since: its weights (Meta's, unchanged) are left out with a warning instead of refusing the file."""
