@@ -154,6 +154,120 @@ def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: 
     assert "Traceback" not in capsys.readouterr().err
 
 
+
+def test_photographs_that_would_share_a_prediction_are_left_out_and_the_others_scored(datalist: Path, tmp_path: Path):
+    """Two clinics' case1_image.png in a pooled split, and case3_image.png beside case3_image.jpg, each pair with one
+    prediction file of its name: before 0.3.25 both photographs were scored against it, and the run exited 0."""
+    lists = json.loads(datalist.read_text())
+    pooled = []
+    for clinic in ("clinicA", "clinicB"):
+        case = _case(tmp_path / clinic, "case1", 1 if clinic == "clinicA" else 5)
+        pooled.append({key: f"{clinic}/{value}" if key != "dataset" else clinic for key, value in case.items()})
+    case3 = _case(tmp_path, "case3", 3)
+    Image.open(tmp_path / "case3_image.png").save(tmp_path / "case3_image.jpg")
+    lists["test"] = [*pooled, lists["test"][1], case3, {**case3, "image": "case3_image.jpg"}]
+    datalist.write_text(json.dumps(lists))
+    predictions = tmp_path / "predictions"
+    for name in ("case1", "case2", "case3"):
+        label = read_label_mask(tmp_path / ("clinicA" if name == "case1" else "") / f"{name}_label.png")
+        write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, 0))
+
+    result = score_predictions(datalist, predictions, tmp_path / "scores")
+
+    advice = ("inference writes one file per name, so it is the prediction of one of them at most; rename the "
+              "photographs apart and predict them again, or score each dataset's split on its own")
+    assert result["left_out"] == {
+        str(predictions / "case1_image_prob.png"): f"photographs {tmp_path / 'clinicA' / 'case1_image.png'} and "
+        f"{tmp_path / 'clinicB' / 'case1_image.png'} would both be scored against {predictions / 'case1_image_prob.png'}"
+        f": {advice}",
+        str(predictions / "case3_image_prob.png"): f"photographs {tmp_path / 'case3_image.png'} and "
+        f"{tmp_path / 'case3_image.jpg'} would both be scored against {predictions / 'case3_image_prob.png'}: {advice}",
+    }
+    assert set(_per_image(tmp_path / "scores")) == {"case2_image.png"}
+    status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output", str(tmp_path / "again")])
+    assert status == 1  # a partial comparison is not taken for a whole one
+
+
+def test_a_prediction_path_that_is_a_broken_link_or_a_folder_is_named_as_such(datalist: Path, tmp_path: Path):
+    """Before 0.3.25 the hint named the very file reported missing: "(found case2_image_prob.png: --pattern names the
+    files)" for case2_image_prob.png."""
+    lists = json.loads(datalist.read_text())
+    lists["test"].append(_case(tmp_path, "case3", 3))
+    datalist.write_text(json.dumps(lists))
+    predictions = tmp_path / "predictions"
+    write_png(predictions / "case1_image_prob.png", _noisy_probabilities(read_label_mask(tmp_path / "case1_label.png"), 0))
+    (predictions / "case2_image_prob.png").mkdir()
+    (predictions / "case3_image_prob.png").symlink_to(tmp_path / "gone" / "case3_image_prob.png")
+
+    result = score_predictions(datalist, predictions, tmp_path / "scores")
+
+    assert result["left_out"] == {
+        str(predictions / "case2_image_prob.png"): f"no prediction for {tmp_path / 'case2_image.png'}: "
+        "case2_image_prob.png is a folder, not a file",
+        str(predictions / "case3_image_prob.png"): f"no prediction for {tmp_path / 'case3_image.png'}: "
+        f"case3_image_prob.png is a broken link (to {tmp_path / 'gone' / 'case3_image_prob.png'}), not a file",
+    }
+    assert set(_per_image(tmp_path / "scores")) == {"case1_image.png"}
+
+
+def test_an_earlier_evaluations_reports_in_the_output_folder_are_moved_aside_not_replaced(
+    datalist: Path, tmp_path: Path
+):
+    """Before 0.3.25 the scoring replaced an evaluation's metrics_* without a word, and left its
+    measurement_agreement.* and bland_altman_*.png beside another method's metrics, to pass for them."""
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    earlier = {name: f"the model's {name}" for name in (
+        "metrics_summary.json", "metrics_summary.csv", "metrics_per_image.csv", "measurement_agreement.json",
+        "bland_altman_vessel_density.png")}
+    for name, text in earlier.items():
+        (scores / name).write_text(text)
+    (scores / "baseline_summary.json").write_text("the baseline's")  # not this tool's name: left where it is
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    with pytest.raises(ConfigError, match="could be scored"):  # nothing to write: nothing is moved either
+        score_predictions(datalist, predictions, scores)
+    assert {path.name for path in scores.iterdir()} == {*earlier, "baseline_summary.json"}
+    for name in ("case1", "case2"):
+        label = read_label_mask(tmp_path / f"{name}_label.png")
+        write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, 0))
+
+    result = score_predictions(datalist, predictions, scores)
+
+    [kept] = (scores / "earlier_evaluations").iterdir()
+    assert result["earlier_reports"] == kept
+    assert {path.name: path.read_text() for path in kept.iterdir()} == earlier
+    assert {path.name for path in scores.iterdir()} == {
+        "metrics_summary.json", "metrics_summary.csv", "metrics_per_image.csv", "baseline_summary.json",
+        "earlier_evaluations"}
+    assert json.loads((scores / "metrics_summary.json").read_text())["metadata"]["scored"] == 2
+
+
+@pytest.mark.parametrize("channels", [[""], ["a/b"], ["vessels", "vessels"]])
+def test_channel_names_the_bundle_refuses_are_refused_before_any_prediction_is_read(
+    datalist: Path, tmp_path: Path, channels, capsys, monkeypatch
+):
+    """Before 0.3.25 '' and 'a/b' passed, every prediction was read, and evaluate_case's ValueError gave a traceback."""
+    predictions = tmp_path / "predictions"
+    for name in ("case1", "case2"):
+        label = read_label_mask(tmp_path / f"{name}_label.png")
+        write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, 0))
+
+    def read(path: Path) -> None:
+        pytest.fail(f"{path} was read before the channel names were checked")  # not an Exception: not caught by main
+
+    monkeypatch.setattr("tools.score.read_probability_map", read)
+
+    status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output", str(tmp_path / "scores"),
+                   "--channels", *channels])
+
+    assert status == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --channels {channels!r} must be a non-empty list of distinct names without '/', e.g. ['vessels'] or "
+        "['disc', 'cup']"
+    )
+    assert not (tmp_path / "scores").exists()
+
 def test_an_empty_field_of_view_mask_is_named_and_its_case_left_out(datalist: Path, tmp_path: Path):
     """A mask without a pixel inside leaves nothing to score: before 0.3.22 evaluate_case's error stopped the run."""
     write_png(tmp_path / "case2_fov.png", np.zeros((96, 96), dtype=bool))

@@ -13,8 +13,11 @@ for several channels, ``{channel}``. By default the names ``run inference`` writ
 warning) or a floating-point TIFF holding probabilities from 0 to 1; a binary
 mask is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
 (logged). A prediction that is missing, unreadable, in colour or of another size than its photograph, or whose
-field-of-view mask is empty, is named in one line and left out; the others are scored and the command exits with
-status 1, so that a partial comparison is not taken for a whole one.
+field-of-view mask is empty, is named in one line and left out; so are the photographs that would share one
+prediction file (two datasets' ``0001.png`` in a pooled split, or ``eye.png`` beside ``eye.jpg``), none of which could be
+told apart. The others are scored and the command exits with status 1, so that a partial comparison is not taken for a
+whole one. An earlier evaluation's or scoring's reports in ``--output`` are moved to ``earlier_evaluations/<time>``
+before the new ones are written, as ``run evaluating`` moves them.
 
 Command line::
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +41,11 @@ from PIL import Image
 
 from scripts.errors import ConfigError, FundusError, command_line
 from scripts.fundus_io import GRAY_TINT_TOLERANCE, FundusImageError, estimate_fov, read_image, read_label_mask
-from scripts.inputs import InputError, load_split
+from scripts.handlers.evaluation import keep_earlier_evaluation
+from scripts.inputs import SETTING_RULES, InputError, load_split
 from scripts.measurements import structure_of
 from scripts.metrics import (
+    ReportWriteError,
     empty_fov_problem,
     entry_fov_source,
     evaluate_case,
@@ -164,12 +170,70 @@ def read_probability_map(path: str | Path) -> np.ndarray:
 
 
 def _namesake_hint(missing: Path) -> str:
-    """Where a file of the missing prediction's name but another suffix (or letter case) is there, a hint naming it."""
-    stem = missing.stem.lower()
+    """What is at the missing prediction's path when it is no file (a broken link, a folder), or else, where a file
+    of its name but another suffix (or letter case) is there, a hint naming that file."""
+    # A path that is there but no file was hinted at as its own namesake ("found X_prob.png" for X_prob.png).
+    if missing.is_symlink() and not missing.exists():
+        return f": {missing.name} is a broken link (to {os.readlink(missing)}), not a file"
+    if missing.is_dir():
+        return f": {missing.name} is a folder, not a file"
+    if missing.exists() or missing.is_symlink():  # a link looping on itself, a FIFO, a socket...
+        return f": {missing.name} is not a regular file"
     if not missing.parent.is_dir():
         return ""
-    namesakes = sorted(path.name for path in missing.parent.iterdir() if path.stem.lower() == stem)
+    stem = missing.stem.lower()
+    namesakes = sorted(
+        path.name for path in missing.parent.iterdir() if path.stem.lower() == stem and path.name != missing.name
+    )
     return f" (found {namesakes[0]}: --pattern names the files)" if namesakes else ""
+
+
+def _file_key(path: Path) -> tuple[int, int] | str:
+    """What tells two prediction paths apart: the file itself where there is one (two names for one file, on a drive
+    that ignores letter case or through a link, are one prediction), else the path."""
+    try:
+        status = path.stat()
+    except OSError:
+        return str(path)
+    return (status.st_dev, status.st_ino) if path.is_file() else str(path)
+
+
+def _shared_predictions(entries: Sequence[dict[str, Any]], planned: Sequence[list[Path]]) -> dict[int, tuple[Path, str]]:
+    """The entries whose prediction file another entry's would be too, each with that path and why it is left out.
+
+    ``run inference`` writes one file per name, so the one file of photographs that share a stem (two datasets'
+    ``0001.png`` in a pooled split, ``eye.png`` and ``eye.jpg``) is the prediction of one of them at most, and which
+    one cannot be told: each is left out, rather than one scored against another's prediction without a word.
+
+    Args:
+        entries: the split's entries.
+        planned: each entry's prediction paths (:func:`prediction_paths`).
+
+    Returns:
+        ``{entry index: (shared path, reason)}``, the reason naming the photographs and the path.
+    """
+    users: dict[tuple[int, int] | str, dict[int, Path]] = {}
+    for index, paths in enumerate(planned):
+        for path in paths:
+            users.setdefault(_file_key(path), {}).setdefault(index, path)
+    shared: dict[int, tuple[Path, str]] = {}
+    for index, paths in enumerate(planned):
+        for path in paths:
+            sharers = users[_file_key(path)]
+            if len(sharers) < 2:
+                continue
+            names = [str(entries[other]["image"]) for other in sharers]
+            photographs = ", ".join(names[:-1]) + f" and {names[-1]}"
+            files = sorted({str(other_path) for other_path in sharers.values()})
+            against = files[0] if len(files) == 1 else f"one file ({' and '.join(files)} are one file)"
+            why = (
+                f"photographs {photographs} would {'both' if len(names) == 2 else 'all'} be scored against {against}: "
+                "inference writes one file per name, so it is the prediction of one of them at most; rename the "
+                "photographs apart and predict them again, or score each dataset's split on its own"
+            )
+            shared[index] = (next(iter(sharers.values())), why)  # one path for them all: one left-out line
+            break
+    return shared
 
 
 def _reference(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,26 +294,39 @@ def score_predictions(
         threshold: probability from which a pixel is foreground.
 
     Returns:
-        ``{"summary", "metadata", "paths", "left_out"}``: what was written, and the predictions that could not be
-        scored (``{path: why}``).
+        ``{"summary", "metadata", "paths", "left_out", "earlier_reports"}``: what was written, the predictions that
+        could not be scored (``{path: why}``), and the folder an earlier evaluation's reports in ``output_dir`` were
+        moved to (None when there were none).
 
     Raises:
-        ConfigError: a bad setting, or no prediction could be scored (nothing is written then).
+        ConfigError: a bad setting, or no prediction could be scored (nothing is written or moved then).
         InputError: the datalist or its split is unusable (:func:`scripts.inputs.load_split`).
+        ReportWriteError: the output folder cannot be written, or its earlier reports not moved aside.
     """
     folder = Path(predictions)
     if not folder.is_dir():
         raise ConfigError(f"--predictions {folder} is not a folder")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold:g} is outside (0, 1)")
-    if len(set(channel_names)) != len(channel_names) or not channel_names:
-        raise ConfigError(f"--channels {list(channel_names)}: one distinct name per label mask is expected")
+    # The bundle's own rule for channel_names: a name with '/' (or an empty one) passed a looser check here and
+    # stopped the run with evaluate_case's ValueError after every prediction had been read.
+    valid, expected = SETTING_RULES["channel_names"]
+    if not valid(channel_names):
+        shown = list(channel_names) if isinstance(channel_names, (list, tuple)) else channel_names
+        raise ConfigError(f"--channels {shown!r} must be {expected}")
     check_pattern(pattern, channel_names)
     entries = load_split(datalist, split, channels=len(channel_names))
     topology = [structure_of(name) for name in channel_names] == ["vessels"]
     records, left_out, binary = [], {}, 0
-    for entry in entries:
-        paths = prediction_paths(entry["image"], folder, channel_names, pattern)
+    planned = [prediction_paths(entry["image"], folder, channel_names, pattern) for entry in entries]
+    shared = _shared_predictions(entries, planned)
+    for index, (entry, paths) in enumerate(zip(entries, planned)):
+        if index in shared:
+            path, why = shared[index]
+            if str(path) not in left_out:  # one line for the photographs that share it
+                left_out[str(path)] = why
+                logger.error("%s; left out", why)
+            continue
         missing = [path for path in paths if not path.is_file()]
         if missing:
             left_out[str(missing[0])] = f"no prediction for {entry['image']}" + _namesake_hint(missing[0])
@@ -286,10 +363,19 @@ def score_predictions(
         "scored": len(records),
         "left_out": left_out,
     }
+    # Only now, with reports to write: an earlier evaluation's or scoring's reports stay where they were when this
+    # scoring writes nothing, and are moved (never replaced) when it does, as run evaluating moves them. Reports it
+    # would not rewrite (measurement_agreement.*, bland_altman_*.png) would otherwise pass for this method's.
+    try:
+        earlier = keep_earlier_evaluation(output_dir)
+    except OSError as error:
+        raise ReportWriteError(
+            f"cannot move the earlier reports in folder {output_dir} aside: {error.strerror or error}"
+        ) from error
     paths = write_reports(records, summary, output_dir, metadata=metadata)
     table = format_summary_table(summary)
     logger.info("%d of %d predictions scored on split %s:\n%s", len(records), len(entries), split, table)
-    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out}
+    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out, "earlier_reports": earlier}
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
