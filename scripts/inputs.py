@@ -25,7 +25,7 @@ from monai.data import Dataset
 from monai.transforms import apply_transform
 
 from scripts.atomic import move_aside, name_while_written
-from scripts.errors import ConfigError, FundusError, is_real_number, is_whole_number, user_error
+from scripts.errors import ConfigError, FundusError, first_line, is_real_number, is_whole_number, user_error
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
     UNREADABLE_KEY,
@@ -89,6 +89,20 @@ def _names(value: Any) -> bool:
     )
 
 
+LOSS_TERMS = ("bce", "dice", "focal_tversky", "iou")
+"""The weighted terms of :class:`scripts.losses.CompositeLoss`, as ``loss_weights`` names them; all but ``iou``
+compare the masks."""
+
+
+def _loss_weights(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == set(LOSS_TERMS)
+        and all(is_real_number(weight) and weight >= 0 for weight in value.values())
+        and any(value[term] > 0 for term in LOSS_TERMS if term != "iou")
+    )
+
+
 AMP_DTYPES = ("bfloat16", "float16")
 """What ``amp_dtype`` may name: the lower precisions torch's autocast runs in."""
 
@@ -132,6 +146,21 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
     ),
     "auto_points": (_positive_int, "a positive whole number"),
     "auto_negative_points": (lambda v: is_whole_number(v) and v >= 0, "0 or a positive whole number"),
+    "weight_decay": (lambda v: is_real_number(v) and v >= 0, "0 or a positive number"),
+    "lr_restart_steps": (_positive_int, "a positive whole number of optimiser steps"),
+    "crops_per_image": (_positive_int, "a positive whole number"),
+    # numpy's seeds, which set_determinism draws from it, are 32-bit
+    "seed": (lambda v: is_whole_number(v) and 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
+    "overlay_count": (lambda v: is_whole_number(v) and v >= 0, "0 or a positive whole number of pictures"),
+    "loss_weights": (
+        _loss_weights,
+        f"weights of {', '.join(LOSS_TERMS)}, each 0 or a positive number, one of the mask terms positive",
+    ),
+    "tracking_retry_interval": (_positive_number, "a positive number of seconds"),
+    "tracking_flush_timeout": (
+        lambda v: is_real_number(v) and v >= 0,
+        "0 or a positive number of seconds to wait for undelivered records",
+    ),
 }
 
 
@@ -810,7 +839,7 @@ WORDED_SETTINGS = frozenset({"resume"})
 PATH_SETTING_ENDINGS = ("_dir", "_root", "_path", "_file", "_checkpoint", "datalist")
 
 
-def check_command_line(argv: Sequence[str]) -> list[str]:
+def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None = None) -> list[str]:
     """Check the overrides of a ``python -m monai.bundle run`` command line before anything is built: warn about
     the unknown ones (:func:`warn_unknown_overrides`), and refuse values that MONAI's command line would turn into
     something else than what they were written for.
@@ -822,6 +851,7 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
 
     Args:
         argv: the command line (``sys.argv``).
+        output_dir: the workflow's output folder, which holds MONAI's default tracking store (``mlruns.db``).
 
     Returns:
         The unknown keys.
@@ -831,7 +861,8 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
             an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), an
             option whose default is text (or that names a folder or file) given as a value MONAI's command line
             reads as a number, a boolean, a list or a tuple, an option without a value (True to MONAI) whose default
-            is neither a boolean nor an expression, or an empty folder or file name.
+            is neither a boolean nor an expression, or an empty folder or file name; with ``--tracking``, a store
+            MLflow cannot use.
     """
     options = _command_line_options(argv)
     if "config_file" not in options:
@@ -852,10 +883,13 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
         # MONAI takes the store from the environment first (MLFLOW_TRACKING_URI), then from --tracking_uri.
         environment = os.environ.get("MLFLOW_TRACKING_URI")
         stores = [("MLFLOW_TRACKING_URI", environment), ("--tracking_uri", options.get("tracking_uri"))]
+        if output_dir is not None:
+            stores.append(("The default tracking store", f"sqlite:///{Path(output_dir).absolute() / 'mlruns.db'}"))
         for where, uri in stores:
             if uri:
                 _refuse_file_store(where, uri)
                 _refuse_unwritable_database(where, uri)
+                _refuse_unopenable_store(where, uri)
                 break
     return unknown
 
@@ -896,6 +930,23 @@ def _refuse_unwritable_database(where: str, uri: str) -> None:
             f"{where} {uri}: MLflow cannot keep its database {database} there: {problem}. Give a file in a folder "
             "you can write, sqlite:////abs/path/mlruns.db (or leave --tracking_uri out for <output_dir>/mlruns.db)."
         )
+
+
+def _refuse_unopenable_store(where: str, uri: str) -> None:
+    """Open a database store as MONAI's MLFlowHandler will once the workflow is built, after the earlier run's files
+    were moved aside: a file that is not a database, one of an older MLflow (whose first line says to run ``mlflow
+    db upgrade``), an unknown scheme or a database server's missing driver failed there in a hundred-line traceback.
+    A new SQLite file is MLflow's to create; a tracking server is checked as the run starts (``TrackingError``)."""
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        return
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return
+    import mlflow  # only for runs with --tracking: it takes a few seconds to import
+
+    try:
+        mlflow.MlflowClient(tracking_uri=uri)
+    except Exception as error:  # MLflow, SQLAlchemy and the drivers each raise their own
+        raise ConfigError(f"{where} {uri}: MLflow cannot open this store ({first_line(error)}).") from None
 
 
 def _refuse_bare_option(key: str, default: Any) -> None:

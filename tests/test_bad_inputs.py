@@ -104,6 +104,20 @@ BAD_SETTINGS = [
     ("auto_points", 2.5, "a positive whole number"),
     ("auto_points", 0, "a positive whole number"),
     ("auto_negative_points", -1, "0 or a positive whole number"),
+    ("weight_decay", -1, "0 or a positive number"),
+    ("weight_decay", "abc", "0 or a positive number"),
+    ("lr_restart_steps", 0, "a positive whole number of optimiser steps"),
+    ("lr_restart_steps", 2.5, "a positive whole number of optimiser steps"),
+    ("crops_per_image", 0, "a positive whole number"),
+    ("seed", "abc", "a whole number from 0 to 2**32 - 1"),
+    ("seed", -1, "a whole number from 0 to 2**32 - 1"),
+    ("overlay_count", "abc", "0 or a positive whole number of pictures"),
+    ("loss_weights", {"bce": "x", "dice": 1, "focal_tversky": 1, "iou": 0.1}, "each 0 or a positive number"),
+    ("loss_weights", {"bce": -1, "dice": 1, "focal_tversky": 1, "iou": 0.1}, "each 0 or a positive number"),
+    ("loss_weights", {"bce": 0, "dice": 0, "focal_tversky": 0, "iou": 0.1}, "one of the mask terms positive"),
+    ("loss_weights", {"bce": 1, "dice": 1}, "weights of bce, dice, focal_tversky, iou"),
+    ("tracking_retry_interval", "abc", "a positive number of seconds"),
+    ("tracking_flush_timeout", "soon", "0 or a positive number of seconds"),
 ]
 
 

@@ -563,6 +563,23 @@ def test_a_training_setting_its_network_refuses_creates_no_folder(tmp_path):
     assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("tracking_flush_timeout", "soon"), ("weight_decay", -1), ("loss_weights#bce", -1), ("seed", "abc")],
+)
+def test_a_bad_training_setting_is_refused_before_the_earlier_run_is_moved(tmp_path, setting, value):
+    """These failed after the earlier run's checkpoints were moved aside (a flush timeout after training, and then
+    left its MLflow run RUNNING), or trained silently (a negative BCE weight reversed its term)."""
+    datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpoint.pt").write_text("the earlier run's checkpoint")
+    error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(ckpt),
+                           output_dir=str(tmp_path / "eval"), **{setting: value}, **FAST)
+    assert f"Setting '{setting.split('#')[0]}' must be" in str(error), error
+    assert sorted(path.name for path in ckpt.iterdir()) == ["latest_checkpoint.pt"]
+    assert not (tmp_path / "eval").exists()
+
 def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tmp_path, capsys, monkeypatch):
     """A run with prompts and NIfTI labels, then one over it with neither: no NIfTI label and no prompt of the first
     is left to disagree with the second's masks, the user's own file is kept, and the report says what each wrote."""

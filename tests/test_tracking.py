@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from scripts.errors import ConfigError
+from scripts.inputs import check_command_line
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
 from scripts.tracking import (
@@ -404,3 +408,52 @@ def test_evaluation_draws_its_metrics_per_dataset_and_records_them_in_mlflow(tmp
         assert metrics[name] == pytest.approx(math.nan if figure is None else figure, nan_ok=True), name
     artifacts = {each.path for each in client.list_artifacts(run.info.run_id)}
     assert {"metrics_summary.json", "measurement_agreement.json", "metrics_by_dataset.png"} <= artifacts, artifacts
+
+
+def _older_mlflow_database(path: Path) -> Path:
+    """An MLflow SQLite store whose schema an older MLflow wrote: a current one marked with an old revision."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # In another process: MLflow keeps the stores it opened, and would not check this one again in this one.
+    create = f"import mlflow; mlflow.MlflowClient('sqlite:///{path}').search_experiments()"
+    subprocess.run([sys.executable, "-c", create], check=True, capture_output=True)
+    with sqlite3.connect(path) as database:
+        database.execute("update alembic_version set version_num = '0584bdc529eb'")  # MLflow 2.x's revision
+    return path
+
+
+def test_a_store_mlflow_cannot_open_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Each failed in MONAI's MLFlowHandler as the workflow was built, in a hundred-line traceback, after the earlier
+    run's checkpoints were moved aside; the first line of MLflow's own error is quoted (for an older database, its
+    `mlflow db upgrade` advice)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("not a database")
+    older = _older_mlflow_database(tmp_path / "older.db")
+    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    refused = {
+        "foo://bar": "unsupported URI 'foo://bar'",
+        "sqlite://mlruns.db": "Invalid SQLite URL",
+        f"sqlite:///{not_a_database}": "file is not a database",
+        f"sqlite:///{older}": "out-of-date database schema",
+    }
+    for uri, reason in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(f"--tracking_uri {uri}: MLflow cannot open this store (")) as caught:
+            check_command_line([*argv, "--tracking_uri", uri])
+        assert reason in str(caught.value)
+    check_command_line([*argv, "--tracking_uri", f"sqlite:///{tmp_path}/new.db"], tmp_path)  # MLflow creates it
+    assert not (tmp_path / "new.db").exists()
+
+    datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]
+    ckpt, output = tmp_path / "models", tmp_path / "eval"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpoint.pt").write_text("the earlier run's checkpoint")
+    _older_mlflow_database(output / "mlruns.db")  # the default store, after mlflow was upgraded
+    result = run_bundle("training", [TRAIN, QUICKSTART], cwd=tmp_path, datalist=datalist, ckpt_dir=ckpt,
+                        output_dir=output, tracking="mlflow", **FAST)
+    assert result.returncode == 1, fail_message(result)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: The default tracking store sqlite:///{output / 'mlruns.db'}: MLflow cannot open"), last
+    assert "mlflow db upgrade" in last
+    assert sorted(path.name for path in ckpt.iterdir()) == ["latest_checkpoint.pt"]
+    # MONAI writes the executed config (config_<time>.json) as it builds the workflow, before any check of ours.
+    assert sorted(path.name for path in output.iterdir() if not path.name.startswith("config_")) == ["mlruns.db"]
