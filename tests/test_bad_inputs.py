@@ -737,3 +737,30 @@ def test_bad_setting_values_are_refused_by_their_checks_in_one_line(check: Calla
     with pytest.raises(ConfigError) as caught:
         check()
     assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "option"),
+    [
+        ("score", ["--datalist", "d.json", "--predictions", "p", "--output", ""], "--output"),
+        ("baseline", ["--datalist", "d.json", "--output", " "], "--output"),
+        ("prepare", ["--pool", "a.json", "--output", ""], "--output"),
+        ("export", ["--output", ""], "--output"),
+        ("deploy", ["--format", "onnx", "--output", "out.onnx", "--ckpt_path", ""], "--ckpt_path"),
+        ("benchmark", ["--output-dir", ""], "--output-dir"),
+    ],
+)
+def test_an_empty_path_given_to_a_tool_is_refused_before_it_runs(tool, argv, option, tmp_path, monkeypatch, capsys):
+    """An unset shell variable named the folder the tool ran in: tools.score wrote its reports there unasked."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        importlib.import_module(f"tools.{tool}").main(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        f"python -m tools.{tool}: error: argument {option}: an empty name would be the folder the command runs in: "
+        "give the folder or file (./ for that folder)"
+    )
+    assert not any(tmp_path.iterdir())

@@ -54,6 +54,7 @@ from scripts.metrics import (
     summarise,
     write_reports,
 )
+from tools import path_argument
 
 __all__ = [
     "DEFAULT_RADII",
@@ -424,8 +425,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m tools.baseline",
         description="Fit a green-channel top-hat vessel baseline on the training split and evaluate it.",
     )
-    parser.add_argument("--datalist", required=True, help="vessel datalist JSON (MONAI format)")
-    parser.add_argument("--output", required=True, help="folder for the reports")
+    parser.add_argument("--datalist", required=True, type=path_argument, help="vessel datalist JSON (MONAI format)")
+    parser.add_argument("--output", required=True, type=path_argument, help="folder for the reports")
     parser.add_argument("--split", default="test", help="evaluated split (default: test)")
     parser.add_argument("--radii", type=_radius, nargs="+", default=list(DEFAULT_RADII), help="candidate disk radii")
     parser.add_argument("--sigmas", type=_sigma, nargs="+", default=list(DEFAULT_SIGMAS), help="candidate smoothing")

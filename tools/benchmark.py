@@ -63,6 +63,7 @@ import torch
 
 from scripts.atomic import write_text_atomic
 from scripts.errors import ConfigError, command_line
+from tools import path_argument
 
 __all__ = [
     "QUICK_SETTINGS",
@@ -1387,12 +1388,12 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
     parser.add_argument("--data-epochs", type=int, help="epochs of the data pipeline, first not counted (default: 3)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers of the data pipeline (default: 2)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, help=f"what to measure (default: all: {PARTS})")
-    parser.add_argument("--drive-dir", help="DRIVE folder: the CPU backends' agreement on its test photographs")
+    parser.add_argument("--drive-dir", type=path_argument, help="DRIVE folder: the CPU backends' agreement on its test photographs")
     parser.add_argument(
         "--photographs", nargs="+", type=_photograph, help="WIDTHxHEIGHT of the photographs of "
         "the input modes and photograph I/O (default: 3504x2336 565x584)"
     )
-    parser.add_argument("--output-dir", default="benchmark", help="where benchmark.json and benchmark.md go")
+    parser.add_argument("--output-dir", default="benchmark", type=path_argument, help="where benchmark.json and benchmark.md go")
     arguments = parser.parse_args(argv)
     settings = QUICK_SETTINGS if arguments.quick else BenchmarkSettings()
     chosen = {

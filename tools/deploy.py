@@ -48,6 +48,7 @@ from scripts.onnx_backend import (
     opset_range,
     require_onnxruntime,
 )
+from tools import path_argument
 from tools.export import ExportError, load_model, read_version
 
 __all__ = [
@@ -167,11 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("--format", choices=FORMATS, required=True)
-    parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
+    parser.add_argument("--ckpt_path", default="bundle/models/model.pt", type=path_argument, help="the trained model (model.pt)")
     parser.add_argument(
-        "--base_checkpoint", default=None, help="Meta's checkpoint, for a --ckpt_path holding adapters only"
+        "--base_checkpoint", default=None, type=path_argument, help="Meta's checkpoint, for a --ckpt_path holding adapters only"
     )
-    parser.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    parser.add_argument("--output", required=True, type=path_argument, help="the file to write (.onnx or .pt2)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument(
         "--opset",

@@ -48,6 +48,7 @@ from scripts.errors import FundusError, command_line
 from scripts.lora import lora_modules
 from scripts.network import build_network, load_trained, network_arguments
 from scripts.sam2_models import CheckpointError
+from tools import path_argument
 
 __all__ = [
     "BUNDLE_NAME",
@@ -490,14 +491,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m tools.export",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--output", required=True, help="folder to write sam2lora_fundus_<version>.zip into")
-    parser.add_argument("--ckpt_path", default="bundle/models/model.pt", help="the trained model (model.pt)")
+    parser.add_argument("--output", required=True, type=path_argument, help="folder to write sam2lora_fundus_<version>.zip into")
+    parser.add_argument("--ckpt_path", default="bundle/models/model.pt", type=path_argument, help="the trained model (model.pt)")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="adapters", help="which weights to ship")
-    parser.add_argument("--base_checkpoint", default=None, help="Meta's checkpoint the adapters were trained on")
-    parser.add_argument("--bundle_dir", default=None, help="the bundle folder to package (default: bundle/)")
+    parser.add_argument("--base_checkpoint", default=None, type=path_argument, help="Meta's checkpoint the adapters were trained on")
+    parser.add_argument("--bundle_dir", default=None, type=path_argument, help="the bundle folder to package (default: bundle/)")
     parser.add_argument("--overwrite", action="store_true", help="replace an archive of the same name in --output")
     parser.add_argument(
-        "--evaluation", default=None, help="the model's metrics_summary.json (run evaluating): its eval_metrics"
+        "--evaluation", default=None, type=path_argument, help="the model's metrics_summary.json (run evaluating): its eval_metrics"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

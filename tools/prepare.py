@@ -63,6 +63,7 @@ from scripts.atomic import write_json_atomic
 from scripts.errors import FundusError, command_line, is_real_number, is_whole_number
 from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
 from scripts.metrics import FOV_SOURCES
+from tools import path_argument
 from tools.datasets import (
     ANNOTATORS,
     DATASETS,
@@ -1004,9 +1005,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}, or folder (images/, masks/, optional fov/)")
-    source.add_argument("--pool", nargs="+", type=Path, metavar="DATALIST", help="datalists to pool (same task)")
-    parser.add_argument("--src", type=Path, help="folder the dataset was unpacked into")
-    parser.add_argument("--output", type=Path, required=True, help="datalist JSON to write")
+    source.add_argument("--pool", nargs="+", type=path_argument, metavar="DATALIST", help="datalists to pool (same task)")
+    parser.add_argument("--src", type=path_argument, help="folder the dataset was unpacked into")
+    parser.add_argument("--output", type=path_argument, required=True, help="datalist JSON to write")
     parser.add_argument("--annotator", default="first", help="first (default, the reference), second, or union")
     parser.add_argument(
         "--split", default="auto", help="auto (default: official/conventional where the dataset has one, else seeded), "

@@ -54,6 +54,7 @@ from scripts.metrics import (
     write_reports,
 )
 from scripts.writers import output_names, output_stem
+from tools import path_argument
 
 __all__ = ["DEFAULT_THRESHOLD", "check_pattern", "prediction_paths", "read_probability_map", "score_predictions"]
 
@@ -383,9 +384,9 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m tools.score",
         description="Score predictions made elsewhere against a datalist's reference masks, as run evaluating does.",
     )
-    parser.add_argument("--datalist", required=True, help="datalist JSON (MONAI format, tools.prepare)")
-    parser.add_argument("--predictions", required=True, help="folder of probability maps or masks")
-    parser.add_argument("--output", required=True, help="folder for the reports")
+    parser.add_argument("--datalist", required=True, type=path_argument, help="datalist JSON (MONAI format, tools.prepare)")
+    parser.add_argument("--predictions", required=True, type=path_argument, help="folder of probability maps or masks")
+    parser.add_argument("--output", required=True, type=path_argument, help="folder for the reports")
     parser.add_argument("--split", default="test", help="the datalist's list to score (default: test)")
     parser.add_argument("--channels", nargs="+", default=["vessels"], help="one name per label mask (default: vessels)")
     parser.add_argument("--pattern", help="prediction file name with {stem} (and {channel}); default: inference's")
