@@ -171,7 +171,7 @@ def test_every_workflow_installs_it_right_after_checking_its_command_line(config
     parser.read_config(configs)
     initialize = parser["initialize"]
     assert initialize.count(ENTRY) == 1
-    assert initialize[initialize.index(ENTRY) - 1] == "$inputs.check_command_line(sys.argv)"
+    assert initialize[initialize.index(ENTRY) - 1] == "$inputs.check_command_line(sys.argv, @output_dir)"
     # The configs import the module; pytest's command line is not a bundle's, so nothing is installed here.
     assert parser.get_parsed_content(f"initialize#{initialize.index(ENTRY)}") is False
 
