@@ -204,10 +204,11 @@ class FundusInferer(Inferer):
     ) -> None:
         super().__init__()
         self.input_mode = check_input_mode(input_mode, pixel_scale)
-        if not (is_real_number(overlap) and 0 <= overlap < 1):
-            raise ConfigError(f"Setting 'window_overlap' must be in [0, 1); got {overlap!r}.")
         check_settings(
-            auto_box_margin=auto_box_margin, auto_points=auto_points, auto_negative_points=auto_negative_points
+            window_overlap=overlap,
+            auto_box_margin=auto_box_margin,
+            auto_points=auto_points,
+            auto_negative_points=auto_negative_points,
         )
         self.prompt_modes = check_prompt_modes(prompt_modes)
         if prompt_source not in PROMPT_SOURCES:

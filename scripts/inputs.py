@@ -156,6 +156,16 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
         _loss_weights,
         f"weights of {', '.join(LOSS_TERMS)}, each 0 or a positive number, one of the mask terms positive",
     ),
+    "window_overlap": (lambda v: is_real_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "checkpoint_interval": (
+        lambda v: is_real_number(v) and v >= 0,
+        "0 (epoch ends only) or a positive number of iterations",
+    ),
+    "max_training_minutes": (
+        lambda v: v is None or _positive_number(v),
+        "positive, or none for no limit (null in a config file, '$None' on the command line)",
+    ),
+    "gradient_clip_norm": (_positive_number, "a positive number (the largest total L2 norm of the gradients)"),
     "tracking_retry_interval": (_positive_number, "a positive number of seconds"),
     "tracking_flush_timeout": (
         lambda v: is_real_number(v) and v >= 0,

@@ -118,6 +118,9 @@ BAD_SETTINGS = [
     ("loss_weights", {"bce": 1, "dice": 1}, "weights of bce, dice, focal_tversky, iou"),
     ("tracking_retry_interval", "abc", "a positive number of seconds"),
     ("tracking_flush_timeout", "soon", "0 or a positive number of seconds"),
+    ("checkpoint_interval", -1, "0 (epoch ends only) or a positive number of iterations"),
+    ("max_training_minutes", -5, "positive, or none for no limit"),
+    ("gradient_clip_norm", 0, "a positive number (the largest total L2 norm of the gradients)"),
 ]
 
 
@@ -637,6 +640,27 @@ def test_a_new_run_keeps_each_earlier_run_even_within_one_second(tmp_path, caplo
     assert keep_earlier_run(ckpt, output, resume=True) is None
 
 
+def test_resume_auto_without_a_checkpoint_keeps_the_earlier_run_as_a_new_run_does(tmp_path):
+    """`auto` without a checkpoint starts a new run, which wrote over the earlier run's models, log and pictures
+    (a run whose latest_checkpoint.pt was deleted to save space); with one it goes on, and nothing moves."""
+    ckpt, output = tmp_path / "models", tmp_path / "eval"
+    ckpt.mkdir()
+    output.mkdir()
+    (ckpt / "model.pt").write_text("the earlier run's model")
+    (ckpt / "model_best.pt").write_text("the earlier run's best")
+    (output / "training_log.jsonl").write_text("the earlier run's log\n")
+    kept = keep_earlier_run(ckpt, output, resume="auto")
+    assert kept is not None and (kept / "model_best.pt").read_text() == "the earlier run's best"
+    assert (kept / "training_log.jsonl").read_text() == "the earlier run's log\n"
+    assert sorted(path.name for path in ckpt.iterdir()) == ["earlier_runs", "model.pt"]
+
+    (ckpt / "latest_checkpoint.pt").write_text("a run to go on with")
+    (ckpt / "model_best.pt").write_text("its best")
+    assert keep_earlier_run(ckpt, output, resume="auto") is None
+    assert (ckpt / "model_best.pt").read_text() == "its best"
+    assert len(list((ckpt / "earlier_runs").iterdir())) == 1
+
+
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     previous = os.umask(0o027)
     try:
@@ -698,7 +722,10 @@ def test_repeated_images_and_labels_with_more_than_two_levels_are_warned_about(t
         ),
         (
             lambda: GradientClipping("one"),
-            "Setting 'gradient_clip_norm' (GradientClipping max_norm) must be positive; got 'one'.",
+            (
+                "Setting 'gradient_clip_norm' must be a positive number (the largest total L2 norm of the gradients); "
+                "got 'one'."
+            ),
         ),
         (lambda: FundusInferer(overlap="half"), "Setting 'window_overlap' must be in [0, 1); got 'half'."),
         (

@@ -565,7 +565,16 @@ def test_a_training_setting_its_network_refuses_creates_no_folder(tmp_path):
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("tracking_flush_timeout", "soon"), ("weight_decay", -1), ("loss_weights#bce", -1), ("seed", "abc")],
+    [
+        ("tracking_flush_timeout", "soon"),
+        ("weight_decay", -1),
+        ("loss_weights#bce", -1),
+        ("seed", "abc"),
+        ("checkpoint_interval", -1),
+        ("max_training_minutes", -5),
+        ("gradient_clip_norm", 0),
+        ("window_overlap", 2),
+    ],
 )
 def test_a_bad_training_setting_is_refused_before_the_earlier_run_is_moved(tmp_path, setting, value):
     """These failed after the earlier run's checkpoints were moved aside (a flush timeout after training, and then

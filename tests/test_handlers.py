@@ -62,7 +62,7 @@ def test_with_accumulation_only_the_summed_gradient_is_clipped():
 
 
 def test_max_norm_must_be_positive():
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(ValueError, match="gradient_clip_norm"):
         GradientClipping(0)
 
 

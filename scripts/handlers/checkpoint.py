@@ -49,7 +49,8 @@ from torch import nn
 from scripts.adapters import CHECKPOINT_FORMAT
 from scripts.atomic import file_sha256, new_stamped_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
-from scripts.errors import FundusError, is_real_number, unreadable_torch_file
+from scripts.errors import FundusError, unreadable_torch_file
+from scripts.inputs import check_settings
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -68,7 +69,8 @@ RESUME_CHOICES = ("false", "true", "auto")
 CHANGEABLE_ON_RESUME = frozenset({"max_epochs", "max_training_minutes"})
 
 # What a training run writes that a new run in the same folders would replace.
-EARLIER_RUN_MODELS = ("model.pt", "model_best.pt", "latest_checkpoint.pt")
+CHECKPOINT_FILE = "latest_checkpoint.pt"
+EARLIER_RUN_MODELS = ("model.pt", "model_best.pt", CHECKPOINT_FILE)
 EARLIER_RUN_OUTPUTS = ("training_log.jsonl", "training_curves.png", "validation_by_dataset.png", "overlays")
 
 # The lock a training run holds on its checkpoint folder for as long as its process lives.
@@ -155,6 +157,7 @@ class TrainingCheckpoint:
         save: whether this process writes the checkpoint; by default only rank 0 of a distributed run does.
 
     Raises:
+        ConfigError: a bad ``interval`` (its rule: :data:`scripts.inputs.SETTING_RULES`).
         ResumeError: a bad ``resume`` value; at attach: ``resume=true`` without a checkpoint, an unreadable
             checkpoint, or one written with other settings or another base network.
     """
@@ -170,13 +173,10 @@ class TrainingCheckpoint:
         interval: int = 0,
         validator: Engine | None = None,
         validate_handlers: Sequence[Any] | None = None,
-        filename: str = "latest_checkpoint.pt",
+        filename: str = CHECKPOINT_FILE,
         save: bool | None = None,
     ) -> None:
-        if not (is_real_number(interval) and interval >= 0):
-            raise ResumeError(
-                f"Setting 'checkpoint_interval' must be 0 (epoch ends only) or positive; got {interval!r}."
-            )
+        check_settings(checkpoint_interval=interval)  # also at start-up, before an earlier run is moved aside
         self.path = Path(checkpoint_dir) / filename
         self.network = network
         self.optimizer = optimizer
@@ -518,7 +518,8 @@ def release_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
 
 
 def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
-    """Copy an earlier run's files aside before a new run (``resume`` false) writes over them.
+    """Copy an earlier run's files aside before a new run (``resume`` false, or ``auto`` without a checkpoint to go
+    on from) writes over them.
 
     ``model.pt`` stays where it is, since a fine-tuning run (MONAI Label's) starts from the model it replaces; the
     other files are removed once copied, so that none passes for the new run's: its ``model_best.pt`` before its
@@ -528,15 +529,18 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     Args:
         ckpt_dir: the run's checkpoint folder (``model.pt``, ``model_best.pt``, ``latest_checkpoint.pt``).
         output_dir: the run's output folder (the training log and pictures).
-        resume: the run's ``resume`` setting; nothing is copied when the run resumes.
+        resume: the run's ``resume`` setting; nothing is copied when the run resumes (``true``, or ``auto`` with a
+            checkpoint in ``ckpt_dir``).
 
     Returns:
         The folder the earlier run was copied into, or None when there was none (or the run resumes).
     """
     # torchrun's RANK: this runs in the workflow's initialize, before the process group exists.
-    if _parse_resume(resume) != "false" or int(os.environ.get("RANK", "0")) != 0:
-        return None
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
+    mode = _parse_resume(resume)
+    resumes = mode == "true" or (mode == "auto" and (ckpt_dir / CHECKPOINT_FILE).exists())
+    if resumes or int(os.environ.get("RANK", "0")) != 0:
+        return None
     found = [ckpt_dir / name for name in EARLIER_RUN_MODELS if (ckpt_dir / name).exists()]
     found += [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]
     if not found:

@@ -7,7 +7,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 from scripts.engines import optimizer_steps_now
-from scripts.errors import ConfigError, is_real_number
+from scripts.inputs import check_settings
 
 __all__ = ["GradientClipping"]
 
@@ -24,10 +24,7 @@ class GradientClipping:
     """
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        if not (is_real_number(max_norm) and max_norm > 0):
-            raise ConfigError(
-                f"Setting 'gradient_clip_norm' (GradientClipping max_norm) must be positive; got {max_norm!r}."
-            )
+        check_settings(gradient_clip_norm=max_norm)  # also at start-up, before an earlier run is moved aside
         self.max_norm = max_norm
 
     def attach(self, engine: SupervisedTrainer) -> None:

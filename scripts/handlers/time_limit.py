@@ -9,7 +9,8 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from scripts.engines import optimizer_steps_now
-from scripts.errors import ConfigError, is_real_number
+from scripts.errors import ConfigError
+from scripts.inputs import check_settings
 
 __all__ = ["TrainingTimeLimit"]
 
@@ -33,11 +34,9 @@ class TrainingTimeLimit:
     """
 
     def __init__(self, minutes: float) -> None:
-        if not (is_real_number(minutes) and minutes > 0):
-            raise ConfigError(
-                f"Setting 'max_training_minutes' must be positive, or none for no limit (null in a config file, "
-                f"'$None' on the command line); got {minutes!r}."
-            )
+        if minutes is None:
+            raise ConfigError("TrainingTimeLimit takes a number of minutes; leave it out for no limit.")
+        check_settings(max_training_minutes=minutes)  # also at start-up, before an earlier run is moved aside
         self.limit_seconds = 60.0 * minutes
         self.started: float | None = None
 
