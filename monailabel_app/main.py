@@ -62,7 +62,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.class_utils import unload_module
-from monailabel.utils.others.generic import strtobool
+from monailabel.utils.others.generic import device_list, name_to_device, strtobool
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,14 @@ REQUEST_ERRORS = ("FundusImageError", "PromptError", "ModelFileError")
 FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 # Train request settings passed to the bundle's train.json as they are, with the bundle's defaults.
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
+# Train request settings MONAI Label itself reads as numbers.
+TRAIN_NUMBERS = ("max_epochs", "val_split")
+# Train request settings MONAI Label passes on as text (the last three into train.json as overrides).
+TRAIN_TEXTS = ("run_id", "model_filename", "tracking_uri", "tracking_experiment_name", "tracking_run_name")
+# What MONAI's config parser reads in a string that starts with it: Python to evaluate, a reference, a macro.
+CONFIG_SYNTAX = ("$", "@", "%")
+# A label is always a lossless PNG of uint8 values, whatever the image's format or the request.
+RESULT_FORMAT = {"result_extension": ".png", "result_dtype": "uint8"}
 # Label files the bundle's loader reads (scripts.fundus_io, lossless formats only).
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".bmp", ".ppm", ".pgm", ".pnm")
 # The structures, outer first, that one label of several channels holds: /infer writes the last channel present
@@ -261,8 +269,6 @@ class FundusInferTask(BundleInferTask):
         self.threshold = float(self.bundle_config.get("threshold", 0.5))
         if self.bundle_config.get("restrict_to_fov", False):
             logger.warning(f"{path}: restrict_to_fov is not applied to MONAI Label results (labels cover the image).")
-        # A label is always a lossless PNG of uint8 values, whatever the image's format.
-        self._config.update({"result_extension": ".png", "result_dtype": "uint8"})
 
     def _backend_settings(self, conf: Mapping[str, str]) -> dict[str, Any]:
         return backend_settings(conf)
@@ -274,6 +280,12 @@ class FundusInferTask(BundleInferTask):
         image = request.get("image") if isinstance(request, Mapping) else None
         if isinstance(image, str) and exif_turned(image):
             raise HTTPException(status_code=422, detail=turned_message(image))
+        if isinstance(request, Mapping):
+            problem = device_problem(request.get("device"))
+            if problem:
+                raise HTTPException(status_code=422, detail=problem)
+            # Not settings of the request: a JPEG label would carry compression values (2 is the cup).
+            request = {**request, **RESULT_FORMAT}
         with self._serving:
             try:
                 return super().__call__(request, callbacks)
@@ -502,7 +514,9 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
     """
     points = []
     for field, label in (("foreground", 1), ("background", 0)):
-        clicks = request.get(field) or []
+        # Only a missing field or null is no click: 0, false or "" is a mistake, not an empty list.
+        clicks = request.get(field)
+        clicks = [] if clicks is None else clicks
         if not isinstance(clicks, list):
             raise HTTPException(status_code=422, detail=f"'{field}' must be a list of [x, y] points; got {clicks!r}.")
         for click in clicks:
@@ -515,7 +529,7 @@ def clicks_as_prompt(request: Mapping[str, Any]) -> dict[str, Any]:
             points.append([*click[:2], label])
     prompt: dict[str, Any] = {"points": points}
     roi = request.get("roi")
-    if roi:
+    if roi is not None and roi != []:  # any other value is a box the bundle checks (0 or false is none)
         if isinstance(roi, list) and len(roi) == 6:
             slices = roi[4:]
             numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in slices)
@@ -698,6 +712,7 @@ class FundusTrainTask(BundleTrainTask):
         return train, validation
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        check_train_request(request)
         request = dict(request)
         if not request.get("run_id"):
             request["run_id"] = "training"
@@ -724,7 +739,7 @@ class FundusTrainTask(BundleTrainTask):
         overrides.update(self.network_settings)
         handlers = overrides[self.const.key_train_handlers()]
         overrides["random_init"] = any(handler.get("_target_") == "CheckpointLoader" for handler in handlers)
-        overrides["device"] = f"$torch.device('{overrides[self.const.key_device()]}')"
+        overrides["device"] = f"$torch.device({str(torch.device(overrides[self.const.key_device()]))!r})"
         overrides["max_epochs"] = overrides[self.const.key_train_trainer_max_epochs()]
         for key in TRAIN_SETTINGS:
             if self._request.get(key) not in (None, ""):
@@ -733,6 +748,66 @@ class FundusTrainTask(BundleTrainTask):
             if handler.get("_target_") == "CheckpointLoader":
                 handler.setdefault("map_location", "@device")  # a model saved on a GPU loads on a CPU server
         return overrides
+
+
+def device_problem(value: Any) -> str | None:
+    """Why a request's ``device`` is no device of this server, or None (absent: MONAI Label's default).
+
+    Args:
+        value: the request's ``device``: a name (``cpu``, ``cuda:0``, a GPU's name as ``/info`` lists it) or a list
+            whose first item is one.
+    """
+    if value in (None, "", []):
+        return None
+    name = value[0] if isinstance(value, list) else value
+    known = ", ".join(device_list())
+    if not isinstance(name, str):
+        return f"device {value!r} is not a device name: one of {known}."
+    try:
+        device = torch.device(name_to_device(name))
+    except (RuntimeError, ValueError):
+        return f"device {name!r} is not a device: one of {known}."
+    usable = (device.type == "cpu" and device.index in (None, 0)) or (
+        device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
+    )
+    return None if usable else f"device {name!r} is not a device of this server: one of {known}."
+
+
+def check_train_request(request: Mapping[str, Any]) -> None:
+    """Refuse the values of a train request that the bundle's config would not take as plain data.
+
+    MONAI Label passes a request's settings on as overrides of ``train.json``, whose parser evaluates a string that
+    starts with ``$`` as Python: a setting must be a number, a device name, a tracking choice or plain text.
+
+    Raises:
+        MONAILabelException: ``INVALID_INPUT``, naming the setting and its value.
+    """
+
+    def refuse(message: str) -> None:
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, message)
+
+    for key in TRAIN_SETTINGS + TRAIN_NUMBERS:
+        value = request.get(key)
+        empty = value is None or (key in TRAIN_SETTINGS and value == "")  # the bundle's default
+        if not empty and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            refuse(f"Train setting '{key}' must be a number; got {value!r}.")
+    problem = device_problem(request.get("device"))
+    if problem:
+        refuse(problem)
+    tracking = request.get("tracking")
+    tracking = tracking[0] if isinstance(tracking, list) and tracking else tracking
+    if tracking not in (None, "", [], "None", "none", "mlflow"):
+        refuse(f"Train setting 'tracking' must be mlflow or None; got {tracking!r}.")
+    for key in TRAIN_TEXTS:
+        value = request.get(key)
+        text = value[0] if isinstance(value, list) and value else value
+        if text is None or text in ("", []):
+            continue
+        if not isinstance(text, str) or text.startswith(CONFIG_SYNTAX):
+            syntax = ", ".join(CONFIG_SYNTAX)
+            refuse(f"Train setting '{key}' must be plain text (not starting with {syntax}); got {text!r}.")
+        if key == "model_filename" and os.path.basename(text) != text:
+            refuse(f"Train setting 'model_filename' names a file of the bundle's models folder; got {text!r}.")
 
 
 def backend_settings(conf: Mapping[str, str]) -> dict[str, Any]:

@@ -58,7 +58,8 @@ done
 [ -d "$studies" ] || die "studies folder $studies does not exist"
 studies="$(cd "$studies" && pwd)"  # the server runs in the app folder: a relative path would name another folder
 [ -x "$python" ] || die "$python not found: run 'bash monailabel_app/install.sh' first"
-[[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got $port"
+[[ "$port" =~ ^[0-9]+$ ]] && [ "${#port}" -le 5 ] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
+    || die "--port must be a number from 1 to 65535, got $port"
 if [ "$host" != 127.0.0.1 ] && [ "$host" != localhost ] && [ "$host" != ::1 ]; then
     echo "serve.sh: WARNING: listening on $host. MONAI Label 0.8.5 has known path-traversal issues in its datastore" \
         "and session APIs; expose it only behind an authenticating, path-sanitising reverse proxy." >&2

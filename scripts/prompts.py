@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,12 +396,21 @@ def _numbers(value: Any, count: int) -> bool:
     )
 
 
+def _finite(values: Iterable[int | float]) -> bool:
+    """Whether every value is a finite number as a float; JSON's integers have no limit, and one beyond a float's
+    range raised OverflowError."""
+    try:
+        return all(math.isfinite(float(value)) for value in values)
+    except OverflowError:
+        return False
+
+
 def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, int]:
     if not _numbers(value, 3):
         raise PromptError(f"{where}: a point is [x, y, label]; got {value!r}.")
     x, y, label = value
     height, width = size
-    if not (math.isfinite(x) and math.isfinite(y)):
+    if not _finite((x, y)):
         raise PromptError(f"{where}: point {value!r} has a coordinate that is not a finite number.")
     if not (0 <= x < width and 0 <= y < height):
         raise PromptError(f"{where}: point {value!r} lies outside the {width}x{height} image.")
@@ -413,10 +422,10 @@ def _point(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float,
 def _box(value: Any, where: str, size: tuple[int, int]) -> tuple[float, float, float, float]:
     if not _numbers(value, 4):
         raise PromptError(f"{where}: a box is [x0, y0, x1, y1]; got {value!r}.")
+    if not _finite(value):
+        raise PromptError(f"{where}: box {value!r} has a coordinate that is not a finite number.")
     x0, y0, x1, y1 = (float(v) for v in value)
     height, width = size
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise PromptError(f"{where}: box {value!r} has a coordinate that is not a finite number.")
     if x0 > x1 or y0 > y1:
         raise PromptError(f"{where}: box {value!r} needs x0 <= x1 and y0 <= y1.")
     # x1 = width (y1 = height) is the picture's edge, where a client that ends boxes one past the last pixel (Python

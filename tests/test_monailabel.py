@@ -536,6 +536,16 @@ def test_a_model_file_that_does_not_fit_is_refused_and_the_served_network_kept(s
         ({"foreground": [[True, 3]]}, "a point is [x, y, label]; got [True, 3, 1]"),
         ({"foreground": [[10, 10, False]]}, "a point of a 2D image is [x, y] (or [x, y, 0])"),
         ({"roi": [5, 6, 50, 60, False, True]}, "a 2D image has slice 0 only"),
+        # Too large for a float (JSON's integers have no limit): OverflowError, a bare 500.
+        ({"foreground": [[int("9" * 400), 10]]}, "has a coordinate that is not a finite number"),
+        ({"roi": [int("9" * 400), 6, 50, 60]}, "has a coordinate that is not a finite number"),
+        # Not lists, but falsy: silently the prompt-free result.
+        ({"foreground": 0}, "'foreground' must be a list of [x, y] points; got 0"),
+        ({"background": ""}, "'background' must be a list of [x, y] points; got ''"),
+        ({"roi": False}, "a box is [x0, y0, x1, y1]; got False"),
+        # A device the server does not have: a bare 500, or an error blaming the model file.
+        ({"device": "nonsense"}, "device 'nonsense' is not a device: one of cpu"),
+        ({"device": "cpu:1"}, "device 'cpu:1' is not a device of this server: one of cpu"),
     ],
 )
 def test_bad_clicks_get_a_one_line_answer(setup, fields, message):
@@ -545,6 +555,37 @@ def test_bad_clicks_get_a_one_line_answer(setup, fields, message):
     assert status == 422, f"{status}: {answer[:500]!r}"
     detail = json.loads(answer)["detail"]
     assert message in detail and "\n" not in detail, detail
+
+
+def test_a_label_is_a_png_whatever_the_request_asks(setup):
+    """result_extension and result_dtype were settings of the request: .jpg gave a lossy label holding 2 (the cup's
+    value), float32 a bare 500."""
+    server = setup["server"]
+    reference = infer(server, "wide")
+    for params in ({"result_extension": ".jpg"}, {"result_dtype": "float32"}):
+        np.testing.assert_array_equal(infer(server, "wide", params=params), reference)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"learning_rate": "$__import__('pathlib').Path('{marker}').touch() or 1e-4"}, "'learning_rate' must be a number"),
+        ({"device": "cpu') if __import__('pathlib').Path('{marker}').touch() else torch.device('cpu"}, "is not a device"),
+        ({"tracking_run_name": "$__import__('pathlib').Path('{marker}').touch()"}, "'tracking_run_name' must be plain"),
+        ({"max_epochs": "10"}, "'max_epochs' must be a number; got '10'"),
+        ({"tracking": "bogus"}, "'tracking' must be mlflow or None; got 'bogus'"),
+        ({"model_filename": "../../model.pt"}, "'model_filename' names a file of the bundle's models folder"),
+    ],
+)
+def test_a_train_request_s_values_are_data_never_code(setup, tmp_path, settings, message):
+    """The request's settings become overrides of train.json, whose parser evaluates a string starting with '$'."""
+    marker = tmp_path / "evaluated"
+    settings = {key: value.format(marker=marker) if isinstance(value, str) else value for key, value in settings.items()}
+    task = train(setup["server"], {"max_epochs": 1, "num_workers": 0, **settings})
+    # MONAI Label's task log shows the exception's arguments as Python writes them, quotes escaped.
+    details = "\n".join(task.get("details", [])).replace("\\'", "'")
+    assert task["status"] == "ERROR" and message in details, details[-3000:]
+    assert not marker.exists()
 
 
 def test_train_on_labels_saved_through_the_api(setup, tmp_path):
@@ -761,6 +802,7 @@ def test_serve_script_installs_nothing_from_an_adapters_only_archive(tmp_path):
         (["--studies", "{tmp}/absent"], "does not exist"),
         (["--studies", "{tmp}", "--bundle", "{tmp}/not_a_zip.zip"], "cannot be extracted"),
         (["--studies", "{tmp}", "--port", "http"], "--port must be a number"),
+        (["--studies", "{tmp}", "--port", "99999"], "--port must be a number from 1 to 65535, got 99999"),
         (["--studies", "{tmp}", "--", "--host", "0.0.0.0"], "--host after -- is not passed on"),
         (["--studies", "{tmp}", "--", "--conf", "skip_trainers", "true", "-i", "0.0.0.0"], "-i after -- is not passed on"),
         (["--studies", "{tmp}", "--", "--port=9000"], "--port=9000 after -- is not passed on"),

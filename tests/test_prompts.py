@@ -210,6 +210,9 @@ def test_prompts_file_errors_name_the_file_the_image_and_the_value(tmp_path):
         # Python's json reads NaN, which every comparison lets through: the network then answered NaN everywhere.
         ({"a.png": {"box": [float("nan"), 2, 30, 40]}}, "box [nan, 2, 30, 40] has a coordinate that is not a finite"),
         ({"a.png": {"points": [[10, float("nan"), 1]]}}, "point [10, nan, 1] has a coordinate that is not a finite"),
+        # JSON's integers have no limit: one beyond a float's range raised OverflowError, a traceback.
+        ({"a.png": {"points": [[10**400, 20, 1]]}}, "has a coordinate that is not a finite number"),
+        ({"a.png": {"box": [1, 2, 10**400, 40]}}, "has a coordinate that is not a finite number"),
         ({"a.png": {"circle": [1, 2]}}, "a prompt is an object with 'points' and/or 'box'"),
         # JSON's true is no coordinate (Python reads it as 1).
         ({"a.png": {"points": [[True, 20, 1]]}}, "a point is [x, y, label]; got [True, 20, 1]"),
