@@ -92,7 +92,8 @@ FILE_WRITERS = ("SaveImaged", "SaveFundusPredictiond")
 TRAIN_SETTINGS = ("learning_rate", "batch_size", "accumulation_steps", "val_interval", "num_workers")
 # Train request settings MONAI Label itself reads as numbers.
 TRAIN_NUMBERS = ("max_epochs", "val_split")
-# Train request settings MONAI Label passes on as text (the last three into train.json as overrides).
+# Train request settings MONAI Label passes on as text (the last three into train.json as overrides, whole: a
+# list's items would be parsed as config values too); model_filename may be a list, whose first item it takes.
 TRAIN_TEXTS = ("run_id", "model_filename", "tracking_uri", "tracking_experiment_name", "tracking_run_name")
 # What MONAI's config parser reads in a string that starts with it: Python to evaluate, a reference, a macro.
 CONFIG_SYNTAX = ("$", "@", "%")
@@ -760,7 +761,7 @@ def device_problem(value: Any) -> str | None:
     if value in (None, "", []):
         return None
     name = value[0] if isinstance(value, list) else value
-    known = ", ".join(device_list())
+    known = ", ".join(dict.fromkeys(["cpu", *device_list()]))  # a GPU server lists its GPUs only, and takes cpu too
     if not isinstance(name, str):
         return f"device {value!r} is not a device name: one of {known}."
     try:
@@ -800,7 +801,7 @@ def check_train_request(request: Mapping[str, Any]) -> None:
         refuse(f"Train setting 'tracking' must be mlflow or None; got {tracking!r}.")
     for key in TRAIN_TEXTS:
         value = request.get(key)
-        text = value[0] if isinstance(value, list) and value else value
+        text = value[0] if key == "model_filename" and isinstance(value, list) and value else value
         if text is None or text in ("", []):
             continue
         if not isinstance(text, str) or text.startswith(CONFIG_SYNTAX):

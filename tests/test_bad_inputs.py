@@ -109,8 +109,9 @@ BAD_SETTINGS = [
     ("lr_restart_steps", 0, "a positive whole number of optimiser steps"),
     ("lr_restart_steps", 2.5, "a positive whole number of optimiser steps"),
     ("crops_per_image", 0, "a positive whole number"),
-    ("seed", "abc", "a whole number from 0 to 2**32 - 1"),
-    ("seed", -1, "a whole number from 0 to 2**32 - 1"),
+    ("seed", "abc", "0 or a positive whole number"),
+    ("seed", -1, "0 or a positive whole number"),
+    ("seed", None, "0 or a positive whole number"),
     ("overlay_count", "abc", "0 or a positive whole number of pictures"),
     ("loss_weights", {"bce": "x", "dice": 1, "focal_tversky": 1, "iou": 0.1}, "each 0 or a positive number"),
     ("loss_weights", {"bce": -1, "dice": 1, "focal_tversky": 1, "iou": 0.1}, "each 0 or a positive number"),
@@ -659,6 +660,12 @@ def test_resume_auto_without_a_checkpoint_keeps_the_earlier_run_as_a_new_run_doe
     assert keep_earlier_run(ckpt, output, resume="auto") is None
     assert (ckpt / "model_best.pt").read_text() == "its best"
     assert len(list((ckpt / "earlier_runs").iterdir())) == 1
+
+    # No checkpoint file for the run to go on from (the handler's test): a new run, so its files are kept aside too.
+    (ckpt / "latest_checkpoint.pt").unlink()
+    (ckpt / "latest_checkpoint.pt").mkdir()
+    kept = keep_earlier_run(ckpt, output, resume="auto")
+    assert kept is not None and (kept / "model_best.pt").read_text() == "its best"
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):

@@ -544,7 +544,7 @@ def test_a_model_file_that_does_not_fit_is_refused_and_the_served_network_kept(s
         ({"background": ""}, "'background' must be a list of [x, y] points; got ''"),
         ({"roi": False}, "a box is [x0, y0, x1, y1]; got False"),
         # A device the server does not have: a bare 500, or an error blaming the model file.
-        ({"device": "nonsense"}, "device 'nonsense' is not a device: one of cpu"),
+        ({"device": "nonsense"}, "device 'nonsense' is not a device: one of cpu"),  # and a GPU server's GPUs
         ({"device": "cpu:1"}, "device 'cpu:1' is not a device of this server: one of cpu"),
     ],
 )
@@ -571,7 +571,15 @@ def test_a_label_is_a_png_whatever_the_request_asks(setup):
     [
         ({"learning_rate": "$__import__('pathlib').Path('{marker}').touch() or 1e-4"}, "'learning_rate' must be a number"),
         ({"device": "cpu') if __import__('pathlib').Path('{marker}').touch() else torch.device('cpu"}, "is not a device"),
-        ({"tracking_run_name": "$__import__('pathlib').Path('{marker}').touch()"}, "'tracking_run_name' must be plain"),
+        (
+            {"tracking": "mlflow", "tracking_run_name": "$__import__('pathlib').Path('{marker}').touch()"},
+            "'tracking_run_name' must be plain",
+        ),
+        # MONAI Label passes the list on whole, and MONAI's parser evaluates the strings inside it.
+        (
+            {"tracking": "mlflow", "tracking_uri": ["http://127.0.0.1:9", "$__import__('pathlib').Path('{marker}').touch()"]},
+            "'tracking_uri' must be plain text",
+        ),
         ({"max_epochs": "10"}, "'max_epochs' must be a number; got '10'"),
         ({"tracking": "bogus"}, "'tracking' must be mlflow or None; got 'bogus'"),
         ({"model_filename": "../../model.pt"}, "'model_filename' names a file of the bundle's models folder"),
@@ -580,7 +588,7 @@ def test_a_label_is_a_png_whatever_the_request_asks(setup):
 def test_a_train_request_s_values_are_data_never_code(setup, tmp_path, settings, message):
     """The request's settings become overrides of train.json, whose parser evaluates a string starting with '$'."""
     marker = tmp_path / "evaluated"
-    settings = {key: value.format(marker=marker) if isinstance(value, str) else value for key, value in settings.items()}
+    settings = json.loads(json.dumps(settings).replace("{marker}", str(marker)))
     task = train(setup["server"], {"max_epochs": 1, "num_workers": 0, **settings})
     # MONAI Label's task log shows the exception's arguments as Python writes them, quotes escaped.
     details = "\n".join(task.get("details", [])).replace("\\'", "'")

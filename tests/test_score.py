@@ -157,7 +157,8 @@ def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: 
 
 def test_photographs_that_would_share_a_prediction_are_left_out_and_the_others_scored(datalist: Path, tmp_path: Path):
     """Two clinics' case1_image.png in a pooled split, and case3_image.png beside case3_image.jpg, each pair with one
-    prediction file of its name: before 0.3.25 both photographs were scored against it, and the run exited 0."""
+    prediction file of its name: before 0.3.25 both photographs were scored against it, and the run exited 0. A
+    photograph the split lists twice (the bundle accepts it, with a warning) shares only its own prediction."""
     lists = json.loads(datalist.read_text())
     pooled = []
     for clinic in ("clinicA", "clinicB"):
@@ -165,7 +166,7 @@ def test_photographs_that_would_share_a_prediction_are_left_out_and_the_others_s
         pooled.append({key: f"{clinic}/{value}" if key != "dataset" else clinic for key, value in case.items()})
     case3 = _case(tmp_path, "case3", 3)
     Image.open(tmp_path / "case3_image.png").save(tmp_path / "case3_image.jpg")
-    lists["test"] = [*pooled, lists["test"][1], case3, {**case3, "image": "case3_image.jpg"}]
+    lists["test"] = [*pooled, lists["test"][1], lists["test"][1], case3, {**case3, "image": "case3_image.jpg"}]
     datalist.write_text(json.dumps(lists))
     predictions = tmp_path / "predictions"
     for name in ("case1", "case2", "case3"):
@@ -184,6 +185,7 @@ def test_photographs_that_would_share_a_prediction_are_left_out_and_the_others_s
         f"{tmp_path / 'case3_image.jpg'} would both be scored against {predictions / 'case3_image_prob.png'}: {advice}",
     }
     assert set(_per_image(tmp_path / "scores")) == {"case2_image.png"}
+    assert result["metadata"]["scored"] == 2, "the photograph listed twice is scored, as run evaluating scores it"
     status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output", str(tmp_path / "again")])
     assert status == 1  # a partial comparison is not taken for a whole one
 

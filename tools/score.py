@@ -204,7 +204,8 @@ def _shared_predictions(entries: Sequence[dict[str, Any]], planned: Sequence[lis
 
     ``run inference`` writes one file per name, so the one file of photographs that share a stem (two datasets'
     ``0001.png`` in a pooled split, ``eye.png`` and ``eye.jpg``) is the prediction of one of them at most, and which
-    one cannot be told: each is left out, rather than one scored against another's prediction without a word.
+    one cannot be told: each is left out, rather than one scored against another's prediction without a word. A
+    photograph the split lists twice (which the bundle accepts, with a warning) shares its own prediction: scored.
 
     Args:
         entries: the split's entries.
@@ -221,9 +222,9 @@ def _shared_predictions(entries: Sequence[dict[str, Any]], planned: Sequence[lis
     for index, paths in enumerate(planned):
         for path in paths:
             sharers = users[_file_key(path)]
-            if len(sharers) < 2:
+            names = list(dict.fromkeys(str(entries[other]["image"]) for other in sharers))
+            if len(names) < 2:
                 continue
-            names = [str(entries[other]["image"]) for other in sharers]
             photographs = ", ".join(names[:-1]) + f" and {names[-1]}"
             files = sorted({str(other_path) for other_path in sharers.values()})
             against = files[0] if len(files) == 1 else f"one file ({' and '.join(files)} are one file)"

@@ -538,7 +538,7 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     # torchrun's RANK: this runs in the workflow's initialize, before the process group exists.
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     mode = _parse_resume(resume)
-    resumes = mode == "true" or (mode == "auto" and (ckpt_dir / CHECKPOINT_FILE).exists())
+    resumes = mode == "true" or (mode == "auto" and (ckpt_dir / CHECKPOINT_FILE).is_file())  # as the handler asks
     if resumes or int(os.environ.get("RANK", "0")) != 0:
         return None
     found = [ckpt_dir / name for name in EARLIER_RUN_MODELS if (ckpt_dir / name).exists()]
