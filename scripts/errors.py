@@ -11,9 +11,12 @@ them in one line on stderr and exit with status 1; any other exception is a bug 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
+import os
 import pickle
+import pydoc
 import re
 import sys
 import traceback
@@ -130,7 +133,34 @@ def user_error(error: BaseException | None) -> FundusError | None:
     return None
 
 
+def _wrapped_exit(error: BaseException | None) -> SystemExit | None:
+    """A ``SystemExit`` (a run stopped by SIGTERM) that an error of another library holds in place of it, if any.
+
+    pydoc's ``locate``, through which MONAI's config parser imports a component's module, turns whatever an import
+    raises into an ``ErrorDuringImport``: a SIGTERM that arrives during one became an ordinary error, exit status 1
+    and a traceback, instead of the stop it is.
+
+    Args:
+        error: an exception, typically uncaught.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SystemExit):
+            return error
+        error = error.value if isinstance(error, pydoc.ErrorDuringImport) else error.__cause__
+    return None
+
+
 def _report(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    stop = _wrapped_exit(error)
+    if stop is not None:
+        # Ended as the stop would have: its cleanups (atexit hooks: an MLflow run closed as FAILED), then its status.
+        print(f"error: {stop}", file=sys.stderr)
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
     own = user_error(error)
     if own is None:
         traceback.print_exception(kind, error, trace)
@@ -139,7 +169,8 @@ def _report(kind: type[BaseException], error: BaseException, trace: TracebackTyp
 
 
 def install_error_hook() -> None:
-    """Report uncaught :class:`FundusError`\\ s as one line on stderr (the exit status stays 1); others as usual."""
+    """Report uncaught :class:`FundusError`\\ s as one line on stderr (the exit status stays 1); others as usual,
+    except a stop wrapped in another error (:func:`_wrapped_exit`), which ends the process with its own status."""
     sys.excepthook = _report
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from scripts.atomic import atomic_path
 from scripts.handlers import ReportErrors
 from scripts.signals import REPEAT_IGNORED_SECONDS, SIGTERM_EXIT_STATUS, Terminated, exit_on_sigterm
 from scripts.synthetic import render_fundus, write_dataset
-from tests.helpers import EVALUATE, INFER, MULTI_GPU, TRAIN, bundle_command, write_model_file
+from tests.helpers import EVALUATE, INFER, MULTI_GPU, REPO, TRAIN, bundle_command, write_model_file
 from tests.preloaded import preloaded_python
 
 ENTRY = "$signals.exit_on_sigterm(sys.argv)"
@@ -96,6 +97,30 @@ def test_a_later_sigterm_stops_a_run_whose_first_was_swallowed(default_sigterm, 
         time.sleep(5)
     assert stopped.value.code == SIGTERM_EXIT_STATUS
 
+
+_STOPPED_DURING_AN_IMPORT = """
+import atexit, pathlib, pydoc, sys
+from scripts.errors import install_error_hook
+from scripts.signals import Terminated
+install_error_hook()
+atexit.register(pathlib.Path(sys.argv[1]).write_text, "cleaned up")
+try:
+    raise Terminated  # as the SIGTERM handler raises it, here inside an import pydoc.locate makes
+except BaseException:
+    raise pydoc.ErrorDuringImport("monai/transforms/post/__init__.py", sys.exc_info())
+"""
+
+
+def test_a_sigterm_during_an_import_of_the_config_parser_still_stops_the_run_with_143(tmp_path):
+    """pydoc.locate, through which MONAI's config parser imports a component's module, wraps what an import raises
+    in its ErrorDuringImport: a SIGTERM arriving then ended the run with status 1 and a traceback (seen once in CI),
+    though the cleanups ran. It now ends as a stop does: its atexit hooks, one line, status 143."""
+    marker = tmp_path / "atexit"
+    result = subprocess.run([sys.executable, "-c", _STOPPED_DURING_AN_IMPORT, str(marker)], check=False,
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == SIGTERM_EXIT_STATUS, result.stderr
+    assert result.stderr.strip() == f"error: {Terminated()}"
+    assert marker.read_text() == "cleaned up"
 
 def test_a_forked_child_keeps_sigterms_default_action(default_sigterm):
     """A DataLoader worker forked from the run inherits the handler; it ends at once, as before, not unwinding the
