@@ -254,6 +254,10 @@ class AdaptedNetwork:
         parameters = list(self.parameters())  # type: ignore[attr-defined]
         return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
+    def adapters_merged(self) -> bool:
+        """Whether the adapters are folded into the base weights (:meth:`merge_adapters`, or loaded so)."""
+        return any(layer.merged for _, layer in lora_modules(self))  # type: ignore[arg-type]
+
     def merge_adapters(self) -> None:
         """Fold every adapter into its base weight: inference then costs what the network without adapters costs."""
         if self._recorded_base_digest is None:
@@ -268,7 +272,7 @@ class AdaptedNetwork:
         """Set training (or evaluation) mode, as ``nn.Module.train`` does; adapters merged into the base weights
         (a model file saved merged, e.g. by ``tools.export --weights merged``) are unmerged first, since training
         updates them apart from the base."""
-        if mode and any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+        if mode and self.adapters_merged():
             logger.info("Unmerging the adapters to train: the weights were loaded with them merged.")
             self.unmerge_adapters()
         return super().train(mode)  # type: ignore[misc]
@@ -278,7 +282,7 @@ class AdaptedNetwork:
         loads_base = not self._base_keys.isdisjoint(state_dict)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
         if loads_base:
-            merged = any(layer.merged for _, layer in lora_modules(self))  # type: ignore[arg-type]
+            merged = self.adapters_merged()
             self._recorded_base_digest = "" if merged else None
         return result
 
@@ -287,7 +291,7 @@ class AdaptedNetwork:
         and unmerge; None where the weights were loaded with adapters merged into them (then it cannot be known)."""
         if self._recorded_base_digest is not None:
             return self._recorded_base_digest or None
-        if any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+        if self.adapters_merged():
             return None
         return frozen_weights_digest(self)  # type: ignore[arg-type]
 
@@ -324,7 +328,7 @@ class AdaptedNetwork:
             ModelFileError: the adapters are merged, or the network was fine-tuned in full (every weight changed:
                 save the whole model instead).
         """
-        if any(layer.merged for _, layer in lora_modules(self)):  # type: ignore[arg-type]
+        if self.adapters_merged():
             raise ModelFileError("Adapters are merged into the base weights; unmerge_adapters() before saving them.")
         if self.settings["finetune"] == "full":
             raise ModelFileError("A network fine-tuned in full has no adapter file: every weight changed.")

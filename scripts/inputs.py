@@ -23,6 +23,7 @@ from typing import Any
 
 from monai.data import Dataset
 from monai.transforms import apply_transform
+from monai.utils import path_to_sqlite_uri
 
 from scripts.atomic import move_aside, name_while_written
 from scripts.errors import ConfigError, FundusError, first_line, is_real_number, is_whole_number, user_error
@@ -894,7 +895,8 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
         environment = os.environ.get("MLFLOW_TRACKING_URI")
         stores = [("MLFLOW_TRACKING_URI", environment), ("--tracking_uri", options.get("tracking_uri"))]
         if output_dir is not None:
-            stores.append(("The default tracking store", f"sqlite:///{Path(output_dir).absolute() / 'mlruns.db'}"))
+            # MONAI's default (monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS), built as MONAI builds it
+            stores.append(("The default tracking store", path_to_sqlite_uri(os.path.join(output_dir, "mlruns.db"))))
         for where, uri in stores:
             if uri:
                 _refuse_file_store(where, uri)

@@ -45,7 +45,6 @@ import scripts
 from scripts.adapters import AdaptedNetwork, ModelFileError, frozen_weights_digest, tensor_state
 from scripts.atomic import atomic_path, file_sha256
 from scripts.errors import FundusError, command_line
-from scripts.lora import lora_modules
 from scripts.network import build_network, load_trained, network_arguments
 from scripts.sam2_models import CheckpointError
 from tools import path_argument
@@ -159,7 +158,7 @@ def _write_weights(trained: AdaptedNetwork, mode: str, base: Path | None, models
             )
         elif trained.settings["finetune"] == "full":
             reason = "the model was fine-tuned in full (finetune='full'): every weight changed, so the archive carries them all"
-        elif any(layer.merged for _, layer in lora_modules(trained)):  # type: ignore[arg-type]
+        elif trained.adapters_merged():
             reason = (
                 "the model file holds its adapters merged into the base weights (as --weights merged writes them): "
                 "float rounding keeps unmerging them from giving the base weights back bit for bit, so the archive "
