@@ -37,6 +37,7 @@ from scripts.fundus_io import (
     read_label_mask,
     readable_image_size,
 )
+from scripts.measurements import structure_of
 from scripts.metrics import FOV_SOURCES
 from scripts.writers import REPORT_FILES, output_names
 
@@ -221,7 +222,7 @@ def read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
 def load_split(
     datalist: str | os.PathLike,
     split: str,
-    channels: int | None = None,
+    channels: int | Sequence[str] | None = None,
     require_labels: bool = True,
     size_check: Callable[[tuple[int, int]], str | None] | None = None,
 ) -> list[dict]:
@@ -231,8 +232,10 @@ def load_split(
         datalist: a JSON datalist with ``training``, ``validation`` and ``test`` lists (``tools.prepare``,
             ``scripts.synthetic``).
         split: the list to read.
-        channels: the number of output channels the workflow trains or evaluates: every entry's label must have
-            that many masks (one path for one channel, a list for several: disc and cup).
+        channels: the output channels the workflow trains or evaluates, as their names or their number: every
+            entry's label must have that many masks (one path for one channel, a list for several: disc and cup).
+            Names are also held against the structures a datalist records in its label order (``structures``,
+            written by ``tools.prepare``): a channel named after another structure would learn that one's masks.
         require_labels: entries must have a ``label``; its masks are read until one has foreground (a split whose
             labels are all empty cannot train or be evaluated, and a mask format the loader misreads shows here).
         size_check: why a photograph of this ``(height, width)`` cannot be used, or None
@@ -245,7 +248,8 @@ def load_split(
         InputError: the datalist is missing or unreadable, lacks the split, the split is empty, an entry is not an
             object with an ``image`` (and ``label``), entries differ in their keys, a file does not exist, a mask is
             not the size of its image, an image is smaller than 32 pixels per side or ``size_check`` refuses it, a
-            label has another number of masks than ``channels``, or every label is empty.
+            label has another number of masks than ``channels``, a channel's name is another structure's than
+            the masks' at its place, or every label is empty.
     """
     path = Path(datalist)
     content = read_datalist(path)
@@ -344,19 +348,44 @@ def load_split(
     if refused:
         raise InputError(f"Datalist {path}: {len(refused)} images in '{split}' cannot be used, e.g. " + "; ".join(refused[:2]))
     if channels is not None and require_labels:
-        wrong = next((entry for entry in entries if len(_as_list(entry["label"])) != channels), None)
+        count = channels if isinstance(channels, int) else len(channels)
+        wrong = next((entry for entry in entries if len(_as_list(entry["label"])) != count), None)
         if wrong is not None:
             raise InputError(
                 f"Datalist {path}: '{split}' entry {wrong['image']} has {len(_as_list(wrong['label']))} label masks but "
-                f"the workflow has {channels} output channels: set channel_names to match the datalist (one name per "
+                f"the workflow has {count} output channels: set channel_names to match the datalist (one name per "
                 "mask, e.g. \"['disc', 'cup']\")."
             )
+        if not isinstance(channels, int):
+            _check_channel_order(path, content.get("structures"), channels)
     repeated = [image for image, count in Counter(entry["image"] for entry in entries).items() if count > 1]
     if repeated:
         logger.warning(f"Datalist {path}: '{split}' lists {len(repeated)} images more than once, e.g. {repeated[0]}.")
     if require_labels:
         _require_foreground(path, split, entries)
     return entries
+
+
+def _check_channel_order(path: Path, structures: Any, channel_names: Sequence[str]) -> None:
+    """Refuse channel names that put a known structure where the datalist's masks hold another one.
+
+    Only the channel count was checked: ``channel_names ['cup', 'disc']`` on a disc-then-cup datalist trained the
+    "cup" channel on discs, and every figure after it came out swapped (the cup-to-disc ratios all 1.0, with the
+    reference measured under the same swapped names, so their error read 0). Names of no known structure and
+    datalists without ``structures`` (written by hand) are not checked.
+    """
+    if not isinstance(structures, list) or len(structures) != len(channel_names):
+        return
+    clashes = [
+        f"channel {index} '{name}' is the {named}, the masks there the {structure}"
+        for index, (name, structure) in enumerate(zip(channel_names, structures))
+        if (named := structure_of(name)) is not None and isinstance(structure, str) and named != structure_of(structure)
+    ]
+    if clashes:
+        raise InputError(
+            f"Datalist {path} holds its label masks in the order {structures} (its 'structures'), but channel_names "
+            f"is {list(channel_names)}: " + "; ".join(clashes) + f". Set channel_names to {structures}."
+        )
 
 
 def _require_foreground(path: Path, split: str, entries: Sequence[Mapping[str, Any]]) -> None:

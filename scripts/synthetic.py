@@ -540,11 +540,15 @@ def write_dataset(output: str | os.PathLike, count: int, seed: int = 0, size: in
     vessel_list = {
         **description,
         "labels": {"0": "vessel"},
+        "task": "vessels",
+        "structures": ["vessels"],
         **{key: [entry(i, f"vessels/{stems[i]}.png") for i in indices] for key, indices in splits.items()},
     }
     disc_cup_list = {
         **description,
         "labels": {"0": "optic disc", "1": "optic cup"},
+        "task": "disc_cup",
+        "structures": ["disc", "cup"],  # the label order, as tools.prepare records it: workflows check channel_names by it
         **{
             key: [entry(i, [f"disc/{stems[i]}.png", f"cup/{stems[i]}.png"]) for i in indices]
             for key, indices in splits.items()

@@ -194,6 +194,15 @@ def datalist_cases(folder: Path) -> dict[str, tuple[object, tuple[str, ...], dic
             ("has 2 label masks but the workflow has 1 output channels", "channel_names"),
             {"channels": 1},
         ),
+        "disc and cup channels in the other order than the datalist's masks": (
+            {"structures": ["disc", "cup"], "training": [{"image": image, "label": [label, label]}]},
+            (
+                "holds its label masks in the order ['disc', 'cup'] (its 'structures'), but channel_names is ['Cup', 'OD']",
+                "channel 0 'Cup' is the cup, the masks there the disc; channel 1 'OD' is the disc, the masks there the cup",
+                "Set channel_names to ['disc', 'cup'].",
+            ),
+            {"channels": ["Cup", "OD"]},
+        ),
         "every label empty": (
             {"training": [{"image": image, "label": empty.name}, {"image": "b.png", "label": empty.name}]},
             ("every label of 'training' is empty (no foreground pixel in 2 entries)",),
@@ -237,6 +246,7 @@ CASE_NAMES = [
     "a mask of another size than its image",
     "paths written on Windows",
     "masks for another number of channels",
+    "disc and cup channels in the other order than the datalist's masks",
     "every label empty",
     "a colour label (green vessels on black)",
     "a 0/1 label saved as JPEG",

@@ -68,6 +68,20 @@ def test_load_split_names_every_problem(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "channel_names", [["disc", "cup"], ["OD", "oc"], ["rim", "cup"], ["first", "second"], 2], ids=str
+)
+def test_channels_named_in_the_datalist_s_order_or_after_no_structure_are_taken(tmp_path, channel_names):
+    photograph(tmp_path / "a.png")
+    for name in ("disc.png", "cup.png"):
+        write_png(tmp_path / name, np.eye(40, dtype=bool))
+    datalist = tmp_path / "datalist.json"
+    entry = {"image": "a.png", "label": ["disc.png", "cup.png"]}
+    datalist.write_text(json.dumps({"structures": ["disc", "cup"], "training": [entry]}))
+    (loaded,) = load_split(datalist, "training", channel_names)
+    assert loaded["label"] == [str(tmp_path / "disc.png"), str(tmp_path / "cup.png")]
+
+
+@pytest.mark.parametrize(
     ("entry", "named"),
     [
         ({"image": 5, "label": "l.png"}, "entry 0 image must be a path; got 5"),

@@ -10,6 +10,7 @@ from monai.data import load_decathlon_datalist
 from scipy import ndimage
 
 from scripts.fundus_io import read_image, read_mask
+from scripts.inputs import InputError, load_split
 from scripts.synthetic import MASK_FOLDERS, main, render_fundus, split_indices, write_dataset
 
 SPLITS = ("training", "validation", "test")
@@ -124,6 +125,14 @@ def test_datalists_load_with_monai_and_survive_moving(dataset: Path, tmp_path: P
     assert sorted(seen) == sorted(path.stem for path in (moved / "images").glob("*.png"))  # disjoint and complete
     content = json.loads((moved / "datalist.json").read_text())
     assert content["split"]["seed"] == 3 and "permutation" in content["split"]["method"]
+
+
+def test_the_disc_cup_datalist_records_its_label_order_so_swapped_channels_are_refused(dataset: Path) -> None:
+    disc_cup = dataset / "datalist_disc_cup.json"
+    assert json.loads(disc_cup.read_text())["structures"] == ["disc", "cup"]
+    assert len(load_split(disc_cup, "training", ["disc", "cup"])) >= 1
+    with pytest.raises(InputError, match=r"channel 0 'cup' is the cup, the masks there the disc"):
+        load_split(disc_cup, "training", ["cup", "disc"])
 
 
 @pytest.mark.parametrize("count", [3, 4, 5, 10, 37])

@@ -317,7 +317,7 @@ def score_predictions(
         shown = list(channel_names) if isinstance(channel_names, (list, tuple)) else channel_names
         raise ConfigError(f"--channels {shown!r} must be {expected}")
     check_pattern(pattern, channel_names)
-    entries = load_split(datalist, split, channels=len(channel_names))
+    entries = load_split(datalist, split, channels=channel_names)
     topology = [structure_of(name) for name in channel_names] == ["vessels"]
     records, left_out, binary = [], {}, 0
     planned = [prediction_paths(entry["image"], folder, channel_names, pattern) for entry in entries]
