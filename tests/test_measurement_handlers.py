@@ -134,6 +134,41 @@ def test_agreement_matches_numpy_per_dataset_and_overall(evaluation):
     assert float(refuge["mae"]) == pytest.approx(agreement["datasets"]["REFUGE"]["vertical_cdr"]["mae"])
 
 
+def test_predictions_without_a_ratio_are_counted_apart_from_the_mae_in_every_report(tmp_path, caplog):
+    good = disc_and_cup(60, 30)
+    no_disc = np.zeros_like(good)
+    cup_outside = disc_and_cup(30, 10)
+    cup_outside[1] = np.roll(cup_outside[1], SIZE // 2, axis=0)  # wholly below the disc
+    reference = disc_and_cup(60, 36)
+    predictions = {"good.png": good, "no_disc.png": no_disc, "cup_outside.png": cup_outside}
+
+    def step(engine: Engine, batch: list[dict]) -> list[dict]:
+        return [
+            {
+                "pred": MetaTensor(torch.from_numpy(item["mask"].astype(np.float32)), meta={"filename_or_obj": f"/in/{item['name']}"}),
+                "label": torch.from_numpy(reference.astype(np.float32)),
+            }
+            for item in batch
+        ]
+
+    engine = Engine(step)
+    MeasurementAgreement(tmp_path, ["disc", "cup"]).attach(engine)
+    with caplog.at_level("INFO", logger=measurement.logger.name):
+        engine.run([[{"name": name, "mask": mask} for name, mask in predictions.items()]], max_epochs=1)
+
+    per_image = {row["image"]: row for row in read_csv(tmp_path / "measurements_per_image.csv")}
+    measured = [name for name in predictions if np.isfinite(float(per_image[name]["pred_vertical_cdr"]))]
+    assert measured == ["good.png"]  # the others have no ratio: no disc, or no cup inside it
+    expected_mae = abs(float(per_image["good.png"]["pred_vertical_cdr"]) - 36 / 60)
+    agreement = json.loads((tmp_path / "measurement_agreement.json").read_text())["all"]["vertical_cdr"]
+    assert agreement == {**agreement, "n": 1, "undefined_in_prediction": 2}
+    assert agreement["mae"] == pytest.approx(expected_mae)
+    row = next(r for r in read_csv(tmp_path / "measurement_agreement.csv") if r["measure"] == "vertical_cdr" and r["dataset"] == "all")
+    assert (row["n"], row["undefined_in_prediction"]) == ("1", "2")
+    assert engine.state.metrics["vertical_cdr_undefined_in_prediction"] == 2
+    assert "vertical_cdr MAE" in caplog.text and "over 1 images: 2 predictions have none, left out" in caplog.text
+
+
 def test_low_predicted_quality_is_flagged(evaluation):
     engine, _, images, folder = evaluation
     per_image = read_csv(folder / "measurements_per_image.csv")

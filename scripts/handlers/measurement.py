@@ -93,6 +93,16 @@ def _csv_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def _agreement_phrase(measure: str, agreement: Mapping[str, Any]) -> str:
+    """One measure's agreement for the log, with the images its MAE leaves out where there are any."""
+    phrase = f"{measure} MAE {agreement['mae']:.4g} (r {agreement['pearson_r']:.3f}"
+    if agreement["undefined_in_prediction"]:
+        phrase += (
+            f"; over {agreement['n']} images: {agreement['undefined_in_prediction']} predictions have none, left out"
+        )
+    return phrase + ")"
+
+
 def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A whole CSV: the header, each column with its unit (``disc_area_px [px²]``), then :func:`_csv_rows`."""
     buffer = io.StringIO()
@@ -338,6 +348,9 @@ class MeasurementAgreement:
                 "mae": float(np.abs(pred[defined] - ref[defined]).mean()) if count else math.nan,
                 "pearson_r": float(pearsonr(pred[defined], ref[defined])[0]) if varied else math.nan,
                 "n": count,
+                # Failures of the segmentation (no disc found, a cup wholly outside it) have no value to subtract:
+                # counted apart, as a MAE over the rest alone read better the more discs were missed.
+                "undefined_in_prediction": int((~np.isfinite(pred) & np.isfinite(ref)).sum()),
             }
         iou = np.array([row["predicted_iou"] for row in rows], dtype=float)
         dice = np.array([row["dice"] for row in rows], dtype=float)
@@ -356,10 +369,12 @@ class MeasurementAgreement:
         columns += [f"{side}_{m}" for m in self._measures() for side in ("pred", "ref")] + ["pred_notes", "ref_notes"]
         write_text_atomic(self.output_dir / "measurements_per_image.csv", _csv(self.rows, columns))
         write_text_atomic(self.output_dir / "measurement_agreement.json", json.dumps(json_safe(agreement), indent=2) + "\n")
-        summary = [["dataset", "measure", "unit", "mae", "pearson_r", "n"]]  # the MAE is in the measure's unit
+        # The MAE is in the measure's unit; n images gave it, undefined_in_prediction others (left out) did not.
+        summary = [["dataset", "measure", "unit", "mae", "pearson_r", "n", "undefined_in_prediction"]]
         for dataset, result in [*agreement["datasets"].items(), ("all", agreement["all"])]:
             summary += [
-                [dataset, m, _unit(m), result[m]["mae"], result[m]["pearson_r"], result[m]["n"]] for m in self._measures()
+                [dataset, m, _unit(m), *(result[m][key] for key in ("mae", "pearson_r", "n", "undefined_in_prediction"))]
+                for m in self._measures()
             ]
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(summary)
@@ -377,6 +392,7 @@ class MeasurementAgreement:
         for measure in self._measures():
             engine.state.metrics[f"{measure}_mae"] = agreement["all"][measure]["mae"]
             engine.state.metrics[f"{measure}_pearson_r"] = agreement["all"][measure]["pearson_r"]
+            engine.state.metrics[f"{measure}_undefined_in_prediction"] = agreement["all"][measure]["undefined_in_prediction"]
         quality = agreement["all"]["quality_spearman"]
         engine.state.metrics["quality_spearman"] = quality
         ranking = (
@@ -387,7 +403,7 @@ class MeasurementAgreement:
         logger.info(
             "Measurements agree with the references over %d images: %s; %s; %d images flagged.",
             len(self.rows),
-            ", ".join(f"{m} MAE {agreement['all'][m]['mae']:.4g} (r {agreement['all'][m]['pearson_r']:.3f})" for m in self._measures()[:4]),
+            ", ".join(_agreement_phrase(m, agreement["all"][m]) for m in self._measures()[:4]),
             ranking,
             len(agreement["all"]["flagged"]),
         )
