@@ -210,8 +210,9 @@ class FundusLabeld:
 
     Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel at or above ``threshold``
     (nested structures: optic disc 1, cup 2, the only several channels the app serves, :func:`check_label_channels`),
-    as the bundle's own prediction writer computes its masks (``scripts.masks.binarise``; the app loads a bundle's
-    scripts only inside its tasks). The result is transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's
+    each channel counted only inside the one before it (a cup pixel outside the disc is background), as the bundle's
+    own prediction writer labels them (``scripts.masks.binarise``, ``scripts.writers.label_map``; the app loads a
+    bundle's scripts only inside its tasks). The result is transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's
     ITK-reader layout and its writer transposes back when writing, whereas the bundle's loader keeps the file's
     ``(H, W)``.
 
@@ -233,7 +234,7 @@ class FundusLabeld:
             raise ValueError(f"Expected a (C, H, W) probability map, got shape {probabilities.shape}.")
         labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
         for channel, probability in enumerate(probabilities):
-            labels[probability >= self.threshold] = channel + 1
+            labels[(probability >= self.threshold) & (labels == channel)] = channel + 1
         d[self.key] = np.ascontiguousarray(labels.T)
         return d
 

@@ -30,6 +30,7 @@ from PIL import ExifTags, Image
 from scripts.fundus_io import read_label_mask
 from scripts.network import load_trained
 from scripts.synthetic import write_dataset
+from scripts.writers import label_map
 from tests.helpers import random_adapted_network
 from tests.preloaded import preloaded_python
 from tools.export import BUNDLE_NAME, export_bundle
@@ -278,6 +279,25 @@ def test_repository_scripts_are_not_importable_by_the_server_python(tmp_path):
     result = subprocess.run(command, check=False, cwd=tmp_path, env=environment, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0 and "No module named 'scripts'" in result.stderr
+
+
+def test_the_app_s_disc_cup_label_is_the_bundle_writer_s_a_cup_outside_the_disc_included(tmp_path):
+    """/infer's label maker (FundusLabeld, in the server's Python) against the bundle's own writer (label_map): a cup
+    partly outside the disc is labelled only inside it by both, as the measurements clip it."""
+    probabilities = np.zeros((2, 20, 30), np.float32)
+    probabilities[0, 6:18, 8:22] = 0.8  # disc
+    probabilities[1, 2:10, 12:18] = 0.7  # cup, its top rows above the disc
+    probabilities[1, 12, 24] = 0.9  # a cup pixel with no disc around it
+    np.save(tmp_path / "probabilities.npy", probabilities)
+    probe = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from main import FundusLabeld; "
+        "labels = FundusLabeld('pred', 0.5)({'pred': np.load('probabilities.npy')})['pred']; np.save('labels.npy', labels.T)"
+    )
+    subprocess.run([str(SERVER_PYTHON), "-c", probe, str(REPO / "monailabel_app")], check=True, cwd=tmp_path,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, timeout=300)
+    served = np.load(tmp_path / "labels.npy")
+    np.testing.assert_array_equal(served, label_map(probabilities >= 0.5, ["disc", "cup"]))
+    assert served[3, 14] == 0 and served[8, 14] == 2 and served[12, 24] == 0 and served[16, 10] == 1
 
 
 def test_infer_png_and_jpg_returns_aligned_labels_equal_to_bundle_inference(setup, tmp_path):

@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from scripts.fundus_io import UNREADABLE_KEY, FundusImageError, write_png
+from scripts.measurements import disc_cup_measurements
 from scripts.metrics import evaluate_case
 from scripts.writers import SaveFundusPredictiond, label_map
 
@@ -80,7 +81,23 @@ def test_disc_and_cup_become_one_label_image(photo, tmp_path):
     mask = np.asarray(Image.open(tmp_path / "eye_mask.png"))
     assert mask[0, 0] == 0 and mask[5, 9] == 128 and mask[10, 15] == 255
     assert (tmp_path / "eye_prob_disc.png").is_file() and (tmp_path / "eye_prob_cup.png").is_file()
-    assert label_map(probabilities > 0.5)[10, 15] == 2
+    assert label_map(probabilities > 0.5, ["disc", "cup"])[10, 15] == 2
+
+
+def test_a_cup_outside_the_disc_is_labelled_inside_it_only_as_it_is_measured(photo, tmp_path):
+    probabilities = np.zeros((2, 20, 30), dtype=np.float32)
+    probabilities[0, 6:18, 8:22] = 0.8  # disc, rows 6-17
+    probabilities[1, 2:10, 12:18] = 0.8  # cup, rows 2-9: its top four rows above the disc
+    SaveFundusPredictiond("pred", tmp_path, ["disc", "cup"])({"pred": prediction(probabilities, photo)})
+    mask = np.asarray(Image.open(tmp_path / "eye_mask.png"))
+    assert (mask[2:6, 12:18] == 0).all() and (mask[6:10, 12:18] == 255).all() and mask[12, 9] == 128
+    # The file's own vertical ratio is the one the measurements give (rows 6-9 of the disc's 6-17).
+    cup_rows, disc_rows = (mask == 255).any(1).sum(), (mask >= 128).any(1).sum()
+    measured = disc_cup_measurements((probabilities[0] > 0.5), (probabilities[1] > 0.5))["vertical_cdr"]
+    assert cup_rows / disc_rows == pytest.approx(measured) == pytest.approx(4 / 12)
+    # Other channels are written as given: the highest present wins.
+    assert label_map(probabilities > 0.5, ["vessels", "cup"])[3, 14] == 2
+    assert np.asarray(Image.open(tmp_path / "eye_prob_cup.png"))[3, 14] > 0  # the probability keeps the prediction
 
 
 def test_mismatches_are_named(photo, tmp_path):
