@@ -678,6 +678,26 @@ def test_resume_auto_without_a_checkpoint_keeps_the_earlier_run_as_a_new_run_doe
     assert kept is not None and (kept / "model_best.pt").read_text() == "its best"
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_training_moves_an_evaluation_of_the_model_it_changes_out_of_the_shared_output_folder(tmp_path, caplog, resume):
+    """Training and evaluation share bundle/eval by default: an earlier evaluation's figures stayed beside a new
+    (or resumed) run's log and passed for the new model's."""
+    ckpt, output = tmp_path / "models", tmp_path / "eval"
+    ckpt.mkdir()
+    output.mkdir()
+    (ckpt / "model_best.pt").write_text("the evaluated model")
+    (ckpt / "latest_checkpoint.pt").write_text("its checkpoint")
+    reports = ("metrics_summary.json", "metrics_per_image.csv", "measurement_agreement.csv", "bland_altman_vertical_cdr.png")
+    for name in reports:
+        (output / name).write_text(f"the evaluation's {name}")
+    with caplog.at_level(logging.WARNING):
+        keep_earlier_run(ckpt, output, resume=resume)
+    assert sorted(path.name for path in output.iterdir()) == ["earlier_evaluations"]
+    (moved,) = (output / "earlier_evaluations").iterdir()
+    assert {path.name: path.read_text() for path in moved.iterdir()} == {n: f"the evaluation's {n}" for n in reports}
+    assert f"moved to {moved} as this training run changes the model they describe" in caplog.text
+
+
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     previous = os.umask(0o027)
     try:

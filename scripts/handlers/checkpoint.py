@@ -50,6 +50,7 @@ from scripts.adapters import CHECKPOINT_FORMAT
 from scripts.atomic import file_sha256, new_stamped_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, unreadable_torch_file
+from scripts.handlers.evaluation import keep_earlier_evaluation
 from scripts.inputs import check_settings
 
 __all__ = [
@@ -524,7 +525,9 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     ``model.pt`` stays where it is, since a fine-tuning run (MONAI Label's) starts from the model it replaces; the
     other files are removed once copied, so that none passes for the new run's: its ``model_best.pt`` before its
     first validation (which tracking would record and evaluation would read), its ``latest_checkpoint.pt`` before
-    its first save (which ``--resume auto`` would continue), its pictures.
+    its first save (which ``--resume auto`` would continue), its pictures. An evaluation's reports in ``output_dir``
+    are moved to ``earlier_evaluations/`` (:func:`keep_earlier_evaluation`) by a resumed run too: it changes the
+    model they describe.
 
     Args:
         ckpt_dir: the run's checkpoint folder (``model.pt``, ``model_best.pt``, ``latest_checkpoint.pt``).
@@ -539,7 +542,12 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     mode = _parse_resume(resume)
     resumes = mode == "true" or (mode == "auto" and (ckpt_dir / CHECKPOINT_FILE).is_file())  # as the handler asks
-    if resumes or int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    # Training and evaluation share an output folder by default (the quick start's bundle/eval): left there, an
+    # evaluation of the model this run replaces, or goes on training, would pass for the new model's.
+    keep_earlier_evaluation(output_dir, "as this training run changes the model they describe")
+    if resumes:
         return None
     found = [ckpt_dir / name for name in EARLIER_RUN_MODELS if (ckpt_dir / name).exists()]
     found += [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]

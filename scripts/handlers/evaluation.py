@@ -47,8 +47,11 @@ EVALUATION_OUTPUTS = (
 depends on its settings (prompt modes, the channels measured)."""
 
 
-def keep_earlier_evaluation(output_dir: str | os.PathLike) -> Path | None:
-    """Move an earlier evaluation's reports out of ``output_dir`` before a new evaluation writes its own.
+def keep_earlier_evaluation(
+    output_dir: str | os.PathLike, reason: str = "before this evaluation writes its own"
+) -> Path | None:
+    """Move an earlier evaluation's reports out of ``output_dir`` before a new evaluation writes its own, or a
+    training run changes the model they describe.
 
     A report the new run does not write (``prompts.json`` and ``metrics_by_prompt_mode.png`` of a prompted
     evaluation, after a prompt-free one) would otherwise sit beside its reports and pass for one of them; moving,
@@ -56,6 +59,7 @@ def keep_earlier_evaluation(output_dir: str | os.PathLike) -> Path | None:
 
     Args:
         output_dir: the evaluation's output folder.
+        reason: the end of the log line, saying why they were moved.
 
     Returns:
         The folder the earlier reports went to, ``<output_dir>/earlier_evaluations/<time>``, or None when there were
@@ -68,7 +72,7 @@ def keep_earlier_evaluation(output_dir: str | os.PathLike) -> Path | None:
     target = move_aside(found, output_dir / "earlier_evaluations")
     logger.warning(
         f"{output_dir} held an earlier evaluation's reports ({', '.join(path.name for path in found)}): moved to "
-        f"{target} before this evaluation writes its own."
+        f"{target} {reason}."
     )
     return target
 
