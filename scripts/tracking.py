@@ -516,6 +516,7 @@ class MLflowRecorder:
         """
         if self.log is None:
             return
+        self.checkpoint.keep_another_run_s_log(self.log)  # its history is not this run's to send
         history: dict[str, set[int]] = {}
 
         def missing(key: str, step: int) -> bool:

@@ -275,6 +275,42 @@ def test_a_tracked_resume_of_an_untracked_first_part_is_recorded_as_resumed(tmp_
     assert sorted(first_part) == list(range(1, 6))
 
 
+def test_a_resumed_run_keeps_its_own_log_and_moves_another_run_s_out_of_the_shared_output_folder(tmp_path, caplog):
+    """Two runs with checkpoint folders of their own and one output folder (bundle/eval by default): resumed, the
+    first took over the log the second had written there since, cut it at its own checkpoint and appended to it."""
+    output = tmp_path / "eval"
+    first, *_ = _trainer(tmp_path / "a", "false", seed=0, max_epochs=1)
+    TrainingLog(output).attach(first)
+    first.run()
+    first_log = read_training_log(output / "training_log.jsonl")
+    assert len(first_log) == 5
+
+    # Its own log: resumed, it goes on after the records up to its checkpoint.
+    resumed, *_ = _trainer(tmp_path / "a", "true", seed=1, max_epochs=2)
+    TrainingLog(output).attach(resumed)
+    resumed.run()
+    own = read_training_log(output / "training_log.jsonl")
+    assert own[:5] == first_log and [r["iteration"] for r in own] == list(range(1, 11))
+    assert not (output / "earlier_runs").exists()
+
+    second, *_ = _trainer(tmp_path / "b", "false", seed=2, max_epochs=1)
+    TrainingLog(output).attach(second)
+    second.run()
+    second_log = (output / "training_log.jsonl").read_text()
+    (output / "overlays" / "epoch_0001").mkdir(parents=True)
+
+    again, *_ = _trainer(tmp_path / "a", "true", seed=1, max_epochs=3)
+    TrainingLog(output).attach(again)
+    with caplog.at_level(logging.WARNING):
+        again.run()
+    (kept,) = (output / "earlier_runs").iterdir()
+    assert (kept / "training_log.jsonl").read_text() == second_log and (kept / "overlays" / "epoch_0001").is_dir()
+    assert f"{output / 'training_log.jsonl'} is another run's" in caplog.text and f"moved to {kept}" in caplog.text
+    resumed_log = read_training_log(output / "training_log.jsonl")
+    assert [r["iteration"] for r in resumed_log] == list(range(11, 16)), "its own iterations only, none of the other's"
+    assert not (output / "overlays").exists()
+
+
 def test_a_checkpoint_without_buffers_resumes_with_a_warning(tmp_path, caplog):
     """Checkpoints of bundle 0.3.10 and earlier held the trainable parameters alone."""
     trainer, *_ = _trainer(tmp_path, "false", seed=0, max_epochs=1)

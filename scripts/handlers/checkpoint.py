@@ -47,10 +47,11 @@ from monai.handlers import CheckpointSaver
 from torch import nn
 
 from scripts.adapters import CHECKPOINT_FORMAT
-from scripts.atomic import file_sha256, new_stamped_folder, save_torch_atomic
+from scripts.atomic import file_sha256, move_aside, new_stamped_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, unreadable_torch_file
 from scripts.handlers.evaluation import keep_earlier_evaluation
+from scripts.handlers.training_log import TrainingLog, first_iteration_time, read_training_log
 from scripts.inputs import check_settings
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "TrainingCheckpoint",
     "claim_checkpoint_folder",
     "frozen_fingerprint",
+    "keep_another_run_s_outputs",
     "keep_earlier_run",
     "release_checkpoint_folder",
     "resumable_state",
@@ -223,8 +225,21 @@ class TrainingCheckpoint:
         self.extra_state[name] = provider
         return None if self.resumed is None else self.resumed.get("extra", {}).get(name)
 
+    def resumed_log_started(self) -> float | None:
+        """When the resumed run's first iteration ended, as its checkpoint records it (None: starting afresh, or a
+        checkpoint of bundle 0.3.25 or earlier): what tells its ``training_log.jsonl`` from another run's."""
+        return None if self.resumed is None else self.resumed.get("training_log", {}).get("started")
+
+    def keep_another_run_s_log(self, log: TrainingLog) -> None:
+        """Before a resumed run reads its log (its MLflow backfill, its first epoch): move another run's log and
+        pictures out of the way (:func:`keep_another_run_s_outputs`)."""
+        started = self.resumed_log_started()
+        if self.save_enabled and started is not None:
+            keep_another_run_s_outputs(log.output_dir, started)
+
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         """Everything the checkpoint holds, for ``engine`` at its current iteration."""
+        log = TrainingLog.attached_to(engine)
         content: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "settings": self.settings,
@@ -234,6 +249,8 @@ class TrainingCheckpoint:
             "trainer": engine.state_dict(),
             "extra": {name: dict(provider()) for name, provider in self.extra_state.items()},
         }
+        if log is not None:
+            content["training_log"] = {"started": first_iteration_time(log.records)}
         if self.lr_scheduler is not None:
             content["lr_scheduler"] = self.lr_scheduler.state_dict()
         scaler = getattr(engine, "scaler", None)
@@ -388,6 +405,9 @@ class TrainingCheckpoint:
     def _apply_resume(self, engine: Engine) -> None:
         if self.resumed is None:
             return
+        log = TrainingLog.attached_to(engine)
+        if log is not None:
+            self.keep_another_run_s_log(log)
         content = self.resumed
         network = unwrap_network(self.network)
         saved, expected = set(content["network_trainable"]), set(resumable_state(network))
@@ -516,6 +536,40 @@ def release_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
     lock = _held_locks.pop(Path(ckpt_dir).absolute() / RUN_LOCK, None)
     if lock is not None:
         lock.close()  # closing the file releases its flock
+
+
+def keep_another_run_s_outputs(output_dir: str | os.PathLike, started: float) -> Path | None:
+    """Move another run's training log and pictures out of a resumed run's output folder.
+
+    Runs with checkpoint folders of their own may share an output folder (``bundle/eval`` by default): resumed, a
+    run took over the log another run had written there since, cut it at its own checkpoint's iteration and went on
+    appending to it, with that run's first iterations (and its learning rates, sent to MLflow as the resumed run's
+    history) in front of its own. A log is the resumed run's when its first iteration ended when the checkpoint says.
+
+    Args:
+        output_dir: the resumed run's output folder.
+        started: when the resumed run's first iteration ended, as its checkpoint records it.
+
+    Returns:
+        The folder the other run's outputs went to, or None when the log there is the resumed run's (or missing).
+    """
+    output_dir = Path(output_dir)
+    found_started = first_iteration_time(read_training_log(output_dir / TrainingLog.LOG_NAME))
+    if found_started is None or found_started == started:
+        return None
+    found = [output_dir / name for name in EARLIER_RUN_OUTPUTS if (output_dir / name).exists()]
+    target = move_aside(found, output_dir / "earlier_runs")
+    logger.warning(
+        f"{output_dir / TrainingLog.LOG_NAME} is another run's (its first iteration ended at "
+        f"{_local_time(found_started)}, the resumed run's at {_local_time(started)}): it and its pictures "
+        f"({', '.join(path.name for path in found)}) were moved to {target}; this run's log goes on without the "
+        "iterations before its checkpoint."
+    )
+    return target
+
+
+def _local_time(unix_time: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_time))
 
 
 def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, resume: bool | str) -> Path | None:

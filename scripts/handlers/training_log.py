@@ -31,7 +31,7 @@ from scripts.atomic import write_text_atomic
 from scripts.engines import all_ranks
 from scripts.errors import ConfigError
 
-__all__ = ["TrainingLog", "read_training_log", "training_throughput"]
+__all__ = ["TrainingLog", "first_iteration_time", "read_training_log", "training_throughput"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,20 @@ def read_training_log(path: str | os.PathLike, up_to_iteration: int | None = Non
         if up_to_iteration is None or record.get("iteration", 0) <= up_to_iteration:
             records.append(record)
     return records
+
+
+def first_iteration_time(records: Sequence[dict[str, Any]]) -> float | None:
+    """When a log's first training iteration ended (Unix time): what tells one run's log from another's.
+
+    Args:
+        records: the records of ``training_log.jsonl`` (:func:`read_training_log`).
+
+    Returns:
+        the ``time`` of the first training record, or None when there is none (or it has no time: a log written
+        before records carried one).
+    """
+    first = next((record for record in records if record.get("kind") == "train"), None)
+    return None if first is None else first.get("time")
 
 
 def training_throughput(records: Sequence[dict[str, Any]], skip_epochs: int = 1) -> dict[str, float] | None:
@@ -148,6 +162,11 @@ class TrainingLog:
     def add_validation_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call ``listener(record)`` after each validation record is written (on the writing rank only)."""
         self._listeners.append(listener)
+
+    @staticmethod
+    def attached_to(trainer: Engine) -> TrainingLog | None:
+        """The :class:`TrainingLog` attached to ``trainer``, or None."""
+        return _LOG_OF_TRAINER.get(trainer)
 
     @staticmethod
     def of(trainer: Engine) -> TrainingLog:
