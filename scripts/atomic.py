@@ -1,7 +1,7 @@
 """Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact;
 adding whole lines to a file (:func:`append_text`); recognising a written file later by its content
 (:func:`file_sha256`); and a folder of its own for an earlier run's files that a new run moves aside
-(:func:`new_stamped_folder`, :func:`move_aside`).
+(:func:`new_stamped_folder`, :func:`move_aside`, :func:`keep_earlier_outputs`).
 
 Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
 and models; a file that grows by rows during a run (``measurements.csv``) is written whole through it and then
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -26,12 +27,14 @@ import torch
 
 from scripts.errors import FundusError
 
+logger = logging.getLogger(__name__)
 __all__ = [
     "FileState",
     "OutputError",
     "append_text",
     "atomic_path",
     "file_sha256",
+    "keep_earlier_outputs",
     "move_aside",
     "name_while_written",
     "new_stamped_folder",
@@ -260,4 +263,35 @@ def move_aside(paths: Iterable[Path], parent: str | os.PathLike) -> Path:
     target = new_stamped_folder(parent)
     for path in paths:
         path.replace(target / path.name)
+    return target
+
+
+def keep_earlier_outputs(
+    output_dir: str | os.PathLike, patterns: Iterable[str], kind: str, reason: str | None = None
+) -> Path | None:
+    """Move an earlier run's files out of ``output_dir`` before a new run of the same ``kind`` writes its own.
+
+    The one rule of the tools that write reports into a folder they are given (evaluation, scoring, the baseline,
+    the benchmark): a rerun never replaces what the last run measured without a word. A file the new run does not
+    write would otherwise sit beside its files and pass for one of them; moving, not deleting, keeps the earlier
+    figures should the new run fail.
+
+    Args:
+        output_dir: the run's output folder.
+        patterns: the names (or ``glob`` patterns) of the files the run writes there.
+        kind: what the run is (``"evaluation"``), for the folder ``earlier_<kind>s`` and the warning.
+        reason: the end of the warning, saying why they were moved; by default, before this run writes its own.
+
+    Returns:
+        The folder the earlier files went to, ``<output_dir>/earlier_<kind>s/<time>``, or None when there were none.
+    """
+    output_dir = Path(output_dir)
+    found = sorted({path for pattern in patterns for path in output_dir.glob(pattern) if path.is_file()})
+    if not found:
+        return None
+    target = move_aside(found, output_dir / f"earlier_{kind}s")
+    logger.warning(
+        f"{output_dir} held an earlier {kind}'s reports ({', '.join(path.name for path in found)}): moved to "
+        f"{target} {reason or f'before this {kind} writes its own'}."
+    )
     return target

@@ -79,6 +79,7 @@ __all__ = [
     "evaluate_case",
     "format_summary_table",
     "json_safe",
+    "report_names",
     "summarise",
     "write_reports",
 ]
@@ -573,6 +574,22 @@ def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
+def report_names(prefix: str = "metrics") -> dict[str, str]:
+    """The file names :func:`write_reports` gives its reports.
+
+    Args:
+        prefix: file name prefix.
+
+    Returns:
+        ``{"per_image_csv": name, "summary_json": name, "summary_csv": name}``.
+    """
+    return {
+        "per_image_csv": f"{prefix}_per_image.csv",
+        "summary_json": f"{prefix}_summary.json",
+        "summary_csv": f"{prefix}_summary.csv",
+    }
+
+
 def write_reports(
     records: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
@@ -610,11 +627,7 @@ def write_reports(
                  *(statistic[s] for s in ("mean", "std", "n", "nan"))]
             )
     document = {"summary": summary, "units": METRIC_UNITS, "metadata": dict(metadata or {})}
-    paths = {
-        "per_image_csv": folder / f"{prefix}_per_image.csv",
-        "summary_json": folder / f"{prefix}_summary.json",
-        "summary_csv": folder / f"{prefix}_summary.csv",
-    }
+    paths = {key: folder / name for key, name in report_names(prefix).items()}
     texts = {
         "per_image_csv": _csv_text(per_image),
         "summary_json": json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n",

@@ -137,6 +137,27 @@ def test_command_line(synthetic_datalist, tmp_path):
     assert main(["--datalist", str(tmp_path / "missing.json"), "--output", str(output)]) == 1
 
 
+def test_an_earlier_baselines_reports_are_moved_aside_not_replaced(synthetic_datalist, tmp_path, caplog):
+    """A second run into the same folder used to replace the three reports without a word."""
+    output = tmp_path / "out"
+    first = run_baseline(synthetic_datalist, output, radii=(5,), sigmas=(1.0,))
+    assert first["earlier_reports"] is None
+    earlier = {path.name: path.read_bytes() for path in first["paths"].values()}
+    (output / "metrics_summary.json").write_text("{}")  # a model's evaluation: not this tool's report
+
+    with caplog.at_level(logging.WARNING):
+        second = run_baseline(synthetic_datalist, output, radii=(3,), sigmas=(1.0,))
+
+    [kept] = (output / "earlier_evaluations").iterdir()
+    assert second["earlier_reports"] == kept
+    assert {path.name: path.read_bytes() for path in kept.iterdir()} == earlier
+    assert json.loads(second["paths"]["summary_json"].read_text())["metadata"]["parameters"]["radius"] == 3
+    assert (output / "metrics_summary.json").read_text() == "{}"
+    names = ", ".join(sorted(earlier))
+    assert f"{output} held an earlier evaluation's reports ({names}): moved to {kept} before this evaluation " \
+        "writes its own." in caplog.messages
+
+
 def test_a_test_image_unreadable_after_the_fit_is_left_out_and_the_others_reported(synthetic_datalist, tmp_path, caplog):
     """Before 0.3.22 the first unreadable test image stopped the run after the fit: no report at all."""
     photograph = tmp_path / "test0.png"

@@ -20,6 +20,10 @@ vessel) and the prediction outside the FOV is background. Predictions are writte
 ``sigmoid(normalised response - threshold)``, a strictly increasing map (AUC unchanged) that puts the threshold at
 0.5, and evaluated by :mod:`scripts.metrics` exactly as the model: inside the FOV and over the whole image.
 
+An earlier baseline's reports in the output folder are moved to ``earlier_evaluations/<time>/`` before the new ones
+are written, with a warning naming the folder (:func:`scripts.handlers.evaluation.keep_earlier_evaluation`); a
+model's evaluation reports there (``metrics_*``) are not this tool's and stay.
+
 Command line::
 
     python -m tools.baseline --datalist datalists/drive.json --output eval/baseline_drive [--split test]
@@ -45,12 +49,14 @@ from skimage.morphology import black_tophat, disk
 
 from scripts.errors import ConfigError, FundusError, command_line
 from scripts.fundus_io import estimate_fov, read_image, read_label_mask
+from scripts.handlers.evaluation import keep_earlier_evaluation
 from scripts.inputs import InputError, load_split
 from scripts.metrics import (
     empty_fov_problem,
     entry_fov_source,
     evaluate_case,
     format_summary_table,
+    report_names,
     summarise,
     write_reports,
 )
@@ -84,6 +90,9 @@ DEFAULT_SIGMAS = (0.0, 1.0, 2.0)
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.5, 6.0 + 1e-9, 0.05), 2).tolist())
 """Candidate thresholds on the response normalised by its standard deviation inside the FOV."""
+
+REPORT_PREFIX = "baseline"
+"""The reports' file name prefix (``baseline_per_image.csv``...): beside a model's ``metrics_*`` they stay its own."""
 
 logger = logging.getLogger(__name__)
 
@@ -340,16 +349,18 @@ def run_baseline(
 
     Args:
         datalist: vessel datalist JSON with a ``training`` split and ``split``.
-        output_dir: folder for the reports (``baseline_per_image.csv``, ``baseline_summary.json`` and ``.csv``).
+        output_dir: folder for the reports (``baseline_per_image.csv``, ``baseline_summary.json`` and ``.csv``); an
+            earlier baseline's reports there are moved to ``earlier_evaluations/<time>/`` first, with a warning.
         split: the evaluated split; must not be ``"training"`` (the parameters are fitted there).
         radii: candidate radii at DRIVE scale.
         sigmas: candidate smoothing at DRIVE scale.
         thresholds: candidate thresholds on the normalised response.
 
     Returns:
-        ``{"summary": ..., "metadata": ..., "paths": ..., "left_out": ...}``: what was written, and the evaluated
-        images that could not be used (``{image: why}``), named in the log and passed over so that the fit and the
-        other images' figures are kept.
+        ``{"summary": ..., "metadata": ..., "paths": ..., "left_out": ..., "earlier_reports": ...}``: what was
+        written, the evaluated images that could not be used (``{image: why}``), named in the log and passed over so
+        that the fit and the other images' figures are kept, and where an earlier baseline's reports were moved
+        (None when there were none).
 
     Raises:
         ValueError: when ``split`` is the training split, on datalist problems or a training image that cannot be
@@ -385,7 +396,10 @@ def run_baseline(
         "left_out": left_out,
         "seconds": round(time.monotonic() - started, 1),
     }
-    paths = write_reports(records, summary, output_dir, prefix="baseline", metadata=metadata)
+    # Only now, with reports to write, as tools.score: an earlier baseline's reports are moved aside, never replaced,
+    # and stay where they were when this run fails before (a datalist problem, no usable image).
+    earlier = keep_earlier_evaluation(output_dir, tuple(report_names(REPORT_PREFIX).values()))
+    paths = write_reports(records, summary, output_dir, prefix=REPORT_PREFIX, metadata=metadata)
     logger.info("baseline on %s split:\n%s", split, format_summary_table(summary))
     if left_out:
         logger.error(
@@ -394,7 +408,7 @@ def run_baseline(
             len(left_out) + len(records),
             split,
         )
-    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out}
+    return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out, "earlier_reports": earlier}
 
 
 def _radius(text: str) -> int:

@@ -600,7 +600,7 @@ def keep_earlier_run(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
         return None
     # Training and evaluation share an output folder by default (the quick start's bundle/eval): left there, an
     # evaluation of the model this run replaces, or goes on training, would pass for the new model's.
-    keep_earlier_evaluation(output_dir, "as this training run changes the model they describe")
+    keep_earlier_evaluation(output_dir, reason="as this training run changes the model they describe")
     if resumes:
         return None
     found = [ckpt_dir / name for name in EARLIER_RUN_MODELS if (ckpt_dir / name).exists()]

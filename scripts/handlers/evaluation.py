@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
-from scripts.atomic import move_aside
+from scripts.atomic import keep_earlier_outputs
 from scripts.metrics import (
     FOV_SOURCES,
     METRICS,
@@ -48,10 +48,10 @@ depends on its settings (prompt modes, the channels measured)."""
 
 
 def keep_earlier_evaluation(
-    output_dir: str | os.PathLike, reason: str = "before this evaluation writes its own"
+    output_dir: str | os.PathLike, outputs: Sequence[str] = EVALUATION_OUTPUTS, reason: str | None = None
 ) -> Path | None:
     """Move an earlier evaluation's reports out of ``output_dir`` before a new evaluation writes its own, or a
-    training run changes the model they describe.
+    training run changes the model they describe (:func:`scripts.atomic.keep_earlier_outputs`).
 
     A report the new run does not write (``prompts.json`` and ``metrics_by_prompt_mode.png`` of a prompted
     evaluation, after a prompt-free one) would otherwise sit beside its reports and pass for one of them; moving,
@@ -59,22 +59,16 @@ def keep_earlier_evaluation(
 
     Args:
         output_dir: the evaluation's output folder.
-        reason: the end of the log line, saying why they were moved.
+        outputs: the names (or patterns) of the reports the evaluation writes: ``evaluate.json``'s by default,
+            another method's (``tools.baseline``'s ``baseline_*``) where it writes its own.
+        reason: the end of the log line, saying why they were moved (by default: before this evaluation writes
+            its own).
 
     Returns:
         The folder the earlier reports went to, ``<output_dir>/earlier_evaluations/<time>``, or None when there were
         none.
     """
-    output_dir = Path(output_dir)
-    found = sorted({path for pattern in EVALUATION_OUTPUTS for path in output_dir.glob(pattern) if path.is_file()})
-    if not found:
-        return None
-    target = move_aside(found, output_dir / "earlier_evaluations")
-    logger.warning(
-        f"{output_dir} held an earlier evaluation's reports ({', '.join(path.name for path in found)}): moved to "
-        f"{target} {reason}."
-    )
-    return target
+    return keep_earlier_outputs(output_dir, outputs, "evaluation", reason)
 
 
 class FundusMetricsWriter:
