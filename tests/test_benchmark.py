@@ -252,6 +252,27 @@ def test_parts_measure_only_what_is_asked_and_a_stopped_run_keeps_what_it_measur
     assert [row["target"] for row in content["targets"]] == ["merged inference latency / SAM 2 latency"]
 
 
+def test_an_earlier_runs_reports_are_moved_aside_not_replaced(tmp_path, monkeypatch, caplog):
+    """A run with other --parts into the same folder used to replace benchmark.json, the earlier parts' figures."""
+    earlier = {"benchmark.json": '{"training": "hours of GPU"}\n', "benchmark.md": "# earlier\n",
+               benchmark.PARTIAL_REPORT: '{"inference": "a stopped run"}'}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    # Nothing is measured: what is kept aside, and when, does not depend on the report.
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda settings, progress: {"inference": "this run"})
+    monkeypatch.setattr(benchmark, "render_markdown", lambda report: "# this run\n")
+
+    with caplog.at_level(logging.WARNING):
+        assert benchmark.main([*SMALLEST, "--parts", "inference", "--output-dir", str(tmp_path)]) == 0
+
+    [kept] = (tmp_path / "earlier_benchmarks").iterdir()
+    assert {path.name: path.read_text() for path in kept.iterdir()} == earlier
+    assert json.loads((tmp_path / "benchmark.json").read_text()) == {"inference": "this run"}
+    names = ", ".join(sorted(earlier))
+    assert f"{tmp_path} held an earlier benchmark's reports ({names}): moved to {kept} before this benchmark writes " \
+        "its own." in caplog.messages
+
+
 def test_agreement_photographs_are_the_image_files_of_drive_s_test_folder(tmp_path):
     images = tmp_path / "test" / "images"
     images.mkdir(parents=True)

@@ -34,6 +34,10 @@ Usage::
 
     python -m tools.benchmark --quick                      # Hiera tiny at 256 px, a few minutes on a CPU
     python -m tools.benchmark --model-sizes tiny large --image-sizes 1024 --output-dir docs/benchmarks
+
+An earlier run's ``benchmark.json``, ``benchmark.md`` and ``benchmark.partial.json`` in ``--output-dir`` are moved to
+``earlier_benchmarks/<time>/`` there before a run starts, with a warning naming the folder: another run (other
+``--parts``, say) never replaces what they measured.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from typing import Any
 
 import torch
 
-from scripts.atomic import write_text_atomic
+from scripts.atomic import keep_earlier_outputs, write_text_atomic
 from scripts.errors import ConfigError, command_line
 from tools import path_argument
 
@@ -115,6 +119,8 @@ BACKEND_TARGETS = (
 QUIET_LOGGERS = ("scripts.sam2_models", "scripts.adapters")
 # What a run has measured so far, rewritten after each measurement and removed once the full report is written.
 PARTIAL_REPORT = "benchmark.partial.json"
+# The full report, as JSON and as Markdown.
+REPORT_FILES = ("benchmark.json", "benchmark.md")
 DATA_TARGET = ("data-loading time / training step time (after the first epoch)", 0.1)
 
 
@@ -1353,7 +1359,7 @@ def write_report(report: dict, output_dir: str | Path) -> tuple[Path, Path]:
         OutputError: a file cannot be written (the previous one, if any, is left as it was).
     """
     folder = Path(output_dir)
-    json_path, markdown_path = folder / "benchmark.json", folder / "benchmark.md"
+    json_path, markdown_path = (folder / name for name in REPORT_FILES)
     markdown = render_markdown(report)  # first: should it fail, neither file is replaced
     write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
     write_text_atomic(markdown_path, markdown)
@@ -1446,6 +1452,9 @@ def _parse_arguments(argv: Sequence[str] | None) -> tuple[BenchmarkSettings, Pat
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the benchmark, print the Markdown table and write it as JSON and Markdown."""
     settings, output_dir = _parse_arguments(argv)
+    # An earlier run's reports, a stopped run's partial one included, are moved aside before this run's first
+    # progress write: a run with other --parts would replace measurements that took a GPU hours.
+    keep_earlier_outputs(output_dir, (*REPORT_FILES, PARTIAL_REPORT), "benchmark")
     partial = output_dir / PARTIAL_REPORT
     report = run_benchmark(settings, progress=lambda so_far: write_text_atomic(partial, json.dumps(so_far, indent=2)))
     json_path, markdown_path = write_report(report, output_dir)
