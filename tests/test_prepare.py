@@ -146,6 +146,45 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert output.read_text() == "kept"
 
 
+def test_an_earlier_datalist_is_moved_aside_with_its_masks_not_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another --seed into the same --output used to replace the split a model was trained on without a word."""
+    src = tmp_path / "src"
+    rows, cols = np.mgrid[0:30, 0:40]
+    for number in range(6):  # no fov/ folder: the fields of view are estimated, derived masks
+        write_png(src / "images" / f"{number}.png", np.dstack([(rows + cols + number) / 80.0] * 3))
+        write_png(src / "masks" / f"{number}.png", (rows + number) % 7 == 0)
+    output = tmp_path / "out" / "mine.json"
+    arguments = ["--dataset", "folder", "--name", "mine", "--src", str(src), "--output", str(output)]
+    assert main([*arguments, "--seed", "5", "--test-fraction", "0.5"]) == 0
+    first = json.loads(output.read_text())
+    (output.parent / "mine_derived" / "fov" / "0.png").write_bytes(b"the earlier run's")  # tells the files apart
+
+    assert main([*arguments, "--seed", "6", "--test-fraction", "0.5"]) == 0
+
+    [folder] = (output.parent / "earlier_datalists").iterdir()
+    kept, masks = folder / "mine.json", folder / "mine_derived"
+    earlier = json.loads(kept.read_text())
+    assert earlier["seed"] == 5 and json.loads(output.read_text())["seed"] == 6
+    assert [e["case"] for e in earlier["test"]] == [e["case"] for e in first["test"]]
+    fovs = [entry["fov"] for split in ("training", "validation", "test") for entry in earlier[split]]
+    assert all(Path(fov).parent == masks / "fov" for fov in fovs), fovs
+    assert (masks / "fov" / "0.png").read_bytes() == b"the earlier run's"
+    assert read_mask(output.parent / "mine_derived" / "fov" / "0.png").any()  # the new run's own
+    assert caplog.messages[-1] == (
+        f"{output} held an earlier datalist: moved to {kept} with its derived masks ({masks}); a model trained on "
+        "it must be evaluated with that datalist, whose split the new one does not keep"
+    )
+
+    pooled = output.parent / "pooled.json"
+    assert main(["--pool", str(output), "--output", str(pooled)]) == 0
+    assert main(["--pool", str(kept), "--output", str(pooled)]) == 0
+    assert json.loads(pooled.read_text())["sources"][0]["seed"] == 5
+    [kept_pool] = (output.parent / "earlier_datalists").glob("*/pooled.json")
+    assert json.loads(kept_pool.read_text())["sources"][0]["seed"] == 6
+
+
 def test_completeness_counts_the_images_the_datalist_holds(drive_dir: Path, tmp_path: Path) -> None:
     """A stray picture without annotations is no extended DRIVE; an image left out for its missing mask makes a
     partial one."""

@@ -4,7 +4,9 @@ One generic loader serves every dataset of :mod:`tools.datasets`: it finds the c
 match under the source folder, splits them (official or seeded), decodes and checks every image and annotation once,
 writes the masks it has to derive (decoded annotations, annotator unions, estimated fields of view) as PNG files into
 ``<output folder>/<datalist name>_derived/`` (each datalist its own: two sources prepared into one folder never
-share a mask), and writes the datalist atomically.
+share a mask), and writes the datalist atomically. A datalist already at ``--output`` (with its derived folder) is
+first moved to ``<output folder>/earlier_datalists/<time>/``, its paths pointed at the moved masks, with a warning:
+a model trained on it is evaluated with it, not with a new split of the same images.
 
 Command line::
 
@@ -50,7 +52,9 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.atomic import write_json_atomic
+from scripts.atomic import move_aside, write_json_atomic
 from scripts.errors import FundusError, command_line, is_real_number, is_whole_number
 from scripts.fundus_io import SUPPORTED_SUFFIXES, estimate_fov, read_image, write_png
 from scripts.metrics import FOV_SOURCES
@@ -78,6 +82,7 @@ from tools.datasets import (
 )
 
 __all__ = [
+    "EARLIER_DATALISTS",
     "SPLITS",
     "SPLIT_METHODS",
     "Case",
@@ -95,6 +100,8 @@ SPLITS = ("training", "validation", "test")
 """Datalist list keys."""
 
 _COUNT_KEYS = {"training": "numTraining", "validation": "numValidation", "test": "numTest"}
+EARLIER_DATALISTS = "earlier_datalists"
+"""The folder beside a datalist that earlier datalists written to its name are moved to, each in ``<time>/``."""
 
 logger = logging.getLogger(__name__)
 
@@ -678,16 +685,18 @@ class _LeftOut:
 class _CasePreparer:
     """Decodes and checks one case's files and writes the masks it has to derive."""
 
-    def __init__(self, description: DatasetDescription, annotator: str, derived: Path) -> None:
+    def __init__(self, description: DatasetDescription, annotator: str, derived: Path, staging: Path) -> None:
         self.description = description
         self.annotator = annotator
         self.derived = derived
+        self.staging = staging
 
     def _write(self, mask: np.ndarray, *parts: str) -> Path:
-        """Write a derived mask as ``<derived folder>/<parts...>.png``."""
-        path = self.derived.joinpath(*parts[:-1], f"{parts[-1]}.png")
-        write_png(path, mask)
-        return path
+        """Write a derived mask as ``<staging folder>/<parts...>.png``; return its path once the staging folder is
+        renamed to the derived folder."""
+        relative = Path(*parts[:-1], f"{parts[-1]}.png")
+        write_png(self.staging / relative, mask)
+        return self.derived / relative
 
     def _read_labels(
         self, case: Case, used: tuple[str, ...], shape: tuple[int, int]
@@ -764,6 +773,62 @@ class _CasePreparer:
         }
 
 
+def _relocate_masks(datalist: Path, old: Path, new: Path) -> None:
+    """Point a moved datalist's entries at the derived masks moved with it (its paths are absolute).
+
+    Args:
+        datalist: the moved datalist JSON, rewritten in place; left as it is when it is no prepared datalist.
+        old: the derived folder its entries name.
+        new: where that folder is now.
+    """
+    try:
+        content = _read_datalist(datalist)
+    except DatasetError:
+        return  # not a datalist this tool wrote: kept as it was, whatever it names
+
+    def moved(path: object) -> object:
+        if isinstance(path, list):
+            return [moved(item) for item in path]
+        if isinstance(path, str) and Path(path).is_relative_to(old):
+            return str(new / Path(path).relative_to(old))
+        return path
+
+    for split_name in SPLITS:
+        for entry in content[split_name]:
+            entry.update({key: moved(entry[key]) for key in ("label", "fov") if key in entry})
+    write_json_atomic(datalist, content)
+
+
+def _keep_earlier_datalist(output: Path, derived: Path | None = None) -> Path | None:
+    """Move a datalist already at ``output`` aside before a new one is written there, and say where.
+
+    A new datalist (another ``--seed``, split or source) would otherwise replace the split a model was trained on,
+    without a word: evaluated with the new one, its test set may hold its training images. Its derived masks move
+    with it: the new run's masks take that folder's place (from another source, or mended annotations, they differ)
+    and hold none of the cases it no longer holds.
+
+    Args:
+        output: the datalist JSON about to be written.
+        derived: its derived-mask folder (``<name>_derived``), None for a pool, which has none.
+
+    Returns:
+        The moved datalist, ``<output folder>/earlier_datalists/<time>/<name>.json``, or None when there was none.
+    """
+    if not output.exists():
+        return None
+    moving = [output, *([derived] if derived is not None and derived.exists() else [])]
+    target = move_aside(moving, output.parent / EARLIER_DATALISTS)
+    kept = target / output.name
+    if derived is not None and len(moving) == 2:
+        _relocate_masks(kept, derived, target / derived.name)
+    logger.warning(
+        "%s held an earlier datalist: moved to %s%s; a model trained on it must be evaluated with that datalist, "
+        "whose split the new one does not keep",
+        output, kept, f" with its derived masks ({target / derived.name})" if len(moving) == 2 else "",
+    )
+    return kept
+
+
 def _reasons(left_out: Sequence[_LeftOut]) -> str:
     """The left-out cases with their reasons, on one line."""
     return "; ".join(f"{item.case.case_id}: {item.reason}" for item in left_out)
@@ -787,7 +852,9 @@ def prepare_dataset(
     """Prepare one dataset: find, split, check and decode its cases, write derived masks and the datalist.
 
     Derived masks go to ``<output folder>/<datalist name>_derived/{fov,<annotator>/<structure>}/<case>.png``
-    (``drive_derived/`` beside ``drive.json``); each file is written atomically, so re-running rewrites them safely.
+    (``drive_derived/`` beside ``drive.json``); each file is written atomically. A datalist already at ``output``
+    is moved with its derived folder to ``earlier_datalists/<time>/`` beside it, with a warning, once the new
+    datalist is complete (its masks are written into a hidden folder beside it, renamed to the derived folder then).
 
     A case that cannot be used (a missing or misnamed annotation, an unreadable image or mask, a mask of another size
     than its image, a 0/1 mask saved as JPEG) is left out rather than stopping the others: every such case is named
@@ -815,7 +882,7 @@ def prepare_dataset(
     Raises:
         DatasetError: for a bad argument, folder or layout, a case id found twice, or when no image can be used or
             the training or test set is left empty (the message lists every unusable case with its reason); no
-            datalist is written then (the usable images' derived masks may be).
+            datalist nor derived mask is written then, and an earlier datalist and its masks stay as they were.
     """
     if folder_name is not None and name.lower() != "folder":
         raise DatasetError(f"a dataset name (--name {folder_name}) applies to folder datasets only, not {name}")
@@ -831,7 +898,8 @@ def prepare_dataset(
     # Named after the datalist, not the dataset: two folders prepared as the same dataset (two "folder" sets,
     # two copies of DRIVE) into one output folder would otherwise overwrite each other's masks.
     derived = output.parent / f"{output.stem}_derived"
-    cases = find_cases(description, src, annotator, ignore=(output, derived))
+    earlier = output.parent / EARLIER_DATALISTS
+    cases = find_cases(description, src, annotator, ignore=(output, derived, earlier))
     if all(case.problem is not None for case in cases):
         unusable = [_LeftOut(case, case.problem) for case in cases]
         raise DatasetError(
@@ -862,39 +930,48 @@ def prepare_dataset(
                 "first annotator; their entries record annotator 'first'"
             )
             logger.warning("%s: %s", description.name, note)
-    preparer = _CasePreparer(description, annotator, derived)
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        try:
-            prepared = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
-        except BaseException:
-            # Report an unexpected failure now rather than after decoding the rest of the dataset.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    entries = {name: [item for item in items if isinstance(item, dict)] for name, items in prepared.items()}
-    left_out = sorted(
-        ((name, item) for name, items in prepared.items() for item in items if isinstance(item, _LeftOut)),
-        key=lambda pair: _natural_key(pair[1].case.case_id),
-    )
-    if not any(entries.values()):
-        raise DatasetError(
-            f"{description.name}: none of the {len(cases)} images under {src} can be used: "
-            f"{_reasons([item for _, item in left_out])}"
+    # The masks are written into a folder of their own, renamed to the derived folder only once the datalist is
+    # complete: a refused run leaves the earlier datalist's masks as they were, and a finished one moves them aside
+    # with it, unchanged.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{derived.name}.", dir=output.parent))
+    try:
+        preparer = _CasePreparer(description, annotator, derived, staging)
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            try:
+                prepared = {split_name: list(pool.map(preparer, parts[split_name])) for split_name in SPLITS}
+            except BaseException:
+                # Report an unexpected failure now rather than after decoding the rest of the dataset.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        entries = {name: [item for item in items if isinstance(item, dict)] for name, items in prepared.items()}
+        left_out = sorted(
+            ((name, item) for name, items in prepared.items() for item in items if isinstance(item, _LeftOut)),
+            key=lambda pair: _natural_key(pair[1].case.case_id),
         )
-    for required_split in ("training", "test"):
-        if not entries[required_split]:
+        if not any(entries.values()):
             raise DatasetError(
-                f"{description.name}: no image of the {required_split} set ({provenance['split_summary']}) can be "
-                f"used: {_reasons([item for name, item in left_out if name == required_split])}"
+                f"{description.name}: none of the {len(cases)} images under {src} can be used: "
+                f"{_reasons([item for _, item in left_out])}"
             )
-    if left_out:
-        per_split = Counter(name for name, _ in left_out)
-        counts = ", ".join(f"{per_split[name]} {name}" for name in SPLITS if per_split[name])
-        listing = "".join(f"\n  {item.case.case_id}: {item.reason}" for _, item in left_out)
-        logger.warning(
-            "%s: %d of %d images cannot be used and were left out of the datalist (%s); the split (%s) keeps the "
-            "other images in their sets:%s",
-            description.name, len(left_out), len(cases), counts, provenance["split_summary"], listing,
-        )
+        for required_split in ("training", "test"):
+            if not entries[required_split]:
+                raise DatasetError(
+                    f"{description.name}: no image of the {required_split} set ({provenance['split_summary']}) can be "
+                    f"used: {_reasons([item for name, item in left_out if name == required_split])}"
+                )
+        if left_out:
+            per_split = Counter(name for name, _ in left_out)
+            counts = ", ".join(f"{per_split[name]} {name}" for name in SPLITS if per_split[name])
+            listing = "".join(f"\n  {item.case.case_id}: {item.reason}" for _, item in left_out)
+            logger.warning(
+                "%s: %d of %d images cannot be used and were left out of the datalist (%s); the split (%s) keeps the "
+                "other images in their sets:%s",
+                description.name, len(left_out), len(cases), counts, provenance["split_summary"], listing,
+            )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     datalist: dict[str, object] = {
         "dataset": description.name,
         "task": description.task,
@@ -911,6 +988,13 @@ def prepare_dataset(
         **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
         **entries,
     }
+    _keep_earlier_datalist(output, derived)
+    if derived.exists():  # masks of no datalist (a refused run's, before masks were staged): kept aside as well
+        move_aside([derived], output.parent / EARLIER_DATALISTS)
+    if any(staging.iterdir()):
+        staging.rename(derived)
+    else:
+        staging.rmdir()
     write_json_atomic(output, datalist)
     return datalist
 
@@ -942,7 +1026,8 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
 
     Args:
         paths: datalists written by :func:`prepare_dataset` (or earlier pools).
-        output: the pooled datalist JSON file to write.
+        output: the pooled datalist JSON file to write; one already there is moved to ``earlier_datalists/<time>/``
+            beside it first, with a warning.
 
     Returns:
         the pooled datalist: ``dataset`` ``"pooled"``, ``datasets`` (names), ``task``, ``structures``, ``sources``
@@ -980,6 +1065,7 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
     lists = {split_name: [entry for _, content in inputs for entry in content[split_name]] for split_name in SPLITS}
     pooled.update({_COUNT_KEYS[split_name]: len(lists[split_name]) for split_name in SPLITS})
     pooled.update(lists)
+    _keep_earlier_datalist(_absolute(output))
     write_json_atomic(output, pooled)
     return pooled
 
