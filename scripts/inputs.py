@@ -518,8 +518,8 @@ class ImageFolder:
         channel_names: the model's output channels (the outputs' names depend on them).
         nifti: whether NIfTI labels are written too.
         overwrite: replace outputs of an earlier run; those of the same images that this run does not write (a
-            ``<name>_mask.nii.gz`` when ``nifti`` is off) are removed by :meth:`prepare_output`, since they would
-            disagree with this run's, and its reports (:data:`scripts.writers.REPORT_FILES`) are moved to
+            ``<name>_mask.nii.gz`` when ``nifti`` is off; every output of an image left out) are removed by
+            :meth:`prepare_output`, since they would disagree with this run's or pass for its, and its reports (:data:`scripts.writers.REPORT_FILES`) are moved to
             ``earlier_reports/<time>/``: until this run writes its own, they would describe other outputs.
         allow_output_in_dataset_dir: allow the output folder to be the image folder or inside it.
         size_check: given a photograph's ``(height, width)``, why it cannot be segmented, or None
@@ -532,7 +532,8 @@ class ImageFolder:
         left_out: file names of the images left out.
         unreadable: one line per image left out, with the reason.
         output_dir: the output folder.
-        stale: with ``overwrite``, the outputs there of an earlier run for these images that this run does not write.
+        stale: with ``overwrite``, the outputs there of an earlier run for these images that this run does not write
+            (those of the images left out included).
         earlier_reports: with ``overwrite``, an earlier run's reports there.
 
     Raises:
@@ -624,10 +625,6 @@ class ImageFolder:
         # beside the replaced outputs, it would disagree with them.
         self.stale: list[Path] = []
         self.earlier_reports = [output / name for name in REPORT_FILES if (output / name).is_file()] if overwrite else []
-        if overwrite:
-            others = {name for image in images for name in output_names(image, channel_names, nifti=True)}
-            candidates = [output / name for name in sorted(others - set(planned))]
-            self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
         self.entries: list[dict[str, Any]] = []
         self.sizes: dict[str, tuple[int, int]] = {}
         self.left_out: list[str] = []
@@ -644,6 +641,12 @@ class ImageFolder:
                 continue
             self.entries.append({"image": image, "size": list(self.sizes[Path(image).name]), UNREADABLE_KEY: ""})
         self._left_out_at_start = len(self.unreadable)
+        if overwrite:
+            # Every output of a photograph left out is stale too: kept, an earlier run's mask passed for this run's.
+            written = {name for entry in self.entries for name in output_names(entry["image"], channel_names, nifti)}
+            others = {name for image in images for name in output_names(image, channel_names, nifti=True)}
+            candidates = [output / name for name in sorted(others - written)]
+            self.stale = [path for path in candidates if path.is_file() and path.resolve() not in inputs]
         if not self.entries:
             self.report_unreadable()
         grayscale = [Path(entry["image"]).name for entry in self.entries if is_grayscale(entry["image"])]

@@ -164,6 +164,7 @@ class SaveFundusPredictiond(MapTransform):
             unreadable = probabilities.meta.get(UNREADABLE_KEY)
             if unreadable:  # a stand-in for a photograph that could not be read (scripts.inputs.FolderDataset)
                 record = {"image": source.name, UNREADABLE_KEY: unreadable}
+                self._remove_earlier_outputs(source)
             else:
                 array = np.asarray(probabilities.detach().cpu(), dtype=np.float32)
                 try:
@@ -175,11 +176,28 @@ class SaveFundusPredictiond(MapTransform):
                     # written for it: nothing is written for it, and the run goes on and reports it at its end.
                     logger.error(f"Left out: {error}")
                     record = {"image": source.name, UNREADABLE_KEY: str(error)}
+                    self._remove_earlier_outputs(source)
                 else:
                     record = self.write(array, source, image)
             if self.measure:
                 d[f"{key}_record"] = record
         return d
+
+    def _remove_earlier_outputs(self, source: Path) -> None:
+        """Remove the outputs an earlier run wrote for a photograph this run leaves out at its turn.
+
+        Kept, they passed for this run's. Any there are an earlier run's that ``--overwrite True`` let this run
+        replace: without it the run refuses to start over them (:class:`scripts.inputs.ImageFolder`).
+        """
+        earlier = [path for name in output_names(source, self.channel_names, nifti=True)
+                   if (path := self.output_dir / name).is_file()]
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        if earlier:
+            logger.warning(
+                f"Removed {len(earlier)} outputs an earlier run wrote for {source.name} ({earlier[0].name}, ...): this "
+                "run left it out, and they would pass for its."
+            )
 
     def photograph(self, probabilities: np.ndarray, source: Path) -> np.ndarray:
         """The photograph ``probabilities`` were predicted from, read again for its overlay and field of view, once

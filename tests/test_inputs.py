@@ -192,6 +192,21 @@ def test_the_output_folder_is_created_only_once_the_checks_passed(tmp_path):
     assert (tmp_path / "new" / "out").is_dir()
 
 
+def test_overwrite_removes_every_earlier_output_of_a_photograph_left_out_at_start(tmp_path):
+    images = tmp_path / "images"
+    photograph(images / "eye.png")
+    (images / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    output = tmp_path / "out"
+    output.mkdir()
+    for name in ("eye_mask.png", "cut_mask.png", "cut_prob.png", "cut_overlay.png"):
+        (output / name).write_bytes(b"earlier")
+    folder = ImageFolder(images, output, overwrite=True)
+    assert folder.left_out == ["cut.png"]
+    assert folder.stale == [output / "cut_mask.png", output / "cut_overlay.png", output / "cut_prob.png"]
+    folder.prepare_output()
+    assert sorted(path.name for path in output.iterdir()) == ["eye_mask.png"], "this run replaces eye's"
+
+
 def test_overwrite_removes_only_the_outputs_of_these_images_this_run_does_not_write(tmp_path, caplog):
     images = tmp_path / "images"
     photograph(images / "eye.png")

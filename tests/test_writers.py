@@ -156,6 +156,31 @@ def test_a_photograph_gone_or_changed_since_its_batch_was_loaded_is_left_out(pho
     assert (out / "eye_mask.png").is_file() and (out / "eye_overlay.png").is_file()
 
 
+def test_an_earlier_run_s_outputs_of_a_photograph_left_out_at_its_turn_are_removed(photo, tmp_path, caplog):
+    """With --overwrite True, the outputs an earlier run wrote for a photograph this run cannot read stayed among
+    this run's, undated, and passed for them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = ["eye_mask.png", "eye_prob.png", "eye_overlay.png", "eye_mask.nii.gz"]
+    for name in [*earlier, "other_mask.png", "notes.txt"]:
+        (out / name).write_bytes(b"an earlier run's")
+    writer = SaveFundusPredictiond("pred", out, ["vessels"], measure=True)
+    stand_in = prediction(np.zeros((1, 20, 30), np.float32), photo)
+    stand_in.meta[UNREADABLE_KEY] = f"{photo}: cut short"
+    with caplog.at_level(logging.WARNING, logger="scripts.writers"):
+        record = writer({"pred": stand_in})["pred_record"]
+    assert record[UNREADABLE_KEY] == f"{photo}: cut short"
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt", "other_mask.png"]
+    assert "Removed 4 outputs an earlier run wrote for eye.png" in caplog.text
+
+    for name in earlier:  # read again at the writer's turn, the photograph is gone
+        (out / name).write_bytes(b"an earlier run's")
+    photo.unlink()
+    record = writer({"pred": prediction(np.zeros((1, 20, 30), np.float32), photo)})["pred_record"]
+    assert "image file not found" in record[UNREADABLE_KEY]
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt", "other_mask.png"]
+
+
 def test_measured_counts_leave_out_specks_under_min_fragment_px_and_the_mask_keeps_them(photo, tmp_path):
     probabilities = np.zeros((1, 20, 30), dtype=np.float32)
     probabilities[0, 10, 8:23] = 0.9  # a 15 px vessel
