@@ -241,7 +241,8 @@ def test_an_earlier_evaluations_reports_in_the_output_folder_are_moved_aside_not
     assert {path.name: path.read_text() for path in kept.iterdir()} == earlier
     assert {path.name for path in scores.iterdir()} == {
         "metrics_summary.json", "metrics_summary.csv", "metrics_per_image.csv", "baseline_summary.json",
-        "earlier_evaluations"}
+        "earlier_evaluations", "measurements_per_image.csv", "measurement_agreement.json", "measurement_agreement.csv",
+        "bland_altman_vessel_density.png", "bland_altman_fractal_dimension.png"}
     assert json.loads((scores / "metrics_summary.json").read_text())["metadata"]["scored"] == 2
 
 
@@ -312,6 +313,20 @@ def test_disc_and_cup_predictions_are_found_by_channel(tmp_path: Path):
     predicted = read_label_mask(tmp_path / "predictions" / "eye1_image_cup.png").ravel()
     assert float(rows["eye1_image.png"]["cup/fov/dice"]) == pytest.approx(f1_score(cup1, predicted), abs=1e-6)
     assert "cup/fov/cldice" not in rows["eye0_image.png"]
+    # The cup-to-disc ratio's agreement, as run evaluating reports it: the vertical ratio is the rows each mask spans.
+    def vertical_cdr(disc: np.ndarray, cup: np.ndarray) -> float:
+        return cup.any(1).sum() / disc.any(1).sum()
+
+    errors = []
+    for index in range(2):
+        disc = read_label_mask(tmp_path / cases[index]["fov"])
+        reference = vertical_cdr(disc, read_label_mask(tmp_path / f"eye{index}_cup.png"))
+        predicted = vertical_cdr(disc, read_label_mask(tmp_path / "predictions" / f"eye{index}_image_cup.png"))
+        errors.append(abs(predicted - reference))
+    agreement = json.loads((tmp_path / "scores" / "measurement_agreement.json").read_text())["all"]["vertical_cdr"]
+    assert errors[0] == 0 < errors[1] and agreement["n"] == 2
+    assert agreement["mae"] == pytest.approx(np.mean(errors))
+    assert (tmp_path / "scores" / "bland_altman_vertical_cdr.png").is_file()
 
 
 def test_channels_of_another_size_are_named_with_both_sizes_and_left_out(tmp_path: Path):

@@ -3,8 +3,10 @@
 The same metrics, regions and reports as the bundle's ``run evaluating`` (:mod:`scripts.metrics`): each image inside
 its field of view (the dataset's mask, or one estimated from the photograph where the datalist gives none) and over
 the whole image, at the photograph's own size, with foreground from probability 0.5 unless ``--threshold`` says
-otherwise; clDice for vessels. So a published method's probability maps and the bundle's model are compared by one
-protocol on one split.
+otherwise; clDice for vessels; and the measurements of its structures against the references' (cup-to-disc ratios,
+vessel density, calibre...: ``measurements_per_image.csv``, ``measurement_agreement.csv``/``.json`` with their MAE and
+Pearson r, the Bland-Altman plots), as :class:`scripts.handlers.MeasurementAgreement` reports them for the bundle. So a
+published method's probability maps and the bundle's model are compared by one protocol on one split.
 
 Predictions are found by name: ``--pattern`` with ``{stem}`` (the photograph's file name without its suffix) and,
 for several channels, ``{channel}``. By default the names ``run inference`` writes: ``<stem>_prob.png``, or
@@ -42,7 +44,9 @@ from PIL import Image
 from scripts.errors import ConfigError, FundusError, command_line
 from scripts.fundus_io import GRAY_TINT_TOLERANCE, FundusImageError, estimate_fov, read_image, read_label_mask
 from scripts.handlers.evaluation import keep_earlier_evaluation
+from scripts.handlers.measurement import MeasurementAgreement
 from scripts.inputs import SETTING_RULES, InputError, load_split
+from scripts.masks import binarise
 from scripts.measurements import structure_of
 from scripts.metrics import (
     ReportWriteError,
@@ -252,9 +256,15 @@ def _reference(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _score_entry(
-    entry: dict[str, Any], paths: list[Path], channel_names: Sequence[str], threshold: float, topology: bool
+    entry: dict[str, Any],
+    paths: list[Path],
+    channel_names: Sequence[str],
+    threshold: float,
+    topology: bool,
+    agreement: MeasurementAgreement,
 ) -> tuple[dict[str, Any], bool]:
-    """The entry's metrics record, and whether its prediction is binary (every channel holds two values at most)."""
+    """The entry's metrics record, and whether its prediction is binary (every channel holds two values at most);
+    its structures are measured on the prediction and the reference into ``agreement``."""
     label, fov = _reference(entry)
     height, width = label.shape[1:]  # the photograph's: load_split refuses masks of another size than their image
     maps = []
@@ -271,6 +281,7 @@ def _score_entry(
     probabilities = np.stack(maps)
     metrics = evaluate_case(probabilities, label, fov, channel_names, threshold=threshold, topology=topology)
     record = {"filename": str(entry["image"]), "dataset": str(entry.get("dataset", "unknown"))}
+    agreement.add(Path(entry["image"]).name, record["dataset"], binarise(probabilities, threshold), label, fov)
     binary = all(len(np.unique(channel)) <= 2 for channel in probabilities)
     return {**record, "fov_source": entry_fov_source(entry), **metrics}, binary
 
@@ -284,7 +295,9 @@ def score_predictions(
     pattern: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
-    """Score every prediction of a split and write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``.csv``.
+    """Score every prediction of a split and write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``.csv``,
+    and the measurements' agreement with the references (``measurements_per_image.csv``, ``measurement_agreement.*``,
+    ``bland_altman_*.png``).
 
     Args:
         datalist: MONAI datalist JSON (``tools.prepare``); its labels give one mask per channel.
@@ -320,6 +333,7 @@ def score_predictions(
     entries = load_split(datalist, split, channels=channel_names)
     topology = [structure_of(name) for name in channel_names] == ["vessels"]
     records, left_out, binary = [], {}, 0
+    agreement = MeasurementAgreement(output_dir, channel_names, threshold=threshold)
     planned = [prediction_paths(entry["image"], folder, channel_names, pattern) for entry in entries]
     shared = _shared_predictions(entries, planned)
     for index, (entry, paths) in enumerate(zip(entries, planned)):
@@ -335,7 +349,7 @@ def score_predictions(
             logger.error("%s: %s; left out", missing[0], left_out[str(missing[0])])
             continue
         try:
-            record, is_binary = _score_entry(entry, paths, channel_names, threshold, topology)
+            record, is_binary = _score_entry(entry, paths, channel_names, threshold, topology, agreement)
         except FundusError as error:
             left_out[str(paths[0])] = str(error)
             logger.error("%s; left out", error)
@@ -375,6 +389,7 @@ def score_predictions(
             f"cannot move the earlier reports in folder {output_dir} aside: {error.strerror or error}"
         ) from error
     paths = write_reports(records, summary, output_dir, metadata=metadata)
+    agreement.report()
     table = format_summary_table(summary)
     logger.info("%d of %d predictions scored on split %s:\n%s", len(records), len(entries), split, table)
     return {"summary": summary, "metadata": metadata, "paths": paths, "left_out": left_out, "earlier_reports": earlier}

@@ -317,17 +317,40 @@ class MeasurementAgreement:
             prediction = binarise(torch.as_tensor(output["pred"]).detach().float().cpu().numpy()[:channels], self.threshold)
             reference = torch.as_tensor(output["label"]).detach().cpu().numpy() > 0.5
             fov = item.get(self.fov_key, output.get(self.fov_key))
-            fov = np.ones(reference.shape[1:], bool) if fov is None else torch.as_tensor(fov).cpu().numpy()[0] > 0.5
+            fov = None if fov is None else torch.as_tensor(fov).cpu().numpy()[0] > 0.5
             name = Path(str(getattr(output["pred"], "meta", {}).get("filename_or_obj", f"case_{len(self.rows)}"))).name
-            row: dict[str, Any] = {"image": name, "dataset": str(item.get("dataset", UNKNOWN_DATASET))}
-            for side, masks in (("pred", prediction), ("ref", reference)):
-                measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm, self.min_fragment_px)
-                row.update({f"{side}_{key}": value for key, value in measured.items()})
-            # The lowest channel's Dice, as the predicted IoU is the lowest channel's: Spearman ranks like with like.
-            row["dice"] = min(_dice(pred & fov, ref & fov) for pred, ref in zip(prediction, reference))
-            row["predicted_iou"] = min(ious) if ious else math.nan
-            row["flags"] = image_flags(float(fov.mean()), None if ious is None else min(ious), self.quality_threshold)
-            self.rows.append(row)
+            self.add(name, str(item.get("dataset", UNKNOWN_DATASET)), prediction, reference, fov, ious)
+
+    def add(
+        self,
+        name: str,
+        dataset: str,
+        prediction: np.ndarray,
+        reference: np.ndarray,
+        fov: np.ndarray | None = None,
+        ious: Sequence[float] | None = None,
+    ) -> None:
+        """Measure one image's prediction and reference; :meth:`report` gathers them. What the handler calls per image
+        of a batch, and ``tools.score`` per prediction made elsewhere.
+
+        Args:
+            name: the image's file name.
+            dataset: its dataset.
+            prediction: ``(C, H, W)`` bool masks, one per channel.
+            reference: ``(C, H, W)`` bool reference masks.
+            fov: ``(H, W)`` bool field of view (None: the whole picture).
+            ious: SAM's predicted IoU per channel, or None (no IoU head).
+        """
+        fov = np.ones(reference.shape[1:], bool) if fov is None else fov
+        row: dict[str, Any] = {"image": name, "dataset": dataset}
+        for side, masks in (("pred", prediction), ("ref", reference)):
+            measured = measure_structures(masks, self.channel_names, fov, self.pixel_size_mm, self.min_fragment_px)
+            row.update({f"{side}_{key}": value for key, value in measured.items()})
+        # The lowest channel's Dice, as the predicted IoU is the lowest channel's: Spearman ranks like with like.
+        row["dice"] = min(_dice(pred & fov, ref & fov) for pred, ref in zip(prediction, reference))
+        row["predicted_iou"] = min(ious) if ious else math.nan
+        row["flags"] = image_flags(float(fov.mean()), None if not ious else min(ious), self.quality_threshold)
+        self.rows.append(row)
 
     def _measures(self) -> list[str]:
         return [
@@ -361,6 +384,19 @@ class MeasurementAgreement:
         return result
 
     def _finish(self, engine: Engine) -> None:
+        agreement = self.report()
+        for measure in self._measures():
+            engine.state.metrics[f"{measure}_mae"] = agreement["all"][measure]["mae"]
+            engine.state.metrics[f"{measure}_pearson_r"] = agreement["all"][measure]["pearson_r"]
+            engine.state.metrics[f"{measure}_undefined_in_prediction"] = agreement["all"][measure]["undefined_in_prediction"]
+        engine.state.metrics["quality_spearman"] = agreement["all"]["quality_spearman"]
+
+    def report(self) -> dict[str, Any]:
+        """Write the reports of the images :meth:`add` measured, and log the agreement over all of them.
+
+        Returns:
+            ``{"all": agreement, "datasets": {dataset: agreement}}``, as ``measurement_agreement.json`` holds it.
+        """
         by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in self.rows:
             by_dataset[row["dataset"]].append(row)
@@ -389,12 +425,7 @@ class MeasurementAgreement:
                 measure.replace("_", " "),
                 MEASURE_UNITS.get(measure, ""),
             )
-        for measure in self._measures():
-            engine.state.metrics[f"{measure}_mae"] = agreement["all"][measure]["mae"]
-            engine.state.metrics[f"{measure}_pearson_r"] = agreement["all"][measure]["pearson_r"]
-            engine.state.metrics[f"{measure}_undefined_in_prediction"] = agreement["all"][measure]["undefined_in_prediction"]
         quality = agreement["all"]["quality_spearman"]
-        engine.state.metrics["quality_spearman"] = quality
         ranking = (
             f"predicted IoU ranks Dice with Spearman {quality:.3f}"
             if math.isfinite(quality)
@@ -407,4 +438,5 @@ class MeasurementAgreement:
             ranking,
             len(agreement["all"]["flagged"]),
         )
+        return agreement
 
