@@ -1,7 +1,8 @@
 """Writing files atomically: readers never see half a file, and a failed write leaves the previous file intact;
 adding whole lines to a file (:func:`append_text`); recognising a written file later by its content
 (:func:`file_sha256`); and a folder of its own for an earlier run's files that a new run moves aside
-(:func:`new_stamped_folder`, :func:`move_aside`, :func:`keep_earlier_outputs`).
+(:func:`new_stamped_folder`, :func:`move_aside`, :func:`keep_earlier_outputs`); holding a folder for one run at a
+time (:func:`hold_folder`).
 
 Every file the bundle writes goes through :func:`atomic_path`: PNG and NIfTI outputs, reports, logs, checkpoints
 and models; a file that grows by rows during a run (``measurements.csv``) is written whole through it and then
@@ -34,10 +35,13 @@ __all__ = [
     "append_text",
     "atomic_path",
     "file_sha256",
+    "folder_holder",
+    "hold_folder",
     "keep_earlier_outputs",
     "move_aside",
     "name_while_written",
     "new_stamped_folder",
+    "release_folder",
     "save_torch_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -295,3 +299,96 @@ def keep_earlier_outputs(
         f"{target} {reason or f'before this {kind} writes its own'}."
     )
     return target
+
+
+# The open lock files of this process's runs, by lock path: the kernel releases a lock when its process ends, killed
+# or not, so none is ever left stale.
+_held_locks: dict[Path, Any] = {}
+
+
+def _read_holder(lock: Any) -> str:
+    """The text the holding process wrote into its lock file (who and since when)."""
+    lock.seek(0)
+    return lock.read().strip() or "another process"
+
+
+def hold_folder(folder: str | os.PathLike, lock_name: str) -> str | None:
+    """Hold ``folder`` for this process's run, unless another process holds it.
+
+    The hold is an advisory lock (``flock``) on ``<folder>/<lock_name>``, a hidden file naming the holder: two runs
+    writing into one folder (the same command started twice, a scheduler resubmitting a job that still runs) would
+    otherwise mix or move each other's files. The kernel releases it whenever the process ends, killed included, so
+    no stale lock is left to clear. Holding it again in the same process holds it still. Where ``fcntl`` is missing
+    (Windows), nothing is held.
+
+    Args:
+        folder: the run's folder, existing.
+        lock_name: the lock file's name in it (hidden, so that no folder check takes it for an output).
+
+    Returns:
+        None when this process holds the folder; else the other holder's text (process, host, start time).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder).absolute() / lock_name
+    if path in _held_locks:
+        return None
+    lock = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(lock)
+        lock.close()
+        return holder
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _held_locks[path] = lock
+    return None
+
+
+def folder_holder(folder: str | os.PathLike, lock_name: str) -> str | None:
+    """Who holds ``folder`` (:func:`hold_folder`), if another process does, without holding it or writing anything.
+
+    A run checks this before judging what the folder holds: files another run is writing are no earlier run's.
+
+    Args:
+        folder: the folder, existing or not.
+        lock_name: the lock file's name in it.
+
+    Returns:
+        The other holder's text, or None when no other process holds the folder (or ``fcntl`` is missing).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder).absolute() / lock_name
+    if path in _held_locks:
+        return None
+    try:
+        lock = open(path)  # noqa: SIM115 - closed below; flock needs no write access
+    except OSError:  # no lock file (nor folder): nobody holds it
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(lock)
+    return None
+
+
+def release_folder(folder: str | os.PathLike, lock_name: str) -> None:
+    """Let go of a folder :func:`hold_folder` held, at the end of a run whose process goes on (a run started from
+    Python); a process that ends lets go by itself.
+
+    Args:
+        folder: the run's folder.
+        lock_name: the lock file's name in it.
+    """
+    lock = _held_locks.pop(Path(folder).absolute() / lock_name, None)
+    if lock is not None:
+        lock.close()  # closing the file releases its flock

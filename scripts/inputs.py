@@ -25,7 +25,7 @@ from monai.data import Dataset
 from monai.transforms import apply_transform
 from monai.utils import path_to_sqlite_uri
 
-from scripts.atomic import move_aside, name_while_written
+from scripts.atomic import folder_holder, hold_folder, move_aside, name_while_written, release_folder
 from scripts.errors import ConfigError, FundusError, first_line, is_real_number, is_whole_number, user_error
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
@@ -50,8 +50,10 @@ __all__ = [
     "config_ids",
     "config_values",
     "each_process_gets_one",
+    "hold_output_folder",
     "load_split",
     "read_datalist",
+    "release_output_folder",
     "warn_about_batch_size",
     "warn_about_overlap",
     "warn_unknown_overrides",
@@ -68,6 +70,9 @@ WINDOWS_PATH = re.compile(r"\\|(^|/)[A-Za-z]:/")
 MIN_IMAGE_SIDE = 32
 EARLIER_REPORTS_FOLDER = "earlier_reports"
 """The subfolder of the output folder that ``--overwrite True`` moves an earlier run's reports into."""
+OUTPUT_LOCK = ".output.lock"
+"""The lock an inference or evaluation run holds on its output folder while its process lives
+(:func:`hold_output_folder`); hidden, so no folder check takes it for an output or an image."""
 
 
 class InputError(FundusError, ValueError):
@@ -507,6 +512,8 @@ class ImageFolder:
     - two images must not share the names of their outputs (``eye.png`` and ``eye.jpg``), nor names that differ only
       in case (``Eye.png`` and ``eye.png``) or in an accent's encoding, which a folder that ignores them takes for one;
     - no output may replace a file that is there already, unless ``overwrite`` is set, and never one of the images;
+    - no other running process may hold the output folder (:func:`hold_output_folder`): its files are no earlier
+      run's, and the two runs' outputs would mix;
     - images that cannot be read, or that ``size_check`` refuses, are left out and logged; :meth:`report_unreadable`
       names them after the run, so one bad file does not keep the others from being segmented.
 
@@ -608,6 +615,10 @@ class ImageFolder:
                     )
                 planned[name] = image
                 by_folded_name[folded] = name
+        # Files another run is writing there now are no earlier run's: name that run rather than its files.
+        holder = folder_holder(output, OUTPUT_LOCK)
+        if holder is not None:
+            raise InputError(_output_in_use(output, holder))
         inputs = {Path(image).resolve() for image in images}
         taken = [output / name for name in [*planned, *REPORT_FILES] if (output / name).exists()]
         replaced_inputs = [path for path in taken if path.resolve() in inputs]
@@ -668,10 +679,11 @@ class ImageFolder:
             The output folder.
 
         Raises:
-            InputError: the folder cannot be created or written, or a stale output cannot be removed or an earlier
-                report moved.
+            InputError: the folder cannot be created or written, another running process holds it (checked again
+                here, where this run takes the hold, before anything is moved), or a stale output cannot be removed
+                or an earlier report moved.
         """
-        folder = writable_folder(self.output_dir)
+        folder = hold_output_folder(writable_folder(self.output_dir))
         if self.earlier_reports:
             try:
                 target = move_aside(self.earlier_reports, Path(folder) / EARLIER_REPORTS_FOLDER)
@@ -702,6 +714,11 @@ class ImageFolder:
                 self.stale[0].name,
             )
         return folder
+
+    def release_output(self) -> None:
+        """At the end of the run: let go of the output folder :meth:`prepare_output` held (a process that ends lets
+        go by itself; one that goes on, a run started from Python, would keep it)."""
+        release_output_folder(self.output_dir)
 
     def report_unreadable(self) -> None:
         """After the run: fail with one line per image that was left out, if any.
@@ -857,6 +874,47 @@ def writable_folder(path: str | os.PathLike) -> str:
     except OSError as error:
         raise InputError(f"Output folder {folder} cannot be written ({error.strerror or error}).") from None
     return str(path)
+
+
+def _output_in_use(folder: str | os.PathLike, holder: str) -> str:
+    """The one-line refusal of an output folder another run holds, naming the folder and the holder."""
+    return (
+        f"Output folder {Path(folder).absolute()} is in use by another run still going ({holder}): wait for it to "
+        "end, or choose another --output_dir."
+    )
+
+
+def hold_output_folder(output_dir: str | os.PathLike) -> str:
+    """Hold an inference's or evaluation's output folder for this run while its process lives, refusing one another
+    running process holds.
+
+    Two runs into one folder (the same command started twice, two thresholds tried at once) would otherwise both
+    end well with their outputs mixed: masks of both, the reports of one, each moving the other's reports aside. The
+    hold is :func:`scripts.atomic.hold_folder`'s lock on ``<output_dir>/.output.lock``, as training's on its
+    checkpoint folder; the kernel releases it when the process ends, killed included.
+
+    Args:
+        output_dir: the output folder, existing (:func:`writable_folder` makes it).
+
+    Returns:
+        ``output_dir`` unchanged.
+
+    Raises:
+        InputError: another process holds the folder; the message names the folder and that process.
+    """
+    holder = hold_folder(output_dir, OUTPUT_LOCK)
+    if holder is not None:
+        raise InputError(_output_in_use(output_dir, holder))
+    return str(output_dir)
+
+
+def release_output_folder(output_dir: str | os.PathLike) -> None:
+    """Let go of the output folder :func:`hold_output_folder` held, at the end of a run whose process goes on.
+
+    Args:
+        output_dir: the output folder.
+    """
+    release_folder(output_dir, OUTPUT_LOCK)
 
 
 # `python -m monai.bundle run` arguments that are MONAI's own, not config entries.

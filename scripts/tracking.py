@@ -695,7 +695,10 @@ class EvaluationRecorder:
         written = [
             path
             for path in sorted(self.output_dir.glob("*"))
-            if path.is_file() and not path.name.startswith(("mlruns.db", "config_")) and path.stat().st_mtime >= since
+            # Hidden files are no report: the output folder's lock, a report while it is written.
+            if path.is_file()
+            and not path.name.startswith(("mlruns.db", "config_", "."))
+            and path.stat().st_mtime >= since
         ]
         configs = sorted(self.output_dir.glob("config_*.json"), key=lambda path: path.stat().st_mtime)
         return written + configs[-1:]

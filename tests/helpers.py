@@ -3,8 +3,11 @@ it, small networks with trained-looking adapters, and building networks without 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,3 +184,31 @@ def parameters_on_meta_device() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+@contextmanager
+def held_by_another_process(folder: Path) -> Iterator[int]:
+    """``folder`` held as another inference's start-up holds it, by a forked process killed on leaving.
+
+    Yields:
+        The holding process's id.
+    """
+    from scripts.inputs import hold_output_folder
+
+    ready_read, ready_write = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        try:
+            hold_output_folder(folder)
+            os.write(ready_write, b"held")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_read, 4) == b"held"
+        yield holder
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        os.close(ready_read)
+        os.close(ready_write)

@@ -23,7 +23,7 @@ from scripts.adapters import ModelFileError
 from scripts.errors import user_error
 from scripts.handlers import FundusMetricsWriter, MeasurementAgreement
 from scripts.handlers.evaluation import EVALUATION_OUTPUTS
-from scripts.inputs import ImageFolder
+from scripts.inputs import OUTPUT_LOCK, ImageFolder
 from scripts.prompts import PROMPT_EROSION_PX, oracle_prompt
 from scripts.synthetic import write_dataset
 from tests.helpers import (
@@ -38,6 +38,7 @@ from tests.helpers import (
     REPO,
     TRAIN,
     fail_message,
+    held_by_another_process,
     run_bundle,
     run_in_process,
     write_model_file,
@@ -221,8 +222,8 @@ def test_evaluation_reports_each_prompt_mode_with_the_prompts_it_drew(tmp_path):
     assert "box" in used["auto_box"] or used["auto_box"]["points"] == [], used["auto_box"]
 
     # Each file the evaluation wrote is one the next evaluation moves aside, so that a prompt-free evaluation into
-    # the same folder leaves no prompts or per-mode chart of this one to pass for its own.
-    written = sorted(path.name for path in output.iterdir())
+    # the same folder leaves no prompts or per-mode chart of this one to pass for its own. Its lock stays: no report.
+    written = sorted(path.name for path in output.iterdir() if path.name != OUTPUT_LOCK)
     assert all(any(fnmatch(name, pattern) for pattern in EVALUATION_OUTPUTS) for name in written), written
     again = run_bundle("evaluating", [TRAIN, EVALUATE], cwd=tmp_path, datalist=test_set, ckpt_path=model,
                        output_dir=output, **FAST)
@@ -624,6 +625,24 @@ def test_overwrite_leaves_no_output_of_the_earlier_run_behind(tmp_path, capsys, 
     assert sorted(path.name for path in earlier.iterdir()) == ["measurements.csv", "prompts_used.json", "report.html"]
     assert "write_nifti</th><td>True" in (earlier / "report.html").read_text()
     assert json.loads((earlier / "prompts_used.json").read_text())["images"]["a.png"]["given"]["box"] == [5, 5, 40, 30]
+
+
+def test_an_inference_into_a_folder_another_inference_is_writing_is_refused(tmp_path):
+    """Two inferences started into one folder (two thresholds tried at once) both ended well, with the masks of both
+    and the reports of one: the second is refused before it writes or moves anything, and runs once the first ends."""
+    model = write_model_file(tmp_path / "model.pt")
+    images, output = tmp_path / "images", tmp_path / "out"
+    photograph(images / "a.png")
+    infer(model, images, output)
+    # The lock aside, which names its holder.
+    before = {path.name: path.read_bytes() for path in output.iterdir() if path.name != OUTPUT_LOCK}
+    with held_by_another_process(output) as holder:
+        error = run_in_process("inference", [INFER], ckpt_path=str(model), dataset_dir=str(images),
+                               output_dir=str(output), overwrite=True, threshold=0.7)
+    assert str(error).startswith(f"Output folder {output} is in use by another run still going (process {holder} on ")
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.name != OUTPUT_LOCK} == before
+    infer(model, images, output, overwrite=True, threshold=0.7)
+    assert (output / "earlier_reports").is_dir() and not (output / "earlier_reports" / OUTPUT_LOCK).exists()
 
 
 def test_a_runs_record_of_its_prompts_repeats_its_given_prompts(tmp_path):

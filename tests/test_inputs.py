@@ -16,13 +16,15 @@ from scripts.inputs import (
     ImageFolder,
     InputError,
     check_command_line,
+    hold_output_folder,
     load_split,
+    release_output_folder,
     warn_about_batch_size,
     warn_about_overlap,
     warn_without_validation,
     writable_folder,
 )
-from tests.helpers import INFER, TRAIN
+from tests.helpers import EVALUATE, INFER, TRAIN, held_by_another_process
 
 
 def write_datalist(folder: Path, entries: list[dict], split: str = "training") -> Path:
@@ -228,9 +230,49 @@ def test_overwrite_removes_only_the_outputs_of_these_images_this_run_does_not_wr
     assert "Removed 1 outputs of an earlier run" in caplog.text and "eye_mask.nii.gz" in caplog.text
     assert "held an earlier run's reports (prompts_used.json): moved to" in caplog.text
     kept = sorted(set(earlier + others) - {"eye_mask.nii.gz", "prompts_used.json"})
-    assert sorted(path.name for path in output.iterdir()) == sorted([*kept, "earlier_reports"])
+    assert sorted(path.name for path in output.iterdir()) == sorted([*kept, ".output.lock", "earlier_reports"])
     [aside] = (output / "earlier_reports").iterdir()
     assert (aside / "prompts_used.json").read_bytes() == b"earlier"
+
+
+def test_an_output_folder_another_run_is_writing_is_refused_before_anything_is_moved(tmp_path):
+    """Two inferences into one folder both ended well with their outputs mixed (masks of both, the reports of one):
+    the folder is checked only at start-up. The second is refused, naming the folder and the run holding it."""
+    images, output = tmp_path / "images", tmp_path / "out"
+    photograph(images / "eye.png")
+    output.mkdir()
+    (output / "eye_mask.png").write_bytes(b"the other run's")
+    (output / "measurements.csv").write_bytes(b"the other run's")
+    in_use = rf"Output folder {output} is in use by another run still going \(process \d+ on .*\): wait for it"
+    before = sorted((path.name, path.read_bytes()) for path in output.iterdir() if path.name != ".output.lock")
+    with held_by_another_process(output) as holder:
+        for overwrite in (False, True):  # its outputs are no earlier run's to replace or to be told about
+            with pytest.raises(InputError, match=in_use) as refused:
+                ImageFolder(images, output, overwrite=overwrite)
+            assert refused.match(rf"process {holder} on ") and "\n" not in str(refused.value)
+        with pytest.raises(InputError, match=in_use):
+            hold_output_folder(output)
+    checked = ImageFolder(images, output, overwrite=True)  # the other run has ended
+    # ... and another one started between this run's check and its start
+    with held_by_another_process(output), pytest.raises(InputError, match=in_use):
+        checked.prepare_output()
+    assert sorted((p.name, p.read_bytes()) for p in output.iterdir() if p.name != ".output.lock") == before
+    assert checked.prepare_output() == str(output)
+    assert (output / ".output.lock").read_text().startswith(f"process {os.getpid()} on ")
+    assert not (output / "earlier_reports" / ".output.lock").exists(), "the lock is no report to move aside"
+    assert ImageFolder(images, output, overwrite=True).earlier_reports == [], "nor an output this run replaces"
+    checked.release_output()
+    release_output_folder(output)  # twice does no harm
+
+
+def test_inference_and_evaluation_hold_their_output_folder_before_moving_anything():
+    inference = json.loads(Path(INFER).read_text())
+    assert inference["initialize"][-1] == "$@image_folder.prepare_output()"
+    assert inference["finalize"] == ["$@image_folder.release_output()"]
+    evaluation = json.loads(Path(EVALUATE).read_text())
+    held = evaluation["initialize"].index("$inputs.hold_output_folder(inputs.writable_folder(@output_dir))")
+    assert held < evaluation["initialize"].index("$handlers.keep_earlier_evaluation(@output_dir)")
+    assert "$inputs.release_output_folder(@output_dir)" in evaluation["finalize"]
 
 
 def test_writable_folder(tmp_path):

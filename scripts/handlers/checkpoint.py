@@ -47,7 +47,7 @@ from monai.handlers import CheckpointSaver
 from torch import nn
 
 from scripts.adapters import CHECKPOINT_FORMAT
-from scripts.atomic import file_sha256, move_aside, new_stamped_folder, save_torch_atomic
+from scripts.atomic import file_sha256, hold_folder, move_aside, new_stamped_folder, release_folder, save_torch_atomic
 from scripts.engines import optimizer_steps_now, unwrap_network
 from scripts.errors import FundusError, unreadable_torch_file
 from scripts.handlers.evaluation import keep_earlier_evaluation
@@ -80,9 +80,6 @@ EARLIER_RUN_OUTPUTS = ("training_log.jsonl", "training_curves.png", "validation_
 RUN_LOCK = ".training.lock"
 
 logger = logging.getLogger(__name__)
-
-# The open lock file of this process's run: the kernel releases the lock when the process ends, killed or not.
-_held_locks: dict[Path, Any] = {}
 
 
 class ResumeError(FundusError, ValueError):
@@ -499,31 +496,14 @@ def claim_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
     Raises:
         ResumeError: another process holds the folder; the message names it and what to do.
     """
-    try:
-        import fcntl
-    except ImportError:
-        return
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    path = Path(ckpt_dir).absolute() / RUN_LOCK
-    if path in _held_locks:
-        return
-    lock = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
+    holder = hold_folder(ckpt_dir, RUN_LOCK)
+    if holder is not None:
         raise ResumeError(
-            f"Checkpoint folder {path.parent} is in use by a training run still going ({holder}): wait for it to "
-            "end (or stop it, then --resume true to continue it), or give this run another --ckpt_dir."
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    _held_locks[path] = lock
+            f"Checkpoint folder {Path(ckpt_dir).absolute()} is in use by a training run still going ({holder}): wait "
+            "for it to end (or stop it, then --resume true to continue it), or give this run another --ckpt_dir."
+        )
 
 
 def release_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
@@ -533,9 +513,7 @@ def release_checkpoint_folder(ckpt_dir: str | os.PathLike) -> None:
     Args:
         ckpt_dir: the run's checkpoint folder.
     """
-    lock = _held_locks.pop(Path(ckpt_dir).absolute() / RUN_LOCK, None)
-    if lock is not None:
-        lock.close()  # closing the file releases its flock
+    release_folder(ckpt_dir, RUN_LOCK)
 
 
 def keep_another_run_s_outputs(output_dir: str | os.PathLike, started: float) -> Path | None:
