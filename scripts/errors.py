@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "ConfigError",
     "FundusError",
+    "SharedMemoryError",
     "command_line",
     "first_line",
     "install_error_hook",
@@ -43,6 +44,41 @@ class FundusError(Exception):
 
 class ConfigError(FundusError, ValueError):
     """A setting of a workflow or tool has a value it cannot work with; the message names the setting."""
+
+
+class SharedMemoryError(FundusError, RuntimeError):
+    """The data loader's workers ran out of shared memory (``/dev/shm``); the message says the fix."""
+
+
+# What torch says when its data-loader workers cannot hand a batch over through /dev/shm: a tmpfs full (Docker's
+# 64 MB default against a 4000 x 3000 photograph), or a worker killed by SIGBUS on touching a page it cannot have.
+_SHARED_MEMORY_FULL = re.compile(
+    r"unable to allocate shared memory|unable to write to file </torch_|out of shared memory|"
+    r"insufficient shared memory",
+    re.IGNORECASE,
+)
+
+
+def _shared_memory_full(error: BaseException) -> SharedMemoryError | None:
+    """The one-line error for torch's own when its data-loader workers ran out of shared memory, else None.
+
+    Args:
+        error: an exception of the chain :func:`user_error` walks.
+
+    Returns:
+        A :class:`SharedMemoryError` saying what happened and the fix, or None for any other error.
+    """
+    text = str(error)
+    found = _SHARED_MEMORY_FULL.search(text) if isinstance(error, RuntimeError) else None
+    if found is None:
+        return None
+    # The line that says it: a worker's error arrives as the text of its whole traceback.
+    said = text[text.rfind("\n", 0, found.start()) + 1 :].split("\n", 1)[0].strip()[:300]
+    return SharedMemoryError(
+        f"The data loader's workers ran out of shared memory (/dev/shm is full; Docker gives a container 64 MB "
+        f"unless told otherwise): {said}. Run with --num_workers 0, or give the container more shared memory "
+        "(docker run --shm-size 2g, or --ipc host)."
+    )
 
 
 def is_real_number(value: Any) -> bool:
@@ -114,6 +150,8 @@ def user_error(error: BaseException | None) -> FundusError | None:
     with its useful message, is the cause (``raise ... from``). An error raised while one of ours was being handled
     (its ``__context__``) is not caused by it: that is a bug, and keeps its traceback. One raised in a data-loader
     worker reaches the main process as text, from which it is rebuilt (with its message, as a :class:`FundusError`).
+    torch's own error for workers out of shared memory is one of the user's setup, not a bug: it is named, with the
+    fix, as a :class:`SharedMemoryError`.
 
     Args:
         error: an exception, typically uncaught.
@@ -126,7 +164,7 @@ def user_error(error: BaseException | None) -> FundusError | None:
         seen.add(id(error))
         if isinstance(error, FundusError):
             return error
-        relayed = _relayed_from_worker(error)
+        relayed = _relayed_from_worker(error) or _shared_memory_full(error)
         if relayed is not None:
             return relayed
         error = error.__cause__

@@ -6,7 +6,7 @@ import pytest
 from ignite.engine import Engine
 from monai.data import DataLoader, Dataset
 
-from scripts.errors import command_line, user_error
+from scripts.errors import FundusError, SharedMemoryError, command_line, user_error
 from scripts.fundus_io import FundusImageError
 from scripts.handlers import ReportErrors
 from scripts.inputs import InputError
@@ -66,6 +66,42 @@ def test_a_user_error_raised_in_a_data_loader_worker_is_still_ours(caplog):
         "Current run is terminating due to exception: cannot read image /data/a.png: image file is truncated"
     )
     assert "ZeroDivisionError: a bug" in kept.getMessage() and "Traceback" in kept.getMessage()
+
+
+# torch's words when a worker cannot put a batch into /dev/shm (Docker's 64 MB against a 4000 x 3000 photograph).
+SHM_FULL = "unable to allocate shared memory(shm) for file </torch_2657_3201941036_0>: No space left on device (28)"
+
+
+def _shared_memory_full(item: dict) -> dict:
+    raise RuntimeError(SHM_FULL)
+
+
+def test_workers_out_of_shared_memory_are_named_with_the_fix_not_reported_as_a_bug(caplog):
+    """A sliding-window inference on a large photograph in a container with the default /dev/shm stopped with a
+    traceback reported as an unexpected bug: it is the setup's, and --num_workers 0 or --shm-size is the fix."""
+    loader = DataLoader(Dataset([{"image": "/data/a.png"}], transform=_shared_memory_full), num_workers=1)
+    engine = Engine(lambda engine, batch: None)
+    ReportErrors().attach(engine)
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError) as caught:
+        engine.run(loader)
+    own = user_error(caught.value)
+    assert isinstance(own, SharedMemoryError) and isinstance(own, FundusError)
+    assert str(own) == (
+        "The data loader's workers ran out of shared memory (/dev/shm is full; Docker gives a container 64 MB unless "
+        f"told otherwise): RuntimeError: {SHM_FULL}. Run with --num_workers 0, or give the container more shared "
+        "memory (docker run --shm-size 2g, or --ipc host)."
+    )
+    stopped = [record for record in caplog.records if record.getMessage().startswith("Engine stopped")]
+    assert [record.getMessage() for record in stopped] == [f"Engine stopped: {own}"]
+    assert stopped[0].exc_info is None, "no traceback: not a bug"
+    # The same, raised in the main process as it takes a batch over, and a worker killed by SIGBUS.
+    assert str(user_error(RuntimeError(SHM_FULL))).endswith(f"otherwise): {SHM_FULL}. Run with --num_workers 0, or "
+                                                            "give the container more shared memory (docker run "
+                                                            "--shm-size 2g, or --ipc host).")
+    bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory. Please try to raise your shared memory limit.")
+    assert isinstance(user_error(bus), SharedMemoryError)
+    assert user_error(RuntimeError("No space left on device (28)")) is None, "another disk full is not this"
 
 
 def test_uncaught_user_errors_print_one_line_and_others_a_traceback():
