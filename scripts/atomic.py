@@ -28,6 +28,11 @@ import torch
 
 from scripts.errors import FundusError
 
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not held (hold_folder)
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 __all__ = [
     "FileState",
@@ -312,6 +317,15 @@ def _read_holder(lock: Any) -> str:
     return lock.read().strip() or "another process"
 
 
+def _lock_to_take(folder: str | os.PathLike, lock_name: str) -> Path | None:
+    """The lock file of ``folder``, or None where there is nothing to take: this process holds it already, or
+    ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
+        return None
+    path = Path(folder).absolute() / lock_name
+    return None if path in _held_locks else path
+
+
 def hold_folder(folder: str | os.PathLike, lock_name: str) -> str | None:
     """Hold ``folder`` for this process's run, unless another process holds it.
 
@@ -328,12 +342,8 @@ def hold_folder(folder: str | os.PathLike, lock_name: str) -> str | None:
     Returns:
         None when this process holds the folder; else the other holder's text (process, host, start time).
     """
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    path = Path(folder).absolute() / lock_name
-    if path in _held_locks:
+    path = _lock_to_take(folder, lock_name)
+    if path is None:
         return None
     lock = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
     try:
@@ -362,12 +372,8 @@ def folder_holder(folder: str | os.PathLike, lock_name: str) -> str | None:
     Returns:
         The other holder's text, or None when no other process holds the folder (or ``fcntl`` is missing).
     """
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    path = Path(folder).absolute() / lock_name
-    if path in _held_locks:
+    path = _lock_to_take(folder, lock_name)
+    if path is None:
         return None
     try:
         lock = open(path)  # noqa: SIM115 - closed below; flock needs no write access

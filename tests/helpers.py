@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,8 +187,9 @@ def parameters_on_meta_device() -> Iterator[None]:
 
 
 @contextmanager
-def held_by_another_process(folder: Path) -> Iterator[int]:
-    """``folder`` held as another inference's start-up holds it, by a forked process killed on leaving.
+def held_by_another_process(folder: Path, hold: Callable[[Path], Any] | None = None) -> Iterator[int]:
+    """``folder`` held by a forked process killed on leaving: as another inference's start-up holds it, or by
+    ``hold`` (training's ``claim_checkpoint_folder``).
 
     Yields:
         The holding process's id.
@@ -199,7 +200,7 @@ def held_by_another_process(folder: Path) -> Iterator[int]:
     holder = os.fork()
     if holder == 0:
         try:
-            hold_output_folder(folder)
+            (hold or hold_output_folder)(folder)
             os.write(ready_write, b"held")
             time.sleep(120)
         finally:

@@ -34,7 +34,7 @@ from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.lora import LoRALinear
 from scripts.synthetic import write_dataset
 from scripts.tracking import MLflowRecorder
-from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, run_in_process
+from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, held_by_another_process, run_in_process
 from tests.preloaded import preloaded_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -599,23 +599,12 @@ def test_a_checkpoint_folder_a_running_training_holds_is_refused_until_that_proc
     (the first run failed at its next save). The hold goes when its process does, even killed: no stale lock."""
     from scripts.handlers.checkpoint import RUN_LOCK, ResumeError, claim_checkpoint_folder, release_checkpoint_folder
 
-    ready_read, ready_write = os.pipe()
-    holder = os.fork()
-    if holder == 0:  # another training process, as its initialize claims the folder
-        try:
-            claim_checkpoint_folder(tmp_path)
-            os.write(ready_write, b"held")
-            time.sleep(120)
-        finally:
-            os._exit(0)
-    try:
-        assert os.read(ready_read, 4) == b"held"
-        with pytest.raises(ResumeError, match=f"Checkpoint folder {tmp_path} is in use by a training run still going"
-                           rf" \(process {holder} on .*\): wait for it to end"):
-            claim_checkpoint_folder(tmp_path)
-    finally:
-        os.kill(holder, signal.SIGKILL)
-        os.waitpid(holder, 0)
+    # Another training process, as its initialize claims the folder.
+    with held_by_another_process(tmp_path, claim_checkpoint_folder) as holder, pytest.raises(
+        ResumeError, match=f"Checkpoint folder {tmp_path} is in use by a training run still going"
+        rf" \(process {holder} on .*\): wait for it to end"
+    ):
+        claim_checkpoint_folder(tmp_path)
     claim_checkpoint_folder(tmp_path)  # the killed process let go
     assert (tmp_path / RUN_LOCK).read_text().startswith(f"process {os.getpid()} on ")
     release_checkpoint_folder(tmp_path)
