@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from scripts.fundus_io import read_mask, write_png
+from tools.datasets import DatasetError
 from tools.prepare import main, prepare_dataset
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -183,6 +185,63 @@ def test_an_earlier_datalist_is_moved_aside_with_its_masks_not_replaced(
     assert json.loads(pooled.read_text())["sources"][0]["seed"] == 5
     [kept_pool] = (output.parent / "earlier_datalists").glob("*/pooled.json")
     assert json.loads(kept_pool.read_text())["sources"][0]["seed"] == 6
+
+
+def _write_folder_dataset(src: Path, count: int = 6) -> None:
+    """``count`` photographs with vessel masks, no field-of-view masks (derived: estimated from the photographs)."""
+    rows, cols = np.mgrid[0:30, 0:40]
+    for number in range(count):
+        write_png(src / "images" / f"{number}.png", np.dstack([(rows + cols + number) / 80.0] * 3))
+        write_png(src / "masks" / f"{number}.png", (rows + number) % 7 == 0)
+
+
+def test_a_rerun_that_changes_nothing_leaves_the_datalist_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rerunning the same preparation kept a copy aside each time, announced as a split the new one does not keep."""
+    caplog.set_level(logging.INFO, logger="tools.prepare")
+    _write_folder_dataset(tmp_path / "src")
+    output = tmp_path / "out" / "mine.json"
+    arguments = ["--dataset", "folder", "--name", "mine", "--src", str(tmp_path / "src"), "--output", str(output)]
+    assert main(arguments) == 0
+    first = output.read_text()
+    masks = {path: path.read_bytes() for path in (output.parent / "mine_derived").rglob("*.png")}
+    assert masks  # the estimated fields of view
+
+    assert main(arguments) == 0
+    assert not (output.parent / "earlier_datalists").exists()
+    assert sorted(path.name for path in output.parent.iterdir()) == ["mine.json", "mine_derived"]  # no staging left
+    assert output.read_text() == first
+    assert {path: path.read_bytes() for path in (output.parent / "mine_derived").rglob("*.png")} == masks
+    assert caplog.messages[-1] == (
+        f"{output}: the same datalist and derived masks as the one already there, which stays as it was"
+    )
+
+    # The same datalist over other masks (an earlier version's, mended since) is an earlier datalist all the same.
+    changed = next(iter(masks))
+    changed.write_bytes(b"the earlier run's")
+    assert main(arguments) == 0
+    [folder] = (output.parent / "earlier_datalists").iterdir()
+    assert (folder / "mine_derived" / changed.relative_to(output.parent / "mine_derived")).read_bytes() == (
+        b"the earlier run's"
+    )
+    assert changed.read_bytes() == masks[changed]
+
+    pooled = output.parent / "pooled.json"
+    assert main(["--pool", str(output), "--output", str(pooled)]) == 0
+    assert main(["--pool", str(output), "--output", str(pooled)]) == 0
+    assert not list((output.parent / "earlier_datalists").glob("*/pooled.json"))
+
+
+def test_a_refused_preparation_leaves_no_empty_output_folder(tmp_path: Path) -> None:
+    """Every photograph unreadable: refused once they were decoded, after the output folder had been created."""
+    src = tmp_path / "src"
+    _write_folder_dataset(src, count=3)
+    for image in (src / "images").iterdir():
+        image.write_bytes(b"not a picture")
+    with pytest.raises(DatasetError, match="none of the 3 images"):
+        prepare_dataset("folder", src, tmp_path / "new" / "deeper" / "mine.json", task="vessels")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
 
 
 def test_completeness_counts_the_images_the_datalist_holds(drive_dir: Path, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ writes the masks it has to derive (decoded annotations, annotator unions, estima
 ``<output folder>/<datalist name>_derived/`` (each datalist its own: two sources prepared into one folder never
 share a mask), and writes the datalist atomically. A datalist already at ``--output`` (with its derived folder) is
 first moved to ``<output folder>/earlier_datalists/<time>/``, its paths pointed at the moved masks, with a warning:
-a model trained on it is evaluated with it, not with a new split of the same images.
+a model trained on it is evaluated with it, not with a new split of the same images. A rerun that would write the
+same datalist and masks leaves them where they are.
 
 Command line::
 
@@ -47,6 +48,7 @@ folder. Images are referenced as distributed (tif, gif, ppm.gz...): read them wi
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import logging
 import os
@@ -829,6 +831,36 @@ def _keep_earlier_datalist(output: Path, derived: Path | None = None) -> Path | 
     return kept
 
 
+def _same_as_earlier(output: Path, datalist: Mapping[str, object], derived: Path | None = None,
+                     staging: Path | None = None) -> bool:
+    """Whether the datalist at ``output`` is the one about to be written, derived masks included.
+
+    A rerun that changes nothing keeps it where it is: moved aside, it would be one more copy, announced as a
+    split the new datalist does not keep.
+
+    Args:
+        output: the datalist JSON about to be written.
+        datalist: its new content.
+        derived: its derived-mask folder, None for a pool, which has none.
+        staging: the folder the new run's derived masks were written to (with ``derived``).
+    """
+    try:
+        earlier = json.loads(output.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if earlier != json.loads(json.dumps(datalist)):
+        return False
+    if derived is None or staging is None:
+        return True
+    before, now = _files_under(derived), _files_under(staging)
+    return before.keys() == now.keys() and all(filecmp.cmp(before[name], now[name], shallow=False) for name in now)
+
+
+def _files_under(folder: Path) -> dict[Path, Path]:
+    """The files under ``folder`` (none where it does not exist), by their path relative to it."""
+    return {path.relative_to(folder): path for path in folder.rglob("*") if path.is_file()}
+
+
 def _reasons(left_out: Sequence[_LeftOut]) -> str:
     """The left-out cases with their reasons, on one line."""
     return "; ".join(f"{item.case.case_id}: {item.reason}" for item in left_out)
@@ -854,7 +886,8 @@ def prepare_dataset(
     Derived masks go to ``<output folder>/<datalist name>_derived/{fov,<annotator>/<structure>}/<case>.png``
     (``drive_derived/`` beside ``drive.json``); each file is written atomically. A datalist already at ``output``
     is moved with its derived folder to ``earlier_datalists/<time>/`` beside it, with a warning, once the new
-    datalist is complete (its masks are written into a hidden folder beside it, renamed to the derived folder then).
+    datalist is complete (its masks are written into a hidden folder beside it, renamed to the derived folder then);
+    one identical to the new one, masks included, stays as it is.
 
     A case that cannot be used (a missing or misnamed annotation, an unreadable image or mask, a mask of another size
     than its image, a 0/1 mask saved as JPEG) is left out rather than stopping the others: every such case is named
@@ -882,7 +915,8 @@ def prepare_dataset(
     Raises:
         DatasetError: for a bad argument, folder or layout, a case id found twice, or when no image can be used or
             the training or test set is left empty (the message lists every unusable case with its reason); no
-            datalist nor derived mask is written then, and an earlier datalist and its masks stay as they were.
+            datalist, derived mask or output folder is left then, and an earlier datalist and its masks stay as
+            they were.
     """
     if folder_name is not None and name.lower() != "folder":
         raise DatasetError(f"a dataset name (--name {folder_name}) applies to folder datasets only, not {name}")
@@ -933,6 +967,7 @@ def prepare_dataset(
     # The masks are written into a folder of their own, renamed to the derived folder only once the datalist is
     # complete: a refused run leaves the earlier datalist's masks as they were, and a finished one moves them aside
     # with it, unchanged.
+    created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{derived.name}.", dir=output.parent))
     try:
@@ -971,6 +1006,9 @@ def prepare_dataset(
             )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first: a refused run leaves no empty output folder behind
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise
     datalist: dict[str, object] = {
         "dataset": description.name,
@@ -988,6 +1026,10 @@ def prepare_dataset(
         **{_COUNT_KEYS[split_name]: len(entries[split_name]) for split_name in SPLITS},
         **entries,
     }
+    if _same_as_earlier(output, datalist, derived, staging):
+        shutil.rmtree(staging)
+        logger.info("%s: the same datalist and derived masks as the one already there, which stays as it was", output)
+        return datalist
     _keep_earlier_datalist(output, derived)
     if derived.exists():  # masks of no datalist (a refused run's, before masks were staged): kept aside as well
         move_aside([derived], output.parent / EARLIER_DATALISTS)
@@ -1027,7 +1069,7 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
     Args:
         paths: datalists written by :func:`prepare_dataset` (or earlier pools).
         output: the pooled datalist JSON file to write; one already there is moved to ``earlier_datalists/<time>/``
-            beside it first, with a warning.
+            beside it first, with a warning, unless it is the same pool.
 
     Returns:
         the pooled datalist: ``dataset`` ``"pooled"``, ``datasets`` (names), ``task``, ``structures``, ``sources``
@@ -1065,6 +1107,9 @@ def pool_datalists(paths: Sequence[str | os.PathLike], output: str | os.PathLike
     lists = {split_name: [entry for _, content in inputs for entry in content[split_name]] for split_name in SPLITS}
     pooled.update({_COUNT_KEYS[split_name]: len(lists[split_name]) for split_name in SPLITS})
     pooled.update(lists)
+    if _same_as_earlier(_absolute(output), pooled):
+        logger.info("%s: the same pool as the one already there, which stays as it was", output)
+        return pooled
     _keep_earlier_datalist(_absolute(output))
     write_json_atomic(output, pooled)
     return pooled
