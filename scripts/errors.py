@@ -5,7 +5,8 @@ users (which file, which setting, what is wrong, and the fix where there is one)
 them in one line on stderr and exit with status 1; any other exception is a bug and keeps its traceback:
 
 - the bundle's workflows (``python -m monai.bundle run ...``) install :func:`install_error_hook` first thing in
-  their ``initialize`` list;
+  their ``initialize`` list, where they run from that command line (:func:`is_bundle_command_line`), not inside
+  another program's process;
 - the offline tools wrap their ``main`` in :func:`command_line`.
 """
 
@@ -20,7 +21,8 @@ import pydoc
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "command_line",
     "first_line",
     "install_error_hook",
+    "is_bundle_command_line",
     "is_real_number",
     "is_whole_number",
     "unreadable_torch_file",
@@ -206,10 +209,36 @@ def _report(kind: type[BaseException], error: BaseException, trace: TracebackTyp
     print(f"error: {own}", file=sys.stderr)
 
 
-def install_error_hook() -> None:
+def is_bundle_command_line(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is the command line of a process started as ``python -m monai.bundle run ... --config_file
+    ...`` (each of torchrun's workers is one), whose options are then the run's own and whose process-wide handling
+    (uncaught errors, SIGTERM) is the run's to set.
+
+    A program that builds the workflows in its own process (a pipeline calling MONAI's ``ConfigWorkflow``, the MONAI
+    Label server) has a command line of its own, whose ``--config_file`` may be its own option: Python sets
+    ``sys.argv[0]`` to the path of ``monai/bundle/__main__.py`` only for the bundle's command line.
+
+    Args:
+        argv: the command line (``sys.argv``).
+    """
+    return (
+        len(argv) > 0
+        and Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py")
+        and any(argument == "--config_file" or argument.startswith("--config_file=") for argument in argv[1:])
+    )
+
+
+def install_error_hook(argv: Sequence[str] | None = None) -> None:
     """Report uncaught :class:`FundusError`\\ s as one line on stderr (the exit status stays 1); others as usual,
-    except a stop wrapped in another error (:func:`_wrapped_exit`), which ends the process with its own status."""
-    sys.excepthook = _report
+    except a stop wrapped in another error (:func:`_wrapped_exit`), which ends the process with its own status.
+
+    Args:
+        argv: the command line (``sys.argv``) of a bundle workflow: the hook is installed only where it is the
+            bundle's own (:func:`is_bundle_command_line`), not in a program that runs the workflow in its process
+            and reports its errors its own way. None (a program of this project's own) installs it.
+    """
+    if argv is None or is_bundle_command_line(argv):
+        sys.excepthook = _report
 
 
 def command_line(main: Callable[..., int]) -> Callable[..., int]:

@@ -26,7 +26,15 @@ from monai.transforms import apply_transform
 from monai.utils import path_to_sqlite_uri
 
 from scripts.atomic import folder_holder, hold_folder, move_aside, name_while_written, release_folder
-from scripts.errors import ConfigError, FundusError, first_line, is_real_number, is_whole_number, user_error
+from scripts.errors import (
+    ConfigError,
+    FundusError,
+    first_line,
+    is_bundle_command_line,
+    is_real_number,
+    is_whole_number,
+    user_error,
+)
 from scripts.fundus_io import (
     SUPPORTED_SUFFIXES,
     UNREADABLE_KEY,
@@ -951,7 +959,8 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
     ``--output_dir 2024`` gives the number 2024, which a setting made of text cannot use.
 
     Args:
-        argv: the command line (``sys.argv``).
+        argv: the command line (``sys.argv``); nothing is checked where it is not the bundle's own
+            (:func:`scripts.errors.is_bundle_command_line`).
         output_dir: the workflow's output folder, which holds MONAI's default tracking store (``mlruns.db``).
 
     Returns:
@@ -965,9 +974,9 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
             is neither a boolean nor an expression, or an empty folder or file name; with ``--tracking``, a store
             MLflow cannot use.
     """
-    options = _command_line_options(argv)
-    if "config_file" not in options:
+    if not is_bundle_command_line(argv):  # a program running the workflow in its process: its options are its own
         return []
+    options = _command_line_options(argv)
     defaults = config_values(options["config_file"] or "[]")
     unknown = _warn_unknown(options, set(defaults))
     for key, value in options.items():

@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from scripts.errors import is_bundle_command_line
+
 __all__ = ["REPEAT_IGNORED_SECONDS", "SIGTERM_EXIT_STATUS", "Terminated", "exit_on_sigterm"]
 
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
@@ -42,12 +44,6 @@ class Terminated(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped by SIGTERM (exit status {SIGTERM_EXIT_STATUS})"
-
-
-def _bundle_command_line(argv: Sequence[str]) -> bool:
-    """Whether ``argv`` is a ``python -m monai.bundle run`` command line: one with a ``--config_file`` option, as
-    :func:`scripts.inputs.check_command_line` recognises it."""
-    return any(argument == "--config_file" or argument.startswith("--config_file=") for argument in argv[1:])
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -77,9 +73,9 @@ def exit_on_sigterm(argv: Sequence[str]) -> bool:
 
     Nothing is installed, and False returned, where the handler would not be this run's to set:
 
-    - ``argv`` is not a ``python -m monai.bundle run`` command line (no ``--config_file``): the configs are also
-      loaded inside other programs, such as the MONAI Label server and its training subprocesses, which stop
-      their own way;
+    - ``argv`` is not a ``python -m monai.bundle run`` command line (:func:`scripts.errors.is_bundle_command_line`):
+      the configs are also run inside other programs (a pipeline calling MONAI's ``ConfigWorkflow``, the MONAI
+      Label server and its training subprocesses), which stop their own way;
     - this is not the main thread (``signal.signal`` works only there, and a workflow run in a thread is part of
       some other program);
     - SIGTERM already has a handler other than Python's default action, or is ignored: whoever set it decides.
@@ -96,7 +92,7 @@ def exit_on_sigterm(argv: Sequence[str]) -> bool:
         Whether the handler is installed.
     """
     global _owner, _stopped_at
-    if not _bundle_command_line(argv) or threading.current_thread() is not threading.main_thread():
+    if not is_bundle_command_line(argv) or threading.current_thread() is not threading.main_thread():
         return False
     if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _terminate):
         return False

@@ -3,6 +3,7 @@ it, small networks with trained-looking adapters, and building networks without 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
+# sys.argv[0] of `python -m monai.bundle ...`, which Python sets to the path of the module it runs.
+BUNDLE_MAIN = str(Path(importlib.util.find_spec("monai.bundle.__main__").origin))
 TRAIN = str(CONFIGS / "train.json")
 INFER = str(CONFIGS / "inference.json")
 EVALUATE = str(CONFIGS / "evaluate.json")

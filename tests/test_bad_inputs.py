@@ -41,7 +41,7 @@ from scripts.network import build_network
 from scripts.prompts import check_head_takes_prompts
 from scripts.sam2_models import resolve_hiera_size
 from scripts.transforms import SamplePromptsd
-from tests.helpers import INFER, QUICKSTART, REPO, TRAIN, write_model_file
+from tests.helpers import BUNDLE_MAIN, INFER, QUICKSTART, REPO, TRAIN, write_model_file
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -461,7 +461,7 @@ def test_damaged_or_unsafe_model_files_are_refused_in_one_line(tmp_path, make, e
 
 def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
     configs = str([TRAIN, QUICKSTART])
-    argv = ["monai.bundle", "run", "training", "--config_file", configs, "--learning_rte", "0.5"]
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", configs, "--learning_rte", "0.5"]
     with caplog.at_level(logging.WARNING):
         assert warn_unknown_overrides(argv) == ["learning_rte"]
     assert (
@@ -469,7 +469,7 @@ def test_a_misspelt_override_is_named_with_the_nearest_setting(caplog):
         in caplog.text
     )
     tracked = [
-        "monai.bundle",
+        BUNDLE_MAIN,
         "run",
         "training",
         "--config_file",
@@ -496,7 +496,7 @@ def test_a_boolean_setting_written_otherwise_than_true_or_false_is_refused(value
     import fire.parser
 
     assert bool(fire.parser.DefaultParseValue(value)) is (value != "0"), "the reading this check guards against"
-    argv = ["monai.bundle", "run", "inference", "--config_file", INFER, "--overwrite", value]
+    argv = [BUNDLE_MAIN, "run", "inference", "--config_file", INFER, "--overwrite", value]
     with pytest.raises(ConfigError, match=f"--overwrite {value}: write True or False, capitalised"):
         check_command_line(argv)
     for accepted in (["--overwrite", "False"], ["--overwrite=True"], ["--overwrite"], ["--resume", "auto"]):
@@ -528,7 +528,7 @@ def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(c
     assert not isinstance(fire.parser.DefaultParseValue(value), str), "the reading this check guards against"
     written_so = advice.strip('"')
     assert isinstance(fire.parser.DefaultParseValue(written_so), str), "the advice keeps it text"
-    argv = ["monai.bundle", "run", "inference", "--config_file", configs, f"--{key}", value]
+    argv = [BUNDLE_MAIN, "run", "inference", "--config_file", configs, f"--{key}", value]
     with pytest.raises(ConfigError, match=re.escape(f"--{key} {value}: MONAI's command line reads this as")) as caught:
         check_command_line(argv)
     assert f"write --{key} {advice}" in str(caught.value)
@@ -544,7 +544,7 @@ def test_an_mlflow_file_store_is_refused_before_the_run(uri, tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     with pytest.raises(ValueError, match="no longer supports the filesystem"):  # the refusal this check runs ahead of
         MLFlowHandler(tracking_uri=f"file://{tmp_path}/mlruns")
-    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
     with pytest.raises(ConfigError, match=re.escape(f"--tracking_uri {uri} is an MLflow file store (a folder)")) as caught:
         check_command_line([*argv, "--tracking_uri", uri])
     assert "sqlite:///" in str(caught.value) and "MLFLOW_ALLOW_FILE_STORE" not in str(caught.value)
@@ -560,7 +560,7 @@ def test_an_sqlite_store_that_cannot_be_written_is_refused_before_the_run(tmp_pa
     """MLflow retried such a store for about 100 s, then MONAI failed with a traceback (and the earlier run's files
     had been moved aside for a run that never trained)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
     refused = {
         f"sqlite:///{tmp_path}": "it is a folder",
         "sqlite:////proc/mlruns.db": "/proc cannot be written",
@@ -582,14 +582,14 @@ def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it
     from monai.bundle.scripts import update_kwargs
 
     assert update_kwargs(max_training_minutes=None) == {}, "the dropping this check guards against"
-    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART])]
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", str([TRAIN, QUICKSTART])]
     with pytest.raises(ConfigError, match=re.escape("--max_training_minutes None: MONAI's command line drops")) as caught:
         check_command_line([*argv, "--max_training_minutes", "None"])
     assert "('$None' for no value, where the setting takes none)" in str(caught.value)
     check_command_line([*argv, "--max_training_minutes", "$None"])
     # A setting whose default is None, or the word none, loses nothing.
     for key in ("pixel_size_mm", "prompts_file", "prompt_source"):
-        check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, f"--{key}", "None"])
+        check_command_line([BUNDLE_MAIN, "run", "inference", "--config_file", INFER, f"--{key}", "None"])
 
 
 FILLING_WRITE = """

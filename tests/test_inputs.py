@@ -4,13 +4,14 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, install_error_hook, is_bundle_command_line
 from scripts.fundus_io import write_png
 from scripts.inputs import (
     ImageFolder,
@@ -24,7 +25,7 @@ from scripts.inputs import (
     warn_without_validation,
     writable_folder,
 )
-from tests.helpers import EVALUATE, INFER, TRAIN, held_by_another_process
+from tests.helpers import BUNDLE_MAIN, EVALUATE, INFER, TRAIN, held_by_another_process
 
 
 def write_datalist(folder: Path, entries: list[dict], split: str = "training") -> Path:
@@ -300,12 +301,33 @@ def test_writable_folder(tmp_path):
 def test_an_option_without_a_value_or_an_empty_folder_is_refused(options, message):
     """An unset shell variable (``--dataset_dir $DATA``) gives MONAI True or the folder the run started in."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_command_line(["monai.bundle", "run", "inference", "--config_file", INFER, *options])
+        check_command_line([BUNDLE_MAIN, "run", "inference", "--config_file", INFER, *options])
 
 
 def test_an_option_without_a_value_that_may_be_a_boolean_is_accepted():
     for config, option in ((INFER, "--overwrite"), (TRAIN, "--amp")):  # amp's default is an expression
-        assert check_command_line(["monai.bundle", "run", "x", "--config_file", config, option]) == []
+        assert check_command_line([BUNDLE_MAIN, "run", "x", "--config_file", config, option]) == []
+
+
+def test_a_program_running_the_workflow_in_its_process_keeps_its_command_line_and_error_report(caplog):
+    """A pipeline with its own --config_file and --overwrite options, calling ConfigWorkflow: the bundle refused
+    its options and replaced its uncaught-error report (``sys.excepthook``) for good."""
+    pipeline = ["/srv/pipeline.py", "--config_file", "pipeline.yaml", "--overwrite", "false", "--output_dir", "2024"]
+    assert not is_bundle_command_line(pipeline)
+    with caplog.at_level(logging.WARNING, logger="scripts.inputs"):
+        assert check_command_line(pipeline) == []
+    assert not caplog.records
+    hook = sys.excepthook
+    try:
+        install_error_hook(pipeline)
+        assert sys.excepthook is hook
+        install_error_hook([BUNDLE_MAIN, "run", "inference", "--config_file", INFER])
+        assert sys.excepthook is not hook
+    finally:
+        sys.excepthook = hook
+    with pytest.raises(ConfigError, match="--overwrite false"):
+        check_command_line([BUNDLE_MAIN, "run", "inference", "--config_file", INFER, "--overwrite", "false"])
+    assert not is_bundle_command_line([BUNDLE_MAIN, "run", "inference"])  # no config: not a workflow's
 
 
 def test_a_run_that_will_never_validate_is_warned_about(caplog):

@@ -140,8 +140,13 @@ def test_a_forked_child_keeps_sigterms_default_action(default_sigterm):
 
 @pytest.mark.parametrize(
     "argv",
-    [MONAI_LABEL_ARGV, ["monailabel", "start_server", "--app", "app", "--studies", "images"], ["-c"]],
-    ids=["monailabel-task", "monailabel-server", "python-c"],
+    [
+        MONAI_LABEL_ARGV,
+        ["monailabel", "start_server", "--app", "app", "--studies", "images"],
+        ["-c"],
+        ["/srv/pipeline.py", "--config_file", "pipeline.yaml"],  # runs the workflow in its process (ConfigWorkflow)
+    ],
+    ids=["monailabel-task", "monailabel-server", "python-c", "pipeline-with-its-own-config-file"],
 )
 def test_no_handler_outside_a_bundle_command_line(argv, default_sigterm):
     assert not exit_on_sigterm(argv)

@@ -35,6 +35,7 @@ from scripts.tracking import (
     settings_in_use,
 )
 from tests.helpers import (
+    BUNDLE_MAIN,
     EVALUATE,
     FAST,
     QUICKSTART,
@@ -429,7 +430,7 @@ def test_a_store_mlflow_cannot_open_is_refused_before_the_run(tmp_path, monkeypa
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("not a database")
     older = _older_mlflow_database(tmp_path / "older.db")
-    argv = ["monai.bundle", "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", str([TRAIN, QUICKSTART]), "--tracking", "mlflow"]
     refused = {
         "foo://bar": "unsupported URI 'foo://bar'",
         "sqlite://mlruns.db": "Invalid SQLite URL",
