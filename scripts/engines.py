@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from ignite.engine import Engine
+from monai.bundle import ReferenceResolver
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["all_ranks", "count_parameters", "optimizer_steps_now", "stop_loader_workers", "unwrap_network"]
+__all__ = ["all_ranks", "built", "count_parameters", "optimizer_steps_now", "stop_loader_workers", "unwrap_network"]
 
 
 def optimizer_steps_now(engine: Engine, iteration: int | None = None) -> bool:
@@ -52,6 +54,28 @@ def all_ranks(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def built(resolved: Mapping[str, Any], *ids: str) -> list[Any]:
+    """The components ``ids`` that a bundle workflow has built so far, in that order; those it has not are left out.
+
+    A config's ``finalize`` runs after a failed ``initialize`` too (a caller's ``try``/``finally``), and there a
+    plain ``@id`` would build what was never taken: the whole cached training set to stop its loader workers, or
+    the model file's reading again, raising its error a second time over the first. ``finalize`` passes MONAI's own
+    record of what it built, ``__local_refs`` (the parser's resolved items, which every config expression sees;
+    ``initialize`` starts it afresh), and releases only those:
+    ``"$engines.stop_loader_workers(*engines.built(__local_refs, 'train#dataloader'))"``.
+
+    Args:
+        resolved: the workflow's resolved items by id (``__local_refs`` in a config expression).
+        ids: config ids, e.g. ``train#dataloader``.
+
+    Returns:
+        The built components among ``ids``.
+    """
+    # MONAI keeps ids as "train::dataloader" (it rewrites a config's "#" so too, but not a caller's in Python).
+    ids = tuple(ReferenceResolver.normalize_id(id) for id in ids)
+    return [resolved[id] for id in ids if id in resolved]
 
 
 def stop_loader_workers(*loaders: DataLoader) -> None:

@@ -14,7 +14,9 @@ dependable:
   end of the run; delivery is retried every ``retry_interval`` seconds and resumes when the server is back.
 
 ``EvaluationRecorder`` does the same for an evaluation: a run of its own, the reports as artifacts, closed at the end.
-A training or evaluation stopped by an error closes its run as FAILED when the process exits.
+A training or evaluation stopped by an error closes its run as FAILED when its workflow is finalized (a run started
+from Python, :func:`close_unfinished` in the configs' ``finalize``) or else when the process exits (the command line,
+which does not finalize a workflow whose run raised). Closing a run stops its delivery thread.
 
 Without ``--tracking mlflow`` there is no ``MLFlowHandler`` in the handler lists and the recorders do nothing.
 """
@@ -51,6 +53,7 @@ __all__ = [
     "EvaluationRecorder",
     "MLflowRecorder",
     "TrackingError",
+    "close_unfinished",
     "describe_training_data",
     "flatten_settings",
     "http_retry_settings",
@@ -152,12 +155,16 @@ class _Delivery:
         self.lost: dict[str, list[int]] = {}  # what -> [records, first step, last step]
         self.offline_until = 0.0
         self.in_flight: dict[str, tuple[int, int, int]] | None = None
+        self.stopped = False
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="mlflow-delivery", daemon=True)
         self.thread.start()
 
     def submit(self, what: str, steps: dict[str, tuple[int, int, int]], call: Callable[[], Any]) -> None:
         """Queue ``call``; ``steps`` describes its records as ``{name: (count, first step, last step)}``."""
+        if self.stopped:  # no thread takes it any more: say so rather than leave it in the queue unsent
+            self._lose(steps, "the run is closed")
+            return
         try:
             self.queue.put_nowait((what, steps, call))
         except queue.Full:
@@ -234,6 +241,26 @@ class _Delivery:
                 "of the run; they are abandoned."
             )
         self.report()
+
+    def stop(self, timeout: float) -> None:
+        """End the thread once what is queued is handled (:meth:`conclude` first); later submissions are lost.
+
+        Without it every tracked run of a long-lived process (a service calling the workflow again and again) would
+        leave its thread waiting for records forever.
+
+        Args:
+            timeout: seconds to wait for the thread to end; one stuck in a call to a vanished server ends after it.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        deadline = time.monotonic() + timeout
+        try:
+            # The sentinel _work ends on, behind anything still queued (none after conclude, which empties it).
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return  # the daemon thread stays with the queue; it can no longer be given anything
+        self.thread.join(max(0.0, deadline - time.monotonic()))
 
     def report(self) -> None:
         """Log what was not recorded during the run (nothing: no message)."""
@@ -451,7 +478,7 @@ class MLflowRecorder:
         if self.log is not None:
             self.log.add_validation_listener(self._log_validation)
         trainer.add_event_handler(Events.COMPLETED, self._complete)
-        atexit.register(self._end_unfinished)
+        atexit.register(self.close_unfinished)
         logger.info(
             f"MLflow: recording run {self.run.info.run_name} ({self.run.info.run_id}) of experiment "
             f"'{experiment.name}' at {where}."
@@ -581,25 +608,34 @@ class MLflowRecorder:
             self.client.log_artifact(self.run.info.run_id, str(self.best_model), "model")
         self._close("FINISHED")
 
-    def _end_unfinished(self) -> None:
-        """At the exit of a process whose training stopped before completing (an error, Ctrl-C): close the run as
-        FAILED after delivering what is queued, and say what was not recorded (the delivery thread dies with the
-        process). A SIGKILL leaves the run RUNNING, to be resumed."""
+    def close_unfinished(self) -> None:
+        """Close the run as FAILED if the training stopped before completing (an error, Ctrl-C), after delivering
+        what is queued, and say what was not recorded; nothing when the run was closed already or never opened.
+
+        ``train.json``'s ``finalize`` calls it (:func:`close_unfinished`), so that a workflow run from Python (a
+        service, a pipeline) does not leave its run RUNNING until the process ends; it is also registered to run at
+        the exit of a process that does not finalize (the command line, whose workflow is not finalized when the
+        training raised). A SIGKILL leaves the run RUNNING, to be resumed. Errors are logged, never raised: the
+        error that stopped the training is the one to see.
+        """
         try:
             self._close("FAILED")
-        except Exception as error:  # the process is ending: say it, never mask the error that ended it
+        except Exception as error:  # never mask the error that stopped the training
             logger.warning(f"MLflow: could not close run {self.run.info.run_id} as FAILED ({first_line(error)}).")
 
     def _close(self, status: str) -> None:
-        """Deliver what is queued, close the run as ``status`` and report what was not recorded, within
-        ``flush_timeout`` seconds."""
-        atexit.unregister(self._end_unfinished)
+        """Deliver what is queued, close the run as ``status``, report what was not recorded and stop the delivery
+        thread, within ``flush_timeout`` seconds; once per run."""
+        atexit.unregister(self.close_unfinished)
+        if self.delivery is None or self.delivery.stopped:  # never opened (start failed early), or closed
+            return
         deadline = time.monotonic() + self.flush_timeout
         self.delivery.flush(self.flush_timeout)  # MONAI's close also releases the SQLite store: deliver first
         for each in self.trainer_handlers:
             each.run_finish_status = status
             each.close()
         self.delivery.conclude(max(0.0, deadline - time.monotonic()), self.run.info.run_id)
+        self.delivery.stop(max(0.0, deadline - time.monotonic()))
 
 
 class EvaluationRecorder:
@@ -646,7 +682,7 @@ class EvaluationRecorder:
             return
         self.started_at = time.time()
         # Before any run exists: a SIGTERM just after a run was created left it RUNNING.
-        atexit.register(self._end_unfinished)
+        atexit.register(self.close_unfinished)
         for name, value in http_retry_settings(self.retry_interval).items():
             os.environ.setdefault(name, value)  # what the user set in the environment stays
         for handler in self.handlers:
@@ -667,11 +703,12 @@ class EvaluationRecorder:
             logger.info(f"MLflow: recording evaluation run {run_name} ({run.info.run_id}) at {where}.")
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Log the report files this evaluation wrote and the executed config, then close the run with ``status``."""
-        atexit.unregister(self._end_unfinished)
+        """Log the report files this evaluation wrote and the executed config, close the run with ``status`` and
+        stop its delivery thread; nothing for a run closed already."""
+        atexit.unregister(self.close_unfinished)
         reports = self._reports()
         for handler, delivery in zip(self.handlers, self.deliveries):
-            if handler.cur_run is None:
+            if handler.cur_run is None or delivery.stopped:
                 continue
             run_id = handler.cur_run.info.run_id
             for path in reports:
@@ -681,12 +718,19 @@ class EvaluationRecorder:
             handler.run_finish_status = status
             handler.close()
             delivery.conclude(max(0.0, deadline - time.monotonic()), run_id)
+            delivery.stop(max(0.0, deadline - time.monotonic()))
 
-    def _end_unfinished(self) -> None:
-        """At the exit of a process whose evaluation stopped on an error: the reports written so far, run FAILED."""
+    def close_unfinished(self) -> None:
+        """For an evaluation stopped by an error: log the reports written so far and close its run as FAILED; nothing
+        when :meth:`finish` closed it already or none was opened.
+
+        ``evaluate.json``'s ``finalize`` calls it (:func:`close_unfinished`), and it runs at the exit of a process
+        that does not finalize (the command line). Errors are logged, never raised: the evaluation's error is the one
+        to see.
+        """
         try:
             self.finish("FAILED")
-        except Exception as error:  # the process is ending: say it, never mask the error that ended it
+        except Exception as error:  # never mask the error that stopped the evaluation
             logger.warning(f"MLflow: could not close the evaluation run as FAILED ({first_line(error)}).")
 
     def _reports(self) -> list[Path]:
@@ -702,3 +746,15 @@ class EvaluationRecorder:
         ]
         configs = sorted(self.output_dir.glob("config_*.json"), key=lambda path: path.stat().st_mtime)
         return written + configs[-1:]
+
+
+def close_unfinished(*recorders: MLflowRecorder | EvaluationRecorder) -> None:
+    """Close the MLflow runs ``recorders`` left open, as FAILED, and stop their delivery threads: a config's
+    ``finalize`` step, given the recorders the workflow built (:func:`scripts.engines.built`: none when the
+    workflow stopped before building one). A run that completed was closed as FINISHED already; it stays so.
+
+    Args:
+        recorders: the workflow's :class:`MLflowRecorder` or :class:`EvaluationRecorder`, if built.
+    """
+    for recorder in recorders:
+        recorder.close_unfinished()

@@ -270,7 +270,7 @@ def test_an_output_folder_another_run_is_writing_is_refused_before_anything_is_m
 def test_inference_and_evaluation_hold_their_output_folder_before_moving_anything():
     inference = json.loads(Path(INFER).read_text())
     assert inference["initialize"][-1] == "$@image_folder.prepare_output()"
-    assert inference["finalize"] == ["$@image_folder.release_output()"]
+    assert inference["finalize"] == ["$inputs.release_output_folder(@output_dir)"]
     evaluation = json.loads(Path(EVALUATE).read_text())
     held = evaluation["initialize"].index("$inputs.hold_output_folder(inputs.writable_folder(@output_dir))")
     assert held < evaluation["initialize"].index("$handlers.keep_earlier_evaluation(@output_dir)")

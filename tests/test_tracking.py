@@ -20,9 +20,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from scripts.errors import ConfigError
+from scripts.engines import built as built_components
+from scripts.errors import ConfigError, user_error
 from scripts.inputs import check_command_line
 from scripts.network import SAM2LoRA
 from scripts.synthetic import write_dataset
@@ -38,6 +41,9 @@ from tests.helpers import (
     BUNDLE_MAIN,
     EVALUATE,
     FAST,
+    INFER,
+    LOGGING,
+    META,
     QUICKSTART,
     SAM_LORA,
     TRAIN,
@@ -45,6 +51,7 @@ from tests.helpers import (
     fail_message,
     run_bundle,
     run_in_process,
+    write_model_file,
 )
 from tests.preloaded import preloaded_python
 
@@ -458,3 +465,92 @@ def test_a_store_mlflow_cannot_open_is_refused_before_the_run(tmp_path, monkeypa
     assert sorted(path.name for path in ckpt.iterdir()) == ["latest_checkpoint.pt"]
     # MONAI writes the executed config (config_<time>.json) as it builds the workflow, before any check of ours.
     assert sorted(path.name for path in output.iterdir() if not path.name.startswith("config_")) == ["mlruns.db"]
+
+
+def _workflow(run_id: str, configs: list[str], **overrides: object) -> ConfigWorkflow:
+    """A bundle workflow as a long-lived process (a service, a pipeline) builds it, tracked in MLflow."""
+    workflow_type = {"training": "train", "evaluating": "eval", "inference": "infer"}[run_id]
+    return ConfigWorkflow(config_file=configs, meta_file=META, logging_file=LOGGING, workflow_type=workflow_type,
+                          run_id=run_id, **overrides)
+
+
+def _delivery_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "mlflow-delivery"]
+
+
+def test_a_failed_run_from_python_is_closed_as_failed_by_finalize_and_stops_its_delivery(tmp_path):
+    """A service runs the workflow again and again in one process: each failed run is FAILED once finalized, not
+    RUNNING until the process ends, and leaves no delivery thread behind; a finished one stays FINISHED."""
+    datalist = write_dataset(tmp_path / "data", count=4, size=64)["vessels"]
+    threads = _delivery_threads()
+    output = tmp_path / "eval"
+    for attempt, fails in enumerate((True, False)):
+        workflow = _workflow("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
+                             output_dir=str(output), tracking="mlflow", resume="false", **FAST)
+        workflow.initialize()
+        if fails:
+            def stop(engine: object) -> None:
+                raise RuntimeError("stopped during an iteration")
+
+            workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_COMPLETED, stop)
+            with pytest.raises(RuntimeError) as caught:
+                workflow.run()
+            assert "stopped during an iteration" in str(caught.value.__cause__)
+        else:
+            workflow.run()
+        workflow.finalize()
+        client = mlflow.MlflowClient(f"sqlite:///{output / 'mlruns.db'}")
+        runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                  order_by=["attributes.start_time DESC"])
+        assert len(runs) == attempt + 1
+        assert runs[0].info.status == ("FAILED" if fails else "FINISHED"), attempt
+        assert _delivery_threads() == threads, "the run's delivery thread ended with it"
+    assert [run.info.status for run in runs] == ["FINISHED", "FAILED"], "finalize left the finished run as it was"
+
+
+def test_a_failed_evaluation_from_python_is_closed_as_failed_by_finalize(tmp_path):
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    write_model_file(tmp_path / "model.pt", architecture="unet")
+    threads = _delivery_threads()
+    output = tmp_path / "metrics"
+    workflow = _workflow("evaluating", [TRAIN, QUICKSTART, EVALUATE], datalist=str(datalist),
+                         ckpt_path=str(tmp_path / "model.pt"), output_dir=str(output), tracking="mlflow", **FAST)
+    workflow.initialize()
+
+    def stop(engine: object) -> None:
+        raise RuntimeError("stopped during an iteration")
+
+    workflow.parser.get_parsed_content("validate#evaluator").add_event_handler(Events.ITERATION_COMPLETED, stop)
+    with pytest.raises(RuntimeError) as caught:
+        workflow.run()
+    assert "stopped during an iteration" in str(caught.value.__cause__)
+    workflow.finalize()
+    client = mlflow.MlflowClient(f"sqlite:///{output / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"
+    assert _delivery_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "run_id, configs, overrides, built",
+    [
+        ("training", [TRAIN, QUICKSTART], {"learning_rate": -1}, ["train#dataset", "validate#dataset"]),
+        ("inference", [INFER], {}, ["image_folder", "network_def"]),
+        ("evaluating", [TRAIN, QUICKSTART, EVALUATE], {}, ["validate#dataset", "network_def"]),
+    ],
+)
+def test_finalize_after_a_failed_initialize_raises_nothing_new_and_builds_nothing(
+    run_id, configs, overrides, built, tmp_path
+):
+    """A caller's ``try: initialize(); run() finally: finalize()``: finalize releases what initialize took, and
+    neither builds what initialize did not (the cached datasets) nor raises its error again over the first."""
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    workflow = _workflow(run_id, configs, datalist=str(datalist), dataset_dir=str(datalist.parent / "images"),
+                         ckpt_dir=str(tmp_path / "models"), ckpt_path=str(tmp_path / "missing.pt"),
+                         output_dir=str(tmp_path / "out"), tracking="mlflow", **{**FAST, **overrides})
+    with pytest.raises(Exception) as caught:
+        workflow.initialize()
+    assert user_error(caught.value) is not None, caught.value
+    workflow.finalize()
+    resolved = workflow.parser.ref_resolver.resolved_content
+    assert built_components(resolved, *built) == [], "finalize built what initialize had not"
