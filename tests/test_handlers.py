@@ -161,6 +161,40 @@ def test_the_training_log_gives_the_images_per_second_the_trainer_sustained(tmp_
     assert training_throughput([r for r in records if r["epoch"] == 1]) is None
 
 
+@pytest.mark.parametrize("validations", [0, 1])
+def test_a_run_that_ends_before_its_first_validation_says_what_it_did_not_write(tmp_path, caplog, validations):
+    """A time limit stopped the quick start's recipe before its first validation: no model_best.pt, no curves, and
+    no word of it in the log."""
+    from ignite.engine import Engine
+
+    network = nn.Linear(4, 1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=[{"image": torch.randn(2, 4), "label": torch.randn(2, 1)}] * 3,
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.01),
+        loss_function=nn.MSELoss(),
+    )
+    validator = Engine(lambda engine, batch: [{"pred": torch.ones(1, 4, 4), "label": torch.ones(1, 4, 4)}])
+    TrainingLog(tmp_path, validator=validator).attach(trainer)
+    if validations:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda _: validator.run([[{"dataset": "d"}]]))
+    with caplog.at_level(logging.WARNING, logger="scripts.handlers.training_log"):
+        trainer.run()
+    warned = [r.getMessage() for r in caplog.records if "before its first validation" in r.getMessage()]
+    if validations:
+        assert not warned
+    else:
+        assert warned == [
+            (
+                "Training ended at epoch 2, iteration 6, before its first validation: no model_best.pt, training "
+                "curves or validation overlays were written. Give it more time (max_training_minutes) or validate "
+                "more often (val_interval)."
+            )
+        ]
+
+
 def test_stop_loader_workers_ends_the_persistent_workers_and_the_loader_still_works():
     from torch.utils.data import DataLoader
 

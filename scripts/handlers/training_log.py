@@ -192,6 +192,7 @@ class TrainingLog:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._receive_batch)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_iteration)
         engine.add_event_handler(Events.COMPLETED, self._report_throughput)
+        engine.add_event_handler(Events.COMPLETED, self._warn_without_validation)
         if self.validator is not None:
             self.validator.add_event_handler(Events.EPOCH_STARTED, self._reset_validation)
             self.validator.add_event_handler(Events.ITERATION_COMPLETED, self._collect_validation)
@@ -250,6 +251,18 @@ class TrainingLog:
             figures["images_per_second"],
             figures["epochs"],
             waiting,
+        )
+
+    def _warn_without_validation(self, engine: Engine) -> None:
+        # A time limit can end a run before its first validation: what validations write is then missing, silently.
+        if not self.write or self.validator is None or any(r["kind"] == "validation" for r in self.records):
+            return
+        logger.warning(
+            "Training ended at epoch %d, iteration %d, before its first validation: no model_best.pt, training "
+            "curves or validation overlays were written. Give it more time (max_training_minutes) or validate "
+            "more often (val_interval).",
+            engine.state.epoch,
+            engine.state.iteration,
         )
 
     def _reset_validation(self, _: Engine) -> None:
