@@ -4,7 +4,7 @@ MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator`` already take ``amp``/`
 and ``compile``/``compile_kwargs`` (``torch.compile``); channels-last and activation checkpointing are network
 arguments, and :class:`scripts.handlers.MergeAdapters` folds the adapters in for inference. This module adds TF32
 matrix products, the share of the machine's cores a process may use (DataLoader workers, metric threads), and
-the reuse of freed memory on Linux.
+the reuse of freed memory on Linux, and the one rule for the ``device`` setting (:func:`usable_device`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from typing import Any
 
 import torch
 
-__all__ = ["keep_freed_memory", "loader_workers", "set_tf32", "usable_cores"]
+from scripts.errors import ConfigError
+
+__all__ = ["keep_freed_memory", "loader_workers", "set_tf32", "usable_cores", "usable_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,44 @@ logger = logging.getLogger(__name__)
 # bundle's trainer at Hiera-large, 1024 px sustained 8.65 images per second with 8 workers and 7.75 with 2, as
 # each 1024 px sample's augmentation takes about 0.13 s of one core (docs/performance.md).
 LOADER_WORKERS = 8
+
+
+def usable_device(value: Any, setting: str = "Setting 'device'") -> torch.device:
+    """The ``torch.device`` that a ``device`` setting names, refused in one line where torch cannot use it.
+
+    The configs' default ``device`` is a ``torch.device``, but ``--device cpu`` on the command line (and
+    ``device="cpu"`` from Python, or MONAI Label's train task) gives a string: the configs read the device through
+    this function (``.type`` for AMP and pinned memory), so a name works as well as a ``torch.device``, and a GPU
+    index beyond those torch sees is refused before anything is built rather than deep inside the first ``.to()``.
+
+    Args:
+        value: a ``torch.device``, or a name torch takes (``cpu``, ``cuda``, ``cuda:1``).
+        setting: how the message names the setting.
+
+    Returns:
+        the device.
+
+    Raises:
+        ConfigError: ``value`` names no device, a device type other than CPU or CUDA, or a CUDA device torch does
+            not see.
+    """
+    expected = "'cpu', 'cuda' or 'cuda:N' (N counting the GPUs torch sees from 0)"
+    try:
+        # Names and devices only: torch.device(1) would take a bare number for a CUDA index, more likely a slip.
+        device = torch.device(value) if isinstance(value, (str, torch.device)) else None
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ConfigError(f"{setting} must be {expected}; got {value!r}.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{setting} is {str(device)!r}, but torch sees no CUDA device: use 'cpu'.")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{setting} is {str(device)!r}, but torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}."
+            )
+    return device
 
 
 def set_tf32(enabled: bool) -> None:

@@ -758,3 +758,59 @@ def test_a_photograph_gone_after_start_up_is_left_out_and_the_others_segmented(t
     assert (output / "report.html").is_file()
     used = json.loads((output / "prompts_used.json").read_text())["images"]
     assert sorted(used) == [f"{name}.png" for name in names[1:]], "no prompt is recorded for what was not segmented"
+
+
+def test_a_device_given_by_name_runs_on_the_command_line_and_from_python(tmp_path):
+    """``--device cpu`` (a string, where the configs' default is a ``torch.device``) ended in a traceback from
+    ``@device.type``: inference runs with it from the command line, and training's parts build with it from Python."""
+    model = write_model_file(tmp_path / "model.pt")
+    images, output = tmp_path / "images", tmp_path / "out"
+    photograph(images / "a.png")
+    result = run_bundle("inference", [INFER], cwd=tmp_path, ckpt_path=model, dataset_dir=images, output_dir=output,
+                        device="cpu")
+    assert result.returncode == 0, fail_message(result)
+    assert (output / "a_mask.png").is_file()
+
+    datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN, QUICKSTART], meta_file=META, logging_file=LOGGING, workflow_type="train", device="cpu",
+        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), datalist=str(datalist), **FAST,
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.device == torch.device("cpu") and trainer.amp is False
+    assert workflow.parser.get_parsed_content("validate#dataloader").pin_memory is False
+    workflow.finalize()
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("gpu", "error: Setting 'device' must be 'cpu', 'cuda' or 'cuda:N' (N counting the GPUs torch sees from 0)"),
+        ("cuda:1", "error: Setting 'device' is 'cuda:1', but torch sees no CUDA device: use 'cpu'."),
+    ],
+)
+def test_a_device_torch_cannot_use_is_refused_in_one_line(tmp_path, device, expected):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has a GPU")
+    model = write_model_file(tmp_path / "model.pt")
+    photograph(tmp_path / "images" / "a.png")
+    result = run_bundle("inference", [INFER], cwd=tmp_path, ckpt_path=model, dataset_dir=tmp_path / "images",
+                        output_dir=tmp_path / "out", device=device)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, fail_message(result)
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(expected), line
+    assert not (tmp_path / "out").exists(), "refused before the output folder is made"
+
+
+def test_a_gpu_is_picked_by_name_among_those_torch_sees(monkeypatch):
+    """On a two-GPU host ``--device cuda:1`` is the second GPU; ``cuda:2`` is refused naming the two there are."""
+    from scripts.acceleration import usable_device
+    from scripts.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda", 1)
+    assert usable_device(torch.device("cuda")) == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^Setting 'device' is 'cuda:2', but torch sees 2 CUDA device\(s\): cuda:0 to cuda:1\.$"):
+        usable_device("cuda:2")
