@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -814,3 +815,37 @@ def test_a_gpu_is_picked_by_name_among_those_torch_sees(monkeypatch):
     assert usable_device(torch.device("cuda")) == torch.device("cuda")
     with pytest.raises(ConfigError, match=r"^Setting 'device' is 'cuda:2', but torch sees 2 CUDA device\(s\): cuda:0 to cuda:1\.$"):
         usable_device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"workflow_type": "inference"}, {}, {"workflow_type": "inference", "net_override": {"channels_last": True}}],
+    ids=["inference", "default workflow type", "net_override"],
+)
+def test_monai_bundle_load_gives_the_trained_network(tmp_path, monkeypatch, arguments):
+    """``monai.bundle.load`` as docs/distribution.md shows it, on a bundle folder as downloaded (configs and a trained
+    ``models/model.pt``), from another folder: the network the file records with its weights, as
+    :func:`scripts.network.load_trained` reads them, in eval mode; no output folder, lock or error hook left."""
+    from monai.bundle import load
+
+    from scripts.network import load_trained
+
+    bundle = tmp_path / "bundles" / "sam2lora_fundus"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    model = write_model_file(bundle / "models" / "model.pt", architecture="unet", channel_names=["disc", "cup"])
+    monkeypatch.chdir(tmp_path)
+    hook = sys.excepthook
+    network = load(
+        name="sam2lora_fundus", bundle_dir=str(tmp_path / "bundles"), device="cpu",
+        workflow_name="scripts.bundle_load.TrainedNetworkWorkflow", copy_model_args={"exclude_vars": "_extra_state"},
+        **arguments,
+    )
+    expected = load_trained(model)
+    assert type(network) is type(expected) and network.settings["channel_names"] == ["disc", "cup"]
+    assert not network.training
+    state, expected_state = network.state_dict(), expected.state_dict()
+    assert set(state) == set(expected_state)
+    assert all(torch.equal(state[key], expected_state[key]) for key in state if not key.endswith("_extra_state"))
+    assert network.channels_last == ("net_override" in arguments)
+    assert sorted(path.name for path in bundle.iterdir()) == ["configs", "models"], "no output folder"
+    assert sys.excepthook is hook
