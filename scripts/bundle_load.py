@@ -5,8 +5,7 @@ whole ``initialize`` list, then copies ``models/model.pt`` into it with ``copy_m
 bundle's design stand in its way, and the second no bundle setting can change:
 
 - the ``initialize`` lists check and claim what a run needs (the image folder, the datalist, the output or
-  checkpoint folder, which they lock), install the one-line error hook and read ``sys.argv``; loading a network
-  must not need a data folder or leave a folder locked;
+  checkpoint folder, which they lock); loading a network must not need a data folder or leave a folder locked;
 - ``copy_model_state`` compares the ``.shape`` of every entry of the state dict, and ``model.pt``'s settings record
   (``_extra_state``, see :mod:`scripts.adapters`) is a dict: ``copy_model_args={"exclude_vars": "_extra_state"}``
   skips it. Nothing is lost, as the network is built from that record.
@@ -50,7 +49,7 @@ class TrainedNetworkWorkflow(ConfigWorkflow):
         super().__init__(config_file=str(configs / "inference.json"), workflow_type="infer", **override)
 
     def initialize(self) -> list[Any]:
-        """Parse the config, running none of its ``initialize`` list (no folder check or lock, no error hook).
+        """Parse the config, running none of its ``initialize`` list (no folder check or lock).
 
         Returns:
             an empty list (what the list's expressions would have returned).
