@@ -323,13 +323,8 @@ def test_verify_net_in_out(tmp_path, architecture):
     verify_net_in_out(net_id="network_def", meta_file=META, config_file=[INFER], device="cpu", ckpt_path=str(model))
 
 
-@pytest.mark.parametrize(
-    "workflow_type, configs",
-    [("train", [TRAIN, QUICKSTART]), ("infer", [INFER]), ("eval", [TRAIN, QUICKSTART, EVALUATE])],
-)
+@pytest.mark.parametrize("workflow_type, configs", [("train", [TRAIN, QUICKSTART]), ("infer", [INFER])])
 def test_config_workflow_properties(workflow_type, configs, tmp_path):
-    """MONAI's property check (MONAI Label and the model zoo use it) finds every property of each workflow: evaluation
-    takes MONAI's inference properties (``dataset``, ``evaluator``, ``inferer`` at the top level)."""
     write_model_file(tmp_path / "model.pt")
     datalist = write_dataset(tmp_path / "data", count=3, size=64)["vessels"]
     workflow = ConfigWorkflow(
