@@ -557,11 +557,19 @@ def test_a_batch_larger_than_the_training_split_is_warned_about_at_start_up(tmp_
     assert "batch_size 8 asks for 8 images per optimiser step, but the split has 4 training images" in printed
 
 
-def test_a_training_setting_its_network_refuses_creates_no_folder(tmp_path):
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"finetune": "everything"}, "everything"),
+        ({"resume": True}, "Cannot resume: "),  # until 0.3.26 both folders were made, then left empty
+    ],
+    ids=["a setting its network refuses", "resume without a checkpoint"],
+)
+def test_a_refused_training_creates_no_folder(tmp_path, settings, expected):
     datalist = write_dataset(tmp_path / "data", count=6, size=96, seed=4)["vessels"]
     error = run_in_process("training", [TRAIN, QUICKSTART], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"),
-                           output_dir=str(tmp_path / "eval"), finetune="everything", **FAST)
-    assert "finetune" in str(error) and "everything" in str(error)
+                           output_dir=str(tmp_path / "eval"), **{**FAST, **settings})
+    assert expected in str(error)
     assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
 
 

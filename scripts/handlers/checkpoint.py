@@ -63,6 +63,7 @@ __all__ = [
     "keep_another_run_s_outputs",
     "keep_earlier_run",
     "release_checkpoint_folder",
+    "require_checkpoint_to_resume",
     "resumable_state",
 ]
 
@@ -131,6 +132,28 @@ def _parse_resume(resume: bool | str) -> str:
     if text not in RESUME_CHOICES:
         raise ResumeError(f"Setting 'resume' must be one of {', '.join(RESUME_CHOICES)}; got {resume!r}.")
     return text
+
+
+def _nothing_to_resume(path: Path) -> ResumeError:
+    return ResumeError(
+        f"Cannot resume: {path} does not exist (the checkpoint folder holds no resumable run; "
+        "pass --resume auto to start afresh when there is none)."
+    )
+
+
+def require_checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool | str) -> None:
+    """Refuse ``resume`` true where ``ckpt_dir`` holds no checkpoint, at start-up, before any folder is made.
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+        resume: the run's ``resume`` setting.
+
+    Raises:
+        ResumeError: ``resume`` is not a choice, or is true and there is no checkpoint to resume.
+    """
+    path = Path(ckpt_dir) / CHECKPOINT_FILE
+    if _parse_resume(resume) == "true" and not path.is_file():
+        raise _nothing_to_resume(path)
 
 
 class TrainingCheckpoint:
@@ -312,10 +335,7 @@ class TrainingCheckpoint:
             return None
         if not exists:
             if self.resume == "true":
-                raise ResumeError(
-                    f"Cannot resume: {self.path} does not exist (the checkpoint folder holds no resumable run; "
-                    "pass --resume auto to start afresh when there is none)."
-                )
+                raise _nothing_to_resume(self.path)
             logger.info(f"No checkpoint {self.path} to resume from: starting afresh.")
             return None
         try:
