@@ -478,6 +478,18 @@ def _delivery_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "mlflow-delivery"]
 
 
+def _run_failing_in_an_iteration(workflow: ConfigWorkflow, engine_id: str) -> None:
+    """Run ``workflow`` with the engine ``engine_id`` raising after its first iteration, as a bug would."""
+
+    def stop(engine: object) -> None:
+        raise RuntimeError("stopped during an iteration")
+
+    workflow.parser.get_parsed_content(engine_id).add_event_handler(Events.ITERATION_COMPLETED, stop)
+    with pytest.raises(RuntimeError) as caught:
+        workflow.run()
+    assert "stopped during an iteration" in str(caught.value.__cause__)
+
+
 def test_a_failed_run_from_python_is_closed_as_failed_by_finalize_and_stops_its_delivery(tmp_path):
     """A service runs the workflow again and again in one process: each failed run is FAILED once finalized, not
     RUNNING until the process ends, and leaves no delivery thread behind; a finished one stays FINISHED."""
@@ -489,13 +501,7 @@ def test_a_failed_run_from_python_is_closed_as_failed_by_finalize_and_stops_its_
                              output_dir=str(output), tracking="mlflow", resume="false", **FAST)
         workflow.initialize()
         if fails:
-            def stop(engine: object) -> None:
-                raise RuntimeError("stopped during an iteration")
-
-            workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_COMPLETED, stop)
-            with pytest.raises(RuntimeError) as caught:
-                workflow.run()
-            assert "stopped during an iteration" in str(caught.value.__cause__)
+            _run_failing_in_an_iteration(workflow, "train#trainer")
         else:
             workflow.run()
         workflow.finalize()
@@ -516,14 +522,7 @@ def test_a_failed_evaluation_from_python_is_closed_as_failed_by_finalize(tmp_pat
     workflow = _workflow("evaluating", [TRAIN, QUICKSTART, EVALUATE], datalist=str(datalist),
                          ckpt_path=str(tmp_path / "model.pt"), output_dir=str(output), tracking="mlflow", **FAST)
     workflow.initialize()
-
-    def stop(engine: object) -> None:
-        raise RuntimeError("stopped during an iteration")
-
-    workflow.parser.get_parsed_content("validate#evaluator").add_event_handler(Events.ITERATION_COMPLETED, stop)
-    with pytest.raises(RuntimeError) as caught:
-        workflow.run()
-    assert "stopped during an iteration" in str(caught.value.__cause__)
+    _run_failing_in_an_iteration(workflow, "validate#evaluator")
     workflow.finalize()
     client = mlflow.MlflowClient(f"sqlite:///{output / 'mlruns.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
