@@ -5,8 +5,7 @@ users (which file, which setting, what is wrong, and the fix where there is one)
 them in one line on stderr and exit with status 1; any other exception is a bug and keeps its traceback:
 
 - the bundle's workflows (``python -m monai.bundle run ...``) install :func:`install_error_hook` first thing in
-  their ``initialize`` list, where they run from that command line (:func:`is_bundle_command_line`), not inside
-  another program's process;
+  their ``initialize`` list (a program with an error hook of its own keeps it);
 - the offline tools wrap their ``main`` in :func:`command_line`.
 """
 
@@ -211,8 +210,8 @@ def _report(kind: type[BaseException], error: BaseException, trace: TracebackTyp
 
 def is_bundle_command_line(argv: Sequence[str]) -> bool:
     """Whether ``argv`` is the command line of a process started as ``python -m monai.bundle run ... --config_file
-    ...`` (each of torchrun's workers is one), whose options are then the run's own and whose process-wide handling
-    (uncaught errors, SIGTERM) is the run's to set.
+    ...`` (each of torchrun's workers is one), whose options are then the run's own and whose SIGTERM handling is the
+    run's to set (:mod:`scripts.signals`).
 
     A program that builds the workflows in its own process (a pipeline calling MONAI's ``ConfigWorkflow``, the MONAI
     Label server) has a command line of its own, whose ``--config_file`` may be its own option: Python sets
@@ -228,16 +227,15 @@ def is_bundle_command_line(argv: Sequence[str]) -> bool:
     )
 
 
-def install_error_hook(argv: Sequence[str] | None = None) -> None:
+def install_error_hook() -> None:
     """Report uncaught :class:`FundusError`\\ s as one line on stderr (the exit status stays 1); others as usual,
     except a stop wrapped in another error (:func:`_wrapped_exit`), which ends the process with its own status.
 
-    Args:
-        argv: the command line (``sys.argv``) of a bundle workflow: the hook is installed only where it is the
-            bundle's own (:func:`is_bundle_command_line`), not in a program that runs the workflow in its process
-            and reports its errors its own way. None (a program of this project's own) installs it.
+    A program that set a hook of its own (a pipeline's crash reporter around a workflow it runs in its process)
+    keeps it: the hook replaces only Python's default, as in a bundle command line or MONAI Label's training
+    process, whose task details then end with the error's one line.
     """
-    if argv is None or is_bundle_command_line(argv):
+    if sys.excepthook in (sys.__excepthook__, _report):
         sys.excepthook = _report
 
 

@@ -310,19 +310,25 @@ def test_an_option_without_a_value_that_may_be_a_boolean_is_accepted():
 
 
 def test_a_program_running_the_workflow_in_its_process_keeps_its_command_line_and_error_report(caplog):
-    """A pipeline with its own --config_file and --overwrite options, calling ConfigWorkflow: the bundle refused
-    its options and replaced its uncaught-error report (``sys.excepthook``) for good."""
+    """A pipeline with its own --config_file and --overwrite options and crash reporter, calling ConfigWorkflow: the
+    bundle refused its options and replaced its uncaught-error report (``sys.excepthook``) for good."""
     pipeline = ["/srv/pipeline.py", "--config_file", "pipeline.yaml", "--overwrite", "false", "--output_dir", "2024"]
     assert not is_bundle_command_line(pipeline)
     with caplog.at_level(logging.WARNING, logger="scripts.inputs"):
         assert check_command_line(pipeline) == []
     assert not caplog.records
     hook = sys.excepthook
+
+    def crash_reporter(*error: object) -> None:  # the pipeline's own
+        pass
+
     try:
-        install_error_hook(pipeline)
-        assert sys.excepthook is hook
-        install_error_hook([BUNDLE_MAIN, "run", "inference", "--config_file", INFER])
-        assert sys.excepthook is not hook
+        sys.excepthook = crash_reporter
+        install_error_hook()
+        assert sys.excepthook is crash_reporter
+        sys.excepthook = sys.__excepthook__  # Python's default: a bundle command line's, MONAI Label's training's
+        install_error_hook()
+        assert sys.excepthook not in (crash_reporter, sys.__excepthook__)
     finally:
         sys.excepthook = hook
     with pytest.raises(ConfigError, match="--overwrite false"):
