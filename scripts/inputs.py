@@ -172,6 +172,10 @@ SETTING_RULES: dict[str, tuple[Any, str]] = {
         f"weights of {', '.join(LOSS_TERMS)}, each 0 or a positive number, one of the mask terms positive",
     ),
     "window_overlap": (lambda v: is_real_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "cache_rate": (
+        lambda v: is_real_number(v) and 0 <= v <= 1,
+        "a number from 0 (read every photograph from disk every epoch) to 1 (keep them all in memory)",
+    ),
     "checkpoint_interval": (
         lambda v: is_real_number(v) and v >= 0,
         "0 (epoch ends only) or a positive number of iterations",

@@ -122,6 +122,8 @@ BAD_SETTINGS = [
     ("checkpoint_interval", -1, "0 (epoch ends only) or a positive number of iterations"),
     ("max_training_minutes", -5, "positive, or none for no limit"),
     ("gradient_clip_norm", 0, "a positive number (the largest total L2 norm of the gradients)"),
+    ("cache_rate", 1.5, "a number from 0 (read every photograph from disk every epoch) to 1 (keep them all in memory)"),
+    ("cache_rate", "all", "a number from 0 (read every photograph from disk every epoch) to 1 (keep them all in memory)"),
 ]
 
 
