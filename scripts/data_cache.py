@@ -42,6 +42,24 @@ def _label_planes(entry: Mapping[str, Any]) -> int:
     return 1 if isinstance(label, (str, os.PathLike)) else len(label)
 
 
+def _entry_bytes(
+    entries: Sequence[Mapping[str, Any]], input_mode: str, image_size: int, pixel_scale: float = 1.0
+) -> list[int]:
+    """The bytes ``CacheDataset`` takes for each entry; see :func:`cached_bytes`."""
+    check_input_mode(input_mode, pixel_scale)
+    planes = [_PHOTOGRAPH_PLANES + _FOV_PLANES + _label_planes(entry) for entry in entries]
+    if input_mode == "resize":
+        return [plane * image_size * image_size for plane in planes]
+    pixels: list[float | None] = []
+    for entry in entries:
+        size = header_size(entry["image"])
+        # MONAI's Zoomd floors each side (and a scale of 1 leaves it as it is).
+        pixels.append(None if size is None else math.floor(size[0] * pixel_scale) * math.floor(size[1] * pixel_scale))
+    known = [count for count in pixels if count is not None]
+    mean = sum(known) / len(known) if known else 0
+    return [round(plane * (mean if count is None else count)) for plane, count in zip(planes, pixels)]
+
+
 def cached_bytes(
     entries: Sequence[Mapping[str, Any]], input_mode: str, image_size: int, pixel_scale: float = 1.0
 ) -> int:
@@ -57,20 +75,7 @@ def cached_bytes(
     Returns:
         the bytes; a photograph whose header cannot be read counts as the mean of the others.
     """
-    check_input_mode(input_mode, pixel_scale)
-    planes = [_PHOTOGRAPH_PLANES + _FOV_PLANES + _label_planes(entry) for entry in entries]
-    if input_mode == "resize":
-        return sum(planes) * image_size * image_size
-    pixels: list[float | None] = []
-    for entry in entries:
-        size = header_size(entry["image"])
-        # MONAI's Zoomd floors each side (and a scale of 1 leaves it as it is).
-        pixels.append(None if size is None else math.floor(size[0] * pixel_scale) * math.floor(size[1] * pixel_scale))
-    known = [count for count in pixels if count is not None]
-    if not known:
-        return 0
-    mean = sum(known) / len(known)
-    return round(sum(plane * (mean if count is None else count) for plane, count in zip(planes, pixels)))
+    return sum(_entry_bytes(entries, input_mode, image_size, pixel_scale))
 
 
 def _meminfo_available(meminfo: Path) -> int | None:
@@ -92,18 +97,32 @@ def _read_bytes(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-# Per cgroup version: the folder its memory controller is mounted at (under the cgroup root), and the files giving
-# the limit and the usage. v1 writes "no limit" as a number near 2**63.
+# Per cgroup version: the folder its memory controller is mounted at (under the cgroup root), the files giving the
+# limit and the usage, and memory.stat's key for the page cache the kernel reclaims first (counted in the usage, but
+# as free to a cache as MemAvailable counts it: a container that has read its dataset once holds much of it there).
+# v1 writes "no limit" as a number near 2**63.
 _CGROUP_MEMORY_FILES = {
-    "v2": ("", "memory.max", "memory.current"),
-    "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+    "v2": ("", "memory.max", "memory.current", "inactive_file"),
+    "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
 }
 _NO_LIMIT = 2**60
 
 
+def _reclaimable(stat: Path, key: str) -> int:
+    """memory.stat's ``key`` in bytes; 0 where it cannot be read."""
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def _cgroup_headroom(cgroup_root: Path, own_cgroup: Path) -> int | None:
     """The least room under a memory limit of this process's cgroup or of one above it (a container's limit, a
-    systemd slice's), cgroup v2 or v1; None where no limit is set.
+    systemd slice's), cgroup v2 or v1, its reclaimable page cache counted as room; None where no limit is set.
 
     A container without its own cgroup namespace lists its host's cgroup path, which its mount lacks: the walk up
     then finds the limit at the mount's root.
@@ -121,13 +140,13 @@ def _cgroup_headroom(cgroup_root: Path, own_cgroup: Path) -> int | None:
             memberships["v1"] = path
     headrooms = []
     for version, path in memberships.items():
-        mount, limit_file, usage_file = _CGROUP_MEMORY_FILES[version]
+        mount, limit_file, usage_file, reclaimable_key = _CGROUP_MEMORY_FILES[version]
         top = cgroup_root / mount
         folder = top / path.strip().lstrip("/")
         for level in [folder, *folder.parents]:
             limit, usage = _read_bytes(level / limit_file), _read_bytes(level / usage_file)
             if limit is not None and usage is not None and limit < _NO_LIMIT:
-                headrooms.append(limit - usage)
+                headrooms.append(limit - usage + _reclaimable(level / "memory.stat", reclaimable_key))
             if level == top:
                 break
     return max(0, min(headrooms)) if headrooms else None
@@ -199,26 +218,33 @@ def check_cache_fits(
     check_settings(cache_rate=cache_rate)
     if processes is None:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cached = [entries[: int(len(entries) * cache_rate)] for entries in (training, validation)]
-    needed = processes * sum(cached_bytes(entries, input_mode, image_size, pixel_scale) for entries in cached)
+    sizes = [_entry_bytes(entries, input_mode, image_size, pixel_scale) for entries in (training, validation)]
+
+    def needed_at(rate: float) -> int:
+        # CacheDataset caches the first int(len(data) * cache_rate) entries of each split.
+        return processes * sum(sum(split[: int(len(split) * rate)]) for split in sizes)
+
+    cached = [int(len(split) * cache_rate) for split in sizes]
+    needed = needed_at(cache_rate)
     if available is None:
         available = available_memory()
     whose = f" for the {processes} processes on this machine" if processes > 1 else ""
     logger.info(
-        f"Caching {len(cached[0])} training and {len(cached[1])} validation photographs in memory (cache_rate "
+        f"Caching {cached[0]} training and {cached[1]} validation photographs in memory (cache_rate "
         f"{cache_rate:g}): about {_amount(needed)}{whose}"
         + (f", of {_amount(available)} available." if available is not None else ".")
     )
     if available is not None and needed > CACHE_SHARE_OF_AVAILABLE * available:
-        every = needed / cache_rate
-        fitting = math.floor(20 * CACHE_SHARE_OF_AVAILABLE * available / every) / 20
+        room = CACHE_SHARE_OF_AVAILABLE * available
+        # The largest rate in steps of 0.05 that fits: photographs of different sizes are not cached evenly.
+        fitting = next(step / 20 for step in range(math.floor(20 * cache_rate), -1, -1) if needed_at(step / 20) <= room)
         advice = (
             f"set --cache_rate {fitting:g} (the rest is read from disk every epoch)"
             if fitting > 0
             else "set --cache_rate 0 (every photograph is read from disk every epoch)"
         )
         raise ConfigError(
-            f"Setting 'cache_rate' {cache_rate:g}: caching {len(cached[0])} training and {len(cached[1])} validation "
+            f"Setting 'cache_rate' {cache_rate:g}: caching {cached[0]} training and {cached[1]} validation "
             f"photographs{whose} takes about {_amount(needed)}, more than {CACHE_SHARE_OF_AVAILABLE:.0%} of the "
             f"{_amount(available)} of memory available: {advice}, or use a machine with more memory."
         )

@@ -358,7 +358,8 @@ class CompactCached(MapTransform):
     Float32 takes four times the memory, which pooled datasets do not have: at 1024 px a photograph with its vessel
     mask and field of view is 20 MiB in float32 and 5 MiB here, so the 800 photographs of FIVES alone would take 15.6 GiB.
     Photographs read from 8-bit files at their own size (``sliding_window`` at scale 1) are stored exactly; resized
-    ones are rounded to the nearest of 256 levels (at most 0.5/255 off, within any photograph's noise). Masks are 0/1
+    ones, 16-bit ones and transparent ones laid over black are rounded to the nearest of 256 levels (at most 0.5/255
+    off). Inference and evaluation do not cache, so they read every photograph at its full depth. Masks are 0/1
     after loading and nearest-neighbour resampling, so they are stored exactly. :class:`FloatFromCache` turns them back.
 
     Args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
+from PIL import Image
 
 from scripts import data_cache
-from scripts.data_cache import available_memory, cached_bytes, check_cache_fits
+from scripts.data_cache import CACHE_SHARE_OF_AVAILABLE, available_memory, cached_bytes, check_cache_fits
 from scripts.errors import ConfigError
 from scripts.synthetic import ensure_dataset
 from scripts.transforms import CompactCached, FloatFromCache, LoadFundusd, SamNormalized, network_size
@@ -118,6 +120,31 @@ def test_a_cache_the_machine_cannot_hold_is_refused_with_the_rate_that_fits():
         check_cache_fits(entries, entries, "resize", 1024, cache_rate=-0.1, available=needed)
 
 
+def _advice(refused: pytest.ExceptionInfo) -> float:
+    return float(re.search(r"set --cache_rate ([0-9.]+)", str(refused.value)).group(1))
+
+
+def test_the_advised_cache_rate_fits_whatever_the_photographs_sizes(tmp_path):
+    """CacheDataset caches each split's first entries: with large photographs first, half the rate is more than half
+    the memory. The advice is the largest rate, in steps of 0.05, whose cached entries fit."""
+    entries = []
+    for index, side in enumerate([512] * 10 + [64] * 10):
+        path = tmp_path / f"{index:02d}.png"
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(path)
+        entries.append({"image": str(path), "label": str(path)})
+    large = 512 * 512 * 5
+    available = round(5 * large / CACHE_SHARE_OF_AVAILABLE)  # room for 5 of the large ones
+    with pytest.raises(ConfigError) as refused:
+        check_cache_fits(entries, entries[:0], "sliding_window", 64, available=available)
+    assert _advice(refused) == 0.25  # the first 5 photographs; proportion to the bytes would have said 0.5
+    check_cache_fits(entries, entries[:0], "sliding_window", 64, cache_rate=0.25, available=available)
+    # A refused rate below 1: its entries are counted as CacheDataset counts them (int(len * rate)).
+    three = [{"image": "unused.png", "label": "unused.png"}] * 3
+    with pytest.raises(ConfigError) as refused:
+        check_cache_fits(three[:2], three[:1], "resize", 1024, cache_rate=0.7, available=5 * 2**20)
+    check_cache_fits(three[:2], three[:1], "resize", 1024, cache_rate=_advice(refused), available=5 * 2**20)
+
+
 def test_a_training_run_that_cannot_cache_its_photographs_stops_before_caching_them(tmp_path, monkeypatch):
     """The check runs in the bundle's initialize, before the datasets and the output folders."""
     datalist = ensure_dataset(tmp_path / "synthetic", count=10, size=128)["vessels"]
@@ -144,6 +171,9 @@ def test_available_memory_is_the_least_of_the_machines_and_its_cgroups(tmp_path)
     membership = tmp_path / "cgroup"
     membership.write_text("0::/slice/job\n")
     assert available_memory(meminfo, root, membership) == 5000000000
+    # Page cache the kernel reclaims first (a dataset read once in the container) is room, as MemAvailable counts it.
+    (root / "slice" / "memory.stat").write_text("anon 1000000000\nfile 2000000000\ninactive_file 1500000000\n")
+    assert available_memory(meminfo, root, membership) == 6500000000
     # cgroup v1 in a container that lists its host's path: the limit is found at the mount's root.
     root = tmp_path / "v1"
     (root / "memory").mkdir(parents=True)
@@ -151,6 +181,8 @@ def test_available_memory_is_the_least_of_the_machines_and_its_cgroups(tmp_path)
     (root / "memory" / "memory.usage_in_bytes").write_text("1500000000\n")
     membership.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
     assert available_memory(meminfo, root, membership) == 2500000000
+    (root / "memory" / "memory.stat").write_text("cache 900000000\ntotal_inactive_file 700000000\n")
+    assert available_memory(meminfo, root, membership) == 3200000000
     (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     assert available_memory(meminfo, root, membership) == 10000000 * 1024
     # This machine: some memory, no more than it has.
