@@ -69,11 +69,13 @@ from scripts.atomic import OutputError, write_text_atomic
 from scripts.masks import binarise, bounding_slices
 
 __all__ = [
+    "FORMULA_STARTS",
     "FOV_SOURCES",
     "METRICS",
     "METRIC_UNITS",
     "REGIONS",
     "ReportWriteError",
+    "csv_text",
     "empty_fov_problem",
     "entry_fov_source",
     "evaluate_case",
@@ -565,13 +567,38 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
-    """Rows as CSV text, NaN written as ``nan``."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""The first characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a text cell as a formula."""
+
+
+def csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as CSV text, NaN written as ``nan``, text that a spreadsheet would run as a formula kept as text.
+
+    Image and dataset names come from users' folders: a photograph named ``=HYPERLINK(...).png`` or ``@SUM(A1).png``
+    would otherwise run as a formula when the report is opened in a spreadsheet (CSV injection). Such text cells get a
+    leading apostrophe, as OWASP advises, which spreadsheets show as text; numbers, negative ones included, are
+    written as they are.
+
+    Args:
+        rows: the rows, the header included.
+
+    Returns:
+        The CSV text, one ``\\n``-terminated line per row.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     for row in rows:
-        writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in row])
+        writer.writerow([_csv_cell(value) for value in row])
     return buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """One cell of :func:`csv_text`."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def report_names(prefix: str = "metrics") -> dict[str, str]:
@@ -629,9 +656,9 @@ def write_reports(
     document = {"summary": summary, "units": METRIC_UNITS, "metadata": dict(metadata or {})}
     paths = {key: folder / name for key, name in report_names(prefix).items()}
     texts = {
-        "per_image_csv": _csv_text(per_image),
+        "per_image_csv": csv_text(per_image),
         "summary_json": json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n",
-        "summary_csv": _csv_text(summary_rows),
+        "summary_csv": csv_text(summary_rows),
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)

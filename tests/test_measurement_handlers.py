@@ -332,6 +332,16 @@ def test_inference_report_adds_each_batch_to_the_csv_and_rewrites_it_only_when_t
     assert [row["disc_area_mm2"] for row in table] == ["", "", "", "1.5", "", ""]
 
 
+def test_measurement_tables_keep_names_a_spreadsheet_would_run_as_formulas_as_text(tmp_path):
+    """measurements.csv, appended batch by batch, neutralises formula-like names as the evaluation reports do."""
+    names = ["=cmd.png", "@A1.png", "eye.png"]
+    records = [inference_record(tmp_path, name, 0.7, 20 + index) for index, name in enumerate(names)]
+    engine = Engine(lambda engine, batch: [{"pred_record": record} for record in batch])
+    InferenceReport(tmp_path, ["disc", "cup"]).attach(engine)
+    engine.run([[record] for record in records], max_epochs=1)
+    assert [row["image"] for row in read_csv(tmp_path / InferenceReport.CSV_NAME)] == ["'=cmd.png", "'@A1.png", "eye.png"]
+
+
 @pytest.mark.parametrize("change", ["removed", "cut", "replaced", "edited"])
 def test_inference_report_writes_the_csv_whole_again_when_someone_else_changed_it(tmp_path, change):
     """Rows are added to the file only while it is as the run left it; appended to a file cut short, replaced or

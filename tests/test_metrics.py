@@ -367,6 +367,27 @@ def test_write_reports(tmp_path):
     assert sorted(p.name for p in paths["summary_json"].parent.iterdir()) == sorted(p.name for p in paths.values())
 
 
+def test_reports_keep_names_a_spreadsheet_would_run_as_formulas_as_text(tmp_path):
+    """CSV injection: a cell starting with = + - @ (or a tab) runs as a formula when the report is opened in a
+    spreadsheet. Names from users' folders get OWASP's leading apostrophe; numbers, negative ones too, stay numbers."""
+    names = ['=HYPERLINK("http://example.org/x","open").png', "@SUM(A1).png", "+1.png", "-left.png", "\tx.png", "eye=1.png"]
+    records = [
+        {"filename": name, "dataset": "=1+1", "fov_source": "given", "vessels/fov/mcc": -0.25, "vessels/fov/dice": 0.5}
+        for name in names
+    ]
+    paths = write_reports(records, summarise(records), tmp_path)
+    with open(paths["per_image_csv"], newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    kept = [name if name[0] not in "=+-@\t" else "'" + name for name in names]
+    assert [row["filename"] for row in rows] == kept and kept[-1] == "eye=1.png"
+    assert {row["dataset"] for row in rows} == {"'=1+1"}
+    assert [float(row["vessels/fov/mcc"]) for row in rows] == [-0.25] * len(names)
+    with open(paths["summary_csv"], newline="") as stream:
+        summary_rows = list(csv.DictReader(stream))
+    assert {row["dataset"] for row in summary_rows} == {"'=1+1", "all"}
+    assert {float(row["mean"]) for row in summary_rows if row["metric"] == "mcc"} == {-0.25}
+
+
 def test_write_reports_nan_becomes_json_null(tmp_path):
     records = [{"filename": "a", "dataset": "x", "vessels/image/hd95": math.nan}]
     paths = write_reports(records, summarise(records), tmp_path)

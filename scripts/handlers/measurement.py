@@ -8,8 +8,6 @@ photograph: an estimated field of view covering less than ``FOV_RANGE[0]`` of it
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -36,7 +34,7 @@ from scripts.measurements import (
     structure_of,
     warn_about_unmeasured_channels,
 )
-from scripts.metrics import UNKNOWN_DATASET, json_safe
+from scripts.metrics import UNKNOWN_DATASET, csv_text, json_safe
 from scripts.plots import plot_bland_altman
 from scripts.report import ReportColumn, write_html_report
 
@@ -85,12 +83,8 @@ def _unit(column: str) -> str:
 
 
 def _csv_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """The CSV lines of ``rows`` under ``columns`` (a missing value empty, NaN as ``nan``), without the header."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for row in rows:
-        writer.writerow(["nan" if isinstance(v, float) and math.isnan(v) else v for v in (row.get(c, "") for c in columns)])
-    return buffer.getvalue()
+    """The CSV lines of ``rows`` under ``columns`` (a missing value empty), without the header: see :func:`csv_text`."""
+    return csv_text([[row.get(column, "") for column in columns] for row in rows])
 
 
 def _agreement_phrase(measure: str, agreement: Mapping[str, Any]) -> str:
@@ -105,11 +99,8 @@ def _agreement_phrase(measure: str, agreement: Mapping[str, Any]) -> str:
 
 def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A whole CSV: the header, each column with its unit (``disc_area_px [px²]``), then :func:`_csv_rows`."""
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        [f"{column} [{_unit(column)}]" if _unit(column) else column for column in columns]
-    )
-    return buffer.getvalue() + _csv_rows(rows, columns)
+    header = [f"{column} [{_unit(column)}]" if _unit(column) else column for column in columns]
+    return csv_text([header]) + _csv_rows(rows, columns)
 
 
 class InferenceReport:
@@ -412,9 +403,7 @@ class MeasurementAgreement:
                 [dataset, m, _unit(m), *(result[m][key] for key in ("mae", "pearson_r", "n", "undefined_in_prediction"))]
                 for m in self._measures()
             ]
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(summary)
-        write_text_atomic(self.output_dir / "measurement_agreement.csv", buffer.getvalue())
+        write_text_atomic(self.output_dir / "measurement_agreement.csv", csv_text(summary))
         segmented = {structure_of(name) for name in self.channel_names}
         structures = [structure for structure in BLAND_ALTMAN if structure in segmented]
         for measure in (m for structure in structures for m in BLAND_ALTMAN[structure]):
