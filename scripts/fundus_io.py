@@ -12,12 +12,14 @@ Every failure is reported as :class:`FundusImageError` naming the file and the p
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,19 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
+@contextlib.contextmanager
+def _header(path: Path) -> Iterator[Image.Image]:
+    """``path`` opened by PIL for its header: its pixels are not decoded, and a ``.gz`` is decompressed only as far
+    as PIL reads (decompressing a whole photograph to read its size took as long as reading it).
+
+    Raises:
+        what :data:`_UNREADABLE` lists, where the file cannot be opened or is not a picture.
+    """
+    compressed = path.suffix.lower() == ".gz"
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as stream, Image.open(stream) as opened:
+        yield opened
+
+
 GRAYSCALE_MODES = ("1", "L", "LA", *_SIXTEEN_BIT_MODES)
 """PIL modes of a picture with one gray channel (a red-free fundus photograph), which :func:`read_image` copies into
 all three channels."""
@@ -181,10 +196,8 @@ all three channels."""
 def is_grayscale(path: str | os.PathLike) -> bool:
     """Whether a picture's header says it has one gray channel (:data:`GRAYSCALE_MODES`), without decoding it;
     False where it cannot be opened (:func:`read_image` says why when it is read)."""
-    path = Path(path)
     try:
-        source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
-        with Image.open(source) as opened:
+        with _header(Path(path)) as opened:
             return opened.mode in GRAYSCALE_MODES
     except _UNREADABLE:
         return False
@@ -193,10 +206,8 @@ def is_grayscale(path: str | os.PathLike) -> bool:
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """The ``(width, height)`` a picture's header gives, without decoding its pixels; None where it cannot be opened
     (:func:`read_image` then says why, when the picture is read)."""
-    path = Path(path)
     try:
-        source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix.lower() == ".gz" else path
-        with Image.open(source) as opened:
+        with _header(Path(path)) as opened:
             width, height = opened.size
             # EXIF orientations 5 to 8 turn the picture a quarter: it is read upright (_open_decoded). PIL's TIFF
             # reader gives the turned size already (the size its tags store, swapped).
