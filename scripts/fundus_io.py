@@ -225,9 +225,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     Transparent pixels are laid over black, as the dark border around a fundus photograph's field of view (a
     photograph cut out with transparency often keeps white or any colour under it, which would otherwise read as
-    retina), unless the alpha channel hides every pixel (then it is ignored as meaningless); palette images are expanded through their palette, grayscale is replicated to three channels, and 8-
-    or 16-bit samples are scaled by the maximum of their bit depth (not by the image's own maximum, so that
-    intensities stay comparable between images).
+    retina), unless the alpha channel hides every pixel (then it is ignored as meaningless); palette images are
+    expanded through their palette, grayscale is replicated to three channels, and 8- or 16-bit samples are scaled
+    by the maximum of their bit depth (not by the image's own maximum, so that intensities stay comparable between
+    images).
 
     Args:
         path: image file (tif, tiff, gif, jpg, jpeg, png, ppm, pgm, pnm, bmp; any letter case; optionally ``.gz``).
