@@ -17,7 +17,7 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from scripts.errors import ConfigError
 from scripts.fundus_io import FundusImageError, read_label_mask, write_png
 from tools.prepare import prepare_dataset
-from tools.score import main, read_probability_map, score_predictions
+from tools.score import main, read_prediction, score_predictions
 
 
 def _case(folder: Path, name: str, seed: int, size: int = 96) -> dict[str, str]:
@@ -61,7 +61,7 @@ def test_scores_probability_maps_as_scikit_learn_does(datalist: Path, tmp_path: 
         label = read_label_mask(tmp_path / f"{name}_label.png")
         fov = read_label_mask(tmp_path / f"{name}_fov.png")
         write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, seed))  # run inference's name
-        stored = read_probability_map(predictions / f"{name}_image_prob.png")  # 8-bit, as scored
+        stored, _ = read_prediction(predictions / f"{name}_image_prob.png", "probabilities")  # 8-bit, as scored
         expected[f"{name}_image.png"] = {
             "vessels/fov/dice": f1_score(label[fov], stored[fov] >= 0.5),
             "vessels/fov/auc": roc_auc_score(label[fov], stored[fov]),
@@ -87,42 +87,92 @@ def test_float_tiff_and_16_bit_probabilities_are_read_at_their_precision(tmp_pat
     probabilities = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
     Image.fromarray(probabilities, mode="F").save(tmp_path / "float.tif")
     Image.fromarray(np.round(probabilities * 65535).astype(np.uint16)).save(tmp_path / "sixteen.png")
-    np.testing.assert_array_equal(read_probability_map(tmp_path / "float.tif"), probabilities)
-    np.testing.assert_allclose(read_probability_map(tmp_path / "sixteen.png"), probabilities, atol=0.5 / 65535)
+    for read_as in ("auto", "probabilities"):
+        np.testing.assert_array_equal(read_prediction(tmp_path / "float.tif", read_as)[0], probabilities)
+        read, kind = read_prediction(tmp_path / "sixteen.png", read_as)
+        np.testing.assert_allclose(read, probabilities, atol=0.5 / 65535)
+        assert kind == "probabilities"
+    faint = np.where(probabilities < 0.5, 0, 1 / 255).astype(np.float32)  # a float file means what it holds
+    Image.fromarray(faint, mode="F").save(tmp_path / "faint.tif")
+    assert read_prediction(tmp_path / "faint.tif", "auto") == (pytest.approx(faint), "probabilities")
 
     Image.fromarray(probabilities * 255, mode="F").save(tmp_path / "logits.tif")
     with pytest.raises(FundusImageError, match=r"logits.tif holds floating-point values from 0 to 255"):
-        read_probability_map(tmp_path / "logits.tif")
+        read_prediction(tmp_path / "logits.tif")
     overlay = np.zeros((48, 64, 3))
     overlay[..., 1] = probabilities
     write_png(tmp_path / "overlay.png", overlay)
     with pytest.raises(FundusImageError, match=r"overlay.png is a colour picture"):
-        read_probability_map(tmp_path / "overlay.png")
+        read_prediction(tmp_path / "overlay.png")
 
 
 def test_a_mask_saved_as_0_and_1_is_read_as_a_mask_in_8_and_16_bits(tmp_path: Path):
-    """Many methods save masks as 0/1; read as probabilities of at most 1/255 they scored Dice 0."""
+    """Many methods save masks as 0/1; read as probabilities of at most 1/255 they scored Dice 0. A 0/1 mask that is
+    foreground everywhere holds the one value 1: it was read as probabilities of 1/255, an empty prediction."""
     mask = np.random.default_rng(0).random((48, 64)) > 0.7
-    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "zero_one.png")
-    Image.fromarray(mask.astype(np.uint16)).save(tmp_path / "zero_one_16.png")
+    everywhere = np.ones((48, 64), bool)
+    for name, values in {"zero_one.png": mask.astype(np.uint8), "zero_one_16.png": mask.astype(np.uint16),
+                         "ones.png": everywhere.astype(np.uint8), "ones_16.png": everywhere.astype(np.uint16)}.items():
+        Image.fromarray(values).save(tmp_path / name)
+        read, kind = read_prediction(tmp_path / name, "auto")
+        np.testing.assert_array_equal(read, values.astype(np.float32), err_msg=name)
+        assert kind == "0/1 mask", name
+        assert read_prediction(tmp_path / name, "masks") == (pytest.approx(values.astype(np.float32)), "masks")
+        assert read_prediction(tmp_path / name, "probabilities")[0].max() <= 1 / 255 + 1e-9, name
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "zero_255.png")
-    for name in ("zero_one.png", "zero_one_16.png", "zero_255.png"):
-        np.testing.assert_array_equal(read_probability_map(tmp_path / name), mask.astype(np.float32), err_msg=name)
+    for read_as in ("auto", "probabilities", "masks"):
+        np.testing.assert_array_equal(read_prediction(tmp_path / "zero_255.png", read_as)[0], mask.astype(np.float32))
     faint = (mask * 2).astype(np.uint8)  # 0 and 2/255: probabilities, all below any threshold
     Image.fromarray(faint).save(tmp_path / "faint.png")
-    assert read_probability_map(tmp_path / "faint.png").max() == pytest.approx(2 / 255)
+    assert read_prediction(tmp_path / "faint.png", "auto")[0].max() == pytest.approx(2 / 255)
+    assert read_prediction(tmp_path / "faint.png", "masks")[0].max() == 1
 
 
-def test_8_bit_levels_saved_in_16_bits_are_read_as_8_bit_levels(tmp_path: Path, caplog):
+def test_8_bit_levels_saved_in_16_bits_are_read_as_8_bit_levels(tmp_path: Path):
     """As probabilities of at most 255 / 65535 they would all fall below the threshold: Dice 0, no word."""
     levels = np.random.default_rng(1).integers(0, 256, (48, 64))
     Image.fromarray(levels.astype(np.uint16)).save(tmp_path / "levels_16.png")
     Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "levels_8.png")
-    with caplog.at_level("WARNING", logger="tools.score"):
-        read = read_probability_map(tmp_path / "levels_16.png")
+    read, kind = read_prediction(tmp_path / "levels_16.png", "auto")
     np.testing.assert_allclose(read, levels / 255, atol=1e-6)
-    np.testing.assert_allclose(read, read_probability_map(tmp_path / "levels_8.png"), atol=1e-6)
-    assert "levels_16.png is a 16-bit picture holding values up to 255 only" in caplog.text
+    np.testing.assert_allclose(read, read_prediction(tmp_path / "levels_8.png", "auto")[0], atol=1e-6)
+    assert kind == "8-bit levels in 16 bits"
+    np.testing.assert_allclose(read_prediction(tmp_path / "levels_16.png", "probabilities")[0], levels / 65535, atol=1e-7)
+
+
+def test_run_inference_s_own_files_are_read_as_probabilities_whatever_they_hold(datalist: Path, tmp_path: Path, caplog):
+    """A network that found nothing writes probabilities of 0.002-0.006 as the 8-bit levels 0 and 1: read as a 0/1
+    mask, nearly the whole field of view was scored as foreground (FOV Dice 0.23 on DRIVE where the bundle's own mask
+    is empty). The bundle's own files are read as probabilities; with --pattern, --read-as auto reads them as masks,
+    in a warning that names --read-as probabilities, which scores them as what they are."""
+    predictions = tmp_path / "predictions"
+    labels = {}
+    for seed, name in enumerate(("case1", "case2")):
+        labels[name] = read_label_mask(tmp_path / f"{name}_label.png")
+        nothing = np.random.default_rng(seed).uniform(0.0005, 0.005, labels[name].shape)
+        write_png(predictions / f"{name}_image_prob.png", nothing)  # as the bundle's writer stores them
+        assert set(np.unique(np.round(nothing * 255))) == {0, 1}
+
+    own = score_predictions(datalist, predictions, tmp_path / "own")
+    with caplog.at_level(logging.INFO, logger="tools.score"):
+        guessed = score_predictions(datalist, predictions, tmp_path / "guessed", pattern="{stem}_prob.png")
+    told = score_predictions(datalist, predictions, tmp_path / "told", pattern="{stem}_prob.png", read_as="probabilities")
+
+    empty = {"vessels/fov/dice": 0.0, "vessels/fov/sensitivity": 0.0, "vessels/fov/specificity": 1.0}
+    for result in (own, told):
+        assert {key: result["summary"]["all"]["metrics"][key]["mean"] for key in empty} == empty
+    assert (own["metadata"]["read_as"], guessed["metadata"]["read_as"], told["metadata"]["read_as"]) == (
+        "probabilities", "auto", "probabilities")
+    rows = _per_image(tmp_path / "guessed")
+    for name, label in labels.items():
+        fov = read_label_mask(tmp_path / f"{name}_fov.png")
+        everything = f1_score(label[fov], np.ones(fov.sum(), bool))  # what marking every pixel scores
+        assert float(rows[f"{name}_image.png"]["vessels/fov/dice"]) < everything + 1e-9
+        assert float(rows[f"{name}_image.png"]["vessels/fov/sensitivity"]) > 0.5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "2 of 2 predictions hold only the values 0 and 1: read as 0/1 masks; --read-as probabilities reads them" in (
+        " ".join(warnings))
+    assert any(r.getMessage().endswith("case1_image_prob.png read as 0/1 mask (--read-as auto)") for r in caplog.records)
 
 
 def test_bad_predictions_are_named_and_left_out_and_the_others_scored(datalist: Path, tmp_path: Path, caplog, capsys):
@@ -256,10 +306,10 @@ def test_channel_names_the_bundle_refuses_are_refused_before_any_prediction_is_r
         label = read_label_mask(tmp_path / f"{name}_label.png")
         write_png(predictions / f"{name}_image_prob.png", _noisy_probabilities(label, 0))
 
-    def read(path: Path) -> None:
+    def read(path: Path, read_as: str) -> None:
         pytest.fail(f"{path} was read before the channel names were checked")  # not an Exception: not caught by main
 
-    monkeypatch.setattr("tools.score.read_probability_map", read)
+    monkeypatch.setattr("tools.score.read_prediction", read)
 
     status = main(["--datalist", str(datalist), "--predictions", str(predictions), "--output", str(tmp_path / "scores"),
                    "--channels", *channels])

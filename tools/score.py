@@ -11,10 +11,12 @@ published method's probability maps and the bundle's model are compared by one p
 Predictions are found by name: ``--pattern`` with ``{stem}`` (the photograph's file name without its suffix) and,
 for several channels, ``{channel}``. By default the names ``run inference`` writes: ``<stem>_prob.png``, or
 ``<stem>_prob_<channel>.png`` for several channels. A prediction is a grayscale picture (8-bit 0-255 or 16-bit
-0-65535, read as probabilities from 0 to 1; a 16-bit one holding values up to 255 only is read as 8-bit levels, with a
-warning) or a floating-point TIFF holding probabilities from 0 to 1; a binary
-mask is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
-(logged). A prediction that is missing, unreadable, in colour or of another size than its photograph, or whose
+0-65535, read as probabilities from 0 to 1) or a floating-point TIFF holding probabilities from 0 to 1; a binary mask
+is scored too (0/255, or 0/1 as many methods save them), its AUC then being that of its single operating point
+(logged). ``--read-as`` says how the pictures' values are read (:data:`READ_AS`): run inference's own files are
+probabilities; other methods' files (``--pattern``) are by default read as probabilities too, except a file holding
+only 0 and 1 (a 0/1 mask) and a 16-bit file holding values up to 255 only (8-bit levels), both said in a warning with
+the option that reads them otherwise. A prediction that is missing, unreadable, in colour or of another size than its photograph, or whose
 field-of-view mask is empty, is named in one line and left out; so are the photographs that would share one
 prediction file (two datasets' ``0001.png`` in a pooled split, or ``eye.png`` beside ``eye.jpg``), none of which could be
 told apart. The others are scored and the command exits with status 1, so that a partial comparison is not taken for a
@@ -24,7 +26,8 @@ before the new ones are written, as ``run evaluating`` moves them.
 Command line::
 
     python -m tools.score --datalist datalists/drive.json --predictions results/other_method \\
-        --output eval/other_method [--split test] [--channels vessels] [--pattern "{stem}.png"]
+        --output eval/other_method [--split test] [--channels vessels] [--pattern "{stem}.png"] \\
+        [--read-as auto|probabilities|masks]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from string import Formatter
@@ -60,12 +64,33 @@ from scripts.metrics import (
 from scripts.writers import output_names, output_stem
 from tools import path_argument
 
-__all__ = ["DEFAULT_THRESHOLD", "check_pattern", "prediction_paths", "read_probability_map", "score_predictions"]
+__all__ = ["DEFAULT_THRESHOLD", "READ_AS", "check_pattern", "prediction_paths", "read_prediction", "score_predictions"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 """Foreground from this probability, as the bundle's evaluation and the field's published figures take it."""
+
+READ_AS = {
+    "probabilities": "every value a probability, scaled by the picture's bit depth (run inference's own files)",
+    "masks": "every value above 0 foreground (binary masks saved with any foreground value)",
+    "auto": "probabilities, but a file holding only 0 and 1 as a 0/1 mask and a 16-bit file holding values up to 255 "
+    "only as 8-bit levels, each said in a warning",
+}
+"""How ``--read-as`` reads a prediction's values. Nothing in a file tells a 0/1 mask from probabilities of at most
+1/255 (a network that found nothing), nor 8-bit levels saved in 16 bits from faint 16-bit probabilities: ``auto``
+takes the likelier reading for other methods' files, and run inference's own files, written by the bundle as 8-bit
+probabilities, are never read otherwise."""
+
+# What ``auto`` reads a picture as when not as probabilities, and what the run's warning says of such files.
+_ZERO_ONE = "0/1 mask"
+_SIXTEEN_BIT_LEVELS = "8-bit levels in 16 bits"
+_AUTO_WARNINGS = {
+    _ZERO_ONE: "hold only the values 0 and 1: read as 0/1 masks; --read-as probabilities reads them as probabilities "
+    "of at most 1/255 (a network that found nothing)",
+    _SIXTEEN_BIT_LEVELS: "are 16-bit pictures holding values up to 255 only: read as 8-bit levels (0-255); --read-as "
+    "probabilities reads them as probabilities of at most 255/65535",
+}
 
 def prediction_paths(image: str | Path, folder: Path, channel_names: Sequence[str], pattern: str | None) -> list[Path]:
     """The prediction files of one photograph, one per channel.
@@ -126,20 +151,42 @@ def check_pattern(pattern: str | None, channel_names: Sequence[str]) -> None:
         )
 
 
-def read_probability_map(path: str | Path) -> np.ndarray:
-    """One channel's probabilities from a prediction file.
+def read_prediction(path: str | Path, read_as: str = "auto") -> tuple[np.ndarray, str]:
+    """One channel's probabilities from a prediction file, and what its values were read as.
 
     Args:
-        path: a grayscale picture (8 or 16 bits, scaled by its bit depth; a 16-bit one holding values up to 255
-            only is read as 8-bit levels) or a floating-point TIFF in ``[0, 1]``.
+        path: a grayscale picture (8 or 16 bits) or a floating-point TIFF in ``[0, 1]``.
+        read_as: a key of :data:`READ_AS`.
 
     Returns:
-        ``(H, W)`` float32 in ``[0, 1]``.
+        ``(H, W)`` float32 in ``[0, 1]``, and ``"probabilities"``, ``"masks"``, or what ``auto`` read the file as
+        otherwise (``"0/1 mask"``, ``"8-bit levels in 16 bits"``).
 
     Raises:
         FundusImageError: the file is missing or unreadable, in colour, or holds floats outside ``[0, 1]``.
+        ValueError: ``read_as`` is not a key of :data:`READ_AS`.
     """
-    path = Path(path)
+    if read_as not in READ_AS:
+        raise ValueError(f"read_as {read_as!r} is none of {', '.join(READ_AS)}")
+    gray, floating = _gray_values(Path(path))
+    if read_as == "masks":
+        return (gray > 0).astype(np.float32), read_as
+    # A floating-point file's values are what they say: only a picture's levels can be another kind of value.
+    if read_as == "auto" and not floating and gray.max() > 0:
+        # Levels 0 and 1 are read as 1/255 in 8 bits, 1/65535 in 16: a file holding no other level is a 0/1 mask,
+        # also where its foreground is everywhere.
+        above_zero = np.unique(gray[gray > 0])
+        if len(above_zero) == 1 and any(abs(above_zero[0] * depth - 1) < 1e-3 for depth in (255, 65535)):
+            return (gray > 0).astype(np.float32), _ZERO_ONE
+        # Only a 16-bit file can stay at or below 255 / 65535 without being 0 and 1 only.
+        if gray.max() <= 255 / 65535 + 1e-9:
+            return np.minimum(gray * np.float32(65535 / 255), 1).astype(np.float32), _SIXTEEN_BIT_LEVELS
+    return gray, "probabilities"
+
+
+def _gray_values(path: Path) -> tuple[np.ndarray, bool]:
+    """The file's values as ``(H, W)`` float32 in ``[0, 1]``, and whether the file holds floats: a float TIFF's as
+    they are, a picture's scaled by its bit depth; see :func:`read_prediction`."""
     if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
         try:
             with Image.open(path) as opened:
@@ -152,26 +199,14 @@ def read_probability_map(path: str | Path) -> np.ndarray:
                     f"prediction {path} holds floating-point values from {np.nanmin(floating):g} to "
                     f"{np.nanmax(floating):g} (or non-finite ones): probabilities from 0 to 1 are expected"
                 )
-            return floating
+            return floating, True
     picture = read_image(path)
     # A colour picture is refused, a faintly tinted gray one read, as masks are.
     if round(float(np.ptp(picture, axis=-1).max()) * 255) > GRAY_TINT_TOLERANCE:
         raise FundusImageError(
             f"prediction {path} is a colour picture: a grayscale probability map or mask is expected (an overlay?)"
         )
-    gray = np.ascontiguousarray(picture.mean(axis=-1))
-    # A mask saved as 0 and 1 (as many methods write them, and as labels are read) is a mask, not probabilities of
-    # at most 1/255, which would score Dice 0.
-    if 0 < gray.max() <= 1 / 255 + 1e-9 and len(np.unique(gray)) == 2:
-        logger.info("%s holds 0 and 1 only: read as a mask", path)
-        return (gray > 0).astype(np.float32)
-    # Only a 16-bit file can stay at or below 255 / 65535 without being 0 (an 8-bit one's first level is 1 / 255):
-    # 8-bit levels saved in 16 bits, as the readers of masks take them too. As probabilities of at most 1/257 they
-    # would all fall below any threshold (Dice 0).
-    if 0 < gray.max() <= 255 / 65535 + 1e-9:
-        logger.warning("%s is a 16-bit picture holding values up to 255 only: read as 8-bit levels (0-255)", path)
-        return np.minimum(gray * np.float32(65535 / 255), 1).astype(np.float32)
-    return gray
+    return np.ascontiguousarray(picture.mean(axis=-1)), False
 
 
 def _namesake_hint(missing: Path) -> str:
@@ -262,16 +297,21 @@ def _score_entry(
     threshold: float,
     topology: bool,
     agreement: MeasurementAgreement,
-) -> tuple[dict[str, Any], bool]:
-    """The entry's metrics record, and whether its prediction is binary (every channel holds two values at most);
-    its structures are measured on the prediction and the reference into ``agreement``."""
+    read_as: str,
+) -> tuple[dict[str, Any], bool, set[str]]:
+    """The entry's metrics record, whether its prediction is binary (every channel holds two values at most), and
+    what :func:`read_prediction` read its files as; its structures are measured on the prediction and the reference
+    into ``agreement``."""
     label, fov = _reference(entry)
     height, width = label.shape[1:]  # the photograph's: load_split refuses masks of another size than their image
-    maps = []
+    maps, read = [], set()
     # Each channel's file against the photograph, so that the message names the one of another size (stacked
     # unchecked, channels of different sizes stopped the run with numpy's error).
     for path in paths:
-        probability = read_probability_map(path)
+        probability, kind = read_prediction(path, read_as)
+        read.add(kind)
+        if kind in _AUTO_WARNINGS:
+            logger.info("%s read as %s (--read-as auto)", path, kind)
         if probability.shape != (height, width):
             raise FundusImageError(
                 f"prediction {path} is {probability.shape[1]}x{probability.shape[0]} but photograph "
@@ -283,7 +323,7 @@ def _score_entry(
     record = {"filename": str(entry["image"]), "dataset": str(entry.get("dataset", "unknown"))}
     agreement.add(Path(entry["image"]).name, record["dataset"], binarise(probabilities, threshold), label, fov)
     binary = all(len(np.unique(channel)) <= 2 for channel in probabilities)
-    return {**record, "fov_source": entry_fov_source(entry), **metrics}, binary
+    return {**record, "fov_source": entry_fov_source(entry), **metrics}, binary, read
 
 
 def score_predictions(
@@ -294,6 +334,7 @@ def score_predictions(
     channel_names: Sequence[str] = ("vessels",),
     pattern: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    read_as: str | None = None,
 ) -> dict[str, Any]:
     """Score every prediction of a split and write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``.csv``,
     and the measurements' agreement with the references (``measurements_per_image.csv``, ``measurement_agreement.*``,
@@ -307,6 +348,9 @@ def score_predictions(
         channel_names: one name per label mask, e.g. ``["vessels"]`` or ``["disc", "cup"]``.
         pattern: prediction file names (:func:`prediction_paths`); None for ``run inference``'s.
         threshold: probability from which a pixel is foreground.
+        read_as: how the files' values are read, a key of :data:`READ_AS`; None: ``probabilities`` for run
+            inference's own files (``pattern`` None), which the bundle writes as 8-bit probabilities, ``auto`` for
+            other methods' (:func:`read_prediction`).
 
     Returns:
         ``{"summary", "metadata", "paths", "left_out", "earlier_reports"}``: what was written, the predictions that
@@ -323,6 +367,9 @@ def score_predictions(
         raise ConfigError(f"--predictions {folder} is not a folder")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold {threshold:g} is outside (0, 1)")
+    read_as = read_as or ("auto" if pattern else "probabilities")
+    if read_as not in READ_AS:
+        raise ConfigError(f"--read-as {read_as!r} is none of {', '.join(READ_AS)}")
     # The bundle's own rule for channel_names: a name with '/' (or an empty one) passed a looser check here and
     # stopped the run with evaluate_case's ValueError after every prediction had been read.
     valid, expected = SETTING_RULES["channel_names"]
@@ -332,7 +379,7 @@ def score_predictions(
     check_pattern(pattern, channel_names)
     entries = load_split(datalist, split, channels=channel_names)
     topology = [structure_of(name) for name in channel_names] == ["vessels"]
-    records, left_out, binary = [], {}, 0
+    records, left_out, binary, guessed = [], {}, 0, Counter()
     agreement = MeasurementAgreement(output_dir, channel_names, threshold=threshold)
     planned = [prediction_paths(entry["image"], folder, channel_names, pattern) for entry in entries]
     shared = _shared_predictions(entries, planned)
@@ -349,18 +396,21 @@ def score_predictions(
             logger.error("%s: %s; left out", missing[0], left_out[str(missing[0])])
             continue
         try:
-            record, is_binary = _score_entry(entry, paths, channel_names, threshold, topology, agreement)
+            record, is_binary, read = _score_entry(entry, paths, channel_names, threshold, topology, agreement, read_as)
         except FundusError as error:
             left_out[str(paths[0])] = str(error)
             logger.error("%s; left out", error)
             continue
         records.append(record)
         binary += is_binary
+        guessed.update(read & _AUTO_WARNINGS.keys())
     if not records:
         raise ConfigError(
             f"no prediction in {folder} could be scored against the {len(entries)} images of split '{split}' "
             f"(e.g. {next(iter(left_out))}: {next(iter(left_out.values()))}); --pattern names the files"
         )
+    for kind, count in guessed.items():
+        logger.warning("%d of %d predictions %s (--read-as auto; each named above)", count, len(records), _AUTO_WARNINGS[kind])
     if binary:
         logger.warning(
             "%d of %d predictions are binary masks: their AUC is that of one operating point, below what their "
@@ -376,6 +426,7 @@ def score_predictions(
         "evaluated_split": split,
         "channel_names": list(channel_names),
         "threshold": threshold,
+        "read_as": read_as,
         "scored": len(records),
         "left_out": left_out,
     }
@@ -407,6 +458,13 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", nargs="+", default=["vessels"], help="one name per label mask (default: vessels)")
     parser.add_argument("--pattern", help="prediction file name with {stem} (and {channel}); default: inference's")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="foreground from (default 0.5)")
+    parser.add_argument(
+        "--read-as",
+        choices=list(READ_AS),
+        help="how the files' values are read: "
+        + "; ".join(f"{key}: {meaning}" for key, meaning in READ_AS.items())
+        + " (default: probabilities for run inference's own files, auto with --pattern)",
+    )
     return parser.parse_args(argv)
 
 
@@ -431,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments.channels,
         arguments.pattern,
         arguments.threshold,
+        arguments.read_as,
     )
     logger.info("reports: %s", ", ".join(str(path) for path in result["paths"].values()))
     if result["left_out"]:
