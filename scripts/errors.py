@@ -31,6 +31,7 @@ __all__ = [
     "SharedMemoryError",
     "command_line",
     "first_line",
+    "hash_hint",
     "install_error_hook",
     "is_bundle_command_line",
     "is_real_number",
@@ -99,6 +100,18 @@ def first_line(error: BaseException) -> str:
     """The first line of another library's error message (at most 300 characters), to quote in one of ours: torch's
     unpickling errors, for one, run to several paragraphs."""
     return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def hash_hint(path: str | os.PathLike) -> str:
+    """For a missing file or folder whose path holds ``::``: that MONAI's config parser writes a ``#`` so (its id
+    separator), which a path given to the bundle from Python (a workflow's overrides) cannot hold; "" otherwise.
+    (``python -m monai.bundle`` command lines are refused before, by :func:`scripts.inputs.check_command_line`.)"""
+    if "::" not in os.fspath(path):
+        return ""
+    return (
+        " (MONAI's config parser turns every '#' in a setting into '::': a path holding '#' cannot be given to the "
+        "bundle; rename it, or give a link to it whose path has no '#')"
+    )
 
 
 def unreadable_torch_file(error: BaseException) -> str:

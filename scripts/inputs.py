@@ -30,6 +30,7 @@ from scripts.errors import (
     ConfigError,
     FundusError,
     first_line,
+    hash_hint,
     is_bundle_command_line,
     is_real_number,
     is_whole_number,
@@ -226,7 +227,7 @@ def read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(datalist)
     if not path.is_file():
-        raise InputError(f"Datalist {path} does not exist (prepare one with `python -m tools.prepare`).")
+        raise InputError(f"Datalist {path} does not exist{hash_hint(path)} (prepare one with `python -m tools.prepare`).")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -573,7 +574,7 @@ class ImageFolder:
         if folder.is_file():
             raise InputError(f"Image folder {folder} is a file, not a folder: give the folder holding the photographs.")
         if not folder.is_dir():
-            raise InputError(f"Image folder {folder} does not exist.")
+            raise InputError(f"Image folder {folder} does not exist{hash_hint(folder)}.")
         inside = output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents
         if inside and not allow_output_in_dataset_dir:
             raise InputError(
@@ -972,7 +973,8 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
 
     Raises:
         ConfigError: an option whose config default is a boolean is given as another word (``false``, ``yes``...),
-            an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), an
+            an option given as ``None`` (which MONAI's command line drops, keeping a default that is not None), a
+            text holding ``#`` (which MONAI's config parser turns into ``::``: another folder or file), an
             option whose default is text (or that names a folder or file) given as a value MONAI's command line
             reads as a number, a boolean, a list or a tuple, an option without a value (True to MONAI) whose default
             is neither a boolean nor an expression, or an empty folder or file name; with ``--tracking``, a store
@@ -993,6 +995,7 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
         _refuse_dropped_none(key, value, defaults[key])
         _refuse_text_read_otherwise(key, value, defaults[key])
         _refuse_empty_path(key, value)
+        _refuse_hash(key, value)
     if options.get("tracking"):
         # MONAI takes the store from the environment first (MLFLOW_TRACKING_URI), then from --tracking_uri.
         environment = os.environ.get("MLFLOW_TRACKING_URI")
@@ -1081,6 +1084,22 @@ def _refuse_empty_path(key: str, value: str) -> None:
             f"--{key} is empty, which would name the folder the run started in: give the folder or file (--{key} ./ "
             "for that folder)."
         )
+
+
+def _refuse_hash(key: str, value: str) -> None:
+    """Refuse text holding ``#`` (a folder named ``batch #2``): MONAI's config parser turns every ``#`` of a config's
+    text into ``::``, its id separator (``#`` was the old one), so the run would read or write another path without
+    a word (outputs written to ``batch ::2``). References and expressions (``@...``, ``$...``) use ``#`` as a
+    separator on purpose."""
+    if "#" not in value or value.startswith(("$", "@", "%")):
+        return
+    advice = (
+        "rename it, or give a link to it whose path has no '#'" if key.endswith(PATH_SETTING_ENDINGS) else "write it without '#'"
+    )
+    raise ConfigError(
+        f"--{key} {value}: MONAI's config parser turns every '#' in a setting into '::', so the run would use "
+        f"{value.replace('#', '::')}: {advice}."
+    )
 
 
 def _refuse_worded_boolean(key: str, value: str, default: Any) -> None:

@@ -41,7 +41,17 @@ from scripts.network import build_network
 from scripts.prompts import check_head_takes_prompts
 from scripts.sam2_models import resolve_hiera_size
 from scripts.transforms import SamplePromptsd
-from tests.helpers import BUNDLE_MAIN, INFER, QUICKSTART, REPO, TRAIN, write_model_file
+from tests.helpers import (
+    BUNDLE_MAIN,
+    INFER,
+    QUICKSTART,
+    REPO,
+    TRAIN,
+    fail_message,
+    run_bundle,
+    run_in_process,
+    write_model_file,
+)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -535,6 +545,46 @@ def test_text_settings_that_the_command_line_reads_as_other_values_are_refused(c
         check_command_line(argv)
     assert f"write --{key} {advice}" in str(caught.value)
     check_command_line([*argv[:5], f"--{key}", written_so])
+
+
+def test_a_setting_holding_a_hash_is_refused_as_monai_would_read_another_path(tmp_path):
+    """MONAI's config parser turns every '#' of a config's text into '::' (its id separator): --output_dir "out #3"
+    wrote its masks and reports into "out ::3" and exited 0; an image folder or model folder with a '#' was said not
+    to exist under a name nobody typed."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"output_dir": "$@root + '/eval'", "root": "."})
+    parser["output_dir"] = str(tmp_path / "out #3")
+    assert parser.get_parsed_content("output_dir") == str(tmp_path / "out ::3"), "the reading this check guards against"
+
+    images = tmp_path / "photos #1"
+    images.mkdir()
+    write_png(images / "eye.png", np.full((64, 64, 3), 0.5))
+    write_model_file(tmp_path / "model" / "model.pt", architecture="sam", image_size=64)
+    output = tmp_path / "out #3"
+    result = run_bundle("inference", [INFER], tmp_path, ckpt_dir=tmp_path / "model", dataset_dir=images,
+                        output_dir=output, num_workers=0)
+    assert result.returncode == 1, fail_message(result)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --dataset_dir {images}: MONAI's config parser turns every '#' in a setting into '::', so the run "
+        f"would use {tmp_path / 'photos ::1'}: rename it, or give a link to it whose path has no '#'."
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "photos #1"], "nothing written"
+    argv = [BUNDLE_MAIN, "run", "training", "--config_file", TRAIN]
+    with pytest.raises(ConfigError, match=re.escape("--experiment_name run #2: MONAI's config parser turns every '#' "
+                                                    "in a setting into '::', so the run would use run ::2: write it "
+                                                    "without '#'.")):
+        check_command_line([*argv, "--experiment_name", "run #2"])
+    # A reference or an expression uses '#' as a separator on purpose.
+    check_command_line([*argv, "--val_interval", "@max_epochs", "--output_dir", "$@bundle_root + '/a#b'"])
+    # From Python (a pipeline's own process) the parser's reading cannot be refused beforehand: the error says it.
+    error = run_in_process("inference", [INFER], ckpt_dir=str(tmp_path / "model"), dataset_dir=str(images),
+                           output_dir=str(output), num_workers=0)
+    assert str(error) == (
+        f"Image folder {tmp_path / 'photos ::1'} does not exist (MONAI's config parser turns every '#' in a setting "
+        "into '::': a path holding '#' cannot be given to the bundle; rename it, or give a link to it whose path has "
+        "no '#')."
+    )
 
 
 @pytest.mark.parametrize("uri", ["file:///data/mlruns", "./mlruns", "/data/mlruns"])
