@@ -350,6 +350,35 @@ def test_adapters_without_the_base_checkpoint_say_how_to_get_it(models, tmp_path
     assert not (tmp_path / "dist").exists(), "the output folder made for the archive is removed with it"
 
 
+def test_an_adapters_archive_is_exported_again_from_its_adapter_file_on_the_base_given(models, tmp_path):
+    """--base_checkpoint was used for the reproduction check only: re-exporting a downloaded adapters archive
+    (merged, say) was refused with advice to pass that very option (found by a review)."""
+    first = export_bundle(tmp_path / "first", models["on_base"], base_checkpoint=models["base"])
+    with zipfile.ZipFile(first.archive) as archive:
+        archive.extract(f"{BUNDLE_NAME}/models/adapters.pt", tmp_path / "downloaded")
+    adapters = tmp_path / "downloaded" / BUNDLE_NAME / "models" / "adapters.pt"
+    for weights in ("adapters", "merged"):
+        again = export_bundle(tmp_path / weights, adapters, weights=weights, base_checkpoint=models["base"])
+        assert (again.weights, again.reason) == (weights, "")
+    with zipfile.ZipFile(first.archive) as one, zipfile.ZipFile(tmp_path / "adapters" / first.archive.name) as other:
+        name = f"{BUNDLE_NAME}/models/adapters.pt"
+        saved, resaved = (torch.load(archive.open(name), weights_only=True)["state_dict"] for archive in (one, other))
+    assert saved.keys() == resaved.keys() and all(torch.equal(saved[key], resaved[key]) for key in saved)
+
+
+def test_an_output_inside_a_folder_the_archive_packs_is_refused(models, tmp_path):
+    """Staged inside bundle/configs (or docs), the archive's folder was copied into itself until the path grew too
+    long: a traceback (found by a review)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))
+    before = sorted(path.relative_to(bundle) for path in bundle.rglob("*"))
+    for inside in (bundle / "configs", bundle / "docs" / "dist", bundle / "configs" / ".." / "docs"):
+        with pytest.raises(ExportError, match=r"lies inside .*, which the archive packs: choose a folder outside it"):
+            export_bundle(inside, models["random_init"], bundle_dir=bundle)
+    assert sorted(path.relative_to(bundle) for path in bundle.rglob("*")) == before, "nothing made or left"
+    assert export_bundle(bundle / "dist", models["random_init"], bundle_dir=bundle).archive.is_file()
+
+
 def test_version_must_have_a_changelog_entry(models, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "data", "eval"))

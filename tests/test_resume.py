@@ -16,6 +16,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from ignite.metrics import MeanAbsoluteError
+from monai.bundle import run as monai_run
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MLFlowHandler, ValidationHandler, from_engine
 from torch import nn
@@ -34,7 +35,17 @@ from scripts.handlers.checkpoint import CHECKPOINT_FORMAT
 from scripts.lora import LoRALinear
 from scripts.synthetic import write_dataset
 from scripts.tracking import MLflowRecorder
-from tests.helpers import FAST, QUICKSTART, TRAIN, bundle_command, fail_message, held_by_another_process, run_in_process
+from tests.helpers import (
+    BUNDLE,
+    FAST,
+    META,
+    QUICKSTART,
+    TRAIN,
+    bundle_command,
+    fail_message,
+    held_by_another_process,
+    run_in_process,
+)
 from tests.preloaded import preloaded_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -574,6 +585,56 @@ def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")})
     assert steps == list(range(1, 9))
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_fov_dice")) == [1, 2]
+
+
+class BatchDigests:
+    """A training handler that appends a digest of each batch's images to ``path``, one ``epoch digest`` line each
+    (a file: the bundle imports this module again under its own name)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        images = engine.state.batch["image"].detach().cpu().contiguous().numpy()
+        with open(self.path, "a") as record:
+            record.write(f"{engine.state.epoch} {hashlib.sha256(images.tobytes()).hexdigest()}\n")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_draws_new_batches_not_its_first_epochs_again(tmp_path, num_workers):
+    """Seeded at start-up as a new run, a resumed one drew again the crops, augmentations and prompts of its first
+    epochs: its epochs 3 and 4 were epochs 1 and 2 over again, and a job preempted every 2 epochs trained on those
+    two for ever (found by a review). It now draws from the seed and the iteration it resumes at."""
+    datalist = write_dataset(tmp_path / "data", count=5, size=64)["vessels"]
+    record = tmp_path / "batches.txt"
+    handler = tmp_path / "digests.json"
+    handler.write_text(json.dumps({"+train#handlers": [{"_target_": "tests.test_resume.BatchDigests", "path": str(record)}]}))
+
+    def train(root: Path, max_epochs: int, resume: str = "false") -> dict[int, list[str]]:
+        record.unlink(missing_ok=True)
+        settings = {**FAST, "num_workers": num_workers, "datalist": str(datalist), "ckpt_dir": str(root / "models"),
+                    "output_dir": str(root / "eval"), "max_epochs": max_epochs, "resume": resume}
+        monai_run("training", meta_file=META, config_file=[TRAIN, QUICKSTART, str(handler)], bundle_root=str(BUNDLE),
+                  **settings)
+        batches: dict[int, list[str]] = {}
+        for line in record.read_text().splitlines():
+            epoch, digest = line.split()
+            batches.setdefault(int(epoch), []).append(digest)
+        return batches
+
+    whole = train(tmp_path / "whole", 4)
+    first = train(tmp_path / "parts", 2)
+    resumed = train(tmp_path / "parts", 4, resume="true")
+
+    assert sorted(whole) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert first == {epoch: whole[epoch] for epoch in (1, 2)}, "the same seed draws the same batches"
+    assert len({digest for batches in whole.values() for digest in batches}) == sum(map(len, whole.values()))
+    drawn_before = {digest for batches in first.values() for digest in batches}
+    assert not drawn_before & {digest for batches in resumed.values() for digest in batches}, "first epochs again"
+    assert resumed[3] != whole[3] or resumed[4] != whole[4], "drawn from the resumed iteration's own seed"
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path):

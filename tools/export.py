@@ -416,6 +416,12 @@ def _package(
     return mode, reason
 
 
+def _is_within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, links and ``..`` resolved (neither need exist)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def export_bundle(
     output: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -431,8 +437,9 @@ def export_bundle(
         output: the folder to write the archive into (created if needed).
         ckpt_path: the trained model (``model.pt`` of the training workflow); it records its network settings.
         weights: ``adapters``, ``full`` or ``merged`` (see the module docstring).
-        base_checkpoint: Meta's checkpoint the model was trained on, to check the adapters against; default
-            ``<bundle_dir>/models/sam2.1_hiera_<model_size>.pt``.
+        base_checkpoint: Meta's checkpoint the model was trained on, to check the adapters against (and to build
+            the network on, where ``ckpt_path`` is an adapter file: an adapters-only archive's ``adapters.pt``);
+            default ``<bundle_dir>/models/sam2.1_hiera_<model_size>.pt``.
         bundle_dir: the bundle folder to package; default the repository's ``bundle/``.
         overwrite: replace an archive of the same name in ``output`` (otherwise refused, before any work).
         evaluation: the ``metrics_summary.json`` of the exported model's evaluation, whose FOV Dice and AUC become
@@ -442,8 +449,8 @@ def export_bundle(
         The archive's path, the weight mode used, the reason if it is not the one asked for, and the settings.
 
     Raises:
-        ExportError: a missing or inconsistent input, or an archive already in ``output`` (unless ``overwrite``);
-            nothing is left behind in ``output``.
+        ExportError: a missing or inconsistent input, an ``output`` inside a folder the archive packs, or an archive
+            already in ``output`` (unless ``overwrite``); nothing is left behind in ``output``.
     """
     if weights not in WEIGHT_MODES:
         raise ExportError(f"--weights must be one of {list(WEIGHT_MODES)}, got {weights!r}.")
@@ -452,12 +459,20 @@ def export_bundle(
         raise ExportError(f"Bundle folder {bundle} has no configs/ folder.")
     version = read_version(bundle)
     output_dir = Path(output)
+    packed = next((item for item in BUNDLE_ITEMS if _is_within(output_dir, bundle / item)), None)
+    if packed is not None:
+        # Staged there, the archive's folder would be copied into itself (a traceback once the path grew too long),
+        # and an archive kept there packed into the next.
+        raise ExportError(
+            f"--output {output_dir} lies inside {bundle / packed}, which the archive packs: choose a folder outside it "
+            f"(e.g. {bundle.parent / 'dist'})."
+        )
     archive = output_dir / f"{BUNDLE_NAME}_{version}.zip"
     if archive.exists() and not overwrite:
         raise ExportError(f"{archive} exists: choose another --output, or pass --overwrite to replace it.")
     ckpt = Path(ckpt_path)
     # The model first: a summary is checked against its content, and a missing model is the error to report.
-    trained = load_model(ckpt)
+    trained = load_model(ckpt, Path(base_checkpoint) if base_checkpoint is not None else None)
     metrics = evaluation_metrics(Path(evaluation), ckpt) if evaluation is not None else {}
     settings = dict(trained.settings)
     if base_checkpoint is None:

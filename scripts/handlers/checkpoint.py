@@ -26,7 +26,9 @@ its models, log and pictures into ``<ckpt_dir>/earlier_runs/<time>/`` before any
 Resuming mid-epoch follows ignite: the trainer restarts at the saved iteration and runs the epoch's remaining
 iterations on a freshly shuffled pass of the training data, so iteration counts, the learning-rate schedule and the
 epoch boundaries (validation, epoch checkpoints) are those of an uninterrupted run; the batches of the interrupted
-epoch are not replayed exactly.
+epoch are not replayed exactly. A resumed run draws its random numbers (shuffling, crops, augmentations, prompts,
+dropout) afresh, from the run's seed and the iteration it resumes at: seeded as at its start, it drew again the
+first epochs' batches, so a job preempted every few epochs trained on those epochs over and over.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
 from monai.handlers import CheckpointSaver
+from monai.utils import set_determinism
 from torch import nn
 
 from scripts.adapters import CHECKPOINT_FORMAT
@@ -65,6 +70,7 @@ __all__ = [
     "release_checkpoint_folder",
     "require_checkpoint_to_resume",
     "resumable_state",
+    "resumed_seed",
 ]
 
 RESUME_CHOICES = ("false", "true", "auto")
@@ -156,6 +162,19 @@ def require_checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool | str
         raise _nothing_to_resume(path)
 
 
+def resumed_seed(seed: int, iteration: int) -> int:
+    """The seed of a run resumed at ``iteration`` (each resume of a run its own, the same for the same checkpoint).
+
+    Args:
+        seed: the run's seed.
+        iteration: the iteration the run resumes after.
+
+    Returns:
+        A seed in ``[0, 2**32)``, as numpy takes it.
+    """
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+
+
 class TrainingCheckpoint:
     """Ignite handler that keeps a resumable checkpoint of a training run and resumes from it when asked.
 
@@ -178,6 +197,8 @@ class TrainingCheckpoint:
             them that saves on the key metric (``model_best.pt``) is kept.
         filename: the checkpoint's file name.
         save: whether this process writes the checkpoint; by default only rank 0 of a distributed run does.
+        seed: the run's seed (``set_determinism`` at start-up): a resumed run is seeded from it and the iteration it
+            resumes at (:func:`resumed_seed`); None leaves the random state as it is.
 
     Raises:
         ConfigError: a bad ``interval`` (its rule: :data:`scripts.inputs.SETTING_RULES`).
@@ -198,6 +219,7 @@ class TrainingCheckpoint:
         validate_handlers: Sequence[Any] | None = None,
         filename: str = CHECKPOINT_FILE,
         save: bool | None = None,
+        seed: int | None = None,
     ) -> None:
         check_settings(checkpoint_interval=interval)  # also at start-up, before an earlier run is moved aside
         self.path = Path(checkpoint_dir) / filename
@@ -215,6 +237,7 @@ class TrainingCheckpoint:
             if isinstance(handler, CheckpointSaver) and getattr(handler, "_key_metric_checkpoint", None) is not None
         ]
         self.save_enabled = idist.get_rank() == 0 if save is None else save
+        self.seed = seed
         self.extra_state: dict[str, Callable[[], Mapping[str, Any]]] = {}
         self.resumed: dict[str, Any] | None = None
         self._fingerprint = frozen_fingerprint(network)
@@ -419,6 +442,19 @@ class TrainingCheckpoint:
             f"the checkpoint does not hold); kept as {aside}. The next validation saves a new best model."
         )
 
+    def _draw_afresh(self, engine: Engine) -> None:
+        """Seed torch, numpy and Python from the run's seed and the resumed iteration, and the training data's random
+        transforms with it where they run in this process (``num_workers`` 0: MONAI's DataLoader seeded them when it
+        was built, from the start-up seed); workers are seeded from torch when each epoch's pass begins."""
+        if self.seed is None:
+            return
+        seed = resumed_seed(self.seed, engine.state.iteration)
+        set_determinism(seed=seed)
+        loader = engine.state.dataloader
+        if getattr(loader, "num_workers", None) == 0 and hasattr(loader, "dataset"):
+            set_rnd(loader.dataset, seed)
+        logger.info(f"Resumed at iteration {engine.state.iteration}: random numbers drawn afresh (seed {seed}).")
+
     def _apply_resume(self, engine: Engine) -> None:
         if self.resumed is None:
             return
@@ -468,6 +504,7 @@ class TrainingCheckpoint:
             self.validator.state.best_metric = -1
             self.validator.state.best_metric_epoch = -1
         self._start_iteration = self._last_saved_iteration = engine.state.iteration
+        self._draw_afresh(engine)
         total = engine.state.max_epochs * engine.state.epoch_length
         if engine.state.iteration == total:
             logger.warning(
