@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from scripts.atomic import save_torch_atomic
-from scripts.errors import ConfigError, FundusError, hash_hint, unreadable_torch_file
+from scripts.errors import ConfigError, FundusError, hash_sign_hint, unreadable_torch_file
 from scripts.lora import lora_modules, merge_lora, unmerge_lora
 
 __all__ = [
@@ -136,7 +136,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(
-            f"Trained model {path} does not exist{hash_hint(path)}. Train one first (python -m monai.bundle run "
+            f"Trained model {path} does not exist{hash_sign_hint(path)}. Train one first (python -m monai.bundle run "
             "training ...) or point --ckpt_path at one; a downloaded bundle run from another folder needs --bundle_root "
             "<its folder>."
         )

@@ -31,7 +31,7 @@ __all__ = [
     "SharedMemoryError",
     "command_line",
     "first_line",
-    "hash_hint",
+    "hash_sign_hint",
     "install_error_hook",
     "is_bundle_command_line",
     "is_real_number",
@@ -102,7 +102,7 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:300]
 
 
-def hash_hint(path: str | os.PathLike) -> str:
+def hash_sign_hint(path: str | os.PathLike) -> str:
     """For a missing file or folder whose path holds ``::``: that MONAI's config parser writes a ``#`` so (its id
     separator), which a path given to the bundle from Python (a workflow's overrides) cannot hold; "" otherwise.
     (``python -m monai.bundle`` command lines are refused before, by :func:`scripts.inputs.check_command_line`.)"""

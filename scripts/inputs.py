@@ -30,7 +30,7 @@ from scripts.errors import (
     ConfigError,
     FundusError,
     first_line,
-    hash_hint,
+    hash_sign_hint,
     is_bundle_command_line,
     is_real_number,
     is_whole_number,
@@ -227,7 +227,7 @@ def read_datalist(datalist: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(datalist)
     if not path.is_file():
-        raise InputError(f"Datalist {path} does not exist{hash_hint(path)} (prepare one with `python -m tools.prepare`).")
+        raise InputError(f"Datalist {path} does not exist{hash_sign_hint(path)} (prepare one with `python -m tools.prepare`).")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -574,7 +574,7 @@ class ImageFolder:
         if folder.is_file():
             raise InputError(f"Image folder {folder} is a file, not a folder: give the folder holding the photographs.")
         if not folder.is_dir():
-            raise InputError(f"Image folder {folder} does not exist{hash_hint(folder)}.")
+            raise InputError(f"Image folder {folder} does not exist{hash_sign_hint(folder)}.")
         inside = output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents
         if inside and not allow_output_in_dataset_dir:
             raise InputError(
@@ -995,7 +995,7 @@ def check_command_line(argv: Sequence[str], output_dir: str | os.PathLike | None
         _refuse_dropped_none(key, value, defaults[key])
         _refuse_text_read_otherwise(key, value, defaults[key])
         _refuse_empty_path(key, value)
-        _refuse_hash(key, value)
+        _refuse_hash_sign(key, value)
     if options.get("tracking"):
         # MONAI takes the store from the environment first (MLFLOW_TRACKING_URI), then from --tracking_uri.
         environment = os.environ.get("MLFLOW_TRACKING_URI")
@@ -1086,7 +1086,7 @@ def _refuse_empty_path(key: str, value: str) -> None:
         )
 
 
-def _refuse_hash(key: str, value: str) -> None:
+def _refuse_hash_sign(key: str, value: str) -> None:
     """Refuse text holding ``#`` (a folder named ``batch #2``): MONAI's config parser turns every ``#`` of a config's
     text into ``::``, its id separator (``#`` was the old one), so the run would read or write another path without
     a word (outputs written to ``batch ::2``). References and expressions (``@...``, ``$...``) use ``#`` as a
