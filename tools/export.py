@@ -416,12 +416,6 @@ def _package(
     return mode, reason
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it, links and ``..`` resolved (neither need exist)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def export_bundle(
     output: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -459,7 +453,7 @@ def export_bundle(
         raise ExportError(f"Bundle folder {bundle} has no configs/ folder.")
     version = read_version(bundle)
     output_dir = Path(output)
-    packed = next((item for item in BUNDLE_ITEMS if _is_within(output_dir, bundle / item)), None)
+    packed = next((item for item in BUNDLE_ITEMS if output_dir.resolve().is_relative_to((bundle / item).resolve())), None)
     if packed is not None:
         # Staged there, the archive's folder would be copied into itself (a traceback once the path grew too long),
         # and an archive kept there packed into the next.

@@ -174,10 +174,12 @@ def read_prediction(path: str | Path, read_as: str = "auto") -> tuple[np.ndarray
     # A floating-point file's values are what they say: only a picture's levels can be another kind of value.
     if read_as == "auto" and not floating and gray.max() > 0:
         # Levels 0 and 1 are read as 1/255 in 8 bits, 1/65535 in 16: a file holding no other level is a 0/1 mask,
-        # also where its foreground is everywhere.
-        above_zero = np.unique(gray[gray > 0])
-        if len(above_zero) == 1 and any(abs(above_zero[0] * depth - 1) < 1e-3 for depth in (255, 65535)):
-            return (gray > 0).astype(np.float32), _ZERO_ONE
+        # also where its foreground is everywhere. (The maximum first: no other file needs its values sorted, 0.09 s
+        # at 3504 x 2336.)
+        if gray.max() <= 1 / 255 + 1e-9:
+            above_zero = np.unique(gray[gray > 0])
+            if len(above_zero) == 1 and any(abs(above_zero[0] * depth - 1) < 1e-3 for depth in (255, 65535)):
+                return (gray > 0).astype(np.float32), _ZERO_ONE
         # Only a 16-bit file can stay at or below 255 / 65535 without being 0 and 1 only.
         if gray.max() <= 255 / 65535 + 1e-9:
             return np.minimum(gray * np.float32(65535 / 255), 1).astype(np.float32), _SIXTEEN_BIT_LEVELS
