@@ -5,7 +5,9 @@ users (which file, which setting, what is wrong, and the fix where there is one)
 them in one line on stderr and exit with status 1; any other exception is a bug and keeps its traceback:
 
 - the bundle's workflows (``python -m monai.bundle run ...``) install :func:`install_error_hook` first thing in
-  their ``initialize`` list (a program with an error hook of its own keeps it);
+  their ``initialize`` list (a program with an error hook of its own keeps it); a bundle command line installs it
+  earlier still, when the config parser imports this module, which it does before MONAI writes the executed config
+  of a run with ``--tracking`` into the output folder;
 - the offline tools wrap their ``main`` in :func:`command_line`.
 """
 
@@ -158,6 +160,42 @@ def _relayed_from_worker(error: BaseException) -> FundusError | None:
     return FundusError(ours[-1].group(2))
 
 
+# MONAI's function that writes the executed config of a run with --tracking (monai/bundle/workflows.py).
+_MONAI_TRACKING_PATCH = "patch_bundle_tracking"
+
+
+def _executed_config_unwritable(error: BaseException) -> ConfigError | None:
+    """The one-line error for MONAI's own when ``--tracking`` cannot write the executed config into the output
+    folder, else None.
+
+    MONAI writes it (``patch_bundle_tracking``) while it builds the workflow, before the bundle's own check of the
+    output folder runs: an ``--output_dir`` that is a file, or lies under one, or cannot be written, was a
+    traceback.
+
+    Args:
+        error: an exception of the chain :func:`user_error` walks.
+
+    Returns:
+        A :class:`ConfigError` naming the output folder and what is wrong, or None for any other error.
+    """
+    if not isinstance(error, OSError):
+        return None
+    trace = traceback.walk_tb(error.__traceback__)
+    patching = [frame for frame, _ in trace if frame.f_code.co_name == _MONAI_TRACKING_PATCH]
+    if not patching or "filepath" not in patching[-1].f_locals:
+        return None
+    folder = Path(patching[-1].f_locals["filepath"]).parent
+    in_the_way = next((path for path in (folder, *folder.parents) if path.is_file()), None)
+    if in_the_way is not None:
+        why = f"{in_the_way} is a file, not a folder"
+    else:
+        why = f"{error.strerror or error}{'' if error.filename is None else f': {error.filename}'}"
+    return ConfigError(
+        f"Output folder {folder} cannot hold the executed config that --tracking records ({why}): name a folder "
+        "that can be written with --output_dir."
+    )
+
+
 def user_error(error: BaseException | None) -> FundusError | None:
     """The first :class:`FundusError` in ``error``'s chain of causes, if any.
 
@@ -166,7 +204,8 @@ def user_error(error: BaseException | None) -> FundusError | None:
     (its ``__context__``) is not caused by it: that is a bug, and keeps its traceback. One raised in a data-loader
     worker reaches the main process as text, from which it is rebuilt (with its message, as a :class:`FundusError`).
     torch's own error for workers out of shared memory is one of the user's setup, not a bug: it is named, with the
-    fix, as a :class:`SharedMemoryError`.
+    fix, as a :class:`SharedMemoryError`; MONAI's own for an output folder that ``--tracking`` cannot write the
+    executed config into, naming the folder, as a :class:`ConfigError`.
 
     Args:
         error: an exception, typically uncaught.
@@ -179,7 +218,7 @@ def user_error(error: BaseException | None) -> FundusError | None:
         seen.add(id(error))
         if isinstance(error, FundusError):
             return error
-        relayed = _relayed_from_worker(error) or _shared_memory_full(error)
+        relayed = _relayed_from_worker(error) or _shared_memory_full(error) or _executed_config_unwritable(error)
         if relayed is not None:
             return relayed
         error = error.__cause__
@@ -274,3 +313,7 @@ def command_line(main: Callable[..., int]) -> Callable[..., int]:
             return 1
 
     return run
+
+
+if is_bundle_command_line(sys.argv):
+    install_error_hook()

@@ -47,6 +47,7 @@ from tests.helpers import (
     QUICKSTART,
     REPO,
     TRAIN,
+    bundle_command,
     fail_message,
     run_bundle,
     run_in_process,
@@ -626,6 +627,33 @@ def test_an_sqlite_store_that_cannot_be_written_is_refused_before_the_run(tmp_pa
         assert problem in str(caught.value)
     check_command_line([*argv, "--tracking_uri", f"sqlite:///{tmp_path}/new/folders/mlruns.db"])  # MLflow makes them
     assert [path.name for path in tmp_path.iterdir()] == ["a_file"]  # the check leaves nothing
+
+
+def test_an_output_folder_that_tracking_cannot_write_into_is_one_line(tmp_path):
+    """MONAI writes the executed config of a run with --tracking into --output_dir while it builds the workflow,
+    before the bundle's own check of the folder: a file there, or above it, was a traceback from pathlib."""
+    (tmp_path / "a_file").write_text("not a folder")
+    expected = {
+        tmp_path / "a_file": f"Output folder {tmp_path / 'a_file'} cannot hold the executed config that --tracking "
+        f"records ({tmp_path / 'a_file'} is a file, not a folder): name a folder that can be written with --output_dir.",
+        tmp_path / "a_file" / "eval": f"Output folder {tmp_path / 'a_file' / 'eval'} cannot hold the executed config "
+        f"that --tracking records ({tmp_path / 'a_file'} is a file, not a folder): name a folder that can be written "
+        "with --output_dir.",
+    }
+    for output, message in expected.items():
+        error = run_in_process("training", [TRAIN, QUICKSTART], tracking="mlflow", output_dir=str(output),
+                               ckpt_dir=str(tmp_path / "models"))
+        assert str(error) == message
+    # A command line reports it before its workflow's initialize list runs: the config parser's import of
+    # scripts.errors installs the hook. A forked preloaded child has that module imported already, so a real
+    # interpreter runs it.
+    command = bundle_command("training", [TRAIN, QUICKSTART], tracking="mlflow", output_dir=tmp_path / "a_file",
+                             ckpt_dir=tmp_path / "models")
+    result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, fail_message(result)
+    assert "Traceback" not in result.stderr, fail_message(result)
+    assert result.stderr.strip().splitlines()[-1] == f"error: {expected[tmp_path / 'a_file']}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"], "nothing written"
 
 
 def test_a_setting_given_as_none_is_refused_where_the_command_line_would_drop_it():
