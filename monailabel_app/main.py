@@ -64,6 +64,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.class_utils import unload_module
 from monailabel.utils.others.generic import device_list, name_to_device, strtobool
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ class FundusLabeld:
 
     Label values: 0 background, ``c + 1`` where channel ``c`` is the highest channel at or above ``threshold``
     (nested structures: optic disc 1, cup 2, the only several channels the app serves, :func:`check_label_channels`),
-    each channel counted only inside the one before it (a cup pixel outside the disc is background), as the bundle's
+    each channel counted only inside the one before it, its holes filled (a cup pixel outside the disc is
+    background; one in a hole of a ring-shaped disc is cup), as the bundle's
     own prediction writer labels them (``scripts.masks.binarise``, ``scripts.writers.label_map``; the app loads a
     bundle's scripts only inside its tasks). The result is transposed to ``(W, H)``: MONAI Label keeps 2D images in MONAI's
     ITK-reader layout and its writer transposes back when writing, whereas the bundle's loader keeps the file's
@@ -234,7 +236,8 @@ class FundusLabeld:
             raise ValueError(f"Expected a (C, H, W) probability map, got shape {probabilities.shape}.")
         labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
         for channel, probability in enumerate(probabilities):
-            labels[(probability >= self.threshold) & (labels == channel)] = channel + 1
+            inside = labels == channel if channel == 0 else ndimage.binary_fill_holes(labels == channel)
+            labels[(probability >= self.threshold) & inside] = channel + 1
         d[self.key] = np.ascontiguousarray(labels.T)
         return d
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from scipy import ndimage
 
 from scripts.atomic import atomic_path
 from scripts.fundus_io import (
@@ -77,10 +78,12 @@ def label_map(masks: np.ndarray, channel_names: Sequence[str]) -> np.ndarray:
     """Binary channels (C, H, W) as one label image: 0 background, ``c + 1`` where channel ``c`` is the highest one
     present (optic disc 1, cup 2).
 
-    A cup counts only inside the disc of the channel before it, as the measurements clip it
+    A cup counts only inside the disc of the channel before it, its holes filled, as the measurements clip it
     (:func:`scripts.measurements.disc_cup_measurements`): one label cannot say "cup but no disc", and labelled 2 a cup
     pixel outside the disc read as disc too (a cup 40% outside a disc gave the file a vertical ratio of 0.46 where
-    ``measurements.csv`` said 0.34). The cup's probability map keeps what the network predicted.
+    ``measurements.csv`` said 0.34); a cup in a disc that missed it (a ring: the pale cup left out of the disc's
+    mask) was written as background where ``measurements.csv`` measured it. The cup's probability map keeps what
+    the network predicted.
 
     Args:
         masks: ``(C, H, W)`` bool, one mask per channel.
@@ -93,7 +96,7 @@ def label_map(masks: np.ndarray, channel_names: Sequence[str]) -> np.ndarray:
     labels = np.zeros(masks.shape[1:], dtype=np.uint8)
     for channel, mask in enumerate(masks):
         if channel and structures[channel - 1 : channel + 1] == ["disc", "cup"]:
-            mask = mask & masks[channel - 1]
+            mask = mask & ndimage.binary_fill_holes(masks[channel - 1])
         labels[mask] = channel + 1
     return labels
 

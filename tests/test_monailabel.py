@@ -283,11 +283,14 @@ def test_repository_scripts_are_not_importable_by_the_server_python(tmp_path):
 
 def test_the_app_s_disc_cup_label_is_the_bundle_writer_s_a_cup_outside_the_disc_included(tmp_path):
     """/infer's label maker (FundusLabeld, in the server's Python) against the bundle's own writer (label_map): a cup
-    partly outside the disc is labelled only inside it by both, as the measurements clip it."""
+    partly outside the disc is labelled only inside it by both, as the measurements clip it, and a cup in a hole of
+    the disc is labelled cup."""
     probabilities = np.zeros((2, 20, 30), np.float32)
     probabilities[0, 6:18, 8:22] = 0.8  # disc
     probabilities[1, 2:10, 12:18] = 0.7  # cup, its top rows above the disc
     probabilities[1, 12, 24] = 0.9  # a cup pixel with no disc around it
+    probabilities[0, 12:15, 11:14] = 0.2  # a hole in the disc (the pale cup missed), the cup there
+    probabilities[1, 12:15, 11:14] = 0.9
     np.save(tmp_path / "probabilities.npy", probabilities)
     probe = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from main import FundusLabeld; "
@@ -298,6 +301,7 @@ def test_the_app_s_disc_cup_label_is_the_bundle_writer_s_a_cup_outside_the_disc_
     served = np.load(tmp_path / "labels.npy")
     np.testing.assert_array_equal(served, label_map(probabilities >= 0.5, ["disc", "cup"]))
     assert served[3, 14] == 0 and served[8, 14] == 2 and served[12, 24] == 0 and served[16, 10] == 1
+    assert (served[12:15, 11:14] == 2).all()
 
 
 def test_infer_png_and_jpg_returns_aligned_labels_equal_to_bundle_inference(setup, tmp_path):

@@ -84,6 +84,23 @@ def test_disc_and_cup_become_one_label_image(photo, tmp_path):
     assert label_map(probabilities > 0.5, ["disc", "cup"])[10, 15] == 2
 
 
+def test_a_cup_in_a_ring_shaped_disc_is_labelled_cup_as_it_is_measured(photo, tmp_path):
+    """A disc mask that missed the pale cup (a ring) with the cup predicted in its hole: the measurements fill the
+    disc's hole and measure the cup there; the file wrote that cup as background (its vertical ratio 0)."""
+    rows, cols = np.mgrid[:20, :30]
+    distance = np.hypot(rows - 10, cols - 15)
+    probabilities = np.zeros((2, 20, 30), dtype=np.float32)
+    probabilities[0][(distance <= 9) & (distance > 4)] = 0.8  # disc, its middle missed
+    probabilities[1][distance <= 4] = 0.8  # cup, in the hole
+    SaveFundusPredictiond("pred", tmp_path, ["disc", "cup"])({"pred": prediction(probabilities, photo)})
+    mask = np.asarray(Image.open(tmp_path / "eye_mask.png"))
+    np.testing.assert_array_equal(mask == 255, distance <= 4)
+    np.testing.assert_array_equal(mask >= 128, distance <= 9)
+    cup_rows, disc_rows = (mask == 255).any(1).sum(), (mask >= 128).any(1).sum()
+    measured = disc_cup_measurements(probabilities[0] > 0.5, probabilities[1] > 0.5)["vertical_cdr"]
+    assert cup_rows / disc_rows == pytest.approx(measured) == pytest.approx(9 / 19)
+
+
 def test_a_cup_outside_the_disc_is_labelled_inside_it_only_as_it_is_measured(photo, tmp_path):
     probabilities = np.zeros((2, 20, 30), dtype=np.float32)
     probabilities[0, 6:18, 8:22] = 0.8  # disc, rows 6-17
