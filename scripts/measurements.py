@@ -67,7 +67,8 @@ MEASURE_UNITS: dict[str, str] = {
     "cup_offset_x": "disc width",
     "cup_offset_y": "disc height",
     "vessel_density": "ratio",
-    "skeleton_density": "ratio",
+    "skeleton_density": "1/px",  # centre-line pixels (its length) per FOV pixel (its area): it scales with 1/size
+    "skeleton_density_mm": "1/mm",
     "fractal_dimension": "",  # dimensionless, unlike the ratios it is no quotient of two measures
     "tortuosity_mean": "ratio",
     "tortuosity_median": "ratio",
@@ -337,7 +338,8 @@ def disc_cup_measurements(
             notes.append("cup mask is empty: ratios are 0 (a disc without a visible cup), the cup offset is undefined")
             record.update(vertical_cdr=0.0, horizontal_cdr=0.0, area_cdr=0.0)
         elif inside_area == 0:
-            notes.append("cup lies wholly outside the disc")
+            notes.append("cup lies wholly outside the disc: the ratios and the rim are undefined")
+            record.update({key: math.nan for key in record if key.startswith("rim_")})
         else:
             if inside_area < cup_area:
                 outside = 100.0 * (cup_area - inside_area) / cup_area
@@ -725,7 +727,9 @@ def vessel_measurements(
     the FOV border cuts a vessel.
 
     - ``vessel_density``: vessel pixels over FOV pixels (the vessel area density);
-    - ``skeleton_density``: skeleton pixels over FOV pixels;
+    - ``skeleton_density``: skeleton pixels over FOV pixels, the centre lines' length in pixels per pixel of area
+      (1/px: a picture of twice the side halves it), and ``skeleton_density_mm``, the same in mm per mm² (1/mm,
+      OCT angiography's vessel length density), with ``pixel_size_mm``;
     - ``fractal_dimension``: :func:`fractal_dimension` of the cut vessel mask;
     - ``tortuosity_mean``: :func:`tortuosity` averaged over the segments, each weighted by its arc length;
       ``tortuosity_median``: their plain median. Segments shorter than ``min_length_px`` are left out: a few
@@ -747,7 +751,8 @@ def vessel_measurements(
     Args:
         vessels: ``(H, W)`` vessel mask.
         fov: ``(H, W)`` field-of-view mask, or None for the whole image.
-        pixel_size_mm: side of a pixel in millimetres; when given the calibre is also reported in mm.
+        pixel_size_mm: side of a pixel in millimetres; when given the skeleton density and the calibre are also
+            reported in mm.
         min_length_px: shortest arc length, in pixels, of a segment that counts towards the tortuosity.
         min_fragment_px: fewest pixels of a piece of the vessel mask the counts take; 0 counts every piece.
 
@@ -769,7 +774,8 @@ def vessel_measurements(
     if isinstance(min_fragment_px, bool) or not isinstance(min_fragment_px, numbers.Integral) or min_fragment_px < 0:
         raise MeasurementError(f"min_fragment_px must be a whole number of pixels from 0, got {min_fragment_px!r}")
 
-    keys = ["vessel_density", "skeleton_density", "fractal_dimension", "tortuosity_mean", "tortuosity_median"]
+    keys = ["vessel_density", "skeleton_density"] + (["skeleton_density_mm"] if pixel_size is not None else [])
+    keys += ["fractal_dimension", "tortuosity_mean", "tortuosity_median"]
     keys += ["calibre_mean_px"] + (["calibre_mean_mm"] if pixel_size is not None else [])
     keys += ["segments", "branch_points", "end_points", "small_fragments"]
     record: dict[str, float | str] = dict.fromkeys(keys, math.nan)
@@ -782,6 +788,8 @@ def vessel_measurements(
     skeleton = vessel_skeleton(vessel_mask) & region
     record["vessel_density"] = float(np.count_nonzero(cut)) / region_area
     record["skeleton_density"] = float(np.count_nonzero(skeleton)) / region_area
+    if pixel_size is not None:
+        record["skeleton_density_mm"] = record["skeleton_density"] / pixel_size
     speck_labels = _small_fragments(vessel_mask, int(min_fragment_px))
     specks = speck_labels > 0
     record["small_fragments"] = float(len(np.unique(speck_labels[specks & region])))

@@ -331,7 +331,26 @@ def test_vessel_density_is_the_area_ratio_inside_the_fov() -> None:
     inside_skeleton = skeletonize(vessels, method="lee") & fov
     assert record["skeleton_density"] == pytest.approx(np.count_nonzero(inside_skeleton) / 10000, abs=1e-12)
     assert record["notes"] == ""
-    assert "calibre_mean_mm" not in record
+    assert "calibre_mean_mm" not in record and "skeleton_density_mm" not in record
+
+
+def test_skeleton_density_in_mm_does_not_depend_on_the_picture_s_size() -> None:
+    """Centre-line pixels per FOV pixel is a length per area (1/px), not a ratio: the same vessels at twice the
+    side read half of it. Per mm (the pixel's side given) it is the same at every size."""
+    vessels = np.zeros((60, 60), dtype=bool)
+    vessels[10:13, 5:55] = True  # 50 px long, 3 wide
+    vessels[15:45, 30:32] = True  # 30 px long, 2 wide
+    records = [
+        vessel_measurements(np.kron(vessels, np.ones((scale, scale), dtype=bool)), None, pixel_size_mm=0.02 / scale)
+        for scale in (1, 2, 4)
+    ]
+    densities = [record["skeleton_density"] for record in records]
+    assert densities[1] == pytest.approx(densities[0] / 2, rel=0.1)
+    assert densities[2] == pytest.approx(densities[0] / 4, rel=0.1)
+    lengths_mm = 80 * 0.02  # the two centre lines
+    for record in records:
+        assert record["skeleton_density_mm"] == pytest.approx(lengths_mm / (60 * 0.02) ** 2, rel=0.1)
+    assert MEASURE_UNITS["skeleton_density"] == "1/px" and MEASURE_UNITS["skeleton_density_mm"] == "1/mm"
 
 
 def test_vessel_measurements_of_a_semicircle() -> None:
@@ -728,13 +747,17 @@ def test_cup_partly_outside_the_disc_is_clipped_with_a_reason() -> None:
     assert f"cup extends outside the disc ({outside:.1f}% of its pixels)" in record["notes"]
 
 
-def test_cup_wholly_outside_the_disc_gives_nan_ratios_with_a_reason() -> None:
+def test_cup_wholly_outside_the_disc_gives_nan_ratios_and_rim_with_a_reason() -> None:
+    """The rim (disc less cup) is as undefined as the ratios: it read the whole disc, which an evaluation's MAE
+    counted as a finite value."""
     disc = _disc(SHAPE, (100, 60), 40)
     cup = _disc(SHAPE, (100, 170), 20)
-    record = disc_cup_measurements(disc, cup)
-    for key in ("vertical_cdr", "horizontal_cdr", "area_cdr", "cup_offset_x", "cup_offset_y"):
+    record = disc_cup_measurements(disc, cup, pixel_size_mm=0.01)
+    for key in ("vertical_cdr", "horizontal_cdr", "area_cdr", "cup_offset_x", "cup_offset_y", "rim_area_px",
+                "rim_area_mm2"):
         assert math.isnan(record[key]), key
-    assert "outside the disc" in record["notes"]
+    assert record["disc_area_px"] == np.count_nonzero(disc) and record["cup_area_px"] == np.count_nonzero(cup)
+    assert "cup lies wholly outside the disc: the ratios and the rim are undefined" in record["notes"]
 
 
 # --- units and errors ---------------------------------------------------------------------------------------------
