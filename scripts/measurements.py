@@ -41,6 +41,7 @@ __all__ = [
     "STRUCTURE_NAMES",
     "MeasurementError",
     "disc_cup_measurements",
+    "fill_holes",
     "fractal_dimension",
     "mean_calibre",
     "measure_structures",
@@ -201,13 +202,23 @@ def _main_structure(mask: np.ndarray, reach: float, within: np.ndarray | None = 
     return np.isin(labels, kept), len(kept) - 1
 
 
-def _fill_holes(mask: np.ndarray) -> None:
-    """Fill, in place, the holes of a mask (background that no 4-connected path joins to the picture's border, as
-    the 8-connected pieces' outlines enclose it)."""
-    if mask.any():
-        rows, cols = bounding_slices(mask)
-        box = mask[rows, cols]
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes filled (background that no 4-connected path joins to the picture's border, as the
+    8-connected pieces' outlines enclose it): a disc or cup has none, which is how the measurements and the written
+    label image take a structure whose mask has one.
+
+    Args:
+        mask: ``(H, W)`` bool mask.
+
+    Returns:
+        A new ``(H, W)`` bool mask.
+    """
+    filled = mask.copy()
+    if filled.any():
+        rows, cols = bounding_slices(filled)
+        box = filled[rows, cols]
         box |= ndimage.binary_fill_holes(box)
+    return filled
 
 
 def _diameter(mask: np.ndarray, axis: int) -> int:
@@ -283,13 +294,13 @@ def disc_cup_measurements(
     disc_region, disc_joined = _main_structure(disc_mask, SPLIT_GAP_OF_DISC * _equivalent_diameter(disc_mask))
     # A disc or cup has no hole: one in the mask (the pale cup missed in a disc's) would take its pixels off the
     # areas, and set a cup there outside its disc.
-    _fill_holes(disc_region)
+    disc_region = fill_holes(disc_region)
     # The cup is the largest piece in the disc (a larger false cup outside it would otherwise take its place), with
     # the pieces within the disc's reach.
     cup_region, cup_joined = _main_structure(
         cup_mask, SPLIT_GAP_OF_DISC * _equivalent_diameter(disc_region if disc_region.any() else cup_mask), disc_region
     )
-    _fill_holes(cup_region)
+    cup_region = fill_holes(cup_region)
     inside = cup_region & disc_region
     disc_area = int(np.count_nonzero(disc_region))
     cup_area = int(np.count_nonzero(cup_region))

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from scipy import ndimage
 
 from scripts.atomic import atomic_path
 from scripts.fundus_io import (
@@ -28,6 +27,7 @@ from scripts.fundus_io import (
 from scripts.masks import binarise
 from scripts.measurements import (
     SMALLEST_VESSEL_FRAGMENT,
+    fill_holes,
     measure_structures,
     structure_of,
     warn_about_unmeasured_channels,
@@ -96,7 +96,7 @@ def label_map(masks: np.ndarray, channel_names: Sequence[str]) -> np.ndarray:
     labels = np.zeros(masks.shape[1:], dtype=np.uint8)
     for channel, mask in enumerate(masks):
         if channel and structures[channel - 1 : channel + 1] == ["disc", "cup"]:
-            mask = mask & ndimage.binary_fill_holes(masks[channel - 1])
+            mask = mask & fill_holes(masks[channel - 1])
         labels[mask] = channel + 1
     return labels
 
